@@ -1,0 +1,333 @@
+//! The per-packet pipeline shared by the XDP and TC programs: parse, classify, track,
+//! apply the policy, account. Storage is abstracted behind small traits so the kernel backs
+//! them with BPF maps and the host with plain collections.
+
+use crate::packet::{IcmpKind, PacketBytes, PacketMeta, ParseError, parse};
+use crate::track::{
+    Invalid, Update, account, direction, embedded_key, flow_key, mark_seen, new_session,
+    state_for, update,
+};
+use crate::wire::{
+    Action, Counter, CtState, Dir, FlowKey, HIT_DEFAULT_INBOUND, HIT_DEFAULT_OUTBOUND, Hook,
+    MAX_RULES, PolicyHeader, RULE_ID_DEFAULT, Rule, Session, Settings,
+};
+
+/// The session table.
+pub trait SessionTable {
+    /// The session stored under `key`, whether expired or not.
+    fn get_mut(&mut self, key: &FlowKey) -> Option<&mut Session>;
+    /// Stores `session` under `key`, replacing any; false when the table refused it.
+    fn insert(&mut self, key: &FlowKey, session: &Session) -> bool;
+    /// Removes the session under `key`, if any.
+    fn remove(&mut self, key: &FlowKey);
+}
+
+/// The active policy.
+///
+/// [`rule_matches`]: crate::policy::rule_matches
+pub trait RuleSource {
+    /// The active bank and its header.
+    fn header(&self) -> Option<(u32, &PolicyHeader)>;
+    /// The first of the `count` entries of `bank` that [`rule_matches`] the packet. The walk
+    /// is the backend's so the kernel can run it in `bpf_loop`, verified once.
+    fn first_match(
+        &self,
+        bank: u32,
+        count: u32,
+        meta: &PacketMeta,
+        state: CtState,
+        hook: Hook,
+        ifindex: u32,
+    ) -> Option<&Rule>;
+}
+
+/// Where the pipeline counts what it did.
+pub trait Counters {
+    /// Adds one to a global counter.
+    fn count(&mut self, counter: Counter);
+    /// Adds one to a rule-hit slot (a rule id or a default slot).
+    fn hit(&mut self, slot: u32);
+}
+
+/// The decision of the policy for one packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// What to do with the packet.
+    pub action: Action,
+    /// Rule id that decided, or [`RULE_ID_DEFAULT`].
+    pub rule_id: u16,
+    /// Hit slot to count.
+    pub slot: u32,
+    /// Generation of the policy that decided.
+    pub generation: u32,
+}
+
+/// Working memory for one packet. The kernel keeps it in a per-CPU map because the BPF
+/// stack (512 bytes) cannot hold it next to everything else.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Scratch {
+    /// The parsed packet.
+    pub meta: PacketMeta,
+    /// A session being created for the packet.
+    pub session: Session,
+}
+
+/// Everything the pipeline concluded about one packet, for tests and the host model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// The packet's `ct state`.
+    pub state: CtState,
+    /// The policy's decision.
+    pub decision: Decision,
+}
+
+/// First matching rule of the active bank, else the hook's default action.
+#[inline(always)]
+pub fn evaluate<R: RuleSource>(
+    rules: &R,
+    meta: &PacketMeta,
+    state: CtState,
+    hook: Hook,
+    ifindex: u32,
+) -> Decision {
+    let default_slot = match hook {
+        Hook::Ingress => HIT_DEFAULT_INBOUND,
+        Hook::Egress => HIT_DEFAULT_OUTBOUND,
+    };
+    let Some((bank, header)) = rules.header() else {
+        return Decision {
+            action: Action::Accept,
+            rule_id: RULE_ID_DEFAULT,
+            slot: default_slot,
+            generation: 0,
+        };
+    };
+    let generation = header.generation;
+    let count = header.rule_count;
+    let default = match hook {
+        Hook::Ingress => header.default_inbound,
+        Hook::Egress => header.default_outbound,
+    };
+    if let Some(rule) = rules.first_match(bank, count.min(MAX_RULES), meta, state, hook, ifindex) {
+        return Decision {
+            action: action_of(rule.action),
+            rule_id: rule.rule_id,
+            slot: rule.rule_id as u32,
+            generation,
+        };
+    }
+    Decision {
+        action: action_of(default),
+        rule_id: RULE_ID_DEFAULT,
+        slot: default_slot,
+        generation,
+    }
+}
+
+#[inline(always)]
+fn action_of(byte: u8) -> Action {
+    if byte == Action::Drop as u8 {
+        Action::Drop
+    } else {
+        Action::Accept
+    }
+}
+
+#[inline(always)]
+fn invalid_counter(reason: Invalid) -> Counter {
+    match reason {
+        Invalid::TcpFlags => Counter::InvalidTcpFlags,
+        Invalid::TcpState => Counter::InvalidTcpState,
+        Invalid::TcpWindow => Counter::InvalidTcpWindow,
+        Invalid::Icmp => Counter::InvalidIcmp,
+    }
+}
+
+/// Runs one frame through parse, tracking and policy; returns what to do with it.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn process<P, S, R, C>(
+    pkt: &P,
+    hook: Hook,
+    ifindex: u32,
+    now: u64,
+    settings: &Settings,
+    sessions: &mut S,
+    rules: &R,
+    counters: &mut C,
+    scratch: &mut Scratch,
+) -> Option<Outcome>
+where
+    P: PacketBytes + ?Sized,
+    S: SessionTable,
+    R: RuleSource,
+    C: Counters,
+{
+    let Scratch { meta, session } = scratch;
+    match parse(pkt, meta) {
+        Ok(()) => {}
+        Err(ParseError::NotIp) => {
+            counters.count(Counter::PacketsNonIp);
+            return None;
+        }
+        Err(error) => {
+            counters.count(Counter::PacketsSeen);
+            counters.count(match error {
+                ParseError::Fragment => Counter::InvalidFragment,
+                _ => Counter::InvalidMalformed,
+            });
+            *meta = PacketMeta::default();
+            return Some(finish(
+                meta,
+                None,
+                CtState::Invalid,
+                hook,
+                ifindex,
+                sessions,
+                rules,
+                counters,
+            ));
+        }
+    }
+    counters.count(Counter::PacketsSeen);
+    let (key, src_is_lo) = flow_key(meta);
+    let (state, pending) = classify(meta, &key, src_is_lo, now, settings, sessions, counters, session);
+    Some(finish(
+        meta,
+        pending.then_some((&key, session)),
+        state,
+        hook,
+        ifindex,
+        sessions,
+        rules,
+        counters,
+    ))
+}
+
+/// Tracks the packet: returns its state and, for a packet that starts a flow, the session
+/// to insert if the policy accepts it.
+#[inline(always)]
+fn classify<S: SessionTable, C: Counters>(
+    meta: &PacketMeta,
+    key: &FlowKey,
+    src_is_lo: bool,
+    now: u64,
+    settings: &Settings,
+    sessions: &mut S,
+    counters: &mut C,
+    fresh: &mut Session,
+) -> (CtState, bool) {
+    match meta.icmp_kind {
+        IcmpKind::Untracked => return (CtState::Untracked, false),
+        IcmpKind::Error => {
+            let about = embedded_key(meta);
+            return match sessions.get_mut(&about) {
+                Some(session) if session.expires_ns > now => (CtState::Related, false),
+                _ => {
+                    counters.count(Counter::InvalidIcmp);
+                    (CtState::Invalid, false)
+                }
+            };
+        }
+        _ => {}
+    }
+    let mut kill = false;
+    let mut existing = None;
+    if let Some(session) = sessions.get_mut(key) {
+        if session.expires_ns > now {
+            let dir = direction(session, src_is_lo);
+            let state = state_for(session, dir);
+            match update(session, meta, dir, settings, now) {
+                Ok(Update::Tracked) => {
+                    account(session, meta, dir);
+                    mark_seen(session, meta, dir);
+                    existing = Some(state);
+                }
+                Ok(Update::Ignored) => {
+                    counters.count(Counter::TcpIgnored);
+                    mark_seen(session, meta, dir);
+                    existing = Some(state);
+                }
+                Ok(Update::Kill) => {
+                    kill = true;
+                    existing = Some(state);
+                }
+                Ok(Update::Reopen) => {}
+                Err(reason) => {
+                    counters.count(invalid_counter(reason));
+                    existing = Some(CtState::Invalid);
+                }
+            }
+        } else {
+            counters.count(Counter::SessionsExpiredInline);
+        }
+    }
+    if kill {
+        sessions.remove(key);
+    }
+    if let Some(state) = existing {
+        return (state, false);
+    }
+    let started = new_session(fresh, meta, src_is_lo, settings, now)
+        .and_then(|()| update(fresh, meta, Dir::Original, settings, now));
+    match started {
+        Ok(_) => {
+            account(fresh, meta, Dir::Original);
+            (CtState::New, true)
+        }
+        Err(reason) => {
+            counters.count(invalid_counter(reason));
+            (CtState::Invalid, false)
+        }
+    }
+}
+
+/// Applies the policy, inserts an admitted new session, counts the result.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn finish<S: SessionTable, R: RuleSource, C: Counters>(
+    meta: &PacketMeta,
+    pending: Option<(&FlowKey, &mut Session)>,
+    state: CtState,
+    hook: Hook,
+    ifindex: u32,
+    sessions: &mut S,
+    rules: &R,
+    counters: &mut C,
+) -> Outcome {
+    counters.count(match state {
+        CtState::New => Counter::StateNew,
+        CtState::Established => Counter::StateEstablished,
+        CtState::Related => Counter::StateRelated,
+        CtState::Invalid => Counter::StateInvalid,
+        CtState::Untracked => Counter::StateUntracked,
+    });
+    let mut decision = evaluate(rules, meta, state, hook, ifindex);
+    counters.hit(decision.slot);
+    if decision.action == Action::Accept
+        && let Some((key, session)) = pending
+    {
+        session.rule_id = decision.rule_id;
+        session.policy_generation = decision.generation;
+        if sessions.insert(key, session) {
+            counters.count(Counter::SessionsCreated);
+        } else {
+            counters.count(Counter::DropTableFull);
+            decision.action = Action::Drop;
+            counters.count(Counter::PacketsDropped);
+            return Outcome { state, decision };
+        }
+    }
+    match decision.action {
+        Action::Accept => counters.count(Counter::PacketsAccepted),
+        Action::Drop => {
+            counters.count(Counter::PacketsDropped);
+            counters.count(if decision.rule_id == RULE_ID_DEFAULT {
+                Counter::DropDefault
+            } else {
+                Counter::DropRule
+            });
+        }
+    }
+    Outcome { state, decision }
+}

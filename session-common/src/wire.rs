@@ -1,0 +1,724 @@
+//! `#[repr(C)]` types shared by the eBPF program and the daemon through BPF maps.
+//!
+//! Every type has explicit padding and a size assertion: a layout change that is not made
+//! on both sides at once would corrupt the maps silently.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Address family tag for IPv4 flows (addresses are stored IPv4-mapped).
+pub const FAMILY_IPV4: u8 = 4;
+/// Address family tag for IPv6 flows.
+pub const FAMILY_IPV6: u8 = 6;
+
+/// IANA protocol numbers the engine understands natively.
+pub mod proto {
+    /// ICMP for IPv4.
+    pub const ICMP: u8 = 1;
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+    /// ICMP for IPv6.
+    pub const ICMPV6: u8 = 58;
+}
+
+/// Names of the pinned maps, shared so the loader and the CLI can never disagree.
+pub mod map_names {
+    /// The session table.
+    pub const SESSIONS: &str = "SESSIONS";
+    /// Compiled policy rules, two banks for atomic swaps.
+    pub const RULES: &str = "RULES";
+    /// One policy header per bank.
+    pub const POLICY: &str = "POLICY";
+    /// Index of the active policy bank.
+    pub const ACTIVE_BANK: &str = "ACTIVE_BANK";
+    /// Timeouts and tracking switches.
+    pub const SETTINGS: &str = "SETTINGS";
+    /// Per-CPU global counters, indexed by [`super::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Per-CPU hit counters per rule id (plus the two default actions).
+    pub const RULE_HITS: &str = "RULE_HITS";
+    /// Interfaces that run the XDP program, so TC egress can skip forwarded packets.
+    pub const MANAGED_IFACES: &str = "MANAGED_IFACES";
+    /// Rule names per bank, so any CLI process can label rule ids.
+    pub const RULE_NAMES: &str = "RULE_NAMES";
+    /// Counters kept by the daemon, indexed by [`super::DaemonCounter`].
+    pub const DAEMON_COUNTERS: &str = "DAEMON_COUNTERS";
+}
+
+/// The canonical identity of a flow: both directions of a connection map to one key.
+///
+/// The endpoint that sorts lower (address, then port) is stored first; the session value
+/// records which of the two originated the flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    /// Lower endpoint address (IPv4 as `::ffff:a.b.c.d`).
+    pub addr_lo: [u8; 16],
+    /// Higher endpoint address.
+    pub addr_hi: [u8; 16],
+    /// Port (or ICMP id) of the lower endpoint, host byte order.
+    pub port_lo: u16,
+    /// Port of the higher endpoint, host byte order (0 for ICMP queries).
+    pub port_hi: u16,
+    /// IANA protocol number.
+    pub proto: u8,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    /// Explicit padding; always zero so keys hash identically.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// Per-direction TCP sequence tracking data, as `ip_ct_tcp_state` in nf_conntrack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TcpPeer {
+    /// Highest sequence number plus length seen from this side (`td_end`).
+    pub end: u32,
+    /// Highest acceptable right edge of data from this side (`td_maxend`).
+    pub maxend: u32,
+    /// Largest window advertised by this side, scaled (`td_maxwin`).
+    pub maxwin: u32,
+    /// Highest acknowledgement this side sent (`td_maxack`).
+    pub maxack: u32,
+    /// Window scale this side announced, 0 when none.
+    pub scale: u8,
+    /// [`tcp_peer_flags`] bits.
+    pub flags: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<TcpPeer>() == 20);
+
+/// Bits of [`TcpPeer::flags`].
+pub mod tcp_peer_flags {
+    /// The side announced window scaling on its SYN.
+    pub const WINDOW_SCALE: u8 = 1;
+    /// The side announced SACK permitted.
+    pub const SACK_PERM: u8 = 2;
+    /// The side sent data that the other side has not acknowledged yet.
+    pub const DATA_UNACKNOWLEDGED: u8 = 4;
+    /// The side has sent a FIN.
+    pub const CLOSE_INIT: u8 = 8;
+    /// The side's maxack field holds a value (after its first ACK).
+    pub const MAXACK_SET: u8 = 16;
+    /// Window checks cannot fail for this side (picked-up connections).
+    pub const BE_LIBERAL: u8 = 32;
+}
+
+/// One tracked flow: the value stored in the session map under its [`FlowKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Session {
+    /// Monotonic time (ns) the session was created.
+    pub created_ns: u64,
+    /// Monotonic time (ns) after which the session is treated as absent.
+    pub expires_ns: u64,
+    /// Packets seen, `[original, reply]`.
+    pub packets: [u64; 2],
+    /// Bytes seen (L3 length), `[original, reply]`.
+    pub bytes: [u64; 2],
+    /// TCP window tracking, `[original, reply]`.
+    pub tcp: [TcpPeer; 2],
+    /// Policy generation the session was admitted under.
+    pub policy_generation: u32,
+    /// Sequence number of the last in-window segment (retransmission detection).
+    pub last_seq: u32,
+    /// Acknowledgement number of the last in-window segment.
+    pub last_ack: u32,
+    /// Sequence end of the last segment (retransmissions, ignored-SYN resync).
+    pub last_end: u32,
+    /// Raw window of the last segment.
+    pub last_win: u16,
+    /// Id of the rule that admitted the session ([`RULE_ID_DEFAULT`] for a default action).
+    pub rule_id: u16,
+    /// Protocol state: a [`TcpState`] for TCP, a [`FlowState`] otherwise.
+    pub state: u8,
+    /// [`session_flags`] bits.
+    pub flags: u8,
+    /// Consecutive retransmissions seen (kernel `retrans`).
+    pub retrans: u8,
+    /// Direction index of the last segment.
+    pub last_dir: u8,
+    /// TCP flag class ([`crate::track::tcp_index`]) of the last segment.
+    pub last_index: u8,
+    /// Window scale of an ignored SYN, for resynchronisation.
+    pub last_wscale: u8,
+    /// Peer flags of an ignored SYN, for resynchronisation.
+    pub last_flags: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<Session>() == 120);
+
+impl TcpPeer {
+    /// Zeroes every field with plain stores (see [`Session::reset`]).
+    #[inline(always)]
+    pub fn reset(&mut self) {
+        self.end = 0;
+        self.maxend = 0;
+        self.maxwin = 0;
+        self.maxack = 0;
+        self.scale = 0;
+        self.flags = 0;
+        self._pad = [0; 2];
+    }
+}
+
+impl Session {
+    /// Zeroes every field with plain stores: in BPF a whole-struct assignment into map
+    /// memory becomes a byte loop that the verifier walks byte by byte.
+    #[inline(always)]
+    pub fn reset(&mut self) {
+        self.created_ns = 0;
+        self.expires_ns = 0;
+        self.packets = [0; 2];
+        self.bytes = [0; 2];
+        self.tcp[0].reset();
+        self.tcp[1].reset();
+        self.policy_generation = 0;
+        self.last_seq = 0;
+        self.last_ack = 0;
+        self.last_end = 0;
+        self.last_win = 0;
+        self.rule_id = 0;
+        self.state = 0;
+        self.flags = 0;
+        self.retrans = 0;
+        self.last_dir = 0;
+        self.last_index = 0;
+        self.last_wscale = 0;
+        self.last_flags = 0;
+        self._pad = [0; 5];
+    }
+}
+
+/// Bits of [`Session::flags`].
+pub mod session_flags {
+    /// The originator is the `lo` endpoint of the key.
+    pub const ORIG_IS_LO: u8 = 1;
+    /// A packet was seen in the reply direction.
+    pub const SEEN_REPLY: u8 = 2;
+    /// The flow proved itself (full handshake or stream): protected from early eviction.
+    pub const ASSURED: u8 = 4;
+    /// The session was picked up mid-stream rather than from a SYN.
+    pub const PICKED_UP: u8 = 8;
+}
+
+/// TCP connection states, numbered exactly as nf_conntrack's `enum tcp_conntrack`.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TcpState {
+    /// No state yet.
+    None = 0,
+    /// SYN seen from the originator.
+    SynSent = 1,
+    /// SYN-ACK seen from the responder.
+    SynRecv = 2,
+    /// Handshake completed.
+    Established = 3,
+    /// A FIN was seen.
+    FinWait = 4,
+    /// The FIN was acknowledged.
+    CloseWait = 5,
+    /// FINs seen in both directions.
+    LastAck = 6,
+    /// The last ACK was seen.
+    TimeWait = 7,
+    /// Closed by RST.
+    Close = 8,
+    /// Simultaneous open: SYN seen from both sides.
+    SynSent2 = 9,
+}
+
+impl TcpState {
+    /// All states in numeric order, for tables and name lookups.
+    pub const ALL: [TcpState; 10] = [
+        TcpState::None,
+        TcpState::SynSent,
+        TcpState::SynRecv,
+        TcpState::Established,
+        TcpState::FinWait,
+        TcpState::CloseWait,
+        TcpState::LastAck,
+        TcpState::TimeWait,
+        TcpState::Close,
+        TcpState::SynSent2,
+    ];
+
+    /// Decodes a stored state byte; unknown values become `None`.
+    #[inline(always)]
+    pub fn from_u8(value: u8) -> TcpState {
+        match value {
+            1 => TcpState::SynSent,
+            2 => TcpState::SynRecv,
+            3 => TcpState::Established,
+            4 => TcpState::FinWait,
+            5 => TcpState::CloseWait,
+            6 => TcpState::LastAck,
+            7 => TcpState::TimeWait,
+            8 => TcpState::Close,
+            9 => TcpState::SynSent2,
+            _ => TcpState::None,
+        }
+    }
+
+    /// The name conntrack-tools print, so our listings read the same.
+    pub fn name(self) -> &'static str {
+        match self {
+            TcpState::None => "NONE",
+            TcpState::SynSent => "SYN_SENT",
+            TcpState::SynRecv => "SYN_RECV",
+            TcpState::Established => "ESTABLISHED",
+            TcpState::FinWait => "FIN_WAIT",
+            TcpState::CloseWait => "CLOSE_WAIT",
+            TcpState::LastAck => "LAST_ACK",
+            TcpState::TimeWait => "TIME_WAIT",
+            TcpState::Close => "CLOSE",
+            TcpState::SynSent2 => "SYN_SENT2",
+        }
+    }
+}
+
+/// State of a non-TCP flow.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowState {
+    /// Only the originator has sent.
+    Unreplied = 0,
+    /// Both sides have sent.
+    Replied = 1,
+}
+
+impl FlowState {
+    /// Decodes a stored state byte.
+    pub fn from_u8(value: u8) -> FlowState {
+        if value == FlowState::Replied as u8 {
+            FlowState::Replied
+        } else {
+            FlowState::Unreplied
+        }
+    }
+
+    /// Name shown in listings.
+    pub fn name(self) -> &'static str {
+        match self {
+            FlowState::Unreplied => "UNREPLIED",
+            FlowState::Replied => "REPLIED",
+        }
+    }
+}
+
+/// The connection-tracking state of one packet, as nftables' `ct state` sees it.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtState {
+    /// The packet starts a new flow, or belongs to one not yet answered.
+    New = 0,
+    /// The packet belongs to a flow that has seen traffic both ways.
+    Established = 1,
+    /// An ICMP error about a tracked flow.
+    Related = 2,
+    /// The packet cannot belong to any valid flow.
+    Invalid = 3,
+    /// The kernel does not track it (IPv6 neighbour discovery, MLD, router messages).
+    Untracked = 4,
+}
+
+impl CtState {
+    /// Bit of this state in a rule's state mask.
+    pub const fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// Which side of the host a packet is crossing.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// Arriving on an interface (XDP).
+    Ingress = 0,
+    /// Leaving the host from its own stack (TC egress).
+    Egress = 1,
+}
+
+impl Hook {
+    /// Bit of this hook in a rule's direction mask.
+    pub const fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// Direction of a packet relative to the flow's originator.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Sent by the originator.
+    Original = 0,
+    /// Sent by the responder.
+    Reply = 1,
+}
+
+impl Dir {
+    /// Index into per-direction arrays.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The other direction.
+    pub const fn flip(self) -> Dir {
+        match self {
+            Dir::Original => Dir::Reply,
+            Dir::Reply => Dir::Original,
+        }
+    }
+}
+
+/// What a rule or default does with a packet.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Let the packet through.
+    Accept = 0,
+    /// Discard the packet.
+    Drop = 1,
+}
+
+/// Global counters, each an index into the per-CPU counter array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// IP packets examined.
+    PacketsSeen = 0,
+    /// Packets passed.
+    PacketsAccepted,
+    /// Packets dropped for any reason.
+    PacketsDropped,
+    /// Non-IP frames (ARP, LLDP…), always passed.
+    PacketsNonIp,
+    /// Packets classified NEW.
+    StateNew,
+    /// Packets classified ESTABLISHED.
+    StateEstablished,
+    /// Packets classified RELATED.
+    StateRelated,
+    /// Packets classified INVALID.
+    StateInvalid,
+    /// Packets classified UNTRACKED.
+    StateUntracked,
+    /// Dropped by an explicit drop rule.
+    DropRule,
+    /// Dropped by the default action.
+    DropDefault,
+    /// Dropped because a new session could not be inserted.
+    DropTableFull,
+    /// Sessions created.
+    SessionsCreated,
+    /// Sessions found expired by the kernel path and replaced.
+    SessionsExpiredInline,
+    /// Invalid: headers truncated or inconsistent.
+    InvalidMalformed,
+    /// Invalid: a TCP segment that cannot start or continue a connection.
+    InvalidTcpFlags,
+    /// Invalid: TCP transition the state table forbids.
+    InvalidTcpState,
+    /// Invalid: TCP segment outside the tracked window.
+    InvalidTcpWindow,
+    /// Invalid: ICMP error that matches no session, or bad ICMP type for a new flow.
+    InvalidIcmp,
+    /// Invalid: IP fragment after the first (no transport header to track).
+    InvalidFragment,
+    /// TCP segments ignored by the state table (kernel `sIG`).
+    TcpIgnored,
+}
+
+impl Counter {
+    /// Number of counters; the size of the counter map.
+    pub const COUNT: u32 = Counter::TcpIgnored as u32 + 1;
+
+    /// Every counter in index order, with its stable name for `stats` and metrics.
+    pub const ALL: [(Counter, &'static str); Counter::COUNT as usize] = [
+        (Counter::PacketsSeen, "packets_seen"),
+        (Counter::PacketsAccepted, "packets_accepted"),
+        (Counter::PacketsDropped, "packets_dropped"),
+        (Counter::PacketsNonIp, "packets_non_ip"),
+        (Counter::StateNew, "state_new"),
+        (Counter::StateEstablished, "state_established"),
+        (Counter::StateRelated, "state_related"),
+        (Counter::StateInvalid, "state_invalid"),
+        (Counter::StateUntracked, "state_untracked"),
+        (Counter::DropRule, "drop_rule"),
+        (Counter::DropDefault, "drop_default"),
+        (Counter::DropTableFull, "drop_table_full"),
+        (Counter::SessionsCreated, "sessions_created"),
+        (Counter::SessionsExpiredInline, "sessions_expired_inline"),
+        (Counter::InvalidMalformed, "invalid_malformed"),
+        (Counter::InvalidTcpFlags, "invalid_tcp_flags"),
+        (Counter::InvalidTcpState, "invalid_tcp_state"),
+        (Counter::InvalidTcpWindow, "invalid_tcp_window"),
+        (Counter::InvalidIcmp, "invalid_icmp"),
+        (Counter::InvalidFragment, "invalid_fragment"),
+        (Counter::TcpIgnored, "tcp_ignored"),
+    ];
+}
+
+/// Counters the daemon keeps (the kernel never writes them), in a pinned array so they
+/// survive restarts like the kernel's.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DaemonCounter {
+    /// Expired sessions the reaper removed.
+    SessionsExpired = 0,
+    /// Reaper sweeps completed.
+    ReaperRuns,
+    /// Policies applied (start and reloads).
+    PolicyApplies,
+}
+
+impl DaemonCounter {
+    /// Size of the daemon counter map.
+    pub const COUNT: u32 = 8;
+
+    /// Every daemon counter with its stable name.
+    pub const ALL: [(DaemonCounter, &'static str); 3] = [
+        (DaemonCounter::SessionsExpired, "sessions_expired"),
+        (DaemonCounter::ReaperRuns, "reaper_runs"),
+        (DaemonCounter::PolicyApplies, "policy_applies"),
+    ];
+}
+
+/// A rule name as stored in the rule-name map (NUL-padded UTF-8).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct RuleName {
+    /// The bytes of the name; unused bytes are zero.
+    pub bytes: [u8; RULE_NAME_LEN],
+}
+const _: () = assert!(core::mem::size_of::<RuleName>() == RULE_NAME_LEN);
+
+/// Longest rule name accepted, in bytes.
+pub const RULE_NAME_LEN: usize = 64;
+
+/// Maximum compiled rule entries per policy bank.
+pub const MAX_RULES: u32 = 256;
+/// Rule-hit slots: one per rule id plus the inbound and outbound defaults.
+pub const RULE_HIT_SLOTS: u32 = MAX_RULES + 2;
+/// Rule-hit slot of the inbound default action.
+pub const HIT_DEFAULT_INBOUND: u32 = MAX_RULES;
+/// Rule-hit slot of the outbound default action.
+pub const HIT_DEFAULT_OUTBOUND: u32 = MAX_RULES + 1;
+/// `Session::rule_id` of a session admitted by a default action.
+pub const RULE_ID_DEFAULT: u16 = u16::MAX;
+
+/// One compiled policy entry. A configured rule with several address or port lists
+/// compiles into several entries that share its `rule_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Rule {
+    /// Source network (IPv4-mapped for IPv4), already masked.
+    pub src_net: [u8; 16],
+    /// Source netmask as bytes.
+    pub src_mask: [u8; 16],
+    /// Destination network, already masked.
+    pub dst_net: [u8; 16],
+    /// Destination netmask as bytes.
+    pub dst_mask: [u8; 16],
+    /// Inclusive source port range.
+    pub sport_lo: u16,
+    /// Inclusive source port range end.
+    pub sport_hi: u16,
+    /// Inclusive destination port range.
+    pub dport_lo: u16,
+    /// Inclusive destination port range end.
+    pub dport_hi: u16,
+    /// Interface index to match, 0 for any.
+    pub ifindex: u32,
+    /// Bits of [`CtState::bit`] that match.
+    pub state_mask: u8,
+    /// Bits of [`Hook::bit`] that match.
+    pub hook_mask: u8,
+    /// Protocol to match, 0 for any.
+    pub proto: u8,
+    /// Family to match, 0 for any.
+    pub family: u8,
+    /// ICMP type to match when `match_flags` has [`rule_flags::ICMP_TYPE`].
+    pub icmp_type: u8,
+    /// [`rule_flags`] bits.
+    pub match_flags: u8,
+    /// [`Action`] as a byte.
+    pub action: u8,
+    /// Explicit padding.
+    pub _pad: u8,
+    /// Index of the configured rule (for names and hit counters).
+    pub rule_id: u16,
+    /// Explicit padding.
+    pub _pad2: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Rule>() == 88);
+
+/// Bits of [`Rule::match_flags`].
+pub mod rule_flags {
+    /// The rule matches on the ICMP type.
+    pub const ICMP_TYPE: u8 = 1;
+    /// The rule matches on ports (so only TCP/UDP packets can match).
+    pub const PORTS: u8 = 4;
+}
+
+/// Header of one policy bank.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PolicyHeader {
+    /// Number of valid entries in the bank.
+    pub rule_count: u32,
+    /// Generation number, bumped on every apply.
+    pub generation: u32,
+    /// Default [`Action`] for ingress packets.
+    pub default_inbound: u8,
+    /// Default [`Action`] for egress packets.
+    pub default_outbound: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<PolicyHeader>() == 16);
+
+/// Which timeout a session in a given state gets.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timeout {
+    /// TCP SYN_SENT.
+    TcpSynSent = 0,
+    /// TCP SYN_RECV.
+    TcpSynRecv,
+    /// TCP ESTABLISHED.
+    TcpEstablished,
+    /// TCP FIN_WAIT.
+    TcpFinWait,
+    /// TCP CLOSE_WAIT.
+    TcpCloseWait,
+    /// TCP LAST_ACK.
+    TcpLastAck,
+    /// TCP TIME_WAIT.
+    TcpTimeWait,
+    /// TCP CLOSE.
+    TcpClose,
+    /// TCP SYN_SENT2.
+    TcpSynSent2,
+    /// TCP after too many retransmissions.
+    TcpRetrans,
+    /// TCP with unacknowledged data.
+    TcpUnack,
+    /// UDP seen one way.
+    UdpUnreplied,
+    /// UDP seen both ways.
+    UdpReplied,
+    /// ICMP echo and other queries.
+    Icmp,
+    /// Other protocols.
+    Generic,
+}
+
+impl Timeout {
+    /// Number of timeouts in [`Settings::timeouts_ns`].
+    pub const COUNT: usize = Timeout::Generic as usize + 1;
+
+    /// Config key, kernel default in seconds, for each timeout in index order.
+    pub const DEFAULTS: [(Timeout, &'static str, u64); Timeout::COUNT] = [
+        (Timeout::TcpSynSent, "tcp_syn_sent", 120),
+        (Timeout::TcpSynRecv, "tcp_syn_recv", 60),
+        (Timeout::TcpEstablished, "tcp_established", 432_000),
+        (Timeout::TcpFinWait, "tcp_fin_wait", 120),
+        (Timeout::TcpCloseWait, "tcp_close_wait", 60),
+        (Timeout::TcpLastAck, "tcp_last_ack", 30),
+        (Timeout::TcpTimeWait, "tcp_time_wait", 120),
+        (Timeout::TcpClose, "tcp_close", 10),
+        (Timeout::TcpSynSent2, "tcp_syn_sent2", 120),
+        (Timeout::TcpRetrans, "tcp_retrans", 300),
+        (Timeout::TcpUnack, "tcp_unacknowledged", 300),
+        (Timeout::UdpUnreplied, "udp_unreplied", 30),
+        (Timeout::UdpReplied, "udp_replied", 120),
+        (Timeout::Icmp, "icmp", 30),
+        (Timeout::Generic, "generic", 600),
+    ];
+}
+
+/// Timeouts and switches, written by the daemon, read by every packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Settings {
+    /// Timeouts in nanoseconds, indexed by [`Timeout`]; padded to a power of two so the
+    /// kernel indexes it with a mask.
+    pub timeouts_ns: [u64; TIMEOUT_SLOTS],
+    /// [`settings_flags`] bits.
+    pub flags: u32,
+    /// Retransmissions before the shorter retrans timeout applies (kernel: 3).
+    pub max_retrans: u32,
+}
+const _: () = assert!(core::mem::size_of::<Settings>() == 136);
+
+/// Slots in [`Settings::timeouts_ns`].
+pub const TIMEOUT_SLOTS: usize = 16;
+const _: () = assert!(Timeout::COUNT <= TIMEOUT_SLOTS);
+
+/// Bits of [`Settings::flags`].
+pub mod settings_flags {
+    /// Check TCP sequence numbers and windows (out-of-window segments are INVALID).
+    pub const TCP_WINDOW_CHECK: u32 = 1;
+    /// Only out-of-window RSTs are INVALID (kernel `nf_conntrack_tcp_be_liberal`).
+    pub const TCP_LIBERAL: u32 = 2;
+    /// Pick up TCP connections already in progress (kernel `nf_conntrack_tcp_loose`).
+    pub const TCP_LOOSE: u32 = 4;
+}
+
+/// Nanoseconds per second, for timeout conversion.
+pub const NS_PER_SEC: u64 = 1_000_000_000;
+
+impl Default for Settings {
+    fn default() -> Self {
+        let mut timeouts_ns = [0u64; TIMEOUT_SLOTS];
+        let mut i = 0;
+        while i < Timeout::COUNT {
+            timeouts_ns[i] = Timeout::DEFAULTS[i].2 * NS_PER_SEC;
+            i += 1;
+        }
+        Settings {
+            timeouts_ns,
+            flags: settings_flags::TCP_WINDOW_CHECK,
+            max_retrans: 3,
+        }
+    }
+}
+
+impl Settings {
+    /// The configured timeout for `which`, in nanoseconds.
+    #[inline(always)]
+    pub fn timeout(&self, which: Timeout) -> u64 {
+        self.timeout_slot(which as u8)
+    }
+
+    /// The timeout in slot `slot` (a [`Timeout`] number computed at run time).
+    #[inline(always)]
+    pub fn timeout_slot(&self, slot: u8) -> u64 {
+        self.timeouts_ns[(crate::opaque(slot) as usize) & (TIMEOUT_SLOTS - 1)]
+    }
+
+    /// Whether a switch from [`settings_flags`] is on.
+    #[inline(always)]
+    pub fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use super::{FlowKey, PolicyHeader, Rule, RuleName, Session, Settings};
+
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, fully initialised plain data with
+    // explicit padding (checked by bytemuck's Pod derive).
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Session {}
+    unsafe impl aya::Pod for Rule {}
+    unsafe impl aya::Pod for PolicyHeader {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for RuleName {}
+}

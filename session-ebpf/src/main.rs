@@ -1,0 +1,96 @@
+//! Kernel side of `session`: XDP on ingress and TC on egress. Each program only wires
+//! packet bytes and BPF maps into `session_common::engine::process` and maps its answer to
+//! a verdict; all logic lives in session-common.
+#![no_std]
+#![no_main]
+
+mod tables;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use session_common::{
+    engine::process,
+    wire::{Action, Hook},
+};
+
+use crate::tables::{
+    BpfCounters, BpfRules, BpfSessions, SkbBytes, XdpBytes, is_managed, scratch, settings,
+};
+
+/// Why a packet could not be judged: a missing settings or scratch entry, which cannot
+/// happen once the loader has filled the maps. Such packets are dropped (fail closed).
+struct Unjudged;
+
+#[xdp]
+pub fn session_ingress(ctx: XdpContext) -> u32 {
+    match try_ingress(&ctx) {
+        Ok(Action::Accept) => xdp_action::XDP_PASS,
+        Ok(Action::Drop) | Err(Unjudged) => xdp_action::XDP_DROP,
+    }
+}
+
+#[inline(always)]
+fn try_ingress(ctx: &XdpContext) -> Result<Action, Unjudged> {
+    let settings = settings().ok_or(Unjudged)?;
+    let scratch = scratch().ok_or(Unjudged)?;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let outcome = process(
+        &XdpBytes(ctx),
+        Hook::Ingress,
+        ifindex,
+        now,
+        settings,
+        &mut BpfSessions,
+        &BpfRules,
+        &mut BpfCounters,
+        scratch,
+    );
+    Ok(outcome.map_or(Action::Accept, |outcome| outcome.decision.action))
+}
+
+#[classifier]
+pub fn session_egress(ctx: TcContext) -> i32 {
+    match try_egress(&ctx) {
+        Ok(Action::Accept) => TC_ACT_OK,
+        Ok(Action::Drop) | Err(Unjudged) => TC_ACT_SHOT,
+    }
+}
+
+#[inline(always)]
+fn try_egress(ctx: &TcContext) -> Result<Action, Unjudged> {
+    let skb = ctx.skb.skb;
+    let (ingress_ifindex, ifindex) = unsafe { ((*skb).ingress_ifindex, (*skb).ifindex) };
+    if ingress_ifindex != 0 && is_managed(ingress_ifindex) {
+        return Ok(Action::Accept);
+    }
+    let settings = settings().ok_or(Unjudged)?;
+    let scratch = scratch().ok_or(Unjudged)?;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let outcome = process(
+        &SkbBytes(ctx),
+        Hook::Egress,
+        ifindex,
+        now,
+        settings,
+        &mut BpfSessions,
+        &BpfRules,
+        &mut BpfCounters,
+        scratch,
+    );
+    Ok(outcome.map_or(Action::Accept, |outcome| outcome.decision.action))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,262 @@
+//! BPF maps and the adapters that let session-common's engine use them.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::generated::{bpf_loop, bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::{TcContext, XdpContext},
+};
+use session_common::{
+    engine::{Counters, RuleSource, Scratch, SessionTable},
+    packet::{PacketBytes, PacketMeta},
+    policy::rule_matches,
+    wire::{
+        Counter, CtState, DaemonCounter, FlowKey, Hook, MAX_RULES, PolicyHeader, RULE_HIT_SLOTS, Rule,
+        RuleName, Session, Settings,
+    },
+};
+
+/// Default size; the loader overrides it from the config.
+const DEFAULT_MAX_SESSIONS: u32 = 262_144;
+/// Interfaces the daemon may attach to at once.
+const MAX_MANAGED_IFACES: u32 = 256;
+
+#[map]
+static SESSIONS: LruHashMap<FlowKey, Session> = LruHashMap::pinned(DEFAULT_MAX_SESSIONS, 0);
+#[map]
+static RULES: Array<Rule> = Array::pinned(2 * MAX_RULES, 0);
+#[map]
+static POLICY: Array<PolicyHeader> = Array::pinned(2, 0);
+#[map]
+static ACTIVE_BANK: Array<u32> = Array::pinned(1, 0);
+#[map]
+static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+#[map]
+static RULE_HITS: PerCpuArray<u64> = PerCpuArray::pinned(RULE_HIT_SLOTS, 0);
+#[map]
+static RULE_NAMES: Array<RuleName> = Array::pinned(2 * MAX_RULES, 0);
+#[map]
+static DAEMON_COUNTERS: Array<u64> = Array::pinned(DaemonCounter::COUNT, 0);
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static MANAGED_IFACES: HashMap<u32, u8> = HashMap::pinned(MAX_MANAGED_IFACES, 0);
+
+/// The settings the daemon wrote.
+#[inline(always)]
+pub fn settings() -> Option<&'static Settings> {
+    SETTINGS.get(0)
+}
+
+/// This CPU's working memory for the packet being processed.
+#[inline(always)]
+pub fn scratch() -> Option<&'static mut Scratch> {
+    SCRATCH.get_ptr_mut(0).map(|ptr| unsafe { &mut *ptr })
+}
+
+/// Whether the XDP program runs on `ifindex` (so it already tracked the packet).
+#[inline(always)]
+pub fn is_managed(ifindex: u32) -> bool {
+    unsafe { MANAGED_IFACES.get(&ifindex).is_some() }
+}
+
+/// An XDP frame read through `bpf_xdp_load_bytes`.
+pub struct XdpBytes<'a>(pub &'a XdpContext);
+
+impl PacketBytes for XdpBytes<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.data_end() - self.0.data()
+    }
+
+    #[inline(always)]
+    fn load<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        let mut buf = [0u8; N];
+        let ret = unsafe {
+            bpf_xdp_load_bytes(
+                self.0.ctx,
+                offset as u32,
+                buf.as_mut_ptr() as *mut c_void,
+                N as u32,
+            )
+        };
+        (ret == 0).then_some(buf)
+    }
+
+    #[inline(always)]
+    fn load_options(&self, offset: usize, len: usize, buf: &mut [u8; 64]) -> bool {
+        let len = (len & 63) as u32;
+        if len == 0 || len > 40 {
+            return false;
+        }
+        let ret = unsafe {
+            bpf_xdp_load_bytes(
+                self.0.ctx,
+                offset as u32,
+                buf.as_mut_ptr() as *mut c_void,
+                len,
+            )
+        };
+        ret == 0
+    }
+}
+
+/// A socket buffer read through `bpf_skb_load_bytes`.
+pub struct SkbBytes<'a>(pub &'a TcContext);
+
+impl PacketBytes for SkbBytes<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len() as usize
+    }
+
+    #[inline(always)]
+    fn load<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        let mut buf = [0u8; N];
+        let ret = unsafe {
+            bpf_skb_load_bytes(
+                self.0.skb.skb as *const c_void,
+                offset as u32,
+                buf.as_mut_ptr() as *mut c_void,
+                N as u32,
+            )
+        };
+        (ret == 0).then_some(buf)
+    }
+
+    #[inline(always)]
+    fn load_options(&self, offset: usize, len: usize, buf: &mut [u8; 64]) -> bool {
+        let len = (len & 63) as u32;
+        if len == 0 || len > 40 {
+            return false;
+        }
+        let ret = unsafe {
+            bpf_skb_load_bytes(
+                self.0.skb.skb as *const c_void,
+                offset as u32,
+                buf.as_mut_ptr() as *mut c_void,
+                len,
+            )
+        };
+        ret == 0
+    }
+}
+
+/// The pinned session map.
+pub struct BpfSessions;
+
+impl SessionTable for BpfSessions {
+    #[inline(always)]
+    fn get_mut(&mut self, key: &FlowKey) -> Option<&mut Session> {
+        SESSIONS.get_ptr_mut(key).map(|ptr| unsafe { &mut *ptr })
+    }
+
+    #[inline(always)]
+    fn insert(&mut self, key: &FlowKey, session: &Session) -> bool {
+        SESSIONS.insert(key, session, 0).is_ok()
+    }
+
+    #[inline(always)]
+    fn remove(&mut self, key: &FlowKey) {
+        let _ = SESSIONS.remove(key);
+    }
+}
+
+/// The two policy banks and the active-bank switch.
+pub struct BpfRules;
+
+impl RuleSource for BpfRules {
+    #[inline(always)]
+    fn header(&self) -> Option<(u32, &PolicyHeader)> {
+        let bank = *ACTIVE_BANK.get(0)? & 1;
+        Some((bank, POLICY.get(bank)?))
+    }
+
+    #[inline(always)]
+    fn first_match(
+        &self,
+        bank: u32,
+        count: u32,
+        meta: &PacketMeta,
+        state: CtState,
+        hook: Hook,
+        ifindex: u32,
+    ) -> Option<&Rule> {
+        let mut walk = RuleWalk {
+            meta,
+            base: (bank & 1) * MAX_RULES,
+            count,
+            ifindex,
+            state,
+            hook,
+            found: NOT_FOUND,
+        };
+        unsafe {
+            bpf_loop(
+                MAX_RULES,
+                rule_step as *mut c_void,
+                &mut walk as *mut RuleWalk as *mut c_void,
+                0,
+            )
+        };
+        if walk.found == NOT_FOUND {
+            return None;
+        }
+        RULES.get(walk.base + (walk.found & (MAX_RULES - 1)))
+    }
+}
+
+/// Marks "no rule matched" in [`RuleWalk::found`].
+const NOT_FOUND: u32 = u32::MAX;
+
+/// State of one rule walk, shared with the `bpf_loop` callback through its context.
+#[repr(C)]
+struct RuleWalk<'a> {
+    meta: &'a PacketMeta,
+    base: u32,
+    count: u32,
+    ifindex: u32,
+    state: CtState,
+    hook: Hook,
+    found: u32,
+}
+
+/// One `bpf_loop` step: 1 stops the walk (past the end, or a match), 0 goes on.
+extern "C" fn rule_step(index: u64, ctx: *mut c_void) -> i64 {
+    let walk = unsafe { &mut *(ctx as *mut RuleWalk) };
+    let index = index as u32;
+    if index >= walk.count {
+        return 1;
+    }
+    let Some(rule) = RULES.get(walk.base + (index & (MAX_RULES - 1))) else {
+        return 1;
+    };
+    if rule_matches(rule, walk.meta, walk.state, walk.hook, walk.ifindex) {
+        walk.found = index;
+        return 1;
+    }
+    0
+}
+
+/// The per-CPU counter arrays.
+pub struct BpfCounters;
+
+impl Counters for BpfCounters {
+    #[inline(always)]
+    fn count(&mut self, counter: Counter) {
+        if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+            unsafe { *slot += 1 };
+        }
+    }
+
+    #[inline(always)]
+    fn hit(&mut self, slot: u32) {
+        if let Some(counter) = RULE_HITS.get_ptr_mut(slot) {
+            unsafe { *counter += 1 };
+        }
+    }
+}

@@ -1,0 +1,731 @@
+//! The TOML configuration: parsing and validation with `file:line:col` errors.
+//!
+//! Nothing here touches the kernel, so `session check` and the daemon share one
+//! validation path and a bad file changes nothing.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use session_common::wire::{
+    Action, CtState, FAMILY_IPV4, FAMILY_IPV6, Hook, NS_PER_SEC, RULE_NAME_LEN, Settings, Timeout,
+    proto, settings_flags,
+};
+use toml::Spanned;
+
+/// A configuration error located in its file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The file the error is in.
+    pub path: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// What is wrong and what to do about it.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.path.display(),
+            self.line,
+            self.column,
+            self.message
+        )
+    }
+}
+
+/// Errors loading a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a valid configuration.
+    #[error("{0}")]
+    Invalid(#[from] ConfigError),
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Interfaces to attach to.
+    pub interfaces: Vec<String>,
+    /// Size of the session table.
+    pub max_sessions: u32,
+    /// Timeouts and tracking switches, as the kernel reads them.
+    pub settings: Settings,
+    /// The policy.
+    pub policy: Policy,
+}
+
+/// The policy part of a configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    /// Default action for packets arriving on an interface.
+    pub inbound: Action,
+    /// Default action for packets the host sends.
+    pub outbound: Action,
+    /// Rules in order.
+    pub rules: Vec<RuleSpec>,
+}
+
+/// One validated rule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuleSpec {
+    /// Unique name.
+    pub name: String,
+    /// What to do on a match.
+    pub action: Action,
+    /// Bit mask of [`CtState::bit`].
+    pub states: u8,
+    /// Bit mask of [`Hook::bit`].
+    pub hooks: u8,
+    /// Interface names (any when empty).
+    pub ifaces: Vec<String>,
+    /// Family (0 for any).
+    pub family: u8,
+    /// Protocol number (0 for any).
+    pub proto: u8,
+    /// Source networks (any when empty).
+    pub src: Vec<Network>,
+    /// Destination networks (any when empty).
+    pub dst: Vec<Network>,
+    /// Source port ranges (any when empty).
+    pub sport: Vec<(u16, u16)>,
+    /// Destination port ranges (any when empty).
+    pub dport: Vec<(u16, u16)>,
+    /// ICMP types (any when empty).
+    pub icmp_types: Vec<u8>,
+    /// Line of the rule's `name`, for messages about the rule as a whole.
+    pub line: usize,
+}
+
+/// An address prefix, IPv4 ones mapped into IPv6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Network {
+    /// The network address (host bits zero).
+    pub addr: [u8; 16],
+    /// Prefix length in the 128-bit space.
+    pub prefix: u8,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+}
+
+impl Network {
+    /// The prefix as a 16-byte mask.
+    pub fn mask(&self) -> [u8; 16] {
+        let mut mask = [0u8; 16];
+        for (i, byte) in mask.iter_mut().enumerate() {
+            let bits = (self.prefix as usize).saturating_sub(i * 8).min(8);
+            *byte = if bits == 0 { 0 } else { 0xffu8 << (8 - bits) };
+        }
+        mask
+    }
+}
+
+const DEFAULT_MAX_SESSIONS: u32 = 262_144;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    interfaces: Vec<Spanned<String>>,
+    #[serde(default)]
+    limits: Option<RawLimits>,
+    #[serde(default)]
+    timeouts: BTreeMap<Spanned<String>, Spanned<i64>>,
+    #[serde(default)]
+    tracking: Option<RawTracking>,
+    #[serde(default)]
+    policy: Option<RawPolicy>,
+    #[serde(default)]
+    sets: BTreeMap<Spanned<String>, Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    rule: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_sessions: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTracking {
+    tcp_window_check: Option<bool>,
+    tcp_liberal: Option<bool>,
+    tcp_loose: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    inbound: Option<Spanned<String>>,
+    outbound: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumberOrName {
+    Number(i64),
+    Name(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Spanned<String>,
+    action: Spanned<String>,
+    state: Option<Spanned<Vec<Spanned<String>>>>,
+    direction: Option<Spanned<String>>,
+    iface: Option<Spanned<Vec<Spanned<String>>>>,
+    family: Option<Spanned<String>>,
+    proto: Option<Spanned<NumberOrName>>,
+    src: Option<Spanned<Vec<Spanned<String>>>>,
+    dst: Option<Spanned<Vec<Spanned<String>>>>,
+    sport: Option<Spanned<Vec<Spanned<NumberOrName>>>>,
+    dport: Option<Spanned<Vec<Spanned<NumberOrName>>>>,
+    icmp_type: Option<Spanned<Vec<Spanned<NumberOrName>>>>,
+}
+
+/// Resolves byte offsets to line and column for one file's text.
+struct Locator<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn error(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        let start = span.start.min(self.text.len());
+        let before = &self.text[..start];
+        let line = before.matches('\n').count() + 1;
+        let column = before
+            .rfind('\n')
+            .map_or(before.chars().count(), |newline| before[newline + 1..].chars().count())
+            + 1;
+        ConfigError {
+            path: self.path.to_path_buf(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+
+    fn line_of(&self, span: Range<usize>) -> usize {
+        self.error(span, "").line
+    }
+}
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(parse(path, &text)?)
+}
+
+/// Validates configuration text; `path` is only used in messages.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let locator = Locator { path, text };
+    let raw: RawConfig = toml::from_str(text).map_err(|error| {
+        let span = error.span().unwrap_or(0..0);
+        locator.error(span, error.message().trim().to_string())
+    })?;
+    validate(&locator, raw)
+}
+
+fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
+    let mut interfaces = Vec::new();
+    for iface in &raw.interfaces {
+        check_iface_name(loc, iface)?;
+        interfaces.push(iface.get_ref().clone());
+    }
+    let max_sessions = match raw.limits.and_then(|limits| limits.max_sessions) {
+        None => DEFAULT_MAX_SESSIONS,
+        Some(value) => {
+            let n = *value.get_ref();
+            if !(1024..=16_777_216).contains(&n) {
+                return Err(loc.error(
+                    value.span(),
+                    format!("max_sessions must be between 1024 and 16777216, got {n}"),
+                ));
+            }
+            n as u32
+        }
+    };
+    let mut settings = Settings::default();
+    for (key, value) in &raw.timeouts {
+        let Some(index) = Timeout::DEFAULTS
+            .iter()
+            .position(|(_, name, _)| name == key.get_ref())
+        else {
+            let known: Vec<&str> = Timeout::DEFAULTS.iter().map(|(_, name, _)| *name).collect();
+            return Err(loc.error(
+                key.span(),
+                format!(
+                    "unknown timeout `{}`; known timeouts: {}",
+                    key.get_ref(),
+                    known.join(", ")
+                ),
+            ));
+        };
+        let seconds = *value.get_ref();
+        if !(1..=31_536_000).contains(&seconds) {
+            return Err(loc.error(
+                value.span(),
+                format!("timeout must be between 1 and 31536000 seconds, got {seconds}"),
+            ));
+        }
+        settings.timeouts_ns[index] = seconds as u64 * NS_PER_SEC;
+    }
+    if let Some(tracking) = raw.tracking {
+        set_flag(&mut settings, settings_flags::TCP_WINDOW_CHECK, tracking.tcp_window_check);
+        set_flag(&mut settings, settings_flags::TCP_LIBERAL, tracking.tcp_liberal);
+        set_flag(&mut settings, settings_flags::TCP_LOOSE, tracking.tcp_loose);
+    }
+    let (inbound, outbound) = match raw.policy {
+        None => (Action::Drop, Action::Accept),
+        Some(policy) => (
+            policy
+                .inbound
+                .map_or(Ok(Action::Drop), |value| parse_action(loc, &value))?,
+            policy
+                .outbound
+                .map_or(Ok(Action::Accept), |value| parse_action(loc, &value))?,
+        ),
+    };
+    let sets = validate_sets(loc, &raw.sets)?;
+    let mut names = BTreeSet::new();
+    let mut rules = Vec::new();
+    for rule in &raw.rule {
+        let spec = validate_rule(loc, rule, &sets)?;
+        if !names.insert(spec.name.clone()) {
+            return Err(loc.error(
+                rule.name.span(),
+                format!("duplicate rule name `{}`: rule names must be unique", spec.name),
+            ));
+        }
+        rules.push(spec);
+    }
+    Ok(Config {
+        interfaces,
+        max_sessions,
+        settings,
+        policy: Policy {
+            inbound,
+            outbound,
+            rules,
+        },
+    })
+}
+
+fn set_flag(settings: &mut Settings, flag: u32, value: Option<bool>) {
+    match value {
+        Some(true) => settings.flags |= flag,
+        Some(false) => settings.flags &= !flag,
+        None => {}
+    }
+}
+
+fn check_iface_name(loc: &Locator<'_>, iface: &Spanned<String>) -> Result<(), ConfigError> {
+    let name = iface.get_ref();
+    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+        return Err(loc.error(
+            iface.span(),
+            format!("`{name}` is not a valid interface name (1 to 15 characters, no '/' or spaces)"),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_action(loc: &Locator<'_>, value: &Spanned<String>) -> Result<Action, ConfigError> {
+    match value.get_ref().as_str() {
+        "accept" => Ok(Action::Accept),
+        "drop" => Ok(Action::Drop),
+        other => Err(loc.error(
+            value.span(),
+            format!("unknown action `{other}`: use \"accept\" or \"drop\""),
+        )),
+    }
+}
+
+fn validate_sets(
+    loc: &Locator<'_>,
+    raw: &BTreeMap<Spanned<String>, Spanned<Vec<Spanned<String>>>>,
+) -> Result<BTreeMap<String, Vec<Network>>, ConfigError> {
+    let mut sets = BTreeMap::new();
+    for (name, members) in raw {
+        if members.get_ref().is_empty() {
+            return Err(loc.error(
+                members.span(),
+                format!("set `{}` is empty: give it at least one address or network", name.get_ref()),
+            ));
+        }
+        let mut networks = Vec::new();
+        for member in members.get_ref() {
+            if member.get_ref().starts_with('@') {
+                return Err(loc.error(
+                    member.span(),
+                    "sets cannot contain other sets; list the networks directly",
+                ));
+            }
+            networks.push(parse_network(loc, member)?);
+        }
+        sets.insert(name.get_ref().clone(), networks);
+    }
+    Ok(sets)
+}
+
+/// Parses `addr` or `addr/prefix`.
+fn parse_network(loc: &Locator<'_>, value: &Spanned<String>) -> Result<Network, ConfigError> {
+    let text = value.get_ref().trim();
+    let (addr_text, prefix_text) = match text.split_once('/') {
+        Some((addr, prefix)) => (addr, Some(prefix)),
+        None => (text, None),
+    };
+    let addr: IpAddr = addr_text.parse().map_err(|_| {
+        loc.error(
+            value.span(),
+            format!("`{text}` is not an IP address or CIDR network (e.g. 198.18.0.0/15 or 2001:2::/48)"),
+        )
+    })?;
+    let (bytes, family, max_prefix, offset) = match addr {
+        IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), FAMILY_IPV4, 32u8, 96u8),
+        IpAddr::V6(v6) => (v6.octets(), FAMILY_IPV6, 128u8, 0u8),
+    };
+    let prefix = match prefix_text {
+        None => max_prefix,
+        Some(p) => match p.parse::<u8>() {
+            Ok(p) if p <= max_prefix => p,
+            _ => {
+                return Err(loc.error(
+                    value.span(),
+                    format!("`{text}` has an invalid prefix length: it must be 0 to {max_prefix}"),
+                ));
+            }
+        },
+    };
+    let network = Network {
+        addr: bytes,
+        prefix: prefix + offset,
+        family,
+    };
+    let mask = network.mask();
+    let mut masked = bytes;
+    for (byte, m) in masked.iter_mut().zip(mask) {
+        *byte &= m;
+    }
+    if masked != bytes {
+        return Err(loc.error(
+            value.span(),
+            format!("`{text}` has host bits set; did you mean the network address of that prefix?"),
+        ));
+    }
+    Ok(network)
+}
+
+fn validate_rule(
+    loc: &Locator<'_>,
+    raw: &RawRule,
+    sets: &BTreeMap<String, Vec<Network>>,
+) -> Result<RuleSpec, ConfigError> {
+    let name = raw.name.get_ref().clone();
+    if name.is_empty()
+        || name.len() >= RULE_NAME_LEN
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(loc.error(
+            raw.name.span(),
+            format!(
+                "rule name `{name}` must be 1 to {} characters of letters, digits, '-', '_' or '.'",
+                RULE_NAME_LEN - 1
+            ),
+        ));
+    }
+    let action = parse_action(loc, &raw.action)?;
+    let states = match &raw.state {
+        None => ALL_STATES,
+        Some(list) => {
+            non_empty(loc, list, "state")?;
+            let mut mask = 0;
+            for state in list.get_ref() {
+                mask |= match state.get_ref().as_str() {
+                    "new" => CtState::New.bit(),
+                    "established" => CtState::Established.bit(),
+                    "related" => CtState::Related.bit(),
+                    "invalid" => CtState::Invalid.bit(),
+                    "untracked" => CtState::Untracked.bit(),
+                    other => {
+                        return Err(loc.error(
+                            state.span(),
+                            format!(
+                                "unknown state `{other}`: use new, established, related, invalid or untracked"
+                            ),
+                        ));
+                    }
+                };
+            }
+            mask
+        }
+    };
+    let hooks = match &raw.direction {
+        None => Hook::Ingress.bit(),
+        Some(direction) => match direction.get_ref().as_str() {
+            "in" => Hook::Ingress.bit(),
+            "out" => Hook::Egress.bit(),
+            "any" => Hook::Ingress.bit() | Hook::Egress.bit(),
+            other => {
+                return Err(loc.error(
+                    direction.span(),
+                    format!("unknown direction `{other}`: use \"in\", \"out\" or \"any\""),
+                ));
+            }
+        },
+    };
+    let mut ifaces = Vec::new();
+    if let Some(list) = &raw.iface {
+        non_empty(loc, list, "iface")?;
+        for iface in list.get_ref() {
+            check_iface_name(loc, iface)?;
+            ifaces.push(iface.get_ref().clone());
+        }
+    }
+    let family = match &raw.family {
+        None => 0,
+        Some(family) => match family.get_ref().as_str() {
+            "ipv4" => FAMILY_IPV4,
+            "ipv6" => FAMILY_IPV6,
+            other => {
+                return Err(loc.error(
+                    family.span(),
+                    format!("unknown family `{other}`: use \"ipv4\" or \"ipv6\""),
+                ));
+            }
+        },
+    };
+    let protocol = match &raw.proto {
+        None => 0,
+        Some(value) => parse_proto(loc, value)?,
+    };
+    let src = networks(loc, raw.src.as_ref(), sets, "src")?;
+    let dst = networks(loc, raw.dst.as_ref(), sets, "dst")?;
+    for list in [&src, &dst] {
+        if family != 0 && !list.is_empty() && list.iter().all(|net| net.family != family) {
+            return Err(loc.error(
+                raw.name.span(),
+                format!("rule `{name}` can never match: its addresses are not of family {}", family_name(family)),
+            ));
+        }
+    }
+    let sport = ports(loc, raw.sport.as_ref(), "sport", protocol)?;
+    let dport = ports(loc, raw.dport.as_ref(), "dport", protocol)?;
+    let icmp_types = icmp_types(loc, raw.icmp_type.as_ref(), protocol)?;
+    Ok(RuleSpec {
+        name,
+        action,
+        states,
+        hooks,
+        ifaces,
+        family,
+        proto: protocol,
+        src,
+        dst,
+        sport,
+        dport,
+        icmp_types,
+        line: loc.line_of(raw.name.span()),
+    })
+}
+
+const ALL_STATES: u8 = 0x1f;
+
+fn family_name(family: u8) -> &'static str {
+    if family == FAMILY_IPV4 { "ipv4" } else { "ipv6" }
+}
+
+fn non_empty<T>(loc: &Locator<'_>, list: &Spanned<Vec<T>>, key: &str) -> Result<(), ConfigError> {
+    if list.get_ref().is_empty() {
+        return Err(loc.error(
+            list.span(),
+            format!("`{key}` is empty: remove the key to match anything, or list at least one value"),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_proto(loc: &Locator<'_>, value: &Spanned<NumberOrName>) -> Result<u8, ConfigError> {
+    match value.get_ref() {
+        NumberOrName::Number(n) if (1..=255).contains(n) => Ok(*n as u8),
+        NumberOrName::Number(n) => Err(loc.error(
+            value.span(),
+            format!("protocol number {n} is out of range 1..255"),
+        )),
+        NumberOrName::Name(name) => match name.as_str() {
+            "tcp" => Ok(proto::TCP),
+            "udp" => Ok(proto::UDP),
+            "icmp" => Ok(proto::ICMP),
+            "icmpv6" => Ok(proto::ICMPV6),
+            "any" => Ok(0),
+            other => Err(loc.error(
+                value.span(),
+                format!("unknown protocol `{other}`: use tcp, udp, icmp, icmpv6, any or a number"),
+            )),
+        },
+    }
+}
+
+fn networks(
+    loc: &Locator<'_>,
+    list: Option<&Spanned<Vec<Spanned<String>>>>,
+    sets: &BTreeMap<String, Vec<Network>>,
+    key: &str,
+) -> Result<Vec<Network>, ConfigError> {
+    let Some(list) = list else {
+        return Ok(Vec::new());
+    };
+    non_empty(loc, list, key)?;
+    let mut out = Vec::new();
+    for item in list.get_ref() {
+        match item.get_ref().strip_prefix('@') {
+            Some(set) => match sets.get(set) {
+                Some(members) => out.extend(members.iter().copied()),
+                None => {
+                    return Err(loc.error(
+                        item.span(),
+                        format!("unknown set `@{set}`: define it under [sets]"),
+                    ));
+                }
+            },
+            None => out.push(parse_network(loc, item)?),
+        }
+    }
+    Ok(out)
+}
+
+fn ports(
+    loc: &Locator<'_>,
+    list: Option<&Spanned<Vec<Spanned<NumberOrName>>>>,
+    key: &str,
+    protocol: u8,
+) -> Result<Vec<(u16, u16)>, ConfigError> {
+    let Some(list) = list else {
+        return Ok(Vec::new());
+    };
+    non_empty(loc, list, key)?;
+    if protocol != proto::TCP && protocol != proto::UDP {
+        return Err(loc.error(
+            list.span(),
+            format!("`{key}` needs `proto = \"tcp\"` or `proto = \"udp\"` in the same rule"),
+        ));
+    }
+    let mut out = Vec::new();
+    for item in list.get_ref() {
+        let range = match item.get_ref() {
+            NumberOrName::Number(n) => port_number(loc, item.span(), *n).map(|p| (p, p))?,
+            NumberOrName::Name(text) => {
+                let Some((lo, hi)) = text.split_once('-') else {
+                    return Err(loc.error(
+                        item.span(),
+                        format!("`{text}` is not a port or a range like \"8000-8080\""),
+                    ));
+                };
+                let parse = |part: &str| {
+                    part.trim().parse::<i64>().map_err(|_| {
+                        loc.error(item.span(), format!("`{text}` is not a port range like \"8000-8080\""))
+                    })
+                };
+                let lo = port_number(loc, item.span(), parse(lo)?)?;
+                let hi = port_number(loc, item.span(), parse(hi)?)?;
+                if lo > hi {
+                    return Err(loc.error(
+                        item.span(),
+                        format!("port range `{text}` is empty: its start is above its end"),
+                    ));
+                }
+                (lo, hi)
+            }
+        };
+        out.push(range);
+    }
+    Ok(out)
+}
+
+fn port_number(loc: &Locator<'_>, span: Range<usize>, n: i64) -> Result<u16, ConfigError> {
+    u16::try_from(n)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| loc.error(span, format!("port {n} is out of range 1..65535")))
+}
+
+/// Names accepted for ICMP and ICMPv6 types, with their numbers per protocol.
+const ICMP_NAMES: [(&str, u8, u8); 7] = [
+    ("echo-reply", 0, 129),
+    ("echo-request", 8, 128),
+    ("destination-unreachable", 3, 1),
+    ("time-exceeded", 11, 3),
+    ("parameter-problem", 12, 4),
+    ("packet-too-big", 255, 2),
+    ("redirect", 5, 137),
+];
+
+fn icmp_types(
+    loc: &Locator<'_>,
+    list: Option<&Spanned<Vec<Spanned<NumberOrName>>>>,
+    protocol: u8,
+) -> Result<Vec<u8>, ConfigError> {
+    let Some(list) = list else {
+        return Ok(Vec::new());
+    };
+    non_empty(loc, list, "icmp_type")?;
+    if protocol != proto::ICMP && protocol != proto::ICMPV6 {
+        return Err(loc.error(
+            list.span(),
+            "`icmp_type` needs `proto = \"icmp\"` or `proto = \"icmpv6\"` in the same rule",
+        ));
+    }
+    let mut out = Vec::new();
+    for item in list.get_ref() {
+        let number = match item.get_ref() {
+            NumberOrName::Number(n) => u8::try_from(*n)
+                .map_err(|_| loc.error(item.span(), format!("ICMP type {n} is out of range 0..255")))?,
+            NumberOrName::Name(name) => {
+                let found = ICMP_NAMES.iter().find(|(known, _, _)| known == name);
+                match found {
+                    Some((_, v4, v6)) if protocol == proto::ICMP && *v4 != 255 => *v4,
+                    Some((_, _, v6)) if protocol == proto::ICMPV6 => *v6,
+                    _ => {
+                        let known: Vec<&str> = ICMP_NAMES.iter().map(|(n, _, _)| *n).collect();
+                        return Err(loc.error(
+                            item.span(),
+                            format!(
+                                "unknown ICMP type `{name}` for this protocol: use a number or one of {}",
+                                known.join(", ")
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
+        out.push(number);
+    }
+    Ok(out)
+}

@@ -1,0 +1,165 @@
+//! `session run`: load, attach, apply the policy, reap, reload on SIGHUP, detach on exit.
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use log::{error, info, warn};
+use session_common::wire::DaemonCounter;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    compile::{CompiledPolicy, compile},
+    config::{self, Config},
+    loader,
+    maps::{PinnedMaps, monotonic_ns},
+};
+
+/// How often expired sessions are freed. Correctness never depends on it: the kernel path
+/// treats expired sessions as absent at once.
+const REAP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Options of `session run`.
+pub struct RunOptions {
+    /// The configuration file.
+    pub config: PathBuf,
+    /// Interfaces given on the command line, in addition to the config's.
+    pub ifaces: Vec<String>,
+    /// Where the maps are pinned.
+    pub pin_dir: PathBuf,
+}
+
+fn compile_for_host(config: &Config) -> Result<CompiledPolicy> {
+    Ok(compile(&config.policy, loader::ifindex)?)
+}
+
+fn interfaces(config: &Config, extra: &[String]) -> Result<Vec<(String, u32)>> {
+    let mut names: Vec<String> = config.interfaces.clone();
+    for iface in extra {
+        if !names.contains(iface) {
+            names.push(iface.clone());
+        }
+    }
+    if names.is_empty() {
+        bail!("no interfaces to protect: list them in `interfaces = [...]` in the config or pass --iface NAME");
+    }
+    names
+        .into_iter()
+        .map(|name| match loader::ifindex(&name) {
+            Some(index) => Ok((name, index)),
+            None => bail!("interface `{name}` does not exist on this host (see `ip link`)"),
+        })
+        .collect()
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn run(options: RunOptions) -> Result<()> {
+    let config = config::load(&options.config)?;
+    let ifaces = interfaces(&config, &options.ifaces)?;
+    let policy = compile_for_host(&config)?;
+    let mut ebpf = loader::load(&options.pin_dir, config.max_sessions)?;
+    let maps = PinnedMaps::open(&options.pin_dir)?;
+    maps.write_settings(&config.settings)?;
+    let generation = maps.apply_policy(&policy)?;
+    maps.bump(DaemonCounter::PolicyApplies, 1)?;
+    info!(
+        "policy generation {generation} active: {} rules, {} kernel entries",
+        policy.names.len(),
+        policy.entries.len()
+    );
+    let mut attached = Vec::new();
+    let outcome = attach_all(&mut ebpf, &maps, &ifaces, &mut attached);
+    if let Err(error) = outcome {
+        unmark(&maps, &attached);
+        return Err(error);
+    }
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "session: ready").context("writing to stdout")?;
+        stdout.flush().context("flushing stdout")?;
+    }
+    let result = serve(&options, &maps, &ifaces).await;
+    unmark(&maps, &attached);
+    drop(ebpf);
+    info!("detached from {} interface(s)", attached.len());
+    result
+}
+
+fn attach_all(
+    ebpf: &mut aya::Ebpf,
+    maps: &PinnedMaps,
+    ifaces: &[(String, u32)],
+    attached: &mut Vec<u32>,
+) -> Result<()> {
+    for (name, index) in ifaces {
+        maps.set_managed(*index, true)?;
+        attached.push(*index);
+        loader::attach(ebpf, name)?;
+    }
+    Ok(())
+}
+
+fn unmark(maps: &PinnedMaps, attached: &[u32]) {
+    for index in attached {
+        if let Err(error) = maps.set_managed(*index, false) {
+            warn!("could not unmark interface {index}: {error:#}");
+        }
+    }
+}
+
+async fn serve(options: &RunOptions, maps: &PinnedMaps, ifaces: &[(String, u32)]) -> Result<()> {
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let mut reaper = tokio::time::interval(REAP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); return Ok(()); }
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); return Ok(()); }
+            _ = sighup.recv() => reload(&options.config, maps, ifaces),
+            _ = reaper.tick() => reap(maps),
+        }
+    }
+}
+
+/// Applies the config file again; a bad file is reported and changes nothing.
+fn reload(path: &Path, maps: &PinnedMaps, ifaces: &[(String, u32)]) {
+    let applied = config::load(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|config| {
+            let wanted: Vec<&String> = config.interfaces.iter().collect();
+            if wanted.iter().any(|name| !ifaces.iter().any(|(have, _)| have == *name)) {
+                warn!("reload: interface changes need a restart; keeping the attached set");
+            }
+            let policy = compile_for_host(&config)?;
+            maps.write_settings(&config.settings)?;
+            let generation = maps.apply_policy(&policy)?;
+            maps.bump(DaemonCounter::PolicyApplies, 1)?;
+            Ok(generation)
+        });
+    match applied {
+        Ok(generation) => info!("reload: policy generation {generation} active"),
+        Err(error) => error!("reload refused, previous policy still active: {error:#}"),
+    }
+}
+
+fn reap(maps: &PinnedMaps) {
+    let started = std::time::Instant::now();
+    match maps.reap(monotonic_ns()) {
+        Ok(removed) => {
+            let bumped = maps
+                .bump(DaemonCounter::SessionsExpired, removed)
+                .and_then(|()| maps.bump(DaemonCounter::ReaperRuns, 1));
+            if let Err(error) = bumped {
+                warn!("reaper: {error:#}");
+            }
+            if removed > 0 {
+                log::debug!("reaper: removed {removed} expired sessions in {:?}", started.elapsed());
+            }
+        }
+        Err(error) => warn!("reaper: {error:#}"),
+    }
+}

@@ -1,0 +1,9 @@
+//! The `session` daemon and CLI as a library: configuration, policy compilation, loading
+//! and attaching the eBPF programs, reading the pinned maps back.
+
+pub mod compile;
+pub mod config;
+pub mod daemon;
+pub mod loader;
+pub mod maps;
+pub mod report;

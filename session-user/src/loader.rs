@@ -1,0 +1,121 @@
+//! Loading the embedded eBPF object with its maps pinned, and attaching its programs.
+
+use std::{os::unix::fs::DirBuilderExt as _, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+};
+use log::{debug, info, warn};
+use session_common::wire::map_names;
+
+/// The eBPF object built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/session"));
+
+const INGRESS_PROGRAM: &str = "session_ingress";
+const EGRESS_PROGRAM: &str = "session_egress";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Which XDP mode an interface got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native (driver) XDP.
+    Native,
+    /// Generic (skb) XDP, when the driver has no native support.
+    Generic,
+}
+
+/// Refuses early, with what to do, when the pin directory is not on a bpffs.
+fn check_bpffs(pin_dir: &Path) -> Result<()> {
+    let mut probe = pin_dir;
+    while !probe.exists() {
+        probe = probe
+            .parent()
+            .with_context(|| format!("pin directory {} has no existing parent", pin_dir.display()))?;
+    }
+    let path = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())
+        .context("pin directory contains a NUL byte")?;
+    // SAFETY: statfs fills the zeroed struct we own from a valid C string.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot stat {}", probe.display()));
+    }
+    if stat.f_type as i64 != BPF_FS_MAGIC {
+        bail!(
+            "{} is not on a BPF filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf` (`cargo xtask setup` does it) or pass --pin-dir under a bpffs",
+            probe.display()
+        );
+    }
+    Ok(())
+}
+
+/// Loads the object, reusing maps already pinned under `pin_dir` (so sessions and
+/// counters survive a restart) and pinning new ones there with root-only access.
+pub fn load(pin_dir: &Path, max_sessions: u32) -> Result<Ebpf> {
+    check_bpffs(pin_dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(pin_dir)
+        .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .map_max_entries(map_names::SESSIONS, max_sessions)
+        .load(EBPF_OBJECT)
+        .with_context(|| {
+            format!(
+                "loading the eBPF program with maps pinned in {} (if max_sessions changed since the maps were pinned, remove that directory first)",
+                pin_dir.display()
+            )
+        })?;
+    let ingress: &mut Xdp = program(&mut ebpf, INGRESS_PROGRAM)?
+        .try_into()
+        .context("ingress program is not XDP")?;
+    ingress.load().context("the kernel rejected the XDP program")?;
+    let egress: &mut SchedClassifier = program(&mut ebpf, EGRESS_PROGRAM)?
+        .try_into()
+        .context("egress program is not a TC classifier")?;
+    egress.load().context("the kernel rejected the TC program")?;
+    Ok(ebpf)
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))
+}
+
+/// Attaches XDP on ingress (native when the driver supports it) and TC on egress.
+pub fn attach(ebpf: &mut Ebpf, iface: &str) -> Result<AttachMode> {
+    let ingress: &mut Xdp = program(ebpf, INGRESS_PROGRAM)?.try_into()?;
+    let mode = match ingress.attach(iface, XdpMode::Driver) {
+        Ok(_) => AttachMode::Native,
+        Err(native_error) => {
+            warn!("{iface}: native XDP unavailable ({native_error}); using generic XDP");
+            ingress
+                .attach(iface, XdpMode::Skb)
+                .with_context(|| format!("attaching XDP to {iface}"))?;
+            AttachMode::Generic
+        }
+    };
+    // Kernels >= 6.6 attach through TCX and need no qdisc; older ones need clsact, which
+    // may already exist. A real failure surfaces in the attach below.
+    if let Err(error) = tc::qdisc_add_clsact(iface) {
+        debug!("{iface}: clsact qdisc not added: {error}");
+    }
+    let egress: &mut SchedClassifier = program(ebpf, EGRESS_PROGRAM)?.try_into()?;
+    egress
+        .attach(iface, TcAttachType::Egress)
+        .with_context(|| format!("attaching the TC egress program to {iface}"))?;
+    info!("{iface}: attached (XDP {mode:?}, TC egress)");
+    Ok(mode)
+}
+
+/// The index of a network interface, if it exists.
+pub fn ifindex(iface: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(iface).ok()?;
+    // SAFETY: if_nametoindex reads a valid C string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}

@@ -1,0 +1,265 @@
+//! Access to the pinned maps, shared by the daemon and every CLI command: the bpffs pin
+//! directory is the one source of truth, so a restarted daemon and a separate `session
+//! list` see exactly what the kernel sees.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use session_common::wire::{
+    Counter, DaemonCounter, FlowKey, MAX_RULES, PolicyHeader, RULE_HIT_SLOTS, Rule, RuleName,
+    Session, Settings, map_names,
+};
+
+use crate::compile::{CompiledPolicy, decode_name};
+
+/// Default bpffs directory for the pinned maps.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/session";
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The pinned maps of one `session` instance.
+pub struct PinnedMaps {
+    dir: PathBuf,
+}
+
+impl PinnedMaps {
+    /// Opens the instance pinned under `dir`, with an operator-facing error when there is
+    /// none (daemon never started there) or when we lack the rights.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let sessions = dir.join(map_names::SESSIONS);
+        match std::fs::metadata(&sessions) {
+            Ok(_) => Ok(PinnedMaps {
+                dir: dir.to_path_buf(),
+            }),
+            Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+                "permission denied reading {}: session's maps are readable by root only; run this command as root",
+                sessions.display()
+            ),
+            Err(_) => bail!(
+                "no session maps under {}: start the daemon with `session run --config FILE` (or pass the --pin-dir it uses)",
+                dir.display()
+            ),
+        }
+    }
+
+    /// The pin directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn map(&self, name: &str) -> Result<Map> {
+        let path = self.dir.join(name);
+        let data = MapData::from_pin(&path).with_context(|| {
+            format!(
+                "cannot open pinned map {} (is this the pin directory of a running session daemon, and are you root?)",
+                path.display()
+            )
+        })?;
+        Map::from_map_data(data).with_context(|| format!("unexpected map type at {}", path.display()))
+    }
+
+    fn array<V: aya::Pod>(&self, name: &str) -> Result<Array<MapData, V>> {
+        Array::try_from(self.map(name)?).with_context(|| format!("map {name} is not an array"))
+    }
+
+    fn per_cpu<V: aya::Pod>(&self, name: &str) -> Result<PerCpuArray<MapData, V>> {
+        PerCpuArray::try_from(self.map(name)?).with_context(|| format!("map {name} is not a per-CPU array"))
+    }
+
+    /// The session table.
+    pub fn sessions(&self) -> Result<HashMap<MapData, FlowKey, Session>> {
+        HashMap::try_from(self.map(map_names::SESSIONS)?).context("map SESSIONS is not a hash map")
+    }
+
+    /// Capacity of the session table.
+    pub fn max_sessions(&self) -> Result<u64> {
+        let data = MapData::from_pin(self.dir.join(map_names::SESSIONS)).context("opening SESSIONS")?;
+        let info = data.info().context("reading SESSIONS map info")?;
+        Ok(info.max_entries() as u64)
+    }
+
+    /// All sessions that have not expired at `now`.
+    pub fn live_sessions(&self, now: u64) -> Result<Vec<(FlowKey, Session)>> {
+        let sessions = self.sessions()?;
+        let mut out = Vec::new();
+        for entry in sessions.iter() {
+            match entry {
+                Ok((key, session)) if session.expires_ns > now => out.push((key, session)),
+                Ok(_) => {}
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(error) => return Err(error).context("reading the session table"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes expired sessions; returns how many.
+    pub fn reap(&self, now: u64) -> Result<u64> {
+        let mut sessions = self.sessions()?;
+        let expired: Vec<FlowKey> = sessions
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(_, session)| session.expires_ns <= now)
+            .map(|(key, _)| key)
+            .collect();
+        let mut removed = 0;
+        for key in expired {
+            // Re-check: the kernel may have replaced the entry since the sweep read it.
+            if let Ok(current) = sessions.get(&key, 0)
+                && current.expires_ns <= now
+                && sessions.remove(&key).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Global kernel counters summed over CPUs, in [`Counter::ALL`] order.
+    pub fn counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        let counters = self.per_cpu::<u64>(map_names::COUNTERS)?;
+        Counter::ALL
+            .iter()
+            .map(|(counter, name)| {
+                let values = counters
+                    .get(&(*counter as u32), 0)
+                    .with_context(|| format!("reading counter {name}"))?;
+                Ok((*name, values.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Daemon counters in [`DaemonCounter::ALL`] order.
+    pub fn daemon_counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        let counters = self.array::<u64>(map_names::DAEMON_COUNTERS)?;
+        DaemonCounter::ALL
+            .iter()
+            .map(|(counter, name)| {
+                let value = counters
+                    .get(&(*counter as u32), 0)
+                    .with_context(|| format!("reading counter {name}"))?;
+                Ok((*name, value))
+            })
+            .collect()
+    }
+
+    /// Adds `by` to a daemon counter.
+    pub fn bump(&self, counter: DaemonCounter, by: u64) -> Result<()> {
+        let mut counters = self.array::<u64>(map_names::DAEMON_COUNTERS)?;
+        let index = counter as u32;
+        let value = counters.get(&index, 0).context("reading a daemon counter")?;
+        counters
+            .set(index, value.wrapping_add(by), 0)
+            .context("writing a daemon counter")
+    }
+
+    /// Rule hits summed over CPUs, by slot.
+    pub fn rule_hits(&self) -> Result<Vec<u64>> {
+        let hits = self.per_cpu::<u64>(map_names::RULE_HITS)?;
+        (0..RULE_HIT_SLOTS)
+            .map(|slot| {
+                let values = hits.get(&slot, 0).context("reading rule hits")?;
+                Ok(values.iter().sum())
+            })
+            .collect()
+    }
+
+    /// The active bank and its header.
+    pub fn active_policy(&self) -> Result<(u32, PolicyHeader)> {
+        let bank = self.array::<u32>(map_names::ACTIVE_BANK)?.get(&0, 0)? & 1;
+        let header = self.array::<PolicyHeader>(map_names::POLICY)?.get(&bank, 0)?;
+        Ok((bank, header))
+    }
+
+    /// Names of the active policy's rules, indexed by rule id.
+    pub fn rule_names(&self) -> Result<Vec<String>> {
+        let (bank, _) = self.active_policy()?;
+        let names = self.array::<RuleName>(map_names::RULE_NAMES)?;
+        let mut out = Vec::new();
+        for id in 0..MAX_RULES {
+            let name = decode_name(&names.get(&(bank * MAX_RULES + id), 0)?);
+            if name.is_empty() {
+                break;
+            }
+            out.push(name);
+        }
+        Ok(out)
+    }
+
+    /// Writes the timeouts and switches every packet reads.
+    pub fn write_settings(&self, settings: &Settings) -> Result<()> {
+        self.array::<Settings>(map_names::SETTINGS)?
+            .set(0, settings, 0)
+            .context("writing settings")
+    }
+
+    /// Writes `policy` into the inactive bank and then switches banks, so packets see
+    /// either the whole old policy or the whole new one. Returns the new generation.
+    pub fn apply_policy(&self, policy: &CompiledPolicy) -> Result<u32> {
+        let (active, old) = self.active_policy()?;
+        let next = active ^ 1;
+        let mut rules = self.array::<Rule>(map_names::RULES)?;
+        for (i, entry) in policy.entries.iter().enumerate() {
+            rules
+                .set(next * MAX_RULES + i as u32, entry, 0)
+                .context("writing a policy entry")?;
+        }
+        let mut names = self.array::<RuleName>(map_names::RULE_NAMES)?;
+        for id in 0..MAX_RULES {
+            let name = policy
+                .names
+                .get(id as usize)
+                .copied()
+                .unwrap_or(RuleName {
+                    bytes: [0; session_common::wire::RULE_NAME_LEN],
+                });
+            names
+                .set(next * MAX_RULES + id, name, 0)
+                .context("writing a rule name")?;
+        }
+        let mut hits = self.per_cpu::<u64>(map_names::RULE_HITS)?;
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, error)| error)
+            .context("counting possible CPUs")?;
+        for slot in 0..RULE_HIT_SLOTS {
+            let zeros = PerCpuValues::try_from(vec![0u64; cpus]).context("building zeroed hits")?;
+            hits.set(slot, zeros, 0).context("resetting rule hits")?;
+        }
+        let generation = old.generation.wrapping_add(1);
+        let header = PolicyHeader {
+            generation,
+            ..policy.header
+        };
+        self.array::<PolicyHeader>(map_names::POLICY)?
+            .set(next, header, 0)
+            .context("writing the policy header")?;
+        self.array::<u32>(map_names::ACTIVE_BANK)?
+            .set(0, next, 0)
+            .context("switching to the new policy")?;
+        Ok(generation)
+    }
+
+    /// Declares which interfaces run the XDP program.
+    pub fn set_managed(&self, ifindex: u32, managed: bool) -> Result<()> {
+        let mut map: HashMap<MapData, u32, u8> =
+            HashMap::try_from(self.map(map_names::MANAGED_IFACES)?).context("map MANAGED_IFACES")?;
+        if managed {
+            map.insert(ifindex, 1, 0).context("marking an interface managed")
+        } else {
+            match map.remove(&ifindex) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(error) => Err(error).context("unmarking an interface"),
+            }
+        }
+    }
+}
