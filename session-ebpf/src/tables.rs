@@ -13,8 +13,8 @@ use session_common::{
     packet::{PacketBytes, PacketMeta},
     policy::rule_matches,
     wire::{
-        Counter, CtState, DaemonCounter, FlowKey, Hook, MAX_RULES, PolicyHeader, RULE_HIT_SLOTS, Rule,
-        RuleName, Session, Settings,
+        Counter, CtState, DaemonCounter, FlowKey, Hook, MAX_RULES, PolicyHeader, RULE_HIT_SLOTS,
+        Rule, RuleName, Session, Settings,
     },
 };
 
@@ -61,7 +61,7 @@ pub fn scratch() -> Option<&'static mut Scratch> {
 /// Whether the XDP program runs on `ifindex` (so it already tracked the packet).
 #[inline(always)]
 pub fn is_managed(ifindex: u32) -> bool {
-    unsafe { MANAGED_IFACES.get(&ifindex).is_some() }
+    unsafe { MANAGED_IFACES.get(ifindex).is_some() }
 }
 
 /// An XDP frame read through `bpf_xdp_load_bytes`.

@@ -4,9 +4,7 @@
 //! combination, all carrying the rule's id, so the kernel's match stays a handful of
 //! compares per entry.
 
-use session_common::wire::{
-    MAX_RULES, PolicyHeader, RULE_NAME_LEN, Rule, RuleName, rule_flags,
-};
+use session_common::wire::{MAX_RULES, PolicyHeader, RULE_NAME_LEN, Rule, RuleName, rule_flags};
 
 use crate::config::{Network, Policy, RuleSpec};
 
@@ -29,7 +27,9 @@ pub enum CompileError {
         max: u32,
     },
     /// A rule names an interface that does not exist here.
-    #[error("rule `{rule}` (line {line}) names interface `{iface}`, which does not exist on this host")]
+    #[error(
+        "rule `{rule}` (line {line}) names interface `{iface}`, which does not exist on this host"
+    )]
     UnknownInterface {
         /// The rule.
         rule: String,
@@ -62,11 +62,13 @@ pub fn compile(
         names.push(rule_name(&spec.name));
         let mut ifindexes = Vec::new();
         for iface in &spec.ifaces {
-            ifindexes.push(ifindex(iface).ok_or_else(|| CompileError::UnknownInterface {
-                rule: spec.name.clone(),
-                line: spec.line,
-                iface: iface.clone(),
-            })?);
+            ifindexes.push(
+                ifindex(iface).ok_or_else(|| CompileError::UnknownInterface {
+                    rule: spec.name.clone(),
+                    line: spec.line,
+                    iface: iface.clone(),
+                })?,
+            );
         }
         expand(spec, id as u16, &ifindexes, &mut entries);
         if entries.len() > MAX_RULES as usize {
@@ -100,13 +102,21 @@ fn rule_name(name: &str) -> RuleName {
 
 /// Decodes a stored rule name.
 pub fn decode_name(name: &RuleName) -> String {
-    let end = name.bytes.iter().position(|b| *b == 0).unwrap_or(RULE_NAME_LEN);
+    let end = name
+        .bytes
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(RULE_NAME_LEN);
     String::from_utf8_lossy(&name.bytes[..end]).into_owned()
 }
 
 /// "Any" for a list that was not given.
 fn or_any<T: Copy>(list: &[T], any: T) -> Vec<T> {
-    if list.is_empty() { vec![any] } else { list.to_vec() }
+    if list.is_empty() {
+        vec![any]
+    } else {
+        list.to_vec()
+    }
 }
 
 fn expand(spec: &RuleSpec, id: u16, ifindexes: &[u32], out: &mut Vec<Rule>) {

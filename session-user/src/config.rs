@@ -217,7 +217,9 @@ impl Locator<'_> {
         let line = before.matches('\n').count() + 1;
         let column = before
             .rfind('\n')
-            .map_or(before.chars().count(), |newline| before[newline + 1..].chars().count())
+            .map_or(before.chars().count(), |newline| {
+                before[newline + 1..].chars().count()
+            })
             + 1;
         ConfigError {
             path: self.path.to_path_buf(),
@@ -296,8 +298,16 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         settings.timeouts_ns[index] = seconds as u64 * NS_PER_SEC;
     }
     if let Some(tracking) = raw.tracking {
-        set_flag(&mut settings, settings_flags::TCP_WINDOW_CHECK, tracking.tcp_window_check);
-        set_flag(&mut settings, settings_flags::TCP_LIBERAL, tracking.tcp_liberal);
+        set_flag(
+            &mut settings,
+            settings_flags::TCP_WINDOW_CHECK,
+            tracking.tcp_window_check,
+        );
+        set_flag(
+            &mut settings,
+            settings_flags::TCP_LIBERAL,
+            tracking.tcp_liberal,
+        );
         set_flag(&mut settings, settings_flags::TCP_LOOSE, tracking.tcp_loose);
     }
     let (inbound, outbound) = match raw.policy {
@@ -319,7 +329,10 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         if !names.insert(spec.name.clone()) {
             return Err(loc.error(
                 rule.name.span(),
-                format!("duplicate rule name `{}`: rule names must be unique", spec.name),
+                format!(
+                    "duplicate rule name `{}`: rule names must be unique",
+                    spec.name
+                ),
             ));
         }
         rules.push(spec);
@@ -349,7 +362,9 @@ fn check_iface_name(loc: &Locator<'_>, iface: &Spanned<String>) -> Result<(), Co
     if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
         return Err(loc.error(
             iface.span(),
-            format!("`{name}` is not a valid interface name (1 to 15 characters, no '/' or spaces)"),
+            format!(
+                "`{name}` is not a valid interface name (1 to 15 characters, no '/' or spaces)"
+            ),
         ));
     }
     Ok(())
@@ -375,7 +390,10 @@ fn validate_sets(
         if members.get_ref().is_empty() {
             return Err(loc.error(
                 members.span(),
-                format!("set `{}` is empty: give it at least one address or network", name.get_ref()),
+                format!(
+                    "set `{}` is empty: give it at least one address or network",
+                    name.get_ref()
+                ),
             ));
         }
         let mut networks = Vec::new();
@@ -403,7 +421,9 @@ fn parse_network(loc: &Locator<'_>, value: &Spanned<String>) -> Result<Network, 
     let addr: IpAddr = addr_text.parse().map_err(|_| {
         loc.error(
             value.span(),
-            format!("`{text}` is not an IP address or CIDR network (e.g. 198.18.0.0/15 or 2001:2::/48)"),
+            format!(
+                "`{text}` is not an IP address or CIDR network (e.g. 198.18.0.0/15 or 2001:2::/48)"
+            ),
         )
     })?;
     let (bytes, family, max_prefix, offset) = match addr {
@@ -532,7 +552,10 @@ fn validate_rule(
         if family != 0 && !list.is_empty() && list.iter().all(|net| net.family != family) {
             return Err(loc.error(
                 raw.name.span(),
-                format!("rule `{name}` can never match: its addresses are not of family {}", family_name(family)),
+                format!(
+                    "rule `{name}` can never match: its addresses are not of family {}",
+                    family_name(family)
+                ),
             ));
         }
     }
@@ -559,14 +582,20 @@ fn validate_rule(
 const ALL_STATES: u8 = 0x1f;
 
 fn family_name(family: u8) -> &'static str {
-    if family == FAMILY_IPV4 { "ipv4" } else { "ipv6" }
+    if family == FAMILY_IPV4 {
+        "ipv4"
+    } else {
+        "ipv6"
+    }
 }
 
 fn non_empty<T>(loc: &Locator<'_>, list: &Spanned<Vec<T>>, key: &str) -> Result<(), ConfigError> {
     if list.get_ref().is_empty() {
         return Err(loc.error(
             list.span(),
-            format!("`{key}` is empty: remove the key to match anything, or list at least one value"),
+            format!(
+                "`{key}` is empty: remove the key to match anything, or list at least one value"
+            ),
         ));
     }
     Ok(())
@@ -650,7 +679,10 @@ fn ports(
                 };
                 let parse = |part: &str| {
                     part.trim().parse::<i64>().map_err(|_| {
-                        loc.error(item.span(), format!("`{text}` is not a port range like \"8000-8080\""))
+                        loc.error(
+                            item.span(),
+                            format!("`{text}` is not a port range like \"8000-8080\""),
+                        )
                     })
                 };
                 let lo = port_number(loc, item.span(), parse(lo)?)?;
@@ -705,8 +737,9 @@ fn icmp_types(
     let mut out = Vec::new();
     for item in list.get_ref() {
         let number = match item.get_ref() {
-            NumberOrName::Number(n) => u8::try_from(*n)
-                .map_err(|_| loc.error(item.span(), format!("ICMP type {n} is out of range 0..255")))?,
+            NumberOrName::Number(n) => u8::try_from(*n).map_err(|_| {
+                loc.error(item.span(), format!("ICMP type {n} is out of range 0..255"))
+            })?,
             NumberOrName::Name(name) => {
                 let found = ICMP_NAMES.iter().find(|(known, _, _)| known == name);
                 match found {

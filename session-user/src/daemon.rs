@@ -44,7 +44,9 @@ fn interfaces(config: &Config, extra: &[String]) -> Result<Vec<(String, u32)>> {
         }
     }
     if names.is_empty() {
-        bail!("no interfaces to protect: list them in `interfaces = [...]` in the config or pass --iface NAME");
+        bail!(
+            "no interfaces to protect: list them in `interfaces = [...]` in the config or pass --iface NAME"
+        );
     }
     names
         .into_iter()
@@ -131,7 +133,10 @@ fn reload(path: &Path, maps: &PinnedMaps, ifaces: &[(String, u32)]) {
         .map_err(anyhow::Error::from)
         .and_then(|config| {
             let wanted: Vec<&String> = config.interfaces.iter().collect();
-            if wanted.iter().any(|name| !ifaces.iter().any(|(have, _)| have == *name)) {
+            if wanted
+                .iter()
+                .any(|name| !ifaces.iter().any(|(have, _)| have == *name))
+            {
                 warn!("reload: interface changes need a restart; keeping the attached set");
             }
             let policy = compile_for_host(&config)?;
@@ -157,7 +162,10 @@ fn reap(maps: &PinnedMaps) {
                 warn!("reaper: {error:#}");
             }
             if removed > 0 {
-                log::debug!("reaper: removed {removed} expired sessions in {:?}", started.elapsed());
+                log::debug!(
+                    "reaper: removed {removed} expired sessions in {:?}",
+                    started.elapsed()
+                );
             }
         }
         Err(error) => warn!("reaper: {error:#}"),

@@ -4,6 +4,8 @@
 pub mod compile;
 pub mod config;
 pub mod daemon;
+pub mod frames;
 pub mod loader;
 pub mod maps;
+pub mod model;
 pub mod report;

@@ -30,9 +30,9 @@ pub enum AttachMode {
 fn check_bpffs(pin_dir: &Path) -> Result<()> {
     let mut probe = pin_dir;
     while !probe.exists() {
-        probe = probe
-            .parent()
-            .with_context(|| format!("pin directory {} has no existing parent", pin_dir.display()))?;
+        probe = probe.parent().with_context(|| {
+            format!("pin directory {} has no existing parent", pin_dir.display())
+        })?;
     }
     let path = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())
         .context("pin directory contains a NUL byte")?;
@@ -73,11 +73,15 @@ pub fn load(pin_dir: &Path, max_sessions: u32) -> Result<Ebpf> {
     let ingress: &mut Xdp = program(&mut ebpf, INGRESS_PROGRAM)?
         .try_into()
         .context("ingress program is not XDP")?;
-    ingress.load().context("the kernel rejected the XDP program")?;
+    ingress
+        .load()
+        .context("the kernel rejected the XDP program")?;
     let egress: &mut SchedClassifier = program(&mut ebpf, EGRESS_PROGRAM)?
         .try_into()
         .context("egress program is not a TC classifier")?;
-    egress.load().context("the kernel rejected the TC program")?;
+    egress
+        .load()
+        .context("the kernel rejected the TC program")?;
     Ok(ebpf)
 }
 

@@ -104,8 +104,13 @@ fn dispatch(command: Command) -> Result<()> {
                 .map(|(key, session)| SessionView::new(key, session, now, &names))
                 .collect();
             views.sort_by(|a, b| {
-                (a.proto.as_str(), a.src, a.sport, a.dst, a.dport)
-                    .cmp(&(b.proto.as_str(), b.src, b.sport, b.dst, b.dport))
+                (a.proto.as_str(), a.src, a.sport, a.dst, a.dport).cmp(&(
+                    b.proto.as_str(),
+                    b.src,
+                    b.sport,
+                    b.dst,
+                    b.dport,
+                ))
             });
             if json {
                 let array: Vec<_> = views.iter().map(SessionView::to_json).collect();

@@ -65,7 +65,8 @@ impl PinnedMaps {
                 path.display()
             )
         })?;
-        Map::from_map_data(data).with_context(|| format!("unexpected map type at {}", path.display()))
+        Map::from_map_data(data)
+            .with_context(|| format!("unexpected map type at {}", path.display()))
     }
 
     fn array<V: aya::Pod>(&self, name: &str) -> Result<Array<MapData, V>> {
@@ -73,7 +74,8 @@ impl PinnedMaps {
     }
 
     fn per_cpu<V: aya::Pod>(&self, name: &str) -> Result<PerCpuArray<MapData, V>> {
-        PerCpuArray::try_from(self.map(name)?).with_context(|| format!("map {name} is not a per-CPU array"))
+        PerCpuArray::try_from(self.map(name)?)
+            .with_context(|| format!("map {name} is not a per-CPU array"))
     }
 
     /// The session table.
@@ -83,7 +85,8 @@ impl PinnedMaps {
 
     /// Capacity of the session table.
     pub fn max_sessions(&self) -> Result<u64> {
-        let data = MapData::from_pin(self.dir.join(map_names::SESSIONS)).context("opening SESSIONS")?;
+        let data =
+            MapData::from_pin(self.dir.join(map_names::SESSIONS)).context("opening SESSIONS")?;
         let info = data.info().context("reading SESSIONS map info")?;
         Ok(info.max_entries() as u64)
     }
@@ -157,7 +160,9 @@ impl PinnedMaps {
     pub fn bump(&self, counter: DaemonCounter, by: u64) -> Result<()> {
         let mut counters = self.array::<u64>(map_names::DAEMON_COUNTERS)?;
         let index = counter as u32;
-        let value = counters.get(&index, 0).context("reading a daemon counter")?;
+        let value = counters
+            .get(&index, 0)
+            .context("reading a daemon counter")?;
         counters
             .set(index, value.wrapping_add(by), 0)
             .context("writing a daemon counter")
@@ -177,7 +182,9 @@ impl PinnedMaps {
     /// The active bank and its header.
     pub fn active_policy(&self) -> Result<(u32, PolicyHeader)> {
         let bank = self.array::<u32>(map_names::ACTIVE_BANK)?.get(&0, 0)? & 1;
-        let header = self.array::<PolicyHeader>(map_names::POLICY)?.get(&bank, 0)?;
+        let header = self
+            .array::<PolicyHeader>(map_names::POLICY)?
+            .get(&bank, 0)?;
         Ok((bank, header))
     }
 
@@ -216,13 +223,9 @@ impl PinnedMaps {
         }
         let mut names = self.array::<RuleName>(map_names::RULE_NAMES)?;
         for id in 0..MAX_RULES {
-            let name = policy
-                .names
-                .get(id as usize)
-                .copied()
-                .unwrap_or(RuleName {
-                    bytes: [0; session_common::wire::RULE_NAME_LEN],
-                });
+            let name = policy.names.get(id as usize).copied().unwrap_or(RuleName {
+                bytes: [0; session_common::wire::RULE_NAME_LEN],
+            });
             names
                 .set(next * MAX_RULES + id, name, 0)
                 .context("writing a rule name")?;
@@ -252,9 +255,11 @@ impl PinnedMaps {
     /// Declares which interfaces run the XDP program.
     pub fn set_managed(&self, ifindex: u32, managed: bool) -> Result<()> {
         let mut map: HashMap<MapData, u32, u8> =
-            HashMap::try_from(self.map(map_names::MANAGED_IFACES)?).context("map MANAGED_IFACES")?;
+            HashMap::try_from(self.map(map_names::MANAGED_IFACES)?)
+                .context("map MANAGED_IFACES")?;
         if managed {
-            map.insert(ifindex, 1, 0).context("marking an interface managed")
+            map.insert(ifindex, 1, 0)
+                .context("marking an interface managed")
         } else {
             match map.remove(&ifindex) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),

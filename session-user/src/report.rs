@@ -80,7 +80,11 @@ impl SessionView {
                 .unwrap_or_else(|| format!("#{}", session.rule_id))
         };
         SessionView {
-            family: if key.family == FAMILY_IPV4 { "ipv4" } else { "ipv6" },
+            family: if key.family == FAMILY_IPV4 {
+                "ipv4"
+            } else {
+                "ipv6"
+            },
             proto: proto_name(key.proto),
             src: address(key.family, src),
             sport,
@@ -242,7 +246,12 @@ impl Stats {
             self.max_sessions,
             100.0 * self.sessions as f64 / self.max_sessions.max(1) as f64
         );
-        let width = self.counters.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+        let width = self
+            .counters
+            .iter()
+            .map(|(name, _)| name.len())
+            .max()
+            .unwrap_or(0);
         for (name, value) in &self.counters {
             out.push_str(&format!("  {name:<width$}  {value}\n"));
         }
@@ -259,7 +268,10 @@ impl Stats {
         }
         out.push_str(&format!(
             "  {:<width$}  {}\n  {:<width$}  {}\n",
-            "(default inbound)", self.default_inbound_hits, "(default outbound)", self.default_outbound_hits
+            "(default inbound)",
+            self.default_inbound_hits,
+            "(default outbound)",
+            self.default_outbound_hits
         ));
         out
     }

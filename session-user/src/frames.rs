@@ -1,0 +1,182 @@
+//! Builders for Ethernet frames, so tests, the kernel-path checks and benchmarks can
+//! craft exactly the packets a scenario needs (checksums are left zero: nothing on the
+//! tracked path verifies them).
+
+use std::net::IpAddr;
+
+use session_common::wire::proto;
+
+/// TCP flag bits, re-exported for test readability.
+pub use session_common::packet::tcp_flags;
+
+/// A TCP segment's header fields.
+#[derive(Clone, Copy, Debug)]
+pub struct Tcp {
+    /// Source port.
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+    /// Sequence number.
+    pub seq: u32,
+    /// Acknowledgement number.
+    pub ack: u32,
+    /// Flags byte.
+    pub flags: u8,
+    /// Raw window.
+    pub window: u16,
+    /// Window scale option (SYNs), if any.
+    pub wscale: Option<u8>,
+    /// Payload length in bytes (zero-filled).
+    pub payload: usize,
+}
+
+impl Tcp {
+    /// A segment with the given ports and flags, window 64240, no payload.
+    pub fn new(sport: u16, dport: u16, flags: u8) -> Tcp {
+        Tcp {
+            sport,
+            dport,
+            seq: 0,
+            ack: 0,
+            flags,
+            window: 64240,
+            wscale: None,
+            payload: 0,
+        }
+    }
+
+    /// Sets sequence and acknowledgement numbers.
+    pub fn seq_ack(mut self, seq: u32, ack: u32) -> Tcp {
+        self.seq = seq;
+        self.ack = ack;
+        self
+    }
+
+    /// Sets the payload length.
+    pub fn payload(mut self, len: usize) -> Tcp {
+        self.payload = len;
+        self
+    }
+
+    /// Adds a window-scale option.
+    pub fn wscale(mut self, scale: u8) -> Tcp {
+        self.wscale = Some(scale);
+        self
+    }
+
+    /// Sets the raw window.
+    pub fn window(mut self, window: u16) -> Tcp {
+        self.window = window;
+        self
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let options: Vec<u8> = match self.wscale {
+            Some(scale) => vec![1, 3, 3, scale],
+            None => Vec::new(),
+        };
+        let header_len = 20 + options.len();
+        let mut out = Vec::with_capacity(header_len + self.payload);
+        out.extend_from_slice(&self.sport.to_be_bytes());
+        out.extend_from_slice(&self.dport.to_be_bytes());
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.ack.to_be_bytes());
+        out.push(((header_len / 4) as u8) << 4);
+        out.push(self.flags);
+        out.extend_from_slice(&self.window.to_be_bytes());
+        out.extend_from_slice(&[0, 0, 0, 0]);
+        out.extend_from_slice(&options);
+        out.resize(header_len + self.payload, 0);
+        out
+    }
+}
+
+/// A UDP datagram with a zero-filled payload.
+pub fn udp(sport: u16, dport: u16, payload: usize) -> (u8, Vec<u8>) {
+    let len = 8 + payload;
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(&sport.to_be_bytes());
+    out.extend_from_slice(&dport.to_be_bytes());
+    out.extend_from_slice(&(len as u16).to_be_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.resize(len, 0);
+    (proto::UDP, out)
+}
+
+/// A TCP segment as a transport payload.
+pub fn tcp(segment: Tcp) -> (u8, Vec<u8>) {
+    (proto::TCP, segment.bytes())
+}
+
+/// An ICMP (v4 when `v6` is false) message with an id/sequence word and a body.
+pub fn icmp(v6: bool, icmp_type: u8, code: u8, rest: [u8; 4], body: &[u8]) -> (u8, Vec<u8>) {
+    let mut out = vec![icmp_type, code, 0, 0];
+    out.extend_from_slice(&rest);
+    out.extend_from_slice(body);
+    (if v6 { proto::ICMPV6 } else { proto::ICMP }, out)
+}
+
+/// An echo request (`reply` false) or reply with the given id.
+pub fn echo(v6: bool, reply: bool, id: u16, sequence: u16) -> (u8, Vec<u8>) {
+    let icmp_type = match (v6, reply) {
+        (false, false) => 8,
+        (false, true) => 0,
+        (true, false) => 128,
+        (true, true) => 129,
+    };
+    let [a, b] = id.to_be_bytes();
+    let [c, d] = sequence.to_be_bytes();
+    icmp(v6, icmp_type, 0, [a, b, c, d], &[0; 16])
+}
+
+/// An IP packet (no Ethernet header) carrying `payload` of protocol `protocol`.
+pub fn ip_packet(src: IpAddr, dst: IpAddr, protocol: u8, payload: &[u8]) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let total = 20 + payload.len();
+            let mut out = vec![0x45, 0];
+            out.extend_from_slice(&(total as u16).to_be_bytes());
+            out.extend_from_slice(&[0, 1, 0x40, 0, 64, protocol, 0, 0]);
+            out.extend_from_slice(&src.octets());
+            out.extend_from_slice(&dst.octets());
+            out.extend_from_slice(payload);
+            out
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let mut out = vec![0x60, 0, 0, 0];
+            out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+            out.extend_from_slice(&[protocol, 64]);
+            out.extend_from_slice(&src.octets());
+            out.extend_from_slice(&dst.octets());
+            out.extend_from_slice(payload);
+            out
+        }
+        _ => panic!("ip_packet: {src} and {dst} are of different families"),
+    }
+}
+
+/// An Ethernet frame around an IP packet (ethertype from the IP version nibble).
+pub fn ethernet(ip: &[u8]) -> Vec<u8> {
+    let ethertype: u16 = if ip.first().is_some_and(|b| b >> 4 == 6) {
+        0x86dd
+    } else {
+        0x0800
+    };
+    let mut out = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    out.extend_from_slice(&ethertype.to_be_bytes());
+    out.extend_from_slice(ip);
+    out
+}
+
+/// A complete frame: Ethernet, IP, transport.
+pub fn frame(src: IpAddr, dst: IpAddr, transport: (u8, Vec<u8>)) -> Vec<u8> {
+    ethernet(&ip_packet(src, dst, transport.0, &transport.1))
+}
+
+/// An ICMP error (destination unreachable, code `code`) from `from` to `to`, quoting the
+/// first bytes of `original` (an IP packet, as built by [`ip_packet`]).
+pub fn icmp_error(from: IpAddr, to: IpAddr, icmp_type: u8, code: u8, original: &[u8]) -> Vec<u8> {
+    let v6 = from.is_ipv6();
+    let quoted = &original[..original.len().min(if v6 { 1232 } else { 548 })];
+    frame(from, to, icmp(v6, icmp_type, code, [0; 4], quoted))
+}
