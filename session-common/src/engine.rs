@@ -4,8 +4,8 @@
 
 use crate::packet::{IcmpKind, PacketBytes, PacketMeta, ParseError, parse};
 use crate::track::{
-    Invalid, Update, account, direction, embedded_key, flow_key, mark_seen, new_session,
-    state_for, update,
+    Invalid, Update, account, direction, embedded_key, flow_key, mark_seen, new_session, state_for,
+    update,
 };
 use crate::wire::{
     Action, Counter, CtState, Dir, FlowKey, HIT_DEFAULT_INBOUND, HIT_DEFAULT_OUTBOUND, Hook,
@@ -191,7 +191,9 @@ where
     }
     counters.count(Counter::PacketsSeen);
     let (key, src_is_lo) = flow_key(meta);
-    let (state, pending) = classify(meta, &key, src_is_lo, now, settings, sessions, counters, session);
+    let (state, pending) = classify(
+        meta, &key, src_is_lo, now, settings, sessions, counters, session,
+    );
     Some(finish(
         meta,
         pending.then_some((&key, session)),
@@ -207,6 +209,7 @@ where
 /// Tracks the packet: returns its state and, for a packet that starts a flow, the session
 /// to insert if the policy accepts it.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn classify<S: SessionTable, C: Counters>(
     meta: &PacketMeta,
     key: &FlowKey,
