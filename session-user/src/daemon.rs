@@ -14,6 +14,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     compile::{CompiledPolicy, compile},
     config::{self, Config},
+    instance::InstanceLock,
     loader,
     maps::{PinnedMaps, monotonic_ns},
 };
@@ -61,6 +62,7 @@ fn interfaces(config: &Config, extra: &[String]) -> Result<Vec<(String, u32)>> {
 pub async fn run(options: RunOptions) -> Result<()> {
     let config = config::load(&options.config)?;
     let ifaces = interfaces(&config, &options.ifaces)?;
+    let _lock = InstanceLock::acquire(&options.pin_dir, &options.config)?;
     let policy = compile_for_host(&config)?;
     let mut ebpf = loader::load(&options.pin_dir, config.max_sessions)?;
     let maps = PinnedMaps::open(&options.pin_dir)?;

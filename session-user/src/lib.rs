@@ -5,6 +5,7 @@ pub mod compile;
 pub mod config;
 pub mod daemon;
 pub mod frames;
+pub mod instance;
 pub mod loader;
 pub mod maps;
 pub mod model;

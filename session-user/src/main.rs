@@ -1,15 +1,59 @@
 //! The `session` command: a stateful eBPF firewall daemon and the tools to inspect it.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use session_user::{
+    compile::compile,
     config,
     daemon::{self, RunOptions},
+    instance::Owner,
+    loader,
     maps::{DEFAULT_PIN_DIR, PinnedMaps, monotonic_ns},
-    report::{SessionView, Stats, sessions_table},
+    report::{SessionFilter, SessionView, Stats, sessions_table},
 };
+
+/// How long `session reload` waits for the daemon to switch policy.
+const RELOAD_WAIT: Duration = Duration::from_secs(5);
+
+/// Validates the daemon's config here (so errors reach the operator, not only the
+/// daemon's log), signals the daemon, and waits for the new policy generation.
+fn reload(pin_dir: &Path) -> Result<()> {
+    let owner = Owner::find(pin_dir)?;
+    let config =
+        config::load(&owner.config).context("reload refused, the running policy is unchanged")?;
+    compile(&config.policy, loader::ifindex)
+        .context("reload refused, the running policy is unchanged")?;
+    let maps = PinnedMaps::open(pin_dir)?;
+    let (_, before) = maps.active_policy()?;
+    // SAFETY: kill with a pid read from the daemon's own lock file and a valid signal.
+    if unsafe { libc::kill(owner.pid, libc::SIGHUP) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("signalling the daemon (pid {})", owner.pid));
+    }
+    let deadline = Instant::now() + RELOAD_WAIT;
+    while Instant::now() < deadline {
+        let (_, now) = maps.active_policy()?;
+        if now.generation != before.generation {
+            println!(
+                "{}: reloaded, policy generation {} active",
+                owner.config.display(),
+                now.generation
+            );
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!(
+        "the daemon (pid {}) did not apply the policy within {RELOAD_WAIT:?}; see its log",
+        owner.pid
+    )
+}
 
 /// Stateful firewall and connection tracking in eBPF (XDP ingress, TC egress).
 ///
@@ -47,6 +91,20 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        filter: SessionFilter,
+        #[command(flatten)]
+        pin: PinDir,
+    },
+    /// Delete tracked sessions (all, or those matching the filters), like `conntrack -F`.
+    Flush {
+        #[command(flatten)]
+        filter: SessionFilter,
+        #[command(flatten)]
+        pin: PinDir,
+    },
+    /// Validate the running daemon's config file and make it apply it (like SIGHUP).
+    Reload {
         #[command(flatten)]
         pin: PinDir,
     },
@@ -94,7 +152,7 @@ fn dispatch(command: Command) -> Result<()> {
                 pin_dir: pin.pin_dir,
             }))
         }
-        Command::List { json, pin } => {
+        Command::List { json, filter, pin } => {
             let maps = PinnedMaps::open(&pin.pin_dir)?;
             let now = monotonic_ns();
             let names = maps.rule_names()?;
@@ -102,6 +160,7 @@ fn dispatch(command: Command) -> Result<()> {
                 .live_sessions(now)?
                 .iter()
                 .map(|(key, session)| SessionView::new(key, session, now, &names))
+                .filter(|view| filter.matches(view))
                 .collect();
             views.sort_by(|a, b| {
                 (a.proto.as_str(), a.src, a.sport, a.dst, a.dport).cmp(&(
@@ -139,6 +198,23 @@ fn dispatch(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Flush { filter, pin } => {
+            let maps = PinnedMaps::open(&pin.pin_dir)?;
+            let now = monotonic_ns();
+            let names = maps.rule_names()?;
+            let keys: Vec<_> = maps
+                .live_sessions(now)?
+                .iter()
+                .filter(|(key, session)| {
+                    filter.matches(&SessionView::new(key, session, now, &names))
+                })
+                .map(|(key, _)| *key)
+                .collect();
+            let removed = maps.remove_sessions(&keys)?;
+            println!("flushed {removed} session(s)");
+            Ok(())
+        }
+        Command::Reload { pin } => reload(&pin.pin_dir),
         Command::Check { file } => {
             config::load(&file)?;
             println!("{}: ok", file.display());

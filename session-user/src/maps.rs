@@ -106,6 +106,20 @@ impl PinnedMaps {
         Ok(out)
     }
 
+    /// Removes the sessions under `keys`; returns how many were there.
+    pub fn remove_sessions(&self, keys: &[FlowKey]) -> Result<u64> {
+        let mut sessions = self.sessions()?;
+        let mut removed = 0;
+        for key in keys {
+            match sessions.remove(key) {
+                Ok(()) => removed += 1,
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(error) => return Err(error).context("removing a session"),
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes expired sessions; returns how many.
     pub fn reap(&self, now: u64) -> Result<u64> {
         let mut sessions = self.sessions()?;

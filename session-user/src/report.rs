@@ -120,6 +120,42 @@ impl SessionView {
     }
 }
 
+/// Which sessions `list` and `flush` act on; every given criterion must hold.
+#[derive(Clone, Debug, Default, PartialEq, clap::Args)]
+pub struct SessionFilter {
+    /// Only sessions in this state (e.g. ESTABLISHED, TIME_WAIT, REPLIED; any case).
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Only this protocol (tcp, udp, icmp, icmpv6 or a number).
+    #[arg(long)]
+    pub proto: Option<String>,
+    /// Only sessions with this address at either end.
+    #[arg(long)]
+    pub addr: Option<IpAddr>,
+    /// Only sessions with this port at either end.
+    #[arg(long)]
+    pub port: Option<u16>,
+}
+
+impl SessionFilter {
+    /// Whether `view` passes every criterion.
+    pub fn matches(&self, view: &SessionView) -> bool {
+        self.state
+            .as_ref()
+            .is_none_or(|state| state.eq_ignore_ascii_case(view.state))
+            && self
+                .proto
+                .as_ref()
+                .is_none_or(|proto| proto.eq_ignore_ascii_case(&view.proto))
+            && self
+                .addr
+                .is_none_or(|addr| addr == view.src || addr == view.dst)
+            && self
+                .port
+                .is_none_or(|port| port == view.sport || port == view.dport)
+    }
+}
+
 fn endpoint(addr: IpAddr, port: u16, show_port: bool) -> String {
     match (addr, show_port) {
         (IpAddr::V6(v6), true) => format!("[{v6}]:{port}"),

@@ -1,0 +1,1895 @@
+//! Kernel-path tests: the real eBPF object, loaded through `loader::load` with its maps
+//! pinned in a bpffs directory of its own, fed crafted frames with BPF_PROG_TEST_RUN
+//! (`Xdp::test_run`), its maps read back through `PinnedMaps`.
+//!
+//! The differential test runs one long pseudo-random frame sequence through the kernel
+//! program and through the host [`Model`] (the same engine over HashMaps) and requires the
+//! same verdict for every frame and the same session table (every field but the two
+//! timestamps) and counters after every frame, then the same rule hits. The model is
+//! given CLOCK_MONOTONIC read just before each test run, so time-dependent choices (UDP
+//! becomes ASSURED 2 s after its start) fall the same way on both sides.
+//! `SESSION_KT_SEED=<hex>` and `SESSION_KT_FRAMES=<n>` explore other sequences.
+//!
+//! These tests need root and a bpffs on /sys/fs/bpf (`cargo xtask setup` mounts it); they
+//! mount nothing themselves and fail, never skip, when either is missing. Each test loads
+//! its own copy of the programs with its own maps under `/sys/fs/bpf/session-kt-<pid>-<n>`
+//! and removes that directory when it ends, also when it panics, so they are independent
+//! and may run in parallel. Run: `cargo xtask test`, or as root
+//! `cargo test -p session-user --test kernel_path -- --test-threads=1`.
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf,
+    programs::{TestRun as _, TestRunOptions, Xdp},
+};
+use session_common::{
+    engine::Outcome,
+    packet::ipv4_mapped,
+    wire::{
+        Action, Counter, CtState, FAMILY_IPV4, FAMILY_IPV6, FlowKey, FlowState, Hook, NS_PER_SEC,
+        RULE_HIT_SLOTS, Session, Settings, TcpState, Timeout, proto, session_flags,
+    },
+};
+use session_user::{
+    compile::{self, CompiledPolicy},
+    config,
+    frames::{self, Tcp, tcp_flags},
+    loader,
+    maps::{PinnedMaps, monotonic_ns},
+    model::Model,
+};
+
+// ---------------------------------------------------------------------------------------
+// The guard: one loaded copy of the programs with its own pinned maps.
+// ---------------------------------------------------------------------------------------
+
+const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const HINT: &str = "run the kernel-path tests with `cargo xtask test` (as root; it mounts the bpffs on /sys/fs/bpf)";
+/// Size of the session table in these tests: far above what any test creates, so the LRU
+/// map never evicts and the model (which has no capacity) stays comparable.
+const MAX_SESSIONS: u32 = 65_536;
+/// The ifindex XDP test runs report: the loopback device of the current netns.
+const TEST_RUN_IFINDEX: u32 = 1;
+
+const XDP_ABORTED: u32 = 0;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+/// Panics with what to do unless we are root and /sys/fs/bpf is a bpffs.
+fn require_root_and_bpffs() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "the kernel-path tests load eBPF programs and need root (euid is {euid}): {HINT}"
+    );
+    let path = std::ffi::CString::new(BPFFS).expect("no NUL in a constant");
+    // SAFETY: statfs fills the zeroed struct we own from a valid C string.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(path.as_ptr(), &mut stat) };
+    assert!(
+        rc == 0,
+        "cannot statfs {BPFFS}: {}; {HINT}",
+        std::io::Error::last_os_error()
+    );
+    assert!(
+        stat.f_type as i64 == BPF_FS_MAGIC,
+        "{BPFFS} is not a bpffs (f_type {:#x}); {HINT}",
+        stat.f_type
+    );
+}
+
+/// A pin directory that is removed, with everything in it, when dropped.
+struct PinDir(PathBuf);
+
+impl PinDir {
+    fn unique() -> PinDir {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        PinDir(Path::new(BPFFS).join(format!("session-kt-{}-{n}", std::process::id())))
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        match std::fs::remove_dir_all(&self.0) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => eprintln!(
+                "kernel_path: could not remove {}: {error}",
+                self.0.display()
+            ),
+        }
+    }
+}
+
+/// A verdict of the XDP program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    Drop,
+}
+
+/// The programs loaded with their maps pinned under a fresh directory, the settings
+/// written and the policy applied, as the daemon does before attaching.
+struct Kernel {
+    ebpf: Ebpf,
+    maps: PinnedMaps,
+    /// Declared last so the directory goes after the program and map fds are closed.
+    _pin: PinDir,
+}
+
+impl Kernel {
+    fn start(settings: &Settings, policy: &CompiledPolicy) -> Kernel {
+        require_root_and_bpffs();
+        let pin = PinDir::unique();
+        let started = Instant::now();
+        let ebpf = loader::load(&pin.0, MAX_SESSIONS).unwrap_or_else(|error| {
+            panic!(
+                "loader::load({}) failed (verifier rejection or load error): {error:?}",
+                pin.0.display()
+            )
+        });
+        let maps = PinnedMaps::open(&pin.0)
+            .unwrap_or_else(|error| panic!("PinnedMaps::open({}): {error:?}", pin.0.display()));
+        maps.write_settings(settings)
+            .unwrap_or_else(|error| panic!("write_settings: {error:?}"));
+        let generation = maps
+            .apply_policy(policy)
+            .unwrap_or_else(|error| panic!("apply_policy: {error:?}"));
+        assert_eq!(
+            generation, 1,
+            "a fresh pin directory starts at policy generation 1"
+        );
+        println!(
+            "kernel_path: loaded both programs into {} in {:?}",
+            pin.0.display(),
+            started.elapsed()
+        );
+        Kernel {
+            ebpf,
+            maps,
+            _pin: pin,
+        }
+    }
+
+    /// The default kernel: test settings and the test policy.
+    fn standard() -> Kernel {
+        Kernel::start(&test_settings(), &test_policy())
+    }
+
+    fn xdp(&self) -> &Xdp {
+        self.ebpf
+            .program("session_ingress")
+            .expect("session_ingress missing from the object")
+            .try_into()
+            .expect("session_ingress is not an XDP program")
+    }
+
+    /// Runs `frame` once through the XDP program; its raw return value and duration.
+    fn run_raw(&self, frame: &[u8]) -> (u32, Duration) {
+        let result = self
+            .xdp()
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat: 1,
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|error| {
+                panic!(
+                    "BPF_PROG_TEST_RUN failed for this {}-byte frame: {error:?}\n{}",
+                    frame.len(),
+                    hex(frame)
+                )
+            });
+        (result.return_value, result.duration)
+    }
+
+    /// Runs `frame` and maps the return value to a verdict; panics on anything else
+    /// (XDP_ABORTED means the program hit an error path, which must never happen).
+    fn run(&self, frame: &[u8]) -> Verdict {
+        match self.run_raw(frame).0 {
+            XDP_PASS => Verdict::Pass,
+            XDP_DROP => Verdict::Drop,
+            XDP_ABORTED => panic!(
+                "XDP_ABORTED for this {}-byte frame:\n{}",
+                frame.len(),
+                hex(frame)
+            ),
+            other => panic!(
+                "unexpected XDP return value {other} for this {}-byte frame:\n{}",
+                frame.len(),
+                hex(frame)
+            ),
+        }
+    }
+
+    /// Runs `frame` and requires `expected`.
+    fn expect(&self, what: &str, frame: &[u8], expected: Verdict) {
+        let got = self.run(frame);
+        assert_eq!(
+            got,
+            expected,
+            "{what}: the XDP program returned {got:?}, expected {expected:?}; frame:\n{}",
+            hex(frame)
+        );
+    }
+
+    /// The whole session table.
+    fn sessions(&self) -> HashMap<FlowKey, Session> {
+        let map = self
+            .maps
+            .sessions()
+            .unwrap_or_else(|error| panic!("opening SESSIONS: {error:?}"));
+        let mut out = HashMap::new();
+        for entry in map.iter() {
+            match entry {
+                Ok((key, session)) => {
+                    out.insert(key, session);
+                }
+                // Deleted between get_next_key and lookup: nothing else writes here, but
+                // be as tolerant as `live_sessions`.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(error) => panic!("reading SESSIONS: {error:?}"),
+            }
+        }
+        out
+    }
+
+    fn session(&self, key: &FlowKey) -> Option<Session> {
+        self.sessions().get(key).copied()
+    }
+
+    /// Global counters, summed over CPUs, in `Counter::ALL` order.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.maps
+            .counters()
+            .unwrap_or_else(|error| panic!("reading COUNTERS: {error:?}"))
+    }
+
+    fn counter(&self, counter: Counter) -> u64 {
+        self.counters()[counter as usize].1
+    }
+
+    fn rule_hits(&self) -> Vec<u64> {
+        self.maps
+            .rule_hits()
+            .unwrap_or_else(|error| panic!("reading RULE_HITS: {error:?}"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Policy, settings, frames.
+// ---------------------------------------------------------------------------------------
+
+/// The restrictive policy (established/related accept; new TCP to 8080 accept; default
+/// inbound drop), plus narrow rules so UDP, ICMP echo, a generic protocol and an explicit
+/// drop rule each have a passing and a dropping case.
+const POLICY_TOML: &str = r#"
+[policy]
+inbound = "drop"
+outbound = "accept"
+
+[[rule]]
+name = "no-telnet"
+proto = "tcp"
+dport = [23]
+action = "drop"
+
+[[rule]]
+name = "return-traffic"
+state = ["established", "related"]
+action = "accept"
+
+[[rule]]
+name = "web"
+state = ["new"]
+proto = "tcp"
+dport = [8080]
+action = "accept"
+
+[[rule]]
+name = "mdns"
+state = ["new"]
+proto = "udp"
+dport = [5353]
+action = "accept"
+
+[[rule]]
+name = "ping"
+state = ["new"]
+proto = "icmp"
+icmp_type = ["echo-request"]
+action = "accept"
+
+[[rule]]
+name = "ping6"
+state = ["new"]
+proto = "icmpv6"
+icmp_type = ["echo-request"]
+action = "accept"
+
+[[rule]]
+name = "gre"
+state = ["new"]
+proto = 47
+action = "accept"
+"#;
+
+/// Rule ids of the test policy, in file order.
+const RULE_NO_TELNET: u16 = 0;
+const RULE_RETURN: u16 = 1;
+const RULE_WEB: u16 = 2;
+
+fn test_policy() -> CompiledPolicy {
+    let config = config::parse(Path::new("kernel_path.toml"), POLICY_TOML)
+        .unwrap_or_else(|error| panic!("the test policy does not parse: {error}"));
+    compile::compile(&config.policy, |_| None)
+        .unwrap_or_else(|error| panic!("the test policy does not compile: {error}"))
+}
+
+/// Kernel defaults scaled up 1000 times: the same ordering between timeouts (so the same
+/// timeout choices), but nothing expires while a test runs.
+fn test_settings() -> Settings {
+    let mut settings = Settings::default();
+    for (i, (_, _, seconds)) in Timeout::DEFAULTS.iter().enumerate() {
+        settings.timeouts_ns[i] = seconds * 1000 * NS_PER_SEC;
+    }
+    settings
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse()
+        .unwrap_or_else(|_| panic!("bad address literal {text}"))
+}
+
+fn mapped(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The key of a flow given with its `lo` endpoint first.
+fn key(protocol: u8, lo: (IpAddr, u16), hi: (IpAddr, u16)) -> FlowKey {
+    FlowKey {
+        addr_lo: mapped(lo.0),
+        addr_hi: mapped(hi.0),
+        port_lo: lo.1,
+        port_hi: hi.1,
+        proto: protocol,
+        family: if lo.0.is_ipv4() {
+            FAMILY_IPV4
+        } else {
+            FAMILY_IPV6
+        },
+        _pad: [0; 2],
+    }
+}
+
+fn tcp_frame(src: IpAddr, dst: IpAddr, segment: Tcp) -> Vec<u8> {
+    frames::frame(src, dst, frames::tcp(segment))
+}
+
+/// Length of the IP packet inside an untagged Ethernet frame (what byte counters count).
+fn ip_len(frame: &[u8]) -> u64 {
+    (frame.len() - 14) as u64
+}
+
+/// An ARP request (non-IP).
+fn arp_frame() -> Vec<u8> {
+    let mut out = vec![0xff; 6];
+    out.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x06]);
+    out.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    out.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 198, 18, 0, 1]);
+    out.extend_from_slice(&[0, 0, 0, 0, 0, 0, 198, 18, 0, 2]);
+    out.resize(60, 0);
+    out
+}
+
+/// Inserts an 802.1Q tag after the MAC addresses.
+fn vlan_tagged(frame: &[u8], tpid: u16, vid: u16) -> Vec<u8> {
+    let mut out = frame[..12].to_vec();
+    out.extend_from_slice(&tpid.to_be_bytes());
+    out.extend_from_slice(&vid.to_be_bytes());
+    out.extend_from_slice(&frame[12..]);
+    out
+}
+
+/// Inserts an 8-byte hop-by-hop options header (PadN) into an IPv6 packet.
+fn with_hop_by_hop(ip6: &[u8]) -> Vec<u8> {
+    let next = ip6[6];
+    let payload_len = u16::from_be_bytes([ip6[4], ip6[5]]) + 8;
+    let mut out = ip6[..40].to_vec();
+    out[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    out[6] = 0;
+    out.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    out.extend_from_slice(&ip6[40..]);
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for (i, chunk) in bytes.chunks(16).enumerate() {
+        let _ = write!(out, "  {:04x}:", i * 16);
+        for byte in chunk {
+            let _ = write!(out, " {byte:02x}");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn key_str(key: &FlowKey) -> String {
+    let addr = |bytes: &[u8; 16]| -> String {
+        if key.family == FAMILY_IPV4 {
+            Ipv4Addr::new(bytes[12], bytes[13], bytes[14], bytes[15]).to_string()
+        } else {
+            format!("[{}]", Ipv6Addr::from(*bytes))
+        }
+    };
+    format!(
+        "proto {} {}:{} <-> {}:{}",
+        key.proto,
+        addr(&key.addr_lo),
+        key.port_lo,
+        addr(&key.addr_hi),
+        key.port_hi
+    )
+}
+
+/// A session with the clock-dependent fields cleared, for comparing kernel and model.
+fn timeless(session: &Session) -> Session {
+    Session {
+        created_ns: 0,
+        expires_ns: 0,
+        ..*session
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Hand-written scenarios.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn tcp_handshake_creates_one_session_and_counts_each_direction() {
+    let k = Kernel::standard();
+    let client = ip("198.18.0.1");
+    let server = ip("198.18.0.2");
+    let flow = key(proto::TCP, (client, 40000), (server, 8080));
+
+    let syn = tcp_frame(
+        client,
+        server,
+        Tcp::new(40000, 8080, tcp_flags::SYN)
+            .seq_ack(1000, 0)
+            .wscale(7),
+    );
+    k.expect("SYN to 8080", &syn, Verdict::Pass);
+    let sessions = k.sessions();
+    assert_eq!(sessions.len(), 1, "one session after the SYN: {sessions:?}");
+    let s = sessions
+        .get(&flow)
+        .unwrap_or_else(|| panic!("no session under {}: {sessions:?}", key_str(&flow)));
+    assert_eq!(
+        TcpState::from_u8(s.state),
+        TcpState::SynSent,
+        "after SYN: {s:?}"
+    );
+    assert_eq!(s.flags, session_flags::ORIG_IS_LO, "after SYN: {s:?}");
+    assert_eq!(
+        (s.packets, s.bytes),
+        ([1, 0], [ip_len(&syn), 0]),
+        "after SYN"
+    );
+    assert_eq!(s.rule_id, RULE_WEB, "admitted by the web rule");
+    assert_eq!(s.policy_generation, 1);
+    let now = monotonic_ns();
+    assert!(
+        s.created_ns <= now && s.expires_ns > now,
+        "created {} expires {} now {now}",
+        s.created_ns,
+        s.expires_ns
+    );
+
+    let syn_ack = tcp_frame(
+        server,
+        client,
+        Tcp::new(8080, 40000, tcp_flags::SYN | tcp_flags::ACK)
+            .seq_ack(5000, 1001)
+            .wscale(7),
+    );
+    k.expect("SYN-ACK", &syn_ack, Verdict::Pass);
+    let s = k.session(&flow).expect("session after SYN-ACK");
+    assert_eq!(
+        TcpState::from_u8(s.state),
+        TcpState::SynRecv,
+        "after SYN-ACK: {s:?}"
+    );
+    assert_eq!(
+        s.flags,
+        session_flags::ORIG_IS_LO | session_flags::SEEN_REPLY,
+        "after SYN-ACK: {s:?}"
+    );
+    assert_eq!(
+        (s.packets, s.bytes),
+        ([1, 1], [ip_len(&syn), ip_len(&syn_ack)]),
+        "after SYN-ACK"
+    );
+
+    let ack = tcp_frame(
+        client,
+        server,
+        Tcp::new(40000, 8080, tcp_flags::ACK)
+            .seq_ack(1001, 5001)
+            .window(502),
+    );
+    k.expect("handshake ACK", &ack, Verdict::Pass);
+    let s = k.session(&flow).expect("session after ACK");
+    assert_eq!(
+        TcpState::from_u8(s.state),
+        TcpState::Established,
+        "after ACK: {s:?}"
+    );
+    assert_eq!(
+        s.flags,
+        session_flags::ORIG_IS_LO | session_flags::SEEN_REPLY | session_flags::ASSURED,
+        "after ACK: {s:?}"
+    );
+
+    let data = tcp_frame(
+        client,
+        server,
+        Tcp::new(40000, 8080, tcp_flags::ACK | tcp_flags::PSH)
+            .seq_ack(1001, 5001)
+            .window(502)
+            .payload(100),
+    );
+    k.expect("client data", &data, Verdict::Pass);
+    let reply = tcp_frame(
+        server,
+        client,
+        Tcp::new(8080, 40000, tcp_flags::ACK | tcp_flags::PSH)
+            .seq_ack(5001, 1101)
+            .window(502)
+            .payload(300),
+    );
+    k.expect("server data", &reply, Verdict::Pass);
+    let s = k.session(&flow).expect("session after data");
+    assert_eq!(TcpState::from_u8(s.state), TcpState::Established);
+    assert_eq!(
+        s.packets,
+        [3, 2],
+        "packets [original, reply] after SYN, ACK, data / SYN-ACK, data"
+    );
+    assert_eq!(
+        s.bytes,
+        [
+            ip_len(&syn) + ip_len(&ack) + ip_len(&data),
+            ip_len(&syn_ack) + ip_len(&reply)
+        ],
+        "bytes [original, reply] (IP lengths {}, {}, {} / {}, {})",
+        ip_len(&syn),
+        ip_len(&ack),
+        ip_len(&data),
+        ip_len(&syn_ack),
+        ip_len(&reply)
+    );
+    assert_eq!(k.sessions().len(), 1, "still exactly one session");
+    let live = k
+        .maps
+        .live_sessions(monotonic_ns())
+        .unwrap_or_else(|error| panic!("live_sessions: {error:?}"));
+    assert_eq!(
+        live.len(),
+        1,
+        "live_sessions sees the one session: {live:?}"
+    );
+    assert_eq!(live[0].0, flow);
+
+    let c = |counter| k.counter(counter);
+    assert_eq!(c(Counter::PacketsSeen), 5);
+    assert_eq!(c(Counter::PacketsAccepted), 5);
+    assert_eq!(c(Counter::PacketsDropped), 0);
+    assert_eq!(c(Counter::StateNew), 1, "only the SYN is NEW");
+    assert_eq!(
+        c(Counter::StateEstablished),
+        4,
+        "SYN-ACK, handshake ACK (reply seen) and data are ESTABLISHED"
+    );
+    assert_eq!(c(Counter::SessionsCreated), 1);
+    let hits = k.rule_hits();
+    assert_eq!(hits[RULE_WEB as usize], 1, "web rule hits");
+    assert_eq!(hits[RULE_RETURN as usize], 4, "return-traffic rule hits");
+}
+
+#[test]
+fn tcp_verdicts_follow_the_policy_ipv4() {
+    tcp_verdicts(ip("198.18.0.1"), ip("198.18.0.2"));
+}
+
+#[test]
+fn tcp_verdicts_follow_the_policy_ipv6() {
+    tcp_verdicts(ip("2001:2::1"), ip("2001:2::2"));
+}
+
+fn tcp_verdicts(client: IpAddr, server: IpAddr) {
+    let k = Kernel::standard();
+    let syn = |dport| {
+        tcp_frame(
+            client,
+            server,
+            Tcp::new(41000, dport, tcp_flags::SYN).seq_ack(7, 0),
+        )
+    };
+
+    k.expect("SYN to 8080", &syn(8080), Verdict::Pass);
+    let web = key(proto::TCP, (client, 41000), (server, 8080));
+    let sessions = k.sessions();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert!(sessions.contains_key(&web), "session for {}", key_str(&web));
+
+    k.expect("SYN to 9090", &syn(9090), Verdict::Drop);
+    assert_eq!(k.sessions().len(), 1, "a dropped SYN creates no session");
+    assert_eq!(k.counter(Counter::DropDefault), 1);
+
+    k.expect("SYN to 23 (drop rule)", &syn(23), Verdict::Drop);
+    assert_eq!(k.sessions().len(), 1);
+    assert_eq!(k.counter(Counter::DropRule), 1);
+    assert_eq!(k.rule_hits()[RULE_NO_TELNET as usize], 1);
+
+    let (invalid, invalid_state) = (
+        k.counter(Counter::StateInvalid),
+        k.counter(Counter::InvalidTcpState),
+    );
+    let stray_ack = tcp_frame(
+        client,
+        server,
+        Tcp::new(41001, 8080, tcp_flags::ACK).seq_ack(100, 200),
+    );
+    k.expect("stray ACK without a session", &stray_ack, Verdict::Drop);
+    assert_eq!(
+        k.counter(Counter::StateInvalid),
+        invalid + 1,
+        "state_invalid"
+    );
+    assert_eq!(
+        k.counter(Counter::InvalidTcpState),
+        invalid_state + 1,
+        "invalid_tcp_state"
+    );
+    assert_eq!(
+        k.sessions().len(),
+        1,
+        "an invalid packet creates no session"
+    );
+
+    let flags_before = k.counter(Counter::InvalidTcpFlags);
+    let xmas = tcp_frame(
+        client,
+        server,
+        Tcp::new(
+            41002,
+            8080,
+            tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST,
+        ),
+    );
+    k.expect("SYN|FIN|RST", &xmas, Verdict::Drop);
+    assert_eq!(k.counter(Counter::InvalidTcpFlags), flags_before + 1);
+
+    // The SYN-ACK for the refused 9090 SYN has no session either.
+    let orphan_syn_ack = tcp_frame(
+        server,
+        client,
+        Tcp::new(9090, 41000, tcp_flags::SYN | tcp_flags::ACK).seq_ack(50, 8),
+    );
+    k.expect("SYN-ACK without a session", &orphan_syn_ack, Verdict::Drop);
+    assert_eq!(k.sessions().len(), 1);
+}
+
+#[test]
+fn udp_icmp_and_related_verdicts_ipv4() {
+    udp_icmp_related(ip("198.18.0.1"), ip("198.18.0.2"), ip("198.18.0.254"));
+}
+
+#[test]
+fn udp_icmp_and_related_verdicts_ipv6() {
+    udp_icmp_related(ip("2001:2::1"), ip("2001:2::2"), ip("2001:2::fe"));
+}
+
+fn udp_icmp_related(client: IpAddr, server: IpAddr, router: IpAddr) {
+    let v6 = client.is_ipv6();
+    let k = Kernel::standard();
+    let icmp_proto = if v6 { proto::ICMPV6 } else { proto::ICMP };
+
+    // UDP: new to 5353 passes and creates an UNREPLIED session; the reply passes and
+    // makes it REPLIED; new to 5354 drops and creates nothing.
+    let query = frames::frame(client, server, frames::udp(33000, 5353, 40));
+    k.expect("UDP to 5353", &query, Verdict::Pass);
+    let udp_key = key(proto::UDP, (client, 33000), (server, 5353));
+    let s = k.session(&udp_key).expect("UDP session");
+    assert_eq!(FlowState::from_u8(s.state), FlowState::Unreplied);
+    assert_eq!((s.packets, s.bytes), ([1, 0], [ip_len(&query), 0]));
+    let answer = frames::frame(server, client, frames::udp(5353, 33000, 120));
+    k.expect("UDP reply", &answer, Verdict::Pass);
+    let s = k.session(&udp_key).expect("UDP session");
+    assert_eq!(FlowState::from_u8(s.state), FlowState::Replied);
+    assert_eq!(
+        (s.packets, s.bytes),
+        ([1, 1], [ip_len(&query), ip_len(&answer)])
+    );
+    k.expect(
+        "UDP to 5354",
+        &frames::frame(client, server, frames::udp(33001, 5354, 8)),
+        Verdict::Drop,
+    );
+    assert_eq!(k.sessions().len(), 1, "only the 5353 flow");
+
+    // ICMP echo: request passes (NEW) and creates a session keyed on the id; the reply
+    // passes as ESTABLISHED; a reply nobody asked for is INVALID.
+    let request = frames::frame(client, server, frames::echo(v6, false, 0x4242, 1));
+    k.expect("echo request", &request, Verdict::Pass);
+    let echo_key = key(icmp_proto, (client, 0x4242), (server, 0x4242));
+    let s = k.session(&echo_key).unwrap_or_else(|| {
+        panic!(
+            "no echo session under {}: {:?}",
+            key_str(&echo_key),
+            k.sessions()
+        )
+    });
+    assert_eq!(FlowState::from_u8(s.state), FlowState::Unreplied);
+    let established = k.counter(Counter::StateEstablished);
+    let reply = frames::frame(server, client, frames::echo(v6, true, 0x4242, 1));
+    k.expect("echo reply", &reply, Verdict::Pass);
+    assert_eq!(k.counter(Counter::StateEstablished), established + 1);
+    let s = k.session(&echo_key).expect("echo session");
+    assert_eq!(FlowState::from_u8(s.state), FlowState::Replied);
+    assert_eq!(
+        (s.packets, s.bytes),
+        ([1, 1], [ip_len(&request), ip_len(&reply)])
+    );
+    let invalid_icmp = k.counter(Counter::InvalidIcmp);
+    k.expect(
+        "unsolicited echo reply",
+        &frames::frame(server, client, frames::echo(v6, true, 0x5555, 1)),
+        Verdict::Drop,
+    );
+    assert_eq!(k.counter(Counter::InvalidIcmp), invalid_icmp + 1);
+
+    // ICMP errors: quoting the tracked TCP flow they are RELATED and pass; quoting an
+    // unknown flow they are INVALID and drop.
+    let syn_ip = frames::ip_packet(
+        client,
+        server,
+        proto::TCP,
+        &frames::tcp(Tcp::new(42000, 8080, tcp_flags::SYN).seq_ack(1, 0)).1,
+    );
+    k.expect("SYN to 8080", &frames::ethernet(&syn_ip), Verdict::Pass);
+    let unreachable = if v6 { (1, 4) } else { (3, 3) };
+    let related = k.counter(Counter::StateRelated);
+    let error = frames::icmp_error(router, client, unreachable.0, unreachable.1, &syn_ip);
+    k.expect("ICMP error quoting the TCP flow", &error, Verdict::Pass);
+    assert_eq!(
+        k.counter(Counter::StateRelated),
+        related + 1,
+        "state_related"
+    );
+    let udp_ip = frames::ip_packet(client, server, proto::UDP, &frames::udp(33000, 5353, 40).1);
+    k.expect(
+        "ICMP error quoting the UDP flow",
+        &frames::icmp_error(server, client, unreachable.0, unreachable.1, &udp_ip),
+        Verdict::Pass,
+    );
+    assert_eq!(k.counter(Counter::StateRelated), related + 2);
+    let unknown_ip = frames::ip_packet(
+        client,
+        server,
+        proto::TCP,
+        &frames::tcp(Tcp::new(42001, 8080, tcp_flags::SYN)).1,
+    );
+    let invalid_icmp = k.counter(Counter::InvalidIcmp);
+    k.expect(
+        "ICMP error quoting an unknown flow",
+        &frames::icmp_error(router, client, unreachable.0, unreachable.1, &unknown_ip),
+        Verdict::Drop,
+    );
+    assert_eq!(k.counter(Counter::InvalidIcmp), invalid_icmp + 1);
+    let sessions = k.sessions();
+    assert_eq!(
+        sessions.len(),
+        3,
+        "UDP, echo and TCP sessions: {sessions:?}"
+    );
+    let s = sessions[&udp_key];
+    assert_eq!(
+        s.packets,
+        [1, 1],
+        "an ICMP error does not count on the flow it quotes"
+    );
+
+    if v6 {
+        // Neighbour discovery is UNTRACKED; this policy accepts no untracked traffic.
+        let untracked = k.counter(Counter::StateUntracked);
+        let solicit = frames::frame(client, server, frames::icmp(true, 135, 0, [0; 4], &[0; 16]));
+        k.expect("neighbour solicitation", &solicit, Verdict::Drop);
+        assert_eq!(k.counter(Counter::StateUntracked), untracked + 1);
+        // An extension header in front of the transport header changes nothing.
+        let udp6 = frames::ip_packet(client, server, proto::UDP, &frames::udp(33000, 5353, 4).1);
+        k.expect(
+            "UDP behind a hop-by-hop header",
+            &frames::ethernet(&with_hop_by_hop(&udp6)),
+            Verdict::Pass,
+        );
+        assert_eq!(k.session(&udp_key).expect("UDP session").packets, [2, 1]);
+    }
+}
+
+#[test]
+fn interface_rules_see_the_test_run_ifindex() {
+    // BPF_PROG_TEST_RUN delivers XDP frames as if received on the netns loopback (ifindex
+    // 1): a rule bound to it matches, a rule bound to another interface does not.
+    let toml = r#"
+[[rule]]
+name = "on-lo"
+iface = ["lo"]
+proto = "udp"
+dport = [7]
+action = "accept"
+
+[[rule]]
+name = "elsewhere"
+iface = ["elsewhere"]
+proto = "udp"
+dport = [8]
+action = "accept"
+"#;
+    let config = config::parse(Path::new("iface.toml"), toml)
+        .unwrap_or_else(|error| panic!("iface policy does not parse: {error}"));
+    let policy = compile::compile(&config.policy, |name| match name {
+        "lo" => Some(TEST_RUN_IFINDEX),
+        _ => Some(TEST_RUN_IFINDEX + 1000),
+    })
+    .unwrap_or_else(|error| panic!("iface policy does not compile: {error}"));
+    let k = Kernel::start(&test_settings(), &policy);
+    let (client, server) = (ip("198.18.0.1"), ip("198.18.0.2"));
+    k.expect(
+        "UDP matching the rule on lo",
+        &frames::frame(client, server, frames::udp(1000, 7, 8)),
+        Verdict::Pass,
+    );
+    k.expect(
+        "UDP matching only the rule on another interface",
+        &frames::frame(client, server, frames::udp(1000, 8, 8)),
+        Verdict::Drop,
+    );
+    assert_eq!(k.rule_hits()[0], 1, "the lo rule was hit once");
+    assert_eq!(k.sessions().len(), 1);
+}
+
+#[test]
+fn non_ip_frames_pass_and_count_only_as_non_ip() {
+    let k = Kernel::standard();
+    k.expect("ARP request", &arp_frame(), Verdict::Pass);
+    let mut lldp = vec![
+        0x01, 0x80, 0xc2, 0, 0, 0x0e, 0x02, 0, 0, 0, 0, 1, 0x88, 0xcc,
+    ];
+    lldp.resize(60, 0);
+    k.expect("LLDP", &lldp, Verdict::Pass);
+    k.expect(
+        "ARP in a VLAN",
+        &vlan_tagged(&arp_frame(), 0x8100, 100),
+        Verdict::Pass,
+    );
+    let counters = k.counters();
+    for (name, value) in &counters {
+        let expected = if *name == "packets_non_ip" { 3 } else { 0 };
+        assert_eq!(*value, expected, "counter {name}: {counters:?}");
+    }
+    assert!(k.sessions().is_empty(), "non-IP frames create no session");
+}
+
+#[test]
+fn malformed_frames_drop_as_invalid_and_never_abort() {
+    let k = Kernel::standard();
+    let c4 = ip("198.18.0.1");
+    let s4 = ip("198.18.0.2");
+    let c6 = ip("2001:2::1");
+    let s6 = ip("2001:2::2");
+    let syn4 = frames::ip_packet(
+        c4,
+        s4,
+        proto::TCP,
+        &frames::tcp(Tcp::new(1, 8080, tcp_flags::SYN)).1,
+    );
+    let udp4 = frames::ip_packet(c4, s4, proto::UDP, &frames::udp(1, 5353, 8).1);
+    let udp6 = frames::ip_packet(c6, s6, proto::UDP, &frames::udp(1, 5353, 8).1);
+    let eth = frames::ethernet;
+    let edit = |packet: &[u8], f: &dyn Fn(&mut Vec<u8>)| {
+        let mut p = packet.to_vec();
+        f(&mut p);
+        eth(&p)
+    };
+
+    let mut malformed: Vec<(&str, Vec<u8>)> = vec![
+        ("IPv4 ethertype, no IP header", eth(&[])),
+        ("IPv4 header cut at 10 bytes", eth(&syn4[..10])),
+        (
+            "IPv4 version 6 under the IPv4 ethertype",
+            edit(&syn4, &|p| p[0] = 0x65),
+        ),
+        ("IPv4 IHL 4", edit(&syn4, &|p| p[0] = 0x44)),
+        (
+            "IPv4 total length beyond the frame",
+            edit(&syn4, &|p| p[2..4].copy_from_slice(&200u16.to_be_bytes())),
+        ),
+        (
+            "IPv4 total length below IHL",
+            edit(&syn4, &|p| p[2..4].copy_from_slice(&12u16.to_be_bytes())),
+        ),
+        ("TCP header truncated", {
+            let mut p = syn4[..30].to_vec();
+            p[2..4].copy_from_slice(&30u16.to_be_bytes());
+            eth(&p)
+        }),
+        ("TCP data offset 4", edit(&syn4, &|p| p[32] = 0x40)),
+        (
+            "TCP data offset beyond the packet",
+            edit(&syn4, &|p| p[32] = 0xf0),
+        ),
+        (
+            "UDP length 4",
+            edit(&udp4, &|p| p[24..26].copy_from_slice(&4u16.to_be_bytes())),
+        ),
+        (
+            "UDP length beyond the packet",
+            edit(&udp4, &|p| p[24..26].copy_from_slice(&400u16.to_be_bytes())),
+        ),
+        ("ICMP header of 4 bytes", {
+            let mut p = frames::ip_packet(c4, s4, proto::ICMP, &[8, 0, 0, 0]);
+            p[2..4].copy_from_slice(&24u16.to_be_bytes());
+            eth(&p)
+        }),
+        (
+            "ICMP error quoting 10 bytes",
+            eth(&frames::ip_packet(
+                c4,
+                s4,
+                proto::ICMP,
+                &[3, 1, 0, 0, 0, 0, 0, 0, 0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6],
+            )),
+        ),
+        ("ICMP error quoting an ICMP error", {
+            let inner = frames::ip_packet(s4, c4, proto::ICMP, &[3, 1, 0, 0, 0, 0, 0, 0]);
+            frames::icmp_error(s4, c4, 3, 1, &inner)
+        }),
+        ("IPv6 header cut at 30 bytes", eth(&udp6[..30])),
+        (
+            "IPv6 payload length beyond the frame",
+            edit(&udp6, &|p| p[4..6].copy_from_slice(&500u16.to_be_bytes())),
+        ),
+        (
+            "IPv6 version 4 under the IPv6 ethertype",
+            edit(&udp6, &|p| p[0] = 0x40),
+        ),
+        ("IPv6 extension header longer than the payload", {
+            let mut p = with_hop_by_hop(&udp6);
+            p[41] = 20;
+            eth(&p)
+        }),
+        ("IPv6 seven hop-by-hop headers", {
+            let mut p = udp6.clone();
+            for _ in 0..7 {
+                p = with_hop_by_hop(&p);
+            }
+            eth(&p)
+        }),
+        (
+            "ICMPv6 error quoting 20 bytes",
+            eth(&frames::ip_packet(
+                c6,
+                s6,
+                proto::ICMPV6,
+                &[
+                    1, 4, 0, 0, 0, 0, 0, 0, 0x60, 0, 0, 0, 0, 8, 17, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                    0, 0, 0,
+                ],
+            )),
+        ),
+        ("VLAN tag cut short", {
+            let mut f = vlan_tagged(&eth(&udp4), 0x8100, 7);
+            f.truncate(16);
+            f
+        }),
+        ("QinQ around a truncated IPv4 header", {
+            let f = vlan_tagged(&vlan_tagged(&eth(&udp4), 0x8100, 7), 0x88a8, 9);
+            f[..30].to_vec()
+        }),
+    ];
+    // Every prefix of a valid frame that keeps the Ethernet header but cuts the packet.
+    let icmp_err6 = frames::icmp_error(s6, c6, 1, 4, &udp6);
+    for full in [eth(&syn4), eth(&udp6), icmp_err6] {
+        for len in 14..full.len() {
+            malformed.push(("truncated valid frame", full[..len].to_vec()));
+        }
+    }
+    let fragments: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "IPv4 non-first fragment",
+            edit(&udp4, &|p| {
+                p[6..8].copy_from_slice(&0x2001u16.to_be_bytes())
+            }),
+        ),
+        ("IPv6 non-first fragment", {
+            let mut p = udp6[..40].to_vec();
+            p[4..6].copy_from_slice(&(8 + udp6.len() as u16 - 40).to_be_bytes());
+            p[6] = 44;
+            p.extend_from_slice(&[17, 0, 0, 0x08, 0, 0, 0, 1]);
+            p.extend_from_slice(&udp6[40..]);
+            eth(&p)
+        }),
+    ];
+
+    let mut malformed_count = 0;
+    for (what, frame) in &malformed {
+        let before = k.counter(Counter::InvalidMalformed);
+        k.expect(what, frame, Verdict::Drop);
+        assert_eq!(
+            k.counter(Counter::InvalidMalformed),
+            before + 1,
+            "{what}: invalid_malformed did not count it; frame:\n{}",
+            hex(frame)
+        );
+        malformed_count += 1;
+    }
+    for (what, frame) in &fragments {
+        let before = k.counter(Counter::InvalidFragment);
+        k.expect(what, frame, Verdict::Drop);
+        assert_eq!(k.counter(Counter::InvalidFragment), before + 1, "{what}");
+    }
+    let total = malformed_count + fragments.len() as u64;
+    assert_eq!(k.counter(Counter::PacketsSeen), total);
+    assert_eq!(k.counter(Counter::StateInvalid), total);
+    assert_eq!(k.counter(Counter::PacketsDropped), total);
+    assert!(k.sessions().is_empty(), "no session from a malformed frame");
+
+    // Random corruption of valid frames: whatever the bytes, PASS or DROP, never ABORTED.
+    let mut rng = Rng::new(0x5e55_10f0);
+    let seeds = [
+        eth(&syn4),
+        eth(&udp4),
+        eth(&udp6),
+        frames::icmp_error(s6, c6, 1, 4, &udp6),
+    ];
+    let mut verdicts = [0u64; 3];
+    for _ in 0..2000 {
+        let mut frame = seeds[rng.below(seeds.len() as u64) as usize].clone();
+        for _ in 0..=rng.below(4) {
+            let at = 12 + rng.below(frame.len() as u64 - 12) as usize;
+            frame[at] = rng.next() as u8;
+        }
+        if rng.chance(30) {
+            frame.truncate(14 + rng.below(frame.len() as u64 - 13) as usize);
+        }
+        let (value, _) = k.run_raw(&frame);
+        assert!(
+            value == XDP_PASS || value == XDP_DROP,
+            "XDP returned {value} for a corrupted frame:\n{}",
+            hex(&frame)
+        );
+        verdicts[value as usize] += 1;
+    }
+    println!(
+        "kernel_path: 2000 corrupted frames: {} passed, {} dropped",
+        verdicts[XDP_PASS as usize], verdicts[XDP_DROP as usize]
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Differential: the kernel program against the host model.
+// ---------------------------------------------------------------------------------------
+
+/// splitmix64: small, fast, and the same sequence on every machine.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// True with probability `percent`/100.
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize]
+    }
+}
+
+const DIFF_SEED: u64 = 0x5e55_1011_d1ff_0001;
+const DIFF_FRAMES: usize = 600;
+
+const V4_HOSTS: [&str; 5] = [
+    "198.18.0.1",
+    "198.18.0.2",
+    "198.18.0.3",
+    "198.18.1.1",
+    "198.18.1.2",
+];
+const V6_HOSTS: [&str; 5] = [
+    "2001:2::1",
+    "2001:2::2",
+    "2001:2::3",
+    "2001:2:0:1::1",
+    "2001:2:0:1::2",
+];
+const V4_ROUTER: &str = "198.18.3.1";
+const V6_ROUTER: &str = "2001:2:0:3::1";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TcpPhase {
+    /// Nothing sent yet, or closed and about to be reopened with the same ports.
+    Idle,
+    SynSent,
+    SynRecv,
+    Open,
+}
+
+#[derive(Clone, Debug)]
+struct TcpFlow {
+    client: IpAddr,
+    server: IpAddr,
+    cport: u16,
+    sport: u16,
+    /// Next sequence number of each side, `[client, server]`.
+    seq: [u32; 2],
+    fin: [bool; 2],
+    wscale: Option<u8>,
+    phase: TcpPhase,
+    /// Last IP packet the client sent, for ICMP errors to quote.
+    last_ip: Vec<u8>,
+}
+
+#[derive(Clone, Debug)]
+struct Pair {
+    client: IpAddr,
+    server: IpAddr,
+    cport: u16,
+    sport: u16,
+    last_ip: Vec<u8>,
+}
+
+fn flag_str(flags: u8) -> String {
+    let names = [
+        (tcp_flags::SYN, 'S'),
+        (tcp_flags::ACK, '.'),
+        (tcp_flags::FIN, 'F'),
+        (tcp_flags::RST, 'R'),
+        (tcp_flags::PSH, 'P'),
+        (tcp_flags::URG, 'U'),
+        (0x40, 'E'),
+        (0x80, 'W'),
+    ];
+    names
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, c)| *c)
+        .collect()
+}
+
+/// Builds the deterministic frame mix: TCP conversations (handshakes, data, FIN, RST,
+/// reopen, simultaneous open) with occasional random flags and sequence numbers, UDP and
+/// GRE both ways, ICMP echo and errors (about tracked and unknown flows), untracked and
+/// untrackable ICMP, VLAN tags, IPv6 extension headers, padding, fragments, replays, and
+/// truncated, corrupted and random frames, over IPv4 and IPv6.
+struct Generator {
+    rng: Rng,
+    tcp: Vec<TcpFlow>,
+    udp: Vec<Pair>,
+    echo: Vec<Pair>,
+    gre: Vec<Pair>,
+    history: Vec<Vec<u8>>,
+}
+
+impl Generator {
+    fn new(seed: u64) -> Generator {
+        Generator {
+            rng: Rng::new(seed),
+            tcp: Vec::new(),
+            udp: Vec::new(),
+            echo: Vec::new(),
+            gre: Vec::new(),
+            history: Vec::new(),
+        }
+    }
+
+    fn endpoints(&mut self) -> (IpAddr, IpAddr) {
+        let hosts: &[&str] = if self.rng.chance(50) {
+            &V4_HOSTS
+        } else {
+            &V6_HOSTS
+        };
+        let a = self.rng.below(hosts.len() as u64) as usize;
+        let b = (a + 1 + self.rng.below(hosts.len() as u64 - 1) as usize) % hosts.len();
+        (ip(hosts[a]), ip(hosts[b]))
+    }
+
+    fn router(v6: bool) -> IpAddr {
+        ip(if v6 { V6_ROUTER } else { V4_ROUTER })
+    }
+
+    fn isn(&mut self) -> u32 {
+        if self.rng.chance(15) {
+            // Close to the wrap-around.
+            u32::MAX - self.rng.below(3000) as u32
+        } else {
+            self.rng.next() as u32
+        }
+    }
+
+    /// One frame and its description.
+    fn frame(&mut self) -> (Vec<u8>, String) {
+        let (frame, what) = self.choose();
+        let (frame, what) = self.decorate(frame, what);
+        self.history.push(frame.clone());
+        (frame, what)
+    }
+
+    fn choose(&mut self) -> (Vec<u8>, String) {
+        let roll = self.rng.below(100);
+        match roll {
+            0..=4 => self.new_tcp(),
+            5..=49 => {
+                if self.tcp.is_empty() {
+                    self.new_tcp()
+                } else {
+                    let i = self.rng.below(self.tcp.len() as u64) as usize;
+                    self.tcp_step(i)
+                }
+            }
+            50..=59 => self.udp(),
+            60..=67 => self.echo(),
+            68..=71 => self.gre(),
+            72..=77 => self.icmp_error(),
+            78..=80 => self.icmp_other(),
+            81..=85 if !self.history.is_empty() => self.replay(),
+            86..=90 if !self.history.is_empty() => self.truncated(),
+            91..=95 if !self.history.is_empty() => self.corrupted(),
+            96..=97 => self.garbage(),
+            98 => (arp_frame(), "ARP request".to_string()),
+            _ if !self.history.is_empty() => self.fragment(),
+            _ => self.garbage(),
+        }
+    }
+
+    /// Sometimes wraps a frame in a VLAN tag or pads it to the Ethernet minimum.
+    fn decorate(&mut self, frame: Vec<u8>, what: String) -> (Vec<u8>, String) {
+        let ethertype = frame.get(12..14).map(|b| u16::from_be_bytes([b[0], b[1]]));
+        if frame.len() >= 14 && self.rng.chance(5) {
+            let tpid = self.rng.pick(&[0x8100u16, 0x88a8]);
+            return (
+                vlan_tagged(&frame, tpid, 42),
+                format!("{what} (VLAN {tpid:#06x})"),
+            );
+        }
+        if frame.len() < 60 && matches!(ethertype, Some(0x0800 | 0x86dd)) && self.rng.chance(10) {
+            let mut padded = frame;
+            padded.resize(60, 0);
+            return (padded, format!("{what} (padded to 60)"));
+        }
+        (frame, what)
+    }
+
+    fn new_tcp(&mut self) -> (Vec<u8>, String) {
+        let (client, server) = self.endpoints();
+        let flow = TcpFlow {
+            client,
+            server,
+            cport: 30000 + self.rng.below(30000) as u16,
+            sport: self.rng.pick(&[8080, 8080, 8080, 8080, 8080, 9090, 23]),
+            seq: [0, 0],
+            fin: [false; 2],
+            wscale: if self.rng.chance(60) {
+                Some(self.rng.below(15) as u8)
+            } else {
+                None
+            },
+            phase: TcpPhase::Idle,
+            last_ip: Vec::new(),
+        };
+        if self.tcp.len() >= 16 {
+            let victim = self.rng.below(self.tcp.len() as u64) as usize;
+            self.tcp.swap_remove(victim);
+        }
+        self.tcp.push(flow);
+        let i = self.tcp.len() - 1;
+        self.tcp_step(i)
+    }
+
+    /// A segment from side `from` (0 client, 1 server) of flow `i`, with occasional chaos.
+    fn segment(
+        &mut self,
+        i: usize,
+        from: usize,
+        flags: u8,
+        seq: u32,
+        ack: u32,
+        payload: usize,
+    ) -> (Vec<u8>, String) {
+        let flow = self.tcp[i].clone();
+        let (mut flags, mut seq, mut ack) = (flags, seq, ack);
+        let mut chaos = String::new();
+        if self.rng.chance(10) {
+            match self.rng.below(4) {
+                0 => flags = self.rng.next() as u8,
+                1 => flags = self.rng.next() as u8 & 0x3f,
+                2 => {
+                    let delta = self.rng.pick(&[1u32, 0xffff_ffff, 70_000, 0x8000_0000]);
+                    seq = seq.wrapping_add(delta);
+                }
+                _ => ack = self.rng.next() as u32,
+            }
+            chaos = " (chaos)".to_string();
+        }
+        let (src, dst, sport, dport) = if from == 0 {
+            (flow.client, flow.server, flow.cport, flow.sport)
+        } else {
+            (flow.server, flow.client, flow.sport, flow.cport)
+        };
+        let mut segment = Tcp::new(sport, dport, flags)
+            .seq_ack(seq, ack)
+            .payload(payload);
+        if flags & tcp_flags::SYN != 0 {
+            if let Some(scale) = flow.wscale {
+                segment = segment.wscale(scale);
+            }
+        } else {
+            let window = if self.rng.chance(3) {
+                0
+            } else if flow.wscale.is_some() {
+                502
+            } else {
+                64240
+            };
+            segment = segment.window(window);
+        }
+        let packet = frames::ip_packet(src, dst, proto::TCP, &frames::tcp(segment).1);
+        if from == 0 {
+            self.tcp[i].last_ip = packet.clone();
+        }
+        let what = format!(
+            "tcp {src}:{sport} > {dst}:{dport} [{}] seq={seq} ack={ack} len={payload}{chaos}",
+            flag_str(flags)
+        );
+        (frames::ethernet(&packet), what)
+    }
+
+    fn tcp_step(&mut self, i: usize) -> (Vec<u8>, String) {
+        use tcp_flags::{ACK, FIN, PSH, RST, SYN};
+        let flow = self.tcp[i].clone();
+        let [cseq, sseq] = flow.seq;
+        match flow.phase {
+            TcpPhase::Idle => {
+                let isn = self.isn();
+                let flow = &mut self.tcp[i];
+                flow.seq[0] = isn.wrapping_add(1);
+                flow.fin = [false; 2];
+                flow.phase = TcpPhase::SynSent;
+                self.segment(i, 0, SYN, isn, 0, 0)
+            }
+            TcpPhase::SynSent => match self.rng.below(20) {
+                0..=14 => {
+                    let isn = self.isn();
+                    self.tcp[i].seq[1] = isn.wrapping_add(1);
+                    self.tcp[i].phase = TcpPhase::SynRecv;
+                    self.segment(i, 1, SYN | ACK, isn, cseq, 0)
+                }
+                15..=16 => self.segment(i, 0, SYN, cseq.wrapping_sub(1), 0, 0),
+                17 => {
+                    self.tcp[i].phase = TcpPhase::Idle;
+                    self.segment(i, 1, RST | ACK, 0, cseq, 0)
+                }
+                _ => {
+                    // Simultaneous open: the server sends its own SYN.
+                    let isn = self.isn();
+                    self.tcp[i].seq[1] = isn.wrapping_add(1);
+                    self.tcp[i].phase = TcpPhase::SynRecv;
+                    self.segment(i, 1, SYN, isn, 0, 0)
+                }
+            },
+            TcpPhase::SynRecv => {
+                if self.rng.chance(85) {
+                    self.tcp[i].phase = TcpPhase::Open;
+                    self.segment(i, 0, ACK, cseq, sseq, 0)
+                } else {
+                    self.segment(i, 1, SYN | ACK, sseq.wrapping_sub(1), cseq, 0)
+                }
+            }
+            TcpPhase::Open => {
+                let from = self.rng.below(2) as usize;
+                let to = 1 - from;
+                let (own, other) = (flow.seq[from], flow.seq[to]);
+                if flow.fin[0] && flow.fin[1] {
+                    // Last ACK; the flow then reopens with the same ports some time later.
+                    self.tcp[i].phase = TcpPhase::Idle;
+                    return self.segment(i, from, ACK, own, other, 0);
+                }
+                match self.rng.below(100) {
+                    0..=39 if !flow.fin[from] => {
+                        let len = self.rng.pick(&[1usize, 10, 100, 536, 1200, 1400]);
+                        self.tcp[i].seq[from] = own.wrapping_add(len as u32);
+                        self.segment(i, from, ACK | PSH, own, other, len)
+                    }
+                    40..=69 => self.segment(i, from, ACK, own, other, 0),
+                    70..=84 if !flow.fin[from] => {
+                        self.tcp[i].seq[from] = own.wrapping_add(1);
+                        self.tcp[i].fin[from] = true;
+                        self.segment(i, from, FIN | ACK, own, other, 0)
+                    }
+                    85..=89 => {
+                        self.tcp[i].phase = TcpPhase::Idle;
+                        self.segment(i, from, RST | ACK, own, other, 0)
+                    }
+                    90..=94 => {
+                        // A retransmission of old data.
+                        let back = self.rng.pick(&[1u32, 100, 1000]);
+                        self.segment(
+                            i,
+                            from,
+                            ACK | PSH,
+                            own.wrapping_sub(back),
+                            other,
+                            back as usize,
+                        )
+                    }
+                    _ => self.segment(i, from, ACK, own, other.wrapping_sub(1), 0),
+                }
+            }
+        }
+    }
+
+    fn pair(&mut self, which: fn(&mut Generator) -> &mut Vec<Pair>, ports: &[u16]) -> usize {
+        let fresh = which(self).is_empty() || self.rng.chance(30);
+        if fresh {
+            let (client, server) = self.endpoints();
+            let pair = Pair {
+                client,
+                server,
+                cport: 1024 + self.rng.below(60000) as u16,
+                sport: self.rng.pick(ports),
+                last_ip: Vec::new(),
+            };
+            let list = which(self);
+            if list.len() >= 12 {
+                list.remove(0);
+            }
+            list.push(pair);
+            list.len() - 1
+        } else {
+            let len = which(self).len() as u64;
+            self.rng.below(len) as usize
+        }
+    }
+
+    fn udp(&mut self) -> (Vec<u8>, String) {
+        let i = self.pair(|g| &mut g.udp, &[5353, 5353, 5353, 5354, 53]);
+        let p = self.udp[i].clone();
+        let len = self.rng.pick(&[0usize, 8, 64, 512]);
+        let (src, dst, sport, dport, dir) = if self.rng.chance(60) {
+            (p.client, p.server, p.cport, p.sport, ">")
+        } else {
+            (p.server, p.client, p.sport, p.cport, "<")
+        };
+        let packet = frames::ip_packet(src, dst, proto::UDP, &frames::udp(sport, dport, len).1);
+        if dir == ">" {
+            self.udp[i].last_ip = packet.clone();
+        }
+        (
+            frames::ethernet(&packet),
+            format!("udp {src}:{sport} > {dst}:{dport} len={len}"),
+        )
+    }
+
+    fn echo(&mut self) -> (Vec<u8>, String) {
+        let i = self.pair(|g| &mut g.echo, &[0]);
+        let p = self.echo[i].clone();
+        let v6 = p.client.is_ipv6();
+        let id = if self.rng.chance(5) {
+            self.rng.next() as u16
+        } else {
+            p.cport
+        };
+        let request = self.rng.chance(55);
+        let (src, dst) = if request {
+            (p.client, p.server)
+        } else {
+            (p.server, p.client)
+        };
+        let (protocol, body) = frames::echo(v6, !request, id, self.rng.next() as u16);
+        let packet = frames::ip_packet(src, dst, protocol, &body);
+        if request {
+            self.echo[i].last_ip = packet.clone();
+        }
+        let kind = if request { "request" } else { "reply" };
+        (
+            frames::ethernet(&packet),
+            format!("echo {kind} {src} > {dst} id={id}"),
+        )
+    }
+
+    fn gre(&mut self) -> (Vec<u8>, String) {
+        let i = self.pair(|g| &mut g.gre, &[0]);
+        let p = self.gre[i].clone();
+        let (src, dst) = if self.rng.chance(60) {
+            (p.client, p.server)
+        } else {
+            (p.server, p.client)
+        };
+        let packet = frames::ip_packet(src, dst, 47, &[0, 0, 0x08, 0x00, 1, 2, 3, 4]);
+        (frames::ethernet(&packet), format!("gre {src} > {dst}"))
+    }
+
+    /// An ICMP error about a flow's last client packet (or about nothing we know).
+    fn icmp_error(&mut self) -> (Vec<u8>, String) {
+        let mut quotable: Vec<Vec<u8>> = Vec::new();
+        quotable.extend(self.tcp.iter().map(|f| f.last_ip.clone()));
+        quotable.extend(self.udp.iter().map(|p| p.last_ip.clone()));
+        quotable.extend(self.echo.iter().map(|p| p.last_ip.clone()));
+        quotable.retain(|q| !q.is_empty());
+        let (original, about) = if quotable.is_empty() || self.rng.chance(20) {
+            let (client, server) = self.endpoints();
+            let port = self.rng.next() as u16;
+            let packet =
+                frames::ip_packet(client, server, proto::UDP, &frames::udp(port, 5353, 4).1);
+            (packet, "an unknown flow")
+        } else {
+            let n = quotable.len() as u64;
+            (
+                quotable.swap_remove(self.rng.below(n) as usize),
+                "a known flow",
+            )
+        };
+        let v6 = original[0] >> 4 == 6;
+        let (src, dst) = if v6 {
+            let mut s = [0u8; 16];
+            s.copy_from_slice(&original[8..24]);
+            let mut d = [0u8; 16];
+            d.copy_from_slice(&original[24..40]);
+            (IpAddr::from(s), IpAddr::from(d))
+        } else {
+            (
+                IpAddr::from([original[12], original[13], original[14], original[15]]),
+                IpAddr::from([original[16], original[17], original[18], original[19]]),
+            )
+        };
+        // From a router or from the destination itself, to the quoted packet's sender.
+        let from = if self.rng.chance(50) {
+            Generator::router(v6)
+        } else {
+            dst
+        };
+        let (icmp_type, code) = if v6 {
+            self.rng.pick(&[(1u8, 4u8), (1, 1), (2, 0), (3, 0), (4, 1)])
+        } else {
+            self.rng
+                .pick(&[(3u8, 3u8), (3, 1), (3, 4), (11, 0), (12, 0), (4, 0)])
+        };
+        let frame = frames::icmp_error(from, src, icmp_type, code, &original);
+        (
+            frame,
+            format!("icmp error type {icmp_type} code {code} {from} > {src} about {about}"),
+        )
+    }
+
+    /// ICMP messages that are untracked (IPv6 ND) or cannot start a flow, and timestamps.
+    fn icmp_other(&mut self) -> (Vec<u8>, String) {
+        let (src, dst) = self.endpoints();
+        let v6 = src.is_ipv6();
+        let icmp_type = if v6 {
+            self.rng.pick(&[133u8, 134, 135, 136, 143, 200])
+        } else {
+            self.rng.pick(&[9u8, 10, 13, 14, 42])
+        };
+        let id = self.rng.next() as u16;
+        let [a, b] = id.to_be_bytes();
+        let body = frames::icmp(v6, icmp_type, 0, [a, b, 0, 1], &[0; 12]);
+        (
+            frames::frame(src, dst, body),
+            format!("icmp type {icmp_type} {src} > {dst}"),
+        )
+    }
+
+    fn recent(&mut self) -> Vec<u8> {
+        let n = self.history.len().min(50) as u64;
+        let back = self.rng.below(n) as usize;
+        self.history[self.history.len() - 1 - back].clone()
+    }
+
+    fn replay(&mut self) -> (Vec<u8>, String) {
+        (self.recent(), "replay of a recent frame".to_string())
+    }
+
+    fn truncated(&mut self) -> (Vec<u8>, String) {
+        let mut frame = self.recent();
+        if frame.len() > 14 {
+            let len = 14 + self.rng.below(frame.len() as u64 - 14) as usize;
+            frame.truncate(len);
+        }
+        let len = frame.len();
+        (frame, format!("recent frame truncated to {len} bytes"))
+    }
+
+    fn corrupted(&mut self) -> (Vec<u8>, String) {
+        let mut frame = self.recent();
+        let mut spots = Vec::new();
+        for _ in 0..=self.rng.below(3) {
+            let at = 12 + self.rng.below(frame.len() as u64 - 12) as usize;
+            frame[at] = self.rng.next() as u8;
+            spots.push(at);
+        }
+        (
+            frame,
+            format!("recent frame with bytes {spots:?} randomised"),
+        )
+    }
+
+    fn garbage(&mut self) -> (Vec<u8>, String) {
+        let len = 14 + self.rng.below(100) as usize;
+        let mut frame: Vec<u8> = (0..len).map(|_| self.rng.next() as u8).collect();
+        let any = self.rng.next() as u16;
+        let ethertype = self.rng.pick(&[0x0800u16, 0x86dd, 0x8100, 0x0806, any]);
+        frame[12..14].copy_from_slice(&ethertype.to_be_bytes());
+        if ethertype == 0x0800 && len > 14 && self.rng.chance(50) {
+            frame[14] = 0x45;
+        }
+        if ethertype == 0x86dd && len > 14 && self.rng.chance(50) {
+            frame[14] = 0x60;
+        }
+        (
+            frame,
+            format!("{len} random bytes, ethertype {ethertype:#06x}"),
+        )
+    }
+
+    /// A recent IPv4 frame turned into a fragment (non-first or first-with-MF).
+    fn fragment(&mut self) -> (Vec<u8>, String) {
+        let mut frame = self.recent();
+        if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
+            return self.garbage();
+        }
+        let first = self.rng.chance(30);
+        let field: u16 = if first { 0x2000 } else { 0x2000 | 185 };
+        frame[20..22].copy_from_slice(&field.to_be_bytes());
+        let kind = if first { "first" } else { "non-first" };
+        (frame, format!("recent IPv4 frame as a {kind} fragment"))
+    }
+}
+
+/// What differs between the kernel's state and the model's, if anything.
+fn state_diff(k: &Kernel, model: &Model, now: u64) -> Option<String> {
+    let mut out = String::new();
+    let kernel_sessions = k.sessions();
+    let model_sessions = &model.sessions.map;
+    let mut keys: Vec<&FlowKey> = kernel_sessions
+        .keys()
+        .chain(model_sessions.keys())
+        .collect();
+    keys.sort_by_key(|key| sort_key(key));
+    keys.dedup();
+    for key in keys {
+        match (kernel_sessions.get(key), model_sessions.get(key)) {
+            (Some(ks), Some(ms)) if timeless(ks) == timeless(ms) => {
+                if ks.expires_ns <= now {
+                    let _ = writeln!(
+                        out,
+                        "kernel session {} expired (expires {} <= now {now}): timeouts interfere",
+                        key_str(key),
+                        ks.expires_ns
+                    );
+                }
+            }
+            (Some(ks), Some(ms)) => {
+                let _ = writeln!(
+                    out,
+                    "session {} differs:\n  kernel {:?}\n  model  {:?}",
+                    key_str(key),
+                    timeless(ks),
+                    timeless(ms)
+                );
+            }
+            (Some(ks), None) => {
+                let _ = writeln!(out, "session {} only in the kernel: {ks:?}", key_str(key));
+            }
+            (None, Some(ms)) => {
+                let _ = writeln!(out, "session {} only in the model: {ms:?}", key_str(key));
+            }
+            (None, None) => unreachable!(),
+        }
+    }
+    let kernel_counters = k.counters();
+    for (counter, name) in Counter::ALL {
+        let kernel = kernel_counters[counter as usize].1;
+        let modelled = model.counters.get(counter);
+        if kernel != modelled {
+            let _ = writeln!(out, "counter {name}: kernel {kernel}, model {modelled}");
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+fn sort_key(key: &FlowKey) -> Vec<u8> {
+    let mut out = Vec::with_capacity(40);
+    out.extend_from_slice(&key.addr_lo);
+    out.extend_from_slice(&key.addr_hi);
+    out.extend_from_slice(&key.port_lo.to_be_bytes());
+    out.extend_from_slice(&key.port_hi.to_be_bytes());
+    out.push(key.proto);
+    out.push(key.family);
+    out
+}
+
+fn model_verdict(outcome: Option<Outcome>) -> Verdict {
+    match outcome {
+        None => Verdict::Pass,
+        Some(outcome) => match outcome.decision.action {
+            Action::Accept => Verdict::Pass,
+            Action::Drop => Verdict::Drop,
+        },
+    }
+}
+
+#[test]
+fn kernel_and_model_agree_frame_by_frame() {
+    let seed = std::env::var("SESSION_KT_SEED")
+        .ok()
+        .map(|text| {
+            let text = text.trim_start_matches("0x");
+            u64::from_str_radix(text, 16)
+                .unwrap_or_else(|_| panic!("SESSION_KT_SEED must be hex, got {text}"))
+        })
+        .unwrap_or(DIFF_SEED);
+    let frames: usize = std::env::var("SESSION_KT_FRAMES")
+        .ok()
+        .map(|text| {
+            text.parse()
+                .unwrap_or_else(|_| panic!("SESSION_KT_FRAMES must be a number, got {text}"))
+        })
+        .unwrap_or(DIFF_FRAMES);
+    let settings = test_settings();
+    let policy = test_policy();
+    let k = Kernel::start(&settings, &policy);
+    let mut model = Model::new(settings, &policy);
+    let mut generator = Generator::new(seed);
+    let mut log: Vec<String> = Vec::new();
+    let started = Instant::now();
+    let mut in_kernel = Duration::ZERO;
+    let mut verdicts = [0usize; 2];
+    let mut states: HashMap<&'static str, usize> = HashMap::new();
+
+    for index in 0..frames {
+        let (frame, what) = generator.frame();
+        let now = monotonic_ns();
+        let (value, took) = k.run_raw(&frame);
+        in_kernel += took;
+        let outcome = model.packet(&frame, Hook::Ingress, TEST_RUN_IFINDEX, now);
+        let recent = |log: &[String]| log[log.len().saturating_sub(8)..].join("\n  ");
+        log.push(format!("#{index}: {what} ({} bytes)", frame.len()));
+        let kernel = match value {
+            XDP_PASS => Verdict::Pass,
+            XDP_DROP => Verdict::Drop,
+            other => panic!(
+                "seed {seed:#x} frame #{index} ({what}): XDP returned {other} (0 = XDP_ABORTED); \
+                 model says {outcome:?}\nframe:\n{}last frames:\n  {}",
+                hex(&frame),
+                recent(&log)
+            ),
+        };
+        let expected = model_verdict(outcome);
+        if kernel != expected {
+            panic!(
+                "seed {seed:#x} frame #{index} ({what}): kernel {kernel:?}, model {expected:?} \
+                 ({outcome:?})\nframe:\n{}state differences after it:\n{}\nlast frames:\n  {}",
+                hex(&frame),
+                state_diff(&k, &model, now).unwrap_or_else(|| "none\n".to_string()),
+                recent(&log)
+            );
+        }
+        if let Some(diff) = state_diff(&k, &model, now) {
+            panic!(
+                "seed {seed:#x} frame #{index} ({what}): same verdict ({kernel:?}, model {outcome:?}) \
+                 but the state differs after it:\n{diff}frame:\n{}last frames:\n  {}",
+                hex(&frame),
+                recent(&log)
+            );
+        }
+        verdicts[(kernel == Verdict::Drop) as usize] += 1;
+        let state = match outcome {
+            None => "non-ip",
+            Some(outcome) => match outcome.state {
+                CtState::New => "new",
+                CtState::Established => "established",
+                CtState::Related => "related",
+                CtState::Invalid => "invalid",
+                CtState::Untracked => "untracked",
+            },
+        };
+        *states.entry(state).or_default() += 1;
+    }
+
+    let hits = k.rule_hits();
+    assert_eq!(hits.len(), RULE_HIT_SLOTS as usize);
+    assert_eq!(
+        hits, model.counters.hits,
+        "rule hit counters differ (kernel first, model second)"
+    );
+    let sessions = k.sessions();
+    let mut tcp_states: HashMap<&'static str, usize> = HashMap::new();
+    for (key, session) in &sessions {
+        if key.proto == proto::TCP {
+            *tcp_states
+                .entry(TcpState::from_u8(session.state).name())
+                .or_default() += 1;
+        }
+    }
+    let counters = k.counters();
+    let mut states: Vec<_> = states.into_iter().collect();
+    states.sort();
+    let mut tcp_states: Vec<_> = tcp_states.into_iter().collect();
+    tcp_states.sort();
+    println!(
+        "kernel_path: seed {seed:#x}: {frames} frames agree ({} passed, {} dropped) in {:?} \
+         ({:?} inside the XDP program, {} ns/frame); {} sessions at the end, TCP states {tcp_states:?}; \
+         packet states {states:?}; counters {counters:?}",
+        verdicts[0],
+        verdicts[1],
+        started.elapsed(),
+        in_kernel,
+        in_kernel.as_nanos() / frames as u128,
+        sessions.len()
+    );
+    // The mix must really exercise the tracker, not just agree on trivia.
+    let count = |counter: Counter| counters[counter as usize].1;
+    for (counter, name) in [
+        (Counter::StateNew, "state_new"),
+        (Counter::StateEstablished, "state_established"),
+        (Counter::StateRelated, "state_related"),
+        (Counter::StateInvalid, "state_invalid"),
+        (Counter::StateUntracked, "state_untracked"),
+        (Counter::SessionsCreated, "sessions_created"),
+        (Counter::InvalidMalformed, "invalid_malformed"),
+        (Counter::InvalidTcpState, "invalid_tcp_state"),
+        (Counter::InvalidTcpWindow, "invalid_tcp_window"),
+        (Counter::InvalidIcmp, "invalid_icmp"),
+        (Counter::InvalidFragment, "invalid_fragment"),
+        (Counter::PacketsNonIp, "packets_non_ip"),
+        (Counter::DropRule, "drop_rule"),
+        (Counter::DropDefault, "drop_default"),
+    ] {
+        assert!(
+            count(counter) > 0,
+            "seed {seed:#x}: the frame mix never produced {name}; the generator lost coverage"
+        );
+    }
+}
