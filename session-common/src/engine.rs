@@ -9,17 +9,22 @@ use crate::track::{
 };
 use crate::wire::{
     Action, Counter, CtState, Dir, FlowKey, HIT_DEFAULT_INBOUND, HIT_DEFAULT_OUTBOUND, Hook,
-    MAX_RULES, PolicyHeader, RULE_ID_DEFAULT, Rule, Session, Settings,
+    MAX_RULES, PolicyHeader, RULE_ID_DEFAULT, Rule, Session, Settings, session_flags,
 };
 
-/// The session table.
+/// The session table, in two tiers like the kernel's early-drop policy: new sessions go
+/// to a tier where, when it is full, the least recently used unassured session makes room;
+/// once assured, a session moves to a protected tier that never evicts.
 pub trait SessionTable {
-    /// The session stored under `key`, whether expired or not.
+    /// The session stored under `key` in either tier, whether expired or not.
     fn get_mut(&mut self, key: &FlowKey) -> Option<&mut Session>;
-    /// Stores `session` under `key`, replacing any; false when the table refused it.
+    /// Stores a new `session` under `key` in the unassured tier; false when refused.
     fn insert(&mut self, key: &FlowKey, session: &Session) -> bool;
-    /// Removes the session under `key`, if any.
+    /// Removes the session under `key` from both tiers.
     fn remove(&mut self, key: &FlowKey);
+    /// Moves the session under `key` into the protected tier, setting
+    /// [`session_flags::PROTECTED`]; false (and nothing changed) when that tier is full.
+    fn protect(&mut self, key: &FlowKey) -> bool;
 }
 
 /// The active policy.
@@ -235,6 +240,8 @@ fn classify<S: SessionTable, C: Counters>(
         _ => {}
     }
     let mut kill = false;
+    let mut stale = false;
+    let mut protect = false;
     let mut existing = None;
     if let Some(session) = sessions.get_mut(key) {
         if session.expires_ns > now {
@@ -244,6 +251,8 @@ fn classify<S: SessionTable, C: Counters>(
                 Ok(Update::Tracked) => {
                     account(session, meta, dir);
                     mark_seen(session, meta, dir);
+                    protect = session.flags & (session_flags::ASSURED | session_flags::PROTECTED)
+                        == session_flags::ASSURED;
                     existing = Some(state);
                 }
                 Ok(Update::Ignored) => {
@@ -255,7 +264,7 @@ fn classify<S: SessionTable, C: Counters>(
                     kill = true;
                     existing = Some(state);
                 }
-                Ok(Update::Reopen) => {}
+                Ok(Update::Reopen) => stale = true,
                 Err(reason) => {
                     counters.count(invalid_counter(reason));
                     existing = Some(CtState::Invalid);
@@ -263,10 +272,18 @@ fn classify<S: SessionTable, C: Counters>(
             }
         } else {
             counters.count(Counter::SessionsExpiredInline);
+            stale = true;
         }
     }
-    if kill {
+    if kill || stale {
         sessions.remove(key);
+    }
+    if protect {
+        counters.count(if sessions.protect(key) {
+            Counter::SessionsProtected
+        } else {
+            Counter::ProtectedTableFull
+        });
     }
     if let Some(state) = existing {
         return (state, false);

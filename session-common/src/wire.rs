@@ -24,8 +24,10 @@ pub mod proto {
 
 /// Names of the pinned maps, shared so the loader and the CLI can never disagree.
 pub mod map_names {
-    /// The session table.
+    /// Assured sessions: a plain hash, never evicted to make room.
     pub const SESSIONS: &str = "SESSIONS";
+    /// Sessions not yet assured: an LRU hash, where floods of new flows evict each other.
+    pub const UNASSURED: &str = "UNASSURED";
     /// Compiled policy rules, two banks for atomic swaps.
     pub const RULES: &str = "RULES";
     /// One policy header per bank.
@@ -204,6 +206,8 @@ pub mod session_flags {
     pub const ASSURED: u8 = 4;
     /// The session was picked up mid-stream rather than from a SYN.
     pub const PICKED_UP: u8 = 8;
+    /// The session lives in the protected (assured) table.
+    pub const PROTECTED: u8 = 16;
 }
 
 /// TCP connection states, numbered exactly as nf_conntrack's `enum tcp_conntrack`.
@@ -415,6 +419,10 @@ pub enum Counter {
     DropTableFull,
     /// Sessions created.
     SessionsCreated,
+    /// Assured sessions moved into the protected table.
+    SessionsProtected,
+    /// Assured sessions left in the unassured table because the protected one was full.
+    ProtectedTableFull,
     /// Sessions found expired by the kernel path and replaced.
     SessionsExpiredInline,
     /// Invalid: headers truncated or inconsistent.
@@ -452,6 +460,8 @@ impl Counter {
         (Counter::DropDefault, "drop_default"),
         (Counter::DropTableFull, "drop_table_full"),
         (Counter::SessionsCreated, "sessions_created"),
+        (Counter::SessionsProtected, "sessions_protected"),
+        (Counter::ProtectedTableFull, "protected_table_full"),
         (Counter::SessionsExpiredInline, "sessions_expired_inline"),
         (Counter::InvalidMalformed, "invalid_malformed"),
         (Counter::InvalidTcpFlags, "invalid_tcp_flags"),

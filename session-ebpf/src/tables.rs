@@ -14,7 +14,7 @@ use session_common::{
     policy::rule_matches,
     wire::{
         Counter, CtState, DaemonCounter, FlowKey, Hook, MAX_RULES, PolicyHeader, RULE_HIT_SLOTS,
-        Rule, RuleName, Session, Settings,
+        Rule, RuleName, Session, Settings, session_flags,
     },
 };
 
@@ -24,7 +24,9 @@ const DEFAULT_MAX_SESSIONS: u32 = 262_144;
 const MAX_MANAGED_IFACES: u32 = 256;
 
 #[map]
-static SESSIONS: LruHashMap<FlowKey, Session> = LruHashMap::pinned(DEFAULT_MAX_SESSIONS, 0);
+static SESSIONS: HashMap<FlowKey, Session> = HashMap::pinned(DEFAULT_MAX_SESSIONS, 0);
+#[map]
+static UNASSURED: LruHashMap<FlowKey, Session> = LruHashMap::pinned(DEFAULT_MAX_SESSIONS / 4, 0);
 #[map]
 static RULES: Array<Rule> = Array::pinned(2 * MAX_RULES, 0);
 #[map]
@@ -146,23 +148,42 @@ impl PacketBytes for SkbBytes<'_> {
     }
 }
 
-/// The pinned session map.
+/// The two pinned session maps: protected (assured) and unassured.
 pub struct BpfSessions;
 
 impl SessionTable for BpfSessions {
     #[inline(always)]
     fn get_mut(&mut self, key: &FlowKey) -> Option<&mut Session> {
-        SESSIONS.get_ptr_mut(key).map(|ptr| unsafe { &mut *ptr })
+        SESSIONS
+            .get_ptr_mut(key)
+            .or_else(|| UNASSURED.get_ptr_mut(key))
+            .map(|ptr| unsafe { &mut *ptr })
     }
 
     #[inline(always)]
     fn insert(&mut self, key: &FlowKey, session: &Session) -> bool {
-        SESSIONS.insert(key, session, 0).is_ok()
+        UNASSURED.insert(key, session, 0).is_ok()
     }
 
     #[inline(always)]
     fn remove(&mut self, key: &FlowKey) {
         let _ = SESSIONS.remove(key);
+        let _ = UNASSURED.remove(key);
+    }
+
+    #[inline(always)]
+    fn protect(&mut self, key: &FlowKey) -> bool {
+        let Some(ptr) = UNASSURED.get_ptr_mut(key) else {
+            return false;
+        };
+        let session = unsafe { &mut *ptr };
+        session.flags |= session_flags::PROTECTED;
+        if SESSIONS.insert(key, &*session, 0).is_err() {
+            session.flags &= !session_flags::PROTECTED;
+            return false;
+        }
+        let _ = UNASSURED.remove(key);
+        true
     }
 }
 

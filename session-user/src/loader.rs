@@ -51,6 +51,12 @@ fn check_bpffs(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Size of the unassured tier for a protected table of `max_sessions`: a quarter of it, as
+/// room for handshakes in progress, and never less than 1024.
+pub fn unassured_capacity(max_sessions: u32) -> u32 {
+    (max_sessions / 4).max(1024)
+}
+
 /// Loads the object, reusing maps already pinned under `pin_dir` (so sessions and
 /// counters survive a restart) and pinning new ones there with root-only access.
 pub fn load(pin_dir: &Path, max_sessions: u32) -> Result<Ebpf> {
@@ -63,6 +69,7 @@ pub fn load(pin_dir: &Path, max_sessions: u32) -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .map_max_entries(map_names::SESSIONS, max_sessions)
+        .map_max_entries(map_names::UNASSURED, unassured_capacity(max_sessions))
         .load(EBPF_OBJECT)
         .with_context(|| {
             format!(

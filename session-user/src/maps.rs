@@ -78,9 +78,24 @@ impl PinnedMaps {
             .with_context(|| format!("map {name} is not a per-CPU array"))
     }
 
-    /// The session table.
-    pub fn sessions(&self) -> Result<HashMap<MapData, FlowKey, Session>> {
-        HashMap::try_from(self.map(map_names::SESSIONS)?).context("map SESSIONS is not a hash map")
+    /// One tier of the session table ([`map_names::SESSIONS`] or [`map_names::UNASSURED`]).
+    fn tier(&self, name: &str) -> Result<HashMap<MapData, FlowKey, Session>> {
+        HashMap::try_from(self.map(name)?).with_context(|| format!("map {name} is not a hash map"))
+    }
+
+    /// Every stored session of both tiers, expired or not.
+    pub fn all_sessions(&self) -> Result<Vec<(FlowKey, Session)>> {
+        let mut out = Vec::new();
+        for name in [map_names::SESSIONS, map_names::UNASSURED] {
+            for entry in self.tier(name)?.iter() {
+                match entry {
+                    Ok(pair) => out.push(pair),
+                    Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(error) => return Err(error).with_context(|| format!("reading {name}")),
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Capacity of the session table.
@@ -93,28 +108,25 @@ impl PinnedMaps {
 
     /// All sessions that have not expired at `now`.
     pub fn live_sessions(&self, now: u64) -> Result<Vec<(FlowKey, Session)>> {
-        let sessions = self.sessions()?;
-        let mut out = Vec::new();
-        for entry in sessions.iter() {
-            match entry {
-                Ok((key, session)) if session.expires_ns > now => out.push((key, session)),
-                Ok(_) => {}
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(error) => return Err(error).context("reading the session table"),
-            }
-        }
-        Ok(out)
+        let mut sessions = self.all_sessions()?;
+        sessions.retain(|(_, session)| session.expires_ns > now);
+        Ok(sessions)
     }
 
     /// Removes the sessions under `keys`; returns how many were there.
     pub fn remove_sessions(&self, keys: &[FlowKey]) -> Result<u64> {
-        let mut sessions = self.sessions()?;
         let mut removed = 0;
-        for key in keys {
-            match sessions.remove(key) {
-                Ok(()) => removed += 1,
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(error) => return Err(error).context("removing a session"),
+        for name in [map_names::SESSIONS, map_names::UNASSURED] {
+            let mut tier = self.tier(name)?;
+            for key in keys {
+                match tier.remove(key) {
+                    Ok(()) => removed += 1,
+                    Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(error) => {
+                        return Err(error)
+                            .with_context(|| format!("removing a session from {name}"));
+                    }
+                }
             }
         }
         Ok(removed)
@@ -122,21 +134,23 @@ impl PinnedMaps {
 
     /// Removes expired sessions; returns how many.
     pub fn reap(&self, now: u64) -> Result<u64> {
-        let mut sessions = self.sessions()?;
-        let expired: Vec<FlowKey> = sessions
-            .iter()
-            .filter_map(|entry| entry.ok())
-            .filter(|(_, session)| session.expires_ns <= now)
-            .map(|(key, _)| key)
-            .collect();
         let mut removed = 0;
-        for key in expired {
-            // Re-check: the kernel may have replaced the entry since the sweep read it.
-            if let Ok(current) = sessions.get(&key, 0)
-                && current.expires_ns <= now
-                && sessions.remove(&key).is_ok()
-            {
-                removed += 1;
+        for name in [map_names::SESSIONS, map_names::UNASSURED] {
+            let mut tier = self.tier(name)?;
+            let expired: Vec<FlowKey> = tier
+                .iter()
+                .filter_map(|entry| entry.ok())
+                .filter(|(_, session)| session.expires_ns <= now)
+                .map(|(key, _)| key)
+                .collect();
+            for key in expired {
+                // Re-check: the kernel may have replaced the entry since the sweep read it.
+                if let Ok(current) = tier.get(&key, 0)
+                    && current.expires_ns <= now
+                    && tier.remove(&key).is_ok()
+                {
+                    removed += 1;
+                }
             }
         }
         Ok(removed)

@@ -2,7 +2,7 @@
 //! over plain collections. Tests use it as the reference the kernel path must equal, and
 //! to run whole packet sequences without a kernel.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use session_common::{
     engine::{Counters, Outcome, RuleSource, Scratch, SessionTable, process},
@@ -10,38 +10,88 @@ use session_common::{
     policy::rule_matches,
     wire::{
         Counter, CtState, FlowKey, Hook, PolicyHeader, RULE_HIT_SLOTS, Rule, Session, Settings,
+        session_flags,
     },
 };
 
 use crate::compile::CompiledPolicy;
 
-/// Sessions in a hash map with an optional capacity (inserts beyond it are refused).
+/// Both session tiers in one hash map (the protected ones listed in `protected`), with
+/// optional capacities. The unassured tier evicts its least recently used entry when
+/// full, as the kernel's LRU map does (the kernel's LRU is approximate, so tests that
+/// compare the two must not fill it).
 #[derive(Clone, Debug, Default)]
 pub struct ModelSessions {
-    /// The table.
+    /// Every session, whichever tier.
     pub map: HashMap<FlowKey, Session>,
-    /// Refuse inserts of new keys beyond this many entries, when set.
-    pub capacity: Option<usize>,
+    /// Keys in the protected tier.
+    pub protected: HashSet<FlowKey>,
+    /// Capacity of the protected tier, when limited.
+    pub protected_capacity: Option<usize>,
+    /// Capacity of the unassured tier, when limited.
+    pub unassured_capacity: Option<usize>,
+    last_use: HashMap<FlowKey, u64>,
+    clock: u64,
+}
+
+impl ModelSessions {
+    fn touch(&mut self, key: &FlowKey) {
+        self.clock += 1;
+        self.last_use.insert(*key, self.clock);
+    }
+
+    fn unassured_len(&self) -> usize {
+        self.map.len() - self.protected.len()
+    }
 }
 
 impl SessionTable for ModelSessions {
     fn get_mut(&mut self, key: &FlowKey) -> Option<&mut Session> {
+        if self.map.contains_key(key) && !self.protected.contains(key) {
+            self.touch(key);
+        }
         self.map.get_mut(key)
     }
 
     fn insert(&mut self, key: &FlowKey, session: &Session) -> bool {
-        let full = self
-            .capacity
-            .is_some_and(|capacity| self.map.len() >= capacity && !self.map.contains_key(key));
+        let full = self.unassured_capacity.is_some_and(|capacity| {
+            self.unassured_len() >= capacity && !self.map.contains_key(key)
+        });
         if full {
-            return false;
+            let victim = self
+                .last_use
+                .iter()
+                .filter(|(k, _)| !self.protected.contains(*k))
+                .min_by_key(|(_, used)| **used)
+                .map(|(k, _)| *k);
+            if let Some(victim) = victim {
+                self.remove(&victim);
+            }
         }
         self.map.insert(*key, *session);
+        self.touch(key);
         true
     }
 
     fn remove(&mut self, key: &FlowKey) {
         self.map.remove(key);
+        self.protected.remove(key);
+        self.last_use.remove(key);
+    }
+
+    fn protect(&mut self, key: &FlowKey) -> bool {
+        let full = self
+            .protected_capacity
+            .is_some_and(|capacity| self.protected.len() >= capacity);
+        match self.map.get_mut(key) {
+            Some(session) if !full && !self.protected.contains(key) => {
+                session.flags |= session_flags::PROTECTED;
+                self.protected.insert(*key);
+                self.last_use.remove(key);
+                true
+            }
+            _ => false,
+        }
     }
 }
 

@@ -226,23 +226,11 @@ impl Kernel {
 
     /// The whole session table.
     fn sessions(&self) -> HashMap<FlowKey, Session> {
-        let map = self
-            .maps
-            .sessions()
-            .unwrap_or_else(|error| panic!("opening SESSIONS: {error:?}"));
-        let mut out = HashMap::new();
-        for entry in map.iter() {
-            match entry {
-                Ok((key, session)) => {
-                    out.insert(key, session);
-                }
-                // Deleted between get_next_key and lookup: nothing else writes here, but
-                // be as tolerant as `live_sessions`.
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(error) => panic!("reading SESSIONS: {error:?}"),
-            }
-        }
-        out
+        self.maps
+            .all_sessions()
+            .unwrap_or_else(|error| panic!("reading the session tables: {error:?}"))
+            .into_iter()
+            .collect()
     }
 
     fn session(&self, key: &FlowKey) -> Option<Session> {
@@ -542,7 +530,10 @@ fn tcp_handshake_creates_one_session_and_counts_each_direction() {
     );
     assert_eq!(
         s.flags,
-        session_flags::ORIG_IS_LO | session_flags::SEEN_REPLY | session_flags::ASSURED,
+        session_flags::ORIG_IS_LO
+            | session_flags::SEEN_REPLY
+            | session_flags::ASSURED
+            | session_flags::PROTECTED,
         "after ACK: {s:?}"
     );
 
@@ -1892,4 +1883,80 @@ fn kernel_and_model_agree_frame_by_frame() {
             "seed {seed:#x}: the frame mix never produced {name}; the generator lost coverage"
         );
     }
+}
+
+#[test]
+fn a_syn_flood_cannot_evict_an_established_connection() {
+    let k = Kernel::standard();
+    let client = ip("198.18.0.1");
+    let server = ip("198.18.0.2");
+    let flow = key(proto::TCP, (client, 40000), (server, 8080));
+    let handshake = [
+        (
+            client,
+            server,
+            Tcp::new(40000, 8080, tcp_flags::SYN).seq_ack(1000, 0),
+        ),
+        (
+            server,
+            client,
+            Tcp::new(8080, 40000, tcp_flags::SYN | tcp_flags::ACK).seq_ack(5000, 1001),
+        ),
+        (
+            client,
+            server,
+            Tcp::new(40000, 8080, tcp_flags::ACK).seq_ack(1001, 5001),
+        ),
+    ];
+    for (src, dst, segment) in handshake {
+        k.expect("handshake", &tcp_frame(src, dst, segment), Verdict::Pass);
+    }
+    let s = k.session(&flow).expect("session after the handshake");
+    assert_ne!(
+        s.flags & session_flags::PROTECTED,
+        0,
+        "assured and protected: {s:?}"
+    );
+
+    // Far more half-open connections than the unassured tier holds (its minimum is 1024),
+    // from spoofed sources in 198.18.0.0/15.
+    let flood = 3 * loader::unassured_capacity(MAX_SESSIONS) as usize;
+    for i in 0..flood {
+        let source = IpAddr::V4(std::net::Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8));
+        let port = 1024 + (i % 50_000) as u16;
+        let syn = tcp_frame(
+            source,
+            server,
+            Tcp::new(port, 8080, tcp_flags::SYN).seq_ack(7, 0),
+        );
+        k.expect("flood SYN", &syn, Verdict::Pass);
+    }
+    let sessions = k.sessions();
+    assert!(
+        sessions.len() <= (MAX_SESSIONS + loader::unassured_capacity(MAX_SESSIONS)) as usize,
+        "the table never exceeds its size: {} sessions",
+        sessions.len()
+    );
+    assert!(
+        sessions.contains_key(&flow),
+        "the established connection survived the flood"
+    );
+    let data = tcp_frame(
+        client,
+        server,
+        Tcp::new(40000, 8080, tcp_flags::ACK | tcp_flags::PSH)
+            .seq_ack(1001, 5001)
+            .payload(100),
+    );
+    k.expect("data after the flood", &data, Verdict::Pass);
+    assert_eq!(
+        k.counter(Counter::DropTableFull),
+        0,
+        "nothing refused for lack of room"
+    );
+    assert_eq!(
+        k.counter(Counter::SessionsCreated),
+        1 + flood as u64,
+        "every flood SYN was admitted into the unassured tier"
+    );
 }
