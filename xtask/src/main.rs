@@ -1,0 +1,68 @@
+//! Developer tasks for the `session` workspace, run as `cargo xtask <command>`.
+//!
+//! They live in Rust rather than in shell scripts so that the toolchain recipe, the test
+//! run and the network-namespace demo are one checked, portable program with errors that
+//! tell the operator what to do next.
+
+mod checks;
+mod cmd;
+mod lab;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use clap::{Parser, Subcommand};
+
+/// Command line of `cargo xtask`.
+#[derive(Parser)]
+#[command(about = "Set up, test, lint and demo the session firewall")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+/// The tasks; each one is also documented in README.md.
+#[derive(Subcommand)]
+enum Task {
+    /// Install and check what building and testing need (run as root; idempotent, fast when done)
+    Setup,
+    /// Run setup, build the `session` binary and run the whole test suite
+    Test {
+        /// Extra arguments for `cargo test`, given after `--`
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Check formatting and run clippy on the host crates and on the eBPF crate
+    Lint,
+    /// Demo: run the firewall between two network namespaces and show what it allows
+    Lab,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Test { args } => checks::test(&root, &args),
+        Task::Lint => checks::lint(&root),
+        Task::Lab => lab::run(&root),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root, so that every task works from whatever directory cargo was run in.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask's manifest directory sits inside the workspace")
+        .to_path_buf()
+}
