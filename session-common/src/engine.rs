@@ -228,9 +228,13 @@ fn classify<S: SessionTable, C: Counters>(
     match meta.icmp_kind {
         IcmpKind::Untracked => return (CtState::Untracked, false),
         IcmpKind::Error => {
+            // Only the host that sent the quoted packet may be told about it, as
+            // nf_conntrack_inet_error() checks.
             let about = embedded_key(meta);
             return match sessions.get_mut(&about) {
-                Some(session) if session.expires_ns > now => (CtState::Related, false),
+                Some(session) if session.expires_ns > now && meta.dst == meta.inner.src => {
+                    (CtState::Related, false)
+                }
                 _ => {
                     counters.count(Counter::InvalidIcmp);
                     (CtState::Invalid, false)

@@ -42,7 +42,10 @@ impl PacketBytes for [u8] {
         if len > 40 {
             return false;
         }
-        let Some(bytes) = offset.checked_add(len).and_then(|end| self.get(offset..end)) else {
+        let Some(bytes) = offset
+            .checked_add(len)
+            .and_then(|end| self.get(offset..end))
+        else {
             return false;
         };
         match buf.get_mut(..len) {
@@ -249,8 +252,8 @@ pub fn icmpv6_kind(icmp_type: u8) -> IcmpKind {
     match icmp_type {
         128 | 139 => IcmpKind::Request,
         129 | 140 => IcmpKind::Reply,
-        1..=4 => IcmpKind::Error,
-        130..=137 | 141..=143 | 151..=153 => IcmpKind::Untracked,
+        0..=127 => IcmpKind::Error,
+        130..=136 | 143 | 151 | 152 => IcmpKind::Untracked,
         _ => IcmpKind::Other,
     }
 }
@@ -343,17 +346,23 @@ fn skip_ipv6_extensions<P: PacketBytes + ?Sized>(
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         let len = match next {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_MOBILITY => {
-                let ext = pkt.load::<2>(start + skipped).ok_or(ParseError::Malformed)?;
+                let ext = pkt
+                    .load::<2>(start + skipped)
+                    .ok_or(ParseError::Malformed)?;
                 next = ext[0];
                 (ext[1] as usize + 1) * 8
             }
             IPV6_AH => {
-                let ext = pkt.load::<2>(start + skipped).ok_or(ParseError::Malformed)?;
+                let ext = pkt
+                    .load::<2>(start + skipped)
+                    .ok_or(ParseError::Malformed)?;
                 next = ext[0];
                 (ext[1] as usize + 2) * 4
             }
             IPV6_FRAGMENT => {
-                let ext = pkt.load::<4>(start + skipped).ok_or(ParseError::Malformed)?;
+                let ext = pkt
+                    .load::<4>(start + skipped)
+                    .ok_or(ParseError::Malformed)?;
                 if be16([ext[2], ext[3]]) & 0xfff8 != 0 {
                     return Err(ParseError::Fragment);
                 }
@@ -523,6 +532,10 @@ fn parse_embedded<P: PacketBytes + ?Sized>(
         if hdr[0] >> 4 != 4 || header_len < 20 || header_len + 8 > len {
             return Err(ParseError::Malformed);
         }
+        if be16([hdr[6], hdr[7]]) & 0x1fff != 0 {
+            // A quoted later fragment has no transport header: the kernel refuses it too.
+            return Err(ParseError::Malformed);
+        }
         inner.proto = hdr[9];
         inner.src = ipv4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
         inner.dst = ipv4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
@@ -560,4 +573,1204 @@ fn parse_embedded<P: PacketBytes + ?Sized>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use std::{vec, vec::Vec};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const V4_A: [u8; 4] = [198, 18, 0, 1];
+    const V4_B: [u8; 4] = [198, 18, 0, 2];
+    const V4_ROUTER: [u8; 4] = [198, 18, 0, 254];
+
+    fn v6(last: u8) -> [u8; 16] {
+        [
+            0x20, 0x01, 0x00, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, last,
+        ]
+    }
+
+    // ---- frame builders (independent of session-user's, so the crate tests itself) ----
+
+    fn ethernet(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+        out.extend_from_slice(&ethertype.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// An Ethernet frame with VLAN tags (outer first) in front of `ethertype`.
+    fn tagged(tags: &[u16], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+        for (i, tpid) in tags.iter().enumerate() {
+            out.extend_from_slice(&tpid.to_be_bytes());
+            out.extend_from_slice(&(100 + i as u16).to_be_bytes());
+        }
+        out.extend_from_slice(&ethertype.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    struct Ipv4 {
+        src: [u8; 4],
+        dst: [u8; 4],
+        proto: u8,
+        options: Vec<u8>,
+        frag: u16,
+    }
+
+    impl Ipv4 {
+        fn new(src: [u8; 4], dst: [u8; 4], proto: u8) -> Ipv4 {
+            Ipv4 {
+                src,
+                dst,
+                proto,
+                options: Vec::new(),
+                frag: 0x4000,
+            }
+        }
+
+        fn packet(&self, payload: &[u8]) -> Vec<u8> {
+            assert_eq!(self.options.len() % 4, 0);
+            let header_len = 20 + self.options.len();
+            let total = header_len + payload.len();
+            let mut out = vec![0x40 | (header_len / 4) as u8, 0];
+            out.extend_from_slice(&(total as u16).to_be_bytes());
+            out.extend_from_slice(&[0x12, 0x34]);
+            out.extend_from_slice(&self.frag.to_be_bytes());
+            out.extend_from_slice(&[64, self.proto, 0, 0]);
+            out.extend_from_slice(&self.src);
+            out.extend_from_slice(&self.dst);
+            out.extend_from_slice(&self.options);
+            out.extend_from_slice(payload);
+            out
+        }
+    }
+
+    /// An IPv6 packet; `exts` is a list of (header type, body) already in wire form except
+    /// the next-header byte, which is filled in.
+    fn ipv6(
+        src: [u8; 16],
+        dst: [u8; 16],
+        exts: &[(u8, Vec<u8>)],
+        proto: u8,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut chain = Vec::new();
+        for (i, (_, body)) in exts.iter().enumerate() {
+            let next = exts.get(i + 1).map_or(proto, |(kind, _)| *kind);
+            let mut header = body.clone();
+            header[0] = next;
+            chain.extend_from_slice(&header);
+        }
+        chain.extend_from_slice(payload);
+        let first = exts.first().map_or(proto, |(kind, _)| *kind);
+        let mut out = vec![0x60, 0, 0, 0];
+        out.extend_from_slice(&(chain.len() as u16).to_be_bytes());
+        out.extend_from_slice(&[first, 64]);
+        out.extend_from_slice(&src);
+        out.extend_from_slice(&dst);
+        out.extend_from_slice(&chain);
+        out
+    }
+
+    /// Hop-by-hop, routing or destination options header of `units` extra 8-byte units.
+    fn ext_opts(units: u8) -> Vec<u8> {
+        let mut body = vec![0u8; 8 * (units as usize + 1)];
+        body[1] = units;
+        body[2] = 1; // PadN
+        body[3] = (body.len() - 4) as u8;
+        body
+    }
+
+    fn ext_fragment(offset_units: u16, more: bool) -> Vec<u8> {
+        let word = (offset_units << 3) | u16::from(more);
+        let mut body = vec![0u8, 0];
+        body.extend_from_slice(&word.to_be_bytes());
+        body.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+        body
+    }
+
+    /// Authentication header with `extra_words` 4-byte words of ICV beyond the first.
+    fn ext_ah(words: u8) -> Vec<u8> {
+        // Length field is (total 4-byte words) - 2.
+        let total = 3 + words as usize;
+        let mut body = vec![0u8; total * 4];
+        body[1] = (total - 2) as u8;
+        body
+    }
+
+    struct Tcp {
+        sport: u16,
+        dport: u16,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        window: u16,
+        options: Vec<u8>,
+        payload: usize,
+        data_offset: Option<u8>,
+    }
+
+    impl Tcp {
+        fn new(sport: u16, dport: u16, flags: u8) -> Tcp {
+            Tcp {
+                sport,
+                dport,
+                seq: 0x0102_0304,
+                ack: 0x0a0b_0c0d,
+                flags,
+                window: 0xfaf0,
+                options: Vec::new(),
+                payload: 0,
+                data_offset: None,
+            }
+        }
+
+        fn bytes(&self) -> Vec<u8> {
+            let header_len = 20 + self.options.len();
+            assert_eq!(header_len % 4, 0);
+            let doff = self.data_offset.unwrap_or((header_len / 4) as u8);
+            let mut out = Vec::new();
+            out.extend_from_slice(&self.sport.to_be_bytes());
+            out.extend_from_slice(&self.dport.to_be_bytes());
+            out.extend_from_slice(&self.seq.to_be_bytes());
+            out.extend_from_slice(&self.ack.to_be_bytes());
+            out.push(doff << 4);
+            out.push(self.flags);
+            out.extend_from_slice(&self.window.to_be_bytes());
+            out.extend_from_slice(&[0, 0, 0, 0]);
+            out.extend_from_slice(&self.options);
+            out.resize(header_len + self.payload, 0xab);
+            out
+        }
+    }
+
+    fn udp(sport: u16, dport: u16, payload: usize) -> Vec<u8> {
+        let len = 8 + payload;
+        let mut out = Vec::new();
+        out.extend_from_slice(&sport.to_be_bytes());
+        out.extend_from_slice(&dport.to_be_bytes());
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+        out.extend_from_slice(&[0, 0]);
+        out.resize(len, 0xcd);
+        out
+    }
+
+    fn icmp(icmp_type: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+        let mut out = vec![icmp_type, code, 0, 0];
+        out.extend_from_slice(&rest);
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn v4_frame(ip: &Ipv4, payload: &[u8]) -> Vec<u8> {
+        ethernet(0x0800, &ip.packet(payload))
+    }
+
+    fn v6_frame(packet: &[u8]) -> Vec<u8> {
+        ethernet(0x86dd, packet)
+    }
+
+    fn parsed(frame: &[u8]) -> Result<PacketMeta, ParseError> {
+        let mut meta = PacketMeta::default();
+        parse(frame, &mut meta).map(|()| meta)
+    }
+
+    fn ok(frame: &[u8]) -> PacketMeta {
+        match parsed(frame) {
+            Ok(meta) => meta,
+            Err(error) => panic!("valid frame rejected with {error:?}: {frame:02x?}"),
+        }
+    }
+
+    const SYN: u8 = tcp_flags::SYN;
+    const ACK: u8 = tcp_flags::ACK;
+
+    fn syn_with_options() -> Tcp {
+        Tcp {
+            // MSS 1460, SACK permitted, timestamps, NOP, window scale 7.
+            options: vec![
+                2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+            ],
+            ..Tcp::new(40000, 8080, SYN)
+        }
+    }
+
+    /// A selection of valid frames of every shape the parser knows.
+    fn valid_frames() -> Vec<Vec<u8>> {
+        let tcp_data = Tcp {
+            payload: 100,
+            ..Tcp::new(40000, 8080, ACK | tcp_flags::PSH)
+        };
+        let quoted_udp = Ipv4::new(V4_A, V4_B, proto::UDP).packet(&udp(40000, 53, 20));
+        let quoted_v6_tcp = ipv6(
+            v6(1),
+            v6(2),
+            &[],
+            proto::TCP,
+            &Tcp::new(40000, 443, ACK).bytes(),
+        );
+        let mut with_options = Ipv4::new(V4_A, V4_B, proto::TCP);
+        with_options.options = vec![1, 1, 1, 0];
+        vec![
+            v4_frame(
+                &Ipv4::new(V4_A, V4_B, proto::TCP),
+                &syn_with_options().bytes(),
+            ),
+            v4_frame(&Ipv4::new(V4_A, V4_B, proto::TCP), &tcp_data.bytes()),
+            v4_frame(&with_options, &Tcp::new(1, 2, ACK).bytes()),
+            v4_frame(&Ipv4::new(V4_A, V4_B, proto::UDP), &udp(5353, 53, 32)),
+            v4_frame(
+                &Ipv4::new(V4_A, V4_B, proto::ICMP),
+                &icmp(8, 0, [0, 7, 0, 1], &[0; 16]),
+            ),
+            v4_frame(
+                &Ipv4::new(V4_ROUTER, V4_A, proto::ICMP),
+                &icmp(3, 3, [0; 4], &quoted_udp),
+            ),
+            v4_frame(&Ipv4::new(V4_A, V4_B, 47), &[0u8; 24]),
+            v6_frame(&ipv6(
+                v6(1),
+                v6(2),
+                &[],
+                proto::TCP,
+                &syn_with_options().bytes(),
+            )),
+            v6_frame(&ipv6(v6(1), v6(2), &[], proto::UDP, &udp(1000, 2000, 10))),
+            v6_frame(&ipv6(
+                v6(1),
+                v6(2),
+                &[],
+                proto::ICMPV6,
+                &icmp(128, 0, [0, 9, 0, 1], &[1; 8]),
+            )),
+            v6_frame(&ipv6(
+                v6(1),
+                v6(2),
+                &[
+                    (IPV6_HOPOPTS, ext_opts(0)),
+                    (IPV6_ROUTING, ext_opts(1)),
+                    (IPV6_DSTOPTS, ext_opts(0)),
+                    (IPV6_FRAGMENT, ext_fragment(0, true)),
+                ],
+                proto::TCP,
+                &Tcp::new(1, 2, SYN).bytes(),
+            )),
+            v6_frame(&ipv6(
+                v6(0xfe),
+                v6(1),
+                &[],
+                proto::ICMPV6,
+                &icmp(2, 0, [0, 0, 5, 0], &quoted_v6_tcp),
+            )),
+            tagged(
+                &[ETH_P_8021Q],
+                ETH_P_IP,
+                &Ipv4::new(V4_A, V4_B, proto::UDP).packet(&udp(1, 2, 0)),
+            ),
+            tagged(
+                &[ETH_P_8021AD, ETH_P_8021Q],
+                ETH_P_IPV6,
+                &ipv6(v6(1), v6(2), &[], proto::UDP, &udp(1, 2, 0)),
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_valid_frame_in_the_corpus_parses() {
+        for frame in valid_frames() {
+            ok(&frame);
+        }
+    }
+
+    #[test]
+    fn ipv4_tcp_syn_yields_every_field() {
+        let frame = v4_frame(
+            &Ipv4::new(V4_A, V4_B, proto::TCP),
+            &syn_with_options().bytes(),
+        );
+        let meta = ok(&frame);
+        assert_eq!(meta.family, crate::wire::FAMILY_IPV4);
+        assert_eq!(meta.proto, proto::TCP);
+        assert_eq!(meta.src, ipv4_mapped(V4_A));
+        assert_eq!(meta.dst, ipv4_mapped(V4_B));
+        assert_eq!((meta.sport, meta.dport), (40000, 8080));
+        assert_eq!((meta.seq, meta.ack), (0x0102_0304, 0x0a0b_0c0d));
+        assert_eq!(meta.tcp_flags, SYN);
+        assert_eq!(meta.window, 0xfaf0);
+        assert_eq!(meta.tcp_header_len, 40);
+        assert_eq!(meta.tcp_wscale, 7);
+        assert!(meta.tcp_sack_perm);
+        assert_eq!(meta.payload_len, 0);
+        assert_eq!(meta.ip_len, 60);
+        assert_eq!(meta.icmp_kind, IcmpKind::None);
+    }
+
+    #[test]
+    fn tcp_payload_and_ip_length_exclude_ethernet_padding() {
+        // A bare ACK is 40 bytes of IP; Ethernet pads the frame to 60 bytes.
+        let mut frame = v4_frame(
+            &Ipv4::new(V4_A, V4_B, proto::TCP),
+            &Tcp::new(1, 2, ACK).bytes(),
+        );
+        assert_eq!(frame.len(), 54);
+        frame.resize(60, 0);
+        let meta = ok(&frame);
+        assert_eq!(meta.payload_len, 0);
+        assert_eq!(meta.ip_len, 40);
+        let data = Tcp {
+            payload: 1000,
+            ..Tcp::new(1, 2, ACK)
+        };
+        let meta = ok(&v4_frame(&Ipv4::new(V4_A, V4_B, proto::TCP), &data.bytes()));
+        assert_eq!(meta.payload_len, 1000);
+        assert_eq!(meta.ip_len, 1040);
+    }
+
+    #[test]
+    fn tcp_options_are_read_only_on_syns() {
+        let ack_with_options = Tcp {
+            flags: ACK,
+            ..syn_with_options()
+        };
+        let meta = ok(&v4_frame(
+            &Ipv4::new(V4_A, V4_B, proto::TCP),
+            &ack_with_options.bytes(),
+        ));
+        assert_eq!(meta.tcp_wscale, 0xff);
+        assert!(!meta.tcp_sack_perm);
+        let synack = Tcp {
+            flags: SYN | ACK,
+            ..syn_with_options()
+        };
+        let meta = ok(&v4_frame(
+            &Ipv4::new(V4_A, V4_B, proto::TCP),
+            &synack.bytes(),
+        ));
+        assert_eq!(meta.tcp_wscale, 7);
+    }
+
+    #[test]
+    fn tcp_window_scale_above_14_is_clamped_like_the_kernel() {
+        let syn = Tcp {
+            options: vec![3, 3, 15, 0],
+            ..Tcp::new(1, 2, SYN)
+        };
+        assert_eq!(
+            ok(&v4_frame(&Ipv4::new(V4_A, V4_B, proto::TCP), &syn.bytes())).tcp_wscale,
+            14
+        );
+        let syn = Tcp {
+            options: vec![3, 3, 0xff, 0],
+            ..Tcp::new(1, 2, SYN)
+        };
+        assert_eq!(
+            ok(&v4_frame(&Ipv4::new(V4_A, V4_B, proto::TCP), &syn.bytes())).tcp_wscale,
+            14
+        );
+    }
+
+    #[test]
+    fn tcp_syn_without_options_has_no_window_scale() {
+        let meta = ok(&v4_frame(
+            &Ipv4::new(V4_A, V4_B, proto::TCP),
+            &Tcp::new(1, 2, SYN).bytes(),
+        ));
+        assert_eq!(meta.tcp_wscale, 0xff);
+        assert!(!meta.tcp_sack_perm);
+    }
+
+    #[test]
+    fn malformed_tcp_options_stop_the_scan_without_failing_the_packet() {
+        for options in [
+            vec![3, 0, 7, 0],                          // size 0
+            vec![3, 1, 7, 0],                          // size 1
+            vec![8, 40, 0, 0],                         // size beyond the options
+            vec![1, 1, 1, 3],                          // kind without room for a size
+            vec![0, 3, 3, 7],                          // end of list before the window scale
+            vec![1; 40],                               // only NOPs, longer than the scan bound
+            vec![4, 2, 3, 3, 7, 0, 0, 0],              // valid SACK-perm then window scale
+            vec![5, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], // SACK block on a SYN
+        ] {
+            let syn = Tcp {
+                options: options.clone(),
+                ..Tcp::new(1, 2, SYN)
+            };
+            let meta = ok(&v4_frame(&Ipv4::new(V4_A, V4_B, proto::TCP), &syn.bytes()));
+            match options.as_slice() {
+                [0, ..] | [3, 0, ..] | [3, 1, ..] => {
+                    assert_eq!(meta.tcp_wscale, 0xff, "{options:?}")
+                }
+                [4, 2, 3, 3, 7, ..] => {
+                    assert_eq!(meta.tcp_wscale, 7);
+                    assert!(meta.tcp_sack_perm);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn ipv4_header_options_move_the_transport_header() {
+        let mut ip = Ipv4::new(V4_A, V4_B, proto::UDP);
+        ip.options = vec![0x94, 0x04, 0, 0, 1, 1, 1, 0]; // router alert, NOPs, EOL
+        let meta = ok(&v4_frame(&ip, &udp(1111, 2222, 5)));
+        assert_eq!((meta.sport, meta.dport), (1111, 2222));
+        assert_eq!(meta.payload_len, 5);
+        assert_eq!(meta.ip_len, 28 + 13);
+    }
+
+    #[test]
+    fn ipv6_udp_yields_addresses_ports_and_lengths() {
+        let frame = v6_frame(&ipv6(v6(1), v6(2), &[], proto::UDP, &udp(5353, 53, 33)));
+        let meta = ok(&frame);
+        assert_eq!(meta.family, crate::wire::FAMILY_IPV6);
+        assert_eq!(meta.proto, proto::UDP);
+        assert_eq!((meta.src, meta.dst), (v6(1), v6(2)));
+        assert_eq!((meta.sport, meta.dport), (5353, 53));
+        assert_eq!(meta.payload_len, 33);
+        assert_eq!(meta.ip_len, 40 + 8 + 33);
+    }
+
+    #[test]
+    fn udp_length_field_bounds_the_payload() {
+        let ip = Ipv4::new(V4_A, V4_B, proto::UDP);
+        // UDP says 8 + 4 but IP carries 8 + 10 (trailing bytes after the datagram).
+        let mut datagram = udp(1, 2, 10);
+        datagram[4..6].copy_from_slice(&12u16.to_be_bytes());
+        assert_eq!(ok(&v4_frame(&ip, &datagram)).payload_len, 4);
+        for bad_len in [0u16, 7, 19, 0xffff] {
+            let mut datagram = udp(1, 2, 10);
+            datagram[4..6].copy_from_slice(&bad_len.to_be_bytes());
+            assert_eq!(
+                parsed(&v4_frame(&ip, &datagram)),
+                Err(ParseError::Malformed),
+                "udp length {bad_len}"
+            );
+        }
+    }
+
+    #[test]
+    fn icmp_echo_request_and_reply_carry_the_id_as_sport() {
+        let request = ok(&v4_frame(
+            &Ipv4::new(V4_A, V4_B, proto::ICMP),
+            &icmp(8, 0, [0x12, 0x34, 0, 1], &[0; 8]),
+        ));
+        assert_eq!(request.icmp_kind, IcmpKind::Request);
+        assert_eq!((request.icmp_type, request.icmp_code), (8, 0));
+        assert_eq!((request.sport, request.dport), (0x1234, 0));
+        assert_eq!(request.payload_len, 8);
+        let reply = ok(&v6_frame(&ipv6(
+            v6(2),
+            v6(1),
+            &[],
+            proto::ICMPV6,
+            &icmp(129, 0, [0xbe, 0xef, 0, 1], &[]),
+        )));
+        assert_eq!(reply.icmp_kind, IcmpKind::Reply);
+        assert_eq!((reply.sport, reply.dport), (0xbeef, 0));
+    }
+
+    #[test]
+    fn icmp_shorter_than_its_header_is_malformed() {
+        let frame = v4_frame(&Ipv4::new(V4_A, V4_B, proto::ICMP), &[8, 0, 0, 0, 0, 1, 0]);
+        assert_eq!(parsed(&frame), Err(ParseError::Malformed));
+    }
+
+    #[test]
+    fn icmpv4_error_exposes_the_embedded_udp_tuple() {
+        let quoted = Ipv4::new(V4_A, V4_B, proto::UDP).packet(&udp(40000, 53, 20));
+        let frame = v4_frame(
+            &Ipv4::new(V4_ROUTER, V4_A, proto::ICMP),
+            &icmp(3, 3, [0; 4], &quoted[..28]),
+        );
+        let meta = ok(&frame);
+        assert_eq!(meta.icmp_kind, IcmpKind::Error);
+        assert_eq!((meta.icmp_type, meta.icmp_code), (3, 3));
+        assert_eq!(meta.inner.proto, proto::UDP);
+        assert_eq!(meta.inner.src, ipv4_mapped(V4_A));
+        assert_eq!(meta.inner.dst, ipv4_mapped(V4_B));
+        assert_eq!((meta.inner.sport, meta.inner.dport), (40000, 53));
+        assert_eq!(
+            (meta.sport, meta.dport),
+            (0, 0),
+            "an error has no ports of its own"
+        );
+    }
+
+    #[test]
+    fn icmpv4_error_quoting_tcp_with_only_eight_bytes_is_enough() {
+        let quoted = Ipv4::new(V4_A, V4_B, proto::TCP).packet(&Tcp::new(40000, 8080, ACK).bytes());
+        let frame = v4_frame(
+            &Ipv4::new(V4_ROUTER, V4_A, proto::ICMP),
+            &icmp(3, 4, [0, 0, 5, 0xdc], &quoted[..28]),
+        );
+        let meta = ok(&frame);
+        assert_eq!(meta.inner.proto, proto::TCP);
+        assert_eq!((meta.inner.sport, meta.inner.dport), (40000, 8080));
+        // Seven bytes of transport header are not enough.
+        let frame = v4_frame(
+            &Ipv4::new(V4_ROUTER, V4_A, proto::ICMP),
+            &icmp(3, 4, [0; 4], &quoted[..27]),
+        );
+        assert_eq!(parsed(&frame), Err(ParseError::Malformed));
+    }
+
+    #[test]
+    fn icmpv4_error_quoting_a_header_with_options_finds_the_ports() {
+        let mut inner = Ipv4::new(V4_A, V4_B, proto::UDP);
+        inner.options = vec![1, 1, 1, 1];
+        let quoted = inner.packet(&udp(7, 9, 0));
+        let meta = ok(&v4_frame(
+            &Ipv4::new(V4_ROUTER, V4_A, proto::ICMP),
+            &icmp(11, 0, [0; 4], &quoted),
+        ));
+        assert_eq!((meta.inner.sport, meta.inner.dport), (7, 9));
+    }
+
+    #[test]
+    fn icmpv4_error_quoting_an_echo_request_keys_on_its_id() {
+        let quoted =
+            Ipv4::new(V4_A, V4_B, proto::ICMP).packet(&icmp(8, 0, [0x0a, 0x0b, 0, 1], &[]));
+        let meta = ok(&v4_frame(
+            &Ipv4::new(V4_ROUTER, V4_A, proto::ICMP),
+            &icmp(11, 0, [0; 4], &quoted),
+        ));
+        assert_eq!(meta.inner.proto, proto::ICMP);
+        assert_eq!(meta.inner.icmp_kind, IcmpKind::Request);
+        assert_eq!((meta.inner.sport, meta.inner.dport), (0x0a0b, 0));
+    }
+
+    #[test]
+    fn icmpv4_error_quoting_another_error_is_malformed() {
+        let inner_error = Ipv4::new(V4_A, V4_B, proto::ICMP).packet(&icmp(3, 1, [0; 4], &[]));
+        let frame = v4_frame(
+            &Ipv4::new(V4_ROUTER, V4_A, proto::ICMP),
+            &icmp(3, 1, [0; 4], &inner_error),
+        );
+        assert_eq!(parsed(&frame), Err(ParseError::Malformed));
+    }
+
+    #[test]
+    fn icmpv4_error_with_a_bad_embedded_header_is_malformed() {
+        let good = Ipv4::new(V4_A, V4_B, proto::UDP).packet(&udp(1, 2, 0));
+        for (what, mutate) in [
+            ("version 6", (0usize, 0x65u8)),
+            ("ihl 4", (0, 0x44)),
+            ("ihl beyond the quote", (0, 0x4f)),
+        ] {
+            let mut quoted = good.clone();
+            quoted[mutate.0] = mutate.1;
+            let frame = v4_frame(
+                &Ipv4::new(V4_ROUTER, V4_A, proto::ICMP),
+                &icmp(3, 3, [0; 4], &quoted),
+            );
+            assert_eq!(parsed(&frame), Err(ParseError::Malformed), "{what}");
+        }
+    }
+
+    #[test]
+    fn icmpv4_error_quoting_a_non_first_fragment_is_not_parsed() {
+        let mut inner = Ipv4::new(V4_A, V4_B, proto::UDP);
+        inner.frag = 0x2000 | 185; // MF, offset 1480
+        let quoted = inner.packet(&[0x9c, 0x40, 0x00, 0x35, 0, 0, 0, 0]);
+        let frame = v4_frame(
+            &Ipv4::new(V4_ROUTER, V4_A, proto::ICMP),
+            &icmp(11, 1, [0; 4], &quoted),
+        );
+        assert!(
+            parsed(&frame).is_err(),
+            "bytes after a non-first fragment's header are not ports"
+        );
+    }
+
+    #[test]
+    fn icmpv6_packet_too_big_exposes_the_embedded_tcp_tuple() {
+        let quoted = ipv6(
+            v6(1),
+            v6(2),
+            &[],
+            proto::TCP,
+            &Tcp::new(40000, 443, ACK).bytes(),
+        );
+        let frame = v6_frame(&ipv6(
+            v6(0xfe),
+            v6(1),
+            &[],
+            proto::ICMPV6,
+            &icmp(2, 0, [0, 0, 5, 0], &quoted),
+        ));
+        let meta = ok(&frame);
+        assert_eq!(meta.icmp_kind, IcmpKind::Error);
+        assert_eq!(meta.icmp_type, 2);
+        assert_eq!(meta.inner.proto, proto::TCP);
+        assert_eq!((meta.inner.src, meta.inner.dst), (v6(1), v6(2)));
+        assert_eq!((meta.inner.sport, meta.inner.dport), (40000, 443));
+    }
+
+    #[test]
+    fn icmpv6_error_skips_extension_headers_of_the_embedded_packet() {
+        let quoted = ipv6(
+            v6(1),
+            v6(2),
+            &[
+                (IPV6_DSTOPTS, ext_opts(0)),
+                (IPV6_FRAGMENT, ext_fragment(0, true)),
+            ],
+            proto::UDP,
+            &udp(5000, 6000, 4),
+        );
+        let frame = v6_frame(&ipv6(
+            v6(0xfe),
+            v6(1),
+            &[],
+            proto::ICMPV6,
+            &icmp(3, 0, [0; 4], &quoted),
+        ));
+        let meta = ok(&frame);
+        assert_eq!(meta.inner.proto, proto::UDP);
+        assert_eq!((meta.inner.sport, meta.inner.dport), (5000, 6000));
+    }
+
+    #[test]
+    fn icmpv6_error_quoting_an_echo_request_keys_on_its_id() {
+        let quoted = ipv6(
+            v6(1),
+            v6(2),
+            &[],
+            proto::ICMPV6,
+            &icmp(128, 0, [0, 42, 0, 1], &[]),
+        );
+        let meta = ok(&v6_frame(&ipv6(
+            v6(0xfe),
+            v6(1),
+            &[],
+            proto::ICMPV6,
+            &icmp(1, 0, [0; 4], &quoted),
+        )));
+        assert_eq!(meta.inner.icmp_kind, IcmpKind::Request);
+        assert_eq!(meta.inner.sport, 42);
+    }
+
+    #[test]
+    fn icmpv6_error_with_a_short_or_bad_embedded_header_is_malformed() {
+        let quoted = ipv6(v6(1), v6(2), &[], proto::UDP, &udp(1, 2, 0));
+        let short = v6_frame(&ipv6(
+            v6(0xfe),
+            v6(1),
+            &[],
+            proto::ICMPV6,
+            &icmp(1, 4, [0; 4], &quoted[..47]),
+        ));
+        assert_eq!(parsed(&short), Err(ParseError::Malformed));
+        let mut bad_version = quoted.clone();
+        bad_version[0] = 0x40;
+        let frame = v6_frame(&ipv6(
+            v6(0xfe),
+            v6(1),
+            &[],
+            proto::ICMPV6,
+            &icmp(1, 4, [0; 4], &bad_version),
+        ));
+        assert_eq!(parsed(&frame), Err(ParseError::Malformed));
+    }
+
+    #[test]
+    fn icmpv4_kinds_follow_nf_conntrack() {
+        for icmp_type in 0..=255u8 {
+            let expected = match icmp_type {
+                8 | 13 | 15 | 17 => IcmpKind::Request,
+                0 | 14 | 16 | 18 => IcmpKind::Reply,
+                3 | 4 | 5 | 11 | 12 => IcmpKind::Error,
+                _ => IcmpKind::Other,
+            };
+            assert_eq!(icmpv4_kind(icmp_type), expected, "ICMP type {icmp_type}");
+        }
+    }
+
+    #[test]
+    fn icmpv6_queries_replies_and_common_errors_follow_nf_conntrack() {
+        for (icmp_type, expected) in [
+            (128, IcmpKind::Request),
+            (139, IcmpKind::Request),
+            (129, IcmpKind::Reply),
+            (140, IcmpKind::Reply),
+            (1, IcmpKind::Error),
+            (2, IcmpKind::Error),
+            (3, IcmpKind::Error),
+            (4, IcmpKind::Error),
+            (130, IcmpKind::Untracked),
+            (131, IcmpKind::Untracked),
+            (132, IcmpKind::Untracked),
+            (133, IcmpKind::Untracked),
+            (134, IcmpKind::Untracked),
+            (135, IcmpKind::Untracked),
+            (136, IcmpKind::Untracked),
+            (143, IcmpKind::Untracked),
+            (138, IcmpKind::Other),
+            (144, IcmpKind::Other),
+            (200, IcmpKind::Other),
+            (255, IcmpKind::Other),
+        ] {
+            assert_eq!(icmpv6_kind(icmp_type), expected, "ICMPv6 type {icmp_type}");
+        }
+    }
+
+    #[test]
+    fn icmpv6_only_the_kernels_noct_types_are_untracked() {
+        for icmp_type in [137u8, 141, 142, 153] {
+            assert_ne!(
+                icmpv6_kind(icmp_type),
+                IcmpKind::Untracked,
+                "ICMPv6 type {icmp_type}"
+            );
+        }
+    }
+
+    #[test]
+    fn icmpv6_every_type_below_128_is_an_error_like_the_kernel() {
+        for icmp_type in 0..128u8 {
+            assert_eq!(
+                icmpv6_kind(icmp_type),
+                IcmpKind::Error,
+                "ICMPv6 type {icmp_type}"
+            );
+        }
+    }
+
+    #[test]
+    fn ipv6_untracked_message_has_no_ports() {
+        let ns = ok(&v6_frame(&ipv6(
+            v6(1),
+            v6(2),
+            &[],
+            proto::ICMPV6,
+            &icmp(135, 0, [0; 4], &v6(2)),
+        )));
+        assert_eq!(ns.icmp_kind, IcmpKind::Untracked);
+        assert_eq!((ns.sport, ns.dport), (0, 0));
+    }
+
+    #[test]
+    fn other_protocols_parse_with_their_payload_length() {
+        let meta = ok(&v4_frame(&Ipv4::new(V4_A, V4_B, 47), &[0u8; 24]));
+        assert_eq!(meta.proto, 47);
+        assert_eq!(meta.payload_len, 24);
+        assert_eq!((meta.sport, meta.dport), (0, 0));
+        let meta = ok(&v6_frame(&ipv6(v6(1), v6(2), &[], 59, &[])));
+        assert_eq!(meta.proto, 59, "no next header");
+        assert_eq!(meta.payload_len, 0);
+    }
+
+    #[test]
+    fn truncating_a_valid_frame_anywhere_is_malformed_never_a_panic() {
+        for frame in valid_frames() {
+            for len in 0..frame.len() {
+                assert_eq!(
+                    parsed(&frame[..len]),
+                    Err(ParseError::Malformed),
+                    "frame of {} bytes cut to {len}: {:02x?}",
+                    frame.len(),
+                    &frame[..len]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn non_ip_frames_are_not_ip() {
+        let arp = ethernet(0x0806, &[0u8; 28]);
+        assert_eq!(parsed(&arp), Err(ParseError::NotIp));
+        let lldp = ethernet(0x88cc, &[0u8; 40]);
+        assert_eq!(parsed(&lldp), Err(ParseError::NotIp));
+        assert_eq!(
+            parsed(&tagged(&[ETH_P_8021Q], 0x0806, &[0u8; 28])),
+            Err(ParseError::NotIp)
+        );
+        assert_eq!(parsed(&[0u8; 64][..]), Err(ParseError::NotIp));
+    }
+
+    #[test]
+    fn garbage_after_an_ip_ethertype_is_malformed() {
+        for garbage in [[0u8; 60], [0xff; 60], [0x45; 60], [0x60; 60]] {
+            for ethertype in [ETH_P_IP, ETH_P_IPV6] {
+                let frame = ethernet(ethertype, &garbage);
+                assert_eq!(
+                    parsed(&frame),
+                    Err(ParseError::Malformed),
+                    "{ethertype:#x} {:02x}",
+                    garbage[0]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn ip_version_must_match_the_ethertype() {
+        let v4 = Ipv4::new(V4_A, V4_B, proto::UDP).packet(&udp(1, 2, 0));
+        let v6_packet = ipv6(v6(1), v6(2), &[], proto::UDP, &udp(1, 2, 0));
+        assert_eq!(
+            parsed(&ethernet(ETH_P_IPV6, &v4)),
+            Err(ParseError::Malformed)
+        );
+        assert_eq!(
+            parsed(&ethernet(ETH_P_IP, &v6_packet)),
+            Err(ParseError::Malformed)
+        );
+    }
+
+    #[test]
+    fn one_and_two_vlan_tags_parse_like_an_untagged_frame() {
+        let ip = Ipv4::new(V4_A, V4_B, proto::TCP).packet(&syn_with_options().bytes());
+        let plain = ok(&ethernet(ETH_P_IP, &ip));
+        for tags in [
+            &[ETH_P_8021Q][..],
+            &[ETH_P_8021AD],
+            &[ETH_P_8021AD, ETH_P_8021Q],
+            &[ETH_P_8021Q, ETH_P_8021Q],
+        ] {
+            assert_eq!(ok(&tagged(tags, ETH_P_IP, &ip)), plain, "tags {tags:04x?}");
+        }
+        let ip6 = ipv6(v6(1), v6(2), &[], proto::UDP, &udp(1, 2, 3));
+        let plain6 = ok(&ethernet(ETH_P_IPV6, &ip6));
+        assert_eq!(
+            ok(&tagged(&[ETH_P_8021AD, ETH_P_8021Q], ETH_P_IPV6, &ip6)),
+            plain6
+        );
+    }
+
+    #[test]
+    fn three_vlan_tags_are_not_inspected_as_ip() {
+        let ip = Ipv4::new(V4_A, V4_B, proto::UDP).packet(&udp(1, 2, 0));
+        let frame = tagged(&[ETH_P_8021AD, ETH_P_8021Q, ETH_P_8021Q], ETH_P_IP, &ip);
+        assert_eq!(parsed(&frame), Err(ParseError::NotIp));
+    }
+
+    #[test]
+    fn ipv6_extension_headers_are_skipped_to_the_transport_header() {
+        let tcp = Tcp::new(1234, 80, SYN).bytes();
+        for exts in [
+            vec![(IPV6_HOPOPTS, ext_opts(0))],
+            vec![(IPV6_ROUTING, ext_opts(2))],
+            vec![(IPV6_DSTOPTS, ext_opts(1))],
+            vec![(IPV6_FRAGMENT, ext_fragment(0, true))],
+            vec![(IPV6_FRAGMENT, ext_fragment(0, false))],
+            vec![(IPV6_AH, ext_ah(3))],
+            vec![
+                (IPV6_HOPOPTS, ext_opts(0)),
+                (IPV6_DSTOPTS, ext_opts(0)),
+                (IPV6_ROUTING, ext_opts(0)),
+                (IPV6_FRAGMENT, ext_fragment(0, true)),
+                (IPV6_AH, ext_ah(1)),
+                (IPV6_DSTOPTS, ext_opts(3)),
+            ],
+        ] {
+            let ext_len: usize = exts.iter().map(|(_, body)| body.len()).sum();
+            let meta = ok(&v6_frame(&ipv6(v6(1), v6(2), &exts, proto::TCP, &tcp)));
+            assert_eq!(meta.proto, proto::TCP, "{exts:?}");
+            assert_eq!((meta.sport, meta.dport), (1234, 80));
+            assert_eq!(meta.tcp_flags, SYN);
+            assert_eq!(meta.payload_len, 0);
+            assert_eq!(meta.ip_len as usize, 40 + ext_len + 20);
+        }
+    }
+
+    #[test]
+    fn ipv6_non_first_fragment_is_a_fragment() {
+        for exts in [
+            vec![(IPV6_FRAGMENT, ext_fragment(185, true))],
+            vec![(IPV6_FRAGMENT, ext_fragment(1, false))],
+            vec![
+                (IPV6_HOPOPTS, ext_opts(0)),
+                (IPV6_FRAGMENT, ext_fragment(8191, false)),
+            ],
+        ] {
+            let frame = v6_frame(&ipv6(v6(1), v6(2), &exts, proto::UDP, &[0u8; 16]));
+            assert_eq!(parsed(&frame), Err(ParseError::Fragment), "{exts:?}");
+        }
+    }
+
+    #[test]
+    fn ipv6_more_extension_headers_than_the_bound_is_malformed() {
+        let exts: Vec<(u8, Vec<u8>)> = (0..=MAX_IPV6_EXT_HEADERS)
+            .map(|_| (IPV6_DSTOPTS, ext_opts(0)))
+            .collect();
+        let frame = v6_frame(&ipv6(v6(1), v6(2), &exts, proto::UDP, &udp(1, 2, 0)));
+        assert_eq!(parsed(&frame), Err(ParseError::Malformed));
+        let exts = &exts[..MAX_IPV6_EXT_HEADERS];
+        assert_eq!(
+            ok(&v6_frame(&ipv6(
+                v6(1),
+                v6(2),
+                exts,
+                proto::UDP,
+                &udp(1, 2, 0)
+            )))
+            .proto,
+            proto::UDP
+        );
+    }
+
+    #[test]
+    fn ipv6_extension_header_longer_than_the_payload_is_malformed() {
+        let mut packet = ipv6(
+            v6(1),
+            v6(2),
+            &[(IPV6_HOPOPTS, ext_opts(0))],
+            proto::UDP,
+            &udp(1, 2, 0),
+        );
+        packet[40 + 1] = 200; // claims 1608 bytes
+        packet.resize(packet.len() + 2000, 0); // even with bytes after the packet in the frame
+        assert_eq!(parsed(&v6_frame(&packet)), Err(ParseError::Malformed));
+    }
+
+    #[test]
+    fn ipv6_payload_length_beyond_the_frame_is_malformed() {
+        let mut packet = ipv6(v6(1), v6(2), &[], proto::UDP, &udp(1, 2, 0));
+        packet[4..6].copy_from_slice(&9u16.to_be_bytes());
+        assert_eq!(parsed(&v6_frame(&packet)), Err(ParseError::Malformed));
+    }
+
+    #[test]
+    fn ipv4_non_first_fragment_is_a_fragment_and_first_fragment_parses() {
+        let payload = udp(1, 2, 8);
+        for (frag, expected) in [
+            (0x0000u16, Ok(())), // not fragmented
+            (0x4000, Ok(())),    // DF
+            (0x2000, Ok(())),    // first fragment, more to come
+            (0x2000 | 185, Err(ParseError::Fragment)),
+            (185, Err(ParseError::Fragment)), // last fragment
+            (0x1fff, Err(ParseError::Fragment)),
+        ] {
+            let mut ip = Ipv4::new(V4_A, V4_B, proto::UDP);
+            ip.frag = frag;
+            assert_eq!(
+                parsed(&v4_frame(&ip, &payload)).map(|_| ()),
+                expected,
+                "frag field {frag:#06x}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_ipv4_header_lengths_are_malformed() {
+        let good = Ipv4::new(V4_A, V4_B, proto::UDP).packet(&udp(1, 2, 4));
+        for (what, byte, value) in [
+            ("ihl 0", 0usize, 0x40u8),
+            ("ihl 4", 0, 0x44),
+            ("ihl 15 beyond total length", 0, 0x4f),
+            ("version 5", 0, 0x55),
+        ] {
+            let mut packet = good.clone();
+            packet[byte] = value;
+            assert_eq!(
+                parsed(&ethernet(ETH_P_IP, &packet)),
+                Err(ParseError::Malformed),
+                "{what}"
+            );
+        }
+        for (what, total) in [
+            ("total below header", 19u16),
+            ("total beyond frame", 33),
+            ("total zero", 0),
+        ] {
+            let mut packet = good.clone();
+            packet[2..4].copy_from_slice(&total.to_be_bytes());
+            assert_eq!(
+                parsed(&ethernet(ETH_P_IP, &packet)),
+                Err(ParseError::Malformed),
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_tcp_data_offsets_are_malformed() {
+        let ip = Ipv4::new(V4_A, V4_B, proto::TCP);
+        for doff in [0u8, 1, 4, 6, 15] {
+            let segment = Tcp {
+                data_offset: Some(doff),
+                ..Tcp::new(1, 2, ACK)
+            };
+            assert_eq!(
+                parsed(&v4_frame(&ip, &segment.bytes())),
+                Err(ParseError::Malformed),
+                "data offset {doff}"
+            );
+        }
+        // A data offset covering payload bytes is fine as long as they are there.
+        let segment = Tcp {
+            data_offset: Some(6),
+            payload: 4,
+            ..Tcp::new(1, 2, ACK)
+        };
+        let meta = ok(&v4_frame(&ip, &segment.bytes()));
+        assert_eq!(meta.tcp_header_len, 24);
+        assert_eq!(meta.payload_len, 0);
+    }
+
+    #[test]
+    fn tcp_header_inside_ethernet_padding_but_outside_the_ip_packet_is_malformed() {
+        // IP says 20 + 10 bytes, the frame has a full TCP header thanks to padding.
+        let mut packet = Ipv4::new(V4_A, V4_B, proto::TCP).packet(&Tcp::new(1, 2, ACK).bytes());
+        packet[2..4].copy_from_slice(&30u16.to_be_bytes());
+        assert_eq!(
+            parsed(&ethernet(ETH_P_IP, &packet)),
+            Err(ParseError::Malformed)
+        );
+    }
+
+    #[test]
+    fn parse_resets_fields_left_over_from_a_previous_packet() {
+        let mut meta = PacketMeta::default();
+        let syn = v4_frame(
+            &Ipv4::new(V4_A, V4_B, proto::TCP),
+            &syn_with_options().bytes(),
+        );
+        parse(&syn[..], &mut meta).expect("syn parses");
+        let echo = v6_frame(&ipv6(
+            v6(1),
+            v6(2),
+            &[],
+            proto::ICMPV6,
+            &icmp(128, 0, [0, 1, 0, 1], &[]),
+        ));
+        parse(&echo[..], &mut meta).expect("echo parses");
+        assert_eq!(meta.tcp_flags, 0);
+        assert_eq!(meta.tcp_wscale, 0xff);
+        assert!(!meta.tcp_sack_perm);
+        assert_eq!((meta.seq, meta.ack, meta.window), (0, 0, 0));
+        assert_eq!(meta.dport, 0);
+    }
+
+    /// Checks what holds for any frame the parser accepts.
+    fn check_invariants(frame: &[u8]) {
+        let mut meta = PacketMeta::default();
+        if parse(frame, &mut meta).is_ok() {
+            assert!(
+                meta.family == crate::wire::FAMILY_IPV4 || meta.family == crate::wire::FAMILY_IPV6
+            );
+            assert!((meta.ip_len as usize) <= frame.len());
+            assert!(meta.payload_len <= meta.ip_len);
+            assert!(meta.tcp_wscale == 0xff || meta.tcp_wscale <= 14);
+            if meta.proto == proto::TCP {
+                assert!(meta.tcp_header_len >= 20 && meta.tcp_header_len <= 60);
+            }
+        }
+    }
+
+    fn arb_valid_frame() -> impl Strategy<Value = Vec<u8>> {
+        let frames = valid_frames();
+        (0..frames.len()).prop_map(move |i| frames[i].clone())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn parser_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            check_invariants(&bytes);
+        }
+
+        #[test]
+        fn parser_never_panics_on_arbitrary_bytes_behind_an_ip_ethertype(
+            ethertype in prop_oneof![Just(ETH_P_IP), Just(ETH_P_IPV6), Just(ETH_P_8021Q)],
+            bytes in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            check_invariants(&ethernet(ethertype, &bytes));
+        }
+
+        #[test]
+        fn parser_never_panics_on_mutated_valid_frames(
+            frame in arb_valid_frame(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+            extra in proptest::collection::vec(any::<u8>(), 0..16),
+        ) {
+            let mut frame = frame;
+            for (at, value) in &edits {
+                let i = at.index(frame.len());
+                frame[i] = *value;
+            }
+            check_invariants(&frame);
+            let cut_at = cut.index(frame.len() + 1);
+            check_invariants(&frame[..cut_at]);
+            frame.extend_from_slice(&extra);
+            check_invariants(&frame);
+        }
+    }
+
+    /// One packet of a flow and its answer, built as frames: TCP, UDP or an ICMP echo.
+    fn flow_pair(
+        v6_flow: bool,
+        kind: u8,
+        a: [u8; 16],
+        b: [u8; 16],
+        pa: u16,
+        pb: u16,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let (forward, backward) = match kind {
+            0 => (
+                Tcp::new(pa, pb, SYN).bytes(),
+                Tcp::new(pb, pa, SYN | ACK).bytes(),
+            ),
+            1 => (udp(pa, pb, 3), udp(pb, pa, 7)),
+            _ => {
+                let (request, reply) = if v6_flow { (128, 129) } else { (8, 0) };
+                let [hi, lo] = pa.to_be_bytes();
+                (
+                    icmp(request, 0, [hi, lo, 0, 1], &[]),
+                    icmp(reply, 0, [hi, lo, 0, 1], &[]),
+                )
+            }
+        };
+        let protocol = match (kind, v6_flow) {
+            (0, _) => proto::TCP,
+            (1, _) => proto::UDP,
+            (_, false) => proto::ICMP,
+            (_, true) => proto::ICMPV6,
+        };
+        if v6_flow {
+            (
+                v6_frame(&ipv6(a, b, &[], protocol, &forward)),
+                v6_frame(&ipv6(b, a, &[], protocol, &backward)),
+            )
+        } else {
+            let a4 = [a[12], a[13], a[14], a[15]];
+            let b4 = [b[12], b[13], b[14], b[15]];
+            (
+                v4_frame(&Ipv4::new(a4, b4, protocol), &forward),
+                v4_frame(&Ipv4::new(b4, a4, protocol), &backward),
+            )
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn flow_key_of_a_parsed_answer_equals_the_key_of_the_parsed_packet(
+            v6_flow in any::<bool>(),
+            kind in 0u8..3,
+            a in any::<[u8; 16]>(),
+            b in any::<[u8; 16]>(),
+            pa in any::<u16>(),
+            pb in any::<u16>(),
+        ) {
+            let (forward, backward) = flow_pair(v6_flow, kind, a, b, pa, pb);
+            let there = ok(&forward);
+            let back = ok(&backward);
+            let (key_there, lo_there) = crate::track::flow_key(&there);
+            let (key_back, lo_back) = crate::track::flow_key(&back);
+            prop_assert_eq!(key_there, key_back);
+            if there.src != there.dst {
+                prop_assert_ne!(lo_there, lo_back);
+            }
+        }
+    }
 }

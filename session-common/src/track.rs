@@ -23,7 +23,15 @@ pub fn flow_key(meta: &PacketMeta) -> (FlowKey, bool) {
 pub fn embedded_key(meta: &PacketMeta) -> FlowKey {
     let inner = &meta.inner;
     let (sport, dport) = key_ports(inner.proto, inner.sport, inner.dport);
-    endpoints_key(meta.family, inner.proto, &inner.src, sport, &inner.dst, dport).0
+    endpoints_key(
+        meta.family,
+        inner.proto,
+        &inner.src,
+        sport,
+        &inner.dst,
+        dport,
+    )
+    .0
 }
 
 /// ICMP queries are identified by their id alone, so both directions use it as both ports;
@@ -208,21 +216,41 @@ const S2: u8 = TcpState::SynSent2 as u8;
 /// so lookups use masked indices, which the BPF verifier can prove in bounds.
 pub const TCP_TRANSITIONS: [[[u8; 16]; 8]; 2] = [
     [
-        [SS, SS, IG, IG, IG, IG, IG, SS, SS, S2, IV, IV, IV, IV, IV, IV],
-        [IV, IV, SR, IV, IV, IV, IV, IV, IV, SR, IV, IV, IV, IV, IV, IV],
-        [IV, IV, FW, FW, LA, LA, LA, TW, CL, IV, IV, IV, IV, IV, IV, IV],
-        [ES, IV, ES, ES, CW, CW, TW, TW, CL, IV, IV, IV, IV, IV, IV, IV],
-        [IV, CL, CL, CL, CL, CL, CL, CL, CL, CL, IV, IV, IV, IV, IV, IV],
+        [
+            SS, SS, IG, IG, IG, IG, IG, SS, SS, S2, IV, IV, IV, IV, IV, IV,
+        ],
+        [
+            IV, IV, SR, IV, IV, IV, IV, IV, IV, SR, IV, IV, IV, IV, IV, IV,
+        ],
+        [
+            IV, IV, FW, FW, LA, LA, LA, TW, CL, IV, IV, IV, IV, IV, IV, IV,
+        ],
+        [
+            ES, IV, ES, ES, CW, CW, TW, TW, CL, IV, IV, IV, IV, IV, IV, IV,
+        ],
+        [
+            IV, CL, CL, CL, CL, CL, CL, CL, CL, CL, IV, IV, IV, IV, IV, IV,
+        ],
         [IV; 16],
         [IV; 16],
         [IV; 16],
     ],
     [
-        [IV, S2, IV, IV, IV, IV, IV, SS, IV, S2, IV, IV, IV, IV, IV, IV],
-        [IV, SR, IG, IG, IG, IG, IG, IG, IG, SR, IV, IV, IV, IV, IV, IV],
-        [IV, IV, FW, FW, LA, LA, LA, TW, CL, IV, IV, IV, IV, IV, IV, IV],
-        [IV, IG, SR, ES, CW, CW, TW, TW, CL, IG, IV, IV, IV, IV, IV, IV],
-        [IV, CL, CL, CL, CL, CL, CL, CL, CL, CL, IV, IV, IV, IV, IV, IV],
+        [
+            IV, S2, IV, IV, IV, IV, IV, SS, IV, S2, IV, IV, IV, IV, IV, IV,
+        ],
+        [
+            IV, SR, IG, IG, IG, IG, IG, IG, IG, SR, IV, IV, IV, IV, IV, IV,
+        ],
+        [
+            IV, IV, FW, FW, LA, LA, LA, TW, CL, IV, IV, IV, IV, IV, IV, IV,
+        ],
+        [
+            IV, IG, SR, ES, CW, CW, TW, TW, CL, IG, IV, IV, IV, IV, IV, IV,
+        ],
+        [
+            IV, CL, CL, CL, CL, CL, CL, CL, CL, CL, IV, IV, IV, IV, IV, IV,
+        ],
         [IV; 16],
         [IV; 16],
         [IV; 16],
@@ -328,7 +356,11 @@ pub fn new_session(
 ) -> Result<(), Invalid> {
     session.reset();
     session.created_ns = now;
-    session.flags = if src_is_lo { session_flags::ORIG_IS_LO } else { 0 };
+    session.flags = if src_is_lo {
+        session_flags::ORIG_IS_LO
+    } else {
+        0
+    };
     session.last_index = tcp_index::NONE;
     match meta.proto {
         proto::TCP => {
@@ -337,7 +369,11 @@ pub fn new_session(
             }
             let index = tcp_index(meta.tcp_flags);
             let first = tcp_transition(Dir::Original, index, TcpState::None as u8);
-            let window = if meta.window == 0 { 1 } else { meta.window as u32 };
+            let window = if meta.window == 0 {
+                1
+            } else {
+                meta.window as u32
+            };
             if first == SS {
                 let sender = &mut session.tcp[0];
                 sender.end = segment_end(meta);
@@ -480,7 +516,8 @@ fn update_tcp(
     let d = dir.index() & 1;
     let mut new = tcp_transition(dir, index, old);
     if new == SS && old >= TW {
-        let closing = (session.tcp[0].flags | session.tcp[1].flags) & tcp_peer_flags::CLOSE_INIT != 0;
+        let closing =
+            (session.tcp[0].flags | session.tcp[1].flags) & tcp_peer_flags::CLOSE_INIT != 0;
         let aborted = session.last_dir == d as u8 && session.last_index == tcp_index::RST;
         if closing || aborted {
             return Ok(Update::Reopen);
@@ -511,34 +548,30 @@ fn update_tcp(
     if new == S2 {
         session.last_flags |= LAST_SIMULTANEOUS_OPEN;
     }
-    if new == SR && d == 1 && index == tcp_index::ACK && session.last_flags & LAST_SIMULTANEOUS_OPEN != 0 {
+    if new == SR
+        && d == 1
+        && index == tcp_index::ACK
+        && session.last_flags & LAST_SIMULTANEOUS_OPEN != 0
+    {
         new = ES;
     }
     if new == CL && index == tcp_index::RST {
-        let receiver = &session.tcp[d ^ 1];
-        if receiver.flags & tcp_peer_flags::MAXACK_SET != 0 {
-            if before(meta.seq, receiver.maxack) {
-                return Err(Invalid::TcpWindow);
-            }
-            let exact = meta.seq == receiver.maxack;
-            let in_train = session.last_index == tcp_index::ACK
-                && session.last_dir == d as u8
-                && meta.seq == session.last_end;
-            if old == ES && !exact && !in_train {
-                new = old;
-            }
-        }
-        let seen_reply = session.flags & session_flags::SEEN_REPLY != 0;
-        let assured = session.flags & session_flags::ASSURED != 0;
-        if ((seen_reply && session.last_index == tcp_index::SYN)
-            || (!assured && session.last_index == tcp_index::ACK))
-            && meta.ack == session.last_end
-        {
-            skip_window = true;
+        match rst_check(session, meta, d, old) {
+            RstCheck::Invalid => return Err(Invalid::TcpWindow),
+            RstCheck::SkipWindow => skip_window = true,
+            RstCheck::KeepState => new = old,
+            RstCheck::CheckWindow => {}
         }
     }
-    if !skip_window && !in_window(session, meta, dir, index, old, settings) {
-        return Err(Invalid::TcpWindow);
+    if !skip_window {
+        match in_window(session, meta, dir, index, settings) {
+            Window::Accept => {}
+            Window::Ignore => return Ok(Update::Ignored),
+            Window::Invalid => {
+                handle_invalid(session, d, index, settings, now);
+                return Err(Invalid::TcpWindow);
+            }
+        }
     }
     session.last_index = index;
     session.last_dir = d as u8;
@@ -551,6 +584,11 @@ fn update_tcp(
         if index == tcp_index::RST {
             return Ok(Update::Kill);
         }
+        if index == tcp_index::SYN && old == SS {
+            // A retransmitted SYN does not renew the timeout: port reuse must not keep
+            // a half-open entry alive forever.
+            return Ok(Update::Tracked);
+        }
         let unack = settings.timeout(Timeout::TcpUnack);
         if new == ES && timeout > unack {
             timeout = unack;
@@ -560,6 +598,66 @@ fn update_tcp(
     }
     session.expires_ns = now.saturating_add(timeout);
     Ok(Update::Tracked)
+}
+
+/// How an RST that the table maps to CLOSE is to be treated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RstCheck {
+    /// Below the peer's highest acknowledgement: INVALID.
+    Invalid,
+    /// Closes without a window check (closing states, answers to packets let through).
+    SkipWindow,
+    /// In ESTABLISHED but not at the exact expected sequence: keep the state, so a
+    /// challenge ACK can follow (RFC 5961).
+    KeepState,
+    /// Close after the usual window check.
+    CheckWindow,
+}
+
+/// The kernel's RST rules (`case TCP_CONNTRACK_CLOSE` in `nf_conntrack_tcp_packet()`).
+#[inline(always)]
+fn rst_check(session: &Session, meta: &PacketMeta, d: usize, old: u8) -> RstCheck {
+    let closing = old == FW || old == CW || old == LA || old == TW || old == CL;
+    if closing {
+        return RstCheck::SkipWindow;
+    }
+    let receiver = &session.tcp[d ^ 1];
+    let established = old == ES && session.flags & session_flags::ASSURED != 0;
+    if receiver.flags & tcp_peer_flags::MAXACK_SET != 0 && session.last_index != tcp_index::SYN {
+        let seq = meta.seq;
+        if seq == 0 && !established {
+            return RstCheck::CheckWindow;
+        }
+        if before(seq, receiver.maxack) {
+            return RstCheck::Invalid;
+        }
+        if !established || seq == receiver.maxack {
+            return RstCheck::CheckWindow;
+        }
+        if session.last_index == tcp_index::ACK
+            && session.last_dir == d as u8
+            && seq == session.last_end
+        {
+            return RstCheck::CheckWindow;
+        }
+        return RstCheck::KeepState;
+    }
+    let seen_reply = session.flags & session_flags::SEEN_REPLY != 0;
+    let assured = session.flags & session_flags::ASSURED != 0;
+    if ((seen_reply && session.last_index == tcp_index::SYN)
+        || (!assured && session.last_index == tcp_index::ACK))
+        && meta.ack == session.last_end
+    {
+        return RstCheck::SkipWindow;
+    }
+    if old == SS
+        && session.last_index == tcp_index::ACK
+        && session.last_dir == 1
+        && meta.seq == session.last_ack
+    {
+        return RstCheck::SkipWindow;
+    }
+    RstCheck::CheckWindow
 }
 
 /// Handles a segment the table says to ignore. Returns true when it is a SYN-ACK
@@ -608,7 +706,55 @@ fn ignore(session: &mut Session, meta: &PacketMeta, dir: Dir, index: u8, old: u8
             session.last_flags |= LAST_CHALLENGE_ACK;
         }
     }
+    if old == SS && index == tcp_index::ACK && dir == Dir::Reply {
+        // Possibly a challenge ACK answering the SYN: an RST from the client may follow.
+        session.last_ack = meta.ack;
+    }
     false
+}
+
+/// What the window check concluded, as the kernel's `enum nf_ct_tcp_action`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Window {
+    /// In window: update state.
+    Accept,
+    /// Not in window but harmless (old data, late ACK): pass, change nothing.
+    Ignore,
+    /// Out of window: INVALID.
+    Invalid,
+}
+
+/// The result of a failed check: liberal tracking turns it into an acceptance, as the
+/// kernel's `nf_tcp_log_invalid()` does (and, like it, skips the state update).
+#[inline(always)]
+fn unless_liberal(sender_flags: u8, settings: &Settings, verdict: Window) -> Window {
+    if sender_flags & tcp_peer_flags::BE_LIBERAL != 0
+        || settings.has(settings_flags::TCP_LIBERAL)
+        || !settings.has(settings_flags::TCP_WINDOW_CHECK)
+    {
+        Window::Accept
+    } else {
+        verdict
+    }
+}
+
+/// Sets up a sender from its SYN or SYN-ACK, as `tcp_init_sender()`.
+#[inline(always)]
+fn init_sender(
+    sender: &mut TcpPeer,
+    receiver: &mut TcpPeer,
+    meta: &PacketMeta,
+    end: u32,
+    d: usize,
+) {
+    sender.end = end;
+    sender.maxend = end;
+    sender.maxwin = (meta.window as u32).max(1);
+    apply_syn_options(sender, meta);
+    if d == 1 && sender.flags & receiver.flags & tcp_peer_flags::WINDOW_SCALE == 0 {
+        sender.scale = 0;
+        receiver.scale = 0;
+    }
 }
 
 /// The kernel's `tcp_in_window()`: checks the segment against both sides' windows and
@@ -620,10 +766,10 @@ fn in_window(
     meta: &PacketMeta,
     dir: Dir,
     index: u8,
-    old: u8,
     settings: &Settings,
-) -> bool {
+) -> Window {
     let d = dir.index() & 1;
+    let state = session.state;
     let flags = meta.tcp_flags;
     let has_ack = flags & tcp_flags::ACK != 0;
     let has_syn = flags & tcp_flags::SYN != 0;
@@ -636,16 +782,9 @@ fn in_window(
 
     if sender.maxwin == 0 {
         if has_syn {
-            sender.end = end;
-            sender.maxend = end;
-            sender.maxwin = win.max(1);
-            apply_syn_options(sender, meta);
-            if sender.flags & receiver.flags & tcp_peer_flags::WINDOW_SCALE == 0 {
-                sender.scale = 0;
-                receiver.scale = 0;
-            }
+            init_sender(sender, receiver, meta, end, d);
             if !has_ack {
-                return true;
+                return Window::Accept;
             }
         } else {
             sender.end = end;
@@ -658,34 +797,55 @@ fn in_window(
                 receiver.end = receiver.end.wrapping_add(1);
             }
         }
-    } else if ((old == SS && d == 0) || (old == SR && d == 1)) && after(end, sender.end) {
-        sender.end = end;
-        sender.maxend = end;
-        sender.maxwin = win.max(1);
-        apply_syn_options(sender, meta);
+    } else if has_syn && after(end, sender.end) && (state == SS || state == SR) {
+        init_sender(sender, receiver, meta, end, d);
+        if d == 1 && !has_ack {
+            return Window::Accept;
+        }
     }
 
     if !has_ack || (flags & tcp_flags::RST != 0 && ack == 0) {
         ack = receiver.end;
         sack = receiver.end;
     }
-    if flags & tcp_flags::RST != 0 && seq == 0 && old == SS {
+    if flags & tcp_flags::RST != 0 && seq == 0 && state == SS {
         seq = sender.end;
         end = sender.end;
     }
 
-    let in_recv_win = receiver.maxwin == 0
-        || after(end, sender.end.wrapping_sub(receiver.maxwin).wrapping_sub(1));
     let max_ack_window = sender.maxwin.max(MAX_ACK_WINDOW_CONST);
-    let acceptable = before(seq, sender.maxend.wrapping_add(1))
-        && in_recv_win
-        && before(sack, receiver.end.wrapping_add(1))
-        && after(sack, receiver.end.wrapping_sub(max_ack_window).wrapping_sub(1));
-
-    if !acceptable {
-        return sender.flags & tcp_peer_flags::BE_LIBERAL != 0
-            || settings.has(settings_flags::TCP_LIBERAL)
-            || !settings.has(settings_flags::TCP_WINDOW_CHECK);
+    let ack_above_lower = after(
+        sack,
+        receiver.end.wrapping_sub(max_ack_window).wrapping_sub(1),
+    );
+    if !before(seq, sender.maxend.wrapping_add(1)) {
+        let overshot = end.wrapping_sub(sender.maxend).wrapping_add(1);
+        let in_recv_win = receiver.maxwin != 0
+            && after(
+                end,
+                sender.end.wrapping_sub(receiver.maxwin).wrapping_sub(1),
+            );
+        if in_recv_win
+            && ack_above_lower
+            && overshot <= receiver.maxwin
+            && before(sack, receiver.end.wrapping_add(1))
+        {
+            sender.end = end;
+            sender.flags |= tcp_peer_flags::DATA_UNACKNOWLEDGED;
+            return unless_liberal(sender.flags, settings, Window::Ignore);
+        }
+        return unless_liberal(sender.flags, settings, Window::Invalid);
+    }
+    if !before(sack, receiver.end.wrapping_add(1)) {
+        return unless_liberal(sender.flags, settings, Window::Invalid);
+    }
+    let in_recv_win = receiver.maxwin == 0
+        || after(
+            end,
+            sender.end.wrapping_sub(receiver.maxwin).wrapping_sub(1),
+        );
+    if !in_recv_win || !ack_above_lower {
+        return unless_liberal(sender.flags, settings, Window::Ignore);
     }
 
     if !has_syn {
@@ -708,7 +868,9 @@ fn in_window(
         }
     }
     if receiver.maxwin != 0 && after(end, sender.maxend) {
-        receiver.maxwin = receiver.maxwin.wrapping_add(end.wrapping_sub(sender.maxend));
+        receiver.maxwin = receiver
+            .maxwin
+            .wrapping_add(end.wrapping_sub(sender.maxend));
     }
     if after(sack.wrapping_add(win), receiver.maxend.wrapping_sub(1)) {
         receiver.maxend = sack.wrapping_add(win);
@@ -736,7 +898,32 @@ fn in_window(
             session.retrans = 0;
         }
     }
-    true
+    Window::Accept
+}
+
+/// After an out-of-window FIN or RST answering one from the other side on an assured
+/// connection, shortens its timeout so a dead connection does not linger for days, as
+/// `nf_tcp_handle_invalid()`.
+#[inline(always)]
+fn handle_invalid(session: &mut Session, d: usize, index: u8, settings: &Settings, now: u64) {
+    if session.flags & session_flags::ASSURED == 0 {
+        return;
+    }
+    if index != tcp_index::RST && index != tcp_index::FIN {
+        return;
+    }
+    if session.last_dir != d as u8
+        && (session.last_index == tcp_index::FIN || session.last_index == tcp_index::RST)
+    {
+        let remaining = session.expires_ns.saturating_sub(now);
+        let unack = settings.timeout(Timeout::TcpUnack);
+        if remaining >= 120 * crate::wire::NS_PER_SEC && remaining > unack {
+            session.expires_ns = now.saturating_add(unack);
+        }
+    } else {
+        session.last_index = index;
+        session.last_dir = d as u8;
+    }
 }
 
 /// The timeout for a TCP state, as `nf_conntrack_tcp_packet()` chooses it.
@@ -749,7 +936,8 @@ fn tcp_timeout(session: &Session, state: u8, index: u8, settings: &Settings) -> 
         retrans
     } else if index == tcp_index::RST {
         settings.timeout(Timeout::TcpClose)
-    } else if (session.tcp[0].flags | session.tcp[1].flags) & tcp_peer_flags::DATA_UNACKNOWLEDGED != 0
+    } else if (session.tcp[0].flags | session.tcp[1].flags) & tcp_peer_flags::DATA_UNACKNOWLEDGED
+        != 0
         && base > unack
     {
         unack
@@ -757,5 +945,695 @@ fn tcp_timeout(session: &Session, state: u8, index: u8, settings: &Settings) -> 
         retrans
     } else {
         base
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use std::{format, string::String, vec::Vec};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::packet::{InnerTuple, ipv4_mapped};
+    use crate::wire::{FAMILY_IPV4, FAMILY_IPV6};
+
+    const FIN: u8 = 0x01;
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+    const PSH: u8 = 0x08;
+    const ACK: u8 = 0x10;
+    const URG: u8 = 0x20;
+    const ECE: u8 = 0x40;
+    const CWR: u8 = 0x80;
+
+    /// The kernel's `enum tcp_conntrack` columns, in table order.
+    const STATES: [TcpState; 10] = TcpState::ALL;
+
+    /// What the kernel table says, written out independently of `TCP_TRANSITIONS`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Expect {
+        To(TcpState),
+        Invalid,
+        Ignore,
+    }
+
+    fn decode(raw: u8) -> Expect {
+        match raw {
+            TCP_INVALID => Expect::Invalid,
+            TCP_IGNORE => Expect::Ignore,
+            n if n < 10 => Expect::To(TcpState::from_u8(n)),
+            other => {
+                panic!("transition table produced {other}, which is neither a state, sIV nor sIG")
+            }
+        }
+    }
+
+    /// `tcp_conntracks[dir][index][old]` from nf_conntrack_proto_tcp.c, row by row.
+    fn kernel_transition(dir: Dir, index: u8, old: TcpState) -> Expect {
+        use Expect::{Ignore as IG_, Invalid as IV_, To};
+        use TcpState::*;
+        match (dir, index) {
+            (Dir::Original, tcp_index::SYN) => match old {
+                None | SynSent | TimeWait | Close => To(SynSent),
+                SynRecv | Established | FinWait | CloseWait | LastAck => IG_,
+                SynSent2 => To(SynSent2),
+            },
+            (Dir::Original, tcp_index::SYNACK) => match old {
+                SynRecv | SynSent2 => To(SynRecv),
+                _ => IV_,
+            },
+            (_, tcp_index::FIN) => match old {
+                SynRecv | Established => To(FinWait),
+                FinWait | CloseWait | LastAck => To(LastAck),
+                TimeWait => To(TimeWait),
+                Close => To(Close),
+                None | SynSent | SynSent2 => IV_,
+            },
+            (Dir::Original, tcp_index::ACK) => match old {
+                None | SynRecv | Established => To(Established),
+                SynSent | SynSent2 => IV_,
+                FinWait | CloseWait => To(CloseWait),
+                LastAck | TimeWait => To(TimeWait),
+                Close => To(Close),
+            },
+            (_, tcp_index::RST) => match old {
+                None => IV_,
+                _ => To(Close),
+            },
+            (Dir::Reply, tcp_index::SYN) => match old {
+                SynSent | SynSent2 => To(SynSent2),
+                TimeWait => To(SynSent),
+                _ => IV_,
+            },
+            (Dir::Reply, tcp_index::SYNACK) => match old {
+                SynSent | SynSent2 => To(SynRecv),
+                None => IV_,
+                _ => IG_,
+            },
+            (Dir::Reply, tcp_index::ACK) => match old {
+                None => IV_,
+                SynSent | SynSent2 => IG_,
+                SynRecv => To(SynRecv),
+                Established => To(Established),
+                FinWait | CloseWait => To(CloseWait),
+                LastAck | TimeWait => To(TimeWait),
+                Close => To(Close),
+            },
+            (_, tcp_index::NONE) => IV_,
+            (_, other) => panic!("no such flag class {other}"),
+        }
+    }
+
+    fn index_name(index: u8) -> &'static str {
+        ["syn", "synack", "fin", "ack", "rst", "none"][index as usize]
+    }
+
+    #[test]
+    fn tcp_transition_matches_the_nf_conntrack_table_in_both_directions() {
+        let mut mismatches: Vec<String> = Vec::new();
+        for dir in [Dir::Original, Dir::Reply] {
+            for index in 0..=tcp_index::NONE {
+                for old in STATES {
+                    let expected = kernel_transition(dir, index, old);
+                    let actual = decode(tcp_transition(dir, index, old as u8));
+                    if expected != actual {
+                        mismatches.push(format!(
+                            "{dir:?} {} in {}: kernel {expected:?}, engine {actual:?}",
+                            index_name(index),
+                            old.name()
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(
+            mismatches.is_empty(),
+            "transition table differs from nf_conntrack:\n{}",
+            mismatches.join("\n")
+        );
+    }
+
+    #[test]
+    fn tcp_transition_padding_rows_and_columns_are_invalid() {
+        for dir in [Dir::Original, Dir::Reply] {
+            for index in 0..8u8 {
+                for old in 0..16u8 {
+                    if index <= tcp_index::NONE && old < 10 {
+                        continue;
+                    }
+                    assert_eq!(
+                        tcp_transition(dir, index, old),
+                        TCP_INVALID,
+                        "padding entry {dir:?} index {index} old {old} must be invalid"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tcp_transition_never_indexes_out_of_bounds_for_any_byte() {
+        for dir in [Dir::Original, Dir::Reply] {
+            for index in 0..=255u8 {
+                for old in 0..=255u8 {
+                    let next = tcp_transition(dir, index, old);
+                    assert!(next < 10 || next == TCP_INVALID || next == TCP_IGNORE);
+                }
+            }
+        }
+    }
+
+    /// `get_conntrack_index()`: RST beats SYN beats FIN beats ACK.
+    fn kernel_index(flags: u8) -> u8 {
+        if flags & RST != 0 {
+            tcp_index::RST
+        } else if flags & SYN != 0 {
+            if flags & ACK != 0 {
+                tcp_index::SYNACK
+            } else {
+                tcp_index::SYN
+            }
+        } else if flags & FIN != 0 {
+            tcp_index::FIN
+        } else if flags & ACK != 0 {
+            tcp_index::ACK
+        } else {
+            tcp_index::NONE
+        }
+    }
+
+    #[test]
+    fn tcp_index_classifies_every_flag_byte_like_get_conntrack_index() {
+        for flags in 0..=255u8 {
+            assert_eq!(tcp_index(flags), kernel_index(flags), "flags {flags:#04x}");
+        }
+    }
+
+    #[test]
+    fn tcp_index_examples() {
+        assert_eq!(tcp_index(SYN), tcp_index::SYN);
+        assert_eq!(tcp_index(SYN | ACK), tcp_index::SYNACK);
+        assert_eq!(tcp_index(SYN | ACK | ECE | CWR), tcp_index::SYNACK);
+        assert_eq!(tcp_index(FIN | ACK | PSH), tcp_index::FIN);
+        assert_eq!(tcp_index(ACK | PSH | URG), tcp_index::ACK);
+        assert_eq!(tcp_index(RST | ACK), tcp_index::RST);
+        assert_eq!(tcp_index(RST | SYN | FIN), tcp_index::RST);
+        assert_eq!(tcp_index(0), tcp_index::NONE);
+        assert_eq!(tcp_index(PSH | URG), tcp_index::NONE);
+    }
+
+    /// `tcp_valid_flags[]` in `tcp_error()`, after masking ECE, CWR and PSH.
+    fn kernel_flags_valid(flags: u8) -> bool {
+        let significant = flags & !(ECE | CWR | PSH);
+        [
+            SYN,
+            SYN | URG,
+            SYN | ACK,
+            RST,
+            RST | ACK,
+            FIN | ACK,
+            FIN | ACK | URG,
+            ACK,
+            ACK | URG,
+        ]
+        .contains(&significant)
+    }
+
+    #[test]
+    fn tcp_flags_valid_accepts_exactly_the_kernel_combinations_for_all_256_bytes() {
+        let mut valid = 0;
+        for flags in 0..=255u8 {
+            assert_eq!(
+                tcp_flags_valid(flags),
+                kernel_flags_valid(flags),
+                "flags {flags:#04x}"
+            );
+            if kernel_flags_valid(flags) {
+                valid += 1;
+            }
+        }
+        // Nine combinations, each with any of PSH, ECE and CWR.
+        assert_eq!(valid, 9 * 8);
+    }
+
+    #[test]
+    fn tcp_flags_valid_rejects_classic_scan_patterns() {
+        for (name, flags) in [
+            ("null", 0),
+            ("xmas", FIN | PSH | URG),
+            ("syn-fin", SYN | FIN),
+            ("syn-rst", SYN | RST),
+            ("fin alone", FIN),
+            ("fin-rst", FIN | RST | ACK),
+            ("all", 0xff),
+            ("urg alone", URG),
+            ("psh alone", PSH),
+        ] {
+            assert!(
+                !tcp_flags_valid(flags),
+                "{name} ({flags:#04x}) must be invalid"
+            );
+        }
+        for flags in [
+            SYN | ECE | CWR,
+            SYN | ACK | ECE,
+            ACK | PSH,
+            FIN | ACK | PSH,
+            RST | ACK | PSH,
+        ] {
+            assert!(tcp_flags_valid(flags), "{flags:#04x} must be valid");
+        }
+    }
+
+    fn v4(a: [u8; 4]) -> [u8; 16] {
+        ipv4_mapped(a)
+    }
+
+    fn v6(last: u8) -> [u8; 16] {
+        let mut addr = [0u8; 16];
+        addr[0] = 0x20;
+        addr[1] = 0x01;
+        addr[2] = 0x00;
+        addr[3] = 0x02;
+        addr[15] = last;
+        addr
+    }
+
+    fn meta(
+        family: u8,
+        protocol: u8,
+        src: [u8; 16],
+        sport: u16,
+        dst: [u8; 16],
+        dport: u16,
+    ) -> PacketMeta {
+        PacketMeta {
+            family,
+            proto: protocol,
+            src,
+            dst,
+            sport,
+            dport,
+            ..PacketMeta::default()
+        }
+    }
+
+    fn reversed(m: &PacketMeta) -> PacketMeta {
+        PacketMeta {
+            src: m.dst,
+            dst: m.src,
+            sport: m.dport,
+            dport: m.sport,
+            ..*m
+        }
+    }
+
+    #[test]
+    fn flow_key_is_the_same_for_both_directions_of_a_tcp_flow() {
+        let out = meta(
+            FAMILY_IPV4,
+            proto::TCP,
+            v4([198, 18, 0, 1]),
+            40000,
+            v4([198, 18, 0, 2]),
+            8080,
+        );
+        let back = reversed(&out);
+        let (key_out, lo_out) = flow_key(&out);
+        let (key_back, lo_back) = flow_key(&back);
+        assert_eq!(key_out, key_back);
+        assert_ne!(lo_out, lo_back, "src_is_lo must flip with the direction");
+        assert!(lo_out, "198.18.0.1 sorts below 198.18.0.2");
+        assert_eq!(key_out.addr_lo, v4([198, 18, 0, 1]));
+        assert_eq!(key_out.addr_hi, v4([198, 18, 0, 2]));
+        assert_eq!(key_out.port_lo, 40000);
+        assert_eq!(key_out.port_hi, 8080);
+        assert_eq!(key_out.proto, proto::TCP);
+        assert_eq!(key_out.family, FAMILY_IPV4);
+        assert_eq!(key_out._pad, [0; 2]);
+    }
+
+    #[test]
+    fn flow_key_orders_by_address_before_port() {
+        // The higher address has the lower port: the address decides.
+        let m = meta(FAMILY_IPV6, proto::UDP, v6(9), 1, v6(3), 65535);
+        let (key, src_is_lo) = flow_key(&m);
+        assert!(!src_is_lo);
+        assert_eq!((key.addr_lo, key.port_lo), (v6(3), 65535));
+        assert_eq!((key.addr_hi, key.port_hi), (v6(9), 1));
+    }
+
+    #[test]
+    fn flow_key_compares_addresses_bytewise_across_both_halves() {
+        // Differ only in the first byte (high u64) and only in the last byte (low u64).
+        let mut a = v6(1);
+        let mut b = v6(1);
+        a[0] = 0x10;
+        b[0] = 0xfe;
+        assert!(flow_key(&meta(FAMILY_IPV6, proto::TCP, a, 9, b, 1)).1);
+        assert!(!flow_key(&meta(FAMILY_IPV6, proto::TCP, b, 1, a, 9)).1);
+        let (c, d) = (v6(0x7f), v6(0x80));
+        assert!(flow_key(&meta(FAMILY_IPV6, proto::TCP, c, 9, d, 1)).1);
+        assert!(!flow_key(&meta(FAMILY_IPV6, proto::TCP, d, 1, c, 9)).1);
+    }
+
+    #[test]
+    fn flow_key_between_ports_of_one_address_is_symmetric() {
+        let host = v4([127, 0, 0, 1]);
+        let m = meta(FAMILY_IPV4, proto::TCP, host, 50000, host, 22);
+        let (key, src_is_lo) = flow_key(&m);
+        let (key_back, back_is_lo) = flow_key(&reversed(&m));
+        assert_eq!(key, key_back);
+        assert!(!src_is_lo);
+        assert!(back_is_lo);
+        assert_eq!((key.port_lo, key.port_hi), (22, 50000));
+    }
+
+    #[test]
+    fn flow_key_of_icmp_echo_request_and_reply_is_one_key() {
+        for (family, protocol, a, b) in [
+            (
+                FAMILY_IPV4,
+                proto::ICMP,
+                v4([198, 18, 0, 1]),
+                v4([198, 18, 0, 2]),
+            ),
+            (FAMILY_IPV6, proto::ICMPV6, v6(1), v6(2)),
+        ] {
+            // The request carries the id as sport and 0 as dport; so does the reply.
+            let request = meta(family, protocol, a, 0x1234, b, 0);
+            let reply = meta(family, protocol, b, 0x1234, a, 0);
+            let (key_request, request_lo) = flow_key(&request);
+            let (key_reply, reply_lo) = flow_key(&reply);
+            assert_eq!(key_request, key_reply, "family {family}");
+            assert_ne!(request_lo, reply_lo);
+            assert_eq!((key_request.port_lo, key_request.port_hi), (0x1234, 0x1234));
+            // A different id is a different flow.
+            let other = meta(family, protocol, a, 0x1235, b, 0);
+            assert_ne!(flow_key(&other).0, key_request);
+        }
+    }
+
+    #[test]
+    fn flow_key_ignores_ports_for_protocols_without_them() {
+        let gre = meta(
+            FAMILY_IPV4,
+            47,
+            v4([10, 0, 0, 2]),
+            1234,
+            v4([10, 0, 0, 1]),
+            80,
+        );
+        let (key, src_is_lo) = flow_key(&gre);
+        assert_eq!((key.port_lo, key.port_hi), (0, 0));
+        assert!(!src_is_lo);
+        assert_eq!(flow_key(&reversed(&gre)).0, key);
+    }
+
+    #[test]
+    fn flow_key_separates_protocols_and_families() {
+        let tcp = meta(
+            FAMILY_IPV4,
+            proto::TCP,
+            v4([1, 1, 1, 1]),
+            53,
+            v4([2, 2, 2, 2]),
+            53,
+        );
+        let udp = PacketMeta {
+            proto: proto::UDP,
+            ..tcp
+        };
+        assert_ne!(flow_key(&tcp).0, flow_key(&udp).0);
+        let mapped = PacketMeta {
+            family: FAMILY_IPV6,
+            ..tcp
+        };
+        assert_ne!(flow_key(&tcp).0, flow_key(&mapped).0);
+    }
+
+    #[test]
+    fn embedded_key_of_an_icmp_error_is_the_key_of_the_quoted_flow() {
+        let client = v4([198, 18, 0, 1]);
+        let server = v4([198, 18, 0, 2]);
+        let flow = meta(FAMILY_IPV4, proto::UDP, client, 40000, server, 53);
+        // The error comes from a router and quotes the client's datagram.
+        let mut error = meta(
+            FAMILY_IPV4,
+            proto::ICMP,
+            v4([198, 18, 0, 254]),
+            0,
+            client,
+            0,
+        );
+        error.icmp_kind = IcmpKind::Error;
+        error.icmp_type = 3;
+        error.inner = InnerTuple {
+            src: client,
+            dst: server,
+            sport: 40000,
+            dport: 53,
+            proto: proto::UDP,
+            icmp_kind: IcmpKind::None,
+        };
+        assert_eq!(embedded_key(&error), flow_key(&flow).0);
+        // Quoting the reply direction finds the same flow.
+        error.inner = InnerTuple {
+            src: server,
+            dst: client,
+            sport: 53,
+            dport: 40000,
+            ..error.inner
+        };
+        assert_eq!(embedded_key(&error), flow_key(&flow).0);
+    }
+
+    #[test]
+    fn embedded_key_of_a_quoted_echo_request_is_the_echo_flow_key() {
+        let a = v6(1);
+        let b = v6(2);
+        let echo = meta(FAMILY_IPV6, proto::ICMPV6, a, 77, b, 0);
+        let mut error = meta(FAMILY_IPV6, proto::ICMPV6, v6(0xfe), 0, a, 0);
+        error.icmp_kind = IcmpKind::Error;
+        error.inner = InnerTuple {
+            src: a,
+            dst: b,
+            sport: 77,
+            dport: 0,
+            proto: proto::ICMPV6,
+            icmp_kind: IcmpKind::Request,
+        };
+        assert_eq!(embedded_key(&error), flow_key(&echo).0);
+    }
+
+    #[test]
+    fn direction_follows_the_originator_recorded_in_the_session() {
+        let m = meta(
+            FAMILY_IPV4,
+            proto::TCP,
+            v4([9, 9, 9, 9]),
+            1000,
+            v4([1, 1, 1, 1]),
+            80,
+        );
+        let (_, src_is_lo) = flow_key(&m);
+        let mut session = Session::default();
+        new_session(
+            &mut session,
+            &PacketMeta {
+                tcp_flags: SYN,
+                ..m
+            },
+            src_is_lo,
+            &Settings::default(),
+            5,
+        )
+        .expect("a SYN starts a session");
+        assert_eq!(direction(&session, src_is_lo), Dir::Original);
+        assert_eq!(direction(&session, !src_is_lo), Dir::Reply);
+        assert_eq!(session.created_ns, 5);
+    }
+
+    #[test]
+    fn state_for_is_new_until_a_reply_is_seen_and_established_for_replies() {
+        let mut session = Session::default();
+        assert_eq!(state_for(&session, Dir::Original), CtState::New);
+        assert_eq!(state_for(&session, Dir::Reply), CtState::Established);
+        session.flags |= session_flags::SEEN_REPLY;
+        assert_eq!(state_for(&session, Dir::Original), CtState::Established);
+    }
+
+    #[test]
+    fn new_session_refuses_what_cannot_start_a_flow() {
+        let settings = Settings::default();
+        let base = meta(
+            FAMILY_IPV4,
+            proto::TCP,
+            v4([1, 0, 0, 1]),
+            1,
+            v4([1, 0, 0, 2]),
+            2,
+        );
+        let mut session = Session::default();
+        for (flags, why) in [
+            (ACK, Invalid::TcpState),
+            (SYN | ACK, Invalid::TcpState),
+            (FIN | ACK, Invalid::TcpState),
+            (RST, Invalid::TcpState),
+            (RST | ACK, Invalid::TcpState),
+            (SYN | FIN, Invalid::TcpFlags),
+            (0, Invalid::TcpFlags),
+        ] {
+            let m = PacketMeta {
+                tcp_flags: flags,
+                ..base
+            };
+            assert_eq!(
+                new_session(&mut session, &m, true, &settings, 0),
+                Err(why),
+                "flags {flags:#04x}"
+            );
+        }
+        let syn = PacketMeta {
+            tcp_flags: SYN,
+            ..base
+        };
+        assert_eq!(new_session(&mut session, &syn, true, &settings, 0), Ok(()));
+        for kind in [IcmpKind::Reply, IcmpKind::Other, IcmpKind::Error] {
+            let m = PacketMeta {
+                proto: proto::ICMP,
+                icmp_kind: kind,
+                ..base
+            };
+            assert_eq!(
+                new_session(&mut session, &m, true, &settings, 0),
+                Err(Invalid::Icmp),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn new_session_picks_up_a_mid_stream_ack_only_with_tcp_loose() {
+        let mut settings = Settings::default();
+        let ack = PacketMeta {
+            tcp_flags: ACK,
+            seq: 1000,
+            ack: 2000,
+            window: 500,
+            ..meta(
+                FAMILY_IPV4,
+                proto::TCP,
+                v4([1, 0, 0, 1]),
+                1,
+                v4([1, 0, 0, 2]),
+                2,
+            )
+        };
+        let mut session = Session::default();
+        assert_eq!(
+            new_session(&mut session, &ack, true, &settings, 0),
+            Err(Invalid::TcpState)
+        );
+        settings.flags |= settings_flags::TCP_LOOSE;
+        assert_eq!(new_session(&mut session, &ack, true, &settings, 0), Ok(()));
+        assert_ne!(session.flags & session_flags::PICKED_UP, 0);
+        assert_eq!(session.tcp[0].end, 1000);
+        assert_eq!(session.tcp[0].maxwin, 500);
+        assert_eq!(session.tcp[0].maxend, 1500);
+        assert_ne!(session.tcp[0].flags & tcp_peer_flags::BE_LIBERAL, 0);
+        assert_ne!(session.tcp[1].flags & tcp_peer_flags::BE_LIBERAL, 0);
+        // A FIN or RST still cannot be picked up.
+        for flags in [FIN | ACK, RST, RST | ACK] {
+            let m = PacketMeta {
+                tcp_flags: flags,
+                ..ack
+            };
+            assert_eq!(
+                new_session(&mut session, &m, true, &settings, 0),
+                Err(Invalid::TcpState)
+            );
+        }
+    }
+
+    #[test]
+    fn state_timeout_slot_maps_each_tcp_state_to_its_timeout() {
+        use TcpState::*;
+        for (state, slot) in [
+            (SynSent, Timeout::TcpSynSent),
+            (SynRecv, Timeout::TcpSynRecv),
+            (Established, Timeout::TcpEstablished),
+            (FinWait, Timeout::TcpFinWait),
+            (CloseWait, Timeout::TcpCloseWait),
+            (LastAck, Timeout::TcpLastAck),
+            (TimeWait, Timeout::TcpTimeWait),
+            (Close, Timeout::TcpClose),
+            (SynSent2, Timeout::TcpSynSent2),
+        ] {
+            assert_eq!(
+                state_timeout_slot(state as u8),
+                slot as u8,
+                "{}",
+                state.name()
+            );
+        }
+        for garbage in 10..=255u8 {
+            assert!((state_timeout_slot(garbage) as usize) < Timeout::COUNT);
+        }
+    }
+
+    fn arb_addr(family: u8) -> BoxedStrategy<[u8; 16]> {
+        if family == FAMILY_IPV4 {
+            any::<[u8; 4]>().prop_map(ipv4_mapped).boxed()
+        } else {
+            any::<[u8; 16]>().boxed()
+        }
+    }
+
+    fn arb_meta() -> impl Strategy<Value = PacketMeta> {
+        (
+            prop_oneof![Just(FAMILY_IPV4), Just(FAMILY_IPV6)],
+            prop_oneof![
+                Just(proto::TCP),
+                Just(proto::UDP),
+                Just(proto::ICMP),
+                Just(proto::ICMPV6),
+                any::<u8>()
+            ],
+            any::<u16>(),
+            any::<u16>(),
+            any::<bool>(),
+        )
+            .prop_flat_map(|(family, protocol, sport, dport, same_addr)| {
+                (arb_addr(family), arb_addr(family)).prop_map(move |(src, dst)| {
+                    let dst = if same_addr { src } else { dst };
+                    meta(family, protocol, src, sport, dst, dport)
+                })
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn flow_key_of_the_reversed_packet_is_the_same_key(m in arb_meta()) {
+            let is_icmp = m.proto == proto::ICMP || m.proto == proto::ICMPV6;
+            // ICMP queries: both directions carry the id in sport.
+            let back = if is_icmp { PacketMeta { src: m.dst, dst: m.src, ..m } } else { reversed(&m) };
+            let (key, lo) = flow_key(&m);
+            let (key_back, lo_back) = flow_key(&back);
+            prop_assert_eq!(key, key_back);
+            let degenerate = m.src == m.dst && (is_icmp || m.sport == m.dport || !matches!(m.proto, proto::TCP | proto::UDP));
+            if !degenerate {
+                prop_assert_ne!(lo, lo_back);
+            }
+            prop_assert_eq!(key._pad, [0u8; 2]);
+            // The key holds the packet's endpoints, lower one first.
+            let (lo_addr, hi_addr) = if lo { (m.src, m.dst) } else { (m.dst, m.src) };
+            prop_assert_eq!(key.addr_lo, lo_addr);
+            prop_assert_eq!(key.addr_hi, hi_addr);
+            prop_assert!(key.addr_lo <= key.addr_hi);
+        }
     }
 }
