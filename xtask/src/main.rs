@@ -6,6 +6,7 @@
 
 mod checks;
 mod cmd;
+mod fuzz;
 mod lab;
 mod setup;
 
@@ -39,6 +40,12 @@ enum Task {
     Lint,
     /// Demo: run the firewall between two network namespaces and show what it allows
     Lab,
+    /// Fuzz the packet pipeline and the config parser (installs cargo-fuzz if missing)
+    Fuzz {
+        /// Seconds per target
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,6 +56,7 @@ fn main() -> ExitCode {
         Task::Test { args } => checks::test(&root, &args),
         Task::Lint => checks::lint(&root),
         Task::Lab => lab::run(&root),
+        Task::Fuzz { seconds } => fuzz::run(&root, seconds),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
