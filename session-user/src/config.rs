@@ -18,8 +18,8 @@ use session_common::wire::{
 };
 use toml::Spanned;
 
-/// A configuration error located in its file.
-#[derive(Debug, thiserror::Error)]
+/// A configuration error (or warning) located in its file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
     /// The file the error is in.
     pub path: PathBuf,
@@ -64,6 +64,10 @@ pub enum LoadError {
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
+    /// Things that are legal but almost certainly not what the author meant (rules that
+    /// can never match because an earlier rule matches all they would), located like
+    /// errors.
+    pub warnings: Vec<ConfigError>,
     /// Interfaces to attach to.
     pub interfaces: Vec<String>,
     /// Size of the session table.
@@ -114,6 +118,8 @@ pub struct RuleSpec {
     pub icmp_types: Vec<u8>,
     /// Line of the rule's `name`, for messages about the rule as a whole.
     pub line: usize,
+    /// Column of the rule's `name`.
+    pub column: usize,
 }
 
 /// An address prefix, IPv4 ones mapped into IPv6.
@@ -229,10 +235,6 @@ impl Locator<'_> {
             message: message.into(),
         }
     }
-
-    fn line_of(&self, span: Range<usize>) -> usize {
-        self.error(span, "").line
-    }
 }
 
 /// Reads and validates a configuration file.
@@ -338,7 +340,9 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         }
         rules.push(spec);
     }
+    let warnings = shadowed_rules(loc, &rules);
     Ok(Config {
+        warnings,
         interfaces,
         max_sessions,
         settings,
@@ -348,6 +352,75 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             rules,
         },
     })
+}
+
+/// Warnings for rules that an earlier rule shadows: first match wins, so they never apply.
+fn shadowed_rules(loc: &Locator<'_>, rules: &[RuleSpec]) -> Vec<ConfigError> {
+    let mut warnings = Vec::new();
+    for (j, later) in rules.iter().enumerate() {
+        if let Some(earlier) = rules[..j].iter().find(|earlier| covers(earlier, later)) {
+            warnings.push(ConfigError {
+                path: loc.path.to_path_buf(),
+                line: later.line,
+                column: later.column,
+                message: format!(
+                    "rule `{}` is never used: rule `{}` (line {}) comes first and matches every packet it would",
+                    later.name, earlier.name, earlier.line
+                ),
+            });
+        }
+    }
+    warnings
+}
+
+/// Whether every packet `later` matches is also matched by `earlier`.
+fn covers(earlier: &RuleSpec, later: &RuleSpec) -> bool {
+    let subset = |outer: u8, inner: u8| inner & !outer == 0;
+    let same_or_any = |outer: u8, inner: u8| outer == 0 || outer == inner;
+    let list_covers = |outer: &[String], inner: &[String]| {
+        outer.is_empty() || (!inner.is_empty() && inner.iter().all(|item| outer.contains(item)))
+    };
+    let nets_cover = |outer: &[Network], inner: &[Network]| {
+        outer.is_empty()
+            || (!inner.is_empty()
+                && inner
+                    .iter()
+                    .all(|net| outer.iter().any(|wide| network_contains(wide, net))))
+    };
+    let ports_cover = |outer: &[(u16, u16)], inner: &[(u16, u16)]| {
+        outer.is_empty()
+            || (!inner.is_empty()
+                && inner
+                    .iter()
+                    .all(|(lo, hi)| outer.iter().any(|(olo, ohi)| olo <= lo && hi <= ohi)))
+    };
+    let types_cover = |outer: &[u8], inner: &[u8]| {
+        outer.is_empty() || (!inner.is_empty() && inner.iter().all(|t| outer.contains(t)))
+    };
+    subset(earlier.states, later.states)
+        && subset(earlier.hooks, later.hooks)
+        && list_covers(&earlier.ifaces, &later.ifaces)
+        && same_or_any(earlier.family, later.family)
+        && same_or_any(earlier.proto, later.proto)
+        && nets_cover(&earlier.src, &later.src)
+        && nets_cover(&earlier.dst, &later.dst)
+        && ports_cover(&earlier.sport, &later.sport)
+        && ports_cover(&earlier.dport, &later.dport)
+        && types_cover(&earlier.icmp_types, &later.icmp_types)
+}
+
+/// Whether network `wide` contains network `narrow`.
+fn network_contains(wide: &Network, narrow: &Network) -> bool {
+    if wide.prefix > narrow.prefix {
+        return false;
+    }
+    let mask = wide.mask();
+    narrow
+        .addr
+        .iter()
+        .zip(mask)
+        .zip(wide.addr)
+        .all(|((byte, m), w)| byte & m == w)
 }
 
 fn set_flag(settings: &mut Settings, flag: u32, value: Option<bool>) {
@@ -482,6 +555,7 @@ fn validate_rule(
             ),
         ));
     }
+    let name_at = loc.error(raw.name.span(), "");
     let action = parse_action(loc, &raw.action)?;
     let states = match &raw.state {
         None => ALL_STATES,
@@ -576,7 +650,8 @@ fn validate_rule(
         sport,
         dport,
         icmp_types,
-        line: loc.line_of(raw.name.span()),
+        line: name_at.line,
+        column: name_at.column,
     })
 }
 

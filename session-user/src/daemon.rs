@@ -61,6 +61,9 @@ fn interfaces(config: &Config, extra: &[String]) -> Result<Vec<(String, u32)>> {
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(options: RunOptions) -> Result<()> {
     let config = config::load(&options.config)?;
+    for warning in &config.warnings {
+        warn!("{warning}");
+    }
     let ifaces = interfaces(&config, &options.ifaces)?;
     let _lock = InstanceLock::acquire(&options.pin_dir, &options.config)?;
     let policy = compile_for_host(&config)?;

@@ -216,7 +216,16 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::Reload { pin } => reload(&pin.pin_dir),
         Command::Check { file } => {
-            config::load(&file)?;
+            let config = config::load(&file)?;
+            for warning in &config.warnings {
+                eprintln!(
+                    "{}:{}:{}: warning: {}",
+                    warning.path.display(),
+                    warning.line,
+                    warning.column,
+                    warning.message
+                );
+            }
             println!("{}: ok", file.display());
             Ok(())
         }

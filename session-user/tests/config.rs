@@ -728,3 +728,78 @@ fn ipv6_family_rule_compiles_with_family_set() {
     assert_eq!(compiled.entries[0].family, FAMILY_IPV6);
     assert_eq!(compiled.entries[0].match_flags, 0);
 }
+
+#[test]
+fn a_rule_shadowed_by_an_earlier_one_is_warned_about_at_its_name() {
+    let text = r#"
+[[rule]]
+name = "lab-ssh"
+proto = "tcp"
+src = ["198.18.0.0/15"]
+dport = ["20-30"]
+action = "accept"
+
+[[rule]]
+name = "ops-ssh"
+proto = "tcp"
+src = ["198.18.4.0/24"]
+dport = [22]
+state = ["new"]
+action = "drop"
+"#;
+    let config = parse_ok(text);
+    assert_eq!(
+        config.warnings.len(),
+        1,
+        "one shadowed rule: {:?}",
+        config.warnings
+    );
+    let warning = &config.warnings[0];
+    assert_eq!(
+        (warning.line, warning.column),
+        position(text, "\"ops-ssh\"", 0),
+        "points at the shadowed rule's name"
+    );
+    assert!(
+        warning.message.contains("`ops-ssh` is never used")
+            && warning.message.contains("`lab-ssh`"),
+        "names both rules: {}",
+        warning.message
+    );
+}
+
+#[test]
+fn rules_that_only_overlap_are_not_warned_about() {
+    let config = parse_ok(
+        r#"
+[[rule]]
+name = "web-v4"
+proto = "tcp"
+dst = ["198.18.0.0/24"]
+dport = [80, 443]
+action = "accept"
+
+[[rule]]
+name = "web-wider"
+proto = "tcp"
+dst = ["198.18.0.0/16"]
+dport = [80]
+action = "drop"
+
+[[rule]]
+name = "any-udp"
+proto = "udp"
+action = "drop"
+
+[[rule]]
+name = "established"
+state = ["established"]
+action = "accept"
+"#,
+    );
+    assert!(
+        config.warnings.is_empty(),
+        "no rule is fully covered: {:?}",
+        config.warnings
+    );
+}
