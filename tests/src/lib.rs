@@ -1,7 +1,8 @@
 //! Harness for the network-namespace integration tests of `session`.
 //!
-//! Each test builds a [`Lab`]: two fresh network namespaces, `client` (198.18.0.1/24) and
-//! `fw` (198.18.0.2/24), joined by a veth pair. The firewall is the `fw` namespace itself:
+//! Each test builds a [`Lab`]: two fresh network namespaces, `client` (198.18.0.1/24, and
+//! 2001:2::1/64 in a dual-stack lab) and `fw` (198.18.0.2/24, 2001:2::2/64), joined by a
+//! veth pair. The firewall is the `fw` namespace itself:
 //! a [`Daemon`] runs `session run` there, attached to fw's end of the veth, with its maps
 //! pinned in a bpffs directory of its own. Servers and clients run as [`Background`]
 //! processes or as bounded one-shot commands inside either namespace.
@@ -14,11 +15,22 @@
 //!
 //! Commands enter a namespace with `nsenter --net` rather than `ip netns exec`: the latter
 //! remounts /sys in a private mount namespace, which hides /sys/fs/bpf, so the daemon and
-//! the CLI would not share the pinned maps.
+//! the CLI would not share the pinned maps. Sockets the test itself uses are created by a
+//! thread that joined the namespace ([`Lab::in_ns`]); a socket stays in the namespace it
+//! was created in, so the test can then use it from any thread.
+//!
+//! [`raw`] builds and sends hand-made frames (for segments no socket would send) and
+//! [`CtCounts`] reads per-state packet counts from both the daemon and the kernel's own
+//! conntrack (through nftables counters), for the differential tests.
+
+pub mod raw;
 
 use std::cell::Cell;
+use std::fmt;
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
@@ -32,13 +44,21 @@ use serde_json::Value;
 pub const CLIENT_V4: &str = "198.18.0.1";
 /// IPv4 address of the fw namespace, the host the daemon protects.
 pub const FW_V4: &str = "198.18.0.2";
+/// IPv6 address of the client namespace in a dual-stack lab.
+pub const CLIENT_V6: &str = "2001:2::1";
+/// IPv6 address of the fw namespace in a dual-stack lab.
+pub const FW_V6: &str = "2001:2::2";
 /// Name of fw's veth end, the interface the daemon attaches to. A fixed name is safe
 /// because the veth is created directly inside the lab's own namespaces.
 pub const FW_IFACE: &str = "veth-fw";
 /// How long a daemon may take to print `session: ready`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-const CLIENT_IFACE: &str = "veth-client";
+/// Name of the client's veth end, for tests that send raw frames or configure routing
+/// there.
+pub const CLIENT_IFACE: &str = "veth-client";
+/// Timeout for the test's own socket operations, so no read or accept can hang.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const BPFFS: &str = "/sys/fs/bpf";
 const NETNS_DIR: &str = "/var/run/netns";
 const POLL: Duration = Duration::from_millis(50);
@@ -50,13 +70,13 @@ const SETTLE: Duration = Duration::from_millis(300);
 const BACKGROUND_LIFETIME_SECS: &str = "600";
 const CLI_TIMEOUT_SECS: u64 = 10;
 const TOOLS: &[&str] = &[
-    "ip", "nsenter", "timeout", "kill", "sysctl", "socat", "ping", "ss",
+    "ip", "nsenter", "timeout", "kill", "sysctl", "socat", "ping", "ss", "nft",
 ];
 const HINT: &str = "run the netns tests with `cargo xtask test` (as root, with iproute2, \
-                    util-linux, socat and iputils-ping installed)";
+                    util-linux, socat, iputils-ping and nftables installed)";
 
 /// One end of the lab, so that callers say where a command runs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
     /// The untrusted peer, 198.18.0.1.
     Client,
@@ -142,6 +162,53 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Opt
     }
 }
 
+/// An address family, so that one test body can run over IPv4 and IPv6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4: 198.18.0.0/24 on the lab link.
+    V4,
+    /// IPv6: 2001:2::/64 on the lab link (needs [`Lab::dual_stack`]).
+    V6,
+}
+
+impl Family {
+    /// The lab address of `side` in this family, as the CLI prints it.
+    pub fn addr(self, side: Side) -> &'static str {
+        match (self, side) {
+            (Family::V4, Side::Client) => CLIENT_V4,
+            (Family::V4, Side::Fw) => FW_V4,
+            (Family::V6, Side::Client) => CLIENT_V6,
+            (Family::V6, Side::Fw) => FW_V6,
+        }
+    }
+
+    /// The lab address of `side` in this family, parsed.
+    pub fn ip(self, side: Side) -> IpAddr {
+        self.addr(side).parse().expect("lab addresses are valid")
+    }
+
+    /// The socket address `side`:`port` in this family.
+    pub fn sock(self, side: Side, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip(side), port)
+    }
+
+    /// The value of `family` in `session list --json`.
+    pub fn json_name(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+
+    /// The value of `proto` in `session list --json` for this family's ICMP.
+    pub fn icmp_name(self) -> &'static str {
+        match self {
+            Family::V4 => "icmp",
+            Family::V6 => "icmpv6",
+        }
+    }
+}
+
 /// Two namespaces joined by a veth pair; deleted on drop, so a failing test leaves nothing
 /// behind.
 pub struct Lab {
@@ -157,6 +224,25 @@ impl Lab {
     /// Builds an IPv4 lab named after `tag` (keep it short and unique per test). IPv6 is
     /// disabled in both namespaces so that no ND/MLD traffic perturbs the counters.
     pub fn new(tag: &str) -> Lab {
+        Lab::build(tag, false)
+    }
+
+    /// Builds a lab with IPv6 enabled as well: 2001:2::1/64 on the client and 2001:2::2/64
+    /// on fw, added with `nodad` so that they are usable at once. Duplicate address
+    /// detection (also of link-local addresses) and router solicitations are off, so that
+    /// the only IPv6 control traffic is neighbour discovery and MLD, which are `untracked`:
+    /// a policy for such a lab must accept untracked packets or ND breaks.
+    pub fn dual_stack(tag: &str) -> Lab {
+        Lab::build(tag, true)
+    }
+
+    /// [`Lab::new`] for IPv4, [`Lab::dual_stack`] for IPv6, for tests written once for
+    /// both families.
+    pub fn for_family(tag: &str, family: Family) -> Lab {
+        Lab::build(tag, family == Family::V6)
+    }
+
+    fn build(tag: &str, ipv6: bool) -> Lab {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let bin = prerequisites();
         let base = format!(
@@ -174,11 +260,30 @@ impl Lab {
             bin,
             files: Cell::new(0),
         };
+        // ICMP errors are rate limited per destination by default; the tests count them
+        // exactly, so every error must be sent.
+        let mut keys = vec!["net.ipv4.icmp_ratelimit=0"];
+        if ipv6 {
+            // `default` applies to the veth created below.
+            keys.extend([
+                "net.ipv6.conf.all.disable_ipv6=0",
+                "net.ipv6.conf.default.disable_ipv6=0",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv6.conf.all.router_solicitations=0",
+                "net.ipv6.conf.default.router_solicitations=0",
+                "net.ipv6.icmp.ratelimit=0",
+            ]);
+        } else {
+            keys.extend([
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ]);
+        }
         for side in [Side::Client, Side::Fw] {
             host(&["ip", "netns", "add", lab.ns(side)]);
-            for scope in ["all", "default"] {
-                let key = format!("net.ipv6.conf.{scope}.disable_ipv6=1");
-                lab.ok(side, 5, &["sysctl", "-qw", &key]);
+            for key in &keys {
+                lab.ok(side, 5, &["sysctl", "-qw", key]);
             }
             lab.ok(side, 5, &["ip", "link", "set", "lo", "up"]);
         }
@@ -197,14 +302,136 @@ impl Lab {
             "netns",
             &lab.fw_ns,
         ]);
-        for (side, iface, addr) in [
-            (Side::Client, CLIENT_IFACE, "198.18.0.1/24"),
-            (Side::Fw, FW_IFACE, "198.18.0.2/24"),
-        ] {
-            lab.ok(side, 5, &["ip", "addr", "add", addr, "dev", iface]);
+        for side in [Side::Client, Side::Fw] {
+            let iface = Lab::iface(side);
+            let v4 = format!("{}/24", Family::V4.addr(side));
+            lab.ok(side, 5, &["ip", "addr", "add", &v4, "dev", iface]);
+            if ipv6 {
+                let v6 = format!("{}/64", Family::V6.addr(side));
+                lab.ok(
+                    side,
+                    5,
+                    &["ip", "-6", "addr", "add", &v6, "dev", iface, "nodad"],
+                );
+            }
             lab.ok(side, 5, &["ip", "link", "set", iface, "up"]);
         }
         lab
+    }
+
+    /// The name of `side`'s veth end.
+    pub fn iface(side: Side) -> &'static str {
+        match side {
+            Side::Client => CLIENT_IFACE,
+            Side::Fw => FW_IFACE,
+        }
+    }
+
+    /// The MAC address of `side`'s veth end, for hand-built frames.
+    pub fn mac(&self, side: Side) -> [u8; 6] {
+        let iface = Lab::iface(side);
+        let text = self.ok(side, 5, &["ip", "-j", "link", "show", "dev", iface]);
+        let links: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("`ip -j link show` is not JSON ({e}): {text}"));
+        let addr = links[0]["address"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no address for {iface} in {text}"));
+        let bytes: Vec<u8> = addr
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).unwrap_or_else(|e| panic!("MAC {addr}: {e}")))
+            .collect();
+        bytes
+            .try_into()
+            .unwrap_or_else(|_| panic!("MAC {addr} is not 6 bytes"))
+    }
+
+    /// Runs `f` on a thread that has joined `side`'s network namespace and returns its
+    /// result; a panic in `f` is re-raised here. Sockets `f` creates belong to that
+    /// namespace for good, so the test can keep using them on its own thread.
+    pub fn in_ns<T: Send>(&self, side: Side, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("{NETNS_DIR}/{}", self.ns(side));
+        std::thread::scope(|scope| {
+            let worker = scope.spawn(|| {
+                let ns = File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
+                // SAFETY: setns only changes this thread's network namespace; the fd is
+                // valid for the call.
+                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert!(
+                    rc == 0,
+                    "cannot enter {path}: {}",
+                    io::Error::last_os_error()
+                );
+                f()
+            });
+            worker
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// A TCP listener on `side`'s address in `family` at `port`.
+    pub fn tcp_listen(&self, side: Side, family: Family, port: u16) -> TcpListener {
+        let addr = family.sock(side, port);
+        self.in_ns(side, || TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("cannot listen on {addr} in {}: {e}", self.ns(side)))
+    }
+
+    /// Connects from `side` to `to`, giving up after `timeout`; the error is returned for
+    /// tests that expect the firewall to block the connection. The stream gets
+    /// [`IO_TIMEOUT`] read and write timeouts.
+    pub fn tcp_connect(
+        &self,
+        side: Side,
+        to: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<TcpStream> {
+        let stream = self.in_ns(side, || TcpStream::connect_timeout(&to, timeout))?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(stream)
+    }
+
+    /// Connects from `side` to `to` from the fixed local address `from` (SO_REUSEADDR
+    /// set, so the port can be reused while a peer holds the old connection in
+    /// TIME_WAIT), giving up after `timeout`.
+    pub fn tcp_connect_from(
+        &self,
+        side: Side,
+        from: SocketAddr,
+        to: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<TcpStream> {
+        let stream = self.in_ns(side, || connect_from(from, to, timeout))?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(stream)
+    }
+
+    /// A TCP connection from the client to fw:`port` in `family` through the firewall,
+    /// returned as (client end, fw end). Both ends have [`IO_TIMEOUT`] read and write
+    /// timeouts, so a dropped segment makes the test fail instead of hang.
+    pub fn tcp_pair(&self, family: Family, port: u16) -> (TcpStream, TcpStream) {
+        let listener = self.tcp_listen(Side::Fw, family, port);
+        let to = family.sock(Side::Fw, port);
+        let client = self
+            .tcp_connect(Side::Client, to, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("client cannot connect to {to}: {e}"));
+        let server = accept_within(&listener, IO_TIMEOUT);
+        (client, server)
+    }
+
+    /// A UDP socket bound to `side`'s address in `family` (port 0: any), with
+    /// [`IO_TIMEOUT`] read and write timeouts.
+    pub fn udp_socket(&self, side: Side, family: Family, port: u16) -> std::net::UdpSocket {
+        let addr = family.sock(side, port);
+        let socket = self
+            .in_ns(side, || std::net::UdpSocket::bind(addr))
+            .unwrap_or_else(|e| panic!("cannot bind UDP {addr} in {}: {e}", self.ns(side)));
+        socket
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .and_then(|()| socket.set_write_timeout(Some(IO_TIMEOUT)))
+            .unwrap_or_else(|e| panic!("cannot set timeouts on UDP {addr}: {e}"));
+        socket
     }
 
     /// The namespace name of `side`, for messages and for `ip -n`.
@@ -322,6 +549,28 @@ impl Lab {
             .unwrap_or_else(|why| panic!("daemon not ready: {why}"));
         daemon.ready = true;
         daemon
+    }
+
+    /// Pings `dst` from `side` `count` times, quickly (0.2 s apart, 1 s deadline per
+    /// reply), and returns how many replies came back.
+    pub fn ping(&self, side: Side, dst: &str, count: u32) -> u64 {
+        self.ping_with(side, dst, count, &[])
+    }
+
+    /// [`Lab::ping`] with `extra` options for ping (`-s SIZE`, say).
+    pub fn ping_with(&self, side: Side, dst: &str, count: u32, extra: &[&str]) -> u64 {
+        let count = count.to_string();
+        let mut argv = vec!["ping", "-n", "-c", &count, "-i", "0.2", "-W", "1"];
+        argv.extend_from_slice(extra);
+        argv.push(dst);
+        let out = self.run(side, 10, &argv);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|line| {
+                let (_, rest) = line.split_once(" packets transmitted, ")?;
+                rest.split_once(" received")?.0.parse().ok()
+            })
+            .unwrap_or_else(|| panic!("no ping summary in: {}", describe(&out)))
     }
 
     /// A fresh path in the lab's scratch directory, for a process's output files.
@@ -575,6 +824,61 @@ impl Daemon<'_> {
         sleep(SETTLE);
         self.stats_json()
     }
+
+    /// Polls `session list --json` (at most 5 s) until the session of `proto` originated
+    /// by `src` towards `dst`:`dport` is in `state`, and returns it; panics with the
+    /// session as last seen otherwise. Polling, because the segment that moves a TCP
+    /// session on (a delayed ACK, say) may still be on its way.
+    pub fn wait_session(
+        &self,
+        proto: &str,
+        src: &str,
+        dst: &str,
+        dport: u16,
+        state: &str,
+    ) -> Value {
+        let timeout = Duration::from_secs(5);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let sessions = self.list_json();
+            let found = find_session(&sessions, proto, src, dst, dport).cloned();
+            if let Some(session) = &found
+                && session["state"] == state
+            {
+                return session.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{proto} session {src} -> {dst}:{dport} not in {state} within {timeout:?}; \
+                 last seen: {}; all sessions: {sessions:?}",
+                found.map_or_else(|| "absent".to_string(), |s| s.to_string())
+            );
+            sleep(POLL);
+        }
+    }
+
+    /// Waits (at most `timeout`) until the daemon has seen no IP packet for `quiet`, so
+    /// that a measurement starts after neighbour discovery, MLD and retransmissions have
+    /// died down.
+    pub fn wait_quiet(&self, quiet: Duration, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut last = counter(&self.stats_json(), "packets_seen");
+        let mut since = Instant::now();
+        loop {
+            sleep(POLL);
+            let seen = counter(&self.stats_json(), "packets_seen");
+            if seen != last {
+                last = seen;
+                since = Instant::now();
+            } else if since.elapsed() >= quiet {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "traffic did not stop for {quiet:?} within {timeout:?} (packets_seen {seen})"
+            );
+        }
+    }
 }
 
 impl Drop for Daemon<'_> {
@@ -588,6 +892,321 @@ impl Drop for Daemon<'_> {
         {
             eprintln!("warning: cannot remove {}: {e}", self.pin_dir.display());
         }
+    }
+}
+
+/// Accepts one connection on `listener` within `timeout` (polling, so a connection the
+/// firewall dropped fails the test instead of hanging it); the stream gets [`IO_TIMEOUT`]
+/// read and write timeouts.
+pub fn accept_within(listener: &TcpListener, timeout: Duration) -> TcpStream {
+    listener
+        .set_nonblocking(true)
+        .unwrap_or_else(|e| panic!("cannot make the listener non-blocking: {e}"));
+    let stream = wait_for("a connection to accept", timeout, || {
+        match listener.accept() {
+            Ok((stream, _)) => Some(stream),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(e) => panic!("accept failed: {e}"),
+        }
+    });
+    stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_read_timeout(Some(IO_TIMEOUT)))
+        .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
+        .unwrap_or_else(|e| panic!("cannot configure the accepted stream: {e}"));
+    stream
+}
+
+/// The `sockaddr` of `addr` and its length, for libc calls.
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid; the casts stay within its size.
+    unsafe {
+        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+        let len = match addr {
+            SocketAddr::V4(v4) => {
+                let sin = &mut *(&raw mut storage).cast::<libc::sockaddr_in>();
+                sin.sin_family = libc::AF_INET as libc::sa_family_t;
+                sin.sin_port = v4.port().to_be();
+                sin.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(v6) => {
+                let sin6 = &mut *(&raw mut storage).cast::<libc::sockaddr_in6>();
+                sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sin6.sin6_port = v6.port().to_be();
+                sin6.sin6_addr.s6_addr = v6.ip().octets();
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (storage, len as libc::socklen_t)
+    }
+}
+
+/// socket, SO_REUSEADDR, bind to `from`, connect to `to` (bounded by SO_SNDTIMEO), in the
+/// calling thread's namespace. std has no way to bind before connecting.
+fn connect_from(from: SocketAddr, to: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let check = |rc: libc::c_int| {
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    };
+    let family = if from.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket calls on an fd owned right away, with correctly sized
+    // option values and addresses.
+    unsafe {
+        let fd = OwnedFd::from_raw_fd(check(libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+        ))?);
+        let one: libc::c_int = 1;
+        check(libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ))?;
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+        };
+        check(libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        ))?;
+        let (local, local_len) = sockaddr(from);
+        check(libc::bind(
+            fd.as_raw_fd(),
+            (&raw const local).cast(),
+            local_len,
+        ))?;
+        let (remote, remote_len) = sockaddr(to);
+        check(libc::connect(
+            fd.as_raw_fd(),
+            (&raw const remote).cast(),
+            remote_len,
+        ))?;
+        Ok(TcpStream::from(fd))
+    }
+}
+
+/// Turns on TCP keepalive with one-second idle time and interval, so that a test sees
+/// keepalive probes (a segment one byte below the next sequence number) within seconds.
+pub fn set_fast_keepalive(stream: &TcpStream) {
+    for (level, name) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+    ] {
+        let one: libc::c_int = 1;
+        // SAFETY: a valid socket fd and a correctly sized option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                level,
+                name,
+                (&raw const one).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert!(
+            rc == 0,
+            "setsockopt({level}, {name}) failed: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Reads from `stream` until end of file (bounded by the stream's read timeout) and
+/// returns everything read, so a test can check that a half-closed or closing peer's data
+/// all arrived.
+pub fn read_to_eof(stream: &mut TcpStream) -> Vec<u8> {
+    let mut data = Vec::new();
+    stream
+        .read_to_end(&mut data)
+        .unwrap_or_else(|e| panic!("reading until EOF failed after {} bytes: {e}", data.len()));
+    data
+}
+
+/// Reads exactly `len` bytes from `stream` (bounded by its read timeout).
+pub fn read_exact_len(stream: &mut TcpStream, len: usize) -> Vec<u8> {
+    let mut data = vec![0; len];
+    stream
+        .read_exact(&mut data)
+        .unwrap_or_else(|e| panic!("reading {len} bytes failed: {e}"));
+    data
+}
+
+/// Sets SO_LINGER to zero, so that dropping the stream sends a RST instead of a FIN: the
+/// one portable way to make a real TCP stack abort a connection.
+pub fn set_linger_zero(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a correctly sized, initialised option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert!(
+        rc == 0,
+        "setsockopt(SO_LINGER) failed: {}",
+        io::Error::last_os_error()
+    );
+}
+
+/// Packet counts per `ct state`, the quantity the differential tests compare between the
+/// daemon and the kernel's conntrack.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtCounts {
+    /// `ct state new`.
+    pub new: u64,
+    /// `ct state established`.
+    pub established: u64,
+    /// `ct state related`.
+    pub related: u64,
+    /// `ct state invalid`.
+    pub invalid: u64,
+    /// `ct state untracked`.
+    pub untracked: u64,
+}
+
+/// The ct states in the order of [`CtCounts`], with the daemon's counter names.
+const CT_STATES: [(&str, &str); 5] = [
+    ("new", "state_new"),
+    ("established", "state_established"),
+    ("related", "state_related"),
+    ("invalid", "state_invalid"),
+    ("untracked", "state_untracked"),
+];
+
+/// Name of the nftables table [`Lab::install_ct_counters`] creates.
+const NFT_TABLE: &str = "diff";
+
+impl CtCounts {
+    fn get(&self, state: &str) -> u64 {
+        let mut copy = *self;
+        *copy.slot(state)
+    }
+
+    fn slot(&mut self, state: &str) -> &mut u64 {
+        match state {
+            "new" => &mut self.new,
+            "established" => &mut self.established,
+            "related" => &mut self.related,
+            "invalid" => &mut self.invalid,
+            "untracked" => &mut self.untracked,
+            other => panic!("unknown ct state {other:?}"),
+        }
+    }
+
+    /// The daemon's per-state counters from `session stats --json`.
+    pub fn from_stats(stats: &Value) -> CtCounts {
+        let mut counts = CtCounts::default();
+        for (state, counter_name) in CT_STATES {
+            *counts.slot(state) = counter(stats, counter_name);
+        }
+        counts
+    }
+
+    /// The growth from `before` to `self`; panics if a counter went backwards.
+    pub fn since(&self, before: &CtCounts) -> CtCounts {
+        let mut out = CtCounts::default();
+        for (state, _) in CT_STATES {
+            let (was, now) = (before.get(state), self.get(state));
+            *out.slot(state) = now
+                .checked_sub(was)
+                .unwrap_or_else(|| panic!("ct state {state} count went backwards: {was} -> {now}"));
+        }
+        out
+    }
+}
+
+impl fmt::Display for CtCounts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "new {} established {} related {} invalid {} untracked {}",
+            self.new, self.established, self.related, self.invalid, self.untracked
+        )
+    }
+}
+
+impl Lab {
+    /// Makes the kernel's conntrack in fw count packets per `ct state`, as a reference for
+    /// the daemon: a table `inet diff` with a chain on prerouting and one on output, both
+    /// at priority -150 (after conntrack at -200), with one counter per state. The rules
+    /// match only fw's veth, because that is the only interface the daemon sees.
+    pub fn install_ct_counters(&self) {
+        let mut script = format!("table inet {NFT_TABLE} {{\n");
+        for (chain, hook, dir) in [
+            ("pre", "prerouting", "iifname"),
+            ("out", "output", "oifname"),
+        ] {
+            script += &format!(
+                "  chain {chain} {{\n    type filter hook {hook} priority -150; policy accept;\n"
+            );
+            for (state, _) in CT_STATES {
+                script += &format!(
+                    "    {dir} \"{FW_IFACE}\" ct state {state} counter comment \"{state}\"\n"
+                );
+            }
+            script += "  }\n";
+        }
+        script += "}\n";
+        let out = self.run_with_input(Side::Fw, 10, &["nft", "-f", "-"], script.as_bytes());
+        assert!(
+            out.status.success(),
+            "cannot install the nft counters:\n{script}{}",
+            describe(&out)
+        );
+    }
+
+    /// The kernel's per-state packet counts in fw (prerouting plus output) since
+    /// [`Lab::install_ct_counters`].
+    pub fn ct_counters(&self) -> CtCounts {
+        let text = self.ok(
+            Side::Fw,
+            10,
+            &["nft", "-j", "list", "table", "inet", NFT_TABLE],
+        );
+        let json: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("`nft -j list table` is not JSON ({e}): {text}"));
+        let mut counts = CtCounts::default();
+        let mut rules = 0;
+        for item in json["nftables"].as_array().into_iter().flatten() {
+            let Some(rule) = item.get("rule") else {
+                continue;
+            };
+            let state = rule["comment"]
+                .as_str()
+                .unwrap_or_else(|| panic!("nft rule without comment: {rule}"));
+            let packets = rule["expr"]
+                .as_array()
+                .and_then(|exprs| exprs.iter().find_map(|e| e["counter"]["packets"].as_u64()))
+                .unwrap_or_else(|| panic!("nft rule without counter: {rule}"));
+            *counts.slot(state) += packets;
+            rules += 1;
+        }
+        assert_eq!(rules, 2 * CT_STATES.len(), "unexpected nft table: {text}");
+        counts
     }
 }
 
