@@ -702,9 +702,9 @@ fn compile_reports_unknown_interfaces() {
 
 #[test]
 fn compile_refuses_more_entries_than_a_bank_holds() {
-    // 17 x 16 = 272 > 256 entries.
-    let ports: Vec<String> = (1..=17).map(|p| p.to_string()).collect();
-    let nets: Vec<String> = (0..16).map(|i| format!("\"10.{i}.0.0/16\"")).collect();
+    // 33 x 32 = 1056 > 1024 entries.
+    let ports: Vec<String> = (1..=33).map(|p| p.to_string()).collect();
+    let nets: Vec<String> = (0..32).map(|i| format!("\"10.{i}.0.0/16\"")).collect();
     let text = format!(
         "[[rule]]\nname = \"big\"\naction = \"accept\"\nproto = \"tcp\"\ndport = [{}]\nsrc = [{}]\n",
         ports.join(", "),
@@ -715,7 +715,7 @@ fn compile_refuses_more_entries_than_a_bank_holds() {
             rule, entries, max, ..
         }) => {
             assert_eq!(rule, "big");
-            assert_eq!(entries, 272);
+            assert_eq!(entries, 1056);
             assert_eq!(max, MAX_RULES);
         }
         other => panic!("expected too many entries, got {other:?}"),
