@@ -4,6 +4,7 @@
 //! run and the network-namespace demo are one checked, portable program with errors that
 //! tell the operator what to do next.
 
+mod bench;
 mod checks;
 mod cmd;
 mod fuzz;
@@ -46,6 +47,12 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Benchmarks in release mode (root; several minutes): kernel path, policy and table scale, end to end
+    Bench {
+        /// Run only this benchmark: `kernel` or `e2e`
+        #[arg(long)]
+        only: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +64,7 @@ fn main() -> ExitCode {
         Task::Lint => checks::lint(&root),
         Task::Lab => lab::run(&root),
         Task::Fuzz { seconds } => fuzz::run(&root, seconds),
+        Task::Bench { only } => bench::run(&root, only.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
