@@ -2,8 +2,9 @@
 //! release `session` binary in `SESSION_BIN`).
 //!
 //! Three firewalls on fw in the same run, each in a fresh lab, interleaved round by
-//! round so that drift in the machine's load hits them alike: none, nftables with the
-//! equivalent `ct state` policy, and session. Scenarios:
+//! round so that drift in the machine's load hits them alike: none, a do-nothing XDP
+//! program (what XDP on veth costs by itself), nftables with the equivalent `ct state`
+//! policy, and session. Scenarios:
 //!
 //! - (a) many established UDP flows with small packets (fw opened each flow by sending
 //!   first), blasted by the load generator: packets/s that reach fw's UDP layer;
@@ -27,14 +28,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::programs::{Xdp, XdpMode};
 use serde_json::{Value, json};
 use session_tests::{
-    FW_V4, Family, Lab, Side,
+    FW_IFACE, FW_V4, Family, Lab, Side,
     loadgen::{self, Blast},
 };
 
 /// Rounds; each runs every scenario once per firewall, and the median is reported.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 /// Established UDP flows in scenario (a).
 const UDP_FLOWS: usize = 4096;
 /// Spoofed sources of the SYN flood in scenario (b).
@@ -87,16 +89,24 @@ const NFT_POLICY: &str = "table inet bench {
 #[derive(Clone, Copy, PartialEq)]
 enum Firewall {
     None,
+    /// session's do-nothing XDP program on fw's veth: what XDP on veth costs by itself.
+    NoopXdp,
     Nftables,
     Session,
 }
 
 impl Firewall {
-    const ALL: [Firewall; 3] = [Firewall::None, Firewall::Nftables, Firewall::Session];
+    const ALL: [Firewall; 4] = [
+        Firewall::None,
+        Firewall::NoopXdp,
+        Firewall::Nftables,
+        Firewall::Session,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Firewall::None => "no firewall",
+            Firewall::NoopXdp => "do-nothing XDP (veth baseline)",
             Firewall::Nftables => "nftables (ct state)",
             Firewall::Session => "session",
         }
@@ -105,9 +115,47 @@ impl Firewall {
     fn key(self) -> &'static str {
         match self {
             Firewall::None => "none",
+            Firewall::NoopXdp => "noop_xdp",
             Firewall::Nftables => "nftables",
             Firewall::Session => "session",
         }
+    }
+}
+
+/// `session_noop` attached to fw's veth end, with the pin directory its object's maps
+/// needed; the pins go on drop. Drop it after the lab, so the interface (and with it the
+/// attachment) is gone before the link is closed.
+struct NoopXdp {
+    _ebpf: aya::Ebpf,
+    pin: PathBuf,
+}
+
+impl NoopXdp {
+    fn attach(lab: &Lab) -> NoopXdp {
+        let pin = PathBuf::from(format!(
+            "/sys/fs/bpf/session-bench-noop-{}",
+            std::process::id()
+        ));
+        let mut ebpf = session_user::loader::load(&pin, 1024)
+            .unwrap_or_else(|error| panic!("loading the eBPF object: {error:#}"));
+        let noop: &mut Xdp = ebpf
+            .program_mut("session_noop")
+            .expect("session_noop in the object")
+            .try_into()
+            .expect("session_noop is XDP");
+        noop.load().expect("loading session_noop");
+        // Resolving the interface and creating the link happen in fw's namespace.
+        lab.in_ns(Side::Fw, || {
+            noop.attach(FW_IFACE, XdpMode::Driver).map(|_| ())
+        })
+        .unwrap_or_else(|error| panic!("attaching session_noop to {FW_IFACE}: {error}"));
+        NoopXdp { _ebpf: ebpf, pin }
+    }
+}
+
+impl Drop for NoopXdp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin);
     }
 }
 
@@ -320,6 +368,7 @@ struct Round {
 }
 
 fn one_round(firewall: Firewall) -> Round {
+    let mut noop = None;
     let lab = Lab::new("bench");
     lab.ok(
         Side::Fw,
@@ -334,6 +383,10 @@ fn one_round(firewall: Firewall) -> Round {
     }
     let daemon = match firewall {
         Firewall::None => None,
+        Firewall::NoopXdp => {
+            noop = Some(NoopXdp::attach(&lab));
+            None
+        }
         Firewall::Nftables => {
             let out = lab.run_with_input(Side::Fw, 10, &["nft", "-f", "-"], NFT_POLICY.as_bytes());
             assert!(
@@ -352,6 +405,8 @@ fn one_round(firewall: Firewall) -> Round {
     };
     let (conn_per_s, conn_failed) = connection_rate(&lab);
     drop(daemon);
+    drop(lab);
+    drop(noop);
     Round {
         conn_per_s,
         conn_failed,
@@ -384,7 +439,7 @@ fn main() {
     }
     let figure =
         |index: usize, get: &dyn Fn(&Round) -> f64| median(rounds[index].iter().map(get).collect());
-    let (nft, session) = (1, 2);
+    let (nft, session) = (2, 3);
 
     let mut md = format!(
         "### End to end (veth between two namespaces, {} s runs, median of {ROUNDS} rounds)\n\n\
@@ -467,6 +522,9 @@ fn main() {
     let ratio_a_cpu = figure(nft, &|r| r.udp.softirq_ns) / figure(session, &|r| r.udp.softirq_ns);
     let ratio_b = figure(nft, &|r| r.flood.softirq_ns) / figure(session, &|r| r.flood.softirq_ns);
     let ratio_c = figure(session, &|r| r.conn_per_s) / figure(nft, &|r| r.conn_per_s);
+    let noop_xdp = 1;
+    let own_drop_ns =
+        figure(session, &|r| r.flood.softirq_ns) - figure(noop_xdp, &|r| r.flood.softirq_ns);
     let met = |value: f64, target: f64| if value >= target { "yes" } else { "**no**" };
     let _ = writeln!(
         md,
@@ -474,7 +532,9 @@ fn main() {
          | (a) delivered pps | {ratio_a:.2}× | ≥ 1.5× | {} |\n\
          | (a) CPU per packet (nftables / session) | {ratio_a_cpu:.2}× | - | - |\n\
          | (b) CPU per dropped packet (nftables / session) | {ratio_b:.2}× | ≥ 5× | {} |\n\
-         | (c) connections/s | {ratio_c:.2}× | ≥ 1× | {} |",
+         | (c) connections/s | {ratio_c:.2}× | ≥ 1× | {} |\n\n\
+         Session's own CPU per dropped packet, above the do-nothing XDP program on the same \
+         veth: {own_drop_ns:.0} ns.",
         met(ratio_a, 1.5),
         met(ratio_b, 5.0),
         met(ratio_c, 1.0),
@@ -491,6 +551,7 @@ fn main() {
             "drop_flood_cpu_per_packet": {"value": ratio_b, "target": 5.0, "meets_target": ratio_b >= 5.0},
             "tcp_connections_per_second": {"value": ratio_c, "target": 1.0, "meets_target": ratio_c >= 1.0},
         },
+        "session_drop_softirq_ns_above_noop_xdp": own_drop_ns,
     });
     let dir = out_dir();
     std::fs::create_dir_all(&dir).expect("creating the bench output directory");
