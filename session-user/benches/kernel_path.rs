@@ -70,26 +70,29 @@ impl Drop for PinDir {
     }
 }
 
-/// The daemon under measurement and its namespace; both go away on drop.
+/// The daemon under measurement, its namespace and its config file; all go away on drop,
+/// also when starting the daemon fails half way.
 struct DaemonRun {
-    child: Child,
+    child: Option<Child>,
     netns: String,
     config: PathBuf,
 }
 
 impl Drop for DaemonRun {
     fn drop(&mut self) {
-        // SAFETY: signals only the child this guard started.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
+        if let Some(child) = &mut self.child {
+            // SAFETY: signals only the child this guard started.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();
@@ -259,53 +262,48 @@ fn cpu_seconds(pid: u32) -> f64 {
 /// veth pair, so it finds the 1M sessions already there.
 fn start_daemon(pin: &Path) -> Option<DaemonRun> {
     let binary = std::env::var_os("SESSION_BIN")?;
-    let netns = format!("sbench-{}", std::process::id());
-    let status = Command::new("ip")
-        .args(["netns", "add", &netns])
-        .status()
-        .expect("running ip netns add");
-    assert!(status.success(), "ip netns add {netns} failed");
-    let config = std::env::temp_dir().join(format!("session-bench-{}.toml", std::process::id()));
-    let guard_config = config.clone();
-    let status = Command::new("ip")
-        .args([
-            "-n", &netns, "link", "add", "sb0", "type", "veth", "peer", "name", "sb1",
-        ])
-        .status()
-        .expect("running ip link add");
+    let mut run = DaemonRun {
+        child: None,
+        netns: format!("sbench-{}", std::process::id()),
+        config: std::env::temp_dir().join(format!("session-bench-{}.toml", std::process::id())),
+    };
+    for argv in [
+        vec!["ip", "netns", "add", &run.netns],
+        vec![
+            "ip", "-n", &run.netns, "link", "add", "sb0", "type", "veth", "peer", "name", "sb1",
+        ],
+    ] {
+        let status = Command::new(argv[0])
+            .args(&argv[1..])
+            .status()
+            .unwrap_or_else(|error| panic!("running {argv:?}: {error}"));
+        assert!(status.success(), "{argv:?} failed ({status})");
+    }
     let mut text = format!("interfaces = [\"sb0\"]\n[limits]\nmax_sessions = {CAPACITY}\n");
     text.push_str(&policy_text(0));
-    std::fs::write(&config, text).expect("writing the daemon config");
+    std::fs::write(&run.config, text).expect("writing the daemon config");
+    // `timeout` bounds the daemon's life even if this process dies without its guards.
     let child = Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{netns}"))
-        .arg("--")
+        .arg(format!("--net=/var/run/netns/{}", run.netns))
+        .args(["--", "timeout", "-k", "1", "300"])
         .arg(&binary)
         .args(["run", "--config"])
-        .arg(&config)
+        .arg(&run.config)
         .arg("--pin-dir")
         .arg(pin)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
         .spawn()
         .expect("starting the daemon");
-    let mut run = DaemonRun {
-        child,
-        netns,
-        config: guard_config,
-    };
-    assert!(
-        status.success(),
-        "creating a veth pair in the benchmark namespace failed"
-    );
+    let child = run.child.insert(child);
     let mut line = String::new();
     use std::io::BufRead as _;
-    std::io::BufReader::new(run.child.stdout.as_mut().expect("daemon stdout"))
+    std::io::BufReader::new(child.stdout.as_mut().expect("daemon stdout"))
         .read_line(&mut line)
         .expect("reading the daemon's ready line");
     assert!(
         line.contains("ready"),
-        "the daemon did not report ready: {line:?}"
+        "the daemon did not report ready (its log is above): {line:?}"
     );
     Some(run)
 }
@@ -572,13 +570,25 @@ impl Bench {
 
         let daemon = start_daemon(&self.pin.0).map(|mut run| {
             std::thread::sleep(Duration::from_secs(6));
-            let pid = run.child.id();
+            // The child is `timeout`; the daemon is its only child.
+            let wrapper = run.child.as_ref().expect("the daemon runs").id();
+            let children =
+                std::fs::read_to_string(format!("/proc/{wrapper}/task/{wrapper}/children"))
+                    .expect("reading the daemon wrapper's children");
+            let pid: u32 = children
+                .split_whitespace()
+                .next()
+                .and_then(|pid| pid.parse().ok())
+                .unwrap_or_else(|| panic!("no daemon under `timeout` (pid {wrapper})"));
             let before = cpu_seconds(pid);
             let started = Instant::now();
             std::thread::sleep(DAEMON_SAMPLE);
             let used = cpu_seconds(pid) - before;
             assert!(
-                matches!(run.child.try_wait(), Ok(None)),
+                matches!(
+                    run.child.as_mut().expect("the daemon runs").try_wait(),
+                    Ok(None)
+                ),
                 "the daemon exited while its idle CPU was measured"
             );
             100.0 * used / started.elapsed().as_secs_f64()
