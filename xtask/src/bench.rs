@@ -151,3 +151,41 @@ fn report(out: &Path, machine: &Value) -> Result<String> {
     .with_context(|| format!("writing {}", summary_path.display()))?;
     Ok(md)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_heads_the_sections_with_the_machine_and_skips_missing_benchmarks() {
+        let dir = std::env::temp_dir().join(format!("xtask-bench-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("creating a scratch directory");
+        std::fs::write(dir.join("kernel.md"), "### Kernel path\n").expect("kernel.md");
+        std::fs::write(dir.join("kernel.json"), r#"{"sessions": 7}"#).expect("kernel.json");
+        let machine = json!({"date_utc": "2026-01-01 00:00", "commit": "abc1234",
+            "cpu": "Test CPU", "cpus": 2, "memory_gib": 1.0, "kernel": "6.18",
+            "load_average_at_end": "0.10"});
+
+        let md = report(&dir, &machine).expect("assembling the report");
+        let summary: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("summary.json")).expect("summary.json"),
+        )
+        .expect("summary.json is JSON");
+        let _ = std::fs::remove_dir_all(&dir);
+
+        assert!(
+            md.starts_with("Measured 2026-01-01 00:00 UTC at commit abc1234 on Test CPU (2 CPUs"),
+            "the machine must head the report: {md}"
+        );
+        assert!(md.contains("### Kernel path"), "the kernel section: {md}");
+        assert_eq!(
+            summary["kernel"]["sessions"], 7,
+            "kernel results in the summary"
+        );
+        assert!(
+            summary.get("e2e").is_none(),
+            "a benchmark that did not run must not appear: {summary}"
+        );
+        assert_eq!(summary["machine"]["commit"], "abc1234");
+    }
+}
