@@ -158,12 +158,14 @@ fn run_each(prog: &Xdp, frames: &[Vec<u8>]) -> f64 {
     frames.iter().map(|frame| run(prog, frame, 1)).sum::<f64>() / frames.len() as f64
 }
 
+/// The middle sample (upper middle for an even count).
 fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
 }
 
-fn medianof(rounds: usize, mut sample: impl FnMut(usize) -> f64) -> f64 {
+/// The median of `rounds` samples; `sample` gets the round number.
+fn median_of(rounds: usize, mut sample: impl FnMut(usize) -> f64) -> f64 {
     median((0..rounds).map(&mut sample).collect())
 }
 
@@ -381,7 +383,7 @@ impl Bench {
         );
         let xdp = self.xdp("session_ingress");
         let noop = self.xdp("session_noop");
-        let noop_repeat = medianof(ROUNDS, |_| run(noop, &est_tcp, REPEAT));
+        let noop_repeat = median_of(ROUNDS, |_| run(noop, &est_tcp, REPEAT));
         let mut rows: Vec<(&str, f64, f64, Option<f64>)> = Vec::new();
         for (name, frame, target) in [
             ("established TCP", &est_tcp, Some(100.0)),
@@ -395,13 +397,13 @@ impl Bench {
         ] {
             rows.push((
                 name,
-                medianof(ROUNDS, |_| run(xdp, frame, REPEAT)),
+                median_of(ROUNDS, |_| run(xdp, frame, REPEAT)),
                 noop_repeat,
                 target,
             ));
         }
         let mut noop_once = Vec::new();
-        let new_flow = medianof(ROUNDS, |round| {
+        let new_flow = median_of(ROUNDS, |round| {
             let frames: Vec<Vec<u8>> = (0..NEW_FLOWS)
                 .map(|i| {
                     syn(
@@ -479,10 +481,10 @@ impl Bench {
             let apply_ms = [0, 1, 2].map(|i| median(times.iter().map(|t| t[i]).collect()));
             let xdp = self.xdp("session_ingress");
             let est = preloaded_flow(9);
-            let established_ns = medianof(ROUNDS, |_| run(xdp, &est, REPEAT));
+            let established_ns = median_of(ROUNDS, |_| run(xdp, &est, REPEAT));
             let default_drop = syn(v4(198, 18, 7, 7), 4444, 9090);
-            let drop_ns = medianof(ROUNDS, |_| run(xdp, &default_drop, REPEAT));
-            let accept_ns = medianof(ROUNDS, |round| {
+            let drop_ns = median_of(ROUNDS, |_| run(xdp, &default_drop, REPEAT));
+            let accept_ns = median_of(ROUNDS, |round| {
                 let frames: Vec<Vec<u8>> = (0..NEW_FLOWS / 4)
                     .map(|i| {
                         syn(
