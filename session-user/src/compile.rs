@@ -169,7 +169,7 @@ fn expand(spec: &RuleSpec, id: u16, ifindexes: &[u32], out: &mut Vec<Rule>) {
                                 icmp_type: icmp_type.unwrap_or(0),
                                 match_flags,
                                 action: spec.action as u8,
-                                _pad: 0,
+                                log: u8::from(spec.log),
                                 rule_id: id,
                                 _pad2: [0; 2],
                             });

@@ -96,6 +96,8 @@ pub struct RuleSpec {
     pub name: String,
     /// What to do on a match.
     pub action: Action,
+    /// Report every packet the rule decides as an event and a (rate-limited) log line.
+    pub log: bool,
     /// Bit mask of [`CtState::bit`].
     pub states: u8,
     /// Bit mask of [`Hook::bit`].
@@ -199,6 +201,7 @@ enum NumberOrName {
 struct RawRule {
     name: Spanned<String>,
     action: Spanned<String>,
+    log: Option<bool>,
     state: Option<Spanned<Vec<Spanned<String>>>>,
     direction: Option<Spanned<String>>,
     iface: Option<Spanned<Vec<Spanned<String>>>>,
@@ -640,6 +643,7 @@ fn validate_rule(
     Ok(RuleSpec {
         name,
         action,
+        log: raw.log.unwrap_or(false),
         states,
         hooks,
         ifaces,

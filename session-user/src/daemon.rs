@@ -14,6 +14,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     compile::{CompiledPolicy, compile},
     config::{self, Config},
+    events::EventHub,
     instance::InstanceLock,
     loader,
     maps::{PinnedMaps, monotonic_ns},
@@ -83,12 +84,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
         unmark(&maps, &attached);
         return Err(error);
     }
+    let events = EventHub::start(&maps)?;
     {
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "session: ready").context("writing to stdout")?;
         stdout.flush().context("flushing stdout")?;
     }
-    let result = serve(&options, &maps, &ifaces).await;
+    let result = serve(&options, &maps, &ifaces, &events).await;
     unmark(&maps, &attached);
     drop(ebpf);
     info!("detached from {} interface(s)", attached.len());
@@ -117,7 +119,12 @@ fn unmark(maps: &PinnedMaps, attached: &[u32]) {
     }
 }
 
-async fn serve(options: &RunOptions, maps: &PinnedMaps, ifaces: &[(String, u32)]) -> Result<()> {
+async fn serve(
+    options: &RunOptions,
+    maps: &PinnedMaps,
+    ifaces: &[(String, u32)],
+    events: &EventHub,
+) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
@@ -127,7 +134,7 @@ async fn serve(options: &RunOptions, maps: &PinnedMaps, ifaces: &[(String, u32)]
             _ = sigint.recv() => { info!("SIGINT: shutting down"); return Ok(()); }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); return Ok(()); }
             _ = sighup.recv() => reload(&options.config, maps, ifaces),
-            _ = reaper.tick() => reap(maps),
+            _ = reaper.tick() => reap(maps, events),
         }
     }
 }
@@ -156,9 +163,12 @@ fn reload(path: &Path, maps: &PinnedMaps, ifaces: &[(String, u32)]) {
     }
 }
 
-fn reap(maps: &PinnedMaps) {
+fn reap(maps: &PinnedMaps, events: &EventHub) {
     let started = std::time::Instant::now();
-    match maps.reap(monotonic_ns()) {
+    let names = maps.rule_names().unwrap_or_default();
+    match maps.reap(monotonic_ns(), |key, session| {
+        events.expired(key, session, &names)
+    }) {
         Ok(removed) => {
             let bumped = maps
                 .bump(DaemonCounter::SessionsExpired, removed)

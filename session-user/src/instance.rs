@@ -14,14 +14,18 @@ use anyhow::{Context as _, Result, bail};
 /// Where lock files live.
 const RUN_DIR: &str = "/run/session";
 
-/// The lock file path for a pin directory.
-fn lock_path(pin_dir: &Path) -> PathBuf {
+/// A file under /run/session that belongs to the daemon of `pin_dir`, e.g. its lock.
+pub fn run_path(pin_dir: &Path, extension: &str) -> PathBuf {
     let id: String = pin_dir
         .to_string_lossy()
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    Path::new(RUN_DIR).join(format!("{id}.lock"))
+    Path::new(RUN_DIR).join(format!("{id}.{extension}"))
+}
+
+fn lock_path(pin_dir: &Path) -> PathBuf {
+    run_path(pin_dir, "lock")
 }
 
 /// Held by the running daemon; released when it exits, however it exits.

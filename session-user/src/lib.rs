@@ -4,6 +4,7 @@
 pub mod compile;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod frames;
 pub mod instance;
 pub mod loader;

@@ -18,6 +18,7 @@ use session_user::{
     compile::compile,
     config,
     daemon::{self, RunOptions},
+    events,
     instance::Owner,
     loader,
     maps::{DEFAULT_PIN_DIR, PinnedMaps, monotonic_ns},
@@ -181,6 +182,26 @@ enum Command {
         #[command(flatten)]
         pin: PinDir,
     },
+    /// Follow session events live (like `conntrack -E`): new, closed, expired, logged.
+    ///
+    /// Connects to the running daemon and prints one line per event until interrupted:
+    /// a session created ([NEW]), closed by its own packets, FIN or RST ([CLOSED]),
+    /// removed after its timeout ([EXPIRED]), or a packet decided by a rule with
+    /// `log = true` ([LOGGED]), with addresses, ports, state, action and rule. With --json,
+    /// one JSON object per line. A client that reads too slowly is told how many events it
+    /// missed; the firewall never waits for it.
+    ///
+    /// Example, the events of logged rules as JSON:
+    ///
+    ///     session events --json | grep logged
+    #[command(verbatim_doc_comment)]
+    Events {
+        /// Print one JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        pin: PinDir,
+    },
     /// Validate a configuration file without applying it.
     ///
     /// Parses the file and validates every setting, set and rule, without loading
@@ -315,6 +336,11 @@ fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Reload { pin } => reload(&pin.pin_dir),
+        Command::Events { json, pin } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(events::follow(&pin.pin_dir, json)),
         Command::Check { file } => {
             let config = config::load(&file)?;
             for warning in &config.warnings {

@@ -132,8 +132,8 @@ impl PinnedMaps {
         Ok(removed)
     }
 
-    /// Removes expired sessions; returns how many.
-    pub fn reap(&self, now: u64) -> Result<u64> {
+    /// Removes expired sessions, handing each to `on_removed`; returns how many.
+    pub fn reap(&self, now: u64, mut on_removed: impl FnMut(&FlowKey, &Session)) -> Result<u64> {
         let mut removed = 0;
         for name in [map_names::SESSIONS, map_names::UNASSURED] {
             let mut tier = self.tier(name)?;
@@ -149,6 +149,7 @@ impl PinnedMaps {
                     && current.expires_ns <= now
                     && tier.remove(&key).is_ok()
                 {
+                    on_removed(&key, &current);
                     removed += 1;
                 }
             }

@@ -1246,3 +1246,22 @@ pub fn find_session<'s>(
         .iter()
         .find(|s| s["proto"] == proto && s["src"] == src && s["dst"] == dst && s["dport"] == dport)
 }
+
+impl Daemon<'_> {
+    /// Everything the daemon logged so far (its stderr).
+    pub fn log(&self) -> String {
+        self.proc.stderr()
+    }
+
+    /// Starts `session ARGS --pin-dir DIR` in fw in the background, for commands that run
+    /// until stopped, such as `session events`.
+    pub fn cli_background(&self, args: &[&str]) -> Background<'_> {
+        let lab = self.proc.lab;
+        let bin = lab.bin.to_string_lossy();
+        let pin = self.pin_dir.to_string_lossy();
+        let mut argv = vec![&*bin];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["--pin-dir", &*pin]);
+        lab.spawn(Side::Fw, &argv)
+    }
+}
