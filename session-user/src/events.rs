@@ -433,8 +433,12 @@ mod tests {
     fn human_line_reads_like_conntrack_events() {
         let event = Event {
             time_ns: monotonic_ns(),
-            src: std::net::Ipv4Addr::new(198, 18, 0, 1).to_ipv6_mapped().octets(),
-            dst: std::net::Ipv4Addr::new(198, 18, 0, 2).to_ipv6_mapped().octets(),
+            src: std::net::Ipv4Addr::new(198, 18, 0, 1)
+                .to_ipv6_mapped()
+                .octets(),
+            dst: std::net::Ipv4Addr::new(198, 18, 0, 2)
+                .to_ipv6_mapped()
+                .octets(),
             sport: 40000,
             dport: 22,
             rule_id: 1,
