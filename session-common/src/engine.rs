@@ -390,6 +390,11 @@ fn finish<S: SessionTable, R: RuleSource, C: Counters>(
     {
         session.rule_id = decision.rule_id;
         session.policy_generation = decision.generation;
+        session.origin_icmp_type = meta.icmp_type;
+        session.origin_ifindex = ifindex.to_ne_bytes();
+        if hook == Hook::Egress {
+            session.flags |= session_flags::ORIGIN_EGRESS;
+        }
         if sessions.insert(key, session) {
             counters.count(Counter::SessionsCreated);
             outcome.created = true;

@@ -151,8 +151,12 @@ pub struct Session {
     pub last_wscale: u8,
     /// Peer flags of an ignored SYN, for resynchronisation.
     pub last_flags: u8,
-    /// Explicit padding.
-    pub _pad: [u8; 5],
+    /// ICMP type of the packet that created the session (ICMP sessions), so a reload can
+    /// ask the new policy whether it still admits the session.
+    pub origin_icmp_type: u8,
+    /// Interface of the packet that created the session (native-endian bytes: the field
+    /// is not 4-byte aligned), for the same question.
+    pub origin_ifindex: [u8; 4],
 }
 const _: () = assert!(core::mem::size_of::<Session>() == 120);
 
@@ -194,7 +198,8 @@ impl Session {
         self.last_index = 0;
         self.last_wscale = 0;
         self.last_flags = 0;
-        self._pad = [0; 5];
+        self.origin_icmp_type = 0;
+        self.origin_ifindex = [0; 4];
     }
 }
 
@@ -210,6 +215,8 @@ pub mod session_flags {
     pub const PICKED_UP: u8 = 8;
     /// The session lives in the protected (assured) table.
     pub const PROTECTED: u8 = 16;
+    /// The packet that created the session was seen at egress (the host sent it).
+    pub const ORIGIN_EGRESS: u8 = 32;
 }
 
 /// TCP connection states, numbered exactly as nf_conntrack's `enum tcp_conntrack`.
@@ -491,6 +498,8 @@ pub enum DaemonCounter {
     PolicyApplies,
     /// Log lines of logged packets left out by the rate limit.
     LogLinesSuppressed,
+    /// Sessions removed after a reload because the new policy would not admit them.
+    SessionsReadmissionRefused,
 }
 
 impl DaemonCounter {
@@ -498,11 +507,15 @@ impl DaemonCounter {
     pub const COUNT: u32 = 8;
 
     /// Every daemon counter with its stable name.
-    pub const ALL: [(DaemonCounter, &'static str); 4] = [
+    pub const ALL: [(DaemonCounter, &'static str); 5] = [
         (DaemonCounter::SessionsExpired, "sessions_expired"),
         (DaemonCounter::ReaperRuns, "reaper_runs"),
         (DaemonCounter::PolicyApplies, "policy_applies"),
         (DaemonCounter::LogLinesSuppressed, "log_lines_suppressed"),
+        (
+            DaemonCounter::SessionsReadmissionRefused,
+            "sessions_readmission_refused",
+        ),
     ];
 }
 

@@ -18,6 +18,7 @@ use crate::{
     instance::InstanceLock,
     loader,
     maps::{PinnedMaps, monotonic_ns},
+    readmit,
 };
 
 /// How often expired sessions are freed. Correctness never depends on it: the kernel path
@@ -72,6 +73,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let maps = PinnedMaps::open(&options.pin_dir)?;
     maps.write_settings(&config.settings)?;
     let generation = maps.apply_policy(&policy)?;
+    remove_refused(&maps, &policy)?;
     maps.bump(DaemonCounter::PolicyApplies, 1)?;
     info!(
         "policy generation {generation} active: {} rules, {} kernel entries",
@@ -154,6 +156,8 @@ fn reload(path: &Path, maps: &PinnedMaps, ifaces: &[(String, u32)]) {
             let policy = compile_for_host(&config)?;
             maps.write_settings(&config.settings)?;
             let generation = maps.apply_policy(&policy)?;
+            remove_refused(maps, &policy)?;
+            // Last: `session reload` waits for this count to know the apply is complete.
             maps.bump(DaemonCounter::PolicyApplies, 1)?;
             Ok(generation)
         });
@@ -161,6 +165,20 @@ fn reload(path: &Path, maps: &PinnedMaps, ifaces: &[(String, u32)]) {
         Ok(generation) => info!("reload: policy generation {generation} active"),
         Err(error) => error!("reload refused, previous policy still active: {error:#}"),
     }
+}
+
+/// Removes the sessions the policy just applied would not admit (see [`readmit`]); the
+/// sessions left were admitted under an older policy and are still welcome.
+fn remove_refused(maps: &PinnedMaps, policy: &CompiledPolicy) -> Result<()> {
+    let sessions = maps.live_sessions(monotonic_ns())?;
+    let refused = readmit::refused(policy, &sessions);
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let removed = maps.remove_sessions(&refused)?;
+    maps.bump(DaemonCounter::SessionsReadmissionRefused, removed)?;
+    info!("removed {removed} session(s) that the policy now in force would not admit");
+    Ok(())
 }
 
 fn reap(maps: &PinnedMaps, events: &EventHub) {

@@ -10,4 +10,5 @@ pub mod instance;
 pub mod loader;
 pub mod maps;
 pub mod model;
+pub mod readmit;
 pub mod report;

@@ -14,6 +14,7 @@ use clap_mangen::{
     Man,
     roff::{Roff, bold, italic, roman},
 };
+use session_common::wire::DaemonCounter;
 use session_user::{
     compile::compile,
     config,
@@ -29,7 +30,8 @@ use session_user::{
 const RELOAD_WAIT: Duration = Duration::from_secs(5);
 
 /// Validates the daemon's config here (so errors reach the operator, not only the
-/// daemon's log), signals the daemon, and waits for the new policy generation.
+/// daemon's log), signals the daemon, and waits until it has applied the policy (the new
+/// generation is active and the sessions it refuses are gone).
 fn reload(pin_dir: &Path) -> Result<()> {
     let owner = Owner::find(pin_dir)?;
     let config =
@@ -37,7 +39,7 @@ fn reload(pin_dir: &Path) -> Result<()> {
     compile(&config.policy, loader::ifindex)
         .context("reload refused, the running policy is unchanged")?;
     let maps = PinnedMaps::open(pin_dir)?;
-    let (_, before) = maps.active_policy()?;
+    let applies = maps.daemon_counter(DaemonCounter::PolicyApplies)?;
     // SAFETY: kill with a pid read from the daemon's own lock file and a valid signal.
     if unsafe { libc::kill(owner.pid, libc::SIGHUP) } != 0 {
         return Err(std::io::Error::last_os_error())
@@ -45,8 +47,8 @@ fn reload(pin_dir: &Path) -> Result<()> {
     }
     let deadline = Instant::now() + RELOAD_WAIT;
     while Instant::now() < deadline {
-        let (_, now) = maps.active_policy()?;
-        if now.generation != before.generation {
+        if maps.daemon_counter(DaemonCounter::PolicyApplies)? != applies {
+            let (_, now) = maps.active_policy()?;
             println!(
                 "{}: reloaded, policy generation {} active",
                 owner.config.display(),

@@ -27,6 +27,18 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Whether a map operation failed only because the key was not there (aya reports a
+/// missing key on delete as the syscall's ENOENT).
+fn is_not_found(error: &aya::maps::MapError) -> bool {
+    match error {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(call) => {
+            call.io_error.raw_os_error() == Some(libc::ENOENT)
+        }
+        _ => false,
+    }
+}
+
 /// The pinned maps of one `session` instance.
 pub struct PinnedMaps {
     dir: PathBuf,
@@ -121,7 +133,7 @@ impl PinnedMaps {
             for key in keys {
                 match tier.remove(key) {
                     Ok(()) => removed += 1,
-                    Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(error) if is_not_found(&error) => {}
                     Err(error) => {
                         return Err(error)
                             .with_context(|| format!("removing a session from {name}"));
@@ -183,6 +195,13 @@ impl PinnedMaps {
                 Ok((*name, value))
             })
             .collect()
+    }
+
+    /// One daemon counter.
+    pub fn daemon_counter(&self, counter: DaemonCounter) -> Result<u64> {
+        self.array::<u64>(map_names::DAEMON_COUNTERS)?
+            .get(&(counter as u32), 0)
+            .context("reading a daemon counter")
     }
 
     /// Adds `by` to a daemon counter.

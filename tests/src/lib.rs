@@ -1253,6 +1253,13 @@ impl Daemon<'_> {
         self.proc.stderr()
     }
 
+    /// Replaces the daemon's config file with `policy` (applied at the next reload).
+    pub fn write_config(&self, policy: &str) {
+        let config = self.proc.lab.dir.join("session.toml");
+        fs::write(&config, policy)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
+    }
+
     /// Starts `session ARGS --pin-dir DIR` in fw in the background, for commands that run
     /// until stopped, such as `session events`.
     pub fn cli_background(&self, args: &[&str]) -> Background<'_> {
