@@ -484,6 +484,10 @@ pub enum DaemonCounter {
     ReaperRuns,
     /// Policies applied (start and reloads).
     PolicyApplies,
+    /// Nanoseconds spent in reaper sweeps, in total.
+    ReaperNsTotal,
+    /// Nanoseconds the latest reaper sweep took (a gauge, overwritten by each sweep).
+    ReaperLastNs,
 }
 
 impl DaemonCounter {
@@ -491,10 +495,12 @@ impl DaemonCounter {
     pub const COUNT: u32 = 8;
 
     /// Every daemon counter with its stable name.
-    pub const ALL: [(DaemonCounter, &'static str); 3] = [
+    pub const ALL: [(DaemonCounter, &'static str); 5] = [
         (DaemonCounter::SessionsExpired, "sessions_expired"),
         (DaemonCounter::ReaperRuns, "reaper_runs"),
         (DaemonCounter::PolicyApplies, "policy_applies"),
+        (DaemonCounter::ReaperNsTotal, "reaper_ns_total"),
+        (DaemonCounter::ReaperLastNs, "reaper_last_ns"),
     ];
 }
 

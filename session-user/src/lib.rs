@@ -8,5 +8,6 @@ pub mod frames;
 pub mod instance;
 pub mod loader;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod report;
