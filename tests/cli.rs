@@ -280,3 +280,32 @@ fn runtime_errors_exit_1_and_say_what_to_do() {
         "start the daemon with `session run --config FILE`",
     );
 }
+
+#[test]
+fn readme_config_examples_pass_session_check() {
+    let readme_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let readme = std::fs::read_to_string(&readme_path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", readme_path.display()));
+    let blocks: Vec<&str> = readme
+        .split("```toml\n")
+        .skip(1)
+        .map(|rest| rest.split("```").next().unwrap_or(""))
+        .collect();
+    assert!(
+        blocks.len() >= 2,
+        "README.md should show the config format with examples"
+    );
+    let dir = std::env::temp_dir().join(format!("session-readme-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    for (i, block) in blocks.iter().enumerate() {
+        let file = dir.join(format!("example-{i}.toml"));
+        std::fs::write(&file, block).expect("write example");
+        let out = session(&["check", &file.to_string_lossy()]);
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "README.md's TOML example {i} does not pass `session check` cleanly: {}\n{block}",
+            text(&out.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
