@@ -556,6 +556,18 @@ fn router_example_does_what_its_comments_say() {
             "a blocked connection reached a listener"
         );
     }
+    let lan_udp = udp_bind(&lab, Side::Client, &format!("{CLIENT_V4}:5353"));
+    let upstream_udp = upstream
+        .in_ns(|| UdpSocket::bind(sock(&format!("{UPSTREAM_V4}:0"))))
+        .expect("UDP socket in upstream");
+    upstream_udp
+        .set_read_timeout(Some(BLOCKED_WAIT))
+        .expect("read timeout");
+    assert_eq!(
+        udp_exchange(&upstream_udp, &lan_udp),
+        None,
+        "UDP from upstream to a LAN host must be blocked"
+    );
     assert_eq!(upstream.ping(CLIENT_V4, 2), 2, "upstream pings a LAN host");
     assert_eq!(upstream.ping(FW_WAN_V4, 2), 2, "upstream pings the router");
     assert_eq!(

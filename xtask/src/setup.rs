@@ -26,6 +26,7 @@ const PACKAGES: &[&str] = &[
     "hping3",
     "procps",
     "groff-base",
+    "systemd",
 ];
 
 /// The bpf-linker release known to build and link against nightly's LLVM here.
