@@ -500,6 +500,10 @@ pub enum DaemonCounter {
     LogLinesSuppressed,
     /// Sessions removed after a reload because the new policy would not admit them.
     SessionsReadmissionRefused,
+    /// Nanoseconds spent in reaper sweeps, in total.
+    ReaperNsTotal,
+    /// Nanoseconds the latest reaper sweep took (a gauge, overwritten by each sweep).
+    ReaperLastNs,
 }
 
 impl DaemonCounter {
@@ -507,7 +511,7 @@ impl DaemonCounter {
     pub const COUNT: u32 = 8;
 
     /// Every daemon counter with its stable name.
-    pub const ALL: [(DaemonCounter, &'static str); 5] = [
+    pub const ALL: [(DaemonCounter, &'static str); 7] = [
         (DaemonCounter::SessionsExpired, "sessions_expired"),
         (DaemonCounter::ReaperRuns, "reaper_runs"),
         (DaemonCounter::PolicyApplies, "policy_applies"),
@@ -516,6 +520,8 @@ impl DaemonCounter {
             DaemonCounter::SessionsReadmissionRefused,
             "sessions_readmission_refused",
         ),
+        (DaemonCounter::ReaperNsTotal, "reaper_ns_total"),
+        (DaemonCounter::ReaperLastNs, "reaper_last_ns"),
     ];
 }
 

@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     ops::Range,
     path::{Path, PathBuf},
 };
@@ -76,6 +76,8 @@ pub struct Config {
     pub settings: Settings,
     /// The policy.
     pub policy: Policy,
+    /// Where the daemon serves Prometheus metrics (`[metrics] listen`); off when `None`.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The policy part of a configuration.
@@ -166,6 +168,14 @@ struct RawConfig {
     sets: BTreeMap<Spanned<String>, Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     rule: Vec<RawRule>,
+    #[serde(default)]
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -344,6 +354,10 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         rules.push(spec);
     }
     let warnings = shadowed_rules(loc, &rules);
+    let metrics = raw
+        .metrics
+        .map(|metrics| parse_listen(loc, &metrics.listen))
+        .transpose()?;
     Ok(Config {
         warnings,
         interfaces,
@@ -354,7 +368,27 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             outbound,
             rules,
         },
+        metrics,
     })
+}
+
+/// Parses the metrics endpoint's `address:port`; port 0 is refused because Prometheus
+/// could not know where to scrape.
+fn parse_listen(loc: &Locator<'_>, value: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+    let text = value.get_ref();
+    match text.parse::<SocketAddr>() {
+        Ok(addr) if addr.port() != 0 => Ok(addr),
+        Ok(_) => Err(loc.error(
+            value.span(),
+            format!("`{text}` has port 0: give the port Prometheus scrapes, e.g. 127.0.0.1:9640"),
+        )),
+        Err(_) => Err(loc.error(
+            value.span(),
+            format!(
+                "`{text}` is not a listen address: use IP:PORT, e.g. \"127.0.0.1:9640\" or \"[::1]:9640\""
+            ),
+        )),
+    }
 }
 
 /// Warnings for rules that an earlier rule shadows: first match wins, so they never apply.

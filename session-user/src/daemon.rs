@@ -18,7 +18,7 @@ use crate::{
     instance::InstanceLock,
     loader,
     maps::{PinnedMaps, monotonic_ns},
-    readmit,
+    metrics, readmit,
 };
 
 /// How often expired sessions are freed. Correctness never depends on it: the kernel path
@@ -80,6 +80,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
         policy.names.len(),
         policy.entries.len()
     );
+    let _metrics = match config.metrics {
+        Some(addr) => Some(metrics::start(addr, &options.pin_dir).await?),
+        None => None,
+    };
     let mut attached = Vec::new();
     let outcome = attach_all(&mut ebpf, &maps, &ifaces, &mut attached);
     if let Err(error) = outcome {
@@ -188,9 +192,12 @@ fn reap(maps: &PinnedMaps, events: &EventHub) {
         events.expired(key, session, &names)
     }) {
         Ok(removed) => {
+            let took = started.elapsed().as_nanos() as u64;
             let bumped = maps
                 .bump(DaemonCounter::SessionsExpired, removed)
-                .and_then(|()| maps.bump(DaemonCounter::ReaperRuns, 1));
+                .and_then(|()| maps.bump(DaemonCounter::ReaperRuns, 1))
+                .and_then(|()| maps.bump(DaemonCounter::ReaperNsTotal, took))
+                .and_then(|()| maps.set_daemon_counter(DaemonCounter::ReaperLastNs, took));
             if let Err(error) = bumped {
                 warn!("reaper: {error:#}");
             }

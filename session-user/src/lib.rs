@@ -9,6 +9,7 @@ pub mod frames;
 pub mod instance;
 pub mod loader;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod readmit;
 pub mod report;

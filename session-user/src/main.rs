@@ -98,7 +98,9 @@ enum Command {
     /// and prints `session: ready` on stdout once it is in force. Logs go to stderr
     /// (RUST_LOG=debug for more). SIGINT or SIGTERM detaches from every interface and
     /// exits 0; SIGHUP, or `session reload`, applies the config file again. Only one
-    /// daemon can run per pin directory. Needs root (CAP_BPF, CAP_NET_ADMIN).
+    /// daemon can run per pin directory. Needs root (CAP_BPF, CAP_NET_ADMIN). With
+    /// `[metrics] listen = "127.0.0.1:9640"` in the config it also serves Prometheus
+    /// metrics at http://127.0.0.1:9640/metrics.
     ///
     /// Example:
     ///

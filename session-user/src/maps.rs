@@ -216,6 +216,13 @@ impl PinnedMaps {
             .context("writing a daemon counter")
     }
 
+    /// Sets a daemon counter that is a gauge (e.g. the latest reaper sweep's duration).
+    pub fn set_daemon_counter(&self, counter: DaemonCounter, value: u64) -> Result<()> {
+        self.array::<u64>(map_names::DAEMON_COUNTERS)?
+            .set(counter as u32, value, 0)
+            .context("writing a daemon counter")
+    }
+
     /// Rule hits summed over CPUs, by slot.
     pub fn rule_hits(&self) -> Result<Vec<u64>> {
         let hits = self.per_cpu::<u64>(map_names::RULE_HITS)?;

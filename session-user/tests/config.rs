@@ -803,3 +803,38 @@ action = "accept"
         config.warnings
     );
 }
+
+// ---------------------------------------------------------------- metrics
+
+#[test]
+fn metrics_are_off_unless_configured() {
+    assert_eq!(parse_ok("").metrics, None);
+}
+
+#[test]
+fn metrics_listen_address_parses() {
+    let config = parse_ok("[metrics]\nlisten = \"127.0.0.1:9640\"\n");
+    assert_eq!(config.metrics, Some("127.0.0.1:9640".parse().unwrap()));
+    let config = parse_ok("[metrics]\nlisten = \"[::1]:9640\"\n");
+    assert_eq!(config.metrics, Some("[::1]:9640".parse().unwrap()));
+}
+
+#[test]
+fn bad_metrics_listen_addresses_are_located() {
+    expect_error(
+        "[metrics]\nlisten = \"localhost:9640\"\n",
+        "\"localhost:9640\"",
+        "not a listen address",
+    );
+    expect_error(
+        "[metrics]\nlisten = \"127.0.0.1\"\n",
+        "\"127.0.0.1\"",
+        "IP:PORT",
+    );
+    expect_error(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        "\"127.0.0.1:0\"",
+        "port 0",
+    );
+    expect_error("[metrics]\nport = 9640\n", "port", "unknown field");
+}

@@ -24,6 +24,7 @@
 //! conntrack (through nftables counters), for the differential tests.
 
 pub mod raw;
+pub mod router;
 
 use std::cell::Cell;
 use std::fmt;

@@ -6,6 +6,7 @@
 
 mod checks;
 mod cmd;
+mod dist;
 mod fuzz;
 mod lab;
 mod setup;
@@ -40,6 +41,12 @@ enum Task {
     Lint,
     /// Demo: run the firewall between two network namespaces and show what it allows
     Lab,
+    /// Build a release and write what a host needs to target/dist/ (binary, man page, completions, systemd unit, example config)
+    Dist {
+        /// Package the debug build instead of a release build (quicker, for checking)
+        #[arg(long)]
+        debug: bool,
+    },
     /// Fuzz the packet pipeline and the config parser (installs cargo-fuzz if missing)
     Fuzz {
         /// Seconds per target
@@ -56,6 +63,7 @@ fn main() -> ExitCode {
         Task::Test { args } => checks::test(&root, &args),
         Task::Lint => checks::lint(&root),
         Task::Lab => lab::run(&root),
+        Task::Dist { debug } => dist::run(&root, debug),
         Task::Fuzz { seconds } => fuzz::run(&root, seconds),
     };
     match result {
