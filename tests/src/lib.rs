@@ -23,6 +23,7 @@
 //! [`CtCounts`] reads per-state packet counts from both the daemon and the kernel's own
 //! conntrack (through nftables counters), for the differential tests.
 
+pub mod lifecycle;
 pub mod raw;
 
 use std::cell::Cell;
@@ -70,10 +71,11 @@ const SETTLE: Duration = Duration::from_millis(300);
 const BACKGROUND_LIFETIME_SECS: &str = "600";
 const CLI_TIMEOUT_SECS: u64 = 10;
 const TOOLS: &[&str] = &[
-    "ip", "nsenter", "timeout", "kill", "sysctl", "socat", "ping", "ss", "nft",
+    "ip", "nsenter", "timeout", "kill", "sysctl", "socat", "ping", "ss", "nft", "tcpdump",
+    "unshare", "setpriv",
 ];
 const HINT: &str = "run the netns tests with `cargo xtask test` (as root, with iproute2, \
-                    util-linux, socat, iputils-ping and nftables installed)";
+                    util-linux, socat, iputils-ping, nftables and tcpdump installed)";
 
 /// One end of the lab, so that callers say where a command runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
