@@ -488,6 +488,12 @@ fn operator_sections() -> Roff {
     );
     entry(
         &mut roff,
+        italic(format!("{DEFAULT_PIN_DIR}/links")),
+        "The pinned XDP and TCX links (IFACE-xdp, IFACE-tc) that keep the programs \
+         attached while no daemon runs; session down removes them.",
+    );
+    entry(
+        &mut roff,
         italic("/run/session/*.lock"),
         "One lock file per pin directory, held by the running daemon; it records the \
          daemon's pid and config file for session reload.",
