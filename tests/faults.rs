@@ -69,22 +69,7 @@ fn sigkill_during_a_reload_then_restart_keeps_the_stream() {
 #[test]
 fn interface_removed_while_running_is_logged_and_the_others_stay_protected() {
     let lab = Lab::new("ifgone");
-    lab.ok(
-        Side::Fw,
-        5,
-        &[
-            "ip",
-            "link",
-            "add",
-            EXTRA_IFACE,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "sess-extra-p",
-        ],
-    );
-    lab.ok(Side::Fw, 5, &["ip", "link", "set", EXTRA_IFACE, "up"]);
+    add_extra_iface(&lab);
     let policy = format!("interfaces = [\"{EXTRA_IFACE}\"]\n{POLICY}");
     let mut daemon = lab.daemon(&policy);
     let links = lab.pin_dir().join("links");
@@ -106,6 +91,114 @@ fn interface_removed_while_running_is_logged_and_the_others_stay_protected() {
     stream.assert_flowing(PROGRESS, "after the removal");
     lab.assert_new_tcp_blocked(CLOSED_PORT, "after the removal");
     stream.finish();
+}
+
+/// Creates [`EXTRA_IFACE`] (a veth pair inside fw) and brings it up.
+fn add_extra_iface(lab: &Lab) {
+    let peer = format!("{EXTRA_IFACE}-p");
+    let argv = [
+        "ip",
+        "link",
+        "add",
+        EXTRA_IFACE,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &peer,
+    ];
+    lab.ok(Side::Fw, 5, &argv);
+    lab.ok(Side::Fw, 5, &["ip", "link", "set", EXTRA_IFACE, "up"]);
+}
+
+/// Interfaces change while no daemon runs: one is deleted and created again (its pinned
+/// links are dead), then it leaves the config. The restarted daemon replaces the dead
+/// links with new ones, and later detaches the interface it no longer protects, while
+/// the lab interface keeps its adopted links throughout.
+#[test]
+fn restart_replaces_dead_links_and_detaches_unconfigured_interfaces() {
+    let lab = Lab::new("ifchg");
+    add_extra_iface(&lab);
+    let with_extra = format!("interfaces = [\"{EXTRA_IFACE}\"]\n{POLICY}");
+    let mut first = lab.daemon(&with_extra);
+    first.signal(libc::SIGTERM);
+    first.wait_exit(Duration::from_secs(10));
+
+    lab.ok(Side::Fw, 5, &["ip", "link", "del", EXTRA_IFACE]);
+    add_extra_iface(&lab);
+    let mut second = lab.restart_daemon();
+    let log = second.log();
+    assert!(
+        log.contains(&format!("{EXTRA_IFACE}: the pinned link"))
+            && log.contains("attaching afresh"),
+        "the dead links were not replaced:\n{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "{FW_IFACE}: attached (XDP ingress: adopted pinned link"
+        )),
+        "the lab interface's links were not adopted:\n{log}"
+    );
+    let extra = lab.ok(Side::Fw, 5, &["ip", "link", "show", "dev", EXTRA_IFACE]);
+    assert!(
+        extra.contains("xdp"),
+        "the re-created interface is unprotected: {extra}"
+    );
+    second.signal(libc::SIGTERM);
+    second.wait_exit(Duration::from_secs(10));
+
+    std::fs::write(lab.config_path(), POLICY).expect("write the config");
+    let third = lab.restart_daemon();
+    assert!(
+        third
+            .log()
+            .contains(&format!("{EXTRA_IFACE}: no longer configured, detached")),
+        "{}",
+        third.log()
+    );
+    let links = lab.pin_dir().join("links");
+    assert!(!links.join(format!("{EXTRA_IFACE}-xdp")).exists());
+    let extra = lab.ok(Side::Fw, 5, &["ip", "link", "show", "dev", EXTRA_IFACE]);
+    assert!(
+        !extra.contains("xdp"),
+        "XDP left on the dropped interface: {extra}"
+    );
+    lab.assert_new_tcp_blocked(CLOSED_PORT, "after the interface changes");
+}
+
+/// The second of two interfaces cannot be attached (something that is not a link sits
+/// where its pin goes): the daemon refuses, names the path, and detaches the first
+/// interface it had just attached, so no half-configured firewall is left.
+#[test]
+fn a_failed_start_detaches_what_it_attached() {
+    let lab = Lab::new("halfway");
+    add_extra_iface(&lab);
+    let policy = format!("interfaces = [\"{FW_IFACE}\", \"{EXTRA_IFACE}\"]\n{POLICY}");
+    std::fs::write(lab.config_path(), policy).expect("write the config");
+    let _pins = PinGuard::new(lab.pin_dir());
+    let blocker = lab
+        .pin_dir()
+        .join("links")
+        .join(format!("{EXTRA_IFACE}-xdp"));
+    std::fs::create_dir_all(&blocker).expect("create the blocking directory");
+
+    let mut daemon = lab.daemon_process(&[], &lab.pin_dir());
+    let status = daemon.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "the daemon started");
+    let stderr = daemon.stderr();
+    assert!(
+        stderr.contains(&blocker.display().to_string()),
+        "the error does not name {}: {stderr}",
+        blocker.display()
+    );
+    assert!(
+        !lab.pin_dir()
+            .join("links")
+            .join(format!("{FW_IFACE}-xdp"))
+            .exists(),
+        "the first interface's link is still pinned"
+    );
+    assert_nothing_attached(&lab);
 }
 
 /// A pin directory outside bpffs is refused before anything is attached.

@@ -79,7 +79,7 @@ fn pinned(path: &Path) -> Result<Option<FdLink>> {
         }
         Err(error) => Err(error).with_context(|| {
             format!(
-                "cannot open the pinned link {}; remove it with `session down`",
+                "cannot open the pinned link {} (is something else there? remove it, or run `session down` to remove the whole firewall)",
                 path.display()
             )
         }),
