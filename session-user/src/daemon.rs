@@ -99,7 +99,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     // The links are pinned: the object's own handles are no longer needed.
     drop(ebpf);
-    privileges::drop_capabilities()?;
+    privileges::drop_all_capabilities()?;
     {
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "session: ready").context("writing to stdout")?;

@@ -97,7 +97,7 @@ enum Command {
     /// attached through links pinned under the pin directory: SIGINT or SIGTERM exits 0
     /// and the firewall keeps enforcing the last applied policy without the daemon (a
     /// new daemon adopts the links without a gap); `session down` removes it. Once
-    /// attached, the daemon keeps only CAP_BPF. Logs go to stderr (RUST_LOG=debug for
+    /// attached, the daemon drops every capability. Logs go to stderr (RUST_LOG=debug for
     /// more). SIGHUP, or `session reload`, applies the config file again. Only one
     /// daemon can run per pin directory. Needs root (CAP_BPF, CAP_NET_ADMIN).
     ///
