@@ -91,7 +91,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .iter()
         .filter(|name| !ifaces.iter().any(|(have, _)| have == *name))
     {
-        links::detach(&options.pin_dir, stale)?;
+        links::detach_and_wait(&options.pin_dir, stale)?;
         if let Some(index) = loader::ifindex(stale) {
             maps.set_managed(index, false)?;
         }
@@ -143,7 +143,7 @@ fn start(
                 if pinned_before.contains(name) {
                     continue;
                 }
-                if let Err(undo) = links::detach(&options.pin_dir, name)
+                if let Err(undo) = links::detach_and_wait(&options.pin_dir, name)
                     .and_then(|_| maps.set_managed(*index, false))
                 {
                     warn!("{name}: could not undo the attachment: {undo:#}");

@@ -11,6 +11,7 @@ use std::{
     io,
     os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -193,8 +194,10 @@ pub fn attach(
     let egress_adopted = match attach_egress(egress, iface, &Hook::Egress.pin(pin_dir, iface)) {
         Ok(adopted) => adopted,
         Err(error) => {
-            if mode.is_some() {
-                let _ = std::fs::remove_file(&ingress_path);
+            if mode.is_some()
+                && let Err(undo) = release(std::slice::from_ref(&ingress_path), iface)
+            {
+                warn!("{iface}: could not remove the new XDP link: {undo:#}");
             }
             return Err(error);
         }
@@ -212,14 +215,76 @@ pub fn attach(
     Ok(())
 }
 
-/// Removes the pinned links of `iface`, which detaches its programs once no process
-/// holds the links open. Returns the pins removed.
-pub fn detach(pin_dir: &Path, iface: &str) -> Result<Vec<PathBuf>> {
+/// How long the kernel may take to release a link after its last pin is gone (it does
+/// so from a work queue, after an RCU grace period).
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which of `ids` are links the kernel still has.
+fn live_links(ids: &[u32]) -> Result<Vec<u32>> {
+    let mut live = Vec::new();
+    for info in aya::programs::loaded_links() {
+        match info {
+            Ok(info) if ids.contains(&info.id()) => live.push(info.id()),
+            Ok(_) => {}
+            // A link released between listing its id and opening it.
+            Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error).context("listing the kernel's BPF links"),
+        }
+    }
+    Ok(live)
+}
+
+/// Removes the pins at `paths` and returns only once the kernel has released their
+/// links, so that the programs are off the interface when the caller says so. Listing
+/// links needs CAP_SYS_ADMIN: this is for `session down` and for a daemon that has not
+/// dropped its capabilities yet. Returns the pins removed.
+fn release(paths: &[PathBuf], iface: &str) -> Result<Vec<PathBuf>> {
+    let mut ids = Vec::new();
+    for path in paths {
+        if let Some(link) = pinned(path)? {
+            let info = link
+                .info()
+                .with_context(|| format!("reading the link pinned at {}", path.display()))?;
+            ids.push(info.id());
+        }
+    }
+    let removed = unpin(paths)?;
+    let deadline = Instant::now() + RELEASE_TIMEOUT;
+    loop {
+        let live = live_links(&ids)?;
+        if live.is_empty() {
+            return Ok(removed);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{iface}: links {live:?} are still attached {RELEASE_TIMEOUT:?} after their pins were removed; a process holds them open (see `bpftool link show`)"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Like [`detach`], and returns only once the kernel has released the links (see
+/// [`release`]).
+pub fn detach_and_wait(pin_dir: &Path, iface: &str) -> Result<Vec<PathBuf>> {
+    release(&hook_paths(pin_dir, iface), iface)
+}
+
+/// The pin paths of both hooks of `iface`.
+fn hook_paths(pin_dir: &Path, iface: &str) -> Vec<PathBuf> {
+    Hook::ALL
+        .iter()
+        .map(|hook| hook.pin(pin_dir, iface))
+        .collect()
+}
+
+/// Removes the pins at `paths` that exist; returns those removed.
+fn unpin(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    for hook in Hook::ALL {
-        let path = hook.pin(pin_dir, iface);
-        match std::fs::remove_file(&path) {
-            Ok(()) => removed.push(path),
+    for path in paths {
+        match std::fs::remove_file(path) {
+            Ok(()) => removed.push(path.clone()),
             Err(error) if error.kind() == io::ErrorKind::NotFound => {}
             Err(error) => {
                 return Err(error).with_context(|| format!("removing {}", path.display()));
@@ -227,6 +292,13 @@ pub fn detach(pin_dir: &Path, iface: &str) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(removed)
+}
+
+/// Removes the pinned links of `iface`, which detaches its programs once no process
+/// holds the links open (the kernel does it shortly after, see [`detach_and_wait`]).
+/// Returns the pins removed.
+pub fn detach(pin_dir: &Path, iface: &str) -> Result<Vec<PathBuf>> {
+    unpin(&hook_paths(pin_dir, iface))
 }
 
 /// The interfaces that have pinned links under `pin_dir`, by their pin names.

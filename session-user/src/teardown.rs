@@ -106,7 +106,7 @@ pub fn down(pin_dir: &Path) -> Result<Vec<String>> {
         );
     }
     for iface in links::pinned_interfaces(pin_dir)? {
-        for path in links::detach(pin_dir, &iface)? {
+        for path in links::detach_and_wait(pin_dir, &iface)? {
             report.push(format!("detached {iface}: removed link {}", path.display()));
         }
     }

@@ -129,6 +129,8 @@ impl Lab {
             "a connection to the forbidden port {port} succeeded {when}"
         );
         sleep(Duration::from_millis(300));
+        // tcpdump notices SIGTERM at its next buffer timeout, up to a second later.
+        capture.stop(Duration::from_secs(3));
         let captured = capture.stdout();
         assert!(
             captured.trim().is_empty(),
@@ -223,12 +225,36 @@ impl Daemon<'_> {
 
 /// A TCP connection through the firewall that carries a steady, verifiable byte stream
 /// from the client to fw on two threads, until [`LiveStream::finish`]. The reader checks
-/// every byte against the pattern, so a loss, a duplicate or a reset fails the test.
+/// every byte against the pattern, so a loss, a duplicate or a reset fails the test, and
+/// a pause of [`crate::IO_TIMEOUT`] fails its read; the sender's retransmission count
+/// shows whether any segment was dropped on the way, even one TCP repaired.
 pub struct LiveStream {
     stop: Arc<AtomicBool>,
     received: Arc<AtomicU64>,
-    writer: Option<JoinHandle<Result<u64, String>>>,
+    writer: Option<JoinHandle<Result<(u64, u32), String>>>,
     reader: Option<JoinHandle<Result<u64, String>>>,
+}
+
+/// The client's count of retransmitted segments (TCP_INFO), so a test can tell that
+/// nothing was dropped even though TCP repaired it.
+fn retransmissions(stream: &TcpStream) -> Result<u32, String> {
+    // SAFETY: an all-zero tcp_info is valid; getsockopt writes at most `len` bytes.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid socket fd, and a buffer of `len` bytes we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(format!("TCP_INFO: {}", std::io::Error::last_os_error()));
+    }
+    Ok(info.tcpi_total_retrans)
 }
 
 impl LiveStream {
@@ -251,10 +277,11 @@ impl LiveStream {
                     sent += STREAM_CHUNK as u64;
                     sleep(STREAM_PAUSE);
                 }
+                let retransmitted = retransmissions(&client)?;
                 client
                     .shutdown(Shutdown::Write)
                     .map_err(|e| format!("client shutdown failed: {e}"))?;
-                Ok(sent)
+                Ok((sent, retransmitted))
             })
         };
         let reader = {
@@ -309,18 +336,22 @@ impl LiveStream {
     }
 
     /// Stops the writer, lets the reader drain to end of file, and panics unless every
-    /// byte sent arrived intact and in order with no error or reset on either side.
-    /// Returns the number of bytes carried.
+    /// byte sent arrived intact and in order with no error or reset on either side, and
+    /// no segment had to be retransmitted. Returns the number of bytes carried.
     pub fn finish(mut self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
-        let sent = join(self.writer.take(), "writer");
+        let (sent, retransmitted) = join(self.writer.take(), "writer");
         let received = join(self.reader.take(), "reader");
         assert_eq!(sent, received, "bytes sent and received differ");
+        assert_eq!(
+            retransmitted, 0,
+            "the client retransmitted {retransmitted} segment(s): the path dropped some"
+        );
         received
     }
 }
 
-fn join(handle: Option<JoinHandle<Result<u64, String>>>, what: &str) -> u64 {
+fn join<T>(handle: Option<JoinHandle<Result<T, String>>>, what: &str) -> T {
     handle
         .expect("joined once")
         .join()
