@@ -1,4 +1,5 @@
-//! `session run`: load, attach, apply the policy, reap, reload on SIGHUP, detach on exit.
+//! `session run`: load, attach through pinned links, apply the policy, reap, reload on
+//! SIGHUP; on exit the links stay, so enforcement continues without the daemon.
 
 use std::{
     io::Write as _,
@@ -16,9 +17,9 @@ use crate::{
     config::{self, Config},
     events::EventHub,
     instance::InstanceLock,
-    loader,
+    links, loader,
     maps::{PinnedMaps, monotonic_ns},
-    metrics, readmit,
+    metrics, privileges, readmit,
 };
 
 /// How often expired sessions are freed. Correctness never depends on it: the kernel path
@@ -60,75 +61,112 @@ fn interfaces(config: &Config, extra: &[String]) -> Result<Vec<(String, u32)>> {
         .collect()
 }
 
-/// Runs the daemon until SIGINT or SIGTERM.
+/// Runs the daemon until SIGINT or SIGTERM. The programs stay attached afterwards,
+/// through their pinned links, with the last applied policy; `session down` removes them.
 pub async fn run(options: RunOptions) -> Result<()> {
     let config = config::load(&options.config)?;
     for warning in &config.warnings {
         warn!("{warning}");
     }
-    let ifaces = interfaces(&config, &options.ifaces)?;
+    let mut ifaces = interfaces(&config, &options.ifaces)?;
+    links::check_kernel()?;
     let _lock = InstanceLock::acquire(&options.pin_dir, &options.config)?;
     let policy = compile_for_host(&config)?;
+    loader::check_bpffs(&options.pin_dir)?;
+    let fresh = !options.pin_dir.exists();
+    let pinned_before = links::pinned_interfaces(&options.pin_dir)?;
+    let ebpf = match start(&options, &config, &policy, &ifaces, &pinned_before) {
+        Ok(ebpf) => ebpf,
+        Err(error) => {
+            if fresh && let Err(cleanup) = std::fs::remove_dir_all(&options.pin_dir) {
+                warn!(
+                    "could not remove {} after the failed start: {cleanup}",
+                    options.pin_dir.display()
+                );
+            }
+            return Err(error);
+        }
+    };
+    let maps = PinnedMaps::open(&options.pin_dir)?;
+    for stale in pinned_before
+        .iter()
+        .filter(|name| !ifaces.iter().any(|(have, _)| have == *name))
+    {
+        links::detach_and_wait(&options.pin_dir, stale)?;
+        if let Some(index) = loader::ifindex(stale) {
+            maps.set_managed(index, false)?;
+        }
+        info!("{stale}: no longer configured, detached");
+    }
+    // The links are pinned: the object's own handles are no longer needed.
+    drop(ebpf);
+    // Both bind sockets and open maps: done while the daemon still has its privileges.
+    let _metrics = match config.metrics {
+        Some(addr) => Some(metrics::start(addr, &options.pin_dir).await?),
+        None => None,
+    };
+    let events = EventHub::start(&maps)?;
+    privileges::drop_all_capabilities()?;
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "session: ready").context("writing to stdout")?;
+        stdout.flush().context("flushing stdout")?;
+    }
+    let result = serve(&options, &maps, &mut ifaces, &events).await;
+    info!(
+        "exiting; {} interface(s) stay protected by the pinned links under {} with the last applied policy (`session down` removes them)",
+        ifaces.len(),
+        options.pin_dir.display()
+    );
+    result
+}
+
+/// Loads the programs with the pinned maps, applies settings and policy, and attaches to
+/// every interface. When an interface fails, the interfaces this call attached afresh are
+/// detached again; those whose links a previous daemon pinned keep running.
+fn start(
+    options: &RunOptions,
+    config: &Config,
+    policy: &CompiledPolicy,
+    ifaces: &[(String, u32)],
+    pinned_before: &[String],
+) -> Result<aya::Ebpf> {
     let mut ebpf = loader::load(&options.pin_dir, config.max_sessions)?;
     let maps = PinnedMaps::open(&options.pin_dir)?;
     maps.write_settings(&config.settings)?;
-    let generation = maps.apply_policy(&policy)?;
-    remove_refused(&maps, &policy)?;
+    let generation = maps.apply_policy(policy)?;
+    remove_refused(&maps, policy)?;
     maps.bump(DaemonCounter::PolicyApplies, 1)?;
     info!(
         "policy generation {generation} active: {} rules, {} kernel entries",
         policy.names.len(),
         policy.entries.len()
     );
-    let _metrics = match config.metrics {
-        Some(addr) => Some(metrics::start(addr, &options.pin_dir).await?),
-        None => None,
-    };
-    let mut attached = Vec::new();
-    let outcome = attach_all(&mut ebpf, &maps, &ifaces, &mut attached);
-    if let Err(error) = outcome {
-        unmark(&maps, &attached);
-        return Err(error);
-    }
-    let events = EventHub::start(&maps)?;
-    {
-        let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "session: ready").context("writing to stdout")?;
-        stdout.flush().context("flushing stdout")?;
-    }
-    let result = serve(&options, &maps, &ifaces, &events).await;
-    unmark(&maps, &attached);
-    drop(ebpf);
-    info!("detached from {} interface(s)", attached.len());
-    result
-}
-
-fn attach_all(
-    ebpf: &mut aya::Ebpf,
-    maps: &PinnedMaps,
-    ifaces: &[(String, u32)],
-    attached: &mut Vec<u32>,
-) -> Result<()> {
-    for (name, index) in ifaces {
-        maps.set_managed(*index, true)?;
-        attached.push(*index);
-        loader::attach(ebpf, name)?;
-    }
-    Ok(())
-}
-
-fn unmark(maps: &PinnedMaps, attached: &[u32]) {
-    for index in attached {
-        if let Err(error) = maps.set_managed(*index, false) {
-            warn!("could not unmark interface {index}: {error:#}");
+    for (done, (name, index)) in ifaces.iter().enumerate() {
+        let attached = maps
+            .set_managed(*index, true)
+            .and_then(|()| loader::attach(&mut ebpf, &options.pin_dir, name));
+        if let Err(error) = attached {
+            for (name, index) in &ifaces[..=done] {
+                if pinned_before.contains(name) {
+                    continue;
+                }
+                if let Err(undo) = links::detach_and_wait(&options.pin_dir, name)
+                    .and_then(|_| maps.set_managed(*index, false))
+                {
+                    warn!("{name}: could not undo the attachment: {undo:#}");
+                }
+            }
+            return Err(error);
         }
     }
+    Ok(ebpf)
 }
 
 async fn serve(
     options: &RunOptions,
     maps: &PinnedMaps,
-    ifaces: &[(String, u32)],
+    ifaces: &mut Vec<(String, u32)>,
     events: &EventHub,
 ) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -140,7 +178,10 @@ async fn serve(
             _ = sigint.recv() => { info!("SIGINT: shutting down"); return Ok(()); }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); return Ok(()); }
             _ = sighup.recv() => reload(&options.config, maps, ifaces),
-            _ = reaper.tick() => reap(maps, events),
+            _ = reaper.tick() => {
+                reap(maps, events);
+                watch_interfaces(&options.pin_dir, maps, ifaces);
+            }
         }
     }
 }
@@ -183,6 +224,27 @@ fn remove_refused(maps: &PinnedMaps, policy: &CompiledPolicy) -> Result<()> {
     maps.bump(DaemonCounter::SessionsReadmissionRefused, removed)?;
     info!("removed {removed} session(s) that the policy now in force would not admit");
     Ok(())
+}
+
+/// Notices protected interfaces that were removed: their links went with them, so their
+/// pins are removed and the daemon goes on enforcing on the others.
+fn watch_interfaces(pin_dir: &Path, maps: &PinnedMaps, ifaces: &mut Vec<(String, u32)>) {
+    let (gone, kept): (Vec<_>, Vec<_>) = ifaces
+        .drain(..)
+        .partition(|(name, index)| loader::ifindex(name) != Some(*index));
+    *ifaces = kept;
+    for (name, index) in gone {
+        let others: Vec<&str> = ifaces.iter().map(|(name, _)| name.as_str()).collect();
+        warn!(
+            "{name}: interface removed; still enforcing on [{}]",
+            others.join(", ")
+        );
+        if let Err(error) =
+            links::detach(pin_dir, &name).and_then(|_| maps.set_managed(index, false))
+        {
+            warn!("{name}: could not remove its pinned links: {error:#}");
+        }
+    }
 }
 
 fn reap(maps: &PinnedMaps, events: &EventHub) {

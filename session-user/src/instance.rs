@@ -5,7 +5,10 @@
 use std::{
     fs::{File, OpenOptions},
     io::{Read as _, Seek as _, SeekFrom, Write as _},
-    os::fd::AsRawFd as _,
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    },
     path::{Path, PathBuf},
 };
 
@@ -48,10 +51,22 @@ impl InstanceLock {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&path)
             .with_context(|| format!("opening lock file {}", path.display()))?;
         if !try_flock(&file) {
-            let owner = Owner::read(&mut file).map_or_else(
+            // The holder writes its pid right after locking: give it a moment.
+            let mut owner = Owner::read(&mut file);
+            for _ in 0..20 {
+                if owner.is_ok() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                file.seek(SeekFrom::Start(0))
+                    .context("rewinding the lock file")?;
+                owner = Owner::read(&mut file);
+            }
+            let owner = owner.map_or_else(
                 |_| "unknown pid".to_string(),
                 |owner| format!("pid {}, config {}", owner.pid, owner.config.display()),
             );
@@ -63,6 +78,9 @@ impl InstanceLock {
         let config = config
             .canonicalize()
             .unwrap_or_else(|_| config.to_path_buf());
+        // A lock file left by an older version may be world-readable.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .context("restricting the lock file to root")?;
         file.set_len(0).context("truncating the lock file")?;
         file.seek(SeekFrom::Start(0))
             .context("rewinding the lock file")?;
@@ -97,17 +115,31 @@ impl Owner {
 
     /// The running daemon for `pin_dir`, or an error saying none runs.
     pub fn find(pin_dir: &Path) -> Result<Owner> {
-        let path = lock_path(pin_dir);
-        let not_running = || {
+        Owner::running(pin_dir)?.with_context(|| {
             format!(
                 "no session daemon runs with pin directory {}: start one with `session run --config FILE`",
                 pin_dir.display()
             )
+        })
+    }
+
+    /// The running daemon for `pin_dir`, if any: someone holds its lock.
+    pub fn running(pin_dir: &Path) -> Result<Option<Owner>> {
+        let path = lock_path(pin_dir);
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+                "permission denied reading {}: only root may control the session daemon; run this command as root",
+                path.display()
+            ),
+            Err(error) => {
+                return Err(error).with_context(|| format!("opening {}", path.display()));
+            }
         };
-        let mut file = File::open(&path).with_context(not_running)?;
         if try_flock(&file) {
-            bail!(not_running());
+            return Ok(None);
         }
-        Owner::read(&mut file)
+        Owner::read(&mut file).map(Some)
     }
 }

@@ -24,6 +24,7 @@ use session_user::{
     loader,
     maps::{DEFAULT_PIN_DIR, PinnedMaps, monotonic_ns},
     report::{SessionFilter, SessionView, Stats, sessions_table},
+    teardown,
 };
 
 /// How long `session reload` waits for the daemon to switch policy.
@@ -69,7 +70,7 @@ fn reload(pin_dir: &Path) -> Result<()> {
 /// Start the firewall with `session run --config FILE`; inspect it from another shell with
 /// `session list` and `session stats`; validate a config with `session check FILE`.
 /// `session <COMMAND> --help` explains each command and gives an example. `run`, `list`,
-/// `flush`, `stats` and `reload` need root; `check` and the packaging commands
+/// `flush`, `stats`, `reload` and `down` need root; `check` and the packaging commands
 /// (`completions`, `man`) do not.
 #[derive(Parser)]
 #[command(name = "session", version)]
@@ -95,9 +96,12 @@ enum Command {
     /// Loads the eBPF programs, pins their maps under the pin directory, attaches them to
     /// every interface in the config's `interfaces` and to each --iface (XDP for the
     /// packets that arrive, TC egress for the packets the host sends), applies the policy
-    /// and prints `session: ready` on stdout once it is in force. Logs go to stderr
-    /// (RUST_LOG=debug for more). SIGINT or SIGTERM detaches from every interface and
-    /// exits 0; SIGHUP, or `session reload`, applies the config file again. Only one
+    /// and prints `session: ready` on stdout once it is in force. The programs are
+    /// attached through links pinned under the pin directory: SIGINT or SIGTERM exits 0
+    /// and the firewall keeps enforcing the last applied policy without the daemon (a
+    /// new daemon adopts the links without a gap); `session down` removes it. Once
+    /// attached, the daemon drops every capability. Logs go to stderr (RUST_LOG=debug for
+    /// more). SIGHUP, or `session reload`, applies the config file again. Only one
     /// daemon can run per pin directory. Needs root (CAP_BPF, CAP_NET_ADMIN). With
     /// `[metrics] listen = "127.0.0.1:9640"` in the config it also serves Prometheus
     /// metrics at http://127.0.0.1:9640/metrics.
@@ -165,6 +169,22 @@ enum Command {
     ///     session reload
     #[command(verbatim_doc_comment)]
     Reload {
+        #[command(flatten)]
+        pin: PinDir,
+    },
+    /// Stop the daemon and remove the firewall: links, attachments and maps.
+    ///
+    /// Stops the daemon that owns the pin directory, if one runs (SIGTERM, then SIGKILL
+    /// after 10 s), removes every pinned link (which detaches the programs from the
+    /// interfaces) and every pinned map, then the pin directory, and prints one line per
+    /// thing removed. Sessions and counters are gone afterwards. Running it again, or
+    /// where nothing was ever started, prints that there is nothing to remove and exits 0.
+    ///
+    /// Example:
+    ///
+    ///     session down
+    #[command(verbatim_doc_comment)]
+    Down {
         #[command(flatten)]
         pin: PinDir,
     },
@@ -255,9 +275,28 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("session: {error:#}");
+            if lacks_root(&error) {
+                eprintln!(
+                    "session: this command needs root (the firewall's pins, maps and lock are root-only): run it as root, e.g. with sudo"
+                );
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `error` comes from a permission check and we are not root, so the operator
+/// learns that the fix is running as root rather than only which file was refused.
+fn lacks_root(error: &anyhow::Error) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    !root
+        && error.chain().any(|cause| {
+            cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                io.kind() == std::io::ErrorKind::PermissionDenied
+                    || io.raw_os_error() == Some(libc::EPERM)
+            })
+        })
 }
 
 fn dispatch(command: Command) -> Result<()> {
@@ -345,6 +384,12 @@ fn dispatch(command: Command) -> Result<()> {
             .build()
             .context("starting the async runtime")?
             .block_on(events::follow(&pin.pin_dir, json)),
+        Command::Down { pin } => {
+            for line in teardown::down(&pin.pin_dir)? {
+                println!("{line}");
+            }
+            Ok(())
+        }
         Command::Check { file } => {
             let config = config::load(&file)?;
             for warning in &config.warnings {
@@ -456,7 +501,8 @@ fn operator_sections() -> Roff {
     entry(
         &mut roff,
         bold("SIGINT, SIGTERM"),
-        "Detach from every interface and exit 0. The pinned maps stay under the pin directory.",
+        "Exit 0. The programs stay attached through their pinned links and keep enforcing \
+         the last applied policy; the next daemon adopts them. session down removes them.",
     );
     roff.control("SH", ["FILES"]);
     entry(
@@ -469,6 +515,12 @@ fn operator_sections() -> Roff {
         &mut roff,
         italic(DEFAULT_PIN_DIR),
         "The default pin directory: the firewall's maps, pinned on the BPF filesystem.",
+    );
+    entry(
+        &mut roff,
+        italic(format!("{DEFAULT_PIN_DIR}/links")),
+        "The pinned XDP and TCX links (IFACE-xdp, IFACE-tc) that keep the programs \
+         attached while no daemon runs; session down removes them.",
     );
     entry(
         &mut roff,

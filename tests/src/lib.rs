@@ -23,6 +23,7 @@
 //! [`CtCounts`] reads per-state packet counts from both the daemon and the kernel's own
 //! conntrack (through nftables counters), for the differential tests.
 
+pub mod lifecycle;
 pub mod raw;
 pub mod router;
 
@@ -71,10 +72,11 @@ const SETTLE: Duration = Duration::from_millis(300);
 const BACKGROUND_LIFETIME_SECS: &str = "600";
 const CLI_TIMEOUT_SECS: u64 = 10;
 const TOOLS: &[&str] = &[
-    "ip", "nsenter", "timeout", "kill", "sysctl", "socat", "ping", "ss", "nft",
+    "ip", "nsenter", "timeout", "kill", "sysctl", "socat", "ping", "ss", "nft", "tcpdump",
+    "unshare", "setpriv",
 ];
 const HINT: &str = "run the netns tests with `cargo xtask test` (as root, with iproute2, \
-                    util-linux, socat, iputils-ping and nftables installed)";
+                    util-linux, socat, iputils-ping, nftables and tcpdump installed)";
 
 /// One end of the lab, so that callers say where a command runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1249,14 +1251,9 @@ pub fn find_session<'s>(
 }
 
 impl Daemon<'_> {
-    /// Everything the daemon logged so far (its stderr).
-    pub fn log(&self) -> String {
-        self.proc.stderr()
-    }
-
     /// Replaces the daemon's config file with `policy` (applied at the next reload).
     pub fn write_config(&self, policy: &str) {
-        let config = self.proc.lab.dir.join("session.toml");
+        let config = self.proc.lab.config_path();
         fs::write(&config, policy)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
     }
