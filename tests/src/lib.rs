@@ -789,6 +789,11 @@ impl Daemon<'_> {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The daemon's process id (nsenter execs it), for reading its /proc status.
+    pub fn pid(&self) -> u32 {
+        self.proc.child.id()
+    }
+
     /// The sessions from `session list --json`, one JSON object each.
     pub fn list_json(&self) -> Vec<Value> {
         let text = self.cli(&["list", "--json"]);
