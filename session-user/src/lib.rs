@@ -9,4 +9,5 @@ pub mod instance;
 pub mod loader;
 pub mod maps;
 pub mod model;
+pub mod mutate;
 pub mod report;
