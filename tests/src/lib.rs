@@ -23,6 +23,7 @@
 //! [`CtCounts`] reads per-state packet counts from both the daemon and the kernel's own
 //! conntrack (through nftables counters), for the differential tests.
 
+pub mod attacker;
 pub mod loadgen;
 pub mod raw;
 
