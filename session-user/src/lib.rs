@@ -12,6 +12,7 @@ pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod model;
+pub mod mutate;
 pub mod privileges;
 pub mod readmit;
 pub mod report;

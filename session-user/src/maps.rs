@@ -39,6 +39,19 @@ fn is_not_found(error: &aya::maps::MapError) -> bool {
     }
 }
 
+/// Keeps the first entry of each key. Walking a hash map key by key is not a snapshot:
+/// when the key the walk stands on is deleted meanwhile (an LRU eviction under a flood,
+/// say), the kernel restarts the walk from the first bucket and entries come back again.
+/// A key also appears in both tiers for a moment while a session is promoted; the
+/// assured copy, read first, wins.
+fn first_of_each_key(entries: Vec<(FlowKey, Session)>) -> Vec<(FlowKey, Session)> {
+    let mut seen = std::collections::HashSet::with_capacity(entries.len());
+    entries
+        .into_iter()
+        .filter(|(key, _)| seen.insert(*key))
+        .collect()
+}
+
 /// The pinned maps of one `session` instance.
 pub struct PinnedMaps {
     dir: PathBuf,
@@ -95,7 +108,7 @@ impl PinnedMaps {
         HashMap::try_from(self.map(name)?).with_context(|| format!("map {name} is not a hash map"))
     }
 
-    /// Every stored session of both tiers, expired or not.
+    /// Every stored session of both tiers, expired or not, each key once.
     pub fn all_sessions(&self) -> Result<Vec<(FlowKey, Session)>> {
         let mut out = Vec::new();
         for name in [map_names::SESSIONS, map_names::UNASSURED] {
@@ -107,7 +120,7 @@ impl PinnedMaps {
                 }
             }
         }
-        Ok(out)
+        Ok(first_of_each_key(out))
     }
 
     /// Capacity of the session table.
@@ -321,5 +334,37 @@ impl PinnedMaps {
                 Err(error) => Err(error).context("unmarking an interface"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(expires_ns: u64) -> Session {
+        Session {
+            expires_ns,
+            ..Session::default()
+        }
+    }
+
+    #[test]
+    fn a_key_the_map_walk_returned_twice_is_listed_once_with_its_first_value() {
+        let key = |port: u16| FlowKey {
+            port_lo: port,
+            ..FlowKey::default()
+        };
+        let entries = vec![
+            (key(1), session(10)),
+            (key(2), session(20)),
+            (key(1), session(30)),
+            (key(3), session(40)),
+            (key(2), session(50)),
+        ];
+        let kept: Vec<(u16, u64)> = first_of_each_key(entries)
+            .iter()
+            .map(|(k, s)| (k.port_lo, s.expires_ns))
+            .collect();
+        assert_eq!(kept, [(1, 10), (2, 20), (3, 40)]);
     }
 }

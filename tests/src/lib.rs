@@ -23,7 +23,9 @@
 //! [`CtCounts`] reads per-state packet counts from both the daemon and the kernel's own
 //! conntrack (through nftables counters), for the differential tests.
 
+pub mod attacker;
 pub mod lifecycle;
+pub mod loadgen;
 pub mod raw;
 pub mod router;
 

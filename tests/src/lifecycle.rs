@@ -179,7 +179,7 @@ impl Drop for PinGuard {
 }
 
 impl Daemon<'_> {
-    /// The daemon's process id.
+    /// The daemon's process id (nsenter execs it), for signals and its /proc status.
     pub fn pid(&self) -> u32 {
         self.proc.child.id()
     }

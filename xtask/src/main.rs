@@ -6,6 +6,7 @@
 
 mod checks;
 mod cmd;
+mod differential;
 mod dist;
 mod fuzz;
 mod lab;
@@ -53,6 +54,15 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Compare the XDP program with the host model on N seeded, partly mutated frames (root)
+    Differential {
+        /// Frames to compare
+        #[arg(long, default_value_t = 1_000_000)]
+        packets: u64,
+        /// Seed in hex (default: the test's own)
+        #[arg(long, value_parser = differential::parse_seed)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -65,6 +75,7 @@ fn main() -> ExitCode {
         Task::Lab => lab::run(&root),
         Task::Dist { debug } => dist::run(&root, debug),
         Task::Fuzz { seconds } => fuzz::run(&root, seconds),
+        Task::Differential { packets, seed } => differential::run(&root, packets, seed),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

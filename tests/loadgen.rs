@@ -1,0 +1,194 @@
+//! The packet generator delivers what it reports, keeps to its count, time and rate
+//! bounds, and reports its top rate, measured between two lab namespaces.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use session_tests::loadgen::{self, Blast, Sent};
+use session_tests::{FW_IFACE, FW_V4, Lab, Side};
+
+/// Counts, at fw's ingress, the frames from the generator's spoofed IPv4 range, and drops
+/// them there, so the measured rate is the generator's and not fw's IP stack's.
+fn install_ingress_counter(lab: &Lab) {
+    let script = format!(
+        "table netdev gen {{\n  chain in {{\n    type filter hook ingress device \"{FW_IFACE}\" \
+         priority 0; policy accept;\n    ip saddr 198.19.0.0/16 counter drop\n  }}\n}}\n"
+    );
+    let out = lab.run_with_input(Side::Fw, 10, &["nft", "-f", "-"], script.as_bytes());
+    assert!(
+        out.status.success(),
+        "cannot install the ingress counter: {}",
+        session_tests::describe(&out)
+    );
+}
+
+/// Packets the ingress counter has seen.
+fn ingress_count(lab: &Lab) -> u64 {
+    let text = lab.ok(
+        Side::Fw,
+        10,
+        &["nft", "-j", "list", "table", "netdev", "gen"],
+    );
+    let json: Value = serde_json::from_str(&text).expect("nft -j prints JSON");
+    json["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|item| {
+            item["rule"]["expr"]
+                .as_array()?
+                .iter()
+                .find_map(|e| e["counter"]["packets"].as_u64())
+        })
+        .unwrap_or_else(|| panic!("no counter in {text}"))
+}
+
+fn udp_blast(lab: &Lab, max_packets: u64, max_duration: Duration, rate: Option<u64>) -> Sent {
+    let dst = FW_V4.parse().expect("lab address");
+    let frames = loadgen::udp_frames(
+        lab.mac(Side::Client),
+        lab.mac(Side::Fw),
+        dst,
+        &[9],
+        loadgen::MAX_SOURCES,
+    );
+    loadgen::blast(&Blast {
+        netns: lab.ns(Side::Client).to_string(),
+        iface: Lab::iface(Side::Client).to_string(),
+        frames,
+        threads: 2,
+        max_packets,
+        max_duration,
+        rate_pps: rate,
+    })
+    .unwrap_or_else(|e| panic!("blast failed: {e}"))
+}
+
+#[test]
+fn paced_blast_sends_exactly_its_count_and_all_of_it_arrives() {
+    let lab = Lab::new("gen-count");
+    install_ingress_counter(&lab);
+    let sent = udp_blast(&lab, 20_000, Duration::from_secs(10), Some(40_000));
+    assert_eq!(
+        sent.packets, 20_000,
+        "the count bound ends the run: {sent:?}"
+    );
+    assert!(
+        sent.elapsed >= Duration::from_millis(400) && sent.elapsed < Duration::from_secs(3),
+        "20000 packets at 40 kpps take about 0.5 s, took {:?}",
+        sent.elapsed
+    );
+    // veth delivers asynchronously; the counter catches up within moments.
+    let arrived = session_tests::wait_for("all frames to arrive", Duration::from_secs(3), || {
+        let n = ingress_count(&lab);
+        (n == sent.packets).then_some(n)
+    });
+    assert_eq!(arrived, 20_000);
+}
+
+#[test]
+fn unpaced_blast_stops_at_its_time_bound_and_reports_its_rate() {
+    let lab = Lab::new("gen-rate");
+    install_ingress_counter(&lab);
+    let limit = Duration::from_secs(2);
+    let sent = udp_blast(&lab, 50_000_000, limit, None);
+    assert!(
+        sent.packets < 50_000_000 && sent.elapsed >= limit,
+        "the time bound ends the run: {sent:?}"
+    );
+    assert!(
+        sent.elapsed < limit + Duration::from_millis(500),
+        "the run overran its time bound: {sent:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let arrived = ingress_count(&lab);
+    eprintln!(
+        "loadgen: {} packets in {:.2?} = {:.0} pps sent, {arrived} arrived at fw ingress \
+         ({:.0} pps)",
+        sent.packets,
+        sent.elapsed,
+        sent.pps(),
+        arrived as f64 / sent.elapsed.as_secs_f64()
+    );
+    assert!(
+        arrived <= sent.packets,
+        "more arrived ({arrived}) than were sent ({})",
+        sent.packets
+    );
+    assert!(
+        sent.pps() > 100_000.0,
+        "the generator should send at least 100 kpps even on a busy 2-CPU machine: {:.0} pps",
+        sent.pps()
+    );
+    assert!(
+        arrived * 2 >= sent.packets,
+        "most frames should arrive: {arrived} of {}",
+        sent.packets
+    );
+}
+
+#[test]
+fn the_binary_sends_a_bounded_flood_and_reports_it_as_json() {
+    let lab = Lab::new("gen-bin");
+    install_ingress_counter(&lab);
+    let mac = |side| {
+        lab.mac(side)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-loadgen"))
+        .args(["--netns", lab.ns(Side::Client), "--iface"])
+        .arg(Lab::iface(Side::Client))
+        .args(["--src-mac", &mac(Side::Client), "--dst-mac", &mac(Side::Fw)])
+        .args(["--dst", FW_V4, "--ports", "9,10", "--kind", "udp"])
+        .args([
+            "--max-packets",
+            "5000",
+            "--rate",
+            "50000",
+            "--duration",
+            "5",
+        ])
+        .output()
+        .expect("session-loadgen runs");
+    assert!(
+        out.status.success(),
+        "session-loadgen failed: {}",
+        session_tests::describe(&out)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", session_tests::describe(&out)));
+    assert_eq!(report["packets"], 5000, "{report}");
+    assert!(
+        report["pps"].as_f64().is_some_and(|pps| pps > 0.0),
+        "{report}"
+    );
+    let arrived = session_tests::wait_for("the frames to arrive", Duration::from_secs(3), || {
+        let n = ingress_count(&lab);
+        (n == 5000).then_some(n)
+    });
+    assert_eq!(arrived, 5000);
+}
+
+#[test]
+fn the_binary_refuses_a_destination_outside_the_benchmark_ranges() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-loadgen"))
+        .args(["--netns", "none", "--iface", "none"])
+        .args([
+            "--src-mac",
+            "02:00:00:00:00:01",
+            "--dst-mac",
+            "02:00:00:00:00:02",
+        ])
+        .args(["--dst", "192.0.2.1"])
+        .output()
+        .expect("session-loadgen runs");
+    assert!(
+        !out.status.success(),
+        "a flood to 192.0.2.1 must be refused"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("outside 198.18.0.0/15"), "{stderr}");
+}
