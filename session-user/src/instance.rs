@@ -31,9 +31,28 @@ fn lock_path(pin_dir: &Path) -> PathBuf {
     run_path(pin_dir, "lock")
 }
 
-/// Held by the running daemon; released when it exits, however it exits.
+/// Held by the running daemon; released when it exits, however it exits. A daemon that
+/// exits normally also removes the lock file, so none pile up in /run/session.
 pub struct InstanceLock {
     _file: File,
+    path: PathBuf,
+}
+
+impl Drop for InstanceLock {
+    fn drop(&mut self) {
+        // Unlinked while still locked: whoever opens the path next gets a new file, and
+        // `acquire` rejects a lock taken on a file that is no longer at the path.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Whether `file` is still the file at `path` (not unlinked or replaced meanwhile).
+fn is_at_path(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
+    }
 }
 
 fn try_flock(file: &File) -> bool {
@@ -41,40 +60,54 @@ fn try_flock(file: &File) -> bool {
     unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
+/// The error for a lock another daemon holds, naming it (the holder writes its pid right
+/// after locking, so a just-started one gets a moment).
+fn already_running(mut file: File, pin_dir: &Path) -> anyhow::Error {
+    let mut owner = Owner::read(&mut file);
+    for _ in 0..20 {
+        if owner.is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let _ = file.seek(SeekFrom::Start(0));
+        owner = Owner::read(&mut file);
+    }
+    let owner = owner.map_or_else(
+        |_| "unknown pid".to_string(),
+        |owner| format!("pid {}, config {}", owner.pid, owner.config.display()),
+    );
+    anyhow::anyhow!(
+        "another session daemon already runs with pin directory {} ({owner}); stop it first, or use another --pin-dir",
+        pin_dir.display()
+    )
+}
+
 impl InstanceLock {
     /// Takes the lock for `pin_dir`, or explains who holds it.
     pub fn acquire(pin_dir: &Path, config: &Path) -> Result<InstanceLock> {
         std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
         let path = lock_path(pin_dir);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("opening lock file {}", path.display()))?;
-        if !try_flock(&file) {
-            // The holder writes its pid right after locking: give it a moment.
-            let mut owner = Owner::read(&mut file);
-            for _ in 0..20 {
-                if owner.is_ok() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-                file.seek(SeekFrom::Start(0))
-                    .context("rewinding the lock file")?;
-                owner = Owner::read(&mut file);
+        let locked = loop {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("opening lock file {}", path.display()))?;
+            if !try_flock(&file) {
+                break Err(file);
             }
-            let owner = owner.map_or_else(
-                |_| "unknown pid".to_string(),
-                |owner| format!("pid {}, config {}", owner.pid, owner.config.display()),
-            );
-            bail!(
-                "another session daemon already runs with pin directory {} ({owner}); stop it first, or use another --pin-dir",
-                pin_dir.display()
-            );
-        }
+            // Locked, but the previous holder removed the file on exit: lock the new one.
+            if is_at_path(&file, &path) {
+                break Ok(file);
+            }
+        };
+        let mut file = match locked {
+            Ok(file) => file,
+            Err(held) => return Err(already_running(held, pin_dir)),
+        };
         let config = config
             .canonicalize()
             .unwrap_or_else(|_| config.to_path_buf());
@@ -86,7 +119,7 @@ impl InstanceLock {
             .context("rewinding the lock file")?;
         writeln!(file, "{}\n{}", std::process::id(), config.display())
             .context("writing the lock file")?;
-        Ok(InstanceLock { _file: file })
+        Ok(InstanceLock { _file: file, path })
     }
 }
 

@@ -12,7 +12,8 @@ use anyhow::{Context as _, Result, bail};
 use session_common::wire::map_names;
 
 use crate::{
-    instance::Owner,
+    events,
+    instance::{self, Owner},
     links::{self, links_dir},
     loader,
 };
@@ -79,6 +80,12 @@ pub fn down(pin_dir: &Path) -> Result<Vec<String>> {
     let mut report = Vec::new();
     if let Some(owner) = Owner::running(pin_dir)? {
         report.push(stop(pin_dir, &owner)?);
+    }
+    // A daemon killed with SIGKILL leaves its lock file and events socket behind.
+    for leftover in [instance::run_path(pin_dir, "lock"), events::socket_path(pin_dir)] {
+        if std::fs::remove_file(&leftover).is_ok() {
+            report.push(format!("removed {}", leftover.display()));
+        }
     }
     match std::fs::metadata(pin_dir) {
         Ok(_) => {}
