@@ -13,10 +13,12 @@ use std::{
 
 use serde::Deserialize;
 use session_common::wire::{
-    Action, CtState, FAMILY_IPV4, FAMILY_IPV6, Hook, NS_PER_SEC, RULE_NAME_LEN, Settings, Timeout,
-    proto, settings_flags,
+    Action, CtState, FAMILY_IPV4, FAMILY_IPV6, Hook, MAX_RULES, NS_PER_SEC, RULE_NAME_LEN,
+    Settings, Timeout, proto, settings_flags,
 };
 use toml::Spanned;
+
+use crate::compile;
 
 /// A configuration error (or warning) located in its file.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -340,6 +342,7 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     let sets = validate_sets(loc, &raw.sets)?;
     let mut names = BTreeSet::new();
     let mut rules = Vec::new();
+    let mut entries = 0u64;
     for rule in &raw.rule {
         let spec = validate_rule(loc, rule, &sets)?;
         if !names.insert(spec.name.clone()) {
@@ -347,6 +350,16 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
                 rule.name.span(),
                 format!(
                     "duplicate rule name `{}`: rule names must be unique",
+                    spec.name
+                ),
+            ));
+        }
+        entries = entries.saturating_add(compile::entry_count(&spec));
+        if entries > MAX_RULES as u64 {
+            return Err(loc.error(
+                rule.name.span(),
+                format!(
+                    "rule `{}` brings the policy to {entries} kernel entries, more than the {MAX_RULES} a policy can hold (each combination of interface, source and destination network, port range and ICMP type is one entry): use fewer, wider networks or port ranges",
                     spec.name
                 ),
             ));

@@ -82,7 +82,10 @@ pub fn down(pin_dir: &Path) -> Result<Vec<String>> {
         report.push(stop(pin_dir, &owner)?);
     }
     // A daemon killed with SIGKILL leaves its lock file and events socket behind.
-    for leftover in [instance::run_path(pin_dir, "lock"), events::socket_path(pin_dir)] {
+    for leftover in [
+        instance::run_path(pin_dir, "lock"),
+        events::socket_path(pin_dir),
+    ] {
         if std::fs::remove_file(&leftover).is_ok() {
             report.push(format!("removed {}", leftover.display()));
         }
