@@ -88,10 +88,9 @@ fn pins_and_lock_are_root_only() {
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect::<String>();
-    assert_root_only(
-        &Path::new("/run/session").join(format!("{lock_name}.lock")),
-        0o600,
-    );
+    let run_dir = Path::new("/run/session");
+    assert_root_only(&run_dir.join(format!("{lock_name}.lock")), 0o600);
+    assert_root_only(&run_dir.join(format!("{lock_name}.events")), 0o600);
 }
 
 /// A non-root user gets a clear "needs root" error from every command that touches the
@@ -114,6 +113,7 @@ fn non_root_cli_gets_a_clear_permission_error() {
         vec!["list"],
         vec!["flush"],
         vec!["reload"],
+        vec!["events"],
         vec!["down"],
     ] {
         let mut args = command.clone();
