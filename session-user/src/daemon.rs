@@ -22,9 +22,18 @@ use crate::{
     metrics, privileges, readmit,
 };
 
-/// How often expired sessions are freed. Correctness never depends on it: the kernel path
-/// treats expired sessions as absent at once.
+/// How often expired sessions are freed, at most, and how often interfaces are checked.
+/// Correctness never depends on reaping: the kernel path treats expired sessions as absent
+/// at once; the reaper only frees their memory.
 const REAP_INTERVAL: Duration = Duration::from_secs(5);
+/// The reaper waits at least this many times as long as its last sweep took before the
+/// next one, so that sweeping a huge table costs at most 1/50 (2%) of a core.
+const REAPER_DUTY_FACTOR: u32 = 50;
+
+/// When to sweep again after a sweep that took `took`.
+fn next_reap_delay(took: Duration) -> Duration {
+    REAP_INTERVAL.max(took.saturating_mul(REAPER_DUTY_FACTOR))
+}
 
 /// Options of `session run`.
 pub struct RunOptions {
@@ -172,15 +181,18 @@ async fn serve(
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    let mut reaper = tokio::time::interval(REAP_INTERVAL);
+    let mut housekeeping = tokio::time::interval(REAP_INTERVAL);
+    let reaper = tokio::time::sleep(REAP_INTERVAL);
+    tokio::pin!(reaper);
     loop {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); return Ok(()); }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); return Ok(()); }
             _ = sighup.recv() => reload(&options.config, maps, ifaces),
-            _ = reaper.tick() => {
-                reap(maps, events);
-                watch_interfaces(&options.pin_dir, maps, ifaces);
+            _ = housekeeping.tick() => watch_interfaces(&options.pin_dir, maps, ifaces),
+            _ = &mut reaper => {
+                let took = reap(maps, events);
+                reaper.as_mut().reset(tokio::time::Instant::now() + next_reap_delay(took));
             }
         }
     }
@@ -247,7 +259,8 @@ fn watch_interfaces(pin_dir: &Path, maps: &PinnedMaps, ifaces: &mut Vec<(String,
     }
 }
 
-fn reap(maps: &PinnedMaps, events: &EventHub) {
+/// Frees expired sessions and reports them; returns how long the sweep took.
+fn reap(maps: &PinnedMaps, events: &EventHub) -> Duration {
     let started = std::time::Instant::now();
     let names = maps.rule_names().unwrap_or_default();
     match maps.reap(monotonic_ns(), |key, session| {
@@ -271,5 +284,20 @@ fn reap(maps: &PinnedMaps, events: &EventHub) {
             }
         }
         Err(error) => warn!("reaper: {error:#}"),
+    }
+    started.elapsed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reaper_backs_off_so_a_huge_table_costs_at_most_two_percent_of_a_core() {
+        assert_eq!(next_reap_delay(Duration::from_millis(3)), REAP_INTERVAL);
+        let slow = Duration::from_millis(700);
+        let delay = next_reap_delay(slow);
+        assert_eq!(delay, Duration::from_secs(35));
+        assert!(slow.as_secs_f64() / (delay.as_secs_f64()) <= 0.02);
     }
 }

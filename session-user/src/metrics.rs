@@ -421,7 +421,7 @@ fn daemon_metric(name: &'static str, value: u64) -> (String, Kind, String, Strin
         "reaper_runs" => (
             "session_reaper_runs_total",
             Kind::Counter,
-            "Reaper sweeps completed (one every 5 seconds).",
+            "Reaper sweeps completed (every 5 seconds, less often when sweeps are slow).",
             value.to_string(),
         ),
         "policy_applies" => (
