@@ -126,3 +126,69 @@ fn unpaced_blast_stops_at_its_time_bound_and_reports_its_rate() {
         sent.packets
     );
 }
+
+#[test]
+fn the_binary_sends_a_bounded_flood_and_reports_it_as_json() {
+    let lab = Lab::new("gen-bin");
+    install_ingress_counter(&lab);
+    let mac = |side| {
+        lab.mac(side)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-loadgen"))
+        .args(["--netns", lab.ns(Side::Client), "--iface"])
+        .arg(Lab::iface(Side::Client))
+        .args(["--src-mac", &mac(Side::Client), "--dst-mac", &mac(Side::Fw)])
+        .args(["--dst", FW_V4, "--ports", "9,10", "--kind", "udp"])
+        .args([
+            "--max-packets",
+            "5000",
+            "--rate",
+            "50000",
+            "--duration",
+            "5",
+        ])
+        .output()
+        .expect("session-loadgen runs");
+    assert!(
+        out.status.success(),
+        "session-loadgen failed: {}",
+        session_tests::describe(&out)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", session_tests::describe(&out)));
+    assert_eq!(report["packets"], 5000, "{report}");
+    assert!(
+        report["pps"].as_f64().is_some_and(|pps| pps > 0.0),
+        "{report}"
+    );
+    let arrived = session_tests::wait_for("the frames to arrive", Duration::from_secs(3), || {
+        let n = ingress_count(&lab);
+        (n == 5000).then_some(n)
+    });
+    assert_eq!(arrived, 5000);
+}
+
+#[test]
+fn the_binary_refuses_a_destination_outside_the_benchmark_ranges() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-loadgen"))
+        .args(["--netns", "none", "--iface", "none"])
+        .args([
+            "--src-mac",
+            "02:00:00:00:00:01",
+            "--dst-mac",
+            "02:00:00:00:00:02",
+        ])
+        .args(["--dst", "192.0.2.1"])
+        .output()
+        .expect("session-loadgen runs");
+    assert!(
+        !out.status.success(),
+        "a flood to 192.0.2.1 must be refused"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("outside 198.18.0.0/15"), "{stderr}");
+}

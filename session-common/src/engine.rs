@@ -9,7 +9,8 @@ use crate::track::{
 };
 use crate::wire::{
     Action, Counter, CtState, Dir, FlowKey, HIT_DEFAULT_INBOUND, HIT_DEFAULT_OUTBOUND, Hook,
-    MAX_RULES, PolicyHeader, RULE_ID_DEFAULT, Rule, Session, Settings, session_flags,
+    MAX_RULES, PolicyHeader, RULE_ID_DEFAULT, Rule, Session, Settings, TcpState, proto,
+    session_flags,
 };
 
 /// The session table, in two tiers like the kernel's early-drop policy: new sessions go
@@ -65,6 +66,8 @@ pub struct Decision {
     pub slot: u32,
     /// Generation of the policy that decided.
     pub generation: u32,
+    /// Whether the deciding rule asked for the packet to be reported (`log = true`).
+    pub log: bool,
 }
 
 /// Working memory for one packet. The kernel keeps it in a per-CPU map because the BPF
@@ -84,6 +87,10 @@ pub struct Outcome {
     pub state: CtState,
     /// The policy's decision.
     pub decision: Decision,
+    /// The packet stored a new session.
+    pub created: bool,
+    /// The packet closed its session (finished the FIN handshake, or reset it).
+    pub closed: bool,
 }
 
 /// First matching rule of the active bank, else the hook's default action.
@@ -105,6 +112,7 @@ pub fn evaluate<R: RuleSource>(
             rule_id: RULE_ID_DEFAULT,
             slot: default_slot,
             generation: 0,
+            log: false,
         };
     };
     let generation = header.generation;
@@ -119,6 +127,7 @@ pub fn evaluate<R: RuleSource>(
             rule_id: rule.rule_id,
             slot: rule.rule_id as u32,
             generation,
+            log: rule.log != 0,
         };
     }
     Decision {
@@ -126,6 +135,7 @@ pub fn evaluate<R: RuleSource>(
         rule_id: RULE_ID_DEFAULT,
         slot: default_slot,
         generation,
+        log: false,
     }
 }
 
@@ -185,7 +195,7 @@ where
             return Some(finish(
                 meta,
                 None,
-                CtState::Invalid,
+                Tracked::of(CtState::Invalid),
                 hook,
                 ifindex,
                 sessions,
@@ -196,13 +206,13 @@ where
     }
     counters.count(Counter::PacketsSeen);
     let (key, src_is_lo) = flow_key(meta);
-    let (state, pending) = classify(
+    let tracked = classify(
         meta, &key, src_is_lo, now, settings, sessions, counters, session,
     );
     Some(finish(
         meta,
-        pending.then_some((&key, session)),
-        state,
+        tracked.pending.then_some((&key, session)),
+        tracked,
         hook,
         ifindex,
         sessions,
@@ -211,8 +221,36 @@ where
     ))
 }
 
-/// Tracks the packet: returns its state and, for a packet that starts a flow, the session
-/// to insert if the policy accepts it.
+/// What tracking concluded about one packet.
+#[derive(Clone, Copy)]
+struct Tracked {
+    /// The packet's `ct state`.
+    state: CtState,
+    /// The packet starts a flow: the session in scratch is to be inserted if accepted.
+    pending: bool,
+    /// The packet closed its session.
+    closed: bool,
+}
+
+impl Tracked {
+    #[inline(always)]
+    fn of(state: CtState) -> Tracked {
+        Tracked {
+            state,
+            pending: false,
+            closed: false,
+        }
+    }
+}
+
+/// Whether a TCP state means the connection is over (both FINs acknowledged, or reset).
+#[inline(always)]
+fn is_closing(state: u8) -> bool {
+    state == TcpState::TimeWait as u8 || state == TcpState::Close as u8
+}
+
+/// Tracks the packet: returns its state and, for a packet that starts a flow, that the
+/// session in `fresh` is to be inserted if the policy accepts it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn classify<S: SessionTable, C: Counters>(
@@ -224,26 +262,27 @@ fn classify<S: SessionTable, C: Counters>(
     sessions: &mut S,
     counters: &mut C,
     fresh: &mut Session,
-) -> (CtState, bool) {
+) -> Tracked {
     match meta.icmp_kind {
-        IcmpKind::Untracked => return (CtState::Untracked, false),
+        IcmpKind::Untracked => return Tracked::of(CtState::Untracked),
         IcmpKind::Error => {
             // Only the host that sent the quoted packet may be told about it, as
             // nf_conntrack_inet_error() checks.
             let about = embedded_key(meta);
             return match sessions.get_mut(&about) {
                 Some(session) if session.expires_ns > now && meta.dst == meta.inner.src => {
-                    (CtState::Related, false)
+                    Tracked::of(CtState::Related)
                 }
                 _ => {
                     counters.count(Counter::InvalidIcmp);
-                    (CtState::Invalid, false)
+                    Tracked::of(CtState::Invalid)
                 }
             };
         }
         _ => {}
     }
     let mut kill = false;
+    let mut closed = false;
     let mut stale = false;
     let mut protect = false;
     let mut existing = None;
@@ -251,8 +290,10 @@ fn classify<S: SessionTable, C: Counters>(
         if session.expires_ns > now {
             let dir = direction(session, src_is_lo);
             let state = state_for(session, dir);
+            let was_closing = is_closing(session.state);
             match update(session, meta, dir, settings, now) {
                 Ok(Update::Tracked) => {
+                    closed = meta.proto == proto::TCP && !was_closing && is_closing(session.state);
                     account(session, meta, dir);
                     mark_seen(session, meta, dir);
                     protect = session.flags & (session_flags::ASSURED | session_flags::PROTECTED)
@@ -266,6 +307,7 @@ fn classify<S: SessionTable, C: Counters>(
                 }
                 Ok(Update::Kill) => {
                     kill = true;
+                    closed = true;
                     existing = Some(state);
                 }
                 Ok(Update::Reopen) => stale = true,
@@ -290,18 +332,26 @@ fn classify<S: SessionTable, C: Counters>(
         });
     }
     if let Some(state) = existing {
-        return (state, false);
+        return Tracked {
+            state,
+            pending: false,
+            closed,
+        };
     }
     let started = new_session(fresh, meta, src_is_lo, settings, now)
         .and_then(|()| update(fresh, meta, Dir::Original, settings, now));
     match started {
         Ok(_) => {
             account(fresh, meta, Dir::Original);
-            (CtState::New, true)
+            Tracked {
+                state: CtState::New,
+                pending: true,
+                closed: false,
+            }
         }
         Err(reason) => {
             counters.count(invalid_counter(reason));
-            (CtState::Invalid, false)
+            Tracked::of(CtState::Invalid)
         }
     }
 }
@@ -312,13 +362,20 @@ fn classify<S: SessionTable, C: Counters>(
 fn finish<S: SessionTable, R: RuleSource, C: Counters>(
     meta: &PacketMeta,
     pending: Option<(&FlowKey, &mut Session)>,
-    state: CtState,
+    tracked: Tracked,
     hook: Hook,
     ifindex: u32,
     sessions: &mut S,
     rules: &R,
     counters: &mut C,
 ) -> Outcome {
+    let state = tracked.state;
+    let mut outcome = Outcome {
+        state,
+        decision: evaluate(rules, meta, state, hook, ifindex),
+        created: false,
+        closed: tracked.closed,
+    };
     counters.count(match state {
         CtState::New => Counter::StateNew,
         CtState::Established => Counter::StateEstablished,
@@ -326,32 +383,38 @@ fn finish<S: SessionTable, R: RuleSource, C: Counters>(
         CtState::Invalid => Counter::StateInvalid,
         CtState::Untracked => Counter::StateUntracked,
     });
-    let mut decision = evaluate(rules, meta, state, hook, ifindex);
+    let decision = &mut outcome.decision;
     counters.hit(decision.slot);
     if decision.action == Action::Accept
         && let Some((key, session)) = pending
     {
         session.rule_id = decision.rule_id;
         session.policy_generation = decision.generation;
+        session.origin_icmp_type = meta.icmp_type;
+        session.origin_ifindex = ifindex.to_ne_bytes();
+        if hook == Hook::Egress {
+            session.flags |= session_flags::ORIGIN_EGRESS;
+        }
         if sessions.insert(key, session) {
             counters.count(Counter::SessionsCreated);
+            outcome.created = true;
         } else {
             counters.count(Counter::DropTableFull);
             decision.action = Action::Drop;
             counters.count(Counter::PacketsDropped);
-            return Outcome { state, decision };
+            return outcome;
         }
     }
-    match decision.action {
+    match outcome.decision.action {
         Action::Accept => counters.count(Counter::PacketsAccepted),
         Action::Drop => {
             counters.count(Counter::PacketsDropped);
-            counters.count(if decision.rule_id == RULE_ID_DEFAULT {
+            counters.count(if outcome.decision.rule_id == RULE_ID_DEFAULT {
                 Counter::DropDefault
             } else {
                 Counter::DropRule
             });
         }
     }
-    Outcome { state, decision }
+    outcome
 }

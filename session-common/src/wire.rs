@@ -46,6 +46,8 @@ pub mod map_names {
     pub const RULE_NAMES: &str = "RULE_NAMES";
     /// Counters kept by the daemon, indexed by [`super::DaemonCounter`].
     pub const DAEMON_COUNTERS: &str = "DAEMON_COUNTERS";
+    /// Ring buffer of [`super::Event`]s from the kernel path to the daemon.
+    pub const EVENTS: &str = "EVENTS";
 }
 
 /// The canonical identity of a flow: both directions of a connection map to one key.
@@ -149,8 +151,12 @@ pub struct Session {
     pub last_wscale: u8,
     /// Peer flags of an ignored SYN, for resynchronisation.
     pub last_flags: u8,
-    /// Explicit padding.
-    pub _pad: [u8; 5],
+    /// ICMP type of the packet that created the session (ICMP sessions), so a reload can
+    /// ask the new policy whether it still admits the session.
+    pub origin_icmp_type: u8,
+    /// Interface of the packet that created the session (native-endian bytes: the field
+    /// is not 4-byte aligned), for the same question.
+    pub origin_ifindex: [u8; 4],
 }
 const _: () = assert!(core::mem::size_of::<Session>() == 120);
 
@@ -192,7 +198,8 @@ impl Session {
         self.last_index = 0;
         self.last_wscale = 0;
         self.last_flags = 0;
-        self._pad = [0; 5];
+        self.origin_icmp_type = 0;
+        self.origin_ifindex = [0; 4];
     }
 }
 
@@ -208,6 +215,8 @@ pub mod session_flags {
     pub const PICKED_UP: u8 = 8;
     /// The session lives in the protected (assured) table.
     pub const PROTECTED: u8 = 16;
+    /// The packet that created the session was seen at egress (the host sent it).
+    pub const ORIGIN_EGRESS: u8 = 32;
 }
 
 /// TCP connection states, numbered exactly as nf_conntrack's `enum tcp_conntrack`.
@@ -439,11 +448,13 @@ pub enum Counter {
     InvalidFragment,
     /// TCP segments ignored by the state table (kernel `sIG`).
     TcpIgnored,
+    /// Events not reported because the event ring buffer was full.
+    EventsLost,
 }
 
 impl Counter {
     /// Number of counters; the size of the counter map.
-    pub const COUNT: u32 = Counter::TcpIgnored as u32 + 1;
+    pub const COUNT: u32 = Counter::EventsLost as u32 + 1;
 
     /// Every counter in index order, with its stable name for `stats` and metrics.
     pub const ALL: [(Counter, &'static str); Counter::COUNT as usize] = [
@@ -470,6 +481,7 @@ impl Counter {
         (Counter::InvalidIcmp, "invalid_icmp"),
         (Counter::InvalidFragment, "invalid_fragment"),
         (Counter::TcpIgnored, "tcp_ignored"),
+        (Counter::EventsLost, "events_lost"),
     ];
 }
 
@@ -484,6 +496,14 @@ pub enum DaemonCounter {
     ReaperRuns,
     /// Policies applied (start and reloads).
     PolicyApplies,
+    /// Log lines of logged packets left out by the rate limit.
+    LogLinesSuppressed,
+    /// Sessions removed after a reload because the new policy would not admit them.
+    SessionsReadmissionRefused,
+    /// Nanoseconds spent in reaper sweeps, in total.
+    ReaperNsTotal,
+    /// Nanoseconds the latest reaper sweep took (a gauge, overwritten by each sweep).
+    ReaperLastNs,
 }
 
 impl DaemonCounter {
@@ -491,10 +511,17 @@ impl DaemonCounter {
     pub const COUNT: u32 = 8;
 
     /// Every daemon counter with its stable name.
-    pub const ALL: [(DaemonCounter, &'static str); 3] = [
+    pub const ALL: [(DaemonCounter, &'static str); 7] = [
         (DaemonCounter::SessionsExpired, "sessions_expired"),
         (DaemonCounter::ReaperRuns, "reaper_runs"),
         (DaemonCounter::PolicyApplies, "policy_applies"),
+        (DaemonCounter::LogLinesSuppressed, "log_lines_suppressed"),
+        (
+            DaemonCounter::SessionsReadmissionRefused,
+            "sessions_readmission_refused",
+        ),
+        (DaemonCounter::ReaperNsTotal, "reaper_ns_total"),
+        (DaemonCounter::ReaperLastNs, "reaper_last_ns"),
     ];
 }
 
@@ -506,6 +533,57 @@ pub struct RuleName {
     pub bytes: [u8; RULE_NAME_LEN],
 }
 const _: () = assert!(core::mem::size_of::<RuleName>() == RULE_NAME_LEN);
+
+/// One event from the kernel path, as the daemon reads it from the event ring buffer: a
+/// session created or closed, or a packet a `log = true` rule decided. Addresses and ports
+/// are the packet's own, so an event about a reply names the responder as its source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Event {
+    /// Monotonic time (ns) of the packet.
+    pub time_ns: u64,
+    /// Source address (IPv4 as `::ffff:a.b.c.d`).
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// Source port, or ICMP id.
+    pub sport: u16,
+    /// Destination port, or ICMP id.
+    pub dport: u16,
+    /// Id of the rule that decided ([`RULE_ID_DEFAULT`] for a default action).
+    pub rule_id: u16,
+    /// [`event_kind`] bits: one event can report a new session and a logged packet.
+    pub kind: u8,
+    /// IP protocol number.
+    pub proto: u8,
+    /// IP version (4 or 6).
+    pub family: u8,
+    /// [`CtState`] of the packet.
+    pub state: u8,
+    /// [`Action`] taken.
+    pub action: u8,
+    /// [`Hook`] that saw the packet.
+    pub hook: u8,
+    /// Interface the packet arrived on or leaves by.
+    pub ifindex: u32,
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 56);
+
+/// Bits of [`Event::kind`].
+pub mod event_kind {
+    /// A new session was stored.
+    pub const NEW: u8 = 1;
+    /// A session was closed by its own packets (FIN handshake done, or RST).
+    pub const CLOSED: u8 = 2;
+    /// A packet decided by a rule with `log = true`.
+    pub const LOGGED: u8 = 4;
+    /// A session was removed after its timeout (reported by the daemon's reaper).
+    pub const EXPIRED: u8 = 8;
+}
+
+/// Size of the event ring buffer in bytes (a power of two): room for about 18,000 events,
+/// so bursts survive a daemon that is briefly busy.
+pub const EVENT_RING_BYTES: u32 = 1 << 20;
 
 /// Longest rule name accepted, in bytes.
 pub const RULE_NAME_LEN: usize = 64;
@@ -558,8 +636,8 @@ pub struct Rule {
     pub match_flags: u8,
     /// [`Action`] as a byte.
     pub action: u8,
-    /// Explicit padding.
-    pub _pad: u8,
+    /// 1 when packets this rule decides are reported as events (`log = true`).
+    pub log: u8,
     /// Index of the configured rule (for names and hit counters).
     pub rule_id: u16,
     /// Explicit padding.
@@ -721,7 +799,7 @@ impl Settings {
 
 #[cfg(feature = "user")]
 mod pod_impls {
-    use super::{FlowKey, PolicyHeader, Rule, RuleName, Session, Settings};
+    use super::{Event, FlowKey, PolicyHeader, Rule, RuleName, Session, Settings};
 
     // SAFETY: all of these are `#[repr(C)]`, `Copy`, fully initialised plain data with
     // explicit padding (checked by bytemuck's Pod derive).
@@ -731,4 +809,5 @@ mod pod_impls {
     unsafe impl aya::Pod for PolicyHeader {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for RuleName {}
+    unsafe impl aya::Pod for Event {}
 }

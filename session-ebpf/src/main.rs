@@ -18,7 +18,7 @@ use session_common::{
 };
 
 use crate::tables::{
-    BpfCounters, BpfRules, BpfSessions, SkbBytes, XdpBytes, is_managed, scratch, settings,
+    BpfCounters, BpfRules, BpfSessions, SkbBytes, XdpBytes, is_managed, report, scratch, settings,
 };
 
 /// Why a packet could not be judged: a missing settings or scratch entry, which cannot
@@ -50,7 +50,10 @@ fn try_ingress(ctx: &XdpContext) -> Result<Action, Unjudged> {
         &mut BpfCounters,
         scratch,
     );
-    Ok(outcome.map_or(Action::Accept, |outcome| outcome.decision.action))
+    Ok(outcome.map_or(Action::Accept, |outcome| {
+        report(&scratch.meta, &outcome, Hook::Ingress, ifindex, now);
+        outcome.decision.action
+    }))
 }
 
 /// Does nothing: the baseline the benchmark measures `session_ingress` against, loaded
@@ -89,7 +92,10 @@ fn try_egress(ctx: &TcContext) -> Result<Action, Unjudged> {
         &mut BpfCounters,
         scratch,
     );
-    Ok(outcome.map_or(Action::Accept, |outcome| outcome.decision.action))
+    Ok(outcome.map_or(Action::Accept, |outcome| {
+        report(&scratch.meta, &outcome, Hook::Egress, ifindex, now);
+        outcome.decision.action
+    }))
 }
 
 #[cfg(not(test))]

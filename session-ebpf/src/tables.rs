@@ -5,16 +5,16 @@ use core::ffi::c_void;
 use aya_ebpf::{
     helpers::generated::{bpf_loop, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
 };
 use session_common::{
-    engine::{Counters, RuleSource, Scratch, SessionTable},
+    engine::{Counters, Outcome, RuleSource, Scratch, SessionTable},
     packet::{PacketBytes, PacketMeta},
     policy::rule_matches,
     wire::{
-        Counter, CtState, DaemonCounter, FlowKey, Hook, MAX_RULES, PolicyHeader, RULE_HIT_SLOTS,
-        Rule, RuleName, Session, Settings, session_flags,
+        Counter, CtState, DaemonCounter, EVENT_RING_BYTES, Event, FlowKey, Hook, MAX_RULES,
+        PolicyHeader, RULE_HIT_SLOTS, Rule, RuleName, Session, Settings, event_kind, session_flags,
     },
 };
 
@@ -47,6 +47,52 @@ static DAEMON_COUNTERS: Array<u64> = Array::pinned(DaemonCounter::COUNT, 0);
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static MANAGED_IFACES: HashMap<u32, u8> = HashMap::pinned(MAX_MANAGED_IFACES, 0);
+#[map]
+static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
+
+/// Reports what the daemon and `session events` want to know about this packet: a session
+/// created or closed, or a decision of a `log = true` rule. A full ring buffer loses the
+/// event (counted) and never delays the packet.
+#[inline(always)]
+pub fn report(meta: &PacketMeta, outcome: &Outcome, hook: Hook, ifindex: u32, now: u64) {
+    let kind = (if outcome.created { event_kind::NEW } else { 0 })
+        | (if outcome.closed {
+            event_kind::CLOSED
+        } else {
+            0
+        })
+        | (if outcome.decision.log {
+            event_kind::LOGGED
+        } else {
+            0
+        });
+    if kind == 0 {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        BpfCounters.count(Counter::EventsLost);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at a reserved ring-buffer record of `Event` size; every field
+    // is written before it is submitted.
+    unsafe {
+        (*event).time_ns = now;
+        (*event).src = meta.src;
+        (*event).dst = meta.dst;
+        (*event).sport = meta.sport;
+        (*event).dport = meta.dport;
+        (*event).rule_id = outcome.decision.rule_id;
+        (*event).kind = kind;
+        (*event).proto = meta.proto;
+        (*event).family = meta.family;
+        (*event).state = outcome.state as u8;
+        (*event).action = outcome.decision.action as u8;
+        (*event).hook = hook as u8;
+        (*event).ifindex = ifindex;
+    }
+    entry.submit(0);
+}
 
 /// The settings the daemon wrote.
 #[inline(always)]
@@ -178,7 +224,9 @@ impl SessionTable for BpfSessions {
         };
         let session = unsafe { &mut *ptr };
         session.flags |= session_flags::PROTECTED;
-        if SESSIONS.insert(key, &*session, 0).is_err() {
+        // By reference: a by-value copy would put 120 more bytes on the BPF stack.
+        let stored: &Session = session;
+        if SESSIONS.insert(key, stored, 0).is_err() {
             session.flags &= !session_flags::PROTECTED;
             return false;
         }

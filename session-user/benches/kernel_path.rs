@@ -563,7 +563,7 @@ impl Bench {
             table.insert(key, session, 0).expect("expiring a session");
         }
         let started = Instant::now();
-        let removed = self.maps.reap(monotonic_ns()).expect("reaping");
+        let removed = self.maps.reap(monotonic_ns(), |_, _| {}).expect("reaping");
         let sweep = started.elapsed().as_secs_f64();
         assert!(
             removed >= expired_count as u64,

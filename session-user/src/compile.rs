@@ -4,7 +4,9 @@
 //! combination, all carrying the rule's id, so the kernel's match stays a handful of
 //! compares per entry.
 
-use session_common::wire::{MAX_RULES, PolicyHeader, RULE_NAME_LEN, Rule, RuleName, rule_flags};
+use session_common::wire::{
+    FAMILY_IPV4, FAMILY_IPV6, MAX_RULES, PolicyHeader, RULE_NAME_LEN, Rule, RuleName, rule_flags,
+};
 
 use crate::config::{Network, Policy, RuleSpec};
 
@@ -22,7 +24,7 @@ pub enum CompileError {
         /// Its line in the config.
         line: usize,
         /// Entries needed so far.
-        entries: usize,
+        entries: u64,
         /// The limit.
         max: u32,
     },
@@ -70,15 +72,16 @@ pub fn compile(
                 })?,
             );
         }
-        expand(spec, id as u16, &ifindexes, &mut entries);
-        if entries.len() > MAX_RULES as usize {
+        let needed = (entries.len() as u64).saturating_add(entry_count(spec));
+        if needed > MAX_RULES as u64 {
             return Err(CompileError::TooManyEntries {
                 rule: spec.name.clone(),
                 line: spec.line,
-                entries: entries.len(),
+                entries: needed,
                 max: MAX_RULES,
             });
         }
+        expand(spec, id as u16, &ifindexes, &mut entries);
     }
     Ok(CompiledPolicy {
         header: PolicyHeader {
@@ -111,6 +114,41 @@ pub fn decode_name(name: &RuleName) -> String {
 }
 
 /// "Any" for a list that was not given.
+/// How many kernel entries `spec` compiles into, counted without building them, so that
+/// a hostile rule (huge address and port lists) is refused before it allocates anything.
+pub fn entry_count(spec: &RuleSpec) -> u64 {
+    let by_family = |nets: &[Network]| -> [u64; 3] {
+        if nets.is_empty() {
+            return [1, 0, 0];
+        }
+        let mut counts = [0u64; 3];
+        for net in nets {
+            counts[match net.family {
+                FAMILY_IPV4 => 1,
+                FAMILY_IPV6 => 2,
+                _ => 0,
+            }] += 1;
+        }
+        counts
+    };
+    const FAMILIES: [u8; 3] = [0, FAMILY_IPV4, FAMILY_IPV6];
+    let (srcs, dsts) = (by_family(&spec.src), by_family(&spec.dst));
+    let mut pairs = 0u64;
+    for (s, &src_family) in FAMILIES.iter().enumerate() {
+        for (d, &dst_family) in FAMILIES.iter().enumerate() {
+            if combined_family(spec.family, src_family, dst_family).is_some() {
+                pairs = pairs.saturating_add(srcs[s].saturating_mul(dsts[d]));
+            }
+        }
+    }
+    let len_or_one = |n: usize| (n as u64).max(1);
+    pairs
+        .saturating_mul(len_or_one(spec.ifaces.len()))
+        .saturating_mul(len_or_one(spec.sport.len()))
+        .saturating_mul(len_or_one(spec.dport.len()))
+        .saturating_mul(len_or_one(spec.icmp_types.len()))
+}
+
 fn or_any<T: Copy>(list: &[T], any: T) -> Vec<T> {
     if list.is_empty() {
         vec![any]
@@ -169,7 +207,7 @@ fn expand(spec: &RuleSpec, id: u16, ifindexes: &[u32], out: &mut Vec<Rule>) {
                                 icmp_type: icmp_type.unwrap_or(0),
                                 match_flags,
                                 action: spec.action as u8,
-                                _pad: 0,
+                                log: u8::from(spec.log),
                                 rule_id: id,
                                 _pad2: [0; 2],
                             });

@@ -6,17 +6,19 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     ops::Range,
     path::{Path, PathBuf},
 };
 
 use serde::Deserialize;
 use session_common::wire::{
-    Action, CtState, FAMILY_IPV4, FAMILY_IPV6, Hook, NS_PER_SEC, RULE_NAME_LEN, Settings, Timeout,
-    proto, settings_flags,
+    Action, CtState, FAMILY_IPV4, FAMILY_IPV6, Hook, MAX_RULES, NS_PER_SEC, RULE_NAME_LEN,
+    Settings, Timeout, proto, settings_flags,
 };
 use toml::Spanned;
+
+use crate::compile;
 
 /// A configuration error (or warning) located in its file.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -76,6 +78,8 @@ pub struct Config {
     pub settings: Settings,
     /// The policy.
     pub policy: Policy,
+    /// Where the daemon serves Prometheus metrics (`[metrics] listen`); off when `None`.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The policy part of a configuration.
@@ -96,6 +100,8 @@ pub struct RuleSpec {
     pub name: String,
     /// What to do on a match.
     pub action: Action,
+    /// Report every packet the rule decides as an event and a (rate-limited) log line.
+    pub log: bool,
     /// Bit mask of [`CtState::bit`].
     pub states: u8,
     /// Bit mask of [`Hook::bit`].
@@ -164,6 +170,14 @@ struct RawConfig {
     sets: BTreeMap<Spanned<String>, Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     rule: Vec<RawRule>,
+    #[serde(default)]
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -199,6 +213,7 @@ enum NumberOrName {
 struct RawRule {
     name: Spanned<String>,
     action: Spanned<String>,
+    log: Option<bool>,
     state: Option<Spanned<Vec<Spanned<String>>>>,
     direction: Option<Spanned<String>>,
     iface: Option<Spanned<Vec<Spanned<String>>>>,
@@ -327,6 +342,7 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     let sets = validate_sets(loc, &raw.sets)?;
     let mut names = BTreeSet::new();
     let mut rules = Vec::new();
+    let mut entries = 0u64;
     for rule in &raw.rule {
         let spec = validate_rule(loc, rule, &sets)?;
         if !names.insert(spec.name.clone()) {
@@ -338,9 +354,23 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
                 ),
             ));
         }
+        entries = entries.saturating_add(compile::entry_count(&spec));
+        if entries > MAX_RULES as u64 {
+            return Err(loc.error(
+                rule.name.span(),
+                format!(
+                    "rule `{}` brings the policy to {entries} kernel entries, more than the {MAX_RULES} a policy can hold (each combination of interface, source and destination network, port range and ICMP type is one entry): use fewer, wider networks or port ranges",
+                    spec.name
+                ),
+            ));
+        }
         rules.push(spec);
     }
     let warnings = shadowed_rules(loc, &rules);
+    let metrics = raw
+        .metrics
+        .map(|metrics| parse_listen(loc, &metrics.listen))
+        .transpose()?;
     Ok(Config {
         warnings,
         interfaces,
@@ -351,7 +381,27 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             outbound,
             rules,
         },
+        metrics,
     })
+}
+
+/// Parses the metrics endpoint's `address:port`; port 0 is refused because Prometheus
+/// could not know where to scrape.
+fn parse_listen(loc: &Locator<'_>, value: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+    let text = value.get_ref();
+    match text.parse::<SocketAddr>() {
+        Ok(addr) if addr.port() != 0 => Ok(addr),
+        Ok(_) => Err(loc.error(
+            value.span(),
+            format!("`{text}` has port 0: give the port Prometheus scrapes, e.g. 127.0.0.1:9640"),
+        )),
+        Err(_) => Err(loc.error(
+            value.span(),
+            format!(
+                "`{text}` is not a listen address: use IP:PORT, e.g. \"127.0.0.1:9640\" or \"[::1]:9640\""
+            ),
+        )),
+    }
 }
 
 /// Warnings for rules that an earlier rule shadows: first match wins, so they never apply.
@@ -640,6 +690,7 @@ fn validate_rule(
     Ok(RuleSpec {
         name,
         action,
+        log: raw.log.unwrap_or(false),
         states,
         hooks,
         ifaces,

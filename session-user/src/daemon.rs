@@ -1,4 +1,5 @@
-//! `session run`: load, attach, apply the policy, reap, reload on SIGHUP, detach on exit.
+//! `session run`: load, attach through pinned links, apply the policy, reap, reload on
+//! SIGHUP; on exit the links stay, so enforcement continues without the daemon.
 
 use std::{
     io::Write as _,
@@ -14,14 +15,25 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     compile::{CompiledPolicy, compile},
     config::{self, Config},
+    events::EventHub,
     instance::InstanceLock,
-    loader,
+    links, loader,
     maps::{PinnedMaps, monotonic_ns},
+    metrics, privileges, readmit,
 };
 
-/// How often expired sessions are freed. Correctness never depends on it: the kernel path
-/// treats expired sessions as absent at once.
+/// How often expired sessions are freed, at most, and how often interfaces are checked.
+/// Correctness never depends on reaping: the kernel path treats expired sessions as absent
+/// at once; the reaper only frees their memory.
 const REAP_INTERVAL: Duration = Duration::from_secs(5);
+/// The reaper waits at least this many times as long as its last sweep took before the
+/// next one, so that sweeping a huge table costs at most 1/50 (2%) of a core.
+const REAPER_DUTY_FACTOR: u32 = 50;
+
+/// When to sweep again after a sweep that took `took`.
+fn next_reap_delay(took: Duration) -> Duration {
+    REAP_INTERVAL.max(took.saturating_mul(REAPER_DUTY_FACTOR))
+}
 
 /// Options of `session run`.
 pub struct RunOptions {
@@ -58,76 +70,130 @@ fn interfaces(config: &Config, extra: &[String]) -> Result<Vec<(String, u32)>> {
         .collect()
 }
 
-/// Runs the daemon until SIGINT or SIGTERM.
+/// Runs the daemon until SIGINT or SIGTERM. The programs stay attached afterwards,
+/// through their pinned links, with the last applied policy; `session down` removes them.
 pub async fn run(options: RunOptions) -> Result<()> {
     let config = config::load(&options.config)?;
     for warning in &config.warnings {
         warn!("{warning}");
     }
-    let ifaces = interfaces(&config, &options.ifaces)?;
+    let mut ifaces = interfaces(&config, &options.ifaces)?;
+    links::check_kernel()?;
     let _lock = InstanceLock::acquire(&options.pin_dir, &options.config)?;
     let policy = compile_for_host(&config)?;
+    loader::check_bpffs(&options.pin_dir)?;
+    let fresh = !options.pin_dir.exists();
+    let pinned_before = links::pinned_interfaces(&options.pin_dir)?;
+    let ebpf = match start(&options, &config, &policy, &ifaces, &pinned_before) {
+        Ok(ebpf) => ebpf,
+        Err(error) => {
+            if fresh && let Err(cleanup) = std::fs::remove_dir_all(&options.pin_dir) {
+                warn!(
+                    "could not remove {} after the failed start: {cleanup}",
+                    options.pin_dir.display()
+                );
+            }
+            return Err(error);
+        }
+    };
+    let maps = PinnedMaps::open(&options.pin_dir)?;
+    for stale in pinned_before
+        .iter()
+        .filter(|name| !ifaces.iter().any(|(have, _)| have == *name))
+    {
+        links::detach_and_wait(&options.pin_dir, stale)?;
+        if let Some(index) = loader::ifindex(stale) {
+            maps.set_managed(index, false)?;
+        }
+        info!("{stale}: no longer configured, detached");
+    }
+    // The links are pinned: the object's own handles are no longer needed.
+    drop(ebpf);
+    // Both bind sockets and open maps: done while the daemon still has its privileges.
+    let _metrics = match config.metrics {
+        Some(addr) => Some(metrics::start(addr, &options.pin_dir).await?),
+        None => None,
+    };
+    let events = EventHub::start(&maps)?;
+    privileges::drop_all_capabilities()?;
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "session: ready").context("writing to stdout")?;
+        stdout.flush().context("flushing stdout")?;
+    }
+    let result = serve(&options, &maps, &mut ifaces, &events).await;
+    info!(
+        "exiting; {} interface(s) stay protected by the pinned links under {} with the last applied policy (`session down` removes them)",
+        ifaces.len(),
+        options.pin_dir.display()
+    );
+    result
+}
+
+/// Loads the programs with the pinned maps, applies settings and policy, and attaches to
+/// every interface. When an interface fails, the interfaces this call attached afresh are
+/// detached again; those whose links a previous daemon pinned keep running.
+fn start(
+    options: &RunOptions,
+    config: &Config,
+    policy: &CompiledPolicy,
+    ifaces: &[(String, u32)],
+    pinned_before: &[String],
+) -> Result<aya::Ebpf> {
     let mut ebpf = loader::load(&options.pin_dir, config.max_sessions)?;
     let maps = PinnedMaps::open(&options.pin_dir)?;
     maps.write_settings(&config.settings)?;
-    let generation = maps.apply_policy(&policy)?;
+    let generation = maps.apply_policy(policy)?;
+    remove_refused(&maps, policy)?;
     maps.bump(DaemonCounter::PolicyApplies, 1)?;
     info!(
         "policy generation {generation} active: {} rules, {} kernel entries",
         policy.names.len(),
         policy.entries.len()
     );
-    let mut attached = Vec::new();
-    let outcome = attach_all(&mut ebpf, &maps, &ifaces, &mut attached);
-    if let Err(error) = outcome {
-        unmark(&maps, &attached);
-        return Err(error);
-    }
-    {
-        let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "session: ready").context("writing to stdout")?;
-        stdout.flush().context("flushing stdout")?;
-    }
-    let result = serve(&options, &maps, &ifaces).await;
-    unmark(&maps, &attached);
-    drop(ebpf);
-    info!("detached from {} interface(s)", attached.len());
-    result
-}
-
-fn attach_all(
-    ebpf: &mut aya::Ebpf,
-    maps: &PinnedMaps,
-    ifaces: &[(String, u32)],
-    attached: &mut Vec<u32>,
-) -> Result<()> {
-    for (name, index) in ifaces {
-        maps.set_managed(*index, true)?;
-        attached.push(*index);
-        loader::attach(ebpf, name)?;
-    }
-    Ok(())
-}
-
-fn unmark(maps: &PinnedMaps, attached: &[u32]) {
-    for index in attached {
-        if let Err(error) = maps.set_managed(*index, false) {
-            warn!("could not unmark interface {index}: {error:#}");
+    for (done, (name, index)) in ifaces.iter().enumerate() {
+        let attached = maps
+            .set_managed(*index, true)
+            .and_then(|()| loader::attach(&mut ebpf, &options.pin_dir, name));
+        if let Err(error) = attached {
+            for (name, index) in &ifaces[..=done] {
+                if pinned_before.contains(name) {
+                    continue;
+                }
+                if let Err(undo) = links::detach_and_wait(&options.pin_dir, name)
+                    .and_then(|_| maps.set_managed(*index, false))
+                {
+                    warn!("{name}: could not undo the attachment: {undo:#}");
+                }
+            }
+            return Err(error);
         }
     }
+    Ok(ebpf)
 }
 
-async fn serve(options: &RunOptions, maps: &PinnedMaps, ifaces: &[(String, u32)]) -> Result<()> {
+async fn serve(
+    options: &RunOptions,
+    maps: &PinnedMaps,
+    ifaces: &mut Vec<(String, u32)>,
+    events: &EventHub,
+) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    let mut reaper = tokio::time::interval(REAP_INTERVAL);
+    let mut housekeeping = tokio::time::interval(REAP_INTERVAL);
+    let reaper = tokio::time::sleep(REAP_INTERVAL);
+    tokio::pin!(reaper);
     loop {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); return Ok(()); }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); return Ok(()); }
             _ = sighup.recv() => reload(&options.config, maps, ifaces),
-            _ = reaper.tick() => reap(maps),
+            _ = housekeeping.tick() => watch_interfaces(&options.pin_dir, maps, ifaces),
+            _ = &mut reaper => {
+                let took = reap(maps, events);
+                reaper.as_mut().reset(tokio::time::Instant::now() + next_reap_delay(took));
+            }
         }
     }
 }
@@ -147,6 +213,8 @@ fn reload(path: &Path, maps: &PinnedMaps, ifaces: &[(String, u32)]) {
             let policy = compile_for_host(&config)?;
             maps.write_settings(&config.settings)?;
             let generation = maps.apply_policy(&policy)?;
+            remove_refused(maps, &policy)?;
+            // Last: `session reload` waits for this count to know the apply is complete.
             maps.bump(DaemonCounter::PolicyApplies, 1)?;
             Ok(generation)
         });
@@ -156,13 +224,55 @@ fn reload(path: &Path, maps: &PinnedMaps, ifaces: &[(String, u32)]) {
     }
 }
 
-fn reap(maps: &PinnedMaps) {
+/// Removes the sessions the policy just applied would not admit (see [`readmit`]); the
+/// sessions left were admitted under an older policy and are still welcome.
+fn remove_refused(maps: &PinnedMaps, policy: &CompiledPolicy) -> Result<()> {
+    let sessions = maps.live_sessions(monotonic_ns())?;
+    let refused = readmit::refused(policy, &sessions);
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let removed = maps.remove_sessions(&refused)?;
+    maps.bump(DaemonCounter::SessionsReadmissionRefused, removed)?;
+    info!("removed {removed} session(s) that the policy now in force would not admit");
+    Ok(())
+}
+
+/// Notices protected interfaces that were removed: their links went with them, so their
+/// pins are removed and the daemon goes on enforcing on the others.
+fn watch_interfaces(pin_dir: &Path, maps: &PinnedMaps, ifaces: &mut Vec<(String, u32)>) {
+    let (gone, kept): (Vec<_>, Vec<_>) = ifaces
+        .drain(..)
+        .partition(|(name, index)| loader::ifindex(name) != Some(*index));
+    *ifaces = kept;
+    for (name, index) in gone {
+        let others: Vec<&str> = ifaces.iter().map(|(name, _)| name.as_str()).collect();
+        warn!(
+            "{name}: interface removed; still enforcing on [{}]",
+            others.join(", ")
+        );
+        if let Err(error) =
+            links::detach(pin_dir, &name).and_then(|_| maps.set_managed(index, false))
+        {
+            warn!("{name}: could not remove its pinned links: {error:#}");
+        }
+    }
+}
+
+/// Frees expired sessions and reports them; returns how long the sweep took.
+fn reap(maps: &PinnedMaps, events: &EventHub) -> Duration {
     let started = std::time::Instant::now();
-    match maps.reap(monotonic_ns()) {
+    let names = maps.rule_names().unwrap_or_default();
+    match maps.reap(monotonic_ns(), |key, session| {
+        events.expired(key, session, &names)
+    }) {
         Ok(removed) => {
+            let took = started.elapsed().as_nanos() as u64;
             let bumped = maps
                 .bump(DaemonCounter::SessionsExpired, removed)
-                .and_then(|()| maps.bump(DaemonCounter::ReaperRuns, 1));
+                .and_then(|()| maps.bump(DaemonCounter::ReaperRuns, 1))
+                .and_then(|()| maps.bump(DaemonCounter::ReaperNsTotal, took))
+                .and_then(|()| maps.set_daemon_counter(DaemonCounter::ReaperLastNs, took));
             if let Err(error) = bumped {
                 warn!("reaper: {error:#}");
             }
@@ -174,5 +284,20 @@ fn reap(maps: &PinnedMaps) {
             }
         }
         Err(error) => warn!("reaper: {error:#}"),
+    }
+    started.elapsed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reaper_backs_off_so_a_huge_table_costs_at_most_two_percent_of_a_core() {
+        assert_eq!(next_reap_delay(Duration::from_millis(3)), REAP_INTERVAL);
+        let slow = Duration::from_millis(700);
+        let delay = next_reap_delay(slow);
+        assert_eq!(delay, Duration::from_secs(35));
+        assert!(slow.as_secs_f64() / (delay.as_secs_f64()) <= 0.02);
     }
 }

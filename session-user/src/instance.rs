@@ -5,7 +5,10 @@
 use std::{
     fs::{File, OpenOptions},
     io::{Read as _, Seek as _, SeekFrom, Write as _},
-    os::fd::AsRawFd as _,
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    },
     path::{Path, PathBuf},
 };
 
@@ -14,19 +17,42 @@ use anyhow::{Context as _, Result, bail};
 /// Where lock files live.
 const RUN_DIR: &str = "/run/session";
 
-/// The lock file path for a pin directory.
-fn lock_path(pin_dir: &Path) -> PathBuf {
+/// A file under /run/session that belongs to the daemon of `pin_dir`, e.g. its lock.
+pub fn run_path(pin_dir: &Path, extension: &str) -> PathBuf {
     let id: String = pin_dir
         .to_string_lossy()
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    Path::new(RUN_DIR).join(format!("{id}.lock"))
+    Path::new(RUN_DIR).join(format!("{id}.{extension}"))
 }
 
-/// Held by the running daemon; released when it exits, however it exits.
+fn lock_path(pin_dir: &Path) -> PathBuf {
+    run_path(pin_dir, "lock")
+}
+
+/// Held by the running daemon; released when it exits, however it exits. A daemon that
+/// exits normally also removes the lock file, so none pile up in /run/session.
 pub struct InstanceLock {
     _file: File,
+    path: PathBuf,
+}
+
+impl Drop for InstanceLock {
+    fn drop(&mut self) {
+        // Unlinked while still locked: whoever opens the path next gets a new file, and
+        // `acquire` rejects a lock taken on a file that is no longer at the path.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Whether `file` is still the file at `path` (not unlinked or replaced meanwhile).
+fn is_at_path(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
+    }
 }
 
 fn try_flock(file: &File) -> bool {
@@ -34,37 +60,66 @@ fn try_flock(file: &File) -> bool {
     unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
+/// The error for a lock another daemon holds, naming it (the holder writes its pid right
+/// after locking, so a just-started one gets a moment).
+fn already_running(mut file: File, pin_dir: &Path) -> anyhow::Error {
+    let mut owner = Owner::read(&mut file);
+    for _ in 0..20 {
+        if owner.is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let _ = file.seek(SeekFrom::Start(0));
+        owner = Owner::read(&mut file);
+    }
+    let owner = owner.map_or_else(
+        |_| "unknown pid".to_string(),
+        |owner| format!("pid {}, config {}", owner.pid, owner.config.display()),
+    );
+    anyhow::anyhow!(
+        "another session daemon already runs with pin directory {} ({owner}); stop it first, or use another --pin-dir",
+        pin_dir.display()
+    )
+}
+
 impl InstanceLock {
     /// Takes the lock for `pin_dir`, or explains who holds it.
     pub fn acquire(pin_dir: &Path, config: &Path) -> Result<InstanceLock> {
         std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
         let path = lock_path(pin_dir);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("opening lock file {}", path.display()))?;
-        if !try_flock(&file) {
-            let owner = Owner::read(&mut file).map_or_else(
-                |_| "unknown pid".to_string(),
-                |owner| format!("pid {}, config {}", owner.pid, owner.config.display()),
-            );
-            bail!(
-                "another session daemon already runs with pin directory {} ({owner}); stop it first, or use another --pin-dir",
-                pin_dir.display()
-            );
-        }
+        let locked = loop {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("opening lock file {}", path.display()))?;
+            if !try_flock(&file) {
+                break Err(file);
+            }
+            // Locked, but the previous holder removed the file on exit: lock the new one.
+            if is_at_path(&file, &path) {
+                break Ok(file);
+            }
+        };
+        let mut file = match locked {
+            Ok(file) => file,
+            Err(held) => return Err(already_running(held, pin_dir)),
+        };
         let config = config
             .canonicalize()
             .unwrap_or_else(|_| config.to_path_buf());
+        // A lock file left by an older version may be world-readable.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .context("restricting the lock file to root")?;
         file.set_len(0).context("truncating the lock file")?;
         file.seek(SeekFrom::Start(0))
             .context("rewinding the lock file")?;
         writeln!(file, "{}\n{}", std::process::id(), config.display())
             .context("writing the lock file")?;
-        Ok(InstanceLock { _file: file })
+        Ok(InstanceLock { _file: file, path })
     }
 }
 
@@ -93,17 +148,31 @@ impl Owner {
 
     /// The running daemon for `pin_dir`, or an error saying none runs.
     pub fn find(pin_dir: &Path) -> Result<Owner> {
-        let path = lock_path(pin_dir);
-        let not_running = || {
+        Owner::running(pin_dir)?.with_context(|| {
             format!(
                 "no session daemon runs with pin directory {}: start one with `session run --config FILE`",
                 pin_dir.display()
             )
+        })
+    }
+
+    /// The running daemon for `pin_dir`, if any: someone holds its lock.
+    pub fn running(pin_dir: &Path) -> Result<Option<Owner>> {
+        let path = lock_path(pin_dir);
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+                "permission denied reading {}: only root may control the session daemon; run this command as root",
+                path.display()
+            ),
+            Err(error) => {
+                return Err(error).with_context(|| format!("opening {}", path.display()));
+            }
         };
-        let mut file = File::open(&path).with_context(not_running)?;
         if try_flock(&file) {
-            bail!(not_running());
+            return Ok(None);
         }
-        Owner::read(&mut file)
+        Owner::read(&mut file).map(Some)
     }
 }

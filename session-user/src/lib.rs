@@ -4,9 +4,16 @@
 pub mod compile;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod frames;
 pub mod instance;
+pub mod links;
 pub mod loader;
 pub mod maps;
+pub mod metrics;
 pub mod model;
+pub mod mutate;
+pub mod privileges;
+pub mod readmit;
 pub mod report;
+pub mod teardown;

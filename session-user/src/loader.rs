@@ -5,10 +5,11 @@ use std::{os::unix::fs::DirBuilderExt as _, path::Path};
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+    programs::{SchedClassifier, Xdp},
 };
-use log::{debug, info, warn};
 use session_common::wire::map_names;
+
+use crate::links;
 
 /// The eBPF object built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/session"));
@@ -17,17 +18,8 @@ const INGRESS_PROGRAM: &str = "session_ingress";
 const EGRESS_PROGRAM: &str = "session_egress";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// Which XDP mode an interface got.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttachMode {
-    /// Native (driver) XDP.
-    Native,
-    /// Generic (skb) XDP, when the driver has no native support.
-    Generic,
-}
-
 /// Refuses early, with what to do, when the pin directory is not on a bpffs.
-fn check_bpffs(pin_dir: &Path) -> Result<()> {
+pub fn check_bpffs(pin_dir: &Path) -> Result<()> {
     let mut probe = pin_dir;
     while !probe.exists() {
         probe = probe.parent().with_context(|| {
@@ -73,7 +65,8 @@ pub fn load(pin_dir: &Path, max_sessions: u32) -> Result<Ebpf> {
         .load(EBPF_OBJECT)
         .with_context(|| {
             format!(
-                "loading the eBPF program with maps pinned in {} (if max_sessions changed since the maps were pinned, remove that directory first)",
+                "loading the eBPF program with maps pinned in {} (if max_sessions changed since the maps were pinned, run `session down --pin-dir {}` first: it removes them)",
+                pin_dir.display(),
                 pin_dir.display()
             )
         })?;
@@ -97,30 +90,24 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::
         .with_context(|| format!("program {name} missing from the eBPF object"))
 }
 
-/// Attaches XDP on ingress (native when the driver supports it) and TC on egress.
-pub fn attach(ebpf: &mut Ebpf, iface: &str) -> Result<AttachMode> {
-    let ingress: &mut Xdp = program(ebpf, INGRESS_PROGRAM)?.try_into()?;
-    let mode = match ingress.attach(iface, XdpMode::Driver) {
-        Ok(_) => AttachMode::Native,
-        Err(native_error) => {
-            warn!("{iface}: native XDP unavailable ({native_error}); using generic XDP");
-            ingress
-                .attach(iface, XdpMode::Skb)
-                .with_context(|| format!("attaching XDP to {iface}"))?;
-            AttachMode::Generic
+/// Attaches XDP on ingress (native when the driver supports it) and TCX on egress, as
+/// links pinned under `pin_dir` so that they outlive this process (see [`links`]).
+pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str) -> Result<()> {
+    let (mut ingress, mut egress) = (None, None);
+    for (name, program) in ebpf.programs_mut() {
+        match name {
+            INGRESS_PROGRAM => ingress = Some(program),
+            EGRESS_PROGRAM => egress = Some(program),
+            _ => {}
         }
-    };
-    // Kernels >= 6.6 attach through TCX and need no qdisc; older ones need clsact, which
-    // may already exist. A real failure surfaces in the attach below.
-    if let Err(error) = tc::qdisc_add_clsact(iface) {
-        debug!("{iface}: clsact qdisc not added: {error}");
     }
-    let egress: &mut SchedClassifier = program(ebpf, EGRESS_PROGRAM)?.try_into()?;
-    egress
-        .attach(iface, TcAttachType::Egress)
-        .with_context(|| format!("attaching the TC egress program to {iface}"))?;
-    info!("{iface}: attached (XDP {mode:?}, TC egress)");
-    Ok(mode)
+    let ingress: &mut Xdp = ingress
+        .with_context(|| format!("program {INGRESS_PROGRAM} missing from the eBPF object"))?
+        .try_into()?;
+    let egress: &mut SchedClassifier = egress
+        .with_context(|| format!("program {EGRESS_PROGRAM} missing from the eBPF object"))?
+        .try_into()?;
+    links::attach(pin_dir, ingress, egress, iface)
 }
 
 /// The index of a network interface, if it exists.

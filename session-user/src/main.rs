@@ -14,21 +14,25 @@ use clap_mangen::{
     Man,
     roff::{Roff, bold, italic, roman},
 };
+use session_common::wire::DaemonCounter;
 use session_user::{
     compile::compile,
     config,
     daemon::{self, RunOptions},
+    events,
     instance::Owner,
     loader,
     maps::{DEFAULT_PIN_DIR, PinnedMaps, monotonic_ns},
     report::{SessionFilter, SessionView, Stats, sessions_table},
+    teardown,
 };
 
 /// How long `session reload` waits for the daemon to switch policy.
 const RELOAD_WAIT: Duration = Duration::from_secs(5);
 
 /// Validates the daemon's config here (so errors reach the operator, not only the
-/// daemon's log), signals the daemon, and waits for the new policy generation.
+/// daemon's log), signals the daemon, and waits until it has applied the policy (the new
+/// generation is active and the sessions it refuses are gone).
 fn reload(pin_dir: &Path) -> Result<()> {
     let owner = Owner::find(pin_dir)?;
     let config =
@@ -36,7 +40,7 @@ fn reload(pin_dir: &Path) -> Result<()> {
     compile(&config.policy, loader::ifindex)
         .context("reload refused, the running policy is unchanged")?;
     let maps = PinnedMaps::open(pin_dir)?;
-    let (_, before) = maps.active_policy()?;
+    let applies = maps.daemon_counter(DaemonCounter::PolicyApplies)?;
     // SAFETY: kill with a pid read from the daemon's own lock file and a valid signal.
     if unsafe { libc::kill(owner.pid, libc::SIGHUP) } != 0 {
         return Err(std::io::Error::last_os_error())
@@ -44,8 +48,8 @@ fn reload(pin_dir: &Path) -> Result<()> {
     }
     let deadline = Instant::now() + RELOAD_WAIT;
     while Instant::now() < deadline {
-        let (_, now) = maps.active_policy()?;
-        if now.generation != before.generation {
+        if maps.daemon_counter(DaemonCounter::PolicyApplies)? != applies {
+            let (_, now) = maps.active_policy()?;
             println!(
                 "{}: reloaded, policy generation {} active",
                 owner.config.display(),
@@ -66,7 +70,7 @@ fn reload(pin_dir: &Path) -> Result<()> {
 /// Start the firewall with `session run --config FILE`; inspect it from another shell with
 /// `session list` and `session stats`; validate a config with `session check FILE`.
 /// `session <COMMAND> --help` explains each command and gives an example. `run`, `list`,
-/// `flush`, `stats` and `reload` need root; `check` and the packaging commands
+/// `flush`, `stats`, `reload` and `down` need root; `check` and the packaging commands
 /// (`completions`, `man`) do not.
 #[derive(Parser)]
 #[command(name = "session", version)]
@@ -92,10 +96,15 @@ enum Command {
     /// Loads the eBPF programs, pins their maps under the pin directory, attaches them to
     /// every interface in the config's `interfaces` and to each --iface (XDP for the
     /// packets that arrive, TC egress for the packets the host sends), applies the policy
-    /// and prints `session: ready` on stdout once it is in force. Logs go to stderr
-    /// (RUST_LOG=debug for more). SIGINT or SIGTERM detaches from every interface and
-    /// exits 0; SIGHUP, or `session reload`, applies the config file again. Only one
-    /// daemon can run per pin directory. Needs root (CAP_BPF, CAP_NET_ADMIN).
+    /// and prints `session: ready` on stdout once it is in force. The programs are
+    /// attached through links pinned under the pin directory: SIGINT or SIGTERM exits 0
+    /// and the firewall keeps enforcing the last applied policy without the daemon (a
+    /// new daemon adopts the links without a gap); `session down` removes it. Once
+    /// attached, the daemon drops every capability. Logs go to stderr (RUST_LOG=debug for
+    /// more). SIGHUP, or `session reload`, applies the config file again. Only one
+    /// daemon can run per pin directory. Needs root (CAP_BPF, CAP_NET_ADMIN). With
+    /// `[metrics] listen = "127.0.0.1:9640"` in the config it also serves Prometheus
+    /// metrics at http://127.0.0.1:9640/metrics.
     ///
     /// Example:
     ///
@@ -163,6 +172,22 @@ enum Command {
         #[command(flatten)]
         pin: PinDir,
     },
+    /// Stop the daemon and remove the firewall: links, attachments and maps.
+    ///
+    /// Stops the daemon that owns the pin directory, if one runs (SIGTERM, then SIGKILL
+    /// after 10 s), removes every pinned link (which detaches the programs from the
+    /// interfaces) and every pinned map, then the pin directory, and prints one line per
+    /// thing removed. Sessions and counters are gone afterwards. Running it again, or
+    /// where nothing was ever started, prints that there is nothing to remove and exits 0.
+    ///
+    /// Example:
+    ///
+    ///     session down
+    #[command(verbatim_doc_comment)]
+    Down {
+        #[command(flatten)]
+        pin: PinDir,
+    },
     /// Show counters, rule hits and table fill.
     ///
     /// Prints the firewall's global counters (packets seen, accepted and dropped, by
@@ -176,6 +201,26 @@ enum Command {
     #[command(verbatim_doc_comment)]
     Stats {
         /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        pin: PinDir,
+    },
+    /// Follow session events live (like `conntrack -E`): new, closed, expired, logged.
+    ///
+    /// Connects to the running daemon and prints one line per event until interrupted:
+    /// a session created ([NEW]), closed by its own packets, FIN or RST ([CLOSED]),
+    /// removed after its timeout ([EXPIRED]), or a packet decided by a rule with
+    /// `log = true` ([LOGGED]), with addresses, ports, state, action and rule. With --json,
+    /// one JSON object per line. A client that reads too slowly is told how many events it
+    /// missed; the firewall never waits for it.
+    ///
+    /// Example, the events of logged rules as JSON:
+    ///
+    ///     session events --json | grep logged
+    #[command(verbatim_doc_comment)]
+    Events {
+        /// Print one JSON object per line instead of text.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -230,9 +275,28 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("session: {error:#}");
+            if lacks_root(&error) {
+                eprintln!(
+                    "session: this command needs root (the firewall's pins, maps and lock are root-only): run it as root, e.g. with sudo"
+                );
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `error` comes from a permission check and we are not root, so the operator
+/// learns that the fix is running as root rather than only which file was refused.
+fn lacks_root(error: &anyhow::Error) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    !root
+        && error.chain().any(|cause| {
+            cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                io.kind() == std::io::ErrorKind::PermissionDenied
+                    || io.raw_os_error() == Some(libc::EPERM)
+            })
+        })
 }
 
 fn dispatch(command: Command) -> Result<()> {
@@ -315,6 +379,17 @@ fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Reload { pin } => reload(&pin.pin_dir),
+        Command::Events { json, pin } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(events::follow(&pin.pin_dir, json)),
+        Command::Down { pin } => {
+            for line in teardown::down(&pin.pin_dir)? {
+                println!("{line}");
+            }
+            Ok(())
+        }
         Command::Check { file } => {
             let config = config::load(&file)?;
             for warning in &config.warnings {
@@ -426,7 +501,8 @@ fn operator_sections() -> Roff {
     entry(
         &mut roff,
         bold("SIGINT, SIGTERM"),
-        "Detach from every interface and exit 0. The pinned maps stay under the pin directory.",
+        "Exit 0. The programs stay attached through their pinned links and keep enforcing \
+         the last applied policy; the next daemon adopts them. session down removes them.",
     );
     roff.control("SH", ["FILES"]);
     entry(
@@ -439,6 +515,12 @@ fn operator_sections() -> Roff {
         &mut roff,
         italic(DEFAULT_PIN_DIR),
         "The default pin directory: the firewall's maps, pinned on the BPF filesystem.",
+    );
+    entry(
+        &mut roff,
+        italic(format!("{DEFAULT_PIN_DIR}/links")),
+        "The pinned XDP and TCX links (IFACE-xdp, IFACE-tc) that keep the programs \
+         attached while no daemon runs; session down removes them.",
     );
     entry(
         &mut roff,

@@ -27,6 +27,31 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Whether a map operation failed only because the key was not there (aya reports a
+/// missing key on delete as the syscall's ENOENT).
+fn is_not_found(error: &aya::maps::MapError) -> bool {
+    match error {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(call) => {
+            call.io_error.raw_os_error() == Some(libc::ENOENT)
+        }
+        _ => false,
+    }
+}
+
+/// Keeps the first entry of each key. Walking a hash map key by key is not a snapshot:
+/// when the key the walk stands on is deleted meanwhile (an LRU eviction under a flood,
+/// say), the kernel restarts the walk from the first bucket and entries come back again.
+/// A key also appears in both tiers for a moment while a session is promoted; the
+/// assured copy, read first, wins.
+fn first_of_each_key(entries: Vec<(FlowKey, Session)>) -> Vec<(FlowKey, Session)> {
+    let mut seen = std::collections::HashSet::with_capacity(entries.len());
+    entries
+        .into_iter()
+        .filter(|(key, _)| seen.insert(*key))
+        .collect()
+}
+
 /// The pinned maps of one `session` instance.
 pub struct PinnedMaps {
     dir: PathBuf,
@@ -83,7 +108,7 @@ impl PinnedMaps {
         HashMap::try_from(self.map(name)?).with_context(|| format!("map {name} is not a hash map"))
     }
 
-    /// Every stored session of both tiers, expired or not.
+    /// Every stored session of both tiers, expired or not, each key once.
     pub fn all_sessions(&self) -> Result<Vec<(FlowKey, Session)>> {
         let mut out = Vec::new();
         for name in [map_names::SESSIONS, map_names::UNASSURED] {
@@ -95,7 +120,7 @@ impl PinnedMaps {
                 }
             }
         }
-        Ok(out)
+        Ok(first_of_each_key(out))
     }
 
     /// Capacity of the session table.
@@ -121,7 +146,7 @@ impl PinnedMaps {
             for key in keys {
                 match tier.remove(key) {
                     Ok(()) => removed += 1,
-                    Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(error) if is_not_found(&error) => {}
                     Err(error) => {
                         return Err(error)
                             .with_context(|| format!("removing a session from {name}"));
@@ -132,8 +157,8 @@ impl PinnedMaps {
         Ok(removed)
     }
 
-    /// Removes expired sessions; returns how many.
-    pub fn reap(&self, now: u64) -> Result<u64> {
+    /// Removes expired sessions, handing each to `on_removed`; returns how many.
+    pub fn reap(&self, now: u64, mut on_removed: impl FnMut(&FlowKey, &Session)) -> Result<u64> {
         let mut removed = 0;
         for name in [map_names::SESSIONS, map_names::UNASSURED] {
             let path = self.dir.join(name);
@@ -148,6 +173,7 @@ impl PinnedMaps {
                     && current.expires_ns <= now
                     && tier.remove(&key).is_ok()
                 {
+                    on_removed(&key, &current);
                     removed += 1;
                 }
             }
@@ -183,6 +209,13 @@ impl PinnedMaps {
             .collect()
     }
 
+    /// One daemon counter.
+    pub fn daemon_counter(&self, counter: DaemonCounter) -> Result<u64> {
+        self.array::<u64>(map_names::DAEMON_COUNTERS)?
+            .get(&(counter as u32), 0)
+            .context("reading a daemon counter")
+    }
+
     /// Adds `by` to a daemon counter.
     pub fn bump(&self, counter: DaemonCounter, by: u64) -> Result<()> {
         let mut counters = self.array::<u64>(map_names::DAEMON_COUNTERS)?;
@@ -192,6 +225,13 @@ impl PinnedMaps {
             .context("reading a daemon counter")?;
         counters
             .set(index, value.wrapping_add(by), 0)
+            .context("writing a daemon counter")
+    }
+
+    /// Sets a daemon counter that is a gauge (e.g. the latest reaper sweep's duration).
+    pub fn set_daemon_counter(&self, counter: DaemonCounter, value: u64) -> Result<()> {
+        self.array::<u64>(map_names::DAEMON_COUNTERS)?
+            .set(counter as u32, value, 0)
             .context("writing a daemon counter")
     }
 
@@ -375,5 +415,37 @@ fn expired_keys(data: &MapData, now: u64) -> std::io::Result<Vec<FlowKey>> {
         }
         cursor_in = cursor_out;
         first = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(expires_ns: u64) -> Session {
+        Session {
+            expires_ns,
+            ..Session::default()
+        }
+    }
+
+    #[test]
+    fn a_key_the_map_walk_returned_twice_is_listed_once_with_its_first_value() {
+        let key = |port: u16| FlowKey {
+            port_lo: port,
+            ..FlowKey::default()
+        };
+        let entries = vec![
+            (key(1), session(10)),
+            (key(2), session(20)),
+            (key(1), session(30)),
+            (key(3), session(40)),
+            (key(2), session(50)),
+        ];
+        let kept: Vec<(u16, u64)> = first_of_each_key(entries)
+            .iter()
+            .map(|(k, s)| (k.port_lo, s.expires_ns))
+            .collect();
+        assert_eq!(kept, [(1, 10), (2, 20), (3, 40)]);
     }
 }

@@ -701,24 +701,44 @@ fn compile_reports_unknown_interfaces() {
 }
 
 #[test]
-fn compile_refuses_more_entries_than_a_bank_holds() {
-    // 33 x 32 = 1056 > 1024 entries.
+fn a_policy_with_more_entries_than_a_bank_holds_is_refused_at_the_rule() {
+    // 33 ports x 32 networks: more than a bank holds.
     let ports: Vec<String> = (1..=33).map(|p| p.to_string()).collect();
-    let nets: Vec<String> = (0..32).map(|i| format!("\"10.{i}.0.0/16\"")).collect();
+    let nets: Vec<String> = (0..32).map(|i| format!("\"198.18.{i}.0/24\"")).collect();
     let text = format!(
-        "[[rule]]\nname = \"big\"\naction = \"accept\"\nproto = \"tcp\"\ndport = [{}]\nsrc = [{}]\n",
+        "[[rule]]\nname = \"small\"\naction = \"accept\"\n\n[[rule]]\nname = \"big\"\naction = \"accept\"\nproto = \"tcp\"\ndport = [{}]\nsrc = [{}]\n",
         ports.join(", "),
         nets.join(", ")
     );
-    match compile::compile(&parse_ok(&text).policy, |_| None) {
-        Err(CompileError::TooManyEntries {
-            rule, entries, max, ..
-        }) => {
-            assert_eq!(rule, "big");
-            assert_eq!(entries, 1056);
-            assert_eq!(max, MAX_RULES);
-        }
-        other => panic!("expected too many entries, got {other:?}"),
+    let needed = 1 + 33 * 32;
+    assert!(needed > MAX_RULES as usize, "the test must overflow a bank");
+    expect_error_at(
+        &text,
+        "\"big\"",
+        0,
+        &format!("brings the policy to {needed} kernel entries, more than the {MAX_RULES}"),
+    );
+}
+
+#[test]
+fn entries_are_counted_exactly_as_compiled() {
+    let cases = [
+        "src = [\"198.18.0.0/24\", \"2001:2::/64\"]\ndst = [\"198.19.0.0/16\"]\nproto = \"udp\"\ndport = [53, \"5000-5010\"]",
+        "family = \"ipv6\"\nsrc = [\"198.18.0.0/24\", \"2001:2::/64\", \"2001:2:1::/64\"]\nproto = \"icmpv6\"\nicmp_type = [\"echo-request\", 1]",
+        "src = [\"198.18.0.0/24\"]\ndst = [\"2001:2::/64\"]",
+        "iface = [\"eth0\", \"eth1\"]\nproto = \"tcp\"\nsport = [1, 2, 3]\ndport = [4, 5]",
+        "",
+    ];
+    for matches in cases {
+        let config = parse_ok(&format!(
+            "[[rule]]\nname = \"r\"\naction = \"accept\"\n{matches}\n"
+        ));
+        let compiled = compile::compile(&config.policy, |_| Some(1)).expect("compiles");
+        assert_eq!(
+            compile::entry_count(&config.policy.rules[0]),
+            compiled.entries.len() as u64,
+            "for {matches:?}"
+        );
     }
 }
 
@@ -802,4 +822,39 @@ action = "accept"
         "no rule is fully covered: {:?}",
         config.warnings
     );
+}
+
+// ---------------------------------------------------------------- metrics
+
+#[test]
+fn metrics_are_off_unless_configured() {
+    assert_eq!(parse_ok("").metrics, None);
+}
+
+#[test]
+fn metrics_listen_address_parses() {
+    let config = parse_ok("[metrics]\nlisten = \"127.0.0.1:9640\"\n");
+    assert_eq!(config.metrics, Some("127.0.0.1:9640".parse().unwrap()));
+    let config = parse_ok("[metrics]\nlisten = \"[::1]:9640\"\n");
+    assert_eq!(config.metrics, Some("[::1]:9640".parse().unwrap()));
+}
+
+#[test]
+fn bad_metrics_listen_addresses_are_located() {
+    expect_error(
+        "[metrics]\nlisten = \"localhost:9640\"\n",
+        "\"localhost:9640\"",
+        "not a listen address",
+    );
+    expect_error(
+        "[metrics]\nlisten = \"127.0.0.1\"\n",
+        "\"127.0.0.1\"",
+        "IP:PORT",
+    );
+    expect_error(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        "\"127.0.0.1:0\"",
+        "port 0",
+    );
+    expect_error("[metrics]\nport = 9640\n", "port", "unknown field");
 }

@@ -2656,3 +2656,93 @@ fn tcp_window_scaling_applies_only_when_both_sides_offer_it() {
     );
     assert_eq!(server_data_beyond_raw_window(None, None), CtState::Invalid);
 }
+
+// ---------------------------------------------------------------- events
+
+/// What the kernel reports as events: a session created by the packet that stores it,
+/// closed by the packet that completes the FIN handshake (once) or by a RST that kills it,
+/// and the decisions of `log = true` rules only.
+#[test]
+fn outcomes_flag_created_closed_and_logged_packets_for_events() {
+    let mut model = model_from(&format!(
+        "{RESTRICTIVE}\n[[rule]]\nname = \"logged-udp\"\nproto = \"udp\"\naction = \"drop\"\nlog = true\n"
+    ));
+    let mut conn = Conn::new();
+    let syn = conn.c(SYN);
+    let first = run(&mut model, &syn, Hook::Ingress, 0, "SYN");
+    assert!(
+        first.created && !first.closed && !first.decision.log,
+        "{first:?}"
+    );
+    conn.cseq += 1;
+    let synack = run(
+        &mut model,
+        &conn.s(SYN | ACK),
+        Hook::Egress,
+        1_000,
+        "SYN-ACK",
+    );
+    assert!(!synack.created && !synack.closed, "{synack:?}");
+    conn.sseq += 1;
+    run(&mut model, &conn.c(ACK), Hook::Ingress, 2_000, "ACK");
+
+    let steps = [
+        (Hook::Ingress, "client FIN"),
+        (Hook::Egress, "server ACK"),
+        (Hook::Egress, "server FIN"),
+        (Hook::Ingress, "client last ACK"),
+    ];
+    let mut closed_by = Vec::new();
+    for (i, (hook, what)) in steps.into_iter().enumerate() {
+        let frame = match i {
+            0 => conn.c(FIN | ACK),
+            1 => {
+                conn.cseq += 1;
+                conn.s(ACK)
+            }
+            2 => conn.s(FIN | ACK),
+            _ => {
+                conn.sseq += 1;
+                conn.c(ACK)
+            }
+        };
+        let outcome = run(&mut model, &frame, hook, S + i as u64, what);
+        assert!(!outcome.created, "{what}: {outcome:?}");
+        if outcome.closed {
+            closed_by.push(what);
+        }
+    }
+    assert_eq!(closed_by, ["client last ACK"], "exactly one packet closes");
+    let again = run(
+        &mut model,
+        &conn.c(ACK),
+        Hook::Ingress,
+        2 * S,
+        "ACK in TIME_WAIT",
+    );
+    assert!(!again.closed, "a closed session closes once: {again:?}");
+
+    // A RST before any reply kills the session: closed as well.
+    let mut other = Conn::new();
+    other.cport = 40001;
+    run(
+        &mut model,
+        &other.c(SYN),
+        Hook::Ingress,
+        3 * S,
+        "second SYN",
+    );
+    other.cseq += 1;
+    let reset = run(&mut model, &other.c(RST), Hook::Ingress, 3 * S + 1, "RST");
+    assert!(reset.closed, "{reset:?}");
+
+    let udp = run(
+        &mut model,
+        &udp_frame(client(), server(), 5000, 9999, 10),
+        Hook::Ingress,
+        4 * S,
+        "logged UDP",
+    );
+    assert!(udp.decision.log && !udp.created, "{udp:?}");
+    assert_eq!(udp.decision.action, Action::Drop);
+}

@@ -45,6 +45,7 @@ use session_user::{
     loader,
     maps::{PinnedMaps, monotonic_ns},
     model::Model,
+    mutate::Mutation,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -130,10 +131,16 @@ struct Kernel {
 
 impl Kernel {
     fn start(settings: &Settings, policy: &CompiledPolicy) -> Kernel {
+        Kernel::start_sized(settings, policy, MAX_SESSIONS)
+    }
+
+    /// [`Kernel::start`] with a table of `max_sessions`, for runs that create more
+    /// sessions than [`MAX_SESSIONS`] can hold without evicting.
+    fn start_sized(settings: &Settings, policy: &CompiledPolicy, max_sessions: u32) -> Kernel {
         require_root_and_bpffs();
         let pin = PinDir::unique();
         let started = Instant::now();
-        let ebpf = loader::load(&pin.0, MAX_SESSIONS).unwrap_or_else(|error| {
+        let ebpf = loader::load(&pin.0, max_sessions).unwrap_or_else(|error| {
             panic!(
                 "loader::load({}) failed (verifier rejection or load error): {error:?}",
                 pin.0.display()
@@ -1959,4 +1966,180 @@ fn a_syn_flood_cannot_evict_an_established_connection() {
         1 + flood as u64,
         "every flood SYN was admitted into the unassured tier"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// The differential run at scale, with structurally mutated frames.
+// ---------------------------------------------------------------------------------------
+
+/// Frames of the scale run by default: enough for the suite to exercise every mutation;
+/// `cargo xtask differential` sets `SESSION_DIFF_PACKETS` to a million.
+const SCALE_DEFAULT_PACKETS: u64 = 3_000;
+/// Seed of the scale run unless `SESSION_DIFF_SEED` (hex) says otherwise.
+const SCALE_DEFAULT_SEED: u64 = 0x5e55_1011_d1ff_0062;
+/// Table size of the scale run: a million frames create about 70 000 sessions, and
+/// the kernel's LRU tier must never evict (the model has no capacity), so both tiers are
+/// far larger than that (the unassured one is a quarter of this).
+const SCALE_MAX_SESSIONS: u32 = 1 << 20;
+/// Share of frames, in percent, replaced by a structurally mutated copy.
+const SCALE_MUTATED_PERCENT: u64 = 30;
+/// Counters are compared every this many frames, the whole table every
+/// [`SCALE_TABLE_EVERY`] frames and at the end: reading the whole table after every frame
+/// would take hours at this size.
+const SCALE_COUNTERS_EVERY: u64 = 500;
+const SCALE_TABLE_EVERY: u64 = 50_000;
+/// Verdict mismatches described in full in the failure message.
+const SCALE_REPORTED: usize = 5;
+
+fn env_number(name: &str, hex: bool) -> Option<u64> {
+    let text = std::env::var(name).ok()?;
+    let parsed = if hex {
+        u64::from_str_radix(text.trim_start_matches("0x"), 16)
+    } else {
+        text.parse()
+    };
+    Some(parsed.unwrap_or_else(|_| {
+        panic!(
+            "{name} must be a {} number, got {text:?}",
+            if hex { "hex" } else { "decimal" }
+        )
+    }))
+}
+
+/// The counters that differ between kernel and model, if any.
+fn counter_diff(k: &Kernel, model: &Model) -> Option<String> {
+    let kernel_counters = k.counters();
+    let mut out = String::new();
+    for (counter, name) in Counter::ALL {
+        let (kernel, modelled) = (
+            kernel_counters[counter as usize].1,
+            model.counters.get(counter),
+        );
+        if kernel != modelled {
+            let _ = writeln!(out, "counter {name}: kernel {kernel}, model {modelled}");
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Issue 6.2: the kernel path equals the host model at scale. The seeded generator's mix
+/// (see [`Generator`]) with 30% of the frames replaced by structurally mutated copies
+/// ([`Mutation`]), through BPF_PROG_TEST_RUN and the [`Model`]: every verdict must agree,
+/// no frame may make the program abort, and counters, session table and rule hits must
+/// agree at every checkpoint and at the end. `SESSION_DIFF_PACKETS` and
+/// `SESSION_DIFF_SEED` (hex) size and seed it; `cargo xtask differential` runs a million.
+#[test]
+fn kernel_and_model_agree_at_scale_with_mutated_frames() {
+    let packets = env_number("SESSION_DIFF_PACKETS", false).unwrap_or(SCALE_DEFAULT_PACKETS);
+    let seed = env_number("SESSION_DIFF_SEED", true).unwrap_or(SCALE_DEFAULT_SEED);
+    let settings = test_settings();
+    let policy = test_policy();
+    let k = Kernel::start_sized(&settings, &policy, SCALE_MAX_SESSIONS);
+    let mut model = Model::new(settings, &policy);
+    let mut generator = Generator::new(seed);
+    let mut mutator = Rng::new(seed ^ 0xa5a5_a5a5_a5a5_a5a5);
+    let mut mutated: HashMap<&'static str, u64> = HashMap::new();
+    let mut flag_combinations = [false; 256];
+    let mut mismatches: Vec<String> = Vec::new();
+    let mut mismatch_count = 0u64;
+    let mut aborted = 0u64;
+    let mut state_failure: Option<String> = None;
+    let mut compared = 0u64;
+    let mut in_kernel = Duration::ZERO;
+    let started = Instant::now();
+
+    for index in 0..packets {
+        let (mut frame, mut what) = generator.frame();
+        if mutator.chance(SCALE_MUTATED_PERCENT) {
+            let mutation = mutator.pick(&Mutation::ALL);
+            let mut draw = || mutator.next();
+            if let Some(damaged) = mutation.apply(&frame, &mut draw) {
+                *mutated.entry(mutation.name()).or_default() += 1;
+                if mutation == Mutation::TcpFlags {
+                    // Untagged TCP frames only: IHL tells where the flags byte is.
+                    let at = if damaged[12..14] == [0x86, 0xdd] {
+                        14 + 40 + 13
+                    } else {
+                        14 + usize::from(damaged[14] & 0x0f) * 4 + 13
+                    };
+                    flag_combinations[usize::from(damaged[at])] = true;
+                }
+                frame = damaged;
+                what = format!("{what}, then {}", mutation.name());
+            }
+        }
+        let now = monotonic_ns();
+        let (value, took) = k.run_raw(&frame);
+        in_kernel += took;
+        let outcome = model.packet(&frame, Hook::Ingress, TEST_RUN_IFINDEX, now);
+        compared += 1;
+        let expected = model_verdict(outcome);
+        let kernel = match value {
+            XDP_PASS => Some(Verdict::Pass),
+            XDP_DROP => Some(Verdict::Drop),
+            _ => None,
+        };
+        if value == XDP_ABORTED {
+            aborted += 1;
+        }
+        if kernel != Some(expected) {
+            mismatch_count += 1;
+            if mismatches.len() < SCALE_REPORTED {
+                mismatches.push(format!(
+                    "frame #{index} ({what}): kernel returned {value}, model {expected:?} \
+                     ({outcome:?})\n{}",
+                    hex(&frame)
+                ));
+            }
+        }
+        let checkpoint = index + 1 == packets || (index + 1) % SCALE_TABLE_EVERY == 0;
+        let diff = if checkpoint {
+            state_diff(&k, &model, now)
+        } else if (index + 1) % SCALE_COUNTERS_EVERY == 0 {
+            counter_diff(&k, &model)
+        } else {
+            None
+        };
+        if let Some(diff) = diff {
+            state_failure = Some(format!("after frame #{index} ({what}):\n{diff}"));
+            break;
+        }
+    }
+    let elapsed = started.elapsed();
+    let hits_agree = k.rule_hits() == model.counters.hits;
+    let sessions = k.sessions().len();
+    let mut mutated: Vec<_> = mutated.into_iter().collect();
+    mutated.sort();
+    let combinations = flag_combinations.iter().filter(|&&seen| seen).count();
+    println!(
+        "differential: seed {seed:#x}: {compared} packets compared, {mismatch_count} \
+         mismatches, {aborted} XDP_ABORTED, rule hits {}, {sessions} sessions at the end, \
+         in {elapsed:.1?} ({:?} inside the XDP program, {} ns/packet in it); mutated \
+         {mutated:?}, {combinations} of 256 TCP flag combinations",
+        if hits_agree { "agree" } else { "DIFFER" },
+        in_kernel,
+        in_kernel.as_nanos() / u128::from(compared.max(1)),
+    );
+    assert!(
+        mismatch_count == 0 && aborted == 0,
+        "seed {seed:#x}: {mismatch_count} verdict mismatches, {aborted} XDP_ABORTED in \
+         {compared} packets; first ones:\n{}",
+        mismatches.join("\n")
+    );
+    if let Some(failure) = state_failure {
+        panic!("seed {seed:#x}: kernel and model state differ {failure}");
+    }
+    assert!(hits_agree, "seed {seed:#x}: rule hit counters differ");
+    assert_eq!(compared, packets, "every packet was compared");
+    assert_eq!(
+        mutated.len(),
+        Mutation::ALL.len(),
+        "seed {seed:#x}: some mutation never applied: {mutated:?}"
+    );
+    if packets >= 100_000 {
+        assert_eq!(
+            combinations, 256,
+            "a run this long must try every TCP flag combination"
+        );
+    }
 }

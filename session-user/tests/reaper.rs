@@ -99,7 +99,16 @@ fn reap_removes_exactly_the_expired_sessions_of_both_tiers_across_batches() {
         }
     }
 
-    let removed = maps.reap(now).expect("reaping");
+    let mut handed_over = HashSet::new();
+    let removed = maps
+        .reap(now, |key, session| {
+            assert!(
+                session.expires_ns <= now,
+                "a live session was handed over as removed"
+            );
+            handed_over.insert(*key);
+        })
+        .expect("reaping");
 
     assert_eq!(
         removed,
@@ -112,6 +121,10 @@ fn reap_removes_exactly_the_expired_sessions_of_both_tiers_across_batches() {
         .into_iter()
         .map(|(key, _)| key)
         .collect();
+    assert_eq!(
+        handed_over, expired,
+        "each removed session must be handed to the caller once"
+    );
     assert_eq!(
         left, live,
         "exactly the live sessions must remain after the sweep"

@@ -23,8 +23,11 @@
 //! [`CtCounts`] reads per-state packet counts from both the daemon and the kernel's own
 //! conntrack (through nftables counters), for the differential tests.
 
+pub mod attacker;
+pub mod lifecycle;
 pub mod loadgen;
 pub mod raw;
+pub mod router;
 
 use std::cell::Cell;
 use std::fmt;
@@ -71,10 +74,11 @@ const SETTLE: Duration = Duration::from_millis(300);
 const BACKGROUND_LIFETIME_SECS: &str = "600";
 const CLI_TIMEOUT_SECS: u64 = 10;
 const TOOLS: &[&str] = &[
-    "ip", "nsenter", "timeout", "kill", "sysctl", "socat", "ping", "ss", "nft",
+    "ip", "nsenter", "timeout", "kill", "sysctl", "socat", "ping", "ss", "nft", "tcpdump",
+    "unshare", "setpriv",
 ];
 const HINT: &str = "run the netns tests with `cargo xtask test` (as root, with iproute2, \
-                    util-linux, socat, iputils-ping and nftables installed)";
+                    util-linux, socat, iputils-ping, nftables and tcpdump installed)";
 
 /// One end of the lab, so that callers say where a command runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1246,4 +1250,25 @@ pub fn find_session<'s>(
     sessions
         .iter()
         .find(|s| s["proto"] == proto && s["src"] == src && s["dst"] == dst && s["dport"] == dport)
+}
+
+impl Daemon<'_> {
+    /// Replaces the daemon's config file with `policy` (applied at the next reload).
+    pub fn write_config(&self, policy: &str) {
+        let config = self.proc.lab.config_path();
+        fs::write(&config, policy)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
+    }
+
+    /// Starts `session ARGS --pin-dir DIR` in fw in the background, for commands that run
+    /// until stopped, such as `session events`.
+    pub fn cli_background(&self, args: &[&str]) -> Background<'_> {
+        let lab = self.proc.lab;
+        let bin = lab.bin.to_string_lossy();
+        let pin = self.pin_dir.to_string_lossy();
+        let mut argv = vec![&*bin];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["--pin-dir", &*pin]);
+        lab.spawn(Side::Fw, &argv)
+    }
 }

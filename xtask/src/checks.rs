@@ -13,9 +13,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cmd, setup};
+use crate::{cmd, fuzz, setup};
 
-/// Runs setup, builds the `session` binary and then every test in the workspace.
+/// Runs setup, builds the `session` binary, then every test in the workspace and a short
+/// fuzz run of each fuzz target.
 pub fn test(root: &Path, extra: &[String]) -> Result<()> {
     let start = Instant::now();
     let result = run_suite(root, extra);
@@ -47,8 +48,12 @@ fn run_suite(root: &Path, extra: &[String]) -> Result<()> {
             .env("RUST_BACKTRACE", "1")
             .current_dir(root),
     )
-    .context("some tests failed: see the failures listed above")
+    .context("some tests failed: see the failures listed above")?;
+    fuzz::run(root, FUZZ_SMOKE_SECS).context("the fuzz smoke run failed")
 }
+
+/// Seconds per fuzz target in the suite's smoke run; `cargo xtask fuzz` runs longer.
+const FUZZ_SMOKE_SECS: u64 = 15;
 
 /// Builds `target/debug/session`; its build script compiles the eBPF program.
 pub fn build_session(root: &Path) -> Result<()> {

@@ -7,6 +7,8 @@
 mod bench;
 mod checks;
 mod cmd;
+mod differential;
+mod dist;
 mod fuzz;
 mod lab;
 mod setup;
@@ -41,6 +43,12 @@ enum Task {
     Lint,
     /// Demo: run the firewall between two network namespaces and show what it allows
     Lab,
+    /// Build a release and write what a host needs to target/dist/ (binary, man page, completions, systemd unit, example config)
+    Dist {
+        /// Package the debug build instead of a release build (quicker, for checking)
+        #[arg(long)]
+        debug: bool,
+    },
     /// Fuzz the packet pipeline and the config parser (installs cargo-fuzz if missing)
     Fuzz {
         /// Seconds per target
@@ -53,6 +61,15 @@ enum Task {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Compare the XDP program with the host model on N seeded, partly mutated frames (root)
+    Differential {
+        /// Frames to compare
+        #[arg(long, default_value_t = 1_000_000)]
+        packets: u64,
+        /// Seed in hex (default: the test's own)
+        #[arg(long, value_parser = differential::parse_seed)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -63,8 +80,10 @@ fn main() -> ExitCode {
         Task::Test { args } => checks::test(&root, &args),
         Task::Lint => checks::lint(&root),
         Task::Lab => lab::run(&root),
+        Task::Dist { debug } => dist::run(&root, debug),
         Task::Fuzz { seconds } => fuzz::run(&root, seconds),
         Task::Bench { only } => bench::run(&root, only.as_deref()),
+        Task::Differential { packets, seed } => differential::run(&root, packets, seed),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -25,6 +25,8 @@ const PACKAGES: &[&str] = &[
     "netcat-openbsd",
     "hping3",
     "procps",
+    "groff-base",
+    "systemd",
 ];
 
 /// The bpf-linker release known to build and link against nightly's LLVM here.

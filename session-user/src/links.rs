@@ -1,0 +1,330 @@
+//! Attachments as pinned BPF links, so that enforcement does not depend on the daemon.
+//!
+//! Every protected interface has two links pinned under `<pin dir>/links/`: `<iface>-xdp`
+//! (ingress) and `<iface>-tc` (TCX egress). A pinned link keeps its program attached after
+//! the process that created it is gone, so a daemon that exits or is killed leaves the
+//! last applied policy in force. A daemon that starts finds the pins and swaps its freshly
+//! loaded program into each link with `BPF_LINK_UPDATE`, which the kernel does atomically:
+//! there is no instant without a program on the interface.
+
+use std::{
+    io,
+    os::unix::fs::DirBuilderExt as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+    },
+    sys::SyscallError,
+    util::KernelVersion,
+};
+use log::{info, warn};
+
+/// The subdirectory of the pin directory that holds the pinned links.
+pub const LINKS_DIR: &str = "links";
+
+/// The directory of pinned links under `pin_dir`.
+pub fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(LINKS_DIR)
+}
+
+/// The two hooks of an interface, and the suffix of their pins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    Ingress,
+    Egress,
+}
+
+impl Hook {
+    const ALL: [Hook; 2] = [Hook::Ingress, Hook::Egress];
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Hook::Ingress => "-xdp",
+            Hook::Egress => "-tc",
+        }
+    }
+
+    fn pin(self, pin_dir: &Path, iface: &str) -> PathBuf {
+        links_dir(pin_dir).join(format!("{iface}{}", self.suffix()))
+    }
+}
+
+/// Refuses kernels without TCX: only a TCX egress attachment is a BPF link that can be
+/// pinned, and enforcement without a daemon needs both hooks pinned.
+pub fn check_kernel() -> Result<()> {
+    let version = KernelVersion::current().context("reading the kernel version")?;
+    if version < KernelVersion::new(6, 6, 0) {
+        bail!(
+            "kernel {version:?} is too old: session attaches egress through TCX links, which need Linux 6.6 or newer"
+        );
+    }
+    Ok(())
+}
+
+/// The link pinned at `path`, or `None` when there is none.
+fn pinned(path: &Path) -> Result<Option<FdLink>> {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => Ok(Some(FdLink::from(link))),
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(error) => Err(error).with_context(|| {
+            format!(
+                "cannot open the pinned link {} (is something else there? remove it, or run `session down` to remove the whole firewall)",
+                path.display()
+            )
+        }),
+    }
+}
+
+/// Pins a freshly created link at `path`; on failure the link is closed, which detaches it.
+fn pin_new(link: FdLink, path: &Path) -> Result<()> {
+    link.pin(path).map(drop).with_context(|| {
+        format!(
+            "cannot pin the link at {} (the bpffs may be full or not writable); nothing was left attached",
+            path.display()
+        )
+    })
+}
+
+/// Removes a pin that could not be adopted (its interface was deleted and created again,
+/// say), so that a fresh link can take its place.
+fn discard_stale(path: &Path, iface: &str, error: &anyhow::Error) -> Result<()> {
+    warn!(
+        "{iface}: the pinned link {} cannot be reused ({error:#}); attaching afresh",
+        path.display()
+    );
+    std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))
+}
+
+fn attach_ingress(ingress: &mut Xdp, iface: &str, path: &Path) -> Result<Option<XdpMode>> {
+    if let Some(link) = pinned(path)? {
+        let adopted = XdpLink::try_from(link)
+            .context("the pin is not an XDP link")
+            .and_then(|link| {
+                ingress
+                    .attach_to_link(link)
+                    .context("replacing the program of the XDP link")
+            });
+        match adopted {
+            Ok(id) => {
+                // The pin keeps the link; this process's handle is no longer needed.
+                drop(ingress.take_link(id)?);
+                return Ok(None);
+            }
+            Err(error) => discard_stale(path, iface, &error)?,
+        }
+    }
+    let (id, mode) = match ingress.attach(iface, XdpMode::Driver) {
+        Ok(id) => (id, XdpMode::Driver),
+        Err(native_error) => {
+            warn!("{iface}: native XDP unavailable ({native_error}); using generic XDP");
+            let id = ingress
+                .attach(iface, XdpMode::Skb)
+                .with_context(|| format!("attaching XDP to {iface}"))?;
+            (id, XdpMode::Skb)
+        }
+    };
+    let link = FdLink::try_from(ingress.take_link(id)?).map_err(|_| {
+        anyhow::anyhow!(
+            "{iface}: the kernel attached XDP through netlink, not as a BPF link, so it cannot be pinned (Linux 5.9 or newer is needed)"
+        )
+    })?;
+    pin_new(link, path)?;
+    Ok(Some(mode))
+}
+
+fn attach_egress(egress: &mut SchedClassifier, iface: &str, path: &Path) -> Result<bool> {
+    if let Some(link) = pinned(path)? {
+        let adopted = SchedClassifierLink::try_from(link)
+            .context("the pin is not a TCX link")
+            .and_then(|link| {
+                egress
+                    .attach_to_link(link)
+                    .context("replacing the program of the TCX link")
+            });
+        match adopted {
+            Ok(id) => {
+                drop(egress.take_link(id)?);
+                return Ok(true);
+            }
+            Err(error) => discard_stale(path, iface, &error)?,
+        }
+    }
+    let id = egress
+        .attach_with_options(
+            iface,
+            TcAttachType::Egress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .with_context(|| format!("attaching the TCX egress program to {iface}"))?;
+    let link =
+        FdLink::try_from(egress.take_link(id)?).context("the TCX attachment is not a BPF link")?;
+    pin_new(link, path)?;
+    Ok(false)
+}
+
+/// Attaches both programs to `iface` through pinned links, adopting the links a previous
+/// daemon pinned. If the egress side fails after a fresh ingress link was pinned, that
+/// link is removed again, so a failed interface is left as it was found.
+pub fn attach(
+    pin_dir: &Path,
+    ingress: &mut Xdp,
+    egress: &mut SchedClassifier,
+    iface: &str,
+) -> Result<()> {
+    let dir = links_dir(pin_dir);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {} for the pinned links", dir.display()))?;
+    let ingress_path = Hook::Ingress.pin(pin_dir, iface);
+    let mode = attach_ingress(ingress, iface, &ingress_path)?;
+    let egress_adopted = match attach_egress(egress, iface, &Hook::Egress.pin(pin_dir, iface)) {
+        Ok(adopted) => adopted,
+        Err(error) => {
+            if mode.is_some()
+                && let Err(undo) = release(std::slice::from_ref(&ingress_path), iface)
+            {
+                warn!("{iface}: could not remove the new XDP link: {undo:#}");
+            }
+            return Err(error);
+        }
+    };
+    let ingress = match mode {
+        None => "adopted pinned link".to_string(),
+        Some(mode) => format!("new link, {mode:?} mode"),
+    };
+    let egress = if egress_adopted {
+        "adopted pinned link"
+    } else {
+        "new link"
+    };
+    info!("{iface}: attached (XDP ingress: {ingress}; TCX egress: {egress})");
+    Ok(())
+}
+
+/// How long the kernel may take to release a link after its last pin is gone (it does
+/// so from a work queue, after an RCU grace period).
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which of `ids` are links the kernel still has.
+fn live_links(ids: &[u32]) -> Result<Vec<u32>> {
+    let mut live = Vec::new();
+    for info in aya::programs::loaded_links() {
+        match info {
+            Ok(info) if ids.contains(&info.id()) => live.push(info.id()),
+            Ok(_) => {}
+            // A link released between listing its id and opening it.
+            Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error).context("listing the kernel's BPF links"),
+        }
+    }
+    Ok(live)
+}
+
+/// Removes the pins at `paths` and returns only once the kernel has released their
+/// links, so that the programs are off the interface when the caller says so. Listing
+/// links needs CAP_SYS_ADMIN: this is for `session down` and for a daemon that has not
+/// dropped its capabilities yet. Returns the pins removed.
+fn release(paths: &[PathBuf], iface: &str) -> Result<Vec<PathBuf>> {
+    let mut ids = Vec::new();
+    for path in paths {
+        if let Some(link) = pinned(path)? {
+            let info = link
+                .info()
+                .with_context(|| format!("reading the link pinned at {}", path.display()))?;
+            ids.push(info.id());
+        }
+    }
+    let removed = unpin(paths)?;
+    let deadline = Instant::now() + RELEASE_TIMEOUT;
+    loop {
+        let live = live_links(&ids)?;
+        if live.is_empty() {
+            return Ok(removed);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{iface}: links {live:?} are still attached {RELEASE_TIMEOUT:?} after their pins were removed; a process holds them open (see `bpftool link show`)"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Like [`detach`], and returns only once the kernel has released the links (see
+/// [`release`]).
+pub fn detach_and_wait(pin_dir: &Path, iface: &str) -> Result<Vec<PathBuf>> {
+    release(&hook_paths(pin_dir, iface), iface)
+}
+
+/// The pin paths of both hooks of `iface`.
+fn hook_paths(pin_dir: &Path, iface: &str) -> Vec<PathBuf> {
+    Hook::ALL
+        .iter()
+        .map(|hook| hook.pin(pin_dir, iface))
+        .collect()
+}
+
+/// Removes the pins at `paths` that exist; returns those removed.
+fn unpin(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for path in paths {
+        match std::fs::remove_file(path) {
+            Ok(()) => removed.push(path.clone()),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => {
+                return Err(error).with_context(|| format!("removing {}", path.display()));
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes the pinned links of `iface`, which detaches its programs once no process
+/// holds the links open (the kernel does it shortly after, see [`detach_and_wait`]).
+/// Returns the pins removed.
+pub fn detach(pin_dir: &Path, iface: &str) -> Result<Vec<PathBuf>> {
+    unpin(&hook_paths(pin_dir, iface))
+}
+
+/// The interfaces that have pinned links under `pin_dir`, by their pin names.
+pub fn pinned_interfaces(pin_dir: &Path) -> Result<Vec<String>> {
+    let dir = links_dir(pin_dir);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", dir.display())),
+    };
+    let mut ifaces = Vec::new();
+    for entry in entries {
+        let name = entry
+            .with_context(|| format!("reading {}", dir.display()))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        let iface = Hook::ALL
+            .iter()
+            .find_map(|hook| name.strip_suffix(hook.suffix()));
+        if let Some(iface) = iface
+            && !ifaces.iter().any(|known| known == iface)
+        {
+            ifaces.push(iface.to_string());
+        }
+    }
+    ifaces.sort();
+    Ok(ifaces)
+}

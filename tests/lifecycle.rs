@@ -1,0 +1,234 @@
+//! The daemon's lifecycle under a live TCP stream: stopping (SIGTERM) or killing
+//! (SIGKILL) it and starting it again, reloading (SIGHUP and `session reload`), a reload
+//! of a broken file, and `session down`. The firewall must keep enforcing while no daemon
+//! runs (the links are pinned), a restarted daemon must find the same sessions and
+//! counters, and not one byte of the stream may be lost.
+
+use std::time::Duration;
+
+use session_tests::{
+    CLIENT_V4, FW_IFACE, FW_V4, Family, Lab, Side, counter, describe, find_session, rule_hits,
+};
+
+const PORT: u16 = 8080;
+/// A port the policy gives no rule: new connections to it are dropped.
+const CLOSED_PORT: u16 = 9090;
+/// Bytes that prove the stream is moving at a given moment (about a quarter second).
+const PROGRESS: u64 = 40_000;
+
+const POLICY: &str = r#"
+[policy]
+inbound = "drop"
+outbound = "accept"
+
+[[rule]]
+name = "return-traffic"
+state = ["established", "related"]
+action = "accept"
+
+[[rule]]
+name = "invalid"
+state = ["invalid"]
+action = "drop"
+
+[[rule]]
+name = "stream"
+state = ["new"]
+proto = "tcp"
+dport = [8080]
+action = "accept"
+"#;
+
+/// The stream's session from `session list --json`, with its packet counts.
+fn stream_packets(sessions: &[serde_json::Value]) -> u64 {
+    let session = find_session(sessions, "tcp", CLIENT_V4, FW_V4, PORT)
+        .unwrap_or_else(|| panic!("the stream's session is not listed: {sessions:?}"));
+    assert_eq!(session["state"], "ESTABLISHED", "{session}");
+    session["orig_packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no orig_packets in {session}"))
+}
+
+/// Stops the daemon with `signal`, checks the firewall keeps enforcing and the stream
+/// keeps flowing with no daemon, restarts it, and checks the same session and counters
+/// are there and keep growing; finally every byte must have arrived.
+fn restart_keeps_everything(tag: &str, signal: libc::c_int) {
+    let lab = Lab::new(tag);
+    let mut first = lab.daemon(POLICY);
+    let stream = lab.live_stream(Family::V4, PORT);
+    stream.assert_flowing(PROGRESS, "before the restart");
+    let packets_before = stream_packets(&first.list_json());
+    let stats_before = first.stats_json();
+
+    first.signal(signal);
+    let status = first.wait_exit(Duration::from_secs(10));
+    if signal == libc::SIGTERM {
+        assert!(status.success(), "SIGTERM must exit 0: {status}");
+    }
+    stream.assert_flowing(PROGRESS, "while no daemon runs");
+    lab.assert_new_tcp_blocked(CLOSED_PORT, "while no daemon runs");
+    let xdp = lab.ok(Side::Fw, 5, &["ip", "link", "show", "dev", FW_IFACE]);
+    assert!(xdp.contains("xdp"), "XDP detached with the daemon: {xdp}");
+
+    let second = lab.restart_daemon();
+    assert!(
+        second.log().contains("adopted pinned link"),
+        "the restarted daemon did not adopt the pinned links:\n{}",
+        second.log()
+    );
+    let packets_after = stream_packets(&second.list_json());
+    assert!(
+        packets_after > packets_before,
+        "the session's packet count did not carry over and grow: {packets_before} -> {packets_after}"
+    );
+    let stats_after = second.stats_json();
+    for name in ["packets_seen", "packets_accepted", "state_established"] {
+        assert!(
+            counter(&stats_after, name) > counter(&stats_before, name),
+            "counter {name} was reset or did not grow across the restart"
+        );
+    }
+    assert!(rule_hits(&stats_after, "return-traffic") > 0);
+    stream.assert_flowing(PROGRESS, "after the restart");
+    lab.assert_new_tcp_blocked(CLOSED_PORT, "after the restart");
+    let after_restart = second.stats_json();
+    stream.assert_flowing(PROGRESS, "after the restart, again");
+    assert!(
+        counter(&second.stats_json(), "packets_seen") > counter(&after_restart, "packets_seen"),
+        "counters stopped growing after the restart"
+    );
+    let carried = stream.finish();
+    assert!(carried > 3 * PROGRESS, "only {carried} bytes carried");
+}
+
+#[test]
+fn sigterm_and_restart_keep_sessions_counters_and_the_stream() {
+    restart_keeps_everything("term", libc::SIGTERM);
+}
+
+#[test]
+fn sigkill_and_restart_keep_sessions_counters_and_the_stream() {
+    restart_keeps_everything("kill", libc::SIGKILL);
+}
+
+/// Reloads by SIGHUP and by `session reload` while the stream runs: each applies a new
+/// policy generation and not one byte is lost.
+#[test]
+fn reload_under_a_live_stream_loses_nothing() {
+    let lab = Lab::new("reload");
+    let daemon = lab.daemon(POLICY);
+    let stream = lab.live_stream(Family::V4, PORT);
+    stream.assert_flowing(PROGRESS, "before reloading");
+    let applies = counter(&daemon.stats_json(), "policy_applies");
+    daemon.signal(libc::SIGHUP);
+    daemon.stats_when("the SIGHUP reload", |stats| {
+        counter(stats, "policy_applies") == applies + 1
+    });
+    stream.assert_flowing(PROGRESS, "after SIGHUP");
+    let out = daemon.cli(&["reload"]);
+    assert!(out.contains("reloaded, policy generation"), "{out}");
+    assert_eq!(counter(&daemon.stats_json(), "policy_applies"), applies + 2);
+    stream.assert_flowing(PROGRESS, "after `session reload`");
+    lab.assert_new_tcp_blocked(CLOSED_PORT, "after the reloads");
+    stream.finish();
+}
+
+/// A broken config file: `session reload` reports FILE:LINE:COL and exits 1, SIGHUP is
+/// logged and refused, no policy is applied, and the stream goes on.
+#[test]
+fn bad_reload_changes_nothing_and_reports_the_error() {
+    let lab = Lab::new("badrel");
+    let mut daemon = lab.daemon(POLICY);
+    let stream = lab.live_stream(Family::V4, PORT);
+    stream.assert_flowing(PROGRESS, "before the bad reload");
+    let applies = counter(&daemon.stats_json(), "policy_applies");
+    let broken = POLICY.replace("action = \"accept\"", "action = \"acept\"");
+    std::fs::write(lab.config_path(), broken).expect("write the broken config");
+
+    let out = daemon.cli_output(&["reload"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let config = lab.config_path();
+    assert!(
+        !out.status.success(),
+        "a bad reload succeeded: {}",
+        describe(&out)
+    );
+    assert!(
+        stderr.contains(&format!("{}:", config.display())) && stderr.contains("acept"),
+        "the error does not name FILE:LINE:COL and the bad value: {stderr}"
+    );
+    let location = stderr
+        .split(&format!("{}:", config.display()))
+        .nth(1)
+        .unwrap_or_default();
+    let mut parts = location.splitn(3, ':');
+    let (line, column) = (parts.next(), parts.next());
+    assert!(
+        line.is_some_and(|l| l.parse::<u32>().is_ok())
+            && column.is_some_and(|c| c.parse::<u32>().is_ok()),
+        "no LINE:COL after the file name: {stderr}"
+    );
+
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_log("reload refused", Duration::from_secs(5));
+    daemon.assert_running();
+    stream.assert_flowing(PROGRESS, "after the bad reloads");
+    assert_eq!(
+        counter(&daemon.stats_json(), "policy_applies"),
+        applies,
+        "a bad reload applied a policy"
+    );
+    lab.assert_new_tcp_blocked(CLOSED_PORT, "after the bad reloads");
+    stream.finish();
+}
+
+/// `session down` stops the daemon, detaches the programs and removes every pin; a
+/// second `session down` finds nothing and succeeds.
+#[test]
+fn down_removes_everything_and_is_idempotent() {
+    let lab = Lab::new("down");
+    let mut daemon = lab.daemon(POLICY);
+    assert!(lab.pin_dir().join("links").is_dir());
+    let out = lab.session(&["down"]);
+    assert!(
+        out.status.success(),
+        "session down failed: {}",
+        describe(&out)
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        format!("stopped the daemon (pid {})", daemon.pid()),
+        format!("detached {FW_IFACE}"),
+        "removed map".to_string(),
+        format!("removed {}", lab.pin_dir().display()),
+    ] {
+        assert!(
+            report.contains(&expected),
+            "{expected:?} missing from:\n{report}"
+        );
+    }
+    assert!(daemon.wait_exit(Duration::from_secs(5)).success());
+    assert!(!lab.pin_dir().exists(), "the pin directory is still there");
+    let link = lab.ok(Side::Fw, 5, &["ip", "link", "show", "dev", FW_IFACE]);
+    assert!(!link.contains("xdp"), "XDP still attached: {link}");
+    // Without the firewall the closed port is reachable.
+    let _listener = lab.tcp_listen(Side::Fw, Family::V4, CLOSED_PORT);
+    lab.tcp_connect(
+        Side::Client,
+        Family::V4.sock(Side::Fw, CLOSED_PORT),
+        Duration::from_secs(2),
+    )
+    .unwrap_or_else(|e| panic!("the firewall is still enforcing after down: {e}"));
+
+    let again = lab.session(&["down"]);
+    assert!(
+        again.status.success(),
+        "second down failed: {}",
+        describe(&again)
+    );
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("nothing to remove"),
+        "{}",
+        describe(&again)
+    );
+}

@@ -1,0 +1,119 @@
+//! A third namespace, `attacker`, joined to fw by a veth pair of its own, so that a flood
+//! reaches the firewall over a different link than the lab's client traffic, as it would
+//! from another host. Without it, the flood and the client's connections share one veth
+//! ring, and ring overflow (not the firewall) would decide which client segments are lost.
+//!
+//! fw's end is [`FW_FLOOD_IFACE`]; a daemon protects it too when the config names it in
+//! `interfaces`. No addresses are needed: the generator sends hand-built frames. The
+//! namespace (and with it both veth ends) is deleted on drop.
+
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use crate::{Lab, Side, describe};
+
+/// The attacker's end of the flood link.
+pub const ATTACKER_IFACE: &str = "veth-atk";
+/// fw's end of the flood link; name it in the daemon config's `interfaces`.
+pub const FW_FLOOD_IFACE: &str = "veth-fw2";
+
+/// The attacker namespace and its link to fw; deleted on drop.
+pub struct Attacker {
+    ns: String,
+    fw_ns: String,
+}
+
+/// Runs `ip ARGS` in the host namespace (with `-n` where needed) and returns its stdout;
+/// panics with its output if it fails.
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run ip {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "ip {args:?} failed: {}",
+        describe(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Attacker {
+    /// Creates the namespace next to `lab` and links it to fw; both ends are up.
+    pub fn new(lab: &Lab) -> Attacker {
+        let fw_ns = lab.ns(Side::Fw).to_string();
+        let attacker = Attacker {
+            ns: format!("{fw_ns}-atk"),
+            fw_ns,
+        };
+        ip(&["netns", "add", &attacker.ns]);
+        ip(&[
+            "-n",
+            &attacker.ns,
+            "link",
+            "add",
+            ATTACKER_IFACE,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            FW_FLOOD_IFACE,
+            "netns",
+            &attacker.fw_ns,
+        ]);
+        for (ns, iface) in [
+            (&attacker.ns, ATTACKER_IFACE),
+            (&attacker.ns, "lo"),
+            (&attacker.fw_ns, FW_FLOOD_IFACE),
+        ] {
+            ip(&["-n", ns, "link", "set", iface, "up"]);
+        }
+        attacker
+    }
+
+    /// The attacker namespace's name, for [`crate::loadgen::Blast::netns`].
+    pub fn ns(&self) -> &str {
+        &self.ns
+    }
+
+    /// The MAC address of the attacker's end of the link.
+    pub fn mac(&self) -> [u8; 6] {
+        mac_of(&self.ns, ATTACKER_IFACE)
+    }
+
+    /// The MAC address of fw's end of the link, the flood frames' destination.
+    pub fn fw_mac(&self) -> [u8; 6] {
+        mac_of(&self.fw_ns, FW_FLOOD_IFACE)
+    }
+}
+
+impl Drop for Attacker {
+    fn drop(&mut self) {
+        let deleted = Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .stderr(Stdio::null())
+            .status();
+        if !deleted.is_ok_and(|status| status.success()) {
+            eprintln!("warning: could not delete namespace {}", self.ns);
+        }
+    }
+}
+
+/// The MAC address of `iface` in namespace `ns`.
+fn mac_of(ns: &str, iface: &str) -> [u8; 6] {
+    let text = ip(&["-n", ns, "-j", "link", "show", "dev", iface]);
+    let links: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("`ip -j link show` is not JSON ({e}): {text}"));
+    let addr = links[0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no address for {iface} in {text}"));
+    let bytes: Vec<u8> = addr
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap_or_else(|e| panic!("MAC {addr}: {e}")))
+        .collect();
+    bytes
+        .try_into()
+        .unwrap_or_else(|_| panic!("MAC {addr} is not 6 bytes"))
+}
