@@ -182,7 +182,8 @@ async fn serve(
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut housekeeping = tokio::time::interval(REAP_INTERVAL);
-    let reaper = tokio::time::sleep(REAP_INTERVAL);
+    // The first sweep runs at once: a restarted daemon frees what expired meanwhile.
+    let reaper = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(reaper);
     loop {
         tokio::select! {
