@@ -589,7 +589,7 @@ pub const EVENT_RING_BYTES: u32 = 1 << 20;
 pub const RULE_NAME_LEN: usize = 64;
 
 /// Maximum compiled rule entries per policy bank.
-pub const MAX_RULES: u32 = 256;
+pub const MAX_RULES: u32 = 1024;
 /// Rule-hit slots: one per rule id plus the inbound and outbound defaults.
 pub const RULE_HIT_SLOTS: u32 = MAX_RULES + 2;
 /// Rule-hit slot of the inbound default action.

@@ -56,6 +56,13 @@ fn try_ingress(ctx: &XdpContext) -> Result<Action, Unjudged> {
     }))
 }
 
+/// Does nothing: the baseline the benchmark measures `session_ingress` against, loaded
+/// from the same object so both pay the same test-run overhead.
+#[xdp]
+pub fn session_noop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 #[classifier]
 pub fn session_egress(ctx: TcContext) -> i32 {
     match try_egress(&ctx) {

@@ -161,13 +161,12 @@ impl PinnedMaps {
     pub fn reap(&self, now: u64, mut on_removed: impl FnMut(&FlowKey, &Session)) -> Result<u64> {
         let mut removed = 0;
         for name in [map_names::SESSIONS, map_names::UNASSURED] {
+            let path = self.dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("cannot open pinned map {}", path.display()))?;
+            let expired = expired_keys(&data, now)
+                .with_context(|| format!("reading {name} for expired sessions"))?;
             let mut tier = self.tier(name)?;
-            let expired: Vec<FlowKey> = tier
-                .iter()
-                .filter_map(|entry| entry.ok())
-                .filter(|(_, session)| session.expires_ns <= now)
-                .map(|(key, _)| key)
-                .collect();
             for key in expired {
                 // Re-check: the kernel may have replaced the entry since the sweep read it.
                 if let Ok(current) = tier.get(&key, 0)
@@ -334,6 +333,88 @@ impl PinnedMaps {
                 Err(error) => Err(error).context("unmarking an interface"),
             }
         }
+    }
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` from the kernel's `enum bpf_cmd` (aya has no batch API).
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// Entries per batch: large enough that a million-session sweep takes a few hundred
+/// system calls, and larger than any hash bucket, which the kernel returns whole.
+const REAP_BATCH: usize = 4096;
+
+/// The `batch` member of the kernel's `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Keys of the sessions in the hash map `data` that expired at `now`, read with
+/// `BPF_MAP_LOOKUP_BATCH`: per-key iteration costs two system calls per session, which
+/// made a sweep of 1M sessions take seconds of daemon CPU (see BENCHMARKS.md).
+fn expired_keys(data: &MapData, now: u64) -> std::io::Result<Vec<FlowKey>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = data.fd().as_fd().as_raw_fd();
+    let mut keys = vec![FlowKey::default(); REAP_BATCH];
+    let mut values = vec![Session::default(); REAP_BATCH];
+    // The kernel's cursor for hash maps is a bucket index (u32); a u64 leaves room.
+    let mut cursor_in = 0u64;
+    let mut cursor_out = 0u64;
+    let mut first = true;
+    let mut expired = Vec::new();
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &cursor_in as *const u64 as u64
+            },
+            out_batch: &mut cursor_out as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: REAP_BATCH as u32,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: the attribute points at buffers of REAP_BATCH keys and values of the
+        // map's key and value types and at the cursors, all alive for the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let last = if rc < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() != Some(libc::ENOENT) {
+                return Err(error);
+            }
+            true
+        } else {
+            false
+        };
+        let filled = (attr.count as usize).min(REAP_BATCH);
+        expired.extend(
+            keys[..filled]
+                .iter()
+                .zip(&values[..filled])
+                .filter(|(_, session)| session.expires_ns <= now)
+                .map(|(key, _)| *key),
+        );
+        if last {
+            return Ok(expired);
+        }
+        cursor_in = cursor_out;
+        first = false;
     }
 }
 

@@ -702,15 +702,15 @@ fn compile_reports_unknown_interfaces() {
 
 #[test]
 fn a_policy_with_more_entries_than_a_bank_holds_is_refused_at_the_rule() {
-    // 17 ports x 16 networks: more than a bank holds.
-    let ports: Vec<String> = (1..=17).map(|p| p.to_string()).collect();
-    let nets: Vec<String> = (0..16).map(|i| format!("\"198.18.{i}.0/24\"")).collect();
+    // 33 ports x 32 networks: more than a bank holds.
+    let ports: Vec<String> = (1..=33).map(|p| p.to_string()).collect();
+    let nets: Vec<String> = (0..32).map(|i| format!("\"198.18.{i}.0/24\"")).collect();
     let text = format!(
         "[[rule]]\nname = \"small\"\naction = \"accept\"\n\n[[rule]]\nname = \"big\"\naction = \"accept\"\nproto = \"tcp\"\ndport = [{}]\nsrc = [{}]\n",
         ports.join(", "),
         nets.join(", ")
     );
-    let needed = 1 + 17 * 16;
+    let needed = 1 + 33 * 32;
     assert!(needed > MAX_RULES as usize, "the test must overflow a bank");
     expect_error_at(
         &text,

@@ -4,6 +4,7 @@
 //! run and the network-namespace demo are one checked, portable program with errors that
 //! tell the operator what to do next.
 
+mod bench;
 mod checks;
 mod cmd;
 mod differential;
@@ -54,6 +55,12 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Benchmarks in release mode (root; several minutes): kernel path, policy and table scale, end to end
+    Bench {
+        /// Run only this benchmark: `kernel` or `e2e`
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Compare the XDP program with the host model on N seeded, partly mutated frames (root)
     Differential {
         /// Frames to compare
@@ -75,6 +82,7 @@ fn main() -> ExitCode {
         Task::Lab => lab::run(&root),
         Task::Dist { debug } => dist::run(&root, debug),
         Task::Fuzz { seconds } => fuzz::run(&root, seconds),
+        Task::Bench { only } => bench::run(&root, only.as_deref()),
         Task::Differential { packets, seed } => differential::run(&root, packets, seed),
     };
     match result {

@@ -1,0 +1,567 @@
+//! End-to-end benchmark through the lab's veth path, run by `cargo xtask bench` (root,
+//! release `session` binary in `SESSION_BIN`).
+//!
+//! Three firewalls on fw in the same run, each in a fresh lab, interleaved round by
+//! round so that drift in the machine's load hits them alike: none, a do-nothing XDP
+//! program (what XDP on veth costs by itself), nftables with the equivalent `ct state`
+//! policy, and session. Scenarios:
+//!
+//! - (a) many established UDP flows with small packets (fw opened each flow by sending
+//!   first), blasted by the load generator: packets/s that reach fw's UDP layer;
+//! - (b) a SYN flood to a closed port, which the policy drops: CPU per packet;
+//! - (c) new TCP connections per second (connect, 32 bytes each way, close).
+//!
+//! CPU is the machine's: softirq time across all CPUs from /proc/stat over the blast,
+//! where veth delivers packets to fw (XDP, nftables hooks and the IP stack all run
+//! there), divided by the packets sent; the generator's own sending is system time and
+//! is left out. Total busy time per packet is reported beside it.
+//!
+//! Writes `$SESSION_BENCH_DIR/e2e.json` and `e2e.md` (default: target/bench).
+
+use std::{
+    fmt::Write as _,
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use aya::programs::{Xdp, XdpMode};
+use serde_json::{Value, json};
+use session_tests::{
+    FW_IFACE, FW_V4, Family, Lab, Side,
+    loadgen::{self, Blast},
+};
+
+/// Rounds; each runs every scenario once per firewall, and the median is reported.
+const ROUNDS: usize = 5;
+/// Established UDP flows in scenario (a).
+const UDP_FLOWS: usize = 4096;
+/// Spoofed sources of the SYN flood in scenario (b).
+const SYN_SOURCES: usize = loadgen::MAX_SOURCES;
+/// Length of each blast and of each connection-rate run.
+const RUN: Duration = Duration::from_secs(3);
+/// Upper bound on the packets of one blast, whatever the rate.
+const MAX_PACKETS: u64 = 30_000_000;
+/// Sender threads of the load generator.
+const SENDERS: usize = 1;
+/// The UDP port fw talks from in (a), the TCP port it serves in (c), and a closed port.
+const UDP_PORT: u16 = 5353;
+const TCP_PORT: u16 = 8080;
+const CLOSED_PORT: u16 = 9999;
+/// Bytes each way per connection in (c).
+const EXCHANGE: usize = 32;
+
+/// The session policy: replies and established flows in, invalid out, one open TCP port.
+const SESSION_POLICY: &str = r#"
+[policy]
+inbound = "drop"
+outbound = "accept"
+[[rule]]
+name = "return-traffic"
+state = ["established", "related"]
+action = "accept"
+[[rule]]
+name = "drop-invalid"
+state = ["invalid"]
+action = "drop"
+[[rule]]
+name = "web"
+state = ["new"]
+proto = "tcp"
+dport = [8080]
+action = "accept"
+"#;
+
+/// The same policy for nftables: conntrack decides the state, the chain the verdict.
+const NFT_POLICY: &str = "table inet bench {
+  chain input {
+    type filter hook input priority filter; policy drop;
+    ct state established,related accept
+    ct state invalid drop
+    tcp dport 8080 ct state new accept
+  }
+}
+";
+
+#[derive(Clone, Copy, PartialEq)]
+enum Firewall {
+    None,
+    /// session's do-nothing XDP program on fw's veth: what XDP on veth costs by itself.
+    NoopXdp,
+    Nftables,
+    Session,
+}
+
+impl Firewall {
+    const ALL: [Firewall; 4] = [
+        Firewall::None,
+        Firewall::NoopXdp,
+        Firewall::Nftables,
+        Firewall::Session,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Firewall::None => "no firewall",
+            Firewall::NoopXdp => "do-nothing XDP (veth baseline)",
+            Firewall::Nftables => "nftables (ct state)",
+            Firewall::Session => "session",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Firewall::None => "none",
+            Firewall::NoopXdp => "noop_xdp",
+            Firewall::Nftables => "nftables",
+            Firewall::Session => "session",
+        }
+    }
+}
+
+/// `session_noop` attached to fw's veth end, with the pin directory its object's maps
+/// needed; the pins go on drop. Drop it after the lab, so the interface (and with it the
+/// attachment) is gone before the link is closed.
+struct NoopXdp {
+    _ebpf: aya::Ebpf,
+    pin: PathBuf,
+}
+
+impl NoopXdp {
+    fn attach(lab: &Lab) -> NoopXdp {
+        let pin = PathBuf::from(format!(
+            "/sys/fs/bpf/session-bench-noop-{}",
+            std::process::id()
+        ));
+        let mut ebpf = session_user::loader::load(&pin, 1024)
+            .unwrap_or_else(|error| panic!("loading the eBPF object: {error:#}"));
+        let noop: &mut Xdp = ebpf
+            .program_mut("session_noop")
+            .expect("session_noop in the object")
+            .try_into()
+            .expect("session_noop is XDP");
+        noop.load().expect("loading session_noop");
+        // Resolving the interface and creating the link happen in fw's namespace.
+        lab.in_ns(Side::Fw, || {
+            noop.attach(FW_IFACE, XdpMode::Driver).map(|_| ())
+        })
+        .unwrap_or_else(|error| panic!("attaching session_noop to {FW_IFACE}: {error}"));
+        NoopXdp { _ebpf: ebpf, pin }
+    }
+}
+
+impl Drop for NoopXdp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin);
+    }
+}
+
+/// CPU time of the whole machine, from the first line of /proc/stat, in ns.
+#[derive(Clone, Copy)]
+struct Cpu {
+    busy: f64,
+    softirq: f64,
+}
+
+fn cpu_now() -> Cpu {
+    let stat = std::fs::read_to_string("/proc/stat").expect("reading /proc/stat");
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()
+        .expect("/proc/stat has a cpu line")
+        .split_whitespace()
+        .skip(1)
+        .map(|field| field.parse().expect("a number in /proc/stat"))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let ns_per_tick = 1e9 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    // user nice system idle iowait irq softirq steal
+    let busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7];
+    Cpu {
+        busy: busy * ns_per_tick,
+        softirq: fields[6] * ns_per_tick,
+    }
+}
+
+/// One blast's figures.
+#[derive(Clone, Copy, Default)]
+struct Blasted {
+    sent_pps: f64,
+    delivered_pps: f64,
+    softirq_ns: f64,
+    busy_ns: f64,
+}
+
+/// A UDP counter of fw's namespace (`Udp:` line of /proc/net/snmp).
+fn udp_counter(lab: &Lab, name: &str) -> u64 {
+    let text = lab.ok(Side::Fw, 5, &["cat", "/proc/net/snmp"]);
+    let mut lines = text.lines().filter(|line| line.starts_with("Udp:"));
+    let (header, values) = (
+        lines.next().expect("Udp header"),
+        lines.next().expect("Udp values"),
+    );
+    let index = header
+        .split_whitespace()
+        .position(|field| field == name)
+        .unwrap_or_else(|| panic!("no {name} in {header}"));
+    values
+        .split_whitespace()
+        .nth(index)
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no value for {name} in {values}"))
+}
+
+fn udp_delivered(lab: &Lab) -> u64 {
+    udp_counter(lab, "InDatagrams") + udp_counter(lab, "RcvbufErrors")
+}
+
+fn blast(lab: &Lab, frames: Vec<Vec<u8>>, delivered: impl Fn() -> u64) -> Blasted {
+    let delivered_before = delivered();
+    let before = cpu_now();
+    let sent = loadgen::blast(&Blast {
+        netns: lab.ns(Side::Client).to_string(),
+        iface: Lab::iface(Side::Client).to_string(),
+        frames,
+        threads: SENDERS,
+        max_packets: MAX_PACKETS,
+        max_duration: RUN,
+        rate_pps: None,
+    })
+    .expect("the load generator failed");
+    // Let veth's queues drain into fw before the counters are read.
+    std::thread::sleep(Duration::from_millis(200));
+    let after = cpu_now();
+    let packets = sent.packets.max(1) as f64;
+    Blasted {
+        sent_pps: sent.pps(),
+        delivered_pps: (delivered() - delivered_before) as f64 / sent.elapsed.as_secs_f64(),
+        softirq_ns: (after.softirq - before.softirq) / packets,
+        busy_ns: (after.busy - before.busy) / packets,
+    }
+}
+
+/// (a): fw sends one datagram to each spoofed source first, so the client's blast is
+/// the reply direction of flows every firewall already tracks.
+fn established_udp(lab: &Lab) -> Blasted {
+    let fw: IpAddr = FW_V4.parse().expect("lab address");
+    let frames = loadgen::udp_frames(
+        lab.mac(Side::Client),
+        lab.mac(Side::Fw),
+        fw,
+        &[UDP_PORT],
+        UDP_FLOWS,
+    );
+    let socket = lab.udp_socket(Side::Fw, Family::V4, UDP_PORT);
+    for frame in &frames {
+        // Ethernet (14) + IPv4 (20): source address at 26, source port at 34.
+        let src = IpAddr::from(<[u8; 4]>::try_from(&frame[26..30]).expect("4 bytes"));
+        let port = u16::from_be_bytes([frame[34], frame[35]]);
+        socket
+            .send_to(b"open", SocketAddr::new(src, port))
+            .expect("fw opening a UDP flow");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let result = blast(lab, frames, || udp_delivered(lab));
+    drop(socket);
+    result
+}
+
+/// (b): a SYN flood to a port no rule opens.
+fn dropped_flood(lab: &Lab) -> Blasted {
+    let fw: IpAddr = FW_V4.parse().expect("lab address");
+    let frames = loadgen::syn_frames(
+        lab.mac(Side::Client),
+        lab.mac(Side::Fw),
+        fw,
+        &[CLOSED_PORT],
+        SYN_SOURCES,
+    );
+    blast(lab, frames, || 0)
+}
+
+/// (c): connections per second, each connect, 32 bytes each way, close by fw first (so
+/// fw, not the client, holds TIME_WAIT and the client's ports free up at once).
+fn connection_rate(lab: &Lab) -> (f64, u64) {
+    let listener = lab.tcp_listen(Side::Fw, Family::V4, TCP_PORT);
+    set_accept_timeout(&listener, Duration::from_secs(1));
+    let to = Family::V4.sock(Side::Fw, TCP_PORT);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                // Blocking accept, bounded by the listener's receive timeout.
+                let Ok((mut stream, _)) = listener.accept() else {
+                    continue;
+                };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+                let mut buf = [0u8; EXCHANGE];
+                if stream.read_exact(&mut buf).is_ok() {
+                    let _ = stream.write_all(&buf);
+                }
+            }
+        });
+        let (done, failed, elapsed) = lab.in_ns(Side::Client, || {
+            let started = Instant::now();
+            let (mut done, mut failed) = (0u64, 0u64);
+            while started.elapsed() < RUN {
+                match exchange(to) {
+                    Ok(()) => done += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+            (done, failed, started.elapsed())
+        });
+        stop.store(true, Ordering::Relaxed);
+        // Wakes the server's last accept so it sees the stop flag.
+        let _ = lab.tcp_connect(Side::Client, to, Duration::from_secs(2));
+        (done as f64 / elapsed.as_secs_f64(), failed)
+    })
+}
+
+/// Makes `accept` on `listener` give up after `timeout` (SO_RCVTIMEO), so the server
+/// loop sees the stop flag even if no last connection arrives.
+fn set_accept_timeout(listener: &TcpListener, timeout: Duration) {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: setsockopt reads the timeval we own for the call on a valid socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "cannot set the accept timeout: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+fn exchange(to: SocketAddr) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+    stream.set_nodelay(true)?;
+    stream.write_all(&[0x5a; EXCHANGE])?;
+    let mut buf = [0u8; EXCHANGE];
+    stream.read_exact(&mut buf)?;
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest)?;
+    Ok(())
+}
+
+/// Every figure of one firewall in one round.
+#[derive(Clone, Copy, Default)]
+struct Round {
+    udp: Blasted,
+    flood: Blasted,
+    conn_per_s: f64,
+    conn_failed: u64,
+}
+
+fn one_round(firewall: Firewall) -> Round {
+    let mut noop = None;
+    let lab = Lab::new("bench");
+    lab.ok(
+        Side::Fw,
+        5,
+        &["ip", "route", "add", "198.19.0.0/16", "via", "198.18.0.1"],
+    );
+    for key in [
+        "net.ipv4.ip_local_port_range=1024 65000",
+        "net.ipv4.tcp_tw_reuse=1",
+    ] {
+        lab.ok(Side::Client, 5, &["sysctl", "-qw", key]);
+    }
+    let daemon = match firewall {
+        Firewall::None => None,
+        Firewall::NoopXdp => {
+            noop = Some(NoopXdp::attach(&lab));
+            None
+        }
+        Firewall::Nftables => {
+            let out = lab.run_with_input(Side::Fw, 10, &["nft", "-f", "-"], NFT_POLICY.as_bytes());
+            assert!(
+                out.status.success(),
+                "cannot install the nftables policy: {}",
+                session_tests::describe(&out)
+            );
+            None
+        }
+        Firewall::Session => Some(lab.daemon(SESSION_POLICY)),
+    };
+    let round = Round {
+        udp: established_udp(&lab),
+        flood: dropped_flood(&lab),
+        ..Round::default()
+    };
+    let (conn_per_s, conn_failed) = connection_rate(&lab);
+    drop(daemon);
+    drop(lab);
+    drop(noop);
+    Round {
+        conn_per_s,
+        conn_failed,
+        ..round
+    }
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+fn out_dir() -> PathBuf {
+    std::env::var_os("SESSION_BENCH_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench"),
+        PathBuf::from,
+    )
+}
+
+fn main() {
+    if std::env::args().any(|arg| arg == "--list") {
+        return;
+    }
+    let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); Firewall::ALL.len()];
+    for round in 0..ROUNDS {
+        for (index, firewall) in Firewall::ALL.into_iter().enumerate() {
+            eprintln!("e2e: round {} of {ROUNDS}: {}", round + 1, firewall.name());
+            rounds[index].push(one_round(firewall));
+        }
+    }
+    let figure =
+        |index: usize, get: &dyn Fn(&Round) -> f64| median(rounds[index].iter().map(get).collect());
+    let (nft, session) = (2, 3);
+
+    let mut md = format!(
+        "### End to end (veth between two namespaces, {} s runs, median of {ROUNDS} rounds)\n\n\
+         CPU per packet = softirq time of all CPUs over the blast (where fw receives: XDP, \
+         nftables hooks, IP stack) / packets sent. The generator ({SENDERS} thread, AF_PACKET) \
+         runs on the same machine.\n\n",
+        RUN.as_secs()
+    );
+    let _ = writeln!(
+        md,
+        "(a) {UDP_FLOWS} established UDP flows, 60-byte frames\n\n\
+         | firewall | sent pps | delivered pps | softirq ns/pkt | busy ns/pkt |\n|---|---:|---:|---:|---:|"
+    );
+    let mut json_rows = serde_json::Map::new();
+    for (index, firewall) in Firewall::ALL.into_iter().enumerate() {
+        let udp = [
+            figure(index, &|r| r.udp.sent_pps),
+            figure(index, &|r| r.udp.delivered_pps),
+            figure(index, &|r| r.udp.softirq_ns),
+            figure(index, &|r| r.udp.busy_ns),
+        ];
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            firewall.name(),
+            udp[0],
+            udp[1],
+            udp[2],
+            udp[3]
+        );
+        let flood = [
+            figure(index, &|r| r.flood.sent_pps),
+            figure(index, &|r| r.flood.softirq_ns),
+            figure(index, &|r| r.flood.busy_ns),
+        ];
+        let conn = figure(index, &|r| r.conn_per_s);
+        let failed: u64 = rounds[index].iter().map(|r| r.conn_failed).sum();
+        json_rows.insert(
+            firewall.key().into(),
+            json!({
+                "established_udp": {"sent_pps": udp[0], "delivered_pps": udp[1],
+                    "softirq_ns_per_packet": udp[2], "busy_ns_per_packet": udp[3]},
+                "drop_flood": {"sent_pps": flood[0], "softirq_ns_per_packet": flood[1],
+                    "busy_ns_per_packet": flood[2]},
+                "tcp_connections": {"per_second": conn, "failed": failed},
+            }),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n(b) SYN flood to a closed port ({SYN_SOURCES} spoofed sources), dropped by the policy \
+         (no firewall: answered with RST)\n\n\
+         | firewall | sent pps | softirq ns/pkt | busy ns/pkt |\n|---|---:|---:|---:|"
+    );
+    for (index, firewall) in Firewall::ALL.into_iter().enumerate() {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} | {:.0} |",
+            firewall.name(),
+            figure(index, &|r| r.flood.sent_pps),
+            figure(index, &|r| r.flood.softirq_ns),
+            figure(index, &|r| r.flood.busy_ns),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n(c) new TCP connections (connect, {EXCHANGE} bytes each way, close), one client thread\n\n\
+         | firewall | connections/s | failed (all rounds) |\n|---|---:|---:|"
+    );
+    for (index, firewall) in Firewall::ALL.into_iter().enumerate() {
+        let failed: u64 = rounds[index].iter().map(|r| r.conn_failed).sum();
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {failed} |",
+            firewall.name(),
+            figure(index, &|r| r.conn_per_s),
+        );
+    }
+    let ratio_a = figure(session, &|r| r.udp.delivered_pps) / figure(nft, &|r| r.udp.delivered_pps);
+    let ratio_a_cpu = figure(nft, &|r| r.udp.softirq_ns) / figure(session, &|r| r.udp.softirq_ns);
+    let ratio_b = figure(nft, &|r| r.flood.softirq_ns) / figure(session, &|r| r.flood.softirq_ns);
+    let ratio_c = figure(session, &|r| r.conn_per_s) / figure(nft, &|r| r.conn_per_s);
+    let (none, noop_xdp) = (0, 1);
+    let session_own_ns =
+        figure(session, &|r| r.udp.softirq_ns) - figure(noop_xdp, &|r| r.udp.softirq_ns);
+    let nft_own_ns = figure(nft, &|r| r.udp.softirq_ns) - figure(none, &|r| r.udp.softirq_ns);
+    let met = |value: f64, target: f64| if value >= target { "yes" } else { "**no**" };
+    let _ = writeln!(
+        md,
+        "\n| session vs nftables | ratio | target | met |\n|---|---:|---:|:-:|\n\
+         | (a) delivered pps | {ratio_a:.2}× | ≥ 1.5× | {} |\n\
+         | (a) CPU per packet (nftables / session) | {ratio_a_cpu:.2}× | - | - |\n\
+         | (b) CPU per dropped packet (nftables / session) | {ratio_b:.2}× | ≥ 5× | {} |\n\
+         | (c) connections/s | {ratio_c:.2}× | ≥ 1× | {} |\n\n\
+         (a) CPU per packet above each one's own baseline: session {session_own_ns:.0} ns \
+         above the do-nothing XDP program, nftables {nft_own_ns:.0} ns above no firewall.",
+        met(ratio_a, 1.5),
+        met(ratio_b, 5.0),
+        met(ratio_c, 1.0),
+    );
+    print!("{md}");
+    let doc = json!({
+        "rounds": ROUNDS, "run_seconds": RUN.as_secs(), "senders": SENDERS,
+        "udp_flows": UDP_FLOWS, "syn_sources": SYN_SOURCES,
+        "cpu_method": "softirq time of all CPUs from /proc/stat over the blast / packets sent",
+        "firewalls": Value::Object(json_rows),
+        "ratios": {
+            "established_udp_delivered_pps": {"value": ratio_a, "target": 1.5, "meets_target": ratio_a >= 1.5},
+            "established_udp_cpu": {"value": ratio_a_cpu},
+            "drop_flood_cpu_per_packet": {"value": ratio_b, "target": 5.0, "meets_target": ratio_b >= 5.0},
+            "tcp_connections_per_second": {"value": ratio_c, "target": 1.0, "meets_target": ratio_c >= 1.0},
+        },
+        "established_udp_softirq_ns_above_baseline": {
+            "session_minus_noop_xdp": session_own_ns, "nftables_minus_none": nft_own_ns},
+    });
+    let dir = out_dir();
+    std::fs::create_dir_all(&dir).expect("creating the bench output directory");
+    std::fs::write(dir.join("e2e.md"), &md).expect("writing e2e.md");
+    std::fs::write(
+        dir.join("e2e.json"),
+        serde_json::to_string_pretty(&doc).expect("json"),
+    )
+    .expect("writing e2e.json");
+    println!("\nwritten: {}", dir.join("e2e.json").display());
+}
