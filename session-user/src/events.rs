@@ -321,11 +321,17 @@ async fn read_ring(
                         continue;
                     }
                     let event: Event = bytemuck::pod_read_unaligned(&record[..size_of::<Event>()]);
+                    // Formatting costs more than reading: only for a log line or a client.
+                    let log = event.kind & event_kind::LOGGED != 0 && limiter.admit();
+                    let stream = sender.receiver_count() > 0;
+                    if !log && !stream {
+                        continue;
+                    }
                     let json = kernel_event_json(&event, &names.1);
-                    if event.kind & event_kind::LOGGED != 0 && limiter.admit() {
+                    if log {
                         info!("{}", human_line(&json));
                     }
-                    if sender.receiver_count() > 0 {
+                    if stream {
                         let _ = sender.send(json.to_string());
                     }
                 }
