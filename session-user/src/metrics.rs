@@ -404,6 +404,7 @@ fn kernel_metric(name: &'static str) -> (String, Option<(&'static str, &'static 
         }
         "sessions_expired_inline" => "Expired sessions that a packet found and replaced.",
         "tcp_ignored" => "TCP segments the state table ignored without changing state.",
+        "events_lost" => "Events lost because the event ring buffer was full.",
         _ => "A counter of `session stats` (see docs/CONTRACT.md).",
     };
     (format!("session_{name}_total"), None, help.into())
@@ -428,6 +429,18 @@ fn daemon_metric(name: &'static str, value: u64) -> (String, Kind, String, Strin
             "session_policy_applies_total",
             Kind::Counter,
             "Policies applied, at start and at each reload.",
+            value.to_string(),
+        ),
+        "log_lines_suppressed" => (
+            "session_log_lines_suppressed_total",
+            Kind::Counter,
+            "Log lines of logged packets left out by the rate limit.",
+            value.to_string(),
+        ),
+        "sessions_readmission_refused" => (
+            "session_sessions_readmission_refused_total",
+            Kind::Counter,
+            "Sessions removed after a policy apply because the new policy would not admit them.",
             value.to_string(),
         ),
         "reaper_ns_total" => (
