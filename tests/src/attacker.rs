@@ -7,11 +7,7 @@
 //! `interfaces`. No addresses are needed: the generator sends hand-built frames. The
 //! namespace (and with it both veth ends) is deleted on drop.
 
-use std::process::{Command, Stdio};
-
-use serde_json::Value;
-
-use crate::{Lab, Side, describe};
+use crate::{Lab, Side, delete_netns, host, mac_of};
 
 /// The attacker's end of the flood link.
 pub const ATTACKER_IFACE: &str = "veth-atk";
@@ -24,22 +20,6 @@ pub struct Attacker {
     fw_ns: String,
 }
 
-/// Runs `ip ARGS` in the host namespace (with `-n` where needed) and returns its stdout;
-/// panics with its output if it fails.
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run ip {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "ip {args:?} failed: {}",
-        describe(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 impl Attacker {
     /// Creates the namespace next to `lab` and links it to fw; both ends are up.
     pub fn new(lab: &Lab) -> Attacker {
@@ -48,8 +28,9 @@ impl Attacker {
             ns: format!("{fw_ns}-atk"),
             fw_ns,
         };
-        ip(&["netns", "add", &attacker.ns]);
-        ip(&[
+        host(&["ip", "netns", "add", &attacker.ns]);
+        host(&[
+            "ip",
             "-n",
             &attacker.ns,
             "link",
@@ -68,7 +49,7 @@ impl Attacker {
             (&attacker.ns, "lo"),
             (&attacker.fw_ns, FW_FLOOD_IFACE),
         ] {
-            ip(&["-n", ns, "link", "set", iface, "up"]);
+            host(&["ip", "-n", ns, "link", "set", iface, "up"]);
         }
         attacker
     }
@@ -91,29 +72,6 @@ impl Attacker {
 
 impl Drop for Attacker {
     fn drop(&mut self) {
-        let deleted = Command::new("ip")
-            .args(["netns", "del", &self.ns])
-            .stderr(Stdio::null())
-            .status();
-        if !deleted.is_ok_and(|status| status.success()) {
-            eprintln!("warning: could not delete namespace {}", self.ns);
-        }
+        delete_netns(&self.ns);
     }
-}
-
-/// The MAC address of `iface` in namespace `ns`.
-fn mac_of(ns: &str, iface: &str) -> [u8; 6] {
-    let text = ip(&["-n", ns, "-j", "link", "show", "dev", iface]);
-    let links: Value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("`ip -j link show` is not JSON ({e}): {text}"));
-    let addr = links[0]["address"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no address for {iface} in {text}"));
-    let bytes: Vec<u8> = addr
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16).unwrap_or_else(|e| panic!("MAC {addr}: {e}")))
-        .collect();
-    bytes
-        .try_into()
-        .unwrap_or_else(|_| panic!("MAC {addr} is not 6 bytes"))
 }

@@ -132,13 +132,74 @@ fn prerequisites() -> PathBuf {
 
 /// Runs a command in the host namespace and panics with its output if it fails, for the
 /// setup steps that must not go wrong silently.
-fn host(argv: &[&str]) {
+fn host(argv: &[&str]) -> String {
     let out = Command::new(argv[0])
         .args(&argv[1..])
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {argv:?}: {e}"));
     assert!(out.status.success(), "{argv:?} failed: {}", describe(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Moves the calling thread into the network namespace `name`.
+pub fn enter_netns(name: &str) -> io::Result<()> {
+    let path = format!("{NETNS_DIR}/{name}");
+    let ns = File::open(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot open {path}: {e}")))?;
+    // SAFETY: setns only changes this thread's network namespace; the fd is valid.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        let err = io::Error::last_os_error();
+        return Err(io::Error::new(
+            err.kind(),
+            format!("cannot enter {path} (needs root): {err}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread that has joined the network namespace `name` and returns its
+/// result; a panic in `f` is re-raised here. Sockets `f` creates belong to that namespace
+/// for good, so the caller can keep using them on its own thread.
+pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        let worker = scope.spawn(|| {
+            enter_netns(name).unwrap_or_else(|e| panic!("{e}"));
+            f()
+        });
+        worker
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// The MAC address of `iface` in the network namespace `ns`, for hand-built frames.
+pub fn mac_of(ns: &str, iface: &str) -> [u8; 6] {
+    let text = host(&["ip", "-n", ns, "-j", "link", "show", "dev", iface]);
+    let links: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("`ip -j link show` is not JSON ({e}): {text}"));
+    let addr = links[0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no address for {iface} in {text}"));
+    let bytes: Vec<u8> = addr
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap_or_else(|e| panic!("MAC {addr}: {e}")))
+        .collect();
+    bytes
+        .try_into()
+        .unwrap_or_else(|_| panic!("MAC {addr} is not 6 bytes"))
+}
+
+/// Deletes the network namespace `ns` (and the veth ends in it), for Drop guards: a
+/// failure is reported, not raised, so that cleanup goes on.
+pub fn delete_netns(ns: &str) {
+    let deleted = Command::new("ip")
+        .args(["netns", "del", ns])
+        .stderr(Stdio::null())
+        .status();
+    if !deleted.is_ok_and(|status| status.success()) {
+        eprintln!("warning: could not delete namespace {ns}");
+    }
 }
 
 /// Formats a finished command's status and output for failure messages.
@@ -334,44 +395,14 @@ impl Lab {
 
     /// The MAC address of `side`'s veth end, for hand-built frames.
     pub fn mac(&self, side: Side) -> [u8; 6] {
-        let iface = Lab::iface(side);
-        let text = self.ok(side, 5, &["ip", "-j", "link", "show", "dev", iface]);
-        let links: Value = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("`ip -j link show` is not JSON ({e}): {text}"));
-        let addr = links[0]["address"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no address for {iface} in {text}"));
-        let bytes: Vec<u8> = addr
-            .split(':')
-            .map(|b| u8::from_str_radix(b, 16).unwrap_or_else(|e| panic!("MAC {addr}: {e}")))
-            .collect();
-        bytes
-            .try_into()
-            .unwrap_or_else(|_| panic!("MAC {addr} is not 6 bytes"))
+        mac_of(self.ns(side), Lab::iface(side))
     }
 
     /// Runs `f` on a thread that has joined `side`'s network namespace and returns its
     /// result; a panic in `f` is re-raised here. Sockets `f` creates belong to that
     /// namespace for good, so the test can keep using them on its own thread.
     pub fn in_ns<T: Send>(&self, side: Side, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("{NETNS_DIR}/{}", self.ns(side));
-        std::thread::scope(|scope| {
-            let worker = scope.spawn(|| {
-                let ns = File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
-                // SAFETY: setns only changes this thread's network namespace; the fd is
-                // valid for the call.
-                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert!(
-                    rc == 0,
-                    "cannot enter {path}: {}",
-                    io::Error::last_os_error()
-                );
-                f()
-            });
-            worker
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        in_netns(self.ns(side), f)
     }
 
     /// A TCP listener on `side`'s address in `family` at `port`.
@@ -589,13 +620,7 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         for ns in [&self.client_ns, &self.fw_ns] {
-            let deleted = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-            if !deleted.is_ok_and(|status| status.success()) {
-                eprintln!("warning: could not delete namespace {ns}");
-            }
+            delete_netns(ns);
         }
         // The scratch directory only holds logs; a leftover is harmless.
         let _ = fs::remove_dir_all(&self.dir);

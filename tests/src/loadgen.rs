@@ -13,20 +13,18 @@
 //! (the half of 198.18.0.0/15 the lab links do not use) and 2001:2:0:ff00::/64.
 
 use std::ffi::CString;
-use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::enter_netns;
 use crate::raw::{self, TcpSegment, flags};
 
 /// Frames handed to the kernel per `sendmmsg` call: large enough to amortise the system
 /// call, small enough that the duration bound is checked often.
 const BATCH: usize = 64;
-/// Where `ip netns` keeps the named namespaces [`Blast::netns`] refers to.
-const NETNS_DIR: &str = "/var/run/netns";
 /// The most sources the builders spoof per family, so each frame set stays a few MB.
 pub const MAX_SOURCES: usize = 65_536;
 /// Payload length of [`udp_frames`] datagrams, so each frame is a minimal 60-byte one
@@ -188,22 +186,6 @@ fn send_loop(
         next = (next + done) % frames.len();
     }
     Ok(sent)
-}
-
-/// Moves the calling thread into the network namespace `name`.
-fn enter_netns(name: &str) -> io::Result<()> {
-    let path = format!("{NETNS_DIR}/{name}");
-    let ns = File::open(&path)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot open {path}: {e}")))?;
-    // SAFETY: setns only changes this thread's network namespace; the fd is valid.
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        let err = io::Error::last_os_error();
-        return Err(io::Error::new(
-            err.kind(),
-            format!("cannot enter {path} (needs root): {err}"),
-        ));
-    }
-    Ok(())
 }
 
 /// An `AF_PACKET` socket that only sends (protocol 0: it receives nothing), bound to

@@ -14,14 +14,15 @@
 //! called `wan0`, the name a real router's config would use. The namespace is deleted when
 //! the [`Upstream`] guard drops, before the lab's own namespaces.
 
-use std::fs::File;
 use std::io;
+use std::marker::PhantomData;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use crate::{IO_TIMEOUT, Lab, NETNS_DIR, Side, connect_from, describe, host};
+use crate::{
+    IO_TIMEOUT, Lab, NETNS_DIR, Side, connect_from, delete_netns, describe, host, in_netns,
+};
 
 /// Name of fw's interface towards upstream.
 pub const WAN_IFACE: &str = "wan0";
@@ -50,8 +51,9 @@ const UPSTREAM_SYSCTLS: &[&str] = &[
 ];
 
 /// The upstream namespace of a routed lab; deleting it on drop also removes the WAN link.
+/// It borrows the lab so that it is dropped, and its namespace deleted, before the lab's.
 pub struct Upstream<'lab> {
-    lab: &'lab Lab,
+    _lab: PhantomData<&'lab Lab>,
     ns: String,
 }
 
@@ -62,7 +64,7 @@ impl Lab {
     /// exists when the daemon attaches.
     pub fn upstream(&self) -> Upstream<'_> {
         let upstream = Upstream {
-            lab: self,
+            _lab: PhantomData,
             ns: format!("{}-u", self.base),
         };
         host(&["ip", "netns", "add", &upstream.ns]);
@@ -178,24 +180,7 @@ impl Upstream<'_> {
     /// Runs `f` on a thread inside upstream's namespace, as [`Lab::in_ns`] does for the
     /// lab's own sides.
     pub fn in_ns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("{NETNS_DIR}/{}", self.ns);
-        std::thread::scope(|scope| {
-            let worker = scope.spawn(|| {
-                let ns = File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
-                // SAFETY: setns only changes this thread's network namespace; the fd is
-                // valid for the call.
-                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert!(
-                    rc == 0,
-                    "cannot enter {path}: {}",
-                    io::Error::last_os_error()
-                );
-                f()
-            });
-            worker
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        in_netns(&self.ns, f)
     }
 
     /// A TCP listener in upstream on `addr`.
@@ -235,17 +220,7 @@ impl Upstream<'_> {
 
 impl Drop for Upstream<'_> {
     fn drop(&mut self) {
-        let deleted = Command::new("ip")
-            .args(["netns", "del", &self.ns])
-            .stderr(Stdio::null())
-            .status();
-        if !deleted.is_ok_and(|status| status.success()) {
-            eprintln!(
-                "warning: could not delete namespace {} (lab {})",
-                self.ns,
-                self.lab.ns(Side::Fw)
-            );
-        }
+        delete_netns(&self.ns);
     }
 }
 
