@@ -5,31 +5,8 @@
 
 use std::time::Duration;
 
-use session_tests::{
-    FW_IFACE, Family, Lab, Side, counter, describe, lifecycle::PinGuard, wait_for,
-};
-
-const PORT: u16 = 8080;
-const CLOSED_PORT: u16 = 9090;
-const PROGRESS: u64 = 40_000;
-
-const POLICY: &str = r#"
-[policy]
-inbound = "drop"
-outbound = "accept"
-
-[[rule]]
-name = "return-traffic"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "stream"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-"#;
+use session_tests::lifecycle::{CLOSED_PORT, PROGRESS, PinGuard, STREAM_POLICY, STREAM_PORT};
+use session_tests::{FW_IFACE, Family, Lab, Side, counter, describe, wait_for};
 
 /// A second veth pair inside fw, protected along with fw's lab interface.
 const EXTRA_IFACE: &str = "sess-extra";
@@ -44,8 +21,8 @@ fn assert_nothing_attached(lab: &Lab) {
 #[test]
 fn sigkill_during_a_reload_then_restart_keeps_the_stream() {
     let lab = Lab::new("killrel");
-    let mut first = lab.daemon(POLICY);
-    let stream = lab.live_stream(Family::V4, PORT);
+    let mut first = lab.daemon(STREAM_POLICY);
+    let stream = lab.live_stream(Family::V4, STREAM_PORT);
     stream.assert_flowing(PROGRESS, "before the reload");
     let applies = counter(&first.stats_json(), "policy_applies");
     first.signal(libc::SIGHUP);
@@ -70,11 +47,11 @@ fn sigkill_during_a_reload_then_restart_keeps_the_stream() {
 fn interface_removed_while_running_is_logged_and_the_others_stay_protected() {
     let lab = Lab::new("ifgone");
     add_extra_iface(&lab);
-    let policy = format!("interfaces = [\"{EXTRA_IFACE}\"]\n{POLICY}");
+    let policy = format!("interfaces = [\"{EXTRA_IFACE}\"]\n{STREAM_POLICY}");
     let mut daemon = lab.daemon(&policy);
     let links = lab.pin_dir().join("links");
     assert!(links.join(format!("{EXTRA_IFACE}-xdp")).exists());
-    let stream = lab.live_stream(Family::V4, PORT);
+    let stream = lab.live_stream(Family::V4, STREAM_PORT);
     stream.assert_flowing(PROGRESS, "before the removal");
 
     lab.ok(Side::Fw, 5, &["ip", "link", "del", EXTRA_IFACE]);
@@ -119,7 +96,7 @@ fn add_extra_iface(lab: &Lab) {
 fn restart_replaces_dead_links_and_detaches_unconfigured_interfaces() {
     let lab = Lab::new("ifchg");
     add_extra_iface(&lab);
-    let with_extra = format!("interfaces = [\"{EXTRA_IFACE}\"]\n{POLICY}");
+    let with_extra = format!("interfaces = [\"{EXTRA_IFACE}\"]\n{STREAM_POLICY}");
     let mut first = lab.daemon(&with_extra);
     first.signal(libc::SIGTERM);
     first.wait_exit(Duration::from_secs(10));
@@ -147,7 +124,7 @@ fn restart_replaces_dead_links_and_detaches_unconfigured_interfaces() {
     second.signal(libc::SIGTERM);
     second.wait_exit(Duration::from_secs(10));
 
-    std::fs::write(lab.config_path(), POLICY).expect("write the config");
+    std::fs::write(lab.config_path(), STREAM_POLICY).expect("write the config");
     let third = lab.restart_daemon();
     assert!(
         third
@@ -173,7 +150,7 @@ fn restart_replaces_dead_links_and_detaches_unconfigured_interfaces() {
 fn a_failed_start_detaches_what_it_attached() {
     let lab = Lab::new("halfway");
     add_extra_iface(&lab);
-    let policy = format!("interfaces = [\"{FW_IFACE}\", \"{EXTRA_IFACE}\"]\n{POLICY}");
+    let policy = format!("interfaces = [\"{FW_IFACE}\", \"{EXTRA_IFACE}\"]\n{STREAM_POLICY}");
     std::fs::write(lab.config_path(), policy).expect("write the config");
     let _pins = PinGuard::new(lab.pin_dir());
     let blocker = lab
@@ -205,7 +182,7 @@ fn a_failed_start_detaches_what_it_attached() {
 #[test]
 fn pin_dir_not_on_bpffs_is_refused_clearly() {
     let lab = Lab::new("nobpffs");
-    std::fs::write(lab.config_path(), POLICY).expect("write the config");
+    std::fs::write(lab.config_path(), STREAM_POLICY).expect("write the config");
     let pin_dir = lab.scratch_path("pins");
     let mut daemon = lab.daemon_process(&[FW_IFACE], &pin_dir);
     let status = daemon.wait_exit(Duration::from_secs(10));
@@ -227,7 +204,7 @@ fn pin_dir_not_on_bpffs_is_refused_clearly() {
 #[test]
 fn pinning_failure_is_reported_and_leaves_nothing_behind() {
     let lab = Lab::new("ropin");
-    std::fs::write(lab.config_path(), POLICY).expect("write the config");
+    std::fs::write(lab.config_path(), STREAM_POLICY).expect("write the config");
     let mount = lab.scratch_path("robpf");
     std::fs::create_dir(&mount).expect("create the mount point");
     let pin_dir = mount.join("session");
@@ -260,8 +237,8 @@ fn pinning_failure_is_reported_and_leaves_nothing_behind() {
 #[test]
 fn config_deleted_while_running_keeps_enforcing_and_reload_reports_it() {
     let lab = Lab::new("nocfg");
-    let mut daemon = lab.daemon(POLICY);
-    let stream = lab.live_stream(Family::V4, PORT);
+    let mut daemon = lab.daemon(STREAM_POLICY);
+    let stream = lab.live_stream(Family::V4, STREAM_PORT);
     let applies = counter(&daemon.stats_json(), "policy_applies");
     std::fs::remove_file(lab.config_path()).expect("delete the config");
 
@@ -291,7 +268,7 @@ fn config_deleted_while_running_keeps_enforcing_and_reload_reports_it() {
 #[test]
 fn two_daemons_at_once_the_second_refuses_naming_the_first() {
     let lab = Lab::new("twice");
-    std::fs::write(lab.config_path(), POLICY).expect("write the config");
+    std::fs::write(lab.config_path(), STREAM_POLICY).expect("write the config");
     let _pins = PinGuard::new(lab.pin_dir());
     let pin_dir = lab.pin_dir();
     let mut a = lab.daemon_process(&[FW_IFACE], &pin_dir);

@@ -6,42 +6,14 @@
 
 use std::time::Duration;
 
+use session_tests::lifecycle::{CLOSED_PORT, PROGRESS, STREAM_POLICY, STREAM_PORT};
 use session_tests::{
     CLIENT_V4, FW_IFACE, FW_V4, Family, Lab, Side, counter, describe, find_session, rule_hits,
 };
 
-const PORT: u16 = 8080;
-/// A port the policy gives no rule: new connections to it are dropped.
-const CLOSED_PORT: u16 = 9090;
-/// Bytes that prove the stream is moving at a given moment (about a quarter second).
-const PROGRESS: u64 = 40_000;
-
-const POLICY: &str = r#"
-[policy]
-inbound = "drop"
-outbound = "accept"
-
-[[rule]]
-name = "return-traffic"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "invalid"
-state = ["invalid"]
-action = "drop"
-
-[[rule]]
-name = "stream"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-"#;
-
 /// The stream's session from `session list --json`, with its packet counts.
 fn stream_packets(sessions: &[serde_json::Value]) -> u64 {
-    let session = find_session(sessions, "tcp", CLIENT_V4, FW_V4, PORT)
+    let session = find_session(sessions, "tcp", CLIENT_V4, FW_V4, STREAM_PORT)
         .unwrap_or_else(|| panic!("the stream's session is not listed: {sessions:?}"));
     assert_eq!(session["state"], "ESTABLISHED", "{session}");
     session["orig_packets"]
@@ -54,8 +26,8 @@ fn stream_packets(sessions: &[serde_json::Value]) -> u64 {
 /// are there and keep growing; finally every byte must have arrived.
 fn restart_keeps_everything(tag: &str, signal: libc::c_int) {
     let lab = Lab::new(tag);
-    let mut first = lab.daemon(POLICY);
-    let stream = lab.live_stream(Family::V4, PORT);
+    let mut first = lab.daemon(STREAM_POLICY);
+    let stream = lab.live_stream(Family::V4, STREAM_PORT);
     stream.assert_flowing(PROGRESS, "before the restart");
     let packets_before = stream_packets(&first.list_json());
     let stats_before = first.stats_json();
@@ -116,8 +88,8 @@ fn sigkill_and_restart_keep_sessions_counters_and_the_stream() {
 #[test]
 fn reload_under_a_live_stream_loses_nothing() {
     let lab = Lab::new("reload");
-    let daemon = lab.daemon(POLICY);
-    let stream = lab.live_stream(Family::V4, PORT);
+    let daemon = lab.daemon(STREAM_POLICY);
+    let stream = lab.live_stream(Family::V4, STREAM_PORT);
     stream.assert_flowing(PROGRESS, "before reloading");
     let applies = counter(&daemon.stats_json(), "policy_applies");
     daemon.signal(libc::SIGHUP);
@@ -138,11 +110,11 @@ fn reload_under_a_live_stream_loses_nothing() {
 #[test]
 fn bad_reload_changes_nothing_and_reports_the_error() {
     let lab = Lab::new("badrel");
-    let mut daemon = lab.daemon(POLICY);
-    let stream = lab.live_stream(Family::V4, PORT);
+    let mut daemon = lab.daemon(STREAM_POLICY);
+    let stream = lab.live_stream(Family::V4, STREAM_PORT);
     stream.assert_flowing(PROGRESS, "before the bad reload");
     let applies = counter(&daemon.stats_json(), "policy_applies");
-    let broken = POLICY.replace("action = \"accept\"", "action = \"acept\"");
+    let broken = STREAM_POLICY.replace("action = \"accept\"", "action = \"acept\"");
     std::fs::write(lab.config_path(), broken).expect("write the broken config");
 
     let out = daemon.cli_output(&["reload"]);
@@ -187,7 +159,7 @@ fn bad_reload_changes_nothing_and_reports_the_error() {
 #[test]
 fn down_removes_everything_and_is_idempotent() {
     let lab = Lab::new("down");
-    let mut daemon = lab.daemon(POLICY);
+    let mut daemon = lab.daemon(STREAM_POLICY);
     assert!(lab.pin_dir().join("links").is_dir());
     let out = lab.session(&["down"]);
     assert!(

@@ -8,36 +8,12 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::time::Duration;
 
+use session_tests::lifecycle::{STREAM_POLICY, STREAM_PORT};
 use session_tests::raw::{PacketSocket, TcpSegment, flags};
 use session_tests::{
     CLIENT_V4, FW_V4, Family, Lab, Side, delta, describe, find_session, read_exact_len, rule_hits,
     wait_for,
 };
-
-const PORT: u16 = 8080;
-
-const POLICY: &str = r#"
-[policy]
-inbound = "drop"
-outbound = "accept"
-
-[[rule]]
-name = "return-traffic"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "invalid"
-state = ["invalid"]
-action = "drop"
-
-[[rule]]
-name = "stream"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-"#;
 
 /// The project's default policy, as shipped.
 const DEFAULT_POLICY: &str = include_str!("../config/default.toml");
@@ -64,7 +40,7 @@ fn assert_root_only(path: &Path, max_mode: u32) {
 #[test]
 fn pins_and_lock_are_root_only() {
     let lab = Lab::new("modes");
-    let _daemon = lab.daemon(POLICY);
+    let _daemon = lab.daemon(STREAM_POLICY);
     let pin_dir = lab.pin_dir();
     assert_root_only(&pin_dir, 0o700);
     let mut pins = 0;
@@ -98,7 +74,7 @@ fn pins_and_lock_are_root_only() {
 #[test]
 fn non_root_cli_gets_a_clear_permission_error() {
     let lab = Lab::new("nonroot");
-    let daemon = lab.daemon(POLICY);
+    let daemon = lab.daemon(STREAM_POLICY);
     let pin = lab.pin_dir();
     let pin = pin.to_string_lossy();
     let nobody = [
@@ -199,9 +175,9 @@ fn round_trip(client: &mut std::net::TcpStream, server: &mut std::net::TcpStream
 #[test]
 fn out_of_window_rst_injection_is_dropped_and_the_connection_survives() {
     let lab = Lab::new("rstinj");
-    let daemon = lab.daemon(POLICY);
+    let daemon = lab.daemon(STREAM_POLICY);
     let client_link = lab.packet_socket(Side::Client);
-    let (mut client, mut server) = lab.tcp_pair(Family::V4, PORT);
+    let (mut client, mut server) = lab.tcp_pair(Family::V4, STREAM_PORT);
     round_trip(&mut client, &mut server);
     let captured = client_link.tcp_segments(Duration::from_millis(300), Duration::from_secs(5));
     let client_addr = client.local_addr().expect("client address");
@@ -212,7 +188,7 @@ fn out_of_window_rst_injection_is_dropped_and_the_connection_survives() {
     for offset in [0x4000_0000u32, 0xc000_0000] {
         let rst = TcpSegment {
             src: client_addr,
-            dst: Family::V4.sock(Side::Fw, PORT),
+            dst: Family::V4.sock(Side::Fw, STREAM_PORT),
             seq: client_next.wrapping_add(offset),
             ack: fw_next,
             flags: flags::RST | flags::ACK,
@@ -235,7 +211,7 @@ fn out_of_window_rst_injection_is_dropped_and_the_connection_survives() {
 
     round_trip(&mut client, &mut server);
     let sessions = daemon.list_json();
-    let session = find_session(&sessions, "tcp", CLIENT_V4, FW_V4, PORT)
+    let session = find_session(&sessions, "tcp", CLIENT_V4, FW_V4, STREAM_PORT)
         .unwrap_or_else(|| panic!("the session is gone: {sessions:?}"));
     assert_eq!(session["state"], "ESTABLISHED", "{session}");
 }
@@ -300,7 +276,7 @@ fn capability_line(status: &str, name: &str) -> u64 {
 #[test]
 fn daemon_keeps_no_capability_after_attaching() {
     let lab = Lab::new("caps");
-    let daemon = lab.daemon(POLICY);
+    let daemon = lab.daemon(STREAM_POLICY);
     let tasks = format!("/proc/{}/task", daemon.pid());
     let mut threads = 0;
     for task in std::fs::read_dir(&tasks).unwrap_or_else(|e| panic!("{tasks}: {e}")) {

@@ -13,6 +13,39 @@ use std::time::{Duration, Instant};
 
 use crate::{BPFFS, Background, CLI_TIMEOUT_SECS, Daemon, Family, Lab, Side, delta, describe};
 
+/// The port the stream policy opens.
+pub const STREAM_PORT: u16 = 8080;
+/// A port the stream policy gives no rule: new connections to it are dropped.
+pub const CLOSED_PORT: u16 = 9090;
+/// Bytes that prove a live stream is moving at a given moment (about a quarter second).
+pub const PROGRESS: u64 = 40_000;
+
+/// The policy of the lifecycle, fault and security tests: return traffic accepted,
+/// invalid packets dropped, new TCP only to [`STREAM_PORT`], everything else inbound
+/// dropped.
+pub const STREAM_POLICY: &str = r#"
+[policy]
+inbound = "drop"
+outbound = "accept"
+
+[[rule]]
+name = "return-traffic"
+state = ["established", "related"]
+action = "accept"
+
+[[rule]]
+name = "invalid"
+state = ["invalid"]
+action = "drop"
+
+[[rule]]
+name = "stream"
+state = ["new"]
+proto = "tcp"
+dport = [8080]
+action = "accept"
+"#;
+
 /// How long a live stream may run at most, whatever the test does.
 const STREAM_LIFETIME: Duration = Duration::from_secs(120);
 /// Bytes per write of a live stream, and the pause between writes: about 200 KiB/s, enough
