@@ -96,6 +96,17 @@ fn compare_addr(a: &[u8; 16], b: &[u8; 16]) -> core::cmp::Ordering {
     a_lo.cmp(&b_lo)
 }
 
+/// The session's endpoints as (source, source port, destination, destination port) of
+/// its originator's packets: the order the key's canonical sorting forgot.
+#[inline(always)]
+pub fn originator_endpoints(key: &FlowKey, session: &Session) -> ([u8; 16], u16, [u8; 16], u16) {
+    if session.flags & session_flags::ORIG_IS_LO != 0 {
+        (key.addr_lo, key.port_lo, key.addr_hi, key.port_hi)
+    } else {
+        (key.addr_hi, key.port_hi, key.addr_lo, key.port_lo)
+    }
+}
+
 /// Direction of a packet within an existing session.
 #[inline(always)]
 pub fn direction(session: &Session, src_is_lo: bool) -> Dir {

@@ -340,9 +340,29 @@ pub enum CtState {
 }
 
 impl CtState {
+    /// Every state, in value order.
+    pub const ALL: [CtState; 5] = [
+        CtState::New,
+        CtState::Established,
+        CtState::Related,
+        CtState::Invalid,
+        CtState::Untracked,
+    ];
+
     /// Bit of this state in a rule's state mask.
     pub const fn bit(self) -> u8 {
         1 << (self as u8)
+    }
+
+    /// The name the config, `session events` and nftables use for the state.
+    pub fn name(self) -> &'static str {
+        match self {
+            CtState::New => "new",
+            CtState::Established => "established",
+            CtState::Related => "related",
+            CtState::Invalid => "invalid",
+            CtState::Untracked => "untracked",
+        }
     }
 }
 

@@ -613,21 +613,16 @@ fn validate_rule(
             non_empty(loc, list, "state")?;
             let mut mask = 0;
             for state in list.get_ref() {
-                mask |= match state.get_ref().as_str() {
-                    "new" => CtState::New.bit(),
-                    "established" => CtState::Established.bit(),
-                    "related" => CtState::Related.bit(),
-                    "invalid" => CtState::Invalid.bit(),
-                    "untracked" => CtState::Untracked.bit(),
-                    other => {
-                        return Err(loc.error(
-                            state.span(),
-                            format!(
-                                "unknown state `{other}`: use new, established, related, invalid or untracked"
-                            ),
-                        ));
-                    }
+                let name = state.get_ref().as_str();
+                let Some(known) = CtState::ALL.iter().find(|known| known.name() == name) else {
+                    return Err(loc.error(
+                        state.span(),
+                        format!(
+                            "unknown state `{name}`: use new, established, related, invalid or untracked"
+                        ),
+                    ));
                 };
+                mask |= known.bit();
             }
             mask
         }

@@ -7,7 +7,6 @@
 //! consumer), so `session events` asks the daemon instead of reading the map itself.
 
 use std::{
-    net::{IpAddr, Ipv6Addr},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime},
@@ -18,8 +17,8 @@ use aya::maps::{Map, MapData, RingBuf};
 use log::{info, warn};
 use serde_json::{Value, json};
 use session_common::wire::{
-    Action, CtState, DaemonCounter, Event, FAMILY_IPV4, FlowKey, Hook, RULE_ID_DEFAULT, Session,
-    event_kind, map_names,
+    Action, CtState, DaemonCounter, Event, FAMILY_IPV4, FlowKey, Hook, Session, event_kind,
+    map_names,
 };
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, unix::AsyncFd},
@@ -30,7 +29,7 @@ use tokio::{
 use crate::{
     instance,
     maps::{PinnedMaps, monotonic_ns},
-    report::{SessionView, proto_name},
+    report::{SessionView, address, endpoint, proto_name, rule_label},
 };
 
 /// Events buffered per `session events` client before a slow one starts losing them.
@@ -63,14 +62,6 @@ fn kinds(bits: u8) -> Vec<&'static str> {
         .collect()
 }
 
-fn address(family: u8, bytes: [u8; 16]) -> IpAddr {
-    let v6 = Ipv6Addr::from(bytes);
-    match (family, v6.to_ipv4_mapped()) {
-        (FAMILY_IPV4, Some(v4)) => IpAddr::V4(v4),
-        _ => IpAddr::V6(v6),
-    }
-}
-
 /// Wall-clock time of a CLOCK_MONOTONIC timestamp, for people reading the stream.
 fn wall_clock(monotonic: u64) -> String {
     let age = Duration::from_nanos(monotonic_ns().saturating_sub(monotonic));
@@ -78,17 +69,6 @@ fn wall_clock(monotonic: u64) -> String {
         .checked_sub(age)
         .unwrap_or(SystemTime::now());
     humantime::format_rfc3339_millis(at).to_string()
-}
-
-fn rule_label(rule_id: u16, names: &[String]) -> String {
-    if rule_id == RULE_ID_DEFAULT {
-        "(default)".to_string()
-    } else {
-        names
-            .get(rule_id as usize)
-            .cloned()
-            .unwrap_or_else(|| format!("#{rule_id}"))
-    }
 }
 
 fn iface_name(ifindex: u32) -> String {
@@ -106,13 +86,9 @@ fn iface_name(ifindex: u32) -> String {
 
 /// The JSON object of one kernel event (the format is in docs/CONTRACT.md).
 pub fn kernel_event_json(event: &Event, rule_names: &[String]) -> Value {
-    let state = match event.state {
-        s if s == CtState::New as u8 => "new",
-        s if s == CtState::Established as u8 => "established",
-        s if s == CtState::Related as u8 => "related",
-        s if s == CtState::Invalid as u8 => "invalid",
-        _ => "untracked",
-    };
+    let state = CtState::ALL
+        .get(event.state as usize)
+        .map_or("untracked", |state| state.name());
     json!({
         "time": wall_clock(event.time_ns),
         "events": kinds(event.kind),
@@ -165,20 +141,17 @@ pub fn human_line(event: &Value) -> String {
                 .join("")
         })
         .unwrap_or_default();
-    let endpoint = |addr: &str, port: &str| {
-        let port = event.get(port).and_then(Value::as_u64).unwrap_or(0);
-        if addr.contains(':') {
-            format!("[{addr}]:{port}")
-        } else {
-            format!("{addr}:{port}")
-        }
+    let side = |addr: &str, port: &str| {
+        let port = event.get(port).and_then(Value::as_u64).unwrap_or(0) as u16;
+        addr.parse()
+            .map_or_else(|_| addr.to_string(), |addr| endpoint(addr, port, true))
     };
     let mut line = format!(
         "{} {tags} {} {} -> {}",
         text("time"),
         text("proto"),
-        endpoint(text("src"), "sport"),
-        endpoint(text("dst"), "dport"),
+        side(text("src"), "sport"),
+        side(text("dst"), "dport"),
     );
     for key in ["direction", "iface", "state", "action"] {
         if !text(key).is_empty() {

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use log::{info, warn};
-use session_common::wire::{FlowState, HIT_DEFAULT_INBOUND, HIT_DEFAULT_OUTBOUND, TcpState, proto};
+use session_common::wire::{HIT_DEFAULT_INBOUND, HIT_DEFAULT_OUTBOUND};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
@@ -27,7 +27,7 @@ use tokio::{
 
 use crate::{
     maps::{PinnedMaps, monotonic_ns},
-    report::proto_name,
+    report::{proto_name, state_name},
 };
 
 /// Longest request head read; a scraper's GET is a few hundred bytes.
@@ -235,11 +235,7 @@ impl Snapshot {
     pub fn read(maps: &PinnedMaps) -> Result<Snapshot> {
         let mut sessions = BTreeMap::new();
         for (key, session) in maps.live_sessions(monotonic_ns())? {
-            let state = if key.proto == proto::TCP {
-                TcpState::from_u8(session.state).name()
-            } else {
-                FlowState::from_u8(session.state).name()
-            };
+            let state = state_name(key.proto, session.state);
             *sessions.entry((proto_name(key.proto), state)).or_insert(0) += 1;
         }
         let hits = maps.rule_hits()?;

@@ -11,6 +11,7 @@
 use session_common::{
     engine::evaluate,
     packet::PacketMeta,
+    track::originator_endpoints,
     wire::{Action, CtState, FlowKey, Hook, PolicyHeader, Session, proto, session_flags},
 };
 
@@ -18,12 +19,7 @@ use crate::{compile::CompiledPolicy, model::ModelRules};
 
 /// The first packet of the session stored under `key`, as far as the policy can see it.
 fn first_packet(key: &FlowKey, session: &Session) -> PacketMeta {
-    let orig_is_lo = session.flags & session_flags::ORIG_IS_LO != 0;
-    let (src, sport, dst, dport) = if orig_is_lo {
-        (key.addr_lo, key.port_lo, key.addr_hi, key.port_hi)
-    } else {
-        (key.addr_hi, key.port_hi, key.addr_lo, key.port_lo)
-    };
+    let (src, sport, dst, dport) = originator_endpoints(key, session);
     let mut meta = PacketMeta {
         family: key.family,
         proto: key.proto,

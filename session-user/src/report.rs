@@ -3,6 +3,7 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use serde_json::{Value, json};
+use session_common::track::originator_endpoints;
 use session_common::wire::{
     FAMILY_IPV4, FlowKey, FlowState, HIT_DEFAULT_INBOUND, HIT_DEFAULT_OUTBOUND, RULE_ID_DEFAULT,
     Session, TcpState, proto, session_flags,
@@ -37,7 +38,8 @@ pub struct SessionView {
     pub rule: String,
 }
 
-fn address(family: u8, bytes: [u8; 16]) -> IpAddr {
+/// An address as stored in keys and events (IPv4 mapped into IPv6) as the user writes it.
+pub fn address(family: u8, bytes: [u8; 16]) -> IpAddr {
     let v6 = Ipv6Addr::from(bytes);
     match (family, v6.to_ipv4_mapped()) {
         (FAMILY_IPV4, Some(v4)) => IpAddr::V4(v4),
@@ -56,29 +58,34 @@ pub fn proto_name(number: u8) -> String {
     }
 }
 
+/// The protocol state name of a session (`ESTABLISHED`, `REPLIED`…), as `list` shows it.
+pub fn state_name(proto_number: u8, state: u8) -> &'static str {
+    if proto_number == proto::TCP {
+        TcpState::from_u8(state).name()
+    } else {
+        FlowState::from_u8(state).name()
+    }
+}
+
+/// The name of rule `rule_id` of the active policy, `(default)` for a default action.
+pub fn rule_label(rule_id: u16, rule_names: &[String]) -> String {
+    if rule_id == RULE_ID_DEFAULT {
+        "(default)".to_string()
+    } else {
+        rule_names
+            .get(rule_id as usize)
+            .cloned()
+            .unwrap_or_else(|| format!("#{rule_id}"))
+    }
+}
+
 impl SessionView {
     /// Orients a stored session for display.
     pub fn new(key: &FlowKey, session: &Session, now: u64, rule_names: &[String]) -> SessionView {
-        let orig_is_lo = session.flags & session_flags::ORIG_IS_LO != 0;
-        let (src, sport, dst, dport) = if orig_is_lo {
-            (key.addr_lo, key.port_lo, key.addr_hi, key.port_hi)
-        } else {
-            (key.addr_hi, key.port_hi, key.addr_lo, key.port_lo)
-        };
+        let (src, sport, dst, dport) = originator_endpoints(key, session);
         let is_icmp = key.proto == proto::ICMP || key.proto == proto::ICMPV6;
-        let state = if key.proto == proto::TCP {
-            TcpState::from_u8(session.state).name()
-        } else {
-            FlowState::from_u8(session.state).name()
-        };
-        let rule = if session.rule_id == RULE_ID_DEFAULT {
-            "(default)".to_string()
-        } else {
-            rule_names
-                .get(session.rule_id as usize)
-                .cloned()
-                .unwrap_or_else(|| format!("#{}", session.rule_id))
-        };
+        let state = state_name(key.proto, session.state);
+        let rule = rule_label(session.rule_id, rule_names);
         SessionView {
             family: if key.family == FAMILY_IPV4 {
                 "ipv4"
@@ -156,7 +163,8 @@ impl SessionFilter {
     }
 }
 
-fn endpoint(addr: IpAddr, port: u16, show_port: bool) -> String {
+/// `addr:port` (`[v6]:port` for IPv6), or the bare address without a port.
+pub fn endpoint(addr: IpAddr, port: u16, show_port: bool) -> String {
     match (addr, show_port) {
         (IpAddr::V6(v6), true) => format!("[{v6}]:{port}"),
         (addr, true) => format!("{addr}:{port}"),
