@@ -104,6 +104,19 @@ pub struct ModelRules {
     pub entries: Vec<Rule>,
 }
 
+impl ModelRules {
+    /// `policy` as the active bank, at generation 1 (a bank the daemon applied).
+    pub fn new(policy: &CompiledPolicy) -> ModelRules {
+        ModelRules {
+            header: PolicyHeader {
+                generation: 1,
+                ..policy.header
+            },
+            entries: policy.entries.clone(),
+        }
+    }
+}
+
 impl RuleSource for ModelRules {
     fn header(&self) -> Option<(u32, &PolicyHeader)> {
         Some((0, &self.header))
@@ -178,13 +191,7 @@ impl Model {
     pub fn new(settings: Settings, policy: &CompiledPolicy) -> Model {
         Model {
             settings,
-            rules: ModelRules {
-                header: PolicyHeader {
-                    generation: 1,
-                    ..policy.header
-                },
-                entries: policy.entries.clone(),
-            },
+            rules: ModelRules::new(policy),
             ..Model::default()
         }
     }

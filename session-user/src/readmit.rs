@@ -12,7 +12,7 @@ use session_common::{
     engine::evaluate,
     packet::PacketMeta,
     track::originator_endpoints,
-    wire::{Action, CtState, FlowKey, Hook, PolicyHeader, Session, proto, session_flags},
+    wire::{Action, CtState, FlowKey, Hook, Session, proto, session_flags},
 };
 
 use crate::{compile::CompiledPolicy, model::ModelRules};
@@ -54,13 +54,7 @@ fn admitted_by(rules: &ModelRules, key: &FlowKey, session: &Session) -> bool {
 
 /// The keys of `sessions` that `policy` would not admit.
 pub fn refused(policy: &CompiledPolicy, sessions: &[(FlowKey, Session)]) -> Vec<FlowKey> {
-    let rules = ModelRules {
-        header: PolicyHeader {
-            generation: 1,
-            ..policy.header
-        },
-        entries: policy.entries.clone(),
-    };
+    let rules = ModelRules::new(policy);
     sessions
         .iter()
         .filter(|(key, session)| !admitted_by(&rules, key, session))
