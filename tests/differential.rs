@@ -16,11 +16,12 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use session_tests::raw::{TcpSegment, ethernet, flags, icmp_packet, udp_packet};
+use session_tests::raw::{TcpSegment, flags};
 use session_tests::{
     CtCounts, Daemon, Family, IO_TIMEOUT, Lab, Side, accept_within, read_exact_len, read_to_eof,
     set_fast_keepalive, set_linger_zero,
 };
+use session_user::frames;
 
 /// Accept everything: the daemon only classifies, the kernel sees every packet.
 const ACCEPT_ALL: &str = r#"
@@ -403,15 +404,13 @@ fn icmp_without_session(family: Family) {
             Family::V4 => (0, 3, 3),
             Family::V6 => (129, 1, 4),
         };
-        let reply = icmp_packet(client, fw, echo_reply, 0, [0x42, 0x42, 0, 1], b"pong");
-        let quoted = udp_packet(
-            family.sock(Side::Fw, 40000),
-            family.sock(Side::Client, 5555),
-            b"never sent",
-        );
-        let error = icmp_packet(client, fw, unreachable, port_unreachable, [0; 4], &quoted);
-        for packet in [reply, error] {
-            link.send(&ethernet(client_mac, fw_mac, &packet));
+        let v6 = family == Family::V6;
+        let reply = frames::icmp(v6, echo_reply, 0, [0x42, 0x42, 0, 1], b"pong");
+        let quoted = frames::packet(fw, client, frames::udp_carrying(40000, 5555, b"never sent"));
+        let error = frames::icmp(v6, unreachable, port_unreachable, [0; 4], &quoted);
+        for icmp in [reply, error] {
+            let packet = frames::packet(client, fw, icmp);
+            link.send(&frames::ethernet_between(client_mac, fw_mac, &packet));
         }
     });
     measured.assert_agree("ICMP without session");

@@ -1,6 +1,7 @@
-//! Builders for Ethernet frames, so tests, the kernel-path checks and benchmarks can
-//! craft exactly the packets a scenario needs (checksums are left zero: nothing on the
-//! tracked path verifies them).
+//! Builders for Ethernet frames, so tests, the kernel-path checks, benchmarks and the
+//! netns tests' injected packets can craft exactly the packets a scenario needs. IP and
+//! transport checksums are filled in: the tracked path ignores them, but a real stack
+//! behind the firewall drops packets whose checksums are wrong.
 
 use std::net::IpAddr;
 
@@ -91,15 +92,20 @@ impl Tcp {
     }
 }
 
-/// A UDP datagram with a zero-filled payload.
+/// A UDP datagram with a zero-filled payload of `payload` bytes.
 pub fn udp(sport: u16, dport: u16, payload: usize) -> (u8, Vec<u8>) {
-    let len = 8 + payload;
+    udp_carrying(sport, dport, &vec![0; payload])
+}
+
+/// A UDP datagram carrying `payload`.
+pub fn udp_carrying(sport: u16, dport: u16, payload: &[u8]) -> (u8, Vec<u8>) {
+    let len = 8 + payload.len();
     let mut out = Vec::with_capacity(len);
     out.extend_from_slice(&sport.to_be_bytes());
     out.extend_from_slice(&dport.to_be_bytes());
     out.extend_from_slice(&(len as u16).to_be_bytes());
     out.extend_from_slice(&[0, 0]);
-    out.resize(len, 0);
+    out.extend_from_slice(payload);
     (proto::UDP, out)
 }
 
@@ -129,48 +135,109 @@ pub fn echo(v6: bool, reply: bool, id: u16, sequence: u16) -> (u8, Vec<u8>) {
     icmp(v6, icmp_type, 0, [a, b, c, d], &[0; 16])
 }
 
-/// An IP packet (no Ethernet header) carrying `payload` of protocol `protocol`.
+/// An IPv4 (DF set, TTL 64) or IPv6 (hop limit 64, no extension header) packet, without
+/// Ethernet header, carrying `payload` as protocol `protocol`. The IPv4 header checksum
+/// and the TCP, UDP, ICMP or ICMPv6 checksum are filled in (the payload's checksum field
+/// must be zero; a payload too short to hold one is left as it is).
 pub fn ip_packet(src: IpAddr, dst: IpAddr, protocol: u8, payload: &[u8]) -> Vec<u8> {
-    match (src, dst) {
+    let len = payload.len();
+    let (mut out, pseudo) = match (src, dst) {
         (IpAddr::V4(src), IpAddr::V4(dst)) => {
-            let total = 20 + payload.len();
             let mut out = vec![0x45, 0];
-            out.extend_from_slice(&(total as u16).to_be_bytes());
+            out.extend_from_slice(&((20 + len) as u16).to_be_bytes());
             out.extend_from_slice(&[0, 1, 0x40, 0, 64, protocol, 0, 0]);
             out.extend_from_slice(&src.octets());
             out.extend_from_slice(&dst.octets());
-            out.extend_from_slice(payload);
-            out
+            let sum = checksum(&[&out]);
+            out[10..12].copy_from_slice(&sum.to_be_bytes());
+            let mut pseudo = Vec::with_capacity(12);
+            pseudo.extend_from_slice(&src.octets());
+            pseudo.extend_from_slice(&dst.octets());
+            pseudo.extend_from_slice(&[0, protocol]);
+            pseudo.extend_from_slice(&(len as u16).to_be_bytes());
+            (out, pseudo)
         }
         (IpAddr::V6(src), IpAddr::V6(dst)) => {
             let mut out = vec![0x60, 0, 0, 0];
-            out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+            out.extend_from_slice(&(len as u16).to_be_bytes());
             out.extend_from_slice(&[protocol, 64]);
             out.extend_from_slice(&src.octets());
             out.extend_from_slice(&dst.octets());
-            out.extend_from_slice(payload);
-            out
+            let mut pseudo = Vec::with_capacity(40);
+            pseudo.extend_from_slice(&src.octets());
+            pseudo.extend_from_slice(&dst.octets());
+            pseudo.extend_from_slice(&(len as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, protocol]);
+            (out, pseudo)
         }
         _ => panic!("ip_packet: {src} and {dst} are of different families"),
+    };
+    let header_len = out.len();
+    out.extend_from_slice(payload);
+    let checksum_at = match protocol {
+        proto::TCP => Some((16, &pseudo[..])),
+        proto::UDP => Some((6, &pseudo[..])),
+        proto::ICMPV6 => Some((2, &pseudo[..])),
+        proto::ICMP => Some((2, &[][..])),
+        _ => None,
+    };
+    if let Some((offset, pseudo)) = checksum_at
+        && len >= offset + 2
+    {
+        let mut sum = checksum(&[pseudo, payload]);
+        if protocol == proto::UDP && sum == 0 {
+            sum = 0xffff;
+        }
+        let at = header_len + offset;
+        out[at..at + 2].copy_from_slice(&sum.to_be_bytes());
     }
+    out
 }
 
-/// An Ethernet frame around an IP packet (ethertype from the IP version nibble).
+/// The Internet checksum over the concatenation of `parts` (each of even length except
+/// possibly the last).
+fn checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    for part in parts {
+        for pair in part.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet frame around an IP packet between two fixed, locally administered MACs.
 pub fn ethernet(ip: &[u8]) -> Vec<u8> {
+    ethernet_between([0x02, 0, 0, 0, 0, 2], [0x02, 0, 0, 0, 0, 1], ip)
+}
+
+/// An Ethernet frame from `src_mac` to `dst_mac` around an IP packet (ethertype from the
+/// IP version nibble).
+pub fn ethernet_between(src_mac: [u8; 6], dst_mac: [u8; 6], ip: &[u8]) -> Vec<u8> {
     let ethertype: u16 = if ip.first().is_some_and(|b| b >> 4 == 6) {
         0x86dd
     } else {
         0x0800
     };
-    let mut out = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    let mut out = Vec::with_capacity(14 + ip.len());
+    out.extend_from_slice(&dst_mac);
+    out.extend_from_slice(&src_mac);
     out.extend_from_slice(&ethertype.to_be_bytes());
     out.extend_from_slice(ip);
     out
 }
 
+/// An IP packet carrying a transport built by [`tcp`], [`udp`], [`icmp`] or [`echo`].
+pub fn packet(src: IpAddr, dst: IpAddr, transport: (u8, Vec<u8>)) -> Vec<u8> {
+    ip_packet(src, dst, transport.0, &transport.1)
+}
+
 /// A complete frame: Ethernet, IP, transport.
 pub fn frame(src: IpAddr, dst: IpAddr, transport: (u8, Vec<u8>)) -> Vec<u8> {
-    ethernet(&ip_packet(src, dst, transport.0, &transport.1))
+    ethernet(&packet(src, dst, transport))
 }
 
 /// An ICMP error (destination unreachable, code `code`) from `from` to `to`, quoting the

@@ -20,7 +20,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::enter_netns;
-use crate::raw::{self, TcpSegment, flags};
+use session_user::frames;
+
+use crate::raw::{TcpSegment, flags};
 
 /// Frames handed to the kernel per `sendmmsg` call: large enough to amortise the system
 /// call, small enough that the duration bound is checked often.
@@ -295,10 +297,9 @@ pub fn udp_frames(
     let payload = [0x5a; UDP_PAYLOAD_LEN];
     (0..sources)
         .map(|i| {
-            let src = SocketAddr::new(spoofed_source(dst, i), spoofed_port(i));
-            let packet =
-                raw::udp_packet(src, SocketAddr::new(dst, ports[i % ports.len()]), &payload);
-            raw::ethernet(src_mac, dst_mac, &packet)
+            let udp = frames::udp_carrying(spoofed_port(i), ports[i % ports.len()], &payload);
+            let packet = frames::packet(spoofed_source(dst, i), dst, udp);
+            frames::ethernet_between(src_mac, dst_mac, &packet)
         })
         .collect()
 }

@@ -11,6 +11,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use session_common::wire::proto;
+use session_user::frames;
+
 use crate::{Lab, Side};
 
 /// TCP flag bits, for [`TcpSegment::flags`].
@@ -29,10 +32,6 @@ pub mod flags {
 
 const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERTYPE_IPV6: u16 = 0x86dd;
-const PROTO_ICMP: u8 = 1;
-const PROTO_TCP: u8 = 6;
-const PROTO_UDP: u8 = 17;
-const PROTO_ICMPV6: u8 = 58;
 const TCP_HEADER_LEN: usize = 20;
 
 /// One TCP segment without options: what a test injects, or what it captured (options of
@@ -77,7 +76,7 @@ impl TcpSegment {
     /// TCP checksums (the kernel would drop it before conntrack otherwise) and, for IPv4,
     /// DF set.
     pub fn frame(&self, src_mac: [u8; 6], dst_mac: [u8; 6]) -> Vec<u8> {
-        ethernet(src_mac, dst_mac, &self.packet())
+        frames::ethernet_between(src_mac, dst_mac, &self.packet())
     }
 
     /// The segment as an IP packet (no Ethernet header), checksums filled in.
@@ -92,7 +91,7 @@ impl TcpSegment {
         tcp.extend_from_slice(&self.window.to_be_bytes());
         tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
         tcp.extend_from_slice(&self.payload);
-        ip_packet(self.src.ip(), self.dst.ip(), PROTO_TCP, tcp)
+        frames::ip_packet(self.src.ip(), self.dst.ip(), proto::TCP, &tcp)
     }
 
     /// The TCP segment in an untagged Ethernet frame, if it is one (IPv4 without
@@ -105,7 +104,7 @@ impl TcpSegment {
                 let ihl = usize::from(ip.first()? & 0x0f) * 4;
                 let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
                 let fragment = u16::from_be_bytes([*ip.get(6)?, *ip.get(7)?]) & 0x3fff;
-                if *ip.get(9)? != PROTO_TCP || fragment != 0 || ihl < 20 {
+                if *ip.get(9)? != proto::TCP || fragment != 0 || ihl < 20 {
                     return None;
                 }
                 let src: [u8; 4] = ip.get(12..16)?.try_into().ok()?;
@@ -119,7 +118,7 @@ impl TcpSegment {
                 (IpAddr::from(src), IpAddr::from(dst), ip.get(ihl..end)?)
             }
             ETHERTYPE_IPV6 => {
-                if *ip.get(6)? != PROTO_TCP {
+                if *ip.get(6)? != proto::TCP {
                     return None;
                 }
                 let payload = usize::from(u16::from_be_bytes([*ip.get(4)?, *ip.get(5)?]));
@@ -148,124 +147,6 @@ impl TcpSegment {
             payload: tcp.get(data_offset..)?.to_vec(),
         })
     }
-}
-
-/// A UDP datagram from `src` to `dst` as an IP packet, checksums filled in, for the
-/// quoted packet of a forged ICMP error.
-pub fn udp_packet(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
-    let mut udp = Vec::with_capacity(8 + payload.len());
-    udp.extend_from_slice(&src.port().to_be_bytes());
-    udp.extend_from_slice(&dst.port().to_be_bytes());
-    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(payload);
-    ip_packet(src.ip(), dst.ip(), PROTO_UDP, udp)
-}
-
-/// An ICMP (IPv4) or ICMPv6 (IPv6) message from `src` to `dst` as an IP packet:
-/// `icmp_type`, `code`, the 4-byte `rest` of the header (echo id and sequence, or the
-/// unused word of an error), then `body` (echo data, or the quoted packet of an error).
-pub fn icmp_packet(
-    src: IpAddr,
-    dst: IpAddr,
-    icmp_type: u8,
-    code: u8,
-    rest: [u8; 4],
-    body: &[u8],
-) -> Vec<u8> {
-    let mut icmp = vec![icmp_type, code, 0, 0];
-    icmp.extend_from_slice(&rest);
-    icmp.extend_from_slice(body);
-    let proto = if src.is_ipv4() {
-        PROTO_ICMP
-    } else {
-        PROTO_ICMPV6
-    };
-    ip_packet(src, dst, proto, icmp)
-}
-
-/// `packet` in an Ethernet frame from `src_mac` to `dst_mac`, its ethertype taken from
-/// the IP version.
-pub fn ethernet(src_mac: [u8; 6], dst_mac: [u8; 6], packet: &[u8]) -> Vec<u8> {
-    let ethertype = match packet.first().map(|b| b >> 4) {
-        Some(4) => ETHERTYPE_IPV4,
-        Some(6) => ETHERTYPE_IPV6,
-        other => panic!("not an IP packet (version {other:?})"),
-    };
-    let mut frame = Vec::with_capacity(14 + packet.len());
-    frame.extend_from_slice(&dst_mac);
-    frame.extend_from_slice(&src_mac);
-    frame.extend_from_slice(&ethertype.to_be_bytes());
-    frame.extend_from_slice(packet);
-    frame
-}
-
-/// An IPv4 (DF set, TTL 64) or IPv6 (hop limit 64, no extension header) packet carrying
-/// `l4` as protocol `proto`, with the IPv4 header checksum and the transport checksum of
-/// TCP, UDP, ICMP or ICMPv6 computed; the checksum field in `l4` must be zero.
-pub fn ip_packet(src: IpAddr, dst: IpAddr, proto: u8, mut l4: Vec<u8>) -> Vec<u8> {
-    let len = l4.len();
-    let (mut header, pseudo) = match (src, dst) {
-        (IpAddr::V4(src), IpAddr::V4(dst)) => {
-            let mut ip = vec![0x45, 0];
-            ip.extend_from_slice(&((20 + len) as u16).to_be_bytes());
-            ip.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
-            ip.extend_from_slice(&src.octets());
-            ip.extend_from_slice(&dst.octets());
-            let sum = checksum(&[&ip]);
-            ip[10..12].copy_from_slice(&sum.to_be_bytes());
-            let mut pseudo = Vec::with_capacity(12);
-            pseudo.extend_from_slice(&src.octets());
-            pseudo.extend_from_slice(&dst.octets());
-            pseudo.extend_from_slice(&[0, proto]);
-            pseudo.extend_from_slice(&(len as u16).to_be_bytes());
-            (ip, pseudo)
-        }
-        (IpAddr::V6(src), IpAddr::V6(dst)) => {
-            let mut ip = vec![0x60, 0, 0, 0];
-            ip.extend_from_slice(&(len as u16).to_be_bytes());
-            ip.extend_from_slice(&[proto, 64]);
-            ip.extend_from_slice(&src.octets());
-            ip.extend_from_slice(&dst.octets());
-            let mut pseudo = Vec::with_capacity(40);
-            pseudo.extend_from_slice(&src.octets());
-            pseudo.extend_from_slice(&dst.octets());
-            pseudo.extend_from_slice(&(len as u32).to_be_bytes());
-            pseudo.extend_from_slice(&[0, 0, 0, proto]);
-            (ip, pseudo)
-        }
-        (src, dst) => panic!("mixed families in one packet: {src} -> {dst}"),
-    };
-    let (offset, pseudo): (usize, &[u8]) = match proto {
-        PROTO_TCP => (16, &pseudo),
-        PROTO_UDP => (6, &pseudo),
-        PROTO_ICMPV6 => (2, &pseudo),
-        PROTO_ICMP => (2, &[]),
-        other => panic!("no checksum rule for protocol {other}"),
-    };
-    let mut sum = checksum(&[pseudo, &l4]);
-    if proto == PROTO_UDP && sum == 0 {
-        sum = 0xffff;
-    }
-    l4[offset..offset + 2].copy_from_slice(&sum.to_be_bytes());
-    header.extend_from_slice(&l4);
-    header
-}
-
-/// The Internet checksum over the concatenation of `parts` (each of even length except
-/// possibly the last).
-fn checksum(parts: &[&[u8]]) -> u16 {
-    let mut sum: u32 = 0;
-    for part in parts {
-        for pair in part.chunks(2) {
-            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-            sum += u32::from(word);
-        }
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// An `AF_PACKET` socket bound to one lab veth: sends frames as they are and captures
