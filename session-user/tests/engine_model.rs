@@ -222,6 +222,30 @@ impl Conn {
         )
     }
 
+    /// SYN in, SYN-ACK out, ACK in at t = 0, 1, 2 ns through a policy that must accept
+    /// all three; checks their states and verdicts.
+    fn handshake_accepted(&mut self, model: &mut Model) {
+        let steps = [
+            (Hook::Ingress, CtState::New, "SYN"),
+            (Hook::Egress, CtState::Established, "SYN-ACK"),
+            (Hook::Ingress, CtState::Established, "ACK"),
+        ];
+        for (now, (hook, state, what)) in steps.into_iter().enumerate() {
+            let frame = match now {
+                0 => self.c(SYN),
+                1 => {
+                    self.cseq += 1;
+                    self.s(SYN | ACK)
+                }
+                _ => {
+                    self.sseq += 1;
+                    self.c(ACK)
+                }
+            };
+            expect_verdict(model, &frame, hook, now as u64, state, Action::Accept, what);
+        }
+    }
+
     /// SYN, SYN-ACK, ACK at t = 0, 1 ms, 2 ms; checks the per-packet states.
     fn handshake(&mut self, model: &mut Model) {
         let syn = self.c(SYN);
@@ -921,35 +945,7 @@ fn tcp_simultaneous_open_goes_through_syn_sent2() {
 fn tcp_half_close_lets_the_other_side_keep_sending() {
     let mut model = restrictive();
     let mut conn = Conn::new();
-    expect_verdict(
-        &mut model,
-        &conn.c(SYN),
-        Hook::Ingress,
-        0,
-        CtState::New,
-        Action::Accept,
-        "SYN",
-    );
-    conn.cseq += 1;
-    expect_verdict(
-        &mut model,
-        &conn.s(SYN | ACK),
-        Hook::Egress,
-        1,
-        CtState::Established,
-        Action::Accept,
-        "SYN-ACK",
-    );
-    conn.sseq += 1;
-    expect_verdict(
-        &mut model,
-        &conn.c(ACK),
-        Hook::Ingress,
-        2,
-        CtState::Established,
-        Action::Accept,
-        "ACK",
-    );
+    conn.handshake_accepted(&mut model);
     let key_frame = conn.c(ACK);
     // The client is done sending.
     expect_verdict(
@@ -1116,35 +1112,7 @@ fn tcp_loose_picks_up_a_connection_from_a_mid_stream_ack() {
 fn tcp_out_of_window_data_is_invalid_with_window_checking() {
     let mut model = restrictive();
     let mut conn = Conn::new();
-    expect_verdict(
-        &mut model,
-        &conn.c(SYN),
-        Hook::Ingress,
-        0,
-        CtState::New,
-        Action::Accept,
-        "SYN",
-    );
-    conn.cseq += 1;
-    expect_verdict(
-        &mut model,
-        &conn.s(SYN | ACK),
-        Hook::Egress,
-        1,
-        CtState::Established,
-        Action::Accept,
-        "SYN-ACK",
-    );
-    conn.sseq += 1;
-    expect_verdict(
-        &mut model,
-        &conn.c(ACK),
-        Hook::Ingress,
-        2,
-        CtState::Established,
-        Action::Accept,
-        "ACK",
-    );
+    conn.handshake_accepted(&mut model);
     let far = tcp_frame(
         client(),
         server(),
