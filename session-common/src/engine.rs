@@ -9,7 +9,7 @@ use crate::track::{
 };
 use crate::wire::{
     Action, Counter, CtState, Dir, FlowKey, HIT_DEFAULT_INBOUND, HIT_DEFAULT_OUTBOUND, Hook,
-    MAX_RULES, PolicyHeader, RULE_ID_DEFAULT, Rule, Session, Settings, TcpState, proto,
+    MAX_RULES, PolicyHeader, RULE_ID_DEFAULT, Rule, Session, Settings, TcpState, event_kind, proto,
     session_flags,
 };
 
@@ -91,6 +91,20 @@ pub struct Outcome {
     pub created: bool,
     /// The packet closed its session (finished the FIN handshake, or reset it).
     pub closed: bool,
+}
+
+impl Outcome {
+    /// The [`event_kind`] bits the kernel reports for this packet; 0 for none.
+    #[inline(always)]
+    pub fn event_kind(&self) -> u8 {
+        (if self.created { event_kind::NEW } else { 0 })
+            | (if self.closed { event_kind::CLOSED } else { 0 })
+            | (if self.decision.log {
+                event_kind::LOGGED
+            } else {
+                0
+            })
+    }
 }
 
 /// First matching rule of the active bank, else the hook's default action.

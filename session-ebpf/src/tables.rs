@@ -14,7 +14,7 @@ use session_common::{
     policy::rule_matches,
     wire::{
         Counter, CtState, DaemonCounter, EVENT_RING_BYTES, Event, FlowKey, Hook, MAX_RULES,
-        PolicyHeader, RULE_HIT_SLOTS, Rule, RuleName, Session, Settings, event_kind, session_flags,
+        PolicyHeader, RULE_HIT_SLOTS, Rule, RuleName, Session, Settings, session_flags,
     },
 };
 
@@ -55,17 +55,7 @@ static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
 /// event (counted) and never delays the packet.
 #[inline(always)]
 pub fn report(meta: &PacketMeta, outcome: &Outcome, hook: Hook, ifindex: u32, now: u64) {
-    let kind = (if outcome.created { event_kind::NEW } else { 0 })
-        | (if outcome.closed {
-            event_kind::CLOSED
-        } else {
-            0
-        })
-        | (if outcome.decision.log {
-            event_kind::LOGGED
-        } else {
-            0
-        });
+    let kind = outcome.event_kind();
     if kind == 0 {
         return;
     }

@@ -28,14 +28,16 @@ use std::{
 
 use aya::{
     Ebpf,
+    maps::{Map, MapData, RingBuf},
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use session_common::{
     engine::Outcome,
     packet::ipv4_mapped,
     wire::{
-        Action, Counter, CtState, FAMILY_IPV4, FAMILY_IPV6, FlowKey, FlowState, Hook, NS_PER_SEC,
-        RULE_HIT_SLOTS, Session, Settings, TcpState, Timeout, proto, session_flags,
+        Action, Counter, CtState, Event, FAMILY_IPV4, FAMILY_IPV6, FlowKey, FlowState, Hook,
+        NS_PER_SEC, RULE_HIT_SLOTS, Session, Settings, TcpState, Timeout, map_names, proto,
+        session_flags,
     },
 };
 use session_user::{
@@ -125,6 +127,8 @@ enum Verdict {
 struct Kernel {
     ebpf: Ebpf,
     maps: PinnedMaps,
+    /// The event ring buffer, read here as the daemon reads it.
+    events: RingBuf<MapData>,
     /// Declared last so the directory goes after the program and map fds are closed.
     _pin: PinDir,
 }
@@ -162,9 +166,16 @@ impl Kernel {
             pin.0.display(),
             started.elapsed()
         );
+        let events_path = pin.0.join(map_names::EVENTS);
+        let events = MapData::from_pin(&events_path)
+            .map(Map::RingBuf)
+            .map_err(|error| format!("{error:?}"))
+            .and_then(|map| RingBuf::try_from(map).map_err(|error| format!("{error:?}")))
+            .unwrap_or_else(|error| panic!("opening {}: {error}", events_path.display()));
         Kernel {
             ebpf,
             maps,
+            events,
             _pin: pin,
         }
     }
@@ -231,6 +242,17 @@ impl Kernel {
         );
     }
 
+    /// The kinds of the events reported since the last call, oldest first, draining the
+    /// ring buffer as the daemon does (so it never fills).
+    fn take_event_kinds(&mut self) -> Vec<u8> {
+        let mut kinds = Vec::new();
+        while let Some(record) = self.events.next() {
+            let event: Event = bytemuck::pod_read_unaligned(&record[..size_of::<Event>()]);
+            kinds.push(event.kind);
+        }
+        kinds
+    }
+
     /// The whole session table.
     fn sessions(&self) -> HashMap<FlowKey, Session> {
         self.maps
@@ -279,6 +301,7 @@ name = "no-telnet"
 proto = "tcp"
 dport = [23]
 action = "drop"
+log = true
 
 [[rule]]
 name = "return-traffic"
@@ -298,6 +321,7 @@ state = ["new"]
 proto = "udp"
 dport = [5353]
 action = "accept"
+log = true
 
 [[rule]]
 name = "ping"
@@ -1758,6 +1782,15 @@ fn model_verdict(outcome: Option<Outcome>) -> Verdict {
     }
 }
 
+/// The events the kernel must report for a frame the model judged as `outcome`.
+fn model_event_kinds(outcome: Option<Outcome>) -> Vec<u8> {
+    outcome
+        .map(|outcome| outcome.event_kind())
+        .filter(|&kind| kind != 0)
+        .into_iter()
+        .collect()
+}
+
 #[test]
 fn kernel_and_model_agree_frame_by_frame() {
     let seed = std::env::var("SESSION_KT_SEED")
@@ -1777,7 +1810,7 @@ fn kernel_and_model_agree_frame_by_frame() {
         .unwrap_or(DIFF_FRAMES);
     let settings = test_settings();
     let policy = test_policy();
-    let k = Kernel::start(&settings, &policy);
+    let mut k = Kernel::start(&settings, &policy);
     let mut model = Model::new(settings, &policy);
     let mut generator = Generator::new(seed);
     let mut log: Vec<String> = Vec::new();
@@ -1805,6 +1838,14 @@ fn kernel_and_model_agree_frame_by_frame() {
             ),
         };
         let expected = model_verdict(outcome);
+        let (reported, expected_events) = (k.take_event_kinds(), model_event_kinds(outcome));
+        if reported != expected_events {
+            panic!(
+                "seed {seed:#x} frame #{index} ({what}): kernel reported events {reported:?}, \
+                 model expects {expected_events:?} ({outcome:?})\nlast frames:\n  {}",
+                recent(&log)
+            );
+        }
         if kernel != expected {
             panic!(
                 "seed {seed:#x} frame #{index} ({what}): kernel {kernel:?}, model {expected:?} \
@@ -2034,7 +2075,7 @@ fn kernel_and_model_agree_at_scale_with_mutated_frames() {
     let seed = env_number("SESSION_DIFF_SEED", true).unwrap_or(SCALE_DEFAULT_SEED);
     let settings = test_settings();
     let policy = test_policy();
-    let k = Kernel::start_sized(&settings, &policy, SCALE_MAX_SESSIONS);
+    let mut k = Kernel::start_sized(&settings, &policy, SCALE_MAX_SESSIONS);
     let mut model = Model::new(settings, &policy);
     let mut generator = Generator::new(seed);
     let mut mutator = Rng::new(seed ^ 0xa5a5_a5a5_a5a5_a5a5);
@@ -2082,11 +2123,13 @@ fn kernel_and_model_agree_at_scale_with_mutated_frames() {
         if value == XDP_ABORTED {
             aborted += 1;
         }
-        if kernel != Some(expected) {
+        let (reported, expected_events) = (k.take_event_kinds(), model_event_kinds(outcome));
+        if kernel != Some(expected) || reported != expected_events {
             mismatch_count += 1;
             if mismatches.len() < SCALE_REPORTED {
                 mismatches.push(format!(
-                    "frame #{index} ({what}): kernel returned {value}, model {expected:?} \
+                    "frame #{index} ({what}): kernel returned {value} with events \
+                     {reported:?}, model {expected:?} with {expected_events:?} \
                      ({outcome:?})\n{}",
                     hex(&frame)
                 ));
