@@ -721,6 +721,21 @@ fn a_policy_with_more_entries_than_a_bank_holds_is_refused_at_the_rule() {
 }
 
 #[test]
+fn compile_refuses_a_hand_built_policy_that_would_overflow_a_bank() {
+    // Config validation stops this first; compile still refuses, because writing past a
+    // bank would overwrite the other, active one.
+    let mut policy = parse_ok("[[rule]]\nname = \"r\"\naction = \"accept\"\n").policy;
+    let rule = policy.rules[0].clone();
+    policy.rules = vec![rule; MAX_RULES as usize + 1];
+    match compile::compile(&policy, |_| None) {
+        Err(CompileError::TooManyEntries { entries, max, .. }) => {
+            assert_eq!((entries, max), (u64::from(MAX_RULES) + 1, MAX_RULES));
+        }
+        other => panic!("expected too many entries, got {other:?}"),
+    }
+}
+
+#[test]
 fn entries_are_counted_exactly_as_compiled() {
     let cases = [
         "src = [\"198.18.0.0/24\", \"2001:2::/64\"]\ndst = [\"198.19.0.0/16\"]\nproto = \"udp\"\ndport = [53, \"5000-5010\"]",
