@@ -11,25 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use session_tests::{Family, Lab, Side, counter, describe};
-
-const POLICY: &str = r#"
-[policy]
-inbound = "drop"
-outbound = "accept"
-
-[[rule]]
-name = "return-traffic"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "web"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-"#;
+use session_tests::{Family, Lab, Side, WEB_POLICY, counter, describe};
 
 /// One corpus file and what it must be refused for.
 struct Case {
@@ -115,7 +97,7 @@ fn assert_located(stderr: &str, file: &Path, case: &Case) {
 fn every_hostile_config_is_refused_where_it_is_wrong_and_changes_nothing() {
     let cases = corpus();
     let lab = Lab::new("badcfg");
-    let daemon = lab.daemon(POLICY);
+    let daemon = lab.daemon(WEB_POLICY);
     let (client, fw) = (Family::V4.addr(Side::Client), Family::V4.addr(Side::Fw));
     let _web = lab.tcp_listen(Side::Fw, Family::V4, 8080);
     let _other = lab.tcp_listen(Side::Fw, Family::V4, 8081);
@@ -172,7 +154,7 @@ fn every_hostile_config_is_refused_where_it_is_wrong_and_changes_nothing() {
     assert!(blocked.is_err(), "the policy no longer blocks 8081");
     daemon.wait_session("tcp", client, fw, 8080, "ESTABLISHED");
 
-    std::fs::write(lab.config_path(), POLICY).expect("restoring the config");
+    std::fs::write(lab.config_path(), WEB_POLICY).expect("restoring the config");
     let generation_after = daemon.cli(&["reload"]);
     let number = |text: &str| {
         text.split_whitespace()

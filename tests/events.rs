@@ -10,43 +10,28 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use session_tests::{
-    Background, Daemon, FW_IFACE, Family, Lab, Side, counter, read_exact_len, read_to_eof, wait_for,
+    Background, DNS_RULE, Daemon, FW_IFACE, Family, Lab, Side, WEB_POLICY, counter, read_exact_len,
+    read_to_eof, wait_for,
 };
 
-const POLICY: &str = r#"
-[timeouts]
-udp_unreplied = 1
-
-[policy]
-inbound = "drop"
-outbound = "accept"
-
-[[rule]]
-name = "return-traffic"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "web"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-
-[[rule]]
-name = "dns"
-state = ["new"]
-proto = "udp"
-dport = [5353]
-action = "accept"
-
+/// The web host with UDP 5353 open, UDP 9999 dropped and logged, and a 1 s timeout for
+/// unanswered UDP so the reaper expires a session while the test watches.
+fn policy() -> String {
+    format!(
+        "{WEB_POLICY}{DNS_RULE}{}",
+        r#"
 [[rule]]
 name = "blocked-udp"
 proto = "udp"
 dport = [9999]
 action = "drop"
 log = true
-"#;
+
+[timeouts]
+udp_unreplied = 1
+"#
+    )
+}
 
 const WEB: u16 = 8080;
 const DNS: u16 = 5353;
@@ -128,7 +113,7 @@ fn connect_clients(lab: &Lab, clients: &[&Background<'_>]) -> std::net::UdpSocke
 #[test]
 fn events_report_new_closed_expired_and_logged() {
     let lab = Lab::new("ev");
-    let daemon = lab.daemon(POLICY);
+    let daemon = lab.daemon(&policy());
     let client = daemon.cli_background(&["events", "--json"]);
     let text_client = daemon.cli_background(&["events"]);
     let socket = connect_clients(&lab, &[&client, &text_client]);
@@ -188,7 +173,7 @@ fn events_report_new_closed_expired_and_logged() {
 fn a_flood_of_logged_drops_is_streamed_whole_but_logged_at_a_bounded_rate() {
     const FLOOD: u64 = 2000;
     let lab = Lab::new("evlog");
-    let daemon = lab.daemon(POLICY);
+    let daemon = lab.daemon(&policy());
     let client = daemon.cli_background(&["events", "--json"]);
     let socket = connect_clients(&lab, &[&client]);
     let before = daemon.stats_json();

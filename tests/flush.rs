@@ -4,37 +4,17 @@
 
 use std::io::Write;
 
-use session_tests::{Family, Lab, Side, counter, read_exact_len};
+use session_tests::{DNS_RULE, Family, Lab, Side, WEB_POLICY, counter, read_exact_len};
 
-const POLICY: &str = r#"
-[policy]
-inbound = "drop"
-outbound = "accept"
-
-[[rule]]
-name = "return-traffic"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "services"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-
-[[rule]]
-name = "dns"
-state = ["new"]
-proto = "udp"
-dport = [5353]
-action = "accept"
-"#;
+/// The web host with UDP 5353 open as well.
+fn policy() -> String {
+    format!("{WEB_POLICY}{DNS_RULE}")
+}
 
 #[test]
 fn flush_by_filter_then_all() {
     let lab = Lab::new("flush");
-    let daemon = lab.daemon(POLICY);
+    let daemon = lab.daemon(&policy());
     let (mut client, mut server) = lab.tcp_pair(Family::V4, 8080);
     client.write_all(b"hello\n").expect("client write");
     assert_eq!(read_exact_len(&mut server, 6), b"hello\n");

@@ -6,26 +6,9 @@
 use std::time::Duration;
 
 use session_tests::{
-    CLIENT_V4, FW_V4, Lab, Listen, Side, counter, delta, describe, find_session, rule_hits,
+    CLIENT_V4, FW_V4, Lab, Listen, Side, WEB_POLICY, counter, delta, describe, find_session,
+    rule_hits,
 };
-
-const POLICY: &str = r#"
-[policy]
-inbound = "drop"
-outbound = "accept"
-
-[[rule]]
-name = "return-traffic"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "web"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-"#;
 
 const TCP_ECHO: &[&str] = &["socat", "TCP-LISTEN:8080,fork,reuseaddr", "EXEC:cat"];
 const UDP_ECHO: &[&str] = &["socat", "UDP-RECVFROM:7,fork", "EXEC:cat"];
@@ -78,7 +61,7 @@ fn ping3(lab: &Lab, side: Side, dst: &str) -> std::process::Output {
 #[test]
 fn tcp_to_allowed_port_succeeds_and_is_established() {
     let lab = Lab::new("tcpok");
-    let daemon = lab.daemon(POLICY);
+    let daemon = lab.daemon(WEB_POLICY);
     let _server = lab.server(Side::Fw, Listen::Tcp(8080), TCP_ECHO);
 
     // The client keeps its stdin open, so the connection stays up while we inspect it.
@@ -120,7 +103,7 @@ fn tcp_to_allowed_port_succeeds_and_is_established() {
 #[test]
 fn tcp_to_other_port_fails() {
     let lab = Lab::new("tcpno");
-    let daemon = lab.daemon(POLICY);
+    let daemon = lab.daemon(WEB_POLICY);
     let _server = lab.server(
         Side::Fw,
         Listen::Tcp(9090),
@@ -165,7 +148,7 @@ fn tcp_to_other_port_fails() {
 fn unsolicited_inbound_udp_is_dropped() {
     const N: u64 = 5;
     let lab = Lab::new("udpin");
-    let daemon = lab.daemon(POLICY);
+    let daemon = lab.daemon(WEB_POLICY);
     let sink = lab.server(Side::Fw, Listen::Udp(5353), UDP_SINK);
 
     let before = daemon.stats_json();
@@ -186,7 +169,7 @@ fn unsolicited_inbound_udp_is_dropped() {
 #[test]
 fn udp_reply_to_outbound_query_gets_through() {
     let lab = Lab::new("udprep");
-    let daemon = lab.daemon(POLICY);
+    let daemon = lab.daemon(WEB_POLICY);
     let _echo = lab.server(Side::Client, Listen::Udp(7), UDP_ECHO);
 
     assert_eq!(udp_query_from_fw(&lab), "hello\n", "no udp reply");
@@ -200,7 +183,7 @@ fn udp_reply_to_outbound_query_gets_through() {
 #[test]
 fn outbound_ping_gets_reply_inbound_ping_dropped() {
     let lab = Lab::new("icmp");
-    let daemon = lab.daemon(POLICY);
+    let daemon = lab.daemon(WEB_POLICY);
 
     // Inbound first, so that no echo session from the outbound ping can exist yet.
     let before = daemon.stats_json();
@@ -240,7 +223,7 @@ fn outbound_ping_gets_reply_inbound_ping_dropped() {
 #[test]
 fn counters_match_traffic() {
     let lab = Lab::new("count");
-    let daemon = lab.daemon(POLICY);
+    let daemon = lab.daemon(WEB_POLICY);
     let _web = lab.server(Side::Fw, Listen::Tcp(8080), TCP_ECHO);
     let _sink = lab.server(Side::Fw, Listen::Udp(5353), UDP_SINK);
     let _echo = lab.server(Side::Client, Listen::Udp(7), UDP_ECHO);

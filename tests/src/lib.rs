@@ -55,6 +55,37 @@ pub const FW_V6: &str = "2001:2::2";
 /// Name of fw's veth end, the interface the daemon attaches to. A fixed name is safe
 /// because the veth is created directly inside the lab's own namespaces.
 pub const FW_IFACE: &str = "veth-fw";
+
+/// The policy of a host serving TCP 8080: return traffic and new connections to 8080
+/// accepted, everything else inbound dropped, everything outbound accepted. Tests add
+/// their own rules after it.
+pub const WEB_POLICY: &str = r#"
+[policy]
+inbound = "drop"
+outbound = "accept"
+
+[[rule]]
+name = "return-traffic"
+state = ["established", "related"]
+action = "accept"
+
+[[rule]]
+name = "web"
+state = ["new"]
+proto = "tcp"
+dport = [8080]
+action = "accept"
+"#;
+
+/// A rule opening UDP 5353 to new flows, to append to [`WEB_POLICY`].
+pub const DNS_RULE: &str = r#"
+[[rule]]
+name = "dns"
+state = ["new"]
+proto = "udp"
+dport = [5353]
+action = "accept"
+"#;
 /// How long a daemon may take to print `session: ready`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
