@@ -10,7 +10,7 @@ use crate::track::{
 use crate::wire::{
     Action, Counter, CtState, Dir, FlowKey, HIT_DEFAULT_INBOUND, HIT_DEFAULT_OUTBOUND, Hook,
     MAX_RULES, PolicyHeader, RULE_ID_DEFAULT, Rule, Session, Settings, TcpState, event_kind, proto,
-    session_flags,
+    session_flags, verdict_flags,
 };
 
 /// The session table, in two tiers like the kernel's early-drop policy: new sessions go
@@ -116,11 +116,24 @@ pub fn evaluate<R: RuleSource>(
     hook: Hook,
     ifindex: u32,
 ) -> Decision {
-    let default_slot = match hook {
-        Hook::Ingress => HIT_DEFAULT_INBOUND,
-        Hook::Egress => HIT_DEFAULT_OUTBOUND,
-    };
-    let Some((bank, header)) = rules.header() else {
+    decide(rules, rules.header(), meta, state, hook, ifindex)
+}
+
+/// The active policy as [`RuleSource::header`] returns it: bank and header.
+type ActivePolicy<'a> = Option<(u32, &'a PolicyHeader)>;
+
+/// [`evaluate`] against a header already read for this packet.
+#[inline(always)]
+fn decide<R: RuleSource>(
+    rules: &R,
+    policy: ActivePolicy<'_>,
+    meta: &PacketMeta,
+    state: CtState,
+    hook: Hook,
+    ifindex: u32,
+) -> Decision {
+    let default_slot = default_slot(hook);
+    let Some((bank, header)) = policy else {
         return Decision {
             action: Action::Accept,
             rule_id: RULE_ID_DEFAULT,
@@ -151,6 +164,97 @@ pub fn evaluate<R: RuleSource>(
         generation,
         log: false,
     }
+}
+
+/// The hit slot of the hook's default action.
+#[inline(always)]
+fn default_slot(hook: Hook) -> u32 {
+    match hook {
+        Hook::Ingress => HIT_DEFAULT_INBOUND,
+        Hook::Egress => HIT_DEFAULT_OUTBOUND,
+    }
+}
+
+/// The [`verdict_flags`] that say for which packets a cached verdict holds.
+#[inline(always)]
+fn verdict_key(state: CtState, hook: Hook) -> u8 {
+    verdict_flags::VALID
+        | (if hook == Hook::Egress {
+            verdict_flags::EGRESS
+        } else {
+            0
+        })
+        | ((state as u8) << verdict_flags::STATE_SHIFT)
+}
+
+/// Whether a session's packets may reuse a cached verdict at all (see [`verdict_flags`]).
+#[inline(always)]
+fn cacheable(meta: &PacketMeta) -> bool {
+    meta.proto != proto::ICMP && meta.proto != proto::ICMPV6
+}
+
+/// The verdict cached for `dir` of `session`, if it holds for this packet under the
+/// policy of `generation`.
+#[inline(always)]
+fn cached_decision(
+    session: &Session,
+    dir: Dir,
+    state: CtState,
+    hook: Hook,
+    ifindex: u32,
+    generation: u32,
+) -> Option<Decision> {
+    let d = dir as usize & 1;
+    let flags = session.verdict_flags[d];
+    if session.verdict_generation != generation
+        || session.verdict_ifindex[d] != ifindex
+        || flags & !(verdict_flags::DROP | verdict_flags::LOG) != verdict_key(state, hook)
+    {
+        return None;
+    }
+    let rule_id = session.verdict_rule[d];
+    Some(Decision {
+        action: if flags & verdict_flags::DROP != 0 {
+            Action::Drop
+        } else {
+            Action::Accept
+        },
+        rule_id,
+        slot: if rule_id == RULE_ID_DEFAULT {
+            default_slot(hook)
+        } else {
+            rule_id as u32
+        },
+        generation,
+        log: flags & verdict_flags::LOG != 0,
+    })
+}
+
+/// Caches `decision` for `dir` of `session`; a new generation forgets the other
+/// direction's verdict.
+#[inline(always)]
+fn cache_decision(
+    session: &mut Session,
+    dir: Dir,
+    state: CtState,
+    hook: Hook,
+    ifindex: u32,
+    decision: &Decision,
+) {
+    if session.verdict_generation != decision.generation {
+        session.verdict_generation = decision.generation;
+        session.verdict_flags = [0; 2];
+    }
+    let d = dir as usize & 1;
+    session.verdict_ifindex[d] = ifindex;
+    session.verdict_rule[d] = decision.rule_id;
+    session.verdict_flags[d] = verdict_key(state, hook)
+        | (if decision.action == Action::Drop {
+            verdict_flags::DROP
+        } else {
+            0
+        })
+        | (if decision.log { verdict_flags::LOG } else { 0 });
 }
 
 #[inline(always)]
@@ -193,6 +297,12 @@ where
     C: Counters,
 {
     let Scratch { meta, session } = scratch;
+    let judge = Judge {
+        rules,
+        policy: rules.header(),
+        hook,
+        ifindex,
+    };
     match parse(pkt, meta) {
         Ok(()) => {}
         Err(ParseError::NotIp) => {
@@ -205,15 +315,13 @@ where
                 ParseError::Fragment => Counter::InvalidFragment,
                 _ => Counter::InvalidMalformed,
             });
-            *meta = PacketMeta::default();
+            crate::zero_words(meta);
             return Some(finish(
                 meta,
                 None,
                 Tracked::of(CtState::Invalid),
-                hook,
-                ifindex,
+                &judge,
                 sessions,
-                rules,
                 counters,
             ));
         }
@@ -221,18 +329,64 @@ where
     counters.count(Counter::PacketsSeen);
     let (key, src_is_lo) = flow_key(meta);
     let tracked = classify(
-        meta, &key, src_is_lo, now, settings, sessions, counters, session,
+        meta, &key, src_is_lo, now, settings, &judge, sessions, counters, session,
     );
     Some(finish(
         meta,
         tracked.pending.then_some((&key, session)),
         tracked,
-        hook,
-        ifindex,
+        &judge,
         sessions,
-        rules,
         counters,
     ))
+}
+
+/// The policy as it stands for one packet: read once, so that a cached verdict and a
+/// fresh decision see the same generation.
+struct Judge<'a, R> {
+    rules: &'a R,
+    policy: ActivePolicy<'a>,
+    hook: Hook,
+    ifindex: u32,
+}
+
+impl<R: RuleSource> Judge<'_, R> {
+    /// The policy's decision for this packet in `state`.
+    #[inline(always)]
+    fn decide(&self, meta: &PacketMeta, state: CtState) -> Decision {
+        decide(
+            self.rules,
+            self.policy,
+            meta,
+            state,
+            self.hook,
+            self.ifindex,
+        )
+    }
+
+    /// The decision for a packet of `session` in direction `dir`: the cached one when it
+    /// holds, else a fresh one, which is then cached.
+    #[inline(always)]
+    fn decide_for(
+        &self,
+        session: &mut Session,
+        dir: Dir,
+        meta: &PacketMeta,
+        state: CtState,
+    ) -> Decision {
+        if !cacheable(meta) {
+            return self.decide(meta, state);
+        }
+        let generation = self.policy.map_or(0, |(_, header)| header.generation);
+        if let Some(decision) =
+            cached_decision(session, dir, state, self.hook, self.ifindex, generation)
+        {
+            return decision;
+        }
+        let decision = self.decide(meta, state);
+        cache_decision(session, dir, state, self.hook, self.ifindex, &decision);
+        decision
+    }
 }
 
 /// What tracking concluded about one packet.
@@ -244,6 +398,8 @@ struct Tracked {
     pending: bool,
     /// The packet closed its session.
     closed: bool,
+    /// The policy's decision, when tracking already took it (packets of a live session).
+    decision: Option<Decision>,
 }
 
 impl Tracked {
@@ -253,6 +409,7 @@ impl Tracked {
             state,
             pending: false,
             closed: false,
+            decision: None,
         }
     }
 }
@@ -267,12 +424,13 @@ fn is_closing(state: u8) -> bool {
 /// session in `fresh` is to be inserted if the policy accepts it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn classify<S: SessionTable, C: Counters>(
+fn classify<S: SessionTable, R: RuleSource, C: Counters>(
     meta: &PacketMeta,
     key: &FlowKey,
     src_is_lo: bool,
     now: u64,
     settings: &Settings,
+    judge: &Judge<'_, R>,
     sessions: &mut S,
     counters: &mut C,
     fresh: &mut Session,
@@ -300,6 +458,7 @@ fn classify<S: SessionTable, C: Counters>(
     let mut stale = false;
     let mut protect = false;
     let mut existing = None;
+    let mut decision = None;
     if let Some(session) = sessions.get_mut(key) {
         if session.expires_ns > now {
             let dir = direction(session, src_is_lo);
@@ -312,11 +471,13 @@ fn classify<S: SessionTable, C: Counters>(
                     mark_seen(session, meta, dir);
                     protect = session.flags & (session_flags::ASSURED | session_flags::PROTECTED)
                         == session_flags::ASSURED;
+                    decision = Some(judge.decide_for(session, dir, meta, state));
                     existing = Some(state);
                 }
                 Ok(Update::Ignored) => {
                     counters.count(Counter::TcpIgnored);
                     mark_seen(session, meta, dir);
+                    decision = Some(judge.decide_for(session, dir, meta, state));
                     existing = Some(state);
                 }
                 Ok(Update::Kill) => {
@@ -350,6 +511,7 @@ fn classify<S: SessionTable, C: Counters>(
             state,
             pending: false,
             closed,
+            decision,
         };
     }
     let started = new_session(fresh, meta, src_is_lo, settings, now)
@@ -361,6 +523,7 @@ fn classify<S: SessionTable, C: Counters>(
                 state: CtState::New,
                 pending: true,
                 closed: false,
+                decision: None,
             }
         }
         Err(reason) => {
@@ -372,21 +535,21 @@ fn classify<S: SessionTable, C: Counters>(
 
 /// Applies the policy, inserts an admitted new session, counts the result.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn finish<S: SessionTable, R: RuleSource, C: Counters>(
     meta: &PacketMeta,
     pending: Option<(&FlowKey, &mut Session)>,
     tracked: Tracked,
-    hook: Hook,
-    ifindex: u32,
+    judge: &Judge<'_, R>,
     sessions: &mut S,
-    rules: &R,
     counters: &mut C,
 ) -> Outcome {
     let state = tracked.state;
     let mut outcome = Outcome {
         state,
-        decision: evaluate(rules, meta, state, hook, ifindex),
+        decision: match tracked.decision {
+            Some(decision) => decision,
+            None => judge.decide(meta, state),
+        },
         created: false,
         closed: tracked.closed,
     };
@@ -403,11 +566,21 @@ fn finish<S: SessionTable, R: RuleSource, C: Counters>(
         && let Some((key, session)) = pending
     {
         session.rule_id = decision.rule_id;
-        session.policy_generation = decision.generation;
         session.origin_icmp_type = meta.icmp_type;
-        session.origin_ifindex = ifindex.to_ne_bytes();
-        if hook == Hook::Egress {
+        session.origin_ifindex = judge.ifindex.to_ne_bytes();
+        if judge.hook == Hook::Egress {
             session.flags |= session_flags::ORIGIN_EGRESS;
+        }
+        session.verdict_generation = decision.generation;
+        if cacheable(meta) {
+            cache_decision(
+                session,
+                Dir::Original,
+                state,
+                judge.hook,
+                judge.ifindex,
+                decision,
+            );
         }
         if sessions.insert(key, session) {
             counters.count(Counter::SessionsCreated);

@@ -19,3 +19,37 @@ pub fn opaque<T: Copy>(value: T) -> T {
     // SAFETY: reads a valid, initialised local.
     unsafe { core::ptr::read_volatile(&value) }
 }
+
+/// Zeroes `value` with one volatile store per 8-byte word (4-byte for 4-aligned types).
+/// LLVM merges runs of plain zero stores into a `memset` call, and in BPF that call is
+/// aya-ebpf's byte loop: about five instructions per byte, a third of an established
+/// packet's cost before this existed. Volatile stores are never merged.
+#[inline(always)]
+pub fn zero_words<T: bytemuck::Zeroable>(value: &mut T) {
+    const {
+        assert!(core::mem::align_of::<T>() >= 4 && core::mem::size_of::<T>().is_multiple_of(4));
+    }
+    if core::mem::align_of::<T>() >= 8 && core::mem::size_of::<T>().is_multiple_of(8) {
+        write_zeros(
+            (value as *mut T).cast::<u64>(),
+            core::mem::size_of::<T>() / 8,
+        );
+    } else {
+        write_zeros(
+            (value as *mut T).cast::<u32>(),
+            core::mem::size_of::<T>() / 4,
+        );
+    }
+}
+
+/// `count` volatile zero stores of `W` from `words` on.
+#[inline(always)]
+fn write_zeros<W: bytemuck::Zeroable>(words: *mut W, count: usize) {
+    let mut i = 0;
+    while i < count {
+        // SAFETY: the caller's value spans `count` aligned words of `W`, and all zero
+        // bytes are a valid value of it (`Zeroable`).
+        unsafe { words.add(i).write_volatile(W::zeroed()) };
+        i += 1;
+    }
+}

@@ -19,6 +19,11 @@ pub trait PacketBytes {
     /// Copies `N` bytes at `offset`, or `None` when they are not all inside the frame.
     fn load<const N: usize>(&self, offset: usize) -> Option<[u8; N]>;
 
+    /// The first `N` bytes of the frame in place, or `None` when the frame (or, in the
+    /// kernel, its directly readable part) is shorter. A read at a fixed offset is what
+    /// the BPF verifier can check cheaply, so the common case reads all its headers here.
+    fn head<const N: usize>(&self) -> Option<&[u8; N]>;
+
     /// Copies the first `len` (at most 40) bytes at `offset` into `buf`: the variable-size
     /// read TCP options need (the buffer is 64 bytes so indices can be masked). False when
     /// they are not all inside the frame.
@@ -36,6 +41,10 @@ impl PacketBytes for [u8] {
         let mut out = [0u8; N];
         out.copy_from_slice(bytes);
         Some(out)
+    }
+
+    fn head<const N: usize>(&self) -> Option<&[u8; N]> {
+        self.first_chunk::<N>()
     }
 
     fn load_options(&self, offset: usize, len: usize, buf: &mut [u8; 64]) -> bool {
@@ -105,6 +114,8 @@ pub enum ParseError {
 }
 
 /// The embedded header of an ICMP error, as sent by the host the error is about.
+/// Addresses first and 8-byte aligned so copies and clears are word stores in BPF.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InnerTuple {
     /// Source of the embedded packet.
@@ -121,21 +132,39 @@ pub struct InnerTuple {
     pub icmp_kind: IcmpKind,
 }
 
-/// Everything the tracker and the policy need to know about one packet.
+// SAFETY: every field is an integer, a byte array or `IcmpKind`, whose zero is `None`.
+unsafe impl bytemuck::Zeroable for InnerTuple {}
+
+/// Everything the tracker and the policy need to know about one packet. Laid out with
+/// the addresses first and 8-byte aligned, so that in BPF their stores are words and the
+/// whole struct clears with [`crate::zero_words`].
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PacketMeta {
-    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
-    pub family: u8,
-    /// Transport protocol number (after IPv6 extension headers).
-    pub proto: u8,
     /// Source address, IPv4-mapped for IPv4.
     pub src: [u8; 16],
     /// Destination address.
     pub dst: [u8; 16],
+    /// The embedded header when this is an ICMP error.
+    pub inner: InnerTuple,
+    /// TCP sequence number.
+    pub seq: u32,
+    /// TCP acknowledgement number.
+    pub ack: u32,
+    /// Transport payload length in bytes.
+    pub payload_len: u32,
+    /// Length of the IP packet (header included), for byte counters.
+    pub ip_len: u32,
     /// Source port, or ICMP id for queries.
     pub sport: u16,
     /// Destination port, 0 for ICMP.
     pub dport: u16,
+    /// TCP raw (unscaled) window.
+    pub window: u16,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    /// Transport protocol number (after IPv6 extension headers).
+    pub proto: u8,
     /// TCP flags byte.
     pub tcp_flags: u8,
     /// TCP data offset in bytes.
@@ -144,55 +173,25 @@ pub struct PacketMeta {
     pub tcp_wscale: u8,
     /// SACK-permitted option on a SYN.
     pub tcp_sack_perm: bool,
-    /// TCP sequence number.
-    pub seq: u32,
-    /// TCP acknowledgement number.
-    pub ack: u32,
-    /// TCP raw (unscaled) window.
-    pub window: u16,
     /// ICMP type.
     pub icmp_type: u8,
     /// ICMP code.
     pub icmp_code: u8,
     /// How conntrack treats this ICMP message.
     pub icmp_kind: IcmpKind,
-    /// Transport payload length in bytes.
-    pub payload_len: u32,
-    /// Length of the IP packet (header included), for byte counters.
-    pub ip_len: u32,
-    /// The embedded header when this is an ICMP error.
-    pub inner: InnerTuple,
 }
+const _: () = assert!(core::mem::size_of::<PacketMeta>() == 104);
+
+// SAFETY: every field is an integer, a bool, a byte array, `IcmpKind` (zero is `None`) or
+// `InnerTuple` (itself `Zeroable`).
+unsafe impl bytemuck::Zeroable for PacketMeta {}
 
 impl PacketMeta {
-    /// Resets every field, one store each: a whole-struct assignment becomes a byte loop
-    /// in BPF, which the verifier then walks byte by byte.
+    /// Resets every field: zero, but no window scale seen.
     #[inline(always)]
     pub fn clear(&mut self) {
-        self.family = 0;
-        self.proto = 0;
-        self.src = [0; 16];
-        self.dst = [0; 16];
-        self.sport = 0;
-        self.dport = 0;
-        self.tcp_flags = 0;
-        self.tcp_header_len = 0;
+        crate::zero_words(self);
         self.tcp_wscale = 0xff;
-        self.tcp_sack_perm = false;
-        self.seq = 0;
-        self.ack = 0;
-        self.window = 0;
-        self.icmp_type = 0;
-        self.icmp_code = 0;
-        self.icmp_kind = IcmpKind::None;
-        self.payload_len = 0;
-        self.ip_len = 0;
-        self.inner.src = [0; 16];
-        self.inner.dst = [0; 16];
-        self.inner.sport = 0;
-        self.inner.dport = 0;
-        self.inner.proto = 0;
-        self.inner.icmp_kind = IcmpKind::None;
     }
 }
 
@@ -230,8 +229,12 @@ fn be32(bytes: [u8; 4]) -> u32 {
 /// Maps an IPv4 address into the IPv6 space (`::ffff:a.b.c.d`).
 #[inline(always)]
 pub fn ipv4_mapped(addr: [u8; 4]) -> [u8; 16] {
+    // An opaque zero, so that LLVM cannot turn the leading zeros into a `memset` call
+    // (see [`crate::zero_words`]).
+    let zero = crate::opaque(0u8);
     [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],
+        zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, 0xff, 0xff, addr[0], addr[1],
+        addr[2], addr[3],
     ]
 }
 
@@ -262,6 +265,11 @@ pub fn icmpv6_kind(icmp_type: u8) -> IcmpKind {
 /// the kernel can keep it in scratch memory instead of its small stack).
 #[inline(always)]
 pub fn parse<P: PacketBytes + ?Sized>(pkt: &P, meta: &mut PacketMeta) -> Result<(), ParseError> {
+    if let Some(head) = pkt.head::<COMMON_HEAD>()
+        && parse_common(pkt, head, meta)
+    {
+        return Ok(());
+    }
     meta.clear();
     let mut offset = ETH_HLEN - 2;
     let mut ethertype = be16(pkt.load::<2>(offset).ok_or(ParseError::Malformed)?);
@@ -281,6 +289,43 @@ pub fn parse<P: PacketBytes + ?Sized>(pkt: &P, meta: &mut PacketMeta) -> Result<
     }
 }
 
+/// Frame bytes the common case reads at once: Ethernet without VLAN tags, IPv4 without
+/// options and a TCP header without options (a UDP header and 12 more bytes).
+const COMMON_HEAD: usize = ETH_HLEN + 20 + 20;
+
+/// The common case, IPv4 TCP or UDP without VLAN tags or IP options, parsed from the
+/// frame's first bytes in one read. False when the frame is anything else or anything
+/// is wrong with it: [`parse`] then starts over on the general path, which decides.
+#[inline(always)]
+fn parse_common<P: PacketBytes + ?Sized>(
+    pkt: &P,
+    head: &[u8; COMMON_HEAD],
+    meta: &mut PacketMeta,
+) -> bool {
+    let (Some(ip), Some(l4)) = (sub::<20>(head, ETH_HLEN), sub::<20>(head, ETH_HLEN + 20)) else {
+        return false;
+    };
+    if be16([head[12], head[13]]) != ETH_P_IP || ip[0] != 0x45 {
+        return false;
+    }
+    meta.clear();
+    let Ok((header_len, total_len)) = read_ipv4(meta, ip, ETH_HLEN, pkt.len()) else {
+        return false;
+    };
+    let l4_len = total_len - header_len;
+    match meta.proto {
+        proto::TCP => read_tcp(pkt, meta, l4, ETH_HLEN + 20, l4_len).is_ok(),
+        proto::UDP => sub::<8>(l4, 0).is_some_and(|udp| read_udp(meta, udp, l4_len).is_ok()),
+        _ => false,
+    }
+}
+
+/// The `N` bytes of `bytes` at `at`.
+#[inline(always)]
+fn sub<const N: usize>(bytes: &[u8], at: usize) -> Option<&[u8; N]> {
+    bytes.get(at..at + N)?.try_into().ok()
+}
+
 #[inline(always)]
 fn parse_ipv4<P: PacketBytes + ?Sized>(
     pkt: &P,
@@ -289,6 +334,19 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(
     frame_len: usize,
 ) -> Result<(), ParseError> {
     let hdr = pkt.load::<20>(offset).ok_or(ParseError::Malformed)?;
+    let (header_len, total_len) = read_ipv4(meta, &hdr, offset, frame_len)?;
+    parse_l4(pkt, meta, offset + header_len, total_len - header_len)
+}
+
+/// Checks the IPv4 header `hdr` found at `offset` and fills `meta` from it; returns its
+/// header and total lengths.
+#[inline(always)]
+fn read_ipv4(
+    meta: &mut PacketMeta,
+    hdr: &[u8; 20],
+    offset: usize,
+    frame_len: usize,
+) -> Result<(usize, usize), ParseError> {
     if hdr[0] >> 4 != 4 {
         return Err(ParseError::Malformed);
     }
@@ -306,7 +364,7 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(
     meta.src = ipv4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
     meta.dst = ipv4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
     meta.ip_len = total_len as u32;
-    parse_l4(pkt, meta, offset + header_len, total_len - header_len)
+    Ok((header_len, total_len))
 }
 
 #[inline(always)]
@@ -395,14 +453,7 @@ fn parse_l4<P: PacketBytes + ?Sized>(
         proto::TCP => parse_tcp(pkt, meta, offset, l4_len),
         proto::UDP => {
             let hdr = pkt.load::<8>(offset).ok_or(ParseError::Malformed)?;
-            let udp_len = be16([hdr[4], hdr[5]]) as usize;
-            if l4_len < 8 || udp_len < 8 || udp_len > l4_len {
-                return Err(ParseError::Malformed);
-            }
-            meta.sport = be16([hdr[0], hdr[1]]);
-            meta.dport = be16([hdr[2], hdr[3]]);
-            meta.payload_len = (udp_len - 8) as u32;
-            Ok(())
+            read_udp(meta, &hdr, l4_len)
         }
         proto::ICMP | proto::ICMPV6 => parse_icmp(pkt, meta, offset, l4_len),
         _ => {
@@ -410,6 +461,19 @@ fn parse_l4<P: PacketBytes + ?Sized>(
             Ok(())
         }
     }
+}
+
+/// Checks the UDP header `hdr` of a transport payload of `l4_len` bytes and fills `meta`.
+#[inline(always)]
+fn read_udp(meta: &mut PacketMeta, hdr: &[u8; 8], l4_len: usize) -> Result<(), ParseError> {
+    let udp_len = be16([hdr[4], hdr[5]]) as usize;
+    if l4_len < 8 || udp_len < 8 || udp_len > l4_len {
+        return Err(ParseError::Malformed);
+    }
+    meta.sport = be16([hdr[0], hdr[1]]);
+    meta.dport = be16([hdr[2], hdr[3]]);
+    meta.payload_len = (udp_len - 8) as u32;
+    Ok(())
 }
 
 #[inline(always)]
@@ -420,6 +484,19 @@ fn parse_tcp<P: PacketBytes + ?Sized>(
     l4_len: usize,
 ) -> Result<(), ParseError> {
     let hdr = pkt.load::<20>(offset).ok_or(ParseError::Malformed)?;
+    read_tcp(pkt, meta, &hdr, offset, l4_len)
+}
+
+/// Checks the TCP header `hdr` found at `offset` in a transport payload of `l4_len` bytes,
+/// fills `meta` from it and, on a SYN, from its options.
+#[inline(always)]
+fn read_tcp<P: PacketBytes + ?Sized>(
+    pkt: &P,
+    meta: &mut PacketMeta,
+    hdr: &[u8; 20],
+    offset: usize,
+    l4_len: usize,
+) -> Result<(), ParseError> {
     let header_len = ((hdr[12] >> 4) as usize) * 4;
     if header_len < 20 || header_len > l4_len {
         return Err(ParseError::Malformed);
@@ -446,9 +523,12 @@ fn parse_tcp_options<P: PacketBytes + ?Sized>(
     offset: usize,
     len: usize,
 ) {
-    let mut options = [0u8; 64];
-    if pkt.load_options(offset, len, &mut options) {
-        scan_tcp_options(&options, len, meta);
+    // Words of an opaque zero: eight stores, where a zeroed byte array would be a call
+    // to aya-ebpf's byte-loop `memset` (see [`crate::zero_words`]).
+    let mut words = [crate::opaque(0u64); 8];
+    let options: &mut [u8; 64] = bytemuck::cast_mut(&mut words);
+    if pkt.load_options(offset, len, options) {
+        scan_tcp_options(options, len, meta);
     }
 }
 
@@ -1650,10 +1730,41 @@ mod tests {
         assert_eq!(meta.dport, 0);
     }
 
-    /// Checks what holds for any frame the parser accepts.
+    /// A frame without a directly readable head, so that [`parse`] takes its general
+    /// path for every frame.
+    struct GeneralPath<'a>(&'a [u8]);
+
+    impl PacketBytes for GeneralPath<'_> {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+
+        fn load<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+            self.0.load(offset)
+        }
+
+        fn head<const N: usize>(&self) -> Option<&[u8; N]> {
+            None
+        }
+
+        fn load_options(&self, offset: usize, len: usize, buf: &mut [u8; 64]) -> bool {
+            self.0.load_options(offset, len, buf)
+        }
+    }
+
+    /// Checks what holds for any frame: the common-case path agrees with the general one,
+    /// and what holds for any frame the parser accepts.
     fn check_invariants(frame: &[u8]) {
         let mut meta = PacketMeta::default();
-        if parse(frame, &mut meta).is_ok() {
+        let result = parse(frame, &mut meta);
+        let mut general = PacketMeta::default();
+        assert_eq!(
+            result,
+            parse(&GeneralPath(frame), &mut general),
+            "{frame:02x?}"
+        );
+        if result.is_ok() {
+            assert_eq!(meta, general, "{frame:02x?}");
             assert!(
                 meta.family == crate::wire::FAMILY_IPV4 || meta.family == crate::wire::FAMILY_IPV6
             );

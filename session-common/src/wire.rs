@@ -125,8 +125,9 @@ pub struct Session {
     pub bytes: [u64; 2],
     /// TCP window tracking, `[original, reply]`.
     pub tcp: [TcpPeer; 2],
-    /// Policy generation the session was admitted under.
-    pub policy_generation: u32,
+    /// Policy generation of the verdicts cached in `verdict_*` (at creation, the
+    /// generation that admitted the session).
+    pub verdict_generation: u32,
     /// Sequence number of the last in-window segment (retransmission detection).
     pub last_seq: u32,
     /// Acknowledgement number of the last in-window segment.
@@ -157,49 +158,50 @@ pub struct Session {
     /// Interface of the packet that created the session (native-endian bytes: the field
     /// is not 4-byte aligned), for the same question.
     pub origin_ifindex: [u8; 4],
+    /// Interface each direction's cached verdict was decided for, `[original, reply]`.
+    pub verdict_ifindex: [u32; 2],
+    /// Rule id of each direction's cached verdict ([`RULE_ID_DEFAULT`] for a default).
+    pub verdict_rule: [u16; 2],
+    /// [`verdict_flags`] of each direction's cached verdict; 0 when none is cached.
+    pub verdict_flags: [u8; 2],
+    /// Explicit padding.
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<Session>() == 120);
+const _: () = assert!(core::mem::size_of::<Session>() == 136);
+
+/// Bits of [`Session::verdict_flags`]. Established packets skip the rule walk by reusing
+/// the decision the policy made for the first packet of their direction. It is reused
+/// only for a packet the policy cannot tell apart from that one: same direction (so same
+/// addresses, ports and protocol), same `ct state`, hook and interface, and the same
+/// policy generation; ICMP flows, whose type can change within a direction, are not
+/// cached.
+pub mod verdict_flags {
+    /// A verdict is cached.
+    pub const VALID: u8 = 1;
+    /// It was decided on the egress hook.
+    pub const EGRESS: u8 = 2;
+    /// The packets are dropped.
+    pub const DROP: u8 = 4;
+    /// The deciding rule reports its packets (`log = true`).
+    pub const LOG: u8 = 8;
+    /// The [`super::CtState`] it was decided for, shifted left by this.
+    pub const STATE_SHIFT: u8 = 4;
+}
 
 impl TcpPeer {
-    /// Zeroes every field with plain stores (see [`Session::reset`]).
+    /// Zeroes every field in place (see [`crate::zero_words`]).
     #[inline(always)]
     pub fn reset(&mut self) {
-        self.end = 0;
-        self.maxend = 0;
-        self.maxwin = 0;
-        self.maxack = 0;
-        self.scale = 0;
-        self.flags = 0;
-        self._pad = [0; 2];
+        crate::zero_words(self);
     }
 }
 
 impl Session {
-    /// Zeroes every field with plain stores: in BPF a whole-struct assignment into map
-    /// memory becomes a byte loop that the verifier walks byte by byte.
+    /// Zeroes every field in place: a whole-struct assignment into map memory would
+    /// become a byte loop in BPF.
     #[inline(always)]
     pub fn reset(&mut self) {
-        self.created_ns = 0;
-        self.expires_ns = 0;
-        self.packets = [0; 2];
-        self.bytes = [0; 2];
-        self.tcp[0].reset();
-        self.tcp[1].reset();
-        self.policy_generation = 0;
-        self.last_seq = 0;
-        self.last_ack = 0;
-        self.last_end = 0;
-        self.last_win = 0;
-        self.rule_id = 0;
-        self.state = 0;
-        self.flags = 0;
-        self.retrans = 0;
-        self.last_dir = 0;
-        self.last_index = 0;
-        self.last_wscale = 0;
-        self.last_flags = 0;
-        self.origin_icmp_type = 0;
-        self.origin_ifindex = [0; 4];
+        crate::zero_words(self);
     }
 }
 

@@ -1,6 +1,6 @@
 //! BPF maps and the adapters that let session-common's engine use them.
 
-use core::ffi::c_void;
+use core::{ffi::c_void, mem::MaybeUninit};
 
 use aya_ebpf::{
     helpers::generated::{bpf_loop, bpf_skb_load_bytes, bpf_xdp_load_bytes},
@@ -102,7 +102,8 @@ pub fn is_managed(ifindex: u32) -> bool {
     unsafe { MANAGED_IFACES.get(ifindex).is_some() }
 }
 
-/// An XDP frame read through `bpf_xdp_load_bytes`.
+/// An XDP frame. The program is not loaded for multi-buffer frames, so the kernel only
+/// gives it linear frames: every byte lies between `data` and `data_end`.
 pub struct XdpBytes<'a>(pub &'a XdpContext);
 
 impl PacketBytes for XdpBytes<'_> {
@@ -113,7 +114,10 @@ impl PacketBytes for XdpBytes<'_> {
 
     #[inline(always)]
     fn load<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        let mut buf = [0u8; N];
+        // Through the helper: the verifier accepts a direct read at a variable offset
+        // only by tracking every packet-pointer range, which multiplies its states past
+        // its limit across the parser's paths.
+        let mut buf = MaybeUninit::<[u8; N]>::uninit();
         let ret = unsafe {
             bpf_xdp_load_bytes(
                 self.0.ctx,
@@ -122,7 +126,13 @@ impl PacketBytes for XdpBytes<'_> {
                 N as u32,
             )
         };
-        (ret == 0).then_some(buf)
+        // SAFETY: the helper filled all N bytes when it returned 0.
+        (ret == 0).then(|| unsafe { buf.assume_init() })
+    }
+
+    #[inline(always)]
+    fn head<const N: usize>(&self) -> Option<&[u8; N]> {
+        direct_head(self.0.data(), self.0.data_end())
     }
 
     #[inline(always)]
@@ -143,7 +153,19 @@ impl PacketBytes for XdpBytes<'_> {
     }
 }
 
-/// A socket buffer read through `bpf_skb_load_bytes`.
+/// The first `N` bytes between `data` and `data_end`, read in place: at a fixed offset
+/// the verifier checks one bound.
+#[inline(always)]
+fn direct_head<'a, const N: usize>(data: usize, data_end: usize) -> Option<&'a [u8; N]> {
+    if data + N > data_end {
+        return None;
+    }
+    // SAFETY: the N bytes from `data` are packet memory, valid while the program runs.
+    Some(unsafe { &*(data as *const [u8; N]) })
+}
+
+/// A socket buffer, read through `bpf_skb_load_bytes` except for its first bytes, which
+/// are read in place when they lie in its linear part.
 pub struct SkbBytes<'a>(pub &'a TcContext);
 
 impl PacketBytes for SkbBytes<'_> {
@@ -153,8 +175,14 @@ impl PacketBytes for SkbBytes<'_> {
     }
 
     #[inline(always)]
+    fn head<const N: usize>(&self) -> Option<&[u8; N]> {
+        direct_head(self.0.data(), self.0.data_end())
+    }
+
+    #[inline(always)]
     fn load<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        let mut buf = [0u8; N];
+        // Uninitialised, as in `XdpBytes::load`.
+        let mut buf = MaybeUninit::<[u8; N]>::uninit();
         let ret = unsafe {
             bpf_skb_load_bytes(
                 self.0.skb.skb as *const c_void,
@@ -163,7 +191,8 @@ impl PacketBytes for SkbBytes<'_> {
                 N as u32,
             )
         };
-        (ret == 0).then_some(buf)
+        // SAFETY: the helper filled all N bytes when it returned 0.
+        (ret == 0).then(|| unsafe { buf.assume_init() })
     }
 
     #[inline(always)]

@@ -14,7 +14,7 @@ use session_common::{
 use session_user::{
     compile, config,
     frames::{self, Tcp, tcp_flags},
-    model::Model,
+    model::{Model, ModelRules},
 };
 
 const S: u64 = 1_000_000_000;
@@ -2223,7 +2223,7 @@ fn restrictive_policy_admits_only_new_connections_to_8080() {
     );
     let session = session_of(&model, &web).expect("session");
     assert_eq!(session.rule_id, 1, "admitted by rule `web`");
-    assert_eq!(session.policy_generation, 1);
+    assert_eq!(session.verdict_generation, 1);
     let udp = udp_frame(client(), server(), 40000, 8080, 10);
     expect_verdict(
         &mut model,
@@ -2713,4 +2713,152 @@ fn outcomes_flag_created_closed_and_logged_packets_for_events() {
     );
     assert!(udp.decision.log && !udp.created, "{udp:?}");
     assert_eq!(udp.decision.action, Action::Drop);
+}
+
+// ---------------------------------------------------------------- verdict cache
+
+/// The policy of `text` as the model's active bank at `generation`.
+fn rules_at(text: &str, generation: u32) -> ModelRules {
+    let config = config::parse(Path::new("test.toml"), text)
+        .unwrap_or_else(|e| panic!("test config rejected: {e}"));
+    let compiled =
+        compile::compile(&config.policy, |_| Some(IF_OUTSIDE)).expect("test policy compiles");
+    let mut rules = ModelRules::new(&compiled);
+    rules.header.generation = generation;
+    rules
+}
+
+/// RESTRICTIVE without its return-traffic rule: established packets fall to the default.
+const RESTRICTIVE_NO_RETURN: &str = r#"
+[policy]
+inbound = "drop"
+outbound = "drop"
+
+[[rule]]
+name = "web"
+state = ["new"]
+proto = "tcp"
+dport = [8080]
+action = "accept"
+"#;
+
+#[test]
+fn established_packets_reuse_the_cached_verdict_until_the_policy_generation_changes() {
+    let mut model = restrictive();
+    let mut conn = Conn::new();
+    conn.handshake_accepted(&mut model);
+    let data = conn.c_data(10);
+    expect_verdict(
+        &mut model,
+        &data,
+        Hook::Ingress,
+        3,
+        CtState::Established,
+        Action::Accept,
+        "data",
+    );
+    let session = session_of(&model, &data).expect("session");
+    assert_ne!(
+        session.verdict_flags,
+        [0, 0],
+        "both directions have a cached verdict"
+    );
+
+    // Same generation, different rules: only a cached verdict can still accept.
+    model.rules = rules_at(RESTRICTIVE_NO_RETURN, 1);
+    let hits_before = model.counters.hits.clone();
+    expect_verdict(
+        &mut model,
+        &data,
+        Hook::Ingress,
+        4,
+        CtState::Established,
+        Action::Accept,
+        "cached",
+    );
+    let counted: u64 = model
+        .counters
+        .hits
+        .iter()
+        .zip(&hits_before)
+        .map(|(a, b)| a - b)
+        .sum();
+    assert_eq!(counted, 1, "a cached verdict still counts one rule hit");
+
+    // A new generation decides afresh, in both directions.
+    model.rules = rules_at(RESTRICTIVE_NO_RETURN, 2);
+    expect_verdict(
+        &mut model,
+        &data,
+        Hook::Ingress,
+        5,
+        CtState::Established,
+        Action::Drop,
+        "new generation",
+    );
+    expect_verdict(
+        &mut model,
+        &conn.s_data(10),
+        Hook::Egress,
+        6,
+        CtState::Established,
+        Action::Drop,
+        "reply, new generation",
+    );
+}
+
+#[test]
+fn a_cached_verdict_is_not_reused_on_another_hook_or_interface_or_for_icmp() {
+    let mut model = model_from(
+        r#"
+[policy]
+inbound = "drop"
+outbound = "accept"
+
+[[rule]]
+name = "udp-in-on-outside"
+iface = ["outside"]
+proto = "udp"
+action = "accept"
+"#,
+    );
+    let query = udp_frame(client(), server(), 5000, 53, 10);
+    let outcome = model
+        .packet(&query, Hook::Ingress, IF_OUTSIDE, 0)
+        .expect("IP");
+    assert_eq!(
+        (outcome.state, outcome.decision.action),
+        (CtState::New, Action::Accept)
+    );
+    // The same flow's next packet arriving on another interface is decided for it.
+    let other = model
+        .packet(&query, Hook::Ingress, IF_OUTSIDE + 1, 1)
+        .expect("IP");
+    assert_eq!(
+        (other.state, other.decision.action),
+        (CtState::New, Action::Drop),
+        "{other:?}"
+    );
+    let back = model
+        .packet(&query, Hook::Ingress, IF_OUTSIDE, 2)
+        .expect("IP");
+    assert_eq!(back.decision.action, Action::Accept, "{back:?}");
+    // And on the egress hook, where the rule does not apply but the default accepts.
+    let out = model
+        .packet(&query, Hook::Egress, IF_OUTSIDE, 3)
+        .expect("IP");
+    assert_eq!(
+        out.decision.rule_id,
+        session_common::wire::RULE_ID_DEFAULT,
+        "{out:?}"
+    );
+
+    // ICMP flows are never cached: their type can change within a direction.
+    let ping = frames::frame(client(), server(), frames::echo(false, false, 7, 1));
+    let sent = model
+        .packet(&ping, Hook::Egress, IF_OUTSIDE, 4)
+        .expect("IP");
+    assert!(sent.created, "{sent:?}");
+    let session = session_of(&model, &ping).expect("ICMP session");
+    assert_eq!(session.verdict_flags, [0, 0], "{session:?}");
 }

@@ -511,7 +511,7 @@ fn tcp_handshake_creates_one_session_and_counts_each_direction() {
         "after SYN"
     );
     assert_eq!(s.rule_id, RULE_WEB, "admitted by the web rule");
-    assert_eq!(s.policy_generation, 1);
+    assert_eq!(s.verdict_generation, 1);
     let now = monotonic_ns();
     assert!(
         s.created_ns <= now && s.expires_ns > now,
