@@ -289,33 +289,72 @@ pub fn parse<P: PacketBytes + ?Sized>(pkt: &P, meta: &mut PacketMeta) -> Result<
     }
 }
 
-/// Frame bytes the common case reads at once: Ethernet without VLAN tags, IPv4 without
-/// options and a TCP header without options (a UDP header and 12 more bytes).
-const COMMON_HEAD: usize = ETH_HLEN + 20 + 20;
+/// Frame bytes the common case reads at once: Ethernet without VLAN tags, then IPv4
+/// without options and a TCP header without options (or a UDP header and 12 more
+/// bytes), or a fixed IPv6 header.
+const COMMON_HEAD: usize = ETH_HLEN + 40;
 
-/// The common case, IPv4 TCP or UDP without VLAN tags or IP options, parsed from the
-/// frame's first bytes in one read. False when the frame is anything else or anything
-/// is wrong with it: [`parse`] then starts over on the general path, which decides.
+/// Where the transport header of an IPv6 packet without extension headers starts.
+const IPV6_L4: usize = ETH_HLEN + 40;
+
+/// The common case, TCP or UDP over IPv4 without options or over IPv6 without extension
+/// headers, no VLAN tags, parsed from the frame's first bytes read in place. False when
+/// the frame is anything else or anything is wrong with it: [`parse`] then starts over
+/// on the general path, which decides.
 #[inline(always)]
 fn parse_common<P: PacketBytes + ?Sized>(
     pkt: &P,
     head: &[u8; COMMON_HEAD],
     meta: &mut PacketMeta,
 ) -> bool {
-    let (Some(ip), Some(l4)) = (sub::<20>(head, ETH_HLEN), sub::<20>(head, ETH_HLEN + 20)) else {
-        return false;
-    };
-    if be16([head[12], head[13]]) != ETH_P_IP || ip[0] != 0x45 {
-        return false;
-    }
-    meta.clear();
-    let Ok((header_len, total_len)) = read_ipv4(meta, ip, ETH_HLEN, pkt.len()) else {
-        return false;
-    };
-    let l4_len = total_len - header_len;
-    match meta.proto {
-        proto::TCP => read_tcp(pkt, meta, l4, ETH_HLEN + 20, l4_len).is_ok(),
-        proto::UDP => sub::<8>(l4, 0).is_some_and(|udp| read_udp(meta, udp, l4_len).is_ok()),
+    let frame_len = pkt.len();
+    match be16([head[12], head[13]]) {
+        ETH_P_IP => {
+            let (Some(ip), Some(l4)) = (sub::<20>(head, ETH_HLEN), sub::<20>(head, ETH_HLEN + 20))
+            else {
+                return false;
+            };
+            if ip[0] != 0x45 {
+                return false;
+            }
+            meta.clear();
+            let Ok((header_len, total_len)) = read_ipv4(meta, ip, ETH_HLEN, frame_len) else {
+                return false;
+            };
+            let l4_len = total_len - header_len;
+            match meta.proto {
+                proto::TCP => read_tcp(pkt, meta, l4, ETH_HLEN + 20, l4_len).is_ok(),
+                proto::UDP => {
+                    sub::<8>(l4, 0).is_some_and(|udp| read_udp(meta, udp, l4_len).is_ok())
+                }
+                _ => false,
+            }
+        }
+        ETH_P_IPV6 => {
+            let Some(ip) = sub::<40>(head, ETH_HLEN) else {
+                return false;
+            };
+            let next = ip[6];
+            if next != proto::TCP && next != proto::UDP {
+                return false;
+            }
+            meta.clear();
+            let Ok(payload_len) = read_ipv6(meta, ip, ETH_HLEN, frame_len) else {
+                return false;
+            };
+            meta.family = FAMILY_IPV6;
+            meta.proto = next;
+            meta.ip_len = (40 + payload_len) as u32;
+            if next == proto::TCP {
+                pkt.head::<{ IPV6_L4 + 20 }>()
+                    .and_then(|frame| sub::<20>(frame, IPV6_L4))
+                    .is_some_and(|tcp| read_tcp(pkt, meta, tcp, IPV6_L4, payload_len).is_ok())
+            } else {
+                pkt.head::<{ IPV6_L4 + 8 }>()
+                    .and_then(|frame| sub::<8>(frame, IPV6_L4))
+                    .is_some_and(|udp| read_udp(meta, udp, payload_len).is_ok())
+            }
+        }
         _ => false,
     }
 }
@@ -375,6 +414,23 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(
     frame_len: usize,
 ) -> Result<(), ParseError> {
     let hdr = pkt.load::<40>(offset).ok_or(ParseError::Malformed)?;
+    let payload_len = read_ipv6(meta, &hdr, offset, frame_len)?;
+    let (next, ext_len) = skip_ipv6_extensions(pkt, offset + 40, hdr[6], payload_len)?;
+    meta.family = FAMILY_IPV6;
+    meta.proto = next;
+    meta.ip_len = (40 + payload_len) as u32;
+    parse_l4(pkt, meta, offset + 40 + ext_len, payload_len - ext_len)
+}
+
+/// Checks the fixed IPv6 header `hdr` found at `offset` and takes the addresses from it;
+/// returns its payload length.
+#[inline(always)]
+fn read_ipv6(
+    meta: &mut PacketMeta,
+    hdr: &[u8; 40],
+    offset: usize,
+    frame_len: usize,
+) -> Result<usize, ParseError> {
     if hdr[0] >> 4 != 6 {
         return Err(ParseError::Malformed);
     }
@@ -384,11 +440,7 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(
     }
     meta.src.copy_from_slice(&hdr[8..24]);
     meta.dst.copy_from_slice(&hdr[24..40]);
-    let (next, ext_len) = skip_ipv6_extensions(pkt, offset + 40, hdr[6], payload_len)?;
-    meta.family = FAMILY_IPV6;
-    meta.proto = next;
-    meta.ip_len = (40 + payload_len) as u32;
-    parse_l4(pkt, meta, offset + 40 + ext_len, payload_len - ext_len)
+    Ok(payload_len)
 }
 
 /// Walks IPv6 extension headers; returns the transport protocol and the bytes skipped.

@@ -164,6 +164,9 @@ fn direct_head<'a, const N: usize>(data: usize, data_end: usize) -> Option<&'a [
     Some(unsafe { &*(data as *const [u8; N]) })
 }
 
+/// Ethernet, IPv4 and TCP headers without options or VLAN tags.
+const IPV4_HEAD: usize = 54;
+
 /// A socket buffer, read through `bpf_skb_load_bytes` except for its first bytes, which
 /// are read in place when they lie in its linear part.
 pub struct SkbBytes<'a>(pub &'a TcContext);
@@ -176,6 +179,11 @@ impl PacketBytes for SkbBytes<'_> {
 
     #[inline(always)]
     fn head<const N: usize>(&self) -> Option<&[u8; N]> {
+        // Only the one read that covers IPv4: a second in-place read (IPv6's transport
+        // header) multiplies the verifier's paths through this program past its limit.
+        if N > IPV4_HEAD {
+            return None;
+        }
         direct_head(self.0.data(), self.0.data_end())
     }
 
