@@ -512,9 +512,9 @@ impl Bench {
         let _ = writeln!(
             self.md,
             "\n### Policy scale (same table, same run)\n\n\
-             Established packets match the first rule (`state = established`) and stop there; new \
-             flows walk every entry to the last rule (accepted, inserted) or past it (dropped by \
-             default). Apply = parse + compile + write the inactive bank and switch.\n\n\
+             Established packets match the first rule (`state = established`); new flows match \
+             the last rule (accepted, inserted) or none (dropped by default), found by the \
+             rule bitmaps without walking the entries. Apply = parse + compile + write the inactive bank and switch.\n\n\
              | kernel entries | established ns | new flow, default drop ns | new flow, accepted by last rule ns | parse ms | compile ms | apply ms |\n\
              |---:|---:|---:|---:|---:|---:|---:|"
         );
