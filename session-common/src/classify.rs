@@ -6,7 +6,7 @@
 //! accept that value (bit `i` = entry `i`). The first entry matching the packet is the
 //! lowest bit set in all of the packet's bitmaps, so finding it costs a fixed number of
 //! lookups and at most [`RULE_WORDS`] word ANDs however many entries the bank holds. The
-//! result equals the first entry for which [`crate::policy::rule_matches`] holds; the host
+//! result equals the first entry for which [`rule_matches`] holds; the host
 //! model keeps that linear walk as the reference the kernel is compared with.
 //!
 //! The tables live in BPF maps in the kernel and in plain collections on the host, behind
@@ -15,7 +15,8 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::packet::PacketMeta;
-use crate::wire::{CtState, FAMILY_IPV6, Hook, MAX_RULES, proto};
+use crate::policy::rule_matches;
+use crate::wire::{CtState, FAMILY_IPV6, Hook, MAX_RULES, Rule, proto};
 
 /// 64-bit words in a [`RuleBits`]: one bit per entry of a full bank.
 pub const RULE_WORDS: usize = MAX_RULES as usize / 64;
@@ -176,8 +177,8 @@ pub struct IfaceKey {
 }
 const _: () = assert!(core::mem::size_of::<IfaceKey>() == 8);
 
-/// Where the classifier finds a bank's bitmaps: BPF maps in the kernel, plain collections
-/// on the host.
+/// Where the classifier finds a bank's bitmaps and entries: BPF maps in the kernel, plain
+/// collections on the host.
 pub trait BitTables {
     /// Slot `slot` (a [`bits_slot`] offset plus index) of `bank`'s direct-indexed bitmaps.
     fn bits(&self, bank: u32, slot: u32) -> Option<&RuleBits>;
@@ -187,12 +188,21 @@ pub trait BitTables {
     fn addr_bits(&self, dim: AddrDim, bank: u32, addr: &[u8; 16]) -> Option<&RuleBits>;
     /// The port intervals of `bank` in dimension `dim`.
     fn port_bounds(&self, bank: u32, dim: PortDim) -> Option<&PortBounds>;
+    /// Entry `index` of `bank`.
+    fn entry(&self, bank: u32, index: u32) -> Option<&Rule>;
 }
 
 /// Index of the first of the `count` entries of `bank` that match the packet, as the first
-/// `i` for which [`crate::policy::rule_matches`] holds; `None` when none does (or a table
-/// is missing, which a bank the daemon wrote never has). `meta.family` must be IPv4 or
-/// IPv6, as the parser guarantees for every packet that reaches the policy.
+/// `i` for which [`rule_matches`] holds; `None` when none does (or a table is missing,
+/// which a bank the daemon wrote never has). `meta.family` must be IPv4 or IPv6, as the
+/// parser guarantees for every packet that reaches the policy.
+///
+/// The five dimensions read by direct index (hook and state, family and protocol, ports,
+/// ICMP type) go first: their lowest common entry is the only candidate for the first
+/// match, because any earlier entry already fails one of them. When that candidate
+/// matches outright (an established packet on the `established` rule, a new flow on a
+/// port rule) the answer costs no hash or LPM lookup; otherwise the interface and both
+/// networks join the AND.
 #[inline(always)]
 pub fn first_match_index<T: BitTables>(
     tables: &T,
@@ -213,12 +223,6 @@ pub fn first_match_index<T: BitTables>(
         bank,
         bits_slot::FAMILY_PROTO + (family << 8) + u32::from(meta.proto),
     )?;
-    let iface = match tables.iface_bits(bank, ifindex) {
-        Some(bits) => bits,
-        None => tables.iface_bits(bank, 0)?,
-    };
-    let src = tables.addr_bits(AddrDim::Source, bank, &meta.src)?;
-    let dst = tables.addr_bits(AddrDim::Destination, bank, &meta.dst)?;
     let (sport, dport) = if meta.proto == proto::TCP || meta.proto == proto::UDP {
         let sbounds = tables.port_bounds(bank, PortDim::Source)?;
         let dbounds = tables.port_bounds(bank, PortDim::Destination)?;
@@ -236,22 +240,46 @@ pub fn first_match_index<T: BitTables>(
         tables.bits(bank, bits_slot::NO_ICMP_TYPE)?
     };
     let words = (count.min(MAX_RULES) as usize).div_ceil(64);
+    let direct = [state_hook, family_proto, sport, dport, icmp];
+    let candidate = lowest_common(&direct, words).filter(|found| *found < count)?;
+    if rule_matches(tables.entry(bank, candidate)?, meta, state, hook, ifindex) {
+        return Some(candidate);
+    }
+    let iface = match tables.iface_bits(bank, ifindex) {
+        Some(bits) => bits,
+        None => tables.iface_bits(bank, 0)?,
+    };
+    let src = tables.addr_bits(AddrDim::Source, bank, &meta.src)?;
+    let dst = tables.addr_bits(AddrDim::Destination, bank, &meta.dst)?;
+    let all = [
+        state_hook,
+        family_proto,
+        sport,
+        dport,
+        icmp,
+        iface,
+        src,
+        dst,
+    ];
+    lowest_common(&all, words).filter(|found| *found < count)
+}
+
+/// The lowest entry set in every one of `maps`, looking at the first `words` words only.
+#[inline(always)]
+fn lowest_common<const N: usize>(maps: &[&RuleBits; N], words: usize) -> Option<u32> {
     let mut i = 0;
     while i < RULE_WORDS {
         if i >= words {
             return None;
         }
-        let common = state_hook.words[i]
-            & family_proto.words[i]
-            & iface.words[i]
-            & src.words[i]
-            & dst.words[i]
-            & sport.words[i]
-            & dport.words[i]
-            & icmp.words[i];
+        let mut common = u64::MAX;
+        let mut m = 0;
+        while m < N {
+            common &= maps[m].words[i];
+            m += 1;
+        }
         if common != 0 {
-            let found = i as u32 * 64 + lowest_bit(common);
-            return (found < count).then_some(found);
+            return Some(i as u32 * 64 + lowest_bit(common));
         }
         i += 1;
     }

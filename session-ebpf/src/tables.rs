@@ -305,6 +305,11 @@ impl BitTables for BpfBitTables {
     fn port_bounds(&self, bank: u32, dim: PortDim) -> Option<&PortBounds> {
         PORT_BOUNDS.get((bank & 1) * 2 + dim as u32)
     }
+
+    #[inline(always)]
+    fn entry(&self, bank: u32, index: u32) -> Option<&Rule> {
+        RULES.get((bank & 1) * MAX_RULES + (index & (MAX_RULES - 1)))
+    }
 }
 
 /// The per-CPU counter arrays.

@@ -458,7 +458,7 @@ impl Bench {
         let _ = writeln!(
             self.md,
             "\nsession_ingress after verification: {xlated} BPF instructions, {jited} bytes of \
-             machine code (the rule walk is a separate `bpf_loop` callback)."
+             machine code."
         );
         self.json.insert(
             "kernel_path".into(),

@@ -279,15 +279,24 @@ impl ClassifyTables {
     }
 }
 
-/// [`BitTables`] over one bank's [`ClassifyTables`] (whatever bank is asked for), with the
-/// LPM lookup done as a longest-prefix search: what tests compare with the linear walk.
-impl BitTables for ClassifyTables {
+/// One bank on the host: its entries and their [`ClassifyTables`], behind [`BitTables`]
+/// (whatever bank is asked for), with the LPM lookup done as a longest-prefix search. What
+/// tests compare with the linear walk.
+pub struct HostBank<'a> {
+    /// The bank's tables.
+    pub tables: &'a ClassifyTables,
+    /// The bank's entries.
+    pub entries: &'a [Rule],
+}
+
+impl BitTables for HostBank<'_> {
     fn bits(&self, _bank: u32, slot: u32) -> Option<&RuleBits> {
-        self.bits.get(slot as usize)
+        self.tables.bits.get(slot as usize)
     }
 
     fn iface_bits(&self, _bank: u32, ifindex: u32) -> Option<&RuleBits> {
-        self.ifaces
+        self.tables
+            .ifaces
             .iter()
             .find(|(index, _)| *index == ifindex)
             .map(|(_, bits)| bits)
@@ -295,8 +304,8 @@ impl BitTables for ClassifyTables {
 
     fn addr_bits(&self, dim: AddrDim, _bank: u32, addr: &[u8; 16]) -> Option<&RuleBits> {
         let table = match dim {
-            AddrDim::Source => &self.src,
-            AddrDim::Destination => &self.dst,
+            AddrDim::Source => &self.tables.src,
+            AddrDim::Destination => &self.tables.dst,
         };
         let addr = u128::from_be_bytes(*addr);
         table
@@ -307,7 +316,11 @@ impl BitTables for ClassifyTables {
     }
 
     fn port_bounds(&self, _bank: u32, dim: PortDim) -> Option<&PortBounds> {
-        Some(&self.port_bounds[dim as usize])
+        Some(&self.tables.port_bounds[dim as usize])
+    }
+
+    fn entry(&self, _bank: u32, index: u32) -> Option<&Rule> {
+        self.entries.get(index as usize)
     }
 }
 
@@ -517,19 +530,16 @@ mod tests {
     /// Checks `packets` random packets against `entries`; returns how many matched a rule.
     fn check(rng: &mut Rng, seed: u64, entries: &[Rule], packets: usize) -> usize {
         let tables = build(entries).expect("random entries use prefix masks");
+        let bank = HostBank {
+            tables: &tables,
+            entries,
+        };
         let mut matched = 0;
         for _ in 0..packets {
             let (meta, state, hook, ifindex) = random_packet(rng, entries);
             let expected = linear(entries, &meta, state, hook, ifindex);
-            let got = first_match_index(
-                &tables,
-                1,
-                entries.len() as u32,
-                &meta,
-                state,
-                hook,
-                ifindex,
-            );
+            let got =
+                first_match_index(&bank, 1, entries.len() as u32, &meta, state, hook, ifindex);
             assert_eq!(
                 got,
                 expected,
@@ -582,6 +592,10 @@ mod tests {
             })
             .collect();
         let tables = build(&entries).expect("builds");
+        let bank = HostBank {
+            tables: &tables,
+            entries: &entries,
+        };
         for i in 0..MAX_RULES {
             let meta = PacketMeta {
                 family: FAMILY_IPV4,
@@ -590,10 +604,9 @@ mod tests {
                 dport: 1000 + i as u16,
                 ..PacketMeta::default()
             };
-            let got =
-                first_match_index(&tables, 0, MAX_RULES, &meta, CtState::New, Hook::Ingress, 1);
+            let got = first_match_index(&bank, 0, MAX_RULES, &meta, CtState::New, Hook::Ingress, 1);
             assert_eq!(got, Some(i), "dport {}", meta.dport);
-            let fewer = first_match_index(&tables, 0, i, &meta, CtState::New, Hook::Ingress, 1);
+            let fewer = first_match_index(&bank, 0, i, &meta, CtState::New, Hook::Ingress, 1);
             assert_eq!(
                 fewer, None,
                 "with a rule count of {i}, entry {i} and beyond must not be seen"
