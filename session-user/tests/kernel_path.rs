@@ -29,7 +29,7 @@ use std::{
 use aya::{
     Ebpf,
     maps::{Map, MapData, RingBuf},
-    programs::{TestRun as _, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use session_common::{
     engine::Outcome,
@@ -66,6 +66,8 @@ const TEST_RUN_IFINDEX: u32 = 1;
 const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
 
 /// Panics with what to do unless we are root and /sys/fs/bpf is a bpffs.
 fn require_root_and_bpffs() {
@@ -1013,6 +1015,71 @@ action = "accept"
     );
     assert_eq!(k.rule_hits()[0], 1, "the lo rule was hit once");
     assert_eq!(k.sessions().len(), 1);
+}
+
+#[test]
+fn direction_rules_apply_to_their_own_program_only() {
+    // The hook is a classifier dimension: the TC egress program must match the
+    // `direction = "out"` rule and never the `"in"` one, and the XDP program the reverse.
+    let toml = r#"
+[policy]
+inbound = "drop"
+outbound = "drop"
+
+[[rule]]
+name = "in-8080"
+direction = "in"
+state = ["new"]
+proto = "tcp"
+dport = [8080]
+action = "accept"
+
+[[rule]]
+name = "out-9090"
+direction = "out"
+state = ["new"]
+proto = "tcp"
+dport = [9090]
+action = "accept"
+"#;
+    let config = config::parse(Path::new("direction.toml"), toml)
+        .unwrap_or_else(|error| panic!("direction policy does not parse: {error}"));
+    let policy = compile::compile(&config.policy, |_| None)
+        .unwrap_or_else(|error| panic!("direction policy does not compile: {error}"));
+    let k = Kernel::start(&test_settings(), &policy);
+    let tc: &SchedClassifier = k
+        .ebpf
+        .program("session_egress")
+        .expect("session_egress missing from the object")
+        .try_into()
+        .expect("session_egress is not a TC classifier");
+    let (client, server) = (ip("198.18.0.1"), ip("198.18.0.2"));
+    for (cport, dport, xdp_verdict, tc_verdict) in [
+        (40001, 8080, Verdict::Pass, TC_ACT_SHOT),
+        (40002, 9090, Verdict::Drop, TC_ACT_OK),
+    ] {
+        let syn = tcp_frame(client, server, Tcp::new(cport, dport, tcp_flags::SYN));
+        k.expect(&format!("XDP: SYN to {dport}"), &syn, xdp_verdict);
+        // Another client port, so the egress SYN is a new flow too.
+        let syn = tcp_frame(client, server, Tcp::new(cport + 100, dport, tcp_flags::SYN));
+        let returned = tc
+            .test_run(TestRunOptions {
+                data_in: Some(&syn),
+                repeat: 1,
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|error| panic!("TC test run of a SYN to {dport}: {error:?}"))
+            .return_value;
+        assert_eq!(
+            returned, tc_verdict,
+            "TC egress: SYN to {dport} returned {returned} (TC_ACT_OK is 0, TC_ACT_SHOT 2)"
+        );
+    }
+    assert_eq!(
+        &k.rule_hits()[..2],
+        &[1, 1],
+        "each rule hit once, by its own hook"
+    );
 }
 
 /// Compiles a policy for the reload test, with `lo` as the test-run interface.
