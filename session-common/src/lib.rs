@@ -5,6 +5,7 @@
 //! code runs inside the eBPF program and in host unit tests, property tests and fuzzers.
 #![no_std]
 
+pub mod classify;
 pub mod engine;
 pub mod packet;
 pub mod policy;

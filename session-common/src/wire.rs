@@ -48,6 +48,16 @@ pub mod map_names {
     pub const DAEMON_COUNTERS: &str = "DAEMON_COUNTERS";
     /// Ring buffer of [`super::Event`]s from the kernel path to the daemon.
     pub const EVENTS: &str = "EVENTS";
+    /// Direct-indexed rule bitmaps of both banks (see `classify::bits_slot`).
+    pub const RULE_BITS: &str = "RULE_BITS";
+    /// Port interval starts per bank and port dimension (`classify::PortBounds`).
+    pub const PORT_BOUNDS: &str = "PORT_BOUNDS";
+    /// Rule bitmaps of the interfaces the rules name, per bank.
+    pub const IFACE_BITS: &str = "IFACE_BITS";
+    /// LPM trie of the rules' source networks to rule bitmaps, per bank.
+    pub const SRC_NETS: &str = "SRC_NETS";
+    /// LPM trie of the rules' destination networks to rule bitmaps, per bank.
+    pub const DST_NETS: &str = "DST_NETS";
 }
 
 /// The canonical identity of a flow: both directions of a connection map to one key.

@@ -3,15 +3,18 @@
 use core::{ffi::c_void, mem::MaybeUninit};
 
 use aya_ebpf::{
-    helpers::generated::{bpf_loop, bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    helpers::generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key as LpmKey},
     programs::{TcContext, XdpContext},
 };
 use session_common::{
+    classify::{
+        ADDR_KEY_BANK_BITS, AddrDim, AddrKey, BitTables, IfaceKey, PortBounds, PortDim, RuleBits,
+        bits_slot, first_match_index,
+    },
     engine::{Counters, Outcome, RuleSource, Scratch, SessionTable},
     packet::{PacketBytes, PacketMeta},
-    policy::rule_matches,
     wire::{
         Counter, CtState, DaemonCounter, EVENT_RING_BYTES, Event, FlowKey, Hook, MAX_RULES,
         PolicyHeader, RULE_HIT_SLOTS, Rule, RuleName, Session, Settings, session_flags,
@@ -49,6 +52,20 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 static MANAGED_IFACES: HashMap<u32, u8> = HashMap::pinned(MAX_MANAGED_IFACES, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
+#[map]
+static RULE_BITS: Array<RuleBits> = Array::pinned(2 * bits_slot::BANK_SLOTS, 0);
+#[map]
+static PORT_BOUNDS: Array<PortBounds> = Array::pinned(4, 0);
+#[map]
+static IFACE_BITS: HashMap<IfaceKey, RuleBits> = HashMap::pinned(CLASSIFY_KEYED_ENTRIES, 0);
+#[map]
+static SRC_NETS: LpmTrie<AddrKey, RuleBits> = LpmTrie::pinned(CLASSIFY_KEYED_ENTRIES, 0);
+#[map]
+static DST_NETS: LpmTrie<AddrKey, RuleBits> = LpmTrie::pinned(CLASSIFY_KEYED_ENTRIES, 0);
+
+/// Entries of the keyed classifier tables: per bank, one per rule entry plus the catch-all
+/// (interface 0, network ::/0).
+const CLASSIFY_KEYED_ENTRIES: u32 = 2 * (MAX_RULES + 1);
 
 /// Reports what the daemon and `session events` want to know about this packet: a session
 /// created or closed, or a decision of a `log = true` rule. A full ring buffer loses the
@@ -282,60 +299,54 @@ impl RuleSource for BpfRules {
         hook: Hook,
         ifindex: u32,
     ) -> Option<&Rule> {
-        let mut walk = RuleWalk {
-            meta,
-            base: (bank & 1) * MAX_RULES,
-            count,
-            ifindex,
-            state,
-            hook,
-            found: NOT_FOUND,
-        };
+        let index = first_match_index(&BpfBitTables, bank, count, meta, state, hook, ifindex)?;
+        RULES.get((bank & 1) * MAX_RULES + (index & (MAX_RULES - 1)))
+    }
+}
+
+/// The classifier's bitmap maps (see `session_common::classify`).
+struct BpfBitTables;
+
+impl BitTables for BpfBitTables {
+    #[inline(always)]
+    fn bits(&self, bank: u32, slot: u32) -> Option<&RuleBits> {
+        RULE_BITS.get((bank & 1) * bits_slot::BANK_SLOTS + slot)
+    }
+
+    #[inline(always)]
+    fn iface_bits(&self, bank: u32, ifindex: u32) -> Option<&RuleBits> {
         unsafe {
-            bpf_loop(
-                MAX_RULES,
-                rule_step as *mut c_void,
-                &mut walk as *mut RuleWalk as *mut c_void,
-                0,
-            )
-        };
-        if walk.found == NOT_FOUND {
-            return None;
+            IFACE_BITS.get(IfaceKey {
+                bank: bank & 1,
+                ifindex,
+            })
         }
-        RULES.get(walk.base + (walk.found & (MAX_RULES - 1)))
     }
-}
 
-/// Marks "no rule matched" in [`RuleWalk::found`].
-const NOT_FOUND: u32 = u32::MAX;
-
-/// State of one rule walk, shared with the `bpf_loop` callback through its context.
-#[repr(C)]
-struct RuleWalk<'a> {
-    meta: &'a PacketMeta,
-    base: u32,
-    count: u32,
-    ifindex: u32,
-    state: CtState,
-    hook: Hook,
-    found: u32,
-}
-
-/// One `bpf_loop` step: 1 stops the walk (past the end, or a match), 0 goes on.
-extern "C" fn rule_step(index: u64, ctx: *mut c_void) -> i64 {
-    let walk = unsafe { &mut *(ctx as *mut RuleWalk) };
-    let index = index as u32;
-    if index >= walk.count {
-        return 1;
+    #[inline(always)]
+    fn addr_bits(&self, dim: AddrDim, bank: u32, addr: &[u8; 16]) -> Option<&RuleBits> {
+        let key = LpmKey::new(
+            ADDR_KEY_BANK_BITS + 128,
+            AddrKey {
+                bank: bank & 1,
+                addr: *addr,
+            },
+        );
+        match dim {
+            AddrDim::Source => SRC_NETS.get(&key),
+            AddrDim::Destination => DST_NETS.get(&key),
+        }
     }
-    let Some(rule) = RULES.get(walk.base + (index & (MAX_RULES - 1))) else {
-        return 1;
-    };
-    if rule_matches(rule, walk.meta, walk.state, walk.hook, walk.ifindex) {
-        walk.found = index;
-        return 1;
+
+    #[inline(always)]
+    fn port_bounds(&self, bank: u32, dim: PortDim) -> Option<&PortBounds> {
+        PORT_BOUNDS.get((bank & 1) * 2 + dim as u32)
     }
-    0
+
+    #[inline(always)]
+    fn entry(&self, bank: u32, index: u32) -> Option<&Rule> {
+        RULES.get((bank & 1) * MAX_RULES + (index & (MAX_RULES - 1)))
+    }
 }
 
 /// The per-CPU counter arrays.

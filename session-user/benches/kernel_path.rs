@@ -458,7 +458,7 @@ impl Bench {
         let _ = writeln!(
             self.md,
             "\nsession_ingress after verification: {xlated} BPF instructions, {jited} bytes of \
-             machine code (the rule walk is a separate `bpf_loop` callback)."
+             machine code."
         );
         self.json.insert(
             "kernel_path".into(),
@@ -486,6 +486,11 @@ impl Bench {
             let established_ns = median_of(ROUNDS, |_| run(xdp, &est, REPEAT));
             let default_drop = syn(v4(198, 18, 7, 7), 4444, 9090);
             let drop_ns = median_of(ROUNDS, |_| run(xdp, &default_drop, REPEAT));
+            // The port of filler 0 (TCP, source 198.19.0.0/24) from another network: the
+            // direct-indexed tables pick filler 0, its source fails, so the interface and
+            // network tables are read too before the default drop.
+            let network_miss = syn(v4(198, 18, 7, 7), 4444, 20_000);
+            let network_ns = median_of(ROUNDS, |_| run(xdp, &network_miss, REPEAT));
             let accept_ns = median_of(ROUNDS, |round| {
                 let frames: Vec<Vec<u8>> = (0..NEW_FLOWS / 4)
                     .map(|i| {
@@ -503,46 +508,60 @@ impl Bench {
                     .collect();
                 run_each(xdp, &frames)
             });
-            rows.push((count, established_ns, drop_ns, accept_ns, apply_ms));
+            rows.push((
+                count,
+                established_ns,
+                drop_ns,
+                network_ns,
+                accept_ns,
+                apply_ms,
+            ));
         }
-        let (_, _, small_drop, small_accept, _) = rows[0];
-        let (big_n, _, big_drop, big_accept, big_apply) = *rows.last().expect("sizes");
+        let (_, _, small_drop, small_network, small_accept, _) = rows[0];
+        let (big_n, _, big_drop, big_network, big_accept, big_apply) = *rows.last().expect("sizes");
         let small_n = rows[0].0;
         let slope = (big_drop - small_drop) / (big_n - small_n) as f64;
         let _ = writeln!(
             self.md,
             "\n### Policy scale (same table, same run)\n\n\
-             Established packets match the first rule (`state = established`) and stop there; new \
-             flows walk every entry to the last rule (accepted, inserted) or past it (dropped by \
-             default). Apply = parse + compile + write the inactive bank and switch.\n\n\
-             | kernel entries | established ns | new flow, default drop ns | new flow, accepted by last rule ns | parse ms | compile ms | apply ms |\n\
-             |---:|---:|---:|---:|---:|---:|---:|"
+             Established packets match the first rule (`state = established`); new flows match \
+             the last rule (accepted, inserted) or none (dropped by default), found by the \
+             rule bitmaps without walking the entries. Apply = parse + compile + write the inactive bank and switch.\n\n\
+             | kernel entries | established ns | new flow, default drop ns | new flow, default drop after the network lookups ns | new flow, accepted by last rule ns | parse ms | compile ms | apply ms |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         let mut out = Vec::new();
-        for (n, est, drop, accept, [parse_ms, compile_ms, apply_ms]) in &rows {
+        for (n, est, drop, network, accept, [parse_ms, compile_ms, apply_ms]) in &rows {
             let _ = writeln!(
                 self.md,
-                "| {n} | {est:.0} | {drop:.0} | {accept:.0} | {parse_ms:.1} | {compile_ms:.1} | {apply_ms:.1} |"
+                "| {n} | {est:.0} | {drop:.0} | {network:.0} | {accept:.0} | {parse_ms:.1} | {compile_ms:.1} | {apply_ms:.1} |"
             );
             out.push(json!({"entries": n, "established_ns": est, "new_default_drop_ns": drop,
-                "new_accepted_ns": accept, "parse_ms": parse_ms, "compile_ms": compile_ms, "apply_ms": apply_ms}));
+                "new_network_lookup_drop_ns": network, "new_accepted_ns": accept, "parse_ms": parse_ms, "compile_ms": compile_ms, "apply_ms": apply_ms}));
         }
         let classify_ratio = big_drop / small_drop;
+        let network_ratio = big_network / small_network;
         let accept_ratio = big_accept / small_accept;
         let total_apply: f64 = big_apply.iter().sum();
         let _ = writeln!(
             self.md,
             "\nNew-flow cost at {big_n} vs {small_n} entries: {classify_ratio:.1}× (default drop), \
-             {accept_ratio:.1}× (accepted); target ≤ 2×: {}. Slope: {slope:.1} ns per rule entry. \
+             {network_ratio:.1}× (drop after the network lookups), {accept_ratio:.1}× (accepted); \
+             target ≤ 2×: {}. Slope: {slope:.1} ns per rule entry. \
              Applying {big_n} entries: {total_apply:.1} ms; target ≤ 100 ms: {}.",
-            yes_no(classify_ratio, Some(2.0)),
+            yes_no(
+                classify_ratio.max(network_ratio).max(accept_ratio),
+                Some(2.0)
+            ),
             yes_no(total_apply, Some(100.0)),
         );
         self.json.insert(
             "policy_scale".into(),
             json!({"results": out, "new_flow_ratio_default_drop": classify_ratio,
+                "new_flow_ratio_network_lookups": network_ratio,
                 "new_flow_ratio_accepted": accept_ratio, "ns_per_rule_entry": slope,
-                "ratio_target": 2.0, "ratio_meets_target": classify_ratio <= 2.0 && accept_ratio <= 2.0,
+                "ratio_target": 2.0,
+                "ratio_meets_target": classify_ratio <= 2.0 && network_ratio <= 2.0 && accept_ratio <= 2.0,
                 "apply_ms_total": total_apply, "apply_target_ms": 100.0, "apply_meets_target": total_apply <= 100.0}),
         );
         // Back to the small policy for what follows.

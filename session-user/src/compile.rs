@@ -8,6 +8,7 @@ use session_common::wire::{
     FAMILY_IPV4, FAMILY_IPV6, MAX_RULES, PolicyHeader, RULE_NAME_LEN, Rule, RuleName, rule_flags,
 };
 
+use crate::classify::{self, ClassifyError, ClassifyTables};
 use crate::config::{Network, Policy, RuleSpec};
 
 /// Why a policy cannot be compiled.
@@ -40,6 +41,9 @@ pub enum CompileError {
         /// The interface.
         iface: String,
     },
+    /// The entries cannot be indexed by the kernel's classifier.
+    #[error(transparent)]
+    Classify(#[from] ClassifyError),
 }
 
 /// A policy ready to be written into one bank.
@@ -51,6 +55,8 @@ pub struct CompiledPolicy {
     pub names: Vec<RuleName>,
     /// Default actions (generation is set when applied).
     pub header: PolicyHeader,
+    /// The kernel classifier's bitmaps of `entries`.
+    pub classify: ClassifyTables,
 }
 
 /// Compiles `policy`; `ifindex` resolves interface names.
@@ -83,7 +89,9 @@ pub fn compile(
         }
         expand(spec, id as u16, &ifindexes, &mut entries);
     }
+    let classify = classify::build(&entries)?;
     Ok(CompiledPolicy {
+        classify,
         header: PolicyHeader {
             rule_count: entries.len() as u32,
             generation: 0,

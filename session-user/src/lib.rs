@@ -1,6 +1,7 @@
 //! The `session` daemon and CLI as a library: configuration, policy compilation, loading
 //! and attaching the eBPF programs, reading the pinned maps back.
 
+pub mod classify;
 pub mod compile;
 pub mod config;
 pub mod daemon;

@@ -5,12 +5,19 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
-use session_common::wire::{
-    Counter, DaemonCounter, FlowKey, MAX_RULES, PolicyHeader, RULE_HIT_SLOTS, Rule, RuleName,
-    Session, Settings, map_names,
+use aya::maps::{
+    Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
+    lpm_trie::{Key as LpmKey, LpmTrie},
+};
+use session_common::{
+    classify::{ADDR_KEY_BANK_BITS, AddrKey, IfaceKey, PortBounds, RuleBits, bits_slot},
+    wire::{
+        Counter, DaemonCounter, FlowKey, MAX_RULES, PolicyHeader, RULE_HIT_SLOTS, Rule, RuleName,
+        Session, Settings, map_names,
+    },
 };
 
+use crate::classify::ClassifyTables;
 use crate::compile::{CompiledPolicy, decode_name};
 
 /// Default bpffs directory for the pinned maps.
@@ -288,6 +295,7 @@ impl PinnedMaps {
                 .set(next * MAX_RULES + i as u32, entry, 0)
                 .context("writing a policy entry")?;
         }
+        self.write_classifier(next, &policy.classify)?;
         let mut names = self.array::<RuleName>(map_names::RULE_NAMES)?;
         for id in 0..MAX_RULES {
             let name = policy.names.get(id as usize).copied().unwrap_or(RuleName {
@@ -317,6 +325,80 @@ impl PinnedMaps {
             .set(0, next, 0)
             .context("switching to the new policy")?;
         Ok(generation)
+    }
+
+    /// Writes the classifier's bitmaps of the (inactive) `bank`, first removing the keyed
+    /// entries an earlier policy left in it, so a smaller policy leaves no stale networks
+    /// or interfaces behind.
+    fn write_classifier(&self, bank: u32, tables: &ClassifyTables) -> Result<()> {
+        let mut bits = self.array::<RuleBits>(map_names::RULE_BITS)?;
+        for (slot, value) in tables.used_slots() {
+            bits.set(bank * bits_slot::BANK_SLOTS + slot, value, 0)
+                .context("writing a classifier bitmap")?;
+        }
+        let mut bounds = self.array::<PortBounds>(map_names::PORT_BOUNDS)?;
+        for (dim, value) in tables.port_bounds.iter().enumerate() {
+            bounds
+                .set(bank * 2 + dim as u32, value.as_ref(), 0)
+                .context("writing port intervals")?;
+        }
+        let mut ifaces: HashMap<MapData, IfaceKey, RuleBits> =
+            HashMap::try_from(self.map(map_names::IFACE_BITS)?).context("map IFACE_BITS")?;
+        let mut stale: Vec<IfaceKey> = ifaces
+            .keys()
+            .collect::<Result<_, _>>()
+            .context("listing interface bitmaps")?;
+        stale.retain(|key| key.bank == bank);
+        for key in stale {
+            match ifaces.remove(&key) {
+                Ok(()) => {}
+                Err(error) if is_not_found(&error) => {}
+                Err(error) => return Err(error).context("removing a stale interface bitmap"),
+            }
+        }
+        for (ifindex, value) in &tables.ifaces {
+            let key = IfaceKey {
+                bank,
+                ifindex: *ifindex,
+            };
+            ifaces
+                .insert(key, value, 0)
+                .context("writing an interface bitmap")?;
+        }
+        for (name, nets) in [
+            (map_names::SRC_NETS, &tables.src),
+            (map_names::DST_NETS, &tables.dst),
+        ] {
+            let mut trie: LpmTrie<MapData, AddrKey, RuleBits> = LpmTrie::try_from(self.map(name)?)
+                .with_context(|| format!("map {name} is not an LPM trie"))?;
+            let mut stale: Vec<LpmKey<AddrKey>> = trie
+                .keys()
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("listing {name}"))?;
+            stale.retain(|key| key.data().bank == bank);
+            for key in stale {
+                match trie.remove(&key) {
+                    Ok(()) => {}
+                    Err(error) if is_not_found(&error) => {}
+                    Err(error) => {
+                        return Err(error)
+                            .with_context(|| format!("removing a stale {name} entry"));
+                    }
+                }
+            }
+            for net in nets {
+                let key = LpmKey::new(
+                    ADDR_KEY_BANK_BITS + net.prefix,
+                    AddrKey {
+                        bank,
+                        addr: net.addr,
+                    },
+                );
+                trie.insert(&key, net.bits, 0)
+                    .with_context(|| format!("writing a {name} entry"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Declares which interfaces run the XDP program.

@@ -29,7 +29,7 @@ use std::{
 use aya::{
     Ebpf,
     maps::{Map, MapData, RingBuf},
-    programs::{TestRun as _, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use session_common::{
     engine::Outcome,
@@ -66,6 +66,8 @@ const TEST_RUN_IFINDEX: u32 = 1;
 const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
 
 /// Panics with what to do unless we are root and /sys/fs/bpf is a bpffs.
 fn require_root_and_bpffs() {
@@ -354,6 +356,124 @@ fn test_policy() -> CompiledPolicy {
         .unwrap_or_else(|error| panic!("the test policy does not parse: {error}"));
     compile::compile(&config.policy, |_| None)
         .unwrap_or_else(|error| panic!("the test policy does not compile: {error}"))
+}
+
+/// Rules the differential runs put before [`POLICY_TOML`] so the kernel's bitmap classifier is
+/// compared with the model's linear walk on every dimension: networks of several prefix
+/// lengths in both families, port ranges on both ports, ICMP types, a state other than
+/// new, an egress-only rule (which ingress frames must never match) and interface rules
+/// for the test-run interface and another one.
+const DIFFERENTIAL_RULES_TOML: &str = r#"
+[[rule]]
+name = "v4-alt-web"
+state = ["new"]
+proto = "tcp"
+src = ["198.18.0.1/32", "198.18.1.0/24"]
+dst = ["198.18.0.0/23"]
+sport = ["30000-44999"]
+dport = ["8000-9099"]
+action = "accept"
+
+[[rule]]
+name = "v6-dns"
+state = ["new"]
+proto = "udp"
+src = ["2001:2::/64"]
+dst = ["2001:2:0:1::/64", "2001:2::2/128"]
+dport = [53, "5353-5360"]
+action = "accept"
+log = true
+
+[[rule]]
+name = "v4-udp-unprivileged-sport"
+state = ["new"]
+family = "ipv4"
+proto = "udp"
+dst = ["198.18.0.0/15"]
+sport = ["1024-65535"]
+action = "accept"
+
+[[rule]]
+name = "egress-only-alt-web"
+direction = "out"
+state = ["new"]
+proto = "tcp"
+dport = [9090]
+action = "accept"
+
+[[rule]]
+name = "udp-elsewhere"
+iface = ["elsewhere"]
+state = ["new"]
+proto = "udp"
+action = "accept"
+
+[[rule]]
+name = "icmp-info-on-lo"
+iface = ["lo"]
+state = ["new", "invalid", "untracked"]
+proto = "icmp"
+icmp_type = [9, 10, 13, 14, 42]
+action = "accept"
+
+[[rule]]
+name = "neighbour-discovery"
+state = ["untracked"]
+proto = "icmpv6"
+icmp_type = [133, 134, 135, 136]
+dst = ["2001:2::/48"]
+action = "accept"
+
+[[rule]]
+name = "v6-invalid-from-lab"
+state = ["invalid"]
+src = ["2001:2::/63"]
+action = "accept"
+"#;
+
+/// [`DIFFERENTIAL_RULES_TOML`] then [`POLICY_TOML`] (first, so they take new flows the
+/// standard rules would otherwise decide), with `lo` as the test-run interface.
+fn differential_policy() -> CompiledPolicy {
+    let text = format!("{DIFFERENTIAL_RULES_TOML}{POLICY_TOML}");
+    let config = config::parse(Path::new("differential.toml"), &text)
+        .unwrap_or_else(|error| panic!("the differential policy does not parse: {error}"));
+    compile::compile(&config.policy, |name| match name {
+        "lo" => Some(TEST_RUN_IFINDEX),
+        _ => Some(TEST_RUN_IFINDEX + 1000),
+    })
+    .unwrap_or_else(|error| panic!("the differential policy does not compile: {error}"))
+}
+
+/// Requires that the frame mix reached the rules that exercise the classifier's
+/// dimensions, so the agreement covered networks, port ranges and ICMP types, and that the
+/// rules no ingress frame may match (egress only, another interface) were never hit.
+fn require_classifier_rules_hit(policy: &CompiledPolicy, hits: &[u64]) {
+    let id = |name: &str| {
+        policy
+            .names
+            .iter()
+            .position(|stored| compile::decode_name(stored) == name)
+            .unwrap_or_else(|| panic!("rule {name} missing from the differential policy"))
+    };
+    for name in [
+        "v4-alt-web",
+        "v6-dns",
+        "v4-udp-unprivileged-sport",
+        "icmp-info-on-lo",
+        "neighbour-discovery",
+    ] {
+        assert!(
+            hits[id(name)] > 0,
+            "no frame matched rule {name}: the differential mix no longer exercises it"
+        );
+    }
+    for name in ["egress-only-alt-web", "udp-elsewhere"] {
+        assert_eq!(
+            hits[id(name)],
+            0,
+            "rule {name} cannot match an XDP test run"
+        );
+    }
 }
 
 /// Kernel defaults scaled up 1000 times: the same ordering between timeouts (so the same
@@ -895,6 +1015,165 @@ action = "accept"
     );
     assert_eq!(k.rule_hits()[0], 1, "the lo rule was hit once");
     assert_eq!(k.sessions().len(), 1);
+}
+
+#[test]
+fn direction_rules_apply_to_their_own_program_only() {
+    // The hook is a classifier dimension: the TC egress program must match the
+    // `direction = "out"` rule and never the `"in"` one, and the XDP program the reverse.
+    let toml = r#"
+[policy]
+inbound = "drop"
+outbound = "drop"
+
+[[rule]]
+name = "in-8080"
+direction = "in"
+state = ["new"]
+proto = "tcp"
+dport = [8080]
+action = "accept"
+
+[[rule]]
+name = "out-9090"
+direction = "out"
+state = ["new"]
+proto = "tcp"
+dport = [9090]
+action = "accept"
+"#;
+    let config = config::parse(Path::new("direction.toml"), toml)
+        .unwrap_or_else(|error| panic!("direction policy does not parse: {error}"));
+    let policy = compile::compile(&config.policy, |_| None)
+        .unwrap_or_else(|error| panic!("direction policy does not compile: {error}"));
+    let k = Kernel::start(&test_settings(), &policy);
+    let tc: &SchedClassifier = k
+        .ebpf
+        .program("session_egress")
+        .expect("session_egress missing from the object")
+        .try_into()
+        .expect("session_egress is not a TC classifier");
+    let (client, server) = (ip("198.18.0.1"), ip("198.18.0.2"));
+    for (cport, dport, xdp_verdict, tc_verdict) in [
+        (40001, 8080, Verdict::Pass, TC_ACT_SHOT),
+        (40002, 9090, Verdict::Drop, TC_ACT_OK),
+    ] {
+        let syn = tcp_frame(client, server, Tcp::new(cport, dport, tcp_flags::SYN));
+        k.expect(&format!("XDP: SYN to {dport}"), &syn, xdp_verdict);
+        // Another client port, so the egress SYN is a new flow too.
+        let syn = tcp_frame(client, server, Tcp::new(cport + 100, dport, tcp_flags::SYN));
+        let returned = tc
+            .test_run(TestRunOptions {
+                data_in: Some(&syn),
+                repeat: 1,
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|error| panic!("TC test run of a SYN to {dport}: {error:?}"))
+            .return_value;
+        assert_eq!(
+            returned, tc_verdict,
+            "TC egress: SYN to {dport} returned {returned} (TC_ACT_OK is 0, TC_ACT_SHOT 2)"
+        );
+    }
+    assert_eq!(
+        &k.rule_hits()[..2],
+        &[1, 1],
+        "each rule hit once, by its own hook"
+    );
+}
+
+/// Compiles a policy for the reload test, with `lo` as the test-run interface.
+fn reload_policy(toml: &str) -> CompiledPolicy {
+    let config = config::parse(Path::new("reload.toml"), toml)
+        .unwrap_or_else(|error| panic!("reload policy does not parse: {error}\n{toml}"));
+    compile::compile(&config.policy, |name| match name {
+        "lo" => Some(TEST_RUN_IFINDEX),
+        _ => Some(TEST_RUN_IFINDEX + 1000),
+    })
+    .unwrap_or_else(|error| panic!("reload policy does not compile: {error}"))
+}
+
+#[test]
+fn a_smaller_policy_reloaded_into_a_used_bank_sees_no_stale_classifier_entries() {
+    // The first policy fills bank 1 with a /32 source network and two interface entries;
+    // the second goes to bank 0; the third, smaller, back into bank 1. Had bank 1 kept the
+    // first policy's /32 (bits {0}), 198.18.0.1 would match the third policy's entry 0;
+    // had it kept the first policy's `lo` bitmap ({1}), entry 0 would not match on lo.
+    let first = reload_policy(
+        r#"
+[[rule]]
+name = "one-host-elsewhere"
+iface = ["elsewhere"]
+proto = "udp"
+src = ["198.18.0.1/32"]
+dport = [7]
+action = "accept"
+
+[[rule]]
+name = "tcp-on-lo"
+iface = ["lo"]
+proto = "tcp"
+action = "accept"
+
+[[rule]]
+name = "spare"
+proto = "udp"
+src = ["198.18.0.0/24", "2001:2::/64"]
+dport = ["1-6"]
+action = "accept"
+"#,
+    );
+    let second = reload_policy(
+        r#"
+[[rule]]
+name = "anything-udp"
+proto = "udp"
+action = "accept"
+"#,
+    );
+    let third = reload_policy(
+        r#"
+[[rule]]
+name = "other-net-echo"
+proto = "udp"
+src = ["198.19.0.0/16"]
+dport = [7]
+action = "accept"
+"#,
+    );
+    let k = Kernel::start(&test_settings(), &first);
+    for (policy, bank) in [(&second, 0), (&third, 1)] {
+        k.maps
+            .apply_policy(policy)
+            .unwrap_or_else(|error| panic!("apply_policy: {error:?}"));
+        let (active, header) = k
+            .maps
+            .active_policy()
+            .unwrap_or_else(|error| panic!("reading the active bank: {error:?}"));
+        assert_eq!(active, bank, "each apply switches banks");
+        assert_eq!(header.rule_count, policy.entries.len() as u32);
+    }
+    let echo = |src: &str| frames::frame(ip(src), ip("198.18.0.2"), frames::udp(1000, 7, 8));
+    k.expect(
+        "UDP echo from a host only the first policy named",
+        &echo("198.18.0.1"),
+        Verdict::Drop,
+    );
+    k.expect(
+        "UDP echo from the third policy's network, on lo",
+        &echo("198.19.4.4"),
+        Verdict::Pass,
+    );
+    k.expect(
+        "UDP to a port only the first policy's third rule named",
+        &frames::frame(ip("198.18.0.9"), ip("198.18.0.2"), frames::udp(1000, 3, 8)),
+        Verdict::Drop,
+    );
+    assert_eq!(
+        k.rule_hits()[0],
+        1,
+        "only the echo from 198.19/16 hit entry 0"
+    );
 }
 
 #[test]
@@ -1809,7 +2088,7 @@ fn kernel_and_model_agree_frame_by_frame() {
         })
         .unwrap_or(DIFF_FRAMES);
     let settings = test_settings();
-    let policy = test_policy();
+    let policy = differential_policy();
     let mut k = Kernel::start(&settings, &policy);
     let mut model = Model::new(settings, &policy);
     let mut generator = Generator::new(seed);
@@ -1883,6 +2162,7 @@ fn kernel_and_model_agree_frame_by_frame() {
         hits, model.counters.hits,
         "rule hit counters differ (kernel first, model second)"
     );
+    require_classifier_rules_hit(&policy, &hits);
     let sessions = k.sessions();
     let mut tcp_states: HashMap<&'static str, usize> = HashMap::new();
     for (key, session) in &sessions {
@@ -2074,7 +2354,7 @@ fn kernel_and_model_agree_at_scale_with_mutated_frames() {
     let packets = env_number("SESSION_DIFF_PACKETS", false).unwrap_or(SCALE_DEFAULT_PACKETS);
     let seed = env_number("SESSION_DIFF_SEED", true).unwrap_or(SCALE_DEFAULT_SEED);
     let settings = test_settings();
-    let policy = test_policy();
+    let policy = differential_policy();
     let mut k = Kernel::start_sized(&settings, &policy, SCALE_MAX_SESSIONS);
     let mut model = Model::new(settings, &policy);
     let mut generator = Generator::new(seed);
@@ -2173,6 +2453,7 @@ fn kernel_and_model_agree_at_scale_with_mutated_frames() {
         panic!("seed {seed:#x}: kernel and model state differ {failure}");
     }
     assert!(hits_agree, "seed {seed:#x}: rule hit counters differ");
+    require_classifier_rules_hit(&policy, &k.rule_hits());
     assert_eq!(compared, packets, "every packet was compared");
     assert_eq!(
         mutated.len(),

@@ -1,0 +1,371 @@
+//! New-flow rule classification without a walk over the rules: per-dimension rule bitmaps.
+//!
+//! Every dimension a rule matches on (hook and ct state, family and protocol, interface,
+//! source and destination network, source and destination port, ICMP type) has a table
+//! that maps a packet's value in that dimension to the bitmap of the bank's entries that
+//! accept that value (bit `i` = entry `i`). The first entry matching the packet is the
+//! lowest bit set in all of the packet's bitmaps, so finding it costs a fixed number of
+//! lookups and at most [`RULE_WORDS`] word ANDs however many entries the bank holds. The
+//! result equals the first entry for which [`rule_matches`] holds; the host
+//! model keeps that linear walk as the reference the kernel is compared with.
+//!
+//! The tables live in BPF maps in the kernel and in plain collections on the host, behind
+//! [`BitTables`]; their layouts are defined here so both sides agree.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::packet::PacketMeta;
+use crate::policy::rule_matches;
+use crate::wire::{CtState, FAMILY_IPV6, Hook, MAX_RULES, Rule, proto};
+
+/// 64-bit words in a [`RuleBits`]: one bit per entry of a full bank.
+pub const RULE_WORDS: usize = MAX_RULES as usize / 64;
+const _: () = assert!(RULE_WORDS * 64 == MAX_RULES as usize);
+
+/// A set of entries of one bank: bit `i % 64` of word `i / 64` is entry `i`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct RuleBits {
+    /// The bits, lowest entries in word 0.
+    pub words: [u64; RULE_WORDS],
+}
+const _: () = assert!(core::mem::size_of::<RuleBits>() == 128);
+
+impl Default for RuleBits {
+    fn default() -> Self {
+        Self::zeroed()
+    }
+}
+
+impl RuleBits {
+    /// Adds entry `index`.
+    pub fn set(&mut self, index: usize) {
+        self.words[index / 64] |= 1 << (index % 64);
+    }
+
+    /// Whether entry `index` is in the set.
+    pub fn contains(&self, index: usize) -> bool {
+        self.words[index / 64] & (1 << (index % 64)) != 0
+    }
+
+    /// Adds every entry of `other`.
+    pub fn union_with(&mut self, other: &RuleBits) {
+        for (word, more) in self.words.iter_mut().zip(other.words.iter()) {
+            *word |= more;
+        }
+    }
+}
+
+/// Slots of one bank in the direct-indexed bitmap array (`RULE_BITS`): the bank's first
+/// slot is `bank * BANK_SLOTS`, each table below an offset from there.
+pub mod bits_slot {
+    use super::PORT_INTERVALS;
+
+    /// `hook * 8 + state` (8 slots per hook, 5 used): entries whose state and hook masks
+    /// hold both.
+    pub const STATE_HOOK: u32 = 0;
+    /// `family * 256 + protocol` (family 0 = IPv4, 1 = IPv6): entries whose family and
+    /// protocol are that one or 0 (any).
+    pub const FAMILY_PROTO: u32 = STATE_HOOK + 16;
+    /// Entries without a port match: the ports bitmap of a packet that is not TCP or UDP.
+    pub const NO_PORTS: u32 = FAMILY_PROTO + 512;
+    /// Entries without an ICMP type match: the ICMP bitmap of a packet that is not ICMP.
+    pub const NO_ICMP_TYPE: u32 = NO_PORTS + 1;
+    /// `type`: for an ICMP or ICMPv6 packet, entries without an ICMP type match or with
+    /// that type.
+    pub const ICMP_TYPE: u32 = NO_ICMP_TYPE + 1;
+    /// Source-port interval `k` (see [`super::PortBounds`]): entries without a port match
+    /// or whose source range holds the interval.
+    pub const SPORT: u32 = ICMP_TYPE + 256;
+    /// Destination-port interval `k`, as [`SPORT`].
+    pub const DPORT: u32 = SPORT + PORT_INTERVALS;
+    /// Slots per bank.
+    pub const BANK_SLOTS: u32 = DPORT + PORT_INTERVALS;
+}
+
+/// Most elementary port intervals one dimension can need: every entry contributes at most
+/// two interval starts (`lo` and `hi + 1`) besides port 0.
+pub const PORT_INTERVALS: u32 = 2 * MAX_RULES + 1;
+
+/// Slots in [`PortBounds::starts`]: a power of two at least [`PORT_INTERVALS`], so the
+/// binary search runs a fixed number of halving steps.
+pub const PORT_BOUND_SLOTS: usize = 4096;
+const _: () = assert!(PORT_BOUND_SLOTS >= PORT_INTERVALS as usize);
+
+/// Fills the unused slots of [`PortBounds::starts`]: above every port, so the search never
+/// lands on them.
+pub const PORT_BOUND_SENTINEL: u32 = 0x1_0000;
+
+/// The elementary intervals of one port dimension of one bank: interval `k` holds the
+/// ports from `starts[k]` to `starts[k + 1] - 1`. `starts[0]` is 0, the used starts
+/// increase strictly, and every other slot holds [`PORT_BOUND_SENTINEL`]. One map value
+/// per bank and dimension, so an apply writes it with one update.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct PortBounds {
+    /// Interval starts, then sentinels.
+    pub starts: [u32; PORT_BOUND_SLOTS],
+}
+const _: () = assert!(core::mem::size_of::<PortBounds>() == 4 * PORT_BOUND_SLOTS);
+
+impl PortBounds {
+    /// The interval that holds `port`: the last slot whose start is at most `port`, found
+    /// in 12 halving steps without a branch, so the verifier sees one path, not 4096.
+    #[inline(always)]
+    pub fn interval(&self, port: u16) -> u32 {
+        let port = i64::from(port);
+        let mut at = 0usize;
+        let mut step = PORT_BOUND_SLOTS / 2;
+        while step > 0 {
+            let start = i64::from(self.starts[(at + step) & (PORT_BOUND_SLOTS - 1)]);
+            // 1 when start <= port: the sign of start - port - 1 (both fit in 17 bits).
+            let not_above = (crate::opaque(start - port - 1) as u64) >> 63;
+            at += not_above as usize * step;
+            step /= 2;
+        }
+        (at as u32).min(PORT_INTERVALS - 1)
+    }
+}
+
+/// Which port a [`PortBounds`] value splits; its index within a bank in `PORT_BOUNDS`
+/// (`bank * 2 + dimension`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortDim {
+    /// The source port.
+    Source = 0,
+    /// The destination port.
+    Destination = 1,
+}
+
+/// Which address an LPM table indexes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddrDim {
+    /// The source address (`SRC_NETS`).
+    Source,
+    /// The destination address (`DST_NETS`).
+    Destination,
+}
+
+/// The data of an address LPM-trie key: the bank, then the address (IPv4-mapped for IPv4).
+/// A network of prefix `p` is stored with prefix length [`ADDR_KEY_BANK_BITS`]` + p`, so
+/// the banks never see each other's networks. The bank is a whole word (no padding for
+/// the kernel path to zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AddrKey {
+    /// Policy bank, 0 or 1.
+    pub bank: u32,
+    /// Network or packet address.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
+
+/// Bits of an LPM prefix length taken by [`AddrKey::bank`].
+pub const ADDR_KEY_BANK_BITS: u32 = 32;
+
+/// Key of the interface table: entries of `bank` bound to `ifindex`. `ifindex` 0 holds the
+/// entries that match any interface, which is also the answer for an interface no entry
+/// names.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct IfaceKey {
+    /// Policy bank, 0 or 1.
+    pub bank: u32,
+    /// Interface index, 0 for "no interface entry names it".
+    pub ifindex: u32,
+}
+const _: () = assert!(core::mem::size_of::<IfaceKey>() == 8);
+
+/// Where the classifier finds a bank's bitmaps and entries: BPF maps in the kernel, plain
+/// collections on the host.
+pub trait BitTables {
+    /// Slot `slot` (a [`bits_slot`] offset plus index) of `bank`'s direct-indexed bitmaps.
+    fn bits(&self, bank: u32, slot: u32) -> Option<&RuleBits>;
+    /// Entries of `bank` that match interface `ifindex`, when an entry names it.
+    fn iface_bits(&self, bank: u32, ifindex: u32) -> Option<&RuleBits>;
+    /// The bitmap of the longest network of `bank` in dimension `dim` that holds `addr`.
+    fn addr_bits(&self, dim: AddrDim, bank: u32, addr: &[u8; 16]) -> Option<&RuleBits>;
+    /// The port intervals of `bank` in dimension `dim`.
+    fn port_bounds(&self, bank: u32, dim: PortDim) -> Option<&PortBounds>;
+    /// Entry `index` of `bank`.
+    fn entry(&self, bank: u32, index: u32) -> Option<&Rule>;
+}
+
+/// Index of the first of the `count` entries of `bank` that match the packet, as the first
+/// `i` for which [`rule_matches`] holds; `None` when none does (or a table is missing,
+/// which a bank the daemon wrote never has). `meta.family` must be IPv4 or IPv6, as the
+/// parser guarantees for every packet that reaches the policy.
+///
+/// The five dimensions read by direct index (hook and state, family and protocol, ports,
+/// ICMP type) go first: their lowest common entry is the only candidate for the first
+/// match, because any earlier entry already fails one of them. When that candidate
+/// matches outright (an established packet on the `established` rule, a new flow on a
+/// port rule) the answer costs no hash or LPM lookup; otherwise the interface and both
+/// networks join the AND.
+#[inline(always)]
+pub fn first_match_index<T: BitTables>(
+    tables: &T,
+    bank: u32,
+    count: u32,
+    meta: &PacketMeta,
+    state: CtState,
+    hook: Hook,
+    ifindex: u32,
+) -> Option<u32> {
+    let bank = bank & 1;
+    let state_hook = tables.bits(
+        bank,
+        bits_slot::STATE_HOOK + ((hook as u32 & 1) << 3) + (state as u32 & 7),
+    )?;
+    let family = u32::from(meta.family == FAMILY_IPV6);
+    let family_proto = tables.bits(
+        bank,
+        bits_slot::FAMILY_PROTO + (family << 8) + u32::from(meta.proto),
+    )?;
+    let (sport, dport) = if meta.proto == proto::TCP || meta.proto == proto::UDP {
+        let sbounds = tables.port_bounds(bank, PortDim::Source)?;
+        let dbounds = tables.port_bounds(bank, PortDim::Destination)?;
+        (
+            tables.bits(bank, bits_slot::SPORT + sbounds.interval(meta.sport))?,
+            tables.bits(bank, bits_slot::DPORT + dbounds.interval(meta.dport))?,
+        )
+    } else {
+        let none = tables.bits(bank, bits_slot::NO_PORTS)?;
+        (none, none)
+    };
+    let icmp = if meta.proto == proto::ICMP || meta.proto == proto::ICMPV6 {
+        tables.bits(bank, bits_slot::ICMP_TYPE + u32::from(meta.icmp_type))?
+    } else {
+        tables.bits(bank, bits_slot::NO_ICMP_TYPE)?
+    };
+    let words = (count.min(MAX_RULES) as usize).div_ceil(64);
+    let direct = [state_hook, family_proto, sport, dport, icmp];
+    let candidate = lowest_common(&direct, words).filter(|found| *found < count)?;
+    if rule_matches(tables.entry(bank, candidate)?, meta, state, hook, ifindex) {
+        return Some(candidate);
+    }
+    let iface = match tables.iface_bits(bank, ifindex) {
+        Some(bits) => bits,
+        None => tables.iface_bits(bank, 0)?,
+    };
+    let src = tables.addr_bits(AddrDim::Source, bank, &meta.src)?;
+    let dst = tables.addr_bits(AddrDim::Destination, bank, &meta.dst)?;
+    let all = [
+        state_hook,
+        family_proto,
+        sport,
+        dport,
+        icmp,
+        iface,
+        src,
+        dst,
+    ];
+    lowest_common(&all, words).filter(|found| *found < count)
+}
+
+/// The lowest entry set in every one of `maps`, looking at the first `words` words only.
+#[inline(always)]
+fn lowest_common<const N: usize>(maps: &[&RuleBits; N], words: usize) -> Option<u32> {
+    let mut i = 0;
+    while i < RULE_WORDS {
+        if i >= words {
+            return None;
+        }
+        let mut common = u64::MAX;
+        let mut m = 0;
+        while m < N {
+            common &= maps[m].words[i];
+            m += 1;
+        }
+        if common != 0 {
+            return Some(i as u32 * 64 + lowest_bit(common));
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Position of the lowest set bit of a non-zero word: the number of ones below it, counted
+/// in parallel. Branch-free (the verifier walks one path) and without a table or loop (BPF
+/// has no count-trailing-zeros instruction).
+#[inline(always)]
+pub fn lowest_bit(word: u64) -> u32 {
+    // Ones exactly below the lowest set bit; opaque so LLVM does not turn the count back
+    // into a `cttz` that the BPF backend would expand with a lookup table.
+    let below = crate::opaque((word & word.wrapping_neg()).wrapping_sub(1));
+    let pairs = below - ((below >> 1) & 0x5555_5555_5555_5555);
+    let nibbles = (pairs & 0x3333_3333_3333_3333) + ((pairs >> 2) & 0x3333_3333_3333_3333);
+    let bytes = (nibbles + (nibbles >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    (bytes.wrapping_mul(0x0101_0101_0101_0101) >> 56) as u32
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use super::{AddrKey, IfaceKey, PortBounds, RuleBits};
+
+    // SAFETY: `#[repr(C)]`, `Copy`, fully initialised plain data with explicit padding
+    // (checked by bytemuck's Pod derive).
+    unsafe impl aya::Pod for RuleBits {}
+    unsafe impl aya::Pod for PortBounds {}
+    unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for IfaceKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lowest_bit_equals_trailing_zeros_for_every_single_bit_and_mixtures() {
+        for bit in 0..64 {
+            let word = 1u64 << bit;
+            assert_eq!(lowest_bit(word), bit);
+            assert_eq!(lowest_bit(word | (u64::MAX << bit)), bit);
+            assert_eq!(lowest_bit(word | (1 << 63)), bit);
+        }
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if x != 0 {
+                assert_eq!(lowest_bit(x), x.trailing_zeros(), "{x:#x}");
+            }
+        }
+    }
+
+    fn bounds(starts: &[u32]) -> PortBounds {
+        let mut out = PortBounds {
+            starts: [PORT_BOUND_SENTINEL; PORT_BOUND_SLOTS],
+        };
+        out.starts[..starts.len()].copy_from_slice(starts);
+        out
+    }
+
+    #[test]
+    fn the_interval_search_finds_the_last_start_not_above_the_port() {
+        let b = bounds(&[0, 22, 23, 1024, 65535]);
+        for (port, expected) in [
+            (0, 0),
+            (21, 0),
+            (22, 1),
+            (23, 2),
+            (1023, 2),
+            (1024, 3),
+            (65534, 3),
+            (65535, 4),
+        ] {
+            assert_eq!(b.interval(port), expected, "port {port}");
+        }
+        assert_eq!(bounds(&[0]).interval(65535), 0);
+        let mut b = bounds(&[]);
+        for (i, start) in b.starts[..PORT_INTERVALS as usize].iter_mut().enumerate() {
+            *start = i as u32 * 30;
+        }
+        for port in [0u16, 29, 30, 31, 61439, 61440, 65535] {
+            let expected = (u32::from(port) / 30).min(PORT_INTERVALS - 1);
+            assert_eq!(b.interval(port), expected, "port {port}");
+        }
+    }
+}
