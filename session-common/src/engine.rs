@@ -2,7 +2,7 @@
 //! apply the policy, account. Storage is abstracted behind small traits so the kernel backs
 //! them with BPF maps and the host with plain collections.
 
-use crate::packet::{IcmpKind, PacketBytes, PacketMeta, ParseError, parse};
+use crate::packet::{IcmpKind, PacketBytes, PacketMeta, ParseError};
 use crate::track::{
     Invalid, Update, account, direction, embedded_key, flow_key, mark_seen, new_session, state_for,
     update,
@@ -303,7 +303,7 @@ where
         hook,
         ifindex,
     };
-    match parse(pkt, meta) {
+    match pkt.parse_into(meta) {
         Ok(()) => {}
         Err(ParseError::NotIp) => {
             counters.count(Counter::PacketsNonIp);
@@ -319,6 +319,7 @@ where
             return Some(finish(
                 meta,
                 None,
+                None,
                 Tracked::of(CtState::Invalid),
                 &judge,
                 sessions,
@@ -333,6 +334,7 @@ where
     );
     Some(finish(
         meta,
+        Some(&key),
         tracked.pending.then_some((&key, session)),
         tracked,
         &judge,
@@ -364,28 +366,20 @@ impl<R: RuleSource> Judge<'_, R> {
         )
     }
 
-    /// The decision for a packet of `session` in direction `dir`: the cached one when it
-    /// holds, else a fresh one, which is then cached.
+    /// The verdict cached for a packet of `session` in direction `dir`, when one holds.
     #[inline(always)]
-    fn decide_for(
+    fn cached(
         &self,
-        session: &mut Session,
+        session: &Session,
         dir: Dir,
         meta: &PacketMeta,
         state: CtState,
-    ) -> Decision {
+    ) -> Option<Decision> {
         if !cacheable(meta) {
-            return self.decide(meta, state);
+            return None;
         }
         let generation = self.policy.map_or(0, |(_, header)| header.generation);
-        if let Some(decision) =
-            cached_decision(session, dir, state, self.hook, self.ifindex, generation)
-        {
-            return decision;
-        }
-        let decision = self.decide(meta, state);
-        cache_decision(session, dir, state, self.hook, self.ifindex, &decision);
-        decision
+        cached_decision(session, dir, state, self.hook, self.ifindex, generation)
     }
 }
 
@@ -398,8 +392,11 @@ struct Tracked {
     pending: bool,
     /// The packet closed its session.
     closed: bool,
-    /// The policy's decision, when tracking already took it (packets of a live session).
+    /// The verdict cached in the packet's live session, when one holds.
     decision: Option<Decision>,
+    /// The direction of the packet's live session whose verdict is to be cached once the
+    /// policy has decided (no verdict held).
+    cache_for: Option<Dir>,
 }
 
 impl Tracked {
@@ -410,6 +407,7 @@ impl Tracked {
             pending: false,
             closed: false,
             decision: None,
+            cache_for: None,
         }
     }
 }
@@ -459,6 +457,7 @@ fn classify<S: SessionTable, R: RuleSource, C: Counters>(
     let mut protect = false;
     let mut existing = None;
     let mut decision = None;
+    let mut cache_for = None;
     if let Some(session) = sessions.get_mut(key) {
         if session.expires_ns > now {
             let dir = direction(session, src_is_lo);
@@ -466,18 +465,18 @@ fn classify<S: SessionTable, R: RuleSource, C: Counters>(
             let was_closing = is_closing(session.state);
             match update(session, meta, dir, settings, now) {
                 Ok(Update::Tracked) => {
+                    cache_for = Some(dir);
                     closed = meta.proto == proto::TCP && !was_closing && is_closing(session.state);
                     account(session, meta, dir);
                     mark_seen(session, meta, dir);
                     protect = session.flags & (session_flags::ASSURED | session_flags::PROTECTED)
                         == session_flags::ASSURED;
-                    decision = Some(judge.decide_for(session, dir, meta, state));
                     existing = Some(state);
                 }
                 Ok(Update::Ignored) => {
+                    cache_for = Some(dir);
                     counters.count(Counter::TcpIgnored);
                     mark_seen(session, meta, dir);
-                    decision = Some(judge.decide_for(session, dir, meta, state));
                     existing = Some(state);
                 }
                 Ok(Update::Kill) => {
@@ -489,6 +488,12 @@ fn classify<S: SessionTable, R: RuleSource, C: Counters>(
                 Err(reason) => {
                     counters.count(invalid_counter(reason));
                     existing = Some(CtState::Invalid);
+                }
+            }
+            if let (Some(dir), Some(state)) = (cache_for, existing) {
+                decision = judge.cached(session, dir, meta, state);
+                if decision.is_some() {
+                    cache_for = None;
                 }
             }
         } else {
@@ -512,6 +517,7 @@ fn classify<S: SessionTable, R: RuleSource, C: Counters>(
             pending: false,
             closed,
             decision,
+            cache_for: cache_for.filter(|_| cacheable(meta)),
         };
     }
     let started = new_session(fresh, meta, src_is_lo, settings, now)
@@ -524,6 +530,7 @@ fn classify<S: SessionTable, R: RuleSource, C: Counters>(
                 pending: true,
                 closed: false,
                 decision: None,
+                cache_for: None,
             }
         }
         Err(reason) => {
@@ -537,6 +544,7 @@ fn classify<S: SessionTable, R: RuleSource, C: Counters>(
 #[inline(always)]
 fn finish<S: SessionTable, R: RuleSource, C: Counters>(
     meta: &PacketMeta,
+    key: Option<&FlowKey>,
     pending: Option<(&FlowKey, &mut Session)>,
     tracked: Tracked,
     judge: &Judge<'_, R>,
@@ -553,6 +561,21 @@ fn finish<S: SessionTable, R: RuleSource, C: Counters>(
         created: false,
         closed: tracked.closed,
     };
+    // The one place the policy decides, so the kernel program holds one copy of the
+    // classifier; a live session's verdict is cached here, after a second lookup that
+    // only the first packet of each direction and generation pays.
+    if let (Some(dir), Some(key)) = (tracked.cache_for, key)
+        && let Some(session) = sessions.get_mut(key)
+    {
+        cache_decision(
+            session,
+            dir,
+            state,
+            judge.hook,
+            judge.ifindex,
+            &outcome.decision,
+        );
+    }
     counters.count(match state {
         CtState::New => Counter::StateNew,
         CtState::Established => Counter::StateEstablished,

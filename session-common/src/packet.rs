@@ -24,10 +24,18 @@ pub trait PacketBytes {
     /// the BPF verifier can check cheaply, so the common case reads all its headers here.
     fn head<const N: usize>(&self) -> Option<&[u8; N]>;
 
-    /// Copies the first `len` (at most 40) bytes at `offset` into `buf`: the variable-size
-    /// read TCP options need (the buffer is 64 bytes so indices can be masked). False when
-    /// they are not all inside the frame.
-    fn load_options(&self, offset: usize, len: usize, buf: &mut [u8; 64]) -> bool;
+    /// Parses the frame into `meta`: [`parse`], which the kernel side runs as a BPF
+    /// function of its own so that the verifier checks the parser once, not once more for
+    /// every path after it.
+    fn parse_into(&self, meta: &mut PacketMeta) -> Result<(), ParseError> {
+        parse(self, meta)
+    }
+
+    /// Copies the first `len` (at most [`MAX_TCP_OPTION_BYTES`]) bytes at `offset` into
+    /// `buf`: the variable-size read TCP options need. False when they are not all inside
+    /// the frame.
+    fn load_options(&self, offset: usize, len: usize, buf: &mut [u8; MAX_TCP_OPTION_BYTES])
+    -> bool;
 }
 
 impl PacketBytes for [u8] {
@@ -47,8 +55,13 @@ impl PacketBytes for [u8] {
         self.first_chunk::<N>()
     }
 
-    fn load_options(&self, offset: usize, len: usize, buf: &mut [u8; 64]) -> bool {
-        if len > 40 {
+    fn load_options(
+        &self,
+        offset: usize,
+        len: usize,
+        buf: &mut [u8; MAX_TCP_OPTION_BYTES],
+    ) -> bool {
+        if len > MAX_TCP_OPTION_BYTES {
             return false;
         }
         let Some(bytes) = offset
@@ -103,6 +116,7 @@ pub enum IcmpKind {
 }
 
 /// Why a frame could not be parsed into a trackable packet.
+#[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParseError {
     /// Not IPv4 or IPv6 (ARP, LLDP…): not ours to judge.
@@ -575,10 +589,10 @@ fn parse_tcp_options<P: PacketBytes + ?Sized>(
     offset: usize,
     len: usize,
 ) {
-    // Words of an opaque zero: eight stores, where a zeroed byte array would be a call
-    // to aya-ebpf's byte-loop `memset` (see [`crate::zero_words`]).
-    let mut words = [crate::opaque(0u64); 8];
-    let options: &mut [u8; 64] = bytemuck::cast_mut(&mut words);
+    // Words of an opaque zero: five stores, where a zeroed byte array would be a call to
+    // aya-ebpf's byte-loop `memset` (see [`crate::zero_words`]).
+    let mut words = [crate::opaque(0u64); MAX_TCP_OPTION_BYTES / 8];
+    let options: &mut [u8; MAX_TCP_OPTION_BYTES] = bytemuck::cast_mut(&mut words);
     if pkt.load_options(offset, len, options) {
         scan_tcp_options(options, len, meta);
     }
@@ -587,14 +601,17 @@ fn parse_tcp_options<P: PacketBytes + ?Sized>(
 /// Options examined at most in one header; real stacks send five or six on a SYN.
 pub const MAX_TCP_OPTIONS: usize = 16;
 
+/// The most option bytes a TCP header can carry (a 60-byte header).
+pub const MAX_TCP_OPTION_BYTES: usize = 40;
+
 #[inline(always)]
-fn scan_tcp_options(options: &[u8; 64], len: usize, meta: &mut PacketMeta) {
+fn scan_tcp_options(options: &[u8; MAX_TCP_OPTION_BYTES], len: usize, meta: &mut PacketMeta) {
     let mut i = 0usize;
     for _ in 0..MAX_TCP_OPTIONS {
         if i + 1 >= len {
             break;
         }
-        let kind = options[i & 63];
+        let kind = option_byte(options, i);
         if kind == 0 {
             break;
         }
@@ -602,18 +619,26 @@ fn scan_tcp_options(options: &[u8; 64], len: usize, meta: &mut PacketMeta) {
             i += 1;
             continue;
         }
-        let size = options[(i + 1) & 63] as usize;
+        let size = option_byte(options, i + 1) as usize;
         if size < 2 || i + size > len {
             break;
         }
         if kind == 3 && size == 3 {
-            let scale = options[(i + 2) & 63];
+            let scale = option_byte(options, i + 2);
             meta.tcp_wscale = if scale > 14 { 14 } else { scale };
         } else if kind == 4 && size == 2 {
             meta.tcp_sack_perm = true;
         }
         i += size;
     }
+}
+
+/// The option byte at `at`, which the caller has checked is below `len` and so inside the
+/// buffer. The clamp never changes it; it is there, on an index the optimiser cannot see
+/// through, so that the BPF verifier sees the bound on the very register it reads with.
+#[inline(always)]
+fn option_byte(options: &[u8; MAX_TCP_OPTION_BYTES], at: usize) -> u8 {
+    options[crate::opaque(at).min(MAX_TCP_OPTION_BYTES - 1)]
 }
 
 #[inline(always)]
@@ -1799,7 +1824,12 @@ mod tests {
             None
         }
 
-        fn load_options(&self, offset: usize, len: usize, buf: &mut [u8; 64]) -> bool {
+        fn load_options(
+            &self,
+            offset: usize,
+            len: usize,
+            buf: &mut [u8; MAX_TCP_OPTION_BYTES],
+        ) -> bool {
             self.0.load_options(offset, len, buf)
         }
     }

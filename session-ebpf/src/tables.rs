@@ -3,6 +3,7 @@
 use core::{ffi::c_void, mem::MaybeUninit};
 
 use aya_ebpf::{
+    bindings::{__sk_buff, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, xdp_md},
     helpers::generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key as LpmKey},
@@ -14,7 +15,7 @@ use session_common::{
         bits_slot, first_match_index,
     },
     engine::{Counters, Outcome, RuleSource, Scratch, SessionTable},
-    packet::{PacketBytes, PacketMeta},
+    packet::{MAX_TCP_OPTION_BYTES, PacketBytes, PacketMeta, ParseError, parse},
     wire::{
         Counter, CtState, DaemonCounter, EVENT_RING_BYTES, Event, FlowKey, Hook, MAX_RULES,
         PolicyHeader, RULE_HIT_SLOTS, Rule, RuleName, Session, Settings, session_flags,
@@ -69,7 +70,9 @@ const CLASSIFY_KEYED_ENTRIES: u32 = 2 * (MAX_RULES + 1);
 
 /// Reports what the daemon and `session events` want to know about this packet: a session
 /// created or closed, or a decision of a `log = true` rule. A full ring buffer loses the
-/// event (counted) and never delays the packet.
+/// event (counted) and never delays the packet. The daemon is not woken for each event
+/// (at thousands of connections a second, the wake-ups cost a sixth of a CPU): it drains
+/// the ring on a short timer, and is woken only when the ring is half full.
 #[inline(always)]
 pub fn report(meta: &PacketMeta, outcome: &Outcome, hook: Hook, ifindex: u32, now: u64) {
     let kind = outcome.event_kind();
@@ -98,7 +101,12 @@ pub fn report(meta: &PacketMeta, outcome: &Outcome, hook: Hook, ifindex: u32, no
         (*event).hook = hook as u8;
         (*event).ifindex = ifindex;
     }
-    entry.submit(0);
+    let wake = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > EVENT_RING_BYTES as u64 / 2 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(wake as u64);
 }
 
 /// The settings the daemon wrote.
@@ -153,11 +161,21 @@ impl PacketBytes for XdpBytes<'_> {
     }
 
     #[inline(always)]
-    fn load_options(&self, offset: usize, len: usize, buf: &mut [u8; 64]) -> bool {
-        let len = (len & 63) as u32;
-        if len == 0 || len > 40 {
+    fn parse_into(&self, meta: &mut PacketMeta) -> Result<(), ParseError> {
+        decode_parse(session_parse_xdp(self.0.ctx, meta))
+    }
+
+    #[inline(always)]
+    fn load_options(
+        &self,
+        offset: usize,
+        len: usize,
+        buf: &mut [u8; MAX_TCP_OPTION_BYTES],
+    ) -> bool {
+        if len == 0 || len > MAX_TCP_OPTION_BYTES {
             return false;
         }
+        let len = len as u32;
         let ret = unsafe {
             bpf_xdp_load_bytes(
                 self.0.ctx,
@@ -167,6 +185,51 @@ impl PacketBytes for XdpBytes<'_> {
             )
         };
         ret == 0
+    }
+}
+
+/// The parser of an XDP frame as a global BPF function (exported, so its BTF linkage is
+/// global): the verifier checks it once, on its own, and the program after it sees only
+/// its answer, where an inlined parser makes the verifier walk everything after it again
+/// for each of its paths. Returns [`encode_parse`]'s code.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn session_parse_xdp(ctx: *mut xdp_md, meta: *mut PacketMeta) -> i32 {
+    // SAFETY: the caller passes its packet metadata; the verifier only knows it may be null.
+    let Some(meta) = (unsafe { meta.as_mut() }) else {
+        return encode_parse(Err(ParseError::Malformed));
+    };
+    encode_parse(parse(&XdpBytes(&XdpContext::new(ctx)), meta))
+}
+
+/// [`session_parse_xdp`] for the TC program's socket buffers.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn session_parse_skb(skb: *mut __sk_buff, meta: *mut PacketMeta) -> i32 {
+    // SAFETY: as in `session_parse_xdp`.
+    let Some(meta) = (unsafe { meta.as_mut() }) else {
+        return encode_parse(Err(ParseError::Malformed));
+    };
+    encode_parse(parse(&SkbBytes(&TcContext::new(skb)), meta))
+}
+
+/// A parse result as a global function can return it: 0 when parsed, else 1 + the error.
+#[inline(always)]
+fn encode_parse(result: Result<(), ParseError>) -> i32 {
+    match result {
+        Ok(()) => 0,
+        Err(error) => 1 + error as i32,
+    }
+}
+
+/// The inverse of [`encode_parse`]; an unknown code is a malformed frame.
+#[inline(always)]
+fn decode_parse(code: i32) -> Result<(), ParseError> {
+    match code {
+        0 => Ok(()),
+        1 => Err(ParseError::NotIp),
+        3 => Err(ParseError::Fragment),
+        _ => Err(ParseError::Malformed),
     }
 }
 
@@ -181,9 +244,6 @@ fn direct_head<'a, const N: usize>(data: usize, data_end: usize) -> Option<&'a [
     Some(unsafe { &*(data as *const [u8; N]) })
 }
 
-/// Ethernet, IPv4 and TCP headers without options or VLAN tags.
-const IPV4_HEAD: usize = 54;
-
 /// A socket buffer, read through `bpf_skb_load_bytes` except for its first bytes, which
 /// are read in place when they lie in its linear part.
 pub struct SkbBytes<'a>(pub &'a TcContext);
@@ -196,12 +256,12 @@ impl PacketBytes for SkbBytes<'_> {
 
     #[inline(always)]
     fn head<const N: usize>(&self) -> Option<&[u8; N]> {
-        // Only the one read that covers IPv4: a second in-place read (IPv6's transport
-        // header) multiplies the verifier's paths through this program past its limit.
-        if N > IPV4_HEAD {
-            return None;
-        }
         direct_head(self.0.data(), self.0.data_end())
+    }
+
+    #[inline(always)]
+    fn parse_into(&self, meta: &mut PacketMeta) -> Result<(), ParseError> {
+        decode_parse(session_parse_skb(self.0.skb.skb, meta))
     }
 
     #[inline(always)]
@@ -221,11 +281,16 @@ impl PacketBytes for SkbBytes<'_> {
     }
 
     #[inline(always)]
-    fn load_options(&self, offset: usize, len: usize, buf: &mut [u8; 64]) -> bool {
-        let len = (len & 63) as u32;
-        if len == 0 || len > 40 {
+    fn load_options(
+        &self,
+        offset: usize,
+        len: usize,
+        buf: &mut [u8; MAX_TCP_OPTION_BYTES],
+    ) -> bool {
+        if len == 0 || len > MAX_TCP_OPTION_BYTES {
             return false;
         }
+        let len = len as u32;
         let ret = unsafe {
             bpf_skb_load_bytes(
                 self.0.skb.skb as *const c_void,
@@ -299,9 +364,52 @@ impl RuleSource for BpfRules {
         hook: Hook,
         ifindex: u32,
     ) -> Option<&Rule> {
-        let index = first_match_index(&BpfBitTables, bank, count, meta, state, hook, ifindex)?;
+        let selector = state as u32 | (hook as u32) << 8;
+        let index = session_rule_search(meta, bank, count, selector, ifindex);
+        if index == NOT_FOUND {
+            return None;
+        }
         RULES.get((bank & 1) * MAX_RULES + (index & (MAX_RULES - 1)))
     }
+}
+
+/// Marks "no rule matched" in [`session_rule_search`]'s answer.
+const NOT_FOUND: u32 = u32::MAX;
+
+/// The classifier as a global BPF function (its BTF linkage is global because it is
+/// exported): the verifier checks it once, on its own, where an inlined classifier is
+/// checked again for every path the tracker takes to reach it, which took the program
+/// past the 1M-instruction limit. So its arguments are plain numbers it must check, and
+/// a pointer to the packet the verifier knows the size of; BPF passes at most five, so
+/// `selector` carries the ct state in its low byte and the hook in the next. Returns the
+/// index of the first matching entry, or [`NOT_FOUND`].
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn session_rule_search(
+    meta: *const PacketMeta,
+    bank: u32,
+    count: u32,
+    selector: u32,
+    ifindex: u32,
+) -> u32 {
+    let state = match selector & 0xff {
+        0 => CtState::New,
+        1 => CtState::Established,
+        2 => CtState::Related,
+        3 => CtState::Invalid,
+        4 => CtState::Untracked,
+        _ => return NOT_FOUND,
+    };
+    // SAFETY: the caller passes its packet; the verifier only knows it may be null.
+    let Some(meta) = (unsafe { meta.as_ref() }) else {
+        return NOT_FOUND;
+    };
+    let hook = if selector >> 8 == Hook::Egress as u32 {
+        Hook::Egress
+    } else {
+        Hook::Ingress
+    };
+    first_match_index(&BpfBitTables, bank, count, meta, state, hook, ifindex).unwrap_or(NOT_FOUND)
 }
 
 /// The classifier's bitmap maps (see `session_common::classify`).

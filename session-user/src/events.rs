@@ -40,6 +40,9 @@ const LOG_BURST: f64 = 20.0;
 const LOG_PER_SEC: f64 = 10.0;
 /// How often suppressed log lines are summed up in one line.
 const SUPPRESSED_REPORT: Duration = Duration::from_secs(5);
+/// How often the ring buffer is drained: the kernel does not wake the daemon for each
+/// event, only when the ring is half full, so this is how late an event can be.
+const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
 /// The Unix socket `session events` connects to for the daemon of `pin_dir`.
 pub fn socket_path(pin_dir: &Path) -> PathBuf {
@@ -274,9 +277,15 @@ async fn read_ring(
     maps: PinnedMaps,
     sender: broadcast::Sender<String>,
 ) {
-    let mut limiter = LogLimiter::new();
-    let mut names: (u32, Vec<String>) = (u32::MAX, Vec::new());
-    let mut tick = tokio::time::interval(SUPPRESSED_REPORT);
+    let mut reader = RingReader {
+        limiter: LogLimiter::new(),
+        names: (u32::MAX, Vec::new()),
+        maps,
+        sender,
+    };
+    let mut drain = tokio::time::interval(DRAIN_EVERY);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut report = tokio::time::interval(SUPPRESSED_REPORT);
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -287,36 +296,62 @@ async fn read_ring(
                         return;
                     }
                 };
-                refresh_names(&maps, &mut names);
-                let ring = guard.get_inner_mut();
-                while let Some(record) = ring.next() {
-                    if record.len() < size_of::<Event>() {
-                        continue;
-                    }
-                    let event: Event = bytemuck::pod_read_unaligned(&record[..size_of::<Event>()]);
-                    // Formatting costs more than reading: only for a log line or a client.
-                    let log = event.kind & event_kind::LOGGED != 0 && limiter.admit();
-                    let stream = sender.receiver_count() > 0;
-                    if !log && !stream {
-                        continue;
-                    }
-                    let json = kernel_event_json(&event, &names.1);
-                    if log {
-                        info!("{}", human_line(&json));
-                    }
-                    if stream {
-                        let _ = sender.send(json.to_string());
-                    }
-                }
+                reader.drain(guard.get_inner_mut());
                 guard.clear_ready();
             }
-            _ = tick.tick() => {}
+            _ = drain.tick() => reader.drain(ring.get_mut()),
+            _ = report.tick() => reader.report_suppressed(),
         }
-        if let Some(suppressed) = limiter.take_report() {
+    }
+}
+
+/// What reading the ring buffer keeps between drains.
+struct RingReader {
+    limiter: LogLimiter,
+    names: (u32, Vec<String>),
+    maps: PinnedMaps,
+    sender: broadcast::Sender<String>,
+}
+
+impl RingReader {
+    /// Handles every event in the ring.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        let mut refreshed = false;
+        while let Some(record) = ring.next() {
+            if record.len() < size_of::<Event>() {
+                continue;
+            }
+            let event: Event = bytemuck::pod_read_unaligned(&record[..size_of::<Event>()]);
+            // Formatting costs more than reading: only for a log line or a client.
+            let log = event.kind & event_kind::LOGGED != 0 && self.limiter.admit();
+            let stream = self.sender.receiver_count() > 0;
+            if !log && !stream {
+                continue;
+            }
+            if !refreshed {
+                refresh_names(&self.maps, &mut self.names);
+                refreshed = true;
+            }
+            let json = kernel_event_json(&event, &self.names.1);
+            if log {
+                info!("{}", human_line(&json));
+            }
+            if stream {
+                let _ = self.sender.send(json.to_string());
+            }
+        }
+    }
+
+    /// Sums up the log lines the rate limit suppressed, if any.
+    fn report_suppressed(&mut self) {
+        if let Some(suppressed) = self.limiter.take_report() {
             warn!(
                 "{suppressed} log lines of logged packets suppressed (limit {LOG_PER_SEC}/s); `session events` shows every one"
             );
-            if let Err(error) = maps.bump(DaemonCounter::LogLinesSuppressed, suppressed) {
+            if let Err(error) = self
+                .maps
+                .bump(DaemonCounter::LogLinesSuppressed, suppressed)
+            {
                 warn!("events: {error:#}");
             }
         }
