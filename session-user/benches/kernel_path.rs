@@ -455,15 +455,17 @@ impl Bench {
             .expect("reading session_ingress's program info");
         let xlated = info.size_translated().unwrap_or(0) / 8;
         let jited = info.size_jitted();
+        let verified = info.verified_instruction_count().unwrap_or(0);
         let _ = writeln!(
             self.md,
             "\nsession_ingress after verification: {xlated} BPF instructions, {jited} bytes of \
-             machine code."
+             machine code; the verifier walked {verified} instructions (its limit is 1,000,000)."
         );
         self.json.insert(
             "kernel_path".into(),
             json!({"sessions": SESSIONS, "fill_seconds": fill.as_secs_f64(), "rounds": ROUNDS,
                 "repeat": REPEAT, "results": out, "xlated_instructions": xlated,
+                "verified_instructions": verified,
                 "jited_bytes": jited}),
         );
     }
