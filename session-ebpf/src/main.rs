@@ -71,6 +71,13 @@ pub fn session_noop(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Drops every frame: the end-to-end benchmark's floor for a flood the policy drops,
+/// what dropping in XDP costs on a path at the least.
+#[xdp]
+pub fn session_drop_all(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
+}
+
 #[classifier]
 pub fn session_egress(ctx: TcContext) -> i32 {
     match try_egress(&ctx) {

@@ -13,6 +13,9 @@
 //! - (b) a SYN flood to a closed port, which the policy drops: CPU per packet;
 //! - (c) new TCP connections per second (connect, 32 bytes each way, close).
 //!
+//! (b) also runs into an XDP program that drops everything, the floor for dropping in
+//! XDP on this path.
+//!
 //! CPU is the machine's: softirq time across all CPUs from /proc/stat over the blast,
 //! where veth delivers packets to fw (XDP, nftables hooks and the IP stack all run
 //! there), divided by the packets sent; the generator's own sending is system time and
@@ -128,38 +131,40 @@ impl Firewall {
     }
 }
 
-/// `session_noop` attached to fw's veth end, with the pin directory its object's maps
-/// needed; the pins go on drop. Drop it after the lab, so the interface (and with it the
-/// attachment) is gone before the link is closed.
-struct NoopXdp {
+/// A bare XDP program of session's object (`session_noop` or `session_drop_all`)
+/// attached to fw's veth end, with the pin directory its object's maps needed; the pins
+/// go on drop. Drop it after the lab, so the interface (and with it the attachment) is
+/// gone before the link is closed.
+struct BareXdp {
     _ebpf: aya::Ebpf,
     pin: PathBuf,
 }
 
-impl NoopXdp {
-    fn attach(lab: &Lab) -> NoopXdp {
+impl BareXdp {
+    fn attach(lab: &Lab, program: &str) -> BareXdp {
         let pin = PathBuf::from(format!(
-            "/sys/fs/bpf/session-bench-noop-{}",
+            "/sys/fs/bpf/session-bench-{program}-{}",
             std::process::id()
         ));
         let mut ebpf = session_user::loader::load(&pin, 1024)
             .unwrap_or_else(|error| panic!("loading the eBPF object: {error:#}"));
-        let noop: &mut Xdp = ebpf
-            .program_mut("session_noop")
-            .expect("session_noop in the object")
+        let xdp: &mut Xdp = ebpf
+            .program_mut(program)
+            .unwrap_or_else(|| panic!("{program} in the object"))
             .try_into()
-            .expect("session_noop is XDP");
-        noop.load().expect("loading session_noop");
+            .unwrap_or_else(|error| panic!("{program} is XDP: {error}"));
+        xdp.load()
+            .unwrap_or_else(|error| panic!("loading {program}: {error}"));
         // Resolving the interface and creating the link happen in fw's namespace.
         lab.in_ns(Side::Fw, || {
-            noop.attach(FW_IFACE, XdpMode::Driver).map(|_| ())
+            xdp.attach(FW_IFACE, XdpMode::Driver).map(|_| ())
         })
-        .unwrap_or_else(|error| panic!("attaching session_noop to {FW_IFACE}: {error}"));
-        NoopXdp { _ebpf: ebpf, pin }
+        .unwrap_or_else(|error| panic!("attaching {program} to {FW_IFACE}: {error}"));
+        BareXdp { _ebpf: ebpf, pin }
     }
 }
 
-impl Drop for NoopXdp {
+impl Drop for BareXdp {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.pin);
     }
@@ -472,8 +477,8 @@ struct Round {
     conn_failed: u64,
 }
 
-fn one_round(firewall: Firewall) -> Round {
-    let mut noop = None;
+/// A fresh lab, routed back to the spoofed sources, with room for many client ports.
+fn bench_lab() -> Lab {
     let lab = Lab::new("bench");
     lab.ok(
         Side::Fw,
@@ -486,10 +491,26 @@ fn one_round(firewall: Firewall) -> Round {
     ] {
         lab.ok(Side::Client, 5, &["sysctl", "-qw", key]);
     }
+    lab
+}
+
+/// (b)'s floor: the same flood into an XDP program that drops everything.
+fn drop_floor() -> Blasted {
+    let lab = bench_lab();
+    let drop_all = BareXdp::attach(&lab, "session_drop_all");
+    let flood = dropped_flood(&lab);
+    drop(lab);
+    drop(drop_all);
+    flood
+}
+
+fn one_round(firewall: Firewall) -> Round {
+    let mut noop = None;
+    let lab = bench_lab();
     let daemon = match firewall {
         Firewall::None => None,
         Firewall::NoopXdp => {
-            noop = Some(NoopXdp::attach(&lab));
+            noop = Some(BareXdp::attach(&lab, "session_noop"));
             None
         }
         Firewall::Nftables => {
@@ -537,12 +558,20 @@ fn main() {
         return;
     }
     let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); Firewall::ALL.len()];
+    let mut floors = Vec::new();
     for round in 0..ROUNDS {
         for (index, firewall) in Firewall::ALL.into_iter().enumerate() {
             eprintln!("e2e: round {} of {ROUNDS}: {}", round + 1, firewall.name());
             rounds[index].push(one_round(firewall));
         }
+        eprintln!("e2e: round {} of {ROUNDS}: drop-everything XDP", round + 1);
+        floors.push(drop_floor());
     }
+    let floor = [
+        median(floors.iter().map(|f| f.sent_pps).collect()),
+        median(floors.iter().map(|f| f.softirq_ns).collect()),
+        median(floors.iter().map(|f| f.busy_ns).collect()),
+    ];
     let figure =
         |index: usize, get: &dyn Fn(&Round) -> f64| median(rounds[index].iter().map(get).collect());
     let (nft, session) = (2, 3);
@@ -636,6 +665,11 @@ fn main() {
     }
     let _ = writeln!(
         md,
+        "| drop-everything XDP (the floor for dropping in XDP here) | {:.0} | {:.0} | {:.0} |",
+        floor[0], floor[1], floor[2]
+    );
+    let _ = writeln!(
+        md,
         "\n(c) new TCP connections (connect, {EXCHANGE} bytes each way, close), one client thread\n\n\
          | firewall | connections/s | failed (all rounds) |\n|---|---:|---:|"
     );
@@ -660,6 +694,8 @@ fn main() {
     let session_own_ns =
         figure(session, &|r| r.udp.softirq_ns) - figure(noop_xdp, &|r| r.udp.softirq_ns);
     let nft_own_ns = figure(nft, &|r| r.udp.softirq_ns) - figure(none, &|r| r.udp.softirq_ns);
+    let floor_ratio = figure(nft, &|r| r.flood.softirq_ns) / floor[1];
+    let session_above_floor = figure(session, &|r| r.flood.softirq_ns) - floor[1];
     let met = |value: f64, target: f64| if value >= target { "yes" } else { "**no**" };
     let _ = writeln!(
         md,
@@ -671,7 +707,9 @@ fn main() {
          | (b) CPU per dropped packet (nftables / session) | {ratio_b:.2}× | ≥ 5× | {} |\n\
          | (c) connections/s | {ratio_c:.2}× | ≥ 1× | {} |\n\n\
          (a) CPU per packet above each one's own baseline: session {session_own_ns:.0} ns \
-         above the do-nothing XDP program, nftables {nft_own_ns:.0} ns above no firewall.",
+         above the do-nothing XDP program, nftables {nft_own_ns:.0} ns above no firewall. \
+         (b) with XDP's own floor: nftables / drop-everything XDP = {floor_ratio:.2}×; session \
+         spends {session_above_floor:.0} ns per dropped packet above that floor.",
         met(ratio_a, 1.5),
         met(ratio_a_tcp, 1.5),
         met(ratio_b, 5.0),
@@ -691,6 +729,9 @@ fn main() {
             "drop_flood_cpu_per_packet": {"value": ratio_b, "target": 5.0, "meets_target": ratio_b >= 5.0},
             "tcp_connections_per_second": {"value": ratio_c, "target": 1.0, "meets_target": ratio_c >= 1.0},
         },
+        "drop_floor": {"sent_pps": floor[0], "softirq_ns_per_packet": floor[1],
+            "busy_ns_per_packet": floor[2], "nftables_over_floor": floor_ratio,
+            "session_ns_above_floor": session_above_floor},
         "established_udp_softirq_ns_above_baseline": {
             "session_minus_noop_xdp": session_own_ns, "nftables_minus_none": nft_own_ns},
     });
