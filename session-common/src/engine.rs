@@ -34,8 +34,9 @@ pub trait SessionTable {
 pub trait RuleSource {
     /// The active bank and its header.
     fn header(&self) -> Option<(u32, &PolicyHeader)>;
-    /// The first of the `count` entries of `bank` that [`rule_matches`] the packet. The walk
-    /// is the backend's so the kernel can run it in `bpf_loop`, verified once.
+    /// The first of the `count` entries of `bank` that [`rule_matches`] the packet. The
+    /// search is the backend's: the host model walks the entries (the reference), the
+    /// kernel ANDs rule bitmaps in a separately verified function.
     fn first_match(
         &self,
         bank: u32,

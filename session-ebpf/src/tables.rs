@@ -140,8 +140,8 @@ impl PacketBytes for XdpBytes<'_> {
     #[inline(always)]
     fn load<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
         // Through the helper: the verifier accepts a direct read at a variable offset
-        // only by tracking every packet-pointer range, which multiplies its states past
-        // its limit across the parser's paths.
+        // only by tracking every packet-pointer range, which took it past its limit
+        // across the parser's paths when that was tried.
         let mut buf = MaybeUninit::<[u8; N]>::uninit();
         let ret = unsafe {
             bpf_xdp_load_bytes(
