@@ -298,18 +298,19 @@ where
     C: Counters,
 {
     let Scratch { meta, session } = scratch;
+    let parsed = pkt.parse_into(meta);
+    if parsed == Err(ParseError::NotIp) {
+        counters.count(Counter::PacketsNonIp);
+        return None;
+    }
     let judge = Judge {
         rules,
         policy: rules.header(),
         hook,
         ifindex,
     };
-    match pkt.parse_into(meta) {
+    match parsed {
         Ok(()) => {}
-        Err(ParseError::NotIp) => {
-            counters.count(Counter::PacketsNonIp);
-            return None;
-        }
         Err(error) => {
             counters.count(Counter::PacketsSeen);
             counters.count(match error {
@@ -369,16 +370,7 @@ impl<R: RuleSource> Judge<'_, R> {
 
     /// The verdict cached for a packet of `session` in direction `dir`, when one holds.
     #[inline(always)]
-    fn cached(
-        &self,
-        session: &Session,
-        dir: Dir,
-        meta: &PacketMeta,
-        state: CtState,
-    ) -> Option<Decision> {
-        if !cacheable(meta) {
-            return None;
-        }
+    fn cached(&self, session: &Session, dir: Dir, state: CtState) -> Option<Decision> {
         let generation = self.policy.map_or(0, |(_, header)| header.generation);
         cached_decision(session, dir, state, self.hook, self.ifindex, generation)
     }
@@ -466,7 +458,7 @@ fn classify<S: SessionTable, R: RuleSource, C: Counters>(
             let was_closing = is_closing(session.state);
             match update(session, meta, dir, settings, now) {
                 Ok(Update::Tracked) => {
-                    cache_for = Some(dir);
+                    cache_for = cacheable(meta).then_some(dir);
                     closed = meta.proto == proto::TCP && !was_closing && is_closing(session.state);
                     account(session, meta, dir);
                     mark_seen(session, meta, dir);
@@ -475,7 +467,7 @@ fn classify<S: SessionTable, R: RuleSource, C: Counters>(
                     existing = Some(state);
                 }
                 Ok(Update::Ignored) => {
-                    cache_for = Some(dir);
+                    cache_for = cacheable(meta).then_some(dir);
                     counters.count(Counter::TcpIgnored);
                     mark_seen(session, meta, dir);
                     existing = Some(state);
@@ -492,7 +484,7 @@ fn classify<S: SessionTable, R: RuleSource, C: Counters>(
                 }
             }
             if let (Some(dir), Some(state)) = (cache_for, existing) {
-                decision = judge.cached(session, dir, meta, state);
+                decision = judge.cached(session, dir, state);
                 if decision.is_some() {
                     cache_for = None;
                 }
@@ -518,7 +510,7 @@ fn classify<S: SessionTable, R: RuleSource, C: Counters>(
             pending: false,
             closed,
             decision,
-            cache_for: cache_for.filter(|_| cacheable(meta)),
+            cache_for,
         };
     }
     let started = new_session(fresh, meta, src_is_lo, settings, now)

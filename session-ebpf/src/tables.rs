@@ -71,8 +71,9 @@ const CLASSIFY_KEYED_ENTRIES: u32 = 2 * (MAX_RULES + 1);
 /// Reports what the daemon and `session events` want to know about this packet: a session
 /// created or closed, or a decision of a `log = true` rule. A full ring buffer loses the
 /// event (counted) and never delays the packet. The daemon is not woken for each event
-/// (at thousands of connections a second, the wake-ups cost a sixth of a CPU): it drains
-/// the ring on a short timer, and is woken only when the ring is half full.
+/// (at thousands of connections a second, that is thousands of wake-ups competing with
+/// the traffic): it drains the ring on a short timer, and is woken only when the ring is
+/// half full.
 #[inline(always)]
 pub fn report(meta: &PacketMeta, outcome: &Outcome, hook: Hook, ifindex: u32, now: u64) {
     let kind = outcome.event_kind();
@@ -191,38 +192,36 @@ impl PacketBytes for XdpBytes<'_> {
 /// The parser of an XDP frame as a global BPF function (exported, so its BTF linkage is
 /// global): the verifier checks it once, on its own, and the program after it sees only
 /// its answer, where an inlined parser makes the verifier walk everything after it again
-/// for each of its paths. Returns [`encode_parse`]'s code.
+/// for each of its paths. Returns [`parse_encoded`]'s code.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn session_parse_xdp(ctx: *mut xdp_md, meta: *mut PacketMeta) -> i32 {
-    // SAFETY: the caller passes its packet metadata; the verifier only knows it may be null.
-    let Some(meta) = (unsafe { meta.as_mut() }) else {
-        return encode_parse(Err(ParseError::Malformed));
-    };
-    encode_parse(parse(&XdpBytes(&XdpContext::new(ctx)), meta))
+    parse_encoded(&XdpBytes(&XdpContext::new(ctx)), meta)
 }
 
 /// [`session_parse_xdp`] for the TC program's socket buffers.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn session_parse_skb(skb: *mut __sk_buff, meta: *mut PacketMeta) -> i32 {
-    // SAFETY: as in `session_parse_xdp`.
-    let Some(meta) = (unsafe { meta.as_mut() }) else {
-        return encode_parse(Err(ParseError::Malformed));
-    };
-    encode_parse(parse(&SkbBytes(&TcContext::new(skb)), meta))
+    parse_encoded(&SkbBytes(&TcContext::new(skb)), meta)
 }
 
-/// A parse result as a global function can return it: 0 when parsed, else 1 + the error.
+/// Parses `pkt` into `meta` and answers as a global function can: 0 when parsed, else
+/// 1 + the error.
 #[inline(always)]
-fn encode_parse(result: Result<(), ParseError>) -> i32 {
+fn parse_encoded<P: PacketBytes>(pkt: &P, meta: *mut PacketMeta) -> i32 {
+    // SAFETY: the caller passes its packet metadata; the verifier only knows it may be null.
+    let result = match unsafe { meta.as_mut() } {
+        Some(meta) => parse(pkt, meta),
+        None => Err(ParseError::Malformed),
+    };
     match result {
         Ok(()) => 0,
         Err(error) => 1 + error as i32,
     }
 }
 
-/// The inverse of [`encode_parse`]; an unknown code is a malformed frame.
+/// The inverse of [`parse_encoded`]'s code; an unknown code is a malformed frame.
 #[inline(always)]
 fn decode_parse(code: i32) -> Result<(), ParseError> {
     match code {
@@ -392,13 +391,8 @@ pub extern "C" fn session_rule_search(
     selector: u32,
     ifindex: u32,
 ) -> u32 {
-    let state = match selector & 0xff {
-        0 => CtState::New,
-        1 => CtState::Established,
-        2 => CtState::Related,
-        3 => CtState::Invalid,
-        4 => CtState::Untracked,
-        _ => return NOT_FOUND,
+    let Some(&state) = CtState::ALL.get((selector & 0xff) as usize) else {
+        return NOT_FOUND;
     };
     // SAFETY: the caller passes its packet; the verifier only knows it may be null.
     let Some(meta) = (unsafe { meta.as_ref() }) else {
