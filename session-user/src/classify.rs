@@ -334,37 +334,14 @@ mod tests {
     };
 
     use super::*;
-
-    /// xorshift64*: deterministic, so a failure names a seed that reproduces it.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-
-        fn chance(&mut self, percent: u64) -> bool {
-            self.below(100) < percent
-        }
-
-        fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-            items[self.below(items.len() as u64) as usize]
-        }
-    }
+    use crate::mutate::Rng;
 
     const PROTOS: [u8; 6] = [proto::TCP, proto::UDP, proto::ICMP, proto::ICMPV6, 47, 132];
     const IFACES: [u32; 4] = [1, 2, 7, 300];
 
     /// A random address of `family` near a few shared networks, so rules overlap.
     fn address(rng: &mut Rng, family: u8) -> u128 {
-        let noise = rng.next();
+        let noise = rng.next_u64();
         let low = u128::from(rng.pick(&[0u64, 1, 0xff, 0x1_0001, noise]))
             & u128::from(rng.pick(&[0xffu64, 0xffff, u64::MAX]));
         if family == FAMILY_IPV4 {
@@ -558,7 +535,7 @@ mod tests {
         let mut matched = 0;
         let mut total = 0;
         for seed in 1..=300u64 {
-            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut rng = Rng::new(seed);
             let size = match seed % 10 {
                 0 => 1 + rng.below(u64::from(MAX_RULES)) as usize,
                 1 => 0,

@@ -126,6 +126,41 @@ impl Mutation {
     }
 }
 
+/// The random numbers of the randomised tests (splitmix64): small, fast, and the same
+/// sequence on every machine, so a failure names a seed that reproduces it.
+pub struct Rng(u64);
+
+impl Rng {
+    /// The sequence of `seed`.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// True with probability `percent`/100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    /// One of `items`, uniformly.
+    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize]
+    }
+}
+
 /// Uniform in `0..n`; 0 when `n` is 0.
 fn below(rng: &mut dyn FnMut() -> u64, n: u64) -> u64 {
     if n == 0 { 0 } else { rng() % n }

@@ -47,7 +47,7 @@ use session_user::{
     loader,
     maps::{PinnedMaps, monotonic_ns},
     model::Model,
-    mutate::Mutation,
+    mutate::{Mutation, Rng},
 };
 
 // ---------------------------------------------------------------------------------------
@@ -1375,7 +1375,7 @@ fn malformed_frames_drop_as_invalid_and_never_abort() {
         let mut frame = seeds[rng.below(seeds.len() as u64) as usize].clone();
         for _ in 0..=rng.below(4) {
             let at = 12 + rng.below(frame.len() as u64 - 12) as usize;
-            frame[at] = rng.next() as u8;
+            frame[at] = rng.next_u64() as u8;
         }
         if rng.chance(30) {
             frame.truncate(14 + rng.below(frame.len() as u64 - 13) as usize);
@@ -1397,37 +1397,6 @@ fn malformed_frames_drop_as_invalid_and_never_abort() {
 // ---------------------------------------------------------------------------------------
 // Differential: the kernel program against the host model.
 // ---------------------------------------------------------------------------------------
-
-/// splitmix64: small, fast, and the same sequence on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// True with probability `percent`/100.
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-}
 
 const DIFF_SEED: u64 = 0x5e55_1011_d1ff_0001;
 const DIFF_FRAMES: usize = 600;
@@ -1546,7 +1515,7 @@ impl Generator {
             // Close to the wrap-around.
             u32::MAX - self.rng.below(3000) as u32
         } else {
-            self.rng.next() as u32
+            self.rng.next_u64() as u32
         }
     }
 
@@ -1644,13 +1613,13 @@ impl Generator {
         let mut chaos = String::new();
         if self.rng.chance(10) {
             match self.rng.below(4) {
-                0 => flags = self.rng.next() as u8,
-                1 => flags = self.rng.next() as u8 & 0x3f,
+                0 => flags = self.rng.next_u64() as u8,
+                1 => flags = self.rng.next_u64() as u8 & 0x3f,
                 2 => {
                     let delta = self.rng.pick(&[1u32, 0xffff_ffff, 70_000, 0x8000_0000]);
                     seq = seq.wrapping_add(delta);
                 }
-                _ => ack = self.rng.next() as u32,
+                _ => ack = self.rng.next_u64() as u32,
             }
             chaos = " (chaos)".to_string();
         }
@@ -1818,7 +1787,7 @@ impl Generator {
         let p = self.echo[i].clone();
         let v6 = p.client.is_ipv6();
         let id = if self.rng.chance(5) {
-            self.rng.next() as u16
+            self.rng.next_u64() as u16
         } else {
             p.cport
         };
@@ -1828,7 +1797,7 @@ impl Generator {
         } else {
             (p.server, p.client)
         };
-        let (protocol, body) = frames::echo(v6, !request, id, self.rng.next() as u16);
+        let (protocol, body) = frames::echo(v6, !request, id, self.rng.next_u64() as u16);
         let packet = frames::ip_packet(src, dst, protocol, &body);
         if request {
             self.echo[i].last_ip = packet.clone();
@@ -1861,7 +1830,7 @@ impl Generator {
         quotable.retain(|q| !q.is_empty());
         let (original, about) = if quotable.is_empty() || self.rng.chance(20) {
             let (client, server) = self.endpoints();
-            let port = self.rng.next() as u16;
+            let port = self.rng.next_u64() as u16;
             let packet =
                 frames::ip_packet(client, server, proto::UDP, &frames::udp(port, 5353, 4).1);
             (packet, "an unknown flow")
@@ -1913,7 +1882,7 @@ impl Generator {
         } else {
             self.rng.pick(&[9u8, 10, 13, 14, 42])
         };
-        let id = self.rng.next() as u16;
+        let id = self.rng.next_u64() as u16;
         let [a, b] = id.to_be_bytes();
         let body = frames::icmp(v6, icmp_type, 0, [a, b, 0, 1], &[0; 12]);
         (
@@ -1947,7 +1916,7 @@ impl Generator {
         let mut spots = Vec::new();
         for _ in 0..=self.rng.below(3) {
             let at = 12 + self.rng.below(frame.len() as u64 - 12) as usize;
-            frame[at] = self.rng.next() as u8;
+            frame[at] = self.rng.next_u64() as u8;
             spots.push(at);
         }
         (
@@ -1958,8 +1927,8 @@ impl Generator {
 
     fn garbage(&mut self) -> (Vec<u8>, String) {
         let len = 14 + self.rng.below(100) as usize;
-        let mut frame: Vec<u8> = (0..len).map(|_| self.rng.next() as u8).collect();
-        let any = self.rng.next() as u16;
+        let mut frame: Vec<u8> = (0..len).map(|_| self.rng.next_u64() as u8).collect();
+        let any = self.rng.next_u64() as u16;
         let ethertype = self.rng.pick(&[0x0800u16, 0x86dd, 0x8100, 0x0806, any]);
         frame[12..14].copy_from_slice(&ethertype.to_be_bytes());
         if ethertype == 0x0800 && len > 14 && self.rng.chance(50) {
@@ -2373,7 +2342,7 @@ fn kernel_and_model_agree_at_scale_with_mutated_frames() {
         let (mut frame, mut what) = generator.frame();
         if mutator.chance(SCALE_MUTATED_PERCENT) {
             let mutation = mutator.pick(&Mutation::ALL);
-            let mut draw = || mutator.next();
+            let mut draw = || mutator.next_u64();
             if let Some(damaged) = mutation.apply(&frame, &mut draw) {
                 *mutated.entry(mutation.name()).or_default() += 1;
                 if mutation == Mutation::TcpFlags {

@@ -39,6 +39,7 @@ use serde_json::{Value, json};
 use session_tests::{
     CLIENT_V4, FW_IFACE, FW_V4, Family, Lab, Side,
     loadgen::{self, Blast},
+    set_socket_option,
 };
 use session_user::frames::{self, Tcp, tcp_flags};
 
@@ -285,27 +286,8 @@ fn established_udp(lab: &Lab) -> Blasted {
 const TCP_RECV_QUEUE: libc::c_int = 1;
 const TCP_SEND_QUEUE: libc::c_int = 2;
 
-fn set_tcp_option(fd: RawFd, option: libc::c_int, value: libc::c_int) {
-    // SAFETY: setsockopt reads the int we own for the call on a valid socket.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            option,
-            (&raw const value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "TCP option {option}: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
 fn queue_sequence(fd: RawFd, queue: libc::c_int) -> u32 {
-    set_tcp_option(fd, libc::TCP_REPAIR_QUEUE, queue);
+    set_socket_option(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_QUEUE, &queue);
     let mut value: u32 = 0;
     let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into the u32 we own.
@@ -327,7 +309,7 @@ fn queue_sequence(fd: RawFd, queue: libc::c_int) -> u32 {
 /// one it expects.
 fn freeze(stream: &TcpStream) -> (u32, u32) {
     let fd = stream.as_raw_fd();
-    set_tcp_option(fd, libc::TCP_REPAIR, 1);
+    set_socket_option(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, &(1 as libc::c_int));
     (
         queue_sequence(fd, TCP_SEND_QUEUE),
         queue_sequence(fd, TCP_RECV_QUEUE),
@@ -437,21 +419,11 @@ fn set_accept_timeout(listener: &TcpListener, timeout: Duration) {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_usec: timeout.subsec_micros() as libc::suseconds_t,
     };
-    // SAFETY: setsockopt reads the timeval we own for the call on a valid socket.
-    let rc = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const tv).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "cannot set the accept timeout: {}",
-        std::io::Error::last_os_error()
+    set_socket_option(
+        listener.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVTIMEO,
+        &tv,
     );
 }
 

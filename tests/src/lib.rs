@@ -34,7 +34,7 @@ use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
@@ -1062,6 +1062,27 @@ fn connect_from(from: SocketAddr, to: SocketAddr, timeout: Duration) -> io::Resu
     }
 }
 
+/// Sets the socket option `level`/`name` of `fd` to `value`; panics with the option's
+/// numbers and the OS error when the kernel refuses.
+pub fn set_socket_option<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) {
+    // SAFETY: setsockopt reads `size_of::<T>()` bytes of the value we borrow, on an fd the
+    // caller owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    assert!(
+        rc == 0,
+        "setsockopt({level}, {name}) failed: {}",
+        io::Error::last_os_error()
+    );
+}
+
 /// Turns on TCP keepalive with one-second idle time and interval, so that a test sees
 /// keepalive probes (a segment one byte below the next sequence number) within seconds.
 pub fn set_fast_keepalive(stream: &TcpStream) {
@@ -1070,22 +1091,7 @@ pub fn set_fast_keepalive(stream: &TcpStream) {
         (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
         (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
     ] {
-        let one: libc::c_int = 1;
-        // SAFETY: a valid socket fd and a correctly sized option value.
-        let rc = unsafe {
-            libc::setsockopt(
-                stream.as_raw_fd(),
-                level,
-                name,
-                (&raw const one).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert!(
-            rc == 0,
-            "setsockopt({level}, {name}) failed: {}",
-            io::Error::last_os_error()
-        );
+        set_socket_option(stream.as_raw_fd(), level, name, &(1 as libc::c_int));
     }
 }
 
@@ -1116,20 +1122,11 @@ pub fn set_linger_zero(stream: &TcpStream) {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: a valid socket fd and a correctly sized, initialised option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert!(
-        rc == 0,
-        "setsockopt(SO_LINGER) failed: {}",
-        io::Error::last_os_error()
+    set_socket_option(
+        stream.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_LINGER,
+        &linger,
     );
 }
 
