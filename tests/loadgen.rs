@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use session_tests::loadgen::{self, Blast, Sent};
+use session_tests::xdpgen;
 use session_tests::{FW_IFACE, FW_V4, Lab, Side};
 
 /// Counts, at fw's ingress, the frames from the generator's spoofed IPv4 range, and drops
@@ -191,4 +192,94 @@ fn the_binary_refuses_a_destination_outside_the_benchmark_ranges() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("outside 198.18.0.0/15"), "{stderr}");
+}
+
+/// Counts, at fw's ingress, the generator's frames to UDP ports 9 and 10 separately.
+fn install_port_counters(lab: &Lab) {
+    let script = format!(
+        "table netdev gen {{\n  chain in {{\n    type filter hook ingress device \"{FW_IFACE}\" \
+         priority 0; policy accept;\n    ip saddr 198.19.0.0/16 udp dport 9 counter drop\n    \
+         ip saddr 198.19.0.0/16 udp dport 10 counter drop\n  }}\n}}\n"
+    );
+    let out = lab.run_with_input(Side::Fw, 10, &["nft", "-f", "-"], script.as_bytes());
+    assert!(
+        out.status.success(),
+        "cannot install the port counters: {}",
+        session_tests::describe(&out)
+    );
+}
+
+/// The packets each rule's counter of the `gen` table has seen, in rule order.
+fn rule_counts(lab: &Lab) -> Vec<u64> {
+    let text = lab.ok(
+        Side::Fw,
+        10,
+        &["nft", "-j", "list", "table", "netdev", "gen"],
+    );
+    let json: Value = serde_json::from_str(&text).expect("nft -j prints JSON");
+    json["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|item| {
+            item["rule"]["expr"]
+                .as_array()?
+                .iter()
+                .find_map(|e| e["counter"]["packets"].as_u64())
+        })
+        .collect()
+}
+
+#[test]
+fn xdp_generator_delivers_its_count_cycling_through_its_frames() {
+    let lab = Lab::new("gen-xdp");
+    // veth takes XDP frames only with an XDP program or GRO on the receiving end.
+    lab.ok(Side::Fw, 5, &["ethtool", "-K", FW_IFACE, "gro", "on"]);
+    install_port_counters(&lab);
+    let dst = FW_V4.parse().expect("lab address");
+    let frames = loadgen::udp_frames(lab.mac(Side::Client), lab.mac(Side::Fw), dst, &[9, 10], 2);
+    let sent = xdpgen::xdp_blast(&Blast {
+        netns: lab.ns(Side::Client).to_string(),
+        iface: Lab::iface(Side::Client).to_string(),
+        frames,
+        threads: 1,
+        max_packets: 20_001,
+        max_duration: Duration::from_secs(10),
+        rate_pps: None,
+    })
+    .unwrap_or_else(|e| panic!("XDP blast failed: {e}"));
+    assert_eq!(
+        sent.packets, 20_001,
+        "the count bound ends the run: {sent:?}"
+    );
+    let counts = session_tests::wait_for("all frames to arrive", Duration::from_secs(3), || {
+        let counts = rule_counts(&lab);
+        (counts.iter().sum::<u64>() == sent.packets).then_some(counts)
+    });
+    assert_eq!(
+        counts,
+        [10_001, 10_000],
+        "the generator alternates between its two frames, starting with the first"
+    );
+}
+
+#[test]
+fn xdp_generator_refuses_frames_that_differ_beyond_what_it_writes() {
+    let dst = FW_V4.parse().expect("lab address");
+    let mut frames = loadgen::udp_frames([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], dst, &[9], 2);
+    *frames[1].last_mut().expect("a frame") ^= 1;
+    let error = xdpgen::xdp_blast(&Blast {
+        netns: "none".into(),
+        iface: "none".into(),
+        frames,
+        threads: 1,
+        max_packets: 1,
+        max_duration: Duration::from_secs(1),
+        rate_pps: None,
+    })
+    .expect_err("frames that differ in their payload cannot share one template");
+    assert!(
+        error.to_string().contains("differs from the first"),
+        "{error}"
+    );
 }

@@ -58,6 +58,10 @@ pub mod map_names {
     pub const SRC_NETS: &str = "SRC_NETS";
     /// LPM trie of the rules' destination networks to rule bitmaps, per bank.
     pub const DST_NETS: &str = "DST_NETS";
+    /// The benchmarks' load generator's frames ([`super::BenchFrame`]).
+    pub const BENCH_FRAMES: &str = "BENCH_FRAMES";
+    /// The load generator's per-CPU place in its frames ([`super::BenchCursor`]).
+    pub const BENCH_CURSOR: &str = "BENCH_CURSOR";
 }
 
 /// The canonical identity of a flow: both directions of a connection map to one key.
@@ -831,7 +835,7 @@ impl Settings {
 
 #[cfg(feature = "user")]
 mod pod_impls {
-    use super::{Event, FlowKey, PolicyHeader, Rule, RuleName, Session, Settings};
+    use super::{BenchCursor, Event, FlowKey, PolicyHeader, Rule, RuleName, Session, Settings};
 
     // SAFETY: all of these are `#[repr(C)]`, `Copy`, fully initialised plain data with
     // explicit padding (checked by bytemuck's Pod derive).
@@ -842,4 +846,25 @@ mod pod_impls {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for RuleName {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for BenchCursor {}
 }
+
+/// Bytes of each frame the benchmarks' XDP load generator writes: Ethernet, IPv4 and a
+/// TCP header without options. A benchmark's frames differ only in these bytes (addresses,
+/// ports, sequence numbers, checksums), so one template carries the rest.
+pub const BENCH_FRAME_PREFIX: usize = 54;
+
+/// One frame of the load generator's table: the prefix it writes over the template.
+pub type BenchFrame = [u8; BENCH_FRAME_PREFIX];
+
+/// Where the load generator is in its table, per CPU, so a run can cycle through many
+/// flows without any state in the frames themselves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BenchCursor {
+    /// Index of the next frame to send.
+    pub next: u32,
+    /// Frames in the table: the cursor wraps here.
+    pub frames: u32,
+}
+const _: () = assert!(core::mem::size_of::<BenchCursor>() == 8);

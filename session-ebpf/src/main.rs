@@ -4,6 +4,7 @@
 #![no_std]
 #![no_main]
 
+mod bench;
 mod tables;
 
 use aya_ebpf::{
@@ -62,20 +63,6 @@ fn try_ingress(ctx: &XdpContext) -> Result<Action, Unjudged> {
         report(&scratch.meta, &outcome, Hook::Ingress, ifindex, now);
         outcome.decision.action
     }))
-}
-
-/// Does nothing: the baseline the benchmark measures `session_ingress` against, loaded
-/// from the same object so both pay the same test-run overhead.
-#[xdp]
-pub fn session_noop(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
-}
-
-/// Drops every frame: the end-to-end benchmark's floor for a flood the policy drops,
-/// what dropping in XDP costs on a path at the least.
-#[xdp]
-pub fn session_drop_all(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_DROP
 }
 
 #[classifier]

@@ -7,7 +7,8 @@
 //! policy, and session. Scenarios:
 //!
 //! - (a) many established UDP flows with small packets (fw opened each flow by sending
-//!   first), blasted by the load generator: packets/s that reach fw's UDP layer; and
+//!   first), blasted by the XDP load generator (`session_tests::xdpgen`, frames handed to
+//!   fw's veth as a NIC's driver hands them over): packets/s that reach fw's UDP layer; and
 //!   many established TCP connections, blasted with pure ACKs at their next sequence
 //!   numbers: packets/s that reach fw's TCP layer;
 //! - (b) a SYN flood to a closed port, which the policy drops: CPU per packet;
@@ -18,8 +19,8 @@
 //!
 //! CPU is the machine's: softirq time across all CPUs from /proc/stat over the blast,
 //! where veth delivers packets to fw (XDP, nftables hooks and the IP stack all run
-//! there), divided by the packets sent; the generator's own sending is system time and
-//! is left out. Total busy time per packet is reported beside it.
+//! there), divided by the packets sent; the generator's own work is system time and is
+//! left out. Total busy time per packet is reported beside it.
 //!
 //! Writes `$SESSION_BENCH_DIR/e2e.json` and `e2e.md` (default: target/bench).
 
@@ -39,7 +40,7 @@ use serde_json::{Value, json};
 use session_tests::{
     CLIENT_V4, FW_IFACE, FW_V4, Family, Lab, Side,
     loadgen::{self, Blast},
-    set_socket_option,
+    set_socket_option, xdpgen,
 };
 use session_user::frames::{self, Tcp, tcp_flags};
 
@@ -55,8 +56,6 @@ const SYN_SOURCES: usize = loadgen::MAX_SOURCES;
 const RUN: Duration = Duration::from_secs(3);
 /// Upper bound on the packets of one blast, whatever the rate.
 const MAX_PACKETS: u64 = 30_000_000;
-/// Sender threads of the load generator.
-const SENDERS: usize = 1;
 /// The UDP port fw talks from in (a), the TCP port it serves in (c), and a closed port.
 const UDP_PORT: u16 = 5353;
 const TCP_PORT: u16 = 8080;
@@ -147,7 +146,7 @@ impl BareXdp {
             "/sys/fs/bpf/session-bench-{program}-{}",
             std::process::id()
         ));
-        let mut ebpf = session_user::loader::load(&pin, 1024)
+        let mut ebpf = session_user::loader::load_for_bench(&pin, 1)
             .unwrap_or_else(|error| panic!("loading the eBPF object: {error:#}"));
         let xdp: &mut Xdp = ebpf
             .program_mut(program)
@@ -234,11 +233,11 @@ fn udp_delivered(lab: &Lab) -> u64 {
 fn blast(lab: &Lab, frames: Vec<Vec<u8>>, delivered: impl Fn() -> u64) -> Blasted {
     let delivered_before = delivered();
     let before = cpu_now();
-    let sent = loadgen::blast(&Blast {
+    let sent = xdpgen::xdp_blast(&Blast {
         netns: lab.ns(Side::Client).to_string(),
         iface: Lab::iface(Side::Client).to_string(),
         frames,
-        threads: SENDERS,
+        threads: 1,
         max_packets: MAX_PACKETS,
         max_duration: RUN,
         rate_pps: None,
@@ -449,9 +448,13 @@ struct Round {
     conn_failed: u64,
 }
 
-/// A fresh lab, routed back to the spoofed sources, with room for many client ports.
+/// A fresh lab, routed back to the spoofed sources, with room for many client ports, and
+/// ready for the XDP generator's frames.
 fn bench_lab() -> Lab {
     let lab = Lab::new("bench");
+    // veth takes the generator's XDP frames only with an XDP program or GRO on fw's end;
+    // GRO for every firewall, so all receive the same way.
+    lab.ok(Side::Fw, 5, &["ethtool", "-K", FW_IFACE, "gro", "on"]);
     lab.ok(
         Side::Fw,
         5,
@@ -551,8 +554,9 @@ fn main() {
     let mut md = format!(
         "### End to end (veth between two namespaces, {} s runs, median of {ROUNDS} rounds)\n\n\
          CPU per packet = softirq time of all CPUs over the blast (where fw receives: XDP, \
-         nftables hooks, IP stack) / packets sent. The generator ({SENDERS} thread, AF_PACKET) \
-         runs on the same machine.\n\n",
+         nftables hooks, IP stack) / packets sent. The generator (one thread, \
+         XDP frames from `BPF_PROG_TEST_RUN` live-frame mode into the client's veth end, so \
+         fw receives them as from a NIC with native XDP) runs on the same machine.\n\n",
         RUN.as_secs()
     );
     let _ = writeln!(
@@ -689,7 +693,7 @@ fn main() {
     );
     print!("{md}");
     let doc = json!({
-        "rounds": ROUNDS, "run_seconds": RUN.as_secs(), "senders": SENDERS,
+        "rounds": ROUNDS, "run_seconds": RUN.as_secs(), "generator": "xdp live frames, one thread",
         "udp_flows": UDP_FLOWS, "tcp_flows": TCP_FLOWS, "syn_sources": SYN_SOURCES,
         "cpu_method": "softirq time of all CPUs from /proc/stat over the blast / packets sent",
         "firewalls": Value::Object(json_rows),

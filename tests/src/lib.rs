@@ -28,6 +28,7 @@ pub mod lifecycle;
 pub mod loadgen;
 pub mod raw;
 pub mod router;
+pub mod xdpgen;
 
 use std::cell::Cell;
 use std::fmt;

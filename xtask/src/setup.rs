@@ -16,6 +16,7 @@ use crate::cmd;
 /// Debian packages that the integration tests and the lab run.
 const PACKAGES: &[&str] = &[
     "iproute2",
+    "ethtool",
     "iputils-ping",
     "nftables",
     "conntrack",

@@ -1,0 +1,64 @@
+//! Programs the benchmarks load from the same object as the firewall, so they pay the
+//! same loading and test-run costs: baselines to measure `session_ingress` against, and
+//! the load generator that feeds the end-to-end benchmark.
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, PerCpuArray},
+    programs::XdpContext,
+};
+use session_common::wire::{BENCH_FRAME_PREFIX, BenchCursor, BenchFrame};
+
+/// The generator's frames; one entry unless a benchmark sizes it at load time.
+#[map]
+static BENCH_FRAMES: Array<BenchFrame> = Array::with_max_entries(1, 0);
+/// The generator's place in `BENCH_FRAMES`, per CPU.
+#[map]
+static BENCH_CURSOR: PerCpuArray<BenchCursor> = PerCpuArray::with_max_entries(1, 0);
+
+/// Does nothing: the baseline the benchmark measures `session_ingress` against.
+#[xdp]
+pub fn session_noop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// Drops every frame: the end-to-end benchmark's floor for a flood the policy drops,
+/// what dropping in XDP costs on a path at the least.
+#[xdp]
+pub fn session_drop_all(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
+}
+
+/// The end-to-end load generator, run by `BPF_PROG_TEST_RUN` in live-frame mode: each
+/// run writes the next frame of `BENCH_FRAMES` over the template and transmits it on the
+/// test run's interface. A veth peer then receives it as an XDP frame in a page of its
+/// own, as from a NIC, rather than as a socket's buffer it would have to copy first.
+#[xdp]
+pub fn session_bench_send(ctx: XdpContext) -> u32 {
+    match try_bench_send(&ctx) {
+        Some(()) => xdp_action::XDP_TX,
+        None => xdp_action::XDP_ABORTED,
+    }
+}
+
+#[inline(always)]
+fn try_bench_send(ctx: &XdpContext) -> Option<()> {
+    let cursor = unsafe { &mut *BENCH_CURSOR.get_ptr_mut(0)? };
+    let index = if cursor.next < cursor.frames {
+        cursor.next
+    } else {
+        0
+    };
+    cursor.next = index + 1;
+    let frame = BENCH_FRAMES.get(index)?;
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + BENCH_FRAME_PREFIX > end {
+        return None;
+    }
+    // SAFETY: the check above keeps all BENCH_FRAME_PREFIX bytes inside the frame.
+    unsafe {
+        core::ptr::copy_nonoverlapping(frame.as_ptr(), start as *mut u8, BENCH_FRAME_PREFIX);
+    }
+    Some(())
+}
