@@ -43,6 +43,16 @@ pub fn check_bpffs(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Makes sure `pin_dir` is on a bpffs and exists, readable by root only.
+fn create_pin_dir(pin_dir: &Path) -> Result<()> {
+    check_bpffs(pin_dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(pin_dir)
+        .with_context(|| format!("creating pin directory {}", pin_dir.display()))
+}
+
 /// Size of the unassured tier for a protected table of `max_sessions`: a quarter of it, as
 /// room for handshakes in progress, and never less than 1024.
 pub fn unassured_capacity(max_sessions: u32) -> u32 {
@@ -52,12 +62,7 @@ pub fn unassured_capacity(max_sessions: u32) -> u32 {
 /// Loads the object, reusing maps already pinned under `pin_dir` (so sessions and
 /// counters survive a restart) and pinning new ones there with root-only access.
 pub fn load(pin_dir: &Path, max_sessions: u32) -> Result<Ebpf> {
-    check_bpffs(pin_dir)?;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(pin_dir)
-        .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+    create_pin_dir(pin_dir)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .map_max_entries(map_names::SESSIONS, max_sessions)
@@ -90,12 +95,7 @@ pub fn load(pin_dir: &Path, max_sessions: u32) -> Result<Ebpf> {
 /// pinned under `pin_dir`, a directory of the caller's own, and the generator's frame table
 /// holds `bench_frames`. The firewall's programs are not loaded.
 pub fn load_for_bench(pin_dir: &Path, bench_frames: u32) -> Result<Ebpf> {
-    check_bpffs(pin_dir)?;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(pin_dir)
-        .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+    create_pin_dir(pin_dir)?;
     EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .map_max_entries(map_names::BENCH_FRAMES, bench_frames.max(1))
