@@ -8,23 +8,33 @@ use session_tests::loadgen::{self, Blast, Sent};
 use session_tests::xdpgen;
 use session_tests::{FW_IFACE, FW_V4, Lab, Side};
 
-/// Counts, at fw's ingress, the frames from the generator's spoofed IPv4 range, and drops
-/// them there, so the measured rate is the generator's and not fw's IP stack's.
-fn install_ingress_counter(lab: &Lab) {
+/// Counts and drops, at fw's ingress, the frames each of `matches` (nft expressions)
+/// selects, one counter per match in order, so a measured rate is the generator's and not
+/// fw's IP stack's.
+fn install_counters(lab: &Lab, matches: &[&str]) {
+    let rules: String = matches
+        .iter()
+        .map(|m| format!("    {m} counter drop\n"))
+        .collect();
     let script = format!(
         "table netdev gen {{\n  chain in {{\n    type filter hook ingress device \"{FW_IFACE}\" \
-         priority 0; policy accept;\n    ip saddr 198.19.0.0/16 counter drop\n  }}\n}}\n"
+         priority 0; policy accept;\n{rules}  }}\n}}\n"
     );
     let out = lab.run_with_input(Side::Fw, 10, &["nft", "-f", "-"], script.as_bytes());
     assert!(
         out.status.success(),
-        "cannot install the ingress counter: {}",
+        "cannot install the ingress counters: {}",
         session_tests::describe(&out)
     );
 }
 
-/// Packets the ingress counter has seen.
-fn ingress_count(lab: &Lab) -> u64 {
+/// Counts every frame from the generator's spoofed IPv4 range.
+fn install_ingress_counter(lab: &Lab) {
+    install_counters(lab, &["ip saddr 198.19.0.0/16"]);
+}
+
+/// The packets each counter of [`install_counters`] has seen, in order.
+fn counts(lab: &Lab) -> Vec<u64> {
     let text = lab.ok(
         Side::Fw,
         10,
@@ -35,13 +45,18 @@ fn ingress_count(lab: &Lab) -> u64 {
         .as_array()
         .into_iter()
         .flatten()
-        .find_map(|item| {
+        .filter_map(|item| {
             item["rule"]["expr"]
                 .as_array()?
                 .iter()
                 .find_map(|e| e["counter"]["packets"].as_u64())
         })
-        .unwrap_or_else(|| panic!("no counter in {text}"))
+        .collect()
+}
+
+/// Packets the counter of [`install_ingress_counter`] has seen.
+fn ingress_count(lab: &Lab) -> u64 {
+    counts(lab)[0]
 }
 
 fn udp_blast(lab: &Lab, max_packets: u64, max_duration: Duration, rate: Option<u64>) -> Sent {
@@ -194,48 +209,18 @@ fn the_binary_refuses_a_destination_outside_the_benchmark_ranges() {
     assert!(stderr.contains("outside 198.18.0.0/15"), "{stderr}");
 }
 
-/// Counts, at fw's ingress, the generator's frames to UDP ports 9 and 10 separately.
-fn install_port_counters(lab: &Lab) {
-    let script = format!(
-        "table netdev gen {{\n  chain in {{\n    type filter hook ingress device \"{FW_IFACE}\" \
-         priority 0; policy accept;\n    ip saddr 198.19.0.0/16 udp dport 9 counter drop\n    \
-         ip saddr 198.19.0.0/16 udp dport 10 counter drop\n  }}\n}}\n"
-    );
-    let out = lab.run_with_input(Side::Fw, 10, &["nft", "-f", "-"], script.as_bytes());
-    assert!(
-        out.status.success(),
-        "cannot install the port counters: {}",
-        session_tests::describe(&out)
-    );
-}
-
-/// The packets each rule's counter of the `gen` table has seen, in rule order.
-fn rule_counts(lab: &Lab) -> Vec<u64> {
-    let text = lab.ok(
-        Side::Fw,
-        10,
-        &["nft", "-j", "list", "table", "netdev", "gen"],
-    );
-    let json: Value = serde_json::from_str(&text).expect("nft -j prints JSON");
-    json["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|item| {
-            item["rule"]["expr"]
-                .as_array()?
-                .iter()
-                .find_map(|e| e["counter"]["packets"].as_u64())
-        })
-        .collect()
-}
-
 #[test]
 fn xdp_generator_delivers_its_count_cycling_through_its_frames() {
     let lab = Lab::new("gen-xdp");
     // veth takes XDP frames only with an XDP program or GRO on the receiving end.
     lab.ok(Side::Fw, 5, &["ethtool", "-K", FW_IFACE, "gro", "on"]);
-    install_port_counters(&lab);
+    install_counters(
+        &lab,
+        &[
+            "ip saddr 198.19.0.0/16 udp dport 9",
+            "ip saddr 198.19.0.0/16 udp dport 10",
+        ],
+    );
     let dst = FW_V4.parse().expect("lab address");
     let frames = loadgen::udp_frames(lab.mac(Side::Client), lab.mac(Side::Fw), dst, &[9, 10], 2);
     let sent = xdpgen::xdp_blast(&Blast {
@@ -253,8 +238,8 @@ fn xdp_generator_delivers_its_count_cycling_through_its_frames() {
         "the count bound ends the run: {sent:?}"
     );
     let counts = session_tests::wait_for("all frames to arrive", Duration::from_secs(3), || {
-        let counts = rule_counts(&lab);
-        (counts.iter().sum::<u64>() == sent.packets).then_some(counts)
+        let seen = counts(&lab);
+        (seen.iter().sum::<u64>() == sent.packets).then_some(seen)
     });
     assert_eq!(
         counts,
