@@ -39,6 +39,7 @@ use aya::programs::{Xdp, XdpMode};
 use serde_json::{Value, json};
 use session_tests::{
     CLIENT_V4, FW_IFACE, FW_V4, Family, Lab, Side,
+    lifecycle::{STREAM_POLICY, STREAM_PORT},
     loadgen::{self, Blast},
     set_socket_option, xdpgen,
 };
@@ -58,33 +59,13 @@ const RUN: Duration = Duration::from_secs(3);
 const MAX_PACKETS: u64 = 30_000_000;
 /// The UDP port fw talks from in (a), the TCP port it serves in (c), and a closed port.
 const UDP_PORT: u16 = 5353;
-const TCP_PORT: u16 = 8080;
+const TCP_PORT: u16 = STREAM_PORT;
 const CLOSED_PORT: u16 = 9999;
 /// Bytes each way per connection in (c).
 const EXCHANGE: usize = 32;
 
-/// The session policy: replies and established flows in, invalid out, one open TCP port.
-const SESSION_POLICY: &str = r#"
-[policy]
-inbound = "drop"
-outbound = "accept"
-[[rule]]
-name = "return-traffic"
-state = ["established", "related"]
-action = "accept"
-[[rule]]
-name = "drop-invalid"
-state = ["invalid"]
-action = "drop"
-[[rule]]
-name = "web"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-"#;
-
-/// The same policy for nftables: conntrack decides the state, the chain the verdict.
+/// The nftables equivalent of session's `STREAM_POLICY` (replies and established flows in,
+/// invalid out, TCP 8080 open): conntrack decides the state, the chain the verdict.
 const NFT_POLICY: &str = "table inet bench {
   chain input {
     type filter hook input priority filter; policy drop;
@@ -497,7 +478,7 @@ fn one_round(firewall: Firewall) -> Round {
             );
             None
         }
-        Firewall::Session => Some(lab.daemon(SESSION_POLICY)),
+        Firewall::Session => Some(lab.daemon(STREAM_POLICY)),
     };
     let round = Round {
         udp: established_udp(&lab),
@@ -556,7 +537,7 @@ fn main() {
          CPU per packet = softirq time of all CPUs over the blast (where fw receives: XDP, \
          nftables hooks, IP stack) / packets sent. The generator (one thread, \
          XDP frames from `BPF_PROG_TEST_RUN` live-frame mode into the client's veth end, so \
-         fw receives them as from a NIC with native XDP) runs on the same machine.\n\n",
+         fw receives XDP frames and copies nothing before XDP) runs on the same machine.\n\n",
         RUN.as_secs()
     );
     let _ = writeln!(

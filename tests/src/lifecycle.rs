@@ -20,9 +20,9 @@ pub const CLOSED_PORT: u16 = 9090;
 /// Bytes that prove a live stream is moving at a given moment (about a quarter second).
 pub const PROGRESS: u64 = 40_000;
 
-/// The policy of the lifecycle, fault and security tests: return traffic accepted,
-/// invalid packets dropped, new TCP only to [`STREAM_PORT`], everything else inbound
-/// dropped.
+/// The policy of the lifecycle, fault and security tests and of the end-to-end
+/// benchmark: return traffic accepted, invalid packets dropped, new TCP only to
+/// [`STREAM_PORT`], everything else inbound dropped.
 pub const STREAM_POLICY: &str = r#"
 [policy]
 inbound = "drop"
