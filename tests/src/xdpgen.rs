@@ -33,9 +33,10 @@ use crate::loadgen::{Blast, Sent};
 
 /// Frames of the first test run, which measures the rate the later runs are sized by.
 const FIRST_RUN_FRAMES: u32 = 8_192;
-/// How long each later test run should take. A run cannot be stopped early, and each ends
-/// with an RCU grace period (the kernel tears its page pool down), during which nothing
-/// is sent: long runs make that pause negligible, short ones keep the duration bound.
+/// How long each later test run should take. A run cannot be stopped early, and between
+/// runs nothing is sent while the kernel tears down one run's page pool and sets up the
+/// next: with runs of 8,192 frames the sending CPU stood idle most of the time. Long runs
+/// make that pause negligible, short ones keep the duration bound.
 const RUN_TIME: Duration = Duration::from_millis(250);
 /// Frames the kernel generates before it flushes them to the peer, whose receive
 /// processing then runs: the kernel's default, which veth's 256-frame ring absorbs.
