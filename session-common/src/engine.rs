@@ -26,6 +26,21 @@ pub trait SessionTable {
     /// Moves the session under `key` into the protected tier, setting
     /// [`session_flags::PROTECTED`]; false (and nothing changed) when that tier is full.
     fn protect(&mut self, key: &FlowKey) -> bool;
+    /// Moves `session` by one packet with [`update`]. The kernel runs it as a BPF function
+    /// of its own, which the verifier checks once instead of once per path reaching it.
+    #[inline(always)]
+    fn track(
+        session: &mut Session,
+        meta: &PacketMeta,
+        dir: Dir,
+        settings: &Settings,
+        now: u64,
+    ) -> Result<Update, Invalid>
+    where
+        Self: Sized,
+    {
+        update(session, meta, dir, settings, now)
+    }
 }
 
 /// The active policy.
@@ -456,7 +471,7 @@ fn classify<S: SessionTable, R: RuleSource, C: Counters>(
             let dir = direction(session, src_is_lo);
             let state = state_for(session, dir);
             let was_closing = is_closing(session.state);
-            match update(session, meta, dir, settings, now) {
+            match S::track(session, meta, dir, settings, now) {
                 Ok(Update::Tracked) => {
                     cache_for = cacheable(meta).then_some(dir);
                     closed = meta.proto == proto::TCP && !was_closing && is_closing(session.state);
@@ -514,7 +529,7 @@ fn classify<S: SessionTable, R: RuleSource, C: Counters>(
         };
     }
     let started = new_session(fresh, meta, src_is_lo, settings, now)
-        .and_then(|()| update(fresh, meta, Dir::Original, settings, now));
+        .and_then(|()| S::track(fresh, meta, Dir::Original, settings, now));
     match started {
         Ok(_) => {
             account(fresh, meta, Dir::Original);

@@ -155,6 +155,31 @@ pub enum Update {
     Reopen,
 }
 
+/// [`update`]'s answer as one integer, for a kernel that runs the tracker as a separate
+/// BPF function (which can return only a scalar): the [`Update`] in order from 0, or 16
+/// plus the [`Invalid`] reason.
+pub fn encode_update(result: Result<Update, Invalid>) -> i32 {
+    match result {
+        Ok(update) => update as i32,
+        Err(reason) => 16 + reason as i32,
+    }
+}
+
+/// The inverse of [`encode_update`]; a code it never returns reads as a state the
+/// transition table forbids.
+pub fn decode_update(code: i32) -> Result<Update, Invalid> {
+    match code {
+        0 => Ok(Update::Tracked),
+        1 => Ok(Update::Ignored),
+        2 => Ok(Update::Kill),
+        3 => Ok(Update::Reopen),
+        16 => Err(Invalid::TcpFlags),
+        18 => Err(Invalid::TcpWindow),
+        19 => Err(Invalid::Icmp),
+        _ => Err(Invalid::TcpState),
+    }
+}
+
 /// TCP flag classes that index the transition table, as `get_conntrack_index()`.
 pub mod tcp_index {
     /// SYN without ACK.
@@ -968,6 +993,24 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn every_tracker_answer_survives_its_integer_encoding() {
+        let answers = [
+            Ok(Update::Tracked),
+            Ok(Update::Ignored),
+            Ok(Update::Kill),
+            Ok(Update::Reopen),
+            Err(Invalid::TcpFlags),
+            Err(Invalid::TcpState),
+            Err(Invalid::TcpWindow),
+            Err(Invalid::Icmp),
+        ];
+        for answer in answers {
+            assert_eq!(decode_update(encode_update(answer)), answer);
+        }
+        assert_eq!(decode_update(-1), Err(Invalid::TcpState));
+    }
     use crate::packet::{InnerTuple, ipv4_mapped};
     use crate::wire::{FAMILY_IPV4, FAMILY_IPV6};
 

@@ -16,8 +16,9 @@ use session_common::{
     },
     engine::{Counters, Outcome, RuleSource, Scratch, SessionTable},
     packet::{MAX_TCP_OPTION_BYTES, PacketBytes, PacketMeta, ParseError, parse},
+    track::{Invalid, Update, decode_update, encode_update, update},
     wire::{
-        Counter, CtState, DaemonCounter, EVENT_RING_BYTES, Event, FlowKey, Hook, MAX_RULES,
+        Counter, CtState, DaemonCounter, Dir, EVENT_RING_BYTES, Event, FlowKey, Hook, MAX_RULES,
         PolicyHeader, RULE_HIT_SLOTS, Rule, RuleName, Session, Settings, session_flags,
     },
 };
@@ -302,10 +303,48 @@ impl PacketBytes for SkbBytes<'_> {
     }
 }
 
+/// The tracker as a global BPF function, for the reason [`session_parse_xdp`] is one: the
+/// verifier checks the TCP state machine once, not once for every path that reaches it.
+/// `dir` is a [`Dir`] as an integer; returns [`encode_update`]'s code.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn session_track(
+    session: *mut Session,
+    meta: *const PacketMeta,
+    dir: u32,
+    settings: *const Settings,
+    now: u64,
+) -> i32 {
+    // SAFETY: the callers pass a session, the packet's metadata and the settings from
+    // their maps; the verifier only knows each may be null.
+    let (Some(session), Some(meta), Some(settings)) =
+        (unsafe { (session.as_mut(), meta.as_ref(), settings.as_ref()) })
+    else {
+        return encode_update(Err(Invalid::TcpState));
+    };
+    let dir = if dir == Dir::Reply as u32 {
+        Dir::Reply
+    } else {
+        Dir::Original
+    };
+    encode_update(update(session, meta, dir, settings, now))
+}
+
 /// The two pinned session maps: protected (assured) and unassured.
 pub struct BpfSessions;
 
 impl SessionTable for BpfSessions {
+    #[inline(always)]
+    fn track(
+        session: &mut Session,
+        meta: &PacketMeta,
+        dir: Dir,
+        settings: &Settings,
+        now: u64,
+    ) -> Result<Update, Invalid> {
+        decode_update(session_track(session, meta, dir as u32, settings, now))
+    }
+
     #[inline(always)]
     fn get_mut(&mut self, key: &FlowKey) -> Option<&mut Session> {
         SESSIONS
