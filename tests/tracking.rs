@@ -11,6 +11,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
+use session_tests::raw::{TcpSegment, flags};
 use session_tests::{
     Daemon, Family, Lab, Side, counter, delta, find_session, read_exact_len, read_to_eof,
     rule_hits, set_linger_zero,
@@ -78,6 +79,7 @@ both_families!(port_unreachable: udp_port_unreachable_is_related_v4, udp_port_un
 both_families!(packet_too_big: packet_too_big_is_related_v4, packet_too_big_is_related_v6);
 both_families!(ping_both_ways: ping_both_ways_v4, ping_both_ways_v6);
 both_families!(tcp_allowed_port: tcp_to_allowed_port_only_v4, tcp_to_allowed_port_only_v6);
+both_families!(syn_after_rebuild: syn_finds_its_session_after_filter_rebuilds_v4, syn_finds_its_session_after_filter_rebuilds_v6);
 
 fn tag(name: &str, family: Family) -> String {
     match family {
@@ -385,4 +387,40 @@ fn tcp_allowed_port(family: Family) {
         counter(s, "drop_default") > counter(&before, "drop_default")
     });
     assert!(delta(&before, &after, "drop_default") >= 1, "{after}");
+}
+
+/// A SYN from the client's end of a live connection belongs to its session, which
+/// ignores it as nf_conntrack does, also after the reaper has rebuilt the presence filter
+/// (`session_common::presence`) in both banks. Had a rebuild left out the session's key,
+/// the SYN would skip the table and start a new session.
+fn syn_after_rebuild(family: Family) {
+    let lab = setup("synrb", family);
+    let daemon = lab.daemon(POLICY);
+    let (mut client, mut server) = lab.tcp_pair(family, WEB);
+    exchange(&mut client, &mut server);
+    web_session(&daemon, family, "ESTABLISHED");
+    let start = daemon.stats_json();
+    // Each sweep rebuilds the bank that is not in use and then switches to it.
+    session_tests::wait_for("two reaper sweeps", Duration::from_secs(20), || {
+        (delta(&start, &daemon.stats_json(), "reaper_runs") >= 2).then_some(())
+    });
+    let link = lab.packet_socket(Side::Client);
+    let syn = TcpSegment {
+        src: client.local_addr().expect("client address"),
+        dst: family.sock(Side::Fw, WEB),
+        seq: 0x1234_5678,
+        ack: 0,
+        flags: flags::SYN,
+        window: 512,
+        payload: Vec::new(),
+    };
+    let before = daemon.stats_json();
+    link.send(&syn.frame(lab.mac(Side::Client), lab.mac(Side::Fw)));
+    let after = daemon.stats_when("the SYN to be tracked", |s| {
+        delta(&before, s, "packets_seen") >= 1
+    });
+    assert_eq!(delta(&before, &after, "tcp_ignored"), 1, "{after}");
+    assert_eq!(delta(&before, &after, "state_new"), 0, "{after}");
+    assert_eq!(delta(&before, &after, "sessions_created"), 0, "{after}");
+    exchange(&mut client, &mut server);
 }

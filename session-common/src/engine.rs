@@ -26,6 +26,10 @@ pub trait SessionTable {
     /// Moves the session under `key` into the protected tier, setting
     /// [`session_flags::PROTECTED`]; false (and nothing changed) when that tier is full.
     fn protect(&mut self, key: &FlowKey) -> bool;
+    /// Told before the lookups of each parsed packet whether it is a connection attempt
+    /// ([`crate::presence::is_connection_attempt`]), which a table may answer from its
+    /// presence filter without reading its buckets. A table without one ignores it.
+    fn set_connection_attempt(&mut self, _attempt: bool) {}
     /// Moves `session` by one packet with [`update`]. The kernel runs it as a BPF function
     /// of its own, which the verifier checks once instead of once per path reaching it.
     #[inline(always)]
@@ -345,6 +349,7 @@ where
         }
     }
     counters.count(Counter::PacketsSeen);
+    sessions.set_connection_attempt(crate::presence::is_connection_attempt(meta));
     let (key, src_is_lo) = flow_key(meta);
     let tracked = classify(
         meta, &key, src_is_lo, now, settings, &judge, sessions, counters, session,

@@ -9,6 +9,7 @@ pub mod classify;
 pub mod engine;
 pub mod packet;
 pub mod policy;
+pub mod presence;
 pub mod track;
 pub mod wire;
 

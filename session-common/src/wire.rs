@@ -58,6 +58,10 @@ pub mod map_names {
     pub const SRC_NETS: &str = "SRC_NETS";
     /// LPM trie of the rules' destination networks to rule bitmaps, per bank.
     pub const DST_NETS: &str = "DST_NETS";
+    /// The presence filter's two banks of bits (`presence`), mappable by the reaper.
+    pub const PRESENCE: &str = "PRESENCE";
+    /// Index of the presence filter's active bank.
+    pub const PRESENCE_BANK: &str = "PRESENCE_BANK";
     /// The benchmarks' load generator's frames ([`super::BenchFrame`]).
     pub const BENCH_FRAMES: &str = "BENCH_FRAMES";
     /// The load generator's per-CPU place in its frames ([`super::BenchCursor`]).
@@ -67,8 +71,9 @@ pub mod map_names {
 /// The canonical identity of a flow: both directions of a connection map to one key.
 ///
 /// The endpoint that sorts lower (address, then port) is stored first; the session value
-/// records which of the two originated the flow.
-#[repr(C)]
+/// records which of the two originated the flow. Aligned to 8 so that the presence filter
+/// hashes it as five words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FlowKey {
     /// Lower endpoint address (IPv4 as `::ffff:a.b.c.d`).

@@ -3,7 +3,9 @@
 use core::{ffi::c_void, mem::MaybeUninit};
 
 use aya_ebpf::{
-    bindings::{__sk_buff, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, xdp_md},
+    bindings::{
+        __sk_buff, BPF_F_MMAPABLE, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, xdp_md,
+    },
     helpers::generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key as LpmKey},
@@ -16,6 +18,7 @@ use session_common::{
     },
     engine::{Counters, Outcome, RuleSource, Scratch, SessionTable},
     packet::{MAX_TCP_OPTION_BYTES, PacketBytes, PacketMeta, ParseError, parse},
+    presence,
     track::{Invalid, Update, decode_update, encode_update, update},
     wire::{
         Counter, CtState, DaemonCounter, Dir, EVENT_RING_BYTES, Event, FlowKey, Hook, MAX_RULES,
@@ -64,6 +67,10 @@ static IFACE_BITS: HashMap<IfaceKey, RuleBits> = HashMap::pinned(CLASSIFY_KEYED_
 static SRC_NETS: LpmTrie<AddrKey, RuleBits> = LpmTrie::pinned(CLASSIFY_KEYED_ENTRIES, 0);
 #[map]
 static DST_NETS: LpmTrie<AddrKey, RuleBits> = LpmTrie::pinned(CLASSIFY_KEYED_ENTRIES, 0);
+#[map]
+static PRESENCE: Array<u64> = Array::pinned(presence::WORDS, BPF_F_MMAPABLE);
+#[map]
+static PRESENCE_BANK: Array<u32> = Array::pinned(1, 0);
 
 /// Entries of the keyed classifier tables: per bank, one per rule entry plus the catch-all
 /// (interface 0, network ::/0).
@@ -303,6 +310,39 @@ impl PacketBytes for SkbBytes<'_> {
     }
 }
 
+/// Whether the presence filter's active bank has the slot of `key` set; true when the
+/// filter cannot be read, so that only a clear slot skips the lookups. Byte `i` of a word
+/// is its bits `8i..8i+8`: the object is little-endian, like the hosts that load it.
+#[inline(always)]
+fn may_hold(key: &FlowKey) -> bool {
+    let Some(bank) = PRESENCE_BANK.get(0) else {
+        return true;
+    };
+    let offset = presence::byte_offset(*bank, presence::slot(key));
+    PRESENCE
+        .get(offset / 8)
+        .is_none_or(|word| (word >> (8 * (offset % 8))) & 0xff != 0)
+}
+
+/// Sets the slot of `key` in both banks of the presence filter, after a session was
+/// stored under it.
+#[inline(always)]
+fn mark_present(key: &FlowKey) {
+    let slot = presence::slot(key);
+    for bank in 0..2 {
+        let offset = presence::byte_offset(bank, slot);
+        if let Some(word) = PRESENCE.get_ptr_mut(offset / 8) {
+            // SAFETY: the byte lies within the map's 8-byte value at `word`, which lives as
+            // long as the program. A byte store leaves the word's other slots alone.
+            unsafe {
+                word.cast::<u8>()
+                    .add((offset % 8) as usize)
+                    .write_volatile(1)
+            };
+        }
+    }
+}
+
 /// The tracker as a global BPF function, for the reason [`session_parse_xdp`] is one: the
 /// verifier checks the TCP state machine once, not once for every path that reaches it.
 /// `dir` is a [`Dir`] as an integer; returns [`encode_update`]'s code.
@@ -330,10 +370,20 @@ pub extern "C" fn session_track(
     encode_update(update(session, meta, dir, settings, now))
 }
 
-/// The two pinned session maps: protected (assured) and unassured.
-pub struct BpfSessions;
+/// The two pinned session maps, protected (assured) and unassured, behind the presence
+/// filter for connection attempts.
+#[derive(Default)]
+pub struct BpfSessions {
+    /// The packet being processed is a connection attempt.
+    connection_attempt: bool,
+}
 
 impl SessionTable for BpfSessions {
+    #[inline(always)]
+    fn set_connection_attempt(&mut self, attempt: bool) {
+        self.connection_attempt = attempt;
+    }
+
     #[inline(always)]
     fn track(
         session: &mut Session,
@@ -347,6 +397,9 @@ impl SessionTable for BpfSessions {
 
     #[inline(always)]
     fn get_mut(&mut self, key: &FlowKey) -> Option<&mut Session> {
+        if self.connection_attempt && !may_hold(key) {
+            return None;
+        }
         SESSIONS
             .get_ptr_mut(key)
             .or_else(|| UNASSURED.get_ptr_mut(key))
@@ -355,7 +408,11 @@ impl SessionTable for BpfSessions {
 
     #[inline(always)]
     fn insert(&mut self, key: &FlowKey, session: &Session) -> bool {
-        UNASSURED.insert(key, session, 0).is_ok()
+        let stored = UNASSURED.insert(key, session, 0).is_ok();
+        if stored {
+            mark_present(key);
+        }
+        stored
     }
 
     #[inline(always)]
@@ -377,6 +434,7 @@ impl SessionTable for BpfSessions {
             session.flags &= !session_flags::PROTECTED;
             return false;
         }
+        mark_present(key);
         let _ = UNASSURED.remove(key);
         true
     }

@@ -146,6 +146,7 @@ fn start(
     maps.write_settings(&config.settings)?;
     let generation = maps.apply_policy(policy)?;
     remove_refused(&maps, policy)?;
+    maps.rebuild_presence()?;
     maps.bump(DaemonCounter::PolicyApplies, 1)?;
     info!(
         "policy generation {generation} active: {} rules, {} kernel entries",

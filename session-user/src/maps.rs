@@ -3,6 +3,7 @@
 //! list` see exactly what the kernel sees.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{
@@ -11,6 +12,7 @@ use aya::maps::{
 };
 use session_common::{
     classify::{ADDR_KEY_BANK_BITS, AddrKey, IfaceKey, PortBounds, RuleBits, bits_slot},
+    presence,
     wire::{
         Counter, DaemonCounter, FlowKey, MAX_RULES, PolicyHeader, RULE_HIT_SLOTS, Rule, RuleName,
         Session, Settings, map_names,
@@ -164,15 +166,11 @@ impl PinnedMaps {
         Ok(removed)
     }
 
-    /// Removes expired sessions, handing each to `on_removed`; returns how many.
+    /// Removes expired sessions, handing each to `on_removed`; returns how many. The same
+    /// sweep rebuilds the presence filter.
     pub fn reap(&self, now: u64, mut on_removed: impl FnMut(&FlowKey, &Session)) -> Result<u64> {
         let mut removed = 0;
-        for name in [map_names::SESSIONS, map_names::UNASSURED] {
-            let path = self.dir.join(name);
-            let data = MapData::from_pin(&path)
-                .with_context(|| format!("cannot open pinned map {}", path.display()))?;
-            let expired = expired_keys(&data, now)
-                .with_context(|| format!("reading {name} for expired sessions"))?;
+        for (name, expired) in self.sweep(now)? {
             let mut tier = self.tier(name)?;
             for key in expired {
                 // Re-check: the kernel may have replaced the entry since the sweep read it.
@@ -186,6 +184,41 @@ impl PinnedMaps {
             }
         }
         Ok(removed)
+    }
+
+    /// Rebuilds the presence filter from the stored sessions without removing any: done
+    /// before the programs are attached, so the filter holds every key from the first
+    /// packet on, whatever pinned maps the daemon found.
+    pub fn rebuild_presence(&self) -> Result<()> {
+        self.sweep(0).map(drop)
+    }
+
+    /// Reads both tiers and returns, per tier, the keys of the sessions that expired at
+    /// `now`. Meanwhile rebuilds the presence filter's inactive bank as
+    /// `session_common::presence` lays down (clear it, set the slot of every key read,
+    /// then make it active), so that it forgets the sessions removed since the last sweep.
+    fn sweep(&self, now: u64) -> Result<[(&'static str, Vec<FlowKey>); 2]> {
+        let filter = PresenceFilter::open(&self.dir)?;
+        let mut active = self.array::<u32>(map_names::PRESENCE_BANK)?;
+        let rebuilt = (active
+            .get(&0, 0)
+            .context("reading the presence filter's bank")?
+            & 1)
+            ^ 1;
+        filter.clear(rebuilt);
+        let read = |name: &'static str| -> Result<(&'static str, Vec<FlowKey>)> {
+            let path = self.dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("cannot open pinned map {}", path.display()))?;
+            let expired = sweep_tier(&data, now, |key| filter.set(rebuilt, presence::slot(key)))
+                .with_context(|| format!("reading {name} for expired sessions"))?;
+            Ok((name, expired))
+        };
+        let tiers = [read(map_names::SESSIONS)?, read(map_names::UNASSURED)?];
+        active
+            .set(0, rebuilt, 0)
+            .context("switching the presence filter's bank")?;
+        Ok(tiers)
     }
 
     /// Global kernel counters summed over CPUs, in [`Counter::ALL`] order.
@@ -440,8 +473,13 @@ struct BatchAttr {
 
 /// Keys of the sessions in the hash map `data` that expired at `now`, read with
 /// `BPF_MAP_LOOKUP_BATCH`: per-key iteration costs two system calls per session, which
-/// made a sweep of 1M sessions take seconds of daemon CPU (see BENCHMARKS.md).
-fn expired_keys(data: &MapData, now: u64) -> std::io::Result<Vec<FlowKey>> {
+/// made a sweep of 1M sessions take seconds of daemon CPU (see BENCHMARKS.md). Every key
+/// read, expired or not, is handed to `each_key`.
+fn sweep_tier(
+    data: &MapData,
+    now: u64,
+    mut each_key: impl FnMut(&FlowKey),
+) -> std::io::Result<Vec<FlowKey>> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     let fd = data.fd().as_fd().as_raw_fd();
     let mut keys = vec![FlowKey::default(); REAP_BATCH];
@@ -485,6 +523,7 @@ fn expired_keys(data: &MapData, now: u64) -> std::io::Result<Vec<FlowKey>> {
             false
         };
         let filled = (attr.count as usize).min(REAP_BATCH);
+        keys[..filled].iter().for_each(&mut each_key);
         expired.extend(
             keys[..filled]
                 .iter()
@@ -497,6 +536,67 @@ fn expired_keys(data: &MapData, now: u64) -> std::io::Result<Vec<FlowKey>> {
         }
         cursor_in = cursor_out;
         first = false;
+    }
+}
+
+/// The presence filter map, mapped into this process: the reaper rebuilds a bank of 1 MiB
+/// with memory writes, where a system call per word would take a second.
+struct PresenceFilter {
+    bytes: *mut u8,
+}
+
+/// Bytes of the presence filter map.
+const PRESENCE_BYTES: usize = presence::WORDS as usize * 8;
+
+impl PresenceFilter {
+    fn open(dir: &Path) -> Result<Self> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let path = dir.join(map_names::PRESENCE);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("cannot open pinned map {}", path.display()))?;
+        // SAFETY: maps the whole value area of an array created with BPF_F_MMAPABLE; the
+        // mapping keeps the map alive after `data` closes its descriptor.
+        let bytes = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PRESENCE_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if bytes == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("mapping {} into memory", path.display()));
+        }
+        Ok(PresenceFilter {
+            bytes: bytes.cast(),
+        })
+    }
+
+    /// Clears every slot of `bank`.
+    fn clear(&self, bank: u32) {
+        let first = presence::byte_offset(bank, 0) as usize;
+        for word in (first..first + presence::SLOTS as usize).step_by(8) {
+            // SAFETY: an 8-aligned word inside the mapping; the kernel writes the same
+            // memory, so every access here is atomic.
+            unsafe { AtomicU64::from_ptr(self.bytes.add(word).cast()) }.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Sets `slot` of `bank`.
+    fn set(&self, bank: u32, slot: u32) {
+        let offset = presence::byte_offset(bank, slot) as usize;
+        // SAFETY: a byte inside the mapping, written atomically as in `clear`.
+        unsafe { AtomicU8::from_ptr(self.bytes.add(offset)) }.store(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for PresenceFilter {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `open` made; nothing refers to it any more.
+        unsafe { libc::munmap(self.bytes.cast(), PRESENCE_BYTES) };
     }
 }
 
