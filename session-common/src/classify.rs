@@ -110,9 +110,14 @@ const _: () = assert!(core::mem::size_of::<PortBounds>() == 4 * PORT_BOUND_SLOTS
 
 impl PortBounds {
     /// The interval that holds `port`: the last slot whose start is at most `port`, found
-    /// in 12 halving steps without a branch, so the verifier sees one path, not 4096.
+    /// in 12 halving steps without a branch, so the verifier sees one path, not 4096. When
+    /// no rule names a port in this dimension (the usual case for source ports), there is
+    /// one interval and the search is skipped.
     #[inline(always)]
     pub fn interval(&self, port: u16) -> u32 {
+        if self.starts[1] == PORT_BOUND_SENTINEL {
+            return 0;
+        }
         let port = i64::from(port);
         let mut at = 0usize;
         let mut step = PORT_BOUND_SLOTS / 2;
@@ -359,6 +364,8 @@ mod tests {
             assert_eq!(b.interval(port), expected, "port {port}");
         }
         assert_eq!(bounds(&[0]).interval(65535), 0);
+        assert_eq!(bounds(&[0, 1]).interval(0), 0);
+        assert_eq!(bounds(&[0, 1]).interval(1), 1);
         let mut b = bounds(&[]);
         for (i, start) in b.starts[..PORT_INTERVALS as usize].iter_mut().enumerate() {
             *start = i as u32 * 30;
