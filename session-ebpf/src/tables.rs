@@ -68,7 +68,8 @@ static SRC_NETS: LpmTrie<AddrKey, RuleBits> = LpmTrie::pinned(CLASSIFY_KEYED_ENT
 #[map]
 static DST_NETS: LpmTrie<AddrKey, RuleBits> = LpmTrie::pinned(CLASSIFY_KEYED_ENTRIES, 0);
 #[map]
-static PRESENCE: Array<u64> = Array::pinned(presence::WORDS, BPF_F_MMAPABLE);
+static PRESENCE: Array<u64> =
+    Array::pinned(presence::words(presence::MIN_SLOT_BITS), BPF_F_MMAPABLE);
 #[map]
 static PRESENCE_BANK: Array<u32> = Array::pinned(1, 0);
 
@@ -310,15 +311,32 @@ impl PacketBytes for SkbBytes<'_> {
     }
 }
 
+/// Slots per bank of the presence filter as a power of two, which the loader sets for the
+/// configured capacity (`presence::slot_bits_for`) when it sizes `PRESENCE`. Left at 0,
+/// as by the benchmarks' loader, the filter is off.
+#[unsafe(no_mangle)]
+static PRESENCE_SLOT_BITS: u32 = 0;
+
+/// [`PRESENCE_SLOT_BITS`] when the filter is on.
+#[inline(always)]
+fn presence_slot_bits() -> Option<u32> {
+    // SAFETY: reads a static; volatile, so the value the loader wrote is the one read.
+    let bits = unsafe { core::ptr::read_volatile(&PRESENCE_SLOT_BITS) };
+    (presence::MIN_SLOT_BITS..=presence::MAX_SLOT_BITS)
+        .contains(&bits)
+        .then_some(bits)
+}
+
 /// Whether the presence filter's active bank has the slot of `key` set; true when the
-/// filter cannot be read, so that only a clear slot skips the lookups. Byte `i` of a word
-/// is its bits `8i..8i+8`: the object is little-endian, like the hosts that load it.
+/// filter is off or cannot be read, so that only a clear slot skips the lookups. Byte `i`
+/// of a word is its bits `8i..8i+8`: the object is little-endian, like the hosts that
+/// load it.
 #[inline(always)]
 fn may_hold(key: &FlowKey) -> bool {
-    let Some(bank) = PRESENCE_BANK.get(0) else {
+    let (Some(bits), Some(bank)) = (presence_slot_bits(), PRESENCE_BANK.get(0)) else {
         return true;
     };
-    let offset = presence::byte_offset(*bank, presence::slot(key));
+    let offset = presence::byte_offset(*bank, presence::slot(key, bits), bits);
     PRESENCE
         .get(offset / 8)
         .is_none_or(|word| (word >> (8 * (offset % 8))) & 0xff != 0)
@@ -328,9 +346,12 @@ fn may_hold(key: &FlowKey) -> bool {
 /// stored under it.
 #[inline(always)]
 fn mark_present(key: &FlowKey) {
-    let slot = presence::slot(key);
+    let Some(bits) = presence_slot_bits() else {
+        return;
+    };
+    let slot = presence::slot(key, bits);
     for bank in 0..2 {
-        let offset = presence::byte_offset(bank, slot);
+        let offset = presence::byte_offset(bank, slot, bits);
         if let Some(word) = PRESENCE.get_ptr_mut(offset / 8) {
             // SAFETY: the byte lies within the map's 8-byte value at `word`, which lives as
             // long as the program. A byte store leaves the word's other slots alone.

@@ -7,7 +7,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{SchedClassifier, Xdp},
 };
-use session_common::wire::map_names;
+use session_common::{presence, wire::map_names};
 
 use crate::links;
 
@@ -63,10 +63,13 @@ pub fn unassured_capacity(max_sessions: u32) -> u32 {
 /// counters survive a restart) and pinning new ones there with root-only access.
 pub fn load(pin_dir: &Path, max_sessions: u32) -> Result<Ebpf> {
     create_pin_dir(pin_dir)?;
+    let slot_bits = presence::slot_bits_for(max_sessions);
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .map_max_entries(map_names::SESSIONS, max_sessions)
         .map_max_entries(map_names::UNASSURED, unassured_capacity(max_sessions))
+        .map_max_entries(map_names::PRESENCE, presence::words(slot_bits))
+        .override_global("PRESENCE_SLOT_BITS", &slot_bits, true)
         .load(EBPF_OBJECT)
         .with_context(|| {
             format!(

@@ -193,29 +193,46 @@ impl PinnedMaps {
         self.sweep(0).map(drop)
     }
 
+    /// Whether the presence filter's active bank has the slot of `key` set, so that a
+    /// connection attempt under `key` would look the tables up.
+    pub fn presence_holds(&self, key: &FlowKey) -> Result<bool> {
+        let filter = PresenceFilter::open(&self.dir)?;
+        Ok(filter.get(self.presence_bank()?, key))
+    }
+
+    /// The share of the presence filter's active bank whose slots are set: the chance that
+    /// a connection attempt without a session still looks the tables up.
+    pub fn presence_fill(&self) -> Result<f64> {
+        let filter = PresenceFilter::open(&self.dir)?;
+        Ok(filter.fill(self.presence_bank()?))
+    }
+
+    fn presence_bank(&self) -> Result<u32> {
+        Ok(self
+            .array::<u32>(map_names::PRESENCE_BANK)?
+            .get(&0, 0)
+            .context("reading the presence filter's bank")?
+            & 1)
+    }
+
     /// Reads both tiers and returns, per tier, the keys of the sessions that expired at
     /// `now`. Meanwhile rebuilds the presence filter's inactive bank as
     /// `session_common::presence` lays down (clear it, set the slot of every key read,
     /// then make it active), so that it forgets the sessions removed since the last sweep.
     fn sweep(&self, now: u64) -> Result<[(&'static str, Vec<FlowKey>); 2]> {
         let filter = PresenceFilter::open(&self.dir)?;
-        let mut active = self.array::<u32>(map_names::PRESENCE_BANK)?;
-        let rebuilt = (active
-            .get(&0, 0)
-            .context("reading the presence filter's bank")?
-            & 1)
-            ^ 1;
+        let rebuilt = self.presence_bank()? ^ 1;
         filter.clear(rebuilt);
         let read = |name: &'static str| -> Result<(&'static str, Vec<FlowKey>)> {
             let path = self.dir.join(name);
             let data = MapData::from_pin(&path)
                 .with_context(|| format!("cannot open pinned map {}", path.display()))?;
-            let expired = sweep_tier(&data, now, |key| filter.set(rebuilt, presence::slot(key)))
+            let expired = sweep_tier(&data, now, |key| filter.set(rebuilt, key))
                 .with_context(|| format!("reading {name} for expired sessions"))?;
             Ok((name, expired))
         };
         let tiers = [read(map_names::SESSIONS)?, read(map_names::UNASSURED)?];
-        active
+        self.array::<u32>(map_names::PRESENCE_BANK)?
             .set(0, rebuilt, 0)
             .context("switching the presence filter's bank")?;
         Ok(tiers)
@@ -539,14 +556,14 @@ fn sweep_tier(
     }
 }
 
-/// The presence filter map, mapped into this process: the reaper rebuilds a bank of 1 MiB
-/// with memory writes, where a system call per word would take a second.
+/// The presence filter map, mapped into this process: the reaper rebuilds a bank of up to
+/// 32 MiB with memory writes, where a system call per word would take seconds.
 struct PresenceFilter {
     bytes: *mut u8,
+    len: usize,
+    /// Slots per bank as a power of two, from the map's size.
+    slot_bits: u32,
 }
-
-/// Bytes of the presence filter map.
-const PRESENCE_BYTES: usize = presence::WORDS as usize * 8;
 
 impl PresenceFilter {
     fn open(dir: &Path) -> Result<Self> {
@@ -554,12 +571,26 @@ impl PresenceFilter {
         let path = dir.join(map_names::PRESENCE);
         let data = MapData::from_pin(&path)
             .with_context(|| format!("cannot open pinned map {}", path.display()))?;
+        let words = data
+            .info()
+            .with_context(|| format!("reading the size of {}", path.display()))?
+            .max_entries();
+        let slot_bits = (words * 8 / 2).trailing_zeros();
+        if presence::words(slot_bits) != words
+            || !(presence::MIN_SLOT_BITS..=presence::MAX_SLOT_BITS).contains(&slot_bits)
+        {
+            bail!(
+                "{} holds {words} words, not two banks of a power of two of slots: it was pinned by another version; run `session down` and start again",
+                path.display()
+            );
+        }
+        let len = words as usize * 8;
         // SAFETY: maps the whole value area of an array created with BPF_F_MMAPABLE; the
         // mapping keeps the map alive after `data` closes its descriptor.
         let bytes = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                PRESENCE_BYTES,
+                len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 data.fd().as_fd().as_raw_fd(),
@@ -572,31 +603,57 @@ impl PresenceFilter {
         }
         Ok(PresenceFilter {
             bytes: bytes.cast(),
+            len,
+            slot_bits,
         })
     }
 
     /// Clears every slot of `bank`.
     fn clear(&self, bank: u32) {
-        let first = presence::byte_offset(bank, 0) as usize;
-        for word in (first..first + presence::SLOTS as usize).step_by(8) {
+        let first = presence::byte_offset(bank, 0, self.slot_bits) as usize;
+        for word in (first..first + (1 << self.slot_bits)).step_by(8) {
             // SAFETY: an 8-aligned word inside the mapping; the kernel writes the same
             // memory, so every access here is atomic.
             unsafe { AtomicU64::from_ptr(self.bytes.add(word).cast()) }.store(0, Ordering::Relaxed);
         }
     }
 
-    /// Sets `slot` of `bank`.
-    fn set(&self, bank: u32, slot: u32) {
-        let offset = presence::byte_offset(bank, slot) as usize;
-        // SAFETY: a byte inside the mapping, written atomically as in `clear`.
-        unsafe { AtomicU8::from_ptr(self.bytes.add(offset)) }.store(1, Ordering::Relaxed);
+    /// The slot of `key` in `bank`.
+    fn slot(&self, bank: u32, key: &FlowKey) -> &AtomicU8 {
+        let slot = presence::slot(key, self.slot_bits);
+        let offset = presence::byte_offset(bank, slot, self.slot_bits) as usize;
+        // SAFETY: a byte inside the mapping, accessed atomically as in `clear`.
+        unsafe { AtomicU8::from_ptr(self.bytes.add(offset)) }
+    }
+
+    /// Sets the slot of `key` in `bank`.
+    fn set(&self, bank: u32, key: &FlowKey) {
+        self.slot(bank, key).store(1, Ordering::Relaxed);
+    }
+
+    /// Whether the slot of `key` in `bank` is set.
+    fn get(&self, bank: u32, key: &FlowKey) -> bool {
+        self.slot(bank, key).load(Ordering::Relaxed) != 0
+    }
+
+    /// The share of `bank`'s slots that are set.
+    fn fill(&self, bank: u32) -> f64 {
+        let first = presence::byte_offset(bank, 0, self.slot_bits) as usize;
+        let slots = 1usize << self.slot_bits;
+        let set = (first..first + slots)
+            // SAFETY: a byte inside the mapping, accessed atomically as in `clear`.
+            .filter(|&i| {
+                unsafe { AtomicU8::from_ptr(self.bytes.add(i)) }.load(Ordering::Relaxed) != 0
+            })
+            .count();
+        set as f64 / slots as f64
     }
 }
 
 impl Drop for PresenceFilter {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping `open` made; nothing refers to it any more.
-        unsafe { libc::munmap(self.bytes.cast(), PRESENCE_BYTES) };
+        unsafe { libc::munmap(self.bytes.cast(), self.len) };
     }
 }
 
