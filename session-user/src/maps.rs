@@ -557,7 +557,7 @@ fn sweep_tier(
 }
 
 /// The presence filter map, mapped into this process: the reaper rebuilds a bank of up to
-/// 32 MiB with memory writes, where a system call per word would take seconds.
+/// 64 MiB with memory writes, where a system call per word would take seconds.
 struct PresenceFilter {
     bytes: *mut u8,
     len: usize,
