@@ -1,6 +1,7 @@
 //! The daemon's lifecycle under a live TCP stream: stopping (SIGTERM) or killing
 //! (SIGKILL) it and starting it again, reloading (SIGHUP and `session reload`), a reload
-//! of a broken file, and `session down`. The firewall must keep enforcing while no daemon
+//! of a broken file, `session down`, and a restart with another `max_sessions`, which is
+//! refused until `session down`. The firewall must keep enforcing while no daemon
 //! runs (the links are pinned), a restarted daemon must find the same sessions and
 //! counters, and not one byte of the stream may be lost.
 
@@ -202,5 +203,44 @@ fn down_removes_everything_and_is_idempotent() {
         String::from_utf8_lossy(&again.stdout).contains("nothing to remove"),
         "{}",
         describe(&again)
+    );
+}
+
+/// A config whose `max_sessions` differs from the size the maps were pinned with is
+/// refused, with the way out (`session down`), instead of running on the old table and a
+/// presence filter that no longer matches the program. After `session down` it starts.
+#[test]
+fn a_changed_max_sessions_is_refused_until_down() {
+    let lab = Lab::new("resize");
+    let mut first = lab.daemon(STREAM_POLICY);
+    first.signal(libc::SIGTERM);
+    assert!(first.wait_exit(Duration::from_secs(10)).success());
+    let resized = format!("[limits]\nmax_sessions = 4096\n{STREAM_POLICY}");
+    std::fs::write(lab.config_path(), &resized).expect("writing the resized config");
+
+    let mut refused = lab.daemon_process(&[FW_IFACE], &lab.pin_dir());
+    let status = refused.wait_exit(Duration::from_secs(30));
+    assert!(
+        !status.success(),
+        "the daemon started on maps pinned for another size"
+    );
+    let stderr = refused.stderr();
+    assert!(
+        stderr.contains("max_sessions changed") && stderr.contains("session down"),
+        "unclear refusal: {stderr}"
+    );
+
+    let down = lab.session(&["down"]);
+    assert!(
+        down.status.success(),
+        "session down failed: {}",
+        describe(&down)
+    );
+    let second = lab.daemon(&resized);
+    let stats = second.stats_json();
+    assert_eq!(
+        stats["max_sessions"].as_u64(),
+        Some(4096),
+        "the restarted daemon does not use the new size: {stats}"
     );
 }

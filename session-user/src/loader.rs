@@ -5,6 +5,7 @@ use std::{os::unix::fs::DirBuilderExt as _, path::Path};
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::MapData,
     programs::{SchedClassifier, Xdp},
 };
 use session_common::{presence, wire::map_names};
@@ -64,6 +65,14 @@ pub fn unassured_capacity(max_sessions: u32) -> u32 {
 pub fn load(pin_dir: &Path, max_sessions: u32) -> Result<Ebpf> {
     create_pin_dir(pin_dir)?;
     let slot_bits = presence::slot_bits_for(max_sessions);
+    check_pinned_sizes(
+        pin_dir,
+        &[
+            (map_names::SESSIONS, max_sessions),
+            (map_names::UNASSURED, unassured_capacity(max_sessions)),
+            (map_names::PRESENCE, presence::words(slot_bits)),
+        ],
+    )?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .map_max_entries(map_names::SESSIONS, max_sessions)
@@ -73,8 +82,7 @@ pub fn load(pin_dir: &Path, max_sessions: u32) -> Result<Ebpf> {
         .load(EBPF_OBJECT)
         .with_context(|| {
             format!(
-                "loading the eBPF program with maps pinned in {} (if max_sessions changed since the maps were pinned, run `session down --pin-dir {}` first: it removes them)",
-                pin_dir.display(),
+                "loading the eBPF program with maps pinned in {}",
                 pin_dir.display()
             )
         })?;
@@ -91,6 +99,31 @@ pub fn load(pin_dir: &Path, max_sessions: u32) -> Result<Ebpf> {
         .load()
         .context("the kernel rejected the TC program")?;
     Ok(ebpf)
+}
+
+/// Refuses maps pinned under `pin_dir` with another size than `sizes` asks for: the
+/// loader reuses a pinned map as it is, so after a change of `max_sessions` the table
+/// would silently keep its old size, and the presence filter would no longer match the
+/// program's idea of it.
+fn check_pinned_sizes(pin_dir: &Path, sizes: &[(&str, u32)]) -> Result<()> {
+    for &(name, wanted) in sizes {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let pinned = MapData::from_pin(&path)
+            .and_then(|map| map.info())
+            .with_context(|| format!("reading the size of the pinned map {}", path.display()))?
+            .max_entries();
+        if pinned != wanted {
+            bail!(
+                "{} was pinned with {pinned} entries, but this config needs {wanted}: max_sessions changed since the maps were pinned. Run `session down --pin-dir {}` first (it removes the pinned sessions), then start again",
+                path.display(),
+                pin_dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Loads the object for the benchmarks' own programs (`session_noop`, `session_drop_all`,
