@@ -345,6 +345,7 @@ where
                 &judge,
                 sessions,
                 counters,
+                |_: &mut Session| Ok(()),
             ));
         }
     }
@@ -362,7 +363,24 @@ where
         &judge,
         sessions,
         counters,
+        |fresh: &mut Session| start_session::<S>(fresh, meta, src_is_lo, settings, now),
     ))
+}
+
+/// Builds the session a packet starts, as nf_conntrack runs `tcp_new()` then
+/// `tcp_packet()`, and counts the packet in it.
+#[inline(always)]
+fn start_session<S: SessionTable>(
+    fresh: &mut Session,
+    meta: &PacketMeta,
+    src_is_lo: bool,
+    settings: &Settings,
+    now: u64,
+) -> Result<(), Invalid> {
+    new_session(fresh, meta, src_is_lo, settings, now)?;
+    S::track(fresh, meta, Dir::Original, settings, now)?;
+    account(fresh, meta, Dir::Original);
+    Ok(())
 }
 
 /// The policy as it stands for one packet: read once, so that a cached verdict and a
@@ -403,6 +421,9 @@ struct Tracked {
     state: CtState,
     /// The packet starts a flow: the session in scratch is to be inserted if accepted.
     pending: bool,
+    /// The session in scratch is built; false for a connection attempt, whose session is
+    /// built only once the policy admits it.
+    built: bool,
     /// The packet closed its session.
     closed: bool,
     /// The verdict cached in the packet's live session, when one holds.
@@ -418,6 +439,7 @@ impl Tracked {
         Tracked {
             state,
             pending: false,
+            built: true,
             closed: false,
             decision: None,
             cache_for: None,
@@ -528,24 +550,28 @@ fn classify<S: SessionTable, R: RuleSource, C: Counters>(
         return Tracked {
             state,
             pending: false,
+            built: true,
             closed,
             decision,
             cache_for,
         };
     }
-    let started = new_session(fresh, meta, src_is_lo, settings, now)
-        .and_then(|()| S::track(fresh, meta, Dir::Original, settings, now));
-    match started {
-        Ok(_) => {
-            account(fresh, meta, Dir::Original);
-            Tracked {
-                state: CtState::New,
-                pending: true,
-                closed: false,
-                decision: None,
-                cache_for: None,
-            }
-        }
+    let new_flow = |built| Tracked {
+        state: CtState::New,
+        pending: true,
+        built,
+        closed: false,
+        decision: None,
+        cache_for: None,
+    };
+    // A connection attempt's session is built only once the policy admits it: under a SYN
+    // flood the policy drops, building them is work thrown away. Building one never fails
+    // (track's `a_connection_attempt_always_builds_its_session` checks it).
+    if crate::presence::is_connection_attempt(meta) {
+        return new_flow(false);
+    }
+    match start_session::<S>(fresh, meta, src_is_lo, settings, now) {
+        Ok(()) => new_flow(true),
         Err(reason) => {
             counters.count(invalid_counter(reason));
             Tracked::of(CtState::Invalid)
@@ -553,8 +579,10 @@ fn classify<S: SessionTable, R: RuleSource, C: Counters>(
     }
 }
 
-/// Applies the policy, inserts an admitted new session, counts the result.
+/// Applies the policy, builds (with `build`, when tracking left it unbuilt) and inserts an
+/// admitted new session, counts the result.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn finish<S: SessionTable, R: RuleSource, C: Counters>(
     meta: &PacketMeta,
     key: Option<&FlowKey>,
@@ -563,6 +591,7 @@ fn finish<S: SessionTable, R: RuleSource, C: Counters>(
     judge: &Judge<'_, R>,
     sessions: &mut S,
     counters: &mut C,
+    build: impl FnOnce(&mut Session) -> Result<(), Invalid>,
 ) -> Outcome {
     let state = tracked.state;
     let mut outcome = Outcome {
@@ -601,6 +630,17 @@ fn finish<S: SessionTable, R: RuleSource, C: Counters>(
     if decision.action == Action::Accept
         && let Some((key, session)) = pending
     {
+        if !tracked.built
+            && let Err(reason) = build(session)
+        {
+            // Unreachable: a connection attempt always builds (see `classify`); were it
+            // reached, the packet would be invalid and is dropped as such.
+            counters.count(invalid_counter(reason));
+            outcome.state = CtState::Invalid;
+            decision.action = Action::Drop;
+            counters.count(Counter::PacketsDropped);
+            return outcome;
+        }
         session.rule_id = decision.rule_id;
         session.origin_icmp_type = meta.icmp_type;
         session.origin_ifindex = judge.ifindex.to_ne_bytes();

@@ -1669,7 +1669,42 @@ mod tests {
             })
     }
 
+    /// TCP segments with SYN and any other flags, options, lengths and numbers.
+    fn arb_syn() -> impl Strategy<Value = PacketMeta> {
+        (
+            arb_meta(),
+            any::<u8>(),
+            (any::<u32>(), any::<u32>(), any::<u16>()),
+            (any::<u8>(), any::<bool>(), 0u32..65_536, 20u8..61),
+        )
+            .prop_map(
+                |(m, flags, (seq, ack, window), (wscale, sack, payload, header))| PacketMeta {
+                    proto: proto::TCP,
+                    tcp_flags: flags | SYN,
+                    seq,
+                    ack,
+                    window,
+                    tcp_wscale: wscale,
+                    tcp_sack_perm: sack,
+                    payload_len: payload,
+                    tcp_header_len: header,
+                    ..m
+                },
+            )
+    }
+
     proptest! {
+        #[test]
+        fn a_connection_attempt_always_builds_its_session(m in arb_syn(), flags in 0u32..8, now in any::<u64>()) {
+            let settings = Settings { flags, ..Settings::default() };
+            let mut session = Session::default();
+            let built = new_session(&mut session, &m, true, &settings, now)
+                .and_then(|()| update(&mut session, &m, Dir::Original, &settings, now));
+            if crate::presence::is_connection_attempt(&m) {
+                prop_assert!(built.is_ok(), "{:?} for flags {:#x}", built, m.tcp_flags);
+            }
+        }
+
         #[test]
         fn flow_key_of_the_reversed_packet_is_the_same_key(m in arb_meta()) {
             let is_icmp = m.proto == proto::ICMP || m.proto == proto::ICMPV6;
