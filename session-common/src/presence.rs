@@ -27,7 +27,7 @@ pub const MIN_SLOT_BITS: u32 = 16;
 pub const MAX_SLOT_BITS: u32 = 26;
 
 /// Slots per bank, as a power of two, for a protected tier of `max_sessions`: two per
-/// session, so that a full table leaves about 60% of the slots clear (1 - e^-1/2 set).
+/// session, so that a full table sets about 39% of the slots (1 - e^(-1/2)).
 pub fn slot_bits_for(max_sessions: u32) -> u32 {
     (u64::from(max_sessions) * 2)
         .next_power_of_two()
