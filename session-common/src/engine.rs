@@ -26,10 +26,12 @@ pub trait SessionTable {
     /// Moves the session under `key` into the protected tier, setting
     /// [`session_flags::PROTECTED`]; false (and nothing changed) when that tier is full.
     fn protect(&mut self, key: &FlowKey) -> bool;
-    /// Told before the lookups of each parsed packet whether it is a connection attempt
-    /// ([`crate::presence::is_connection_attempt`]), which a table may answer from its
-    /// presence filter without reading its buckets. A table without one ignores it.
-    fn set_connection_attempt(&mut self, _attempt: bool) {}
+    /// Whether a session may be stored under `key`; false only when none is. Asked before
+    /// the lookup of a connection attempt ([`crate::presence::is_connection_attempt`]),
+    /// which a table with a presence filter answers without reading its buckets.
+    fn may_hold(&self, _key: &FlowKey) -> bool {
+        true
+    }
     /// Moves `session` by one packet with [`update`]. The kernel runs it as a BPF function
     /// of its own, which the verifier checks once instead of once per path reaching it.
     #[inline(always)]
@@ -350,7 +352,6 @@ where
         }
     }
     counters.count(Counter::PacketsSeen);
-    sessions.set_connection_attempt(crate::presence::is_connection_attempt(meta));
     let (key, src_is_lo) = flow_key(meta);
     let tracked = classify(
         meta, &key, src_is_lo, now, settings, &judge, sessions, counters, session,
@@ -493,7 +494,13 @@ fn classify<S: SessionTable, R: RuleSource, C: Counters>(
     let mut existing = None;
     let mut decision = None;
     let mut cache_for = None;
-    if let Some(session) = sessions.get_mut(key) {
+    let attempt = crate::presence::is_connection_attempt(meta);
+    let found = if attempt && !sessions.may_hold(key) {
+        None
+    } else {
+        sessions.get_mut(key)
+    };
+    if let Some(session) = found {
         if session.expires_ns > now {
             let dir = direction(session, src_is_lo);
             let state = state_for(session, dir);
@@ -567,7 +574,7 @@ fn classify<S: SessionTable, R: RuleSource, C: Counters>(
     // A connection attempt's session is built only once the policy admits it: under a SYN
     // flood the policy drops, building them is work thrown away. Building one never fails
     // (track's `a_connection_attempt_always_builds_its_session` checks it).
-    if crate::presence::is_connection_attempt(meta) {
+    if attempt {
         return new_flow(false);
     }
     match start_session::<S>(fresh, meta, src_is_lo, settings, now) {

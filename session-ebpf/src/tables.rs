@@ -327,21 +327,6 @@ fn presence_slot_bits() -> Option<u32> {
         .then_some(bits)
 }
 
-/// Whether the presence filter's active bank has the slot of `key` set; true when the
-/// filter is off or cannot be read, so that only a clear slot skips the lookups. Byte `i`
-/// of a word is its bits `8i..8i+8`: the object is little-endian, like the hosts that
-/// load it.
-#[inline(always)]
-fn may_hold(key: &FlowKey) -> bool {
-    let (Some(bits), Some(bank)) = (presence_slot_bits(), PRESENCE_BANK.get(0)) else {
-        return true;
-    };
-    let offset = presence::byte_offset(*bank, presence::slot(key, bits), bits);
-    PRESENCE
-        .get(offset / 8)
-        .is_none_or(|word| (word >> (8 * (offset % 8))) & 0xff != 0)
-}
-
 /// Sets the slot of `key` in both banks of the presence filter, after a session was
 /// stored under it.
 #[inline(always)]
@@ -393,16 +378,22 @@ pub extern "C" fn session_track(
 
 /// The two pinned session maps, protected (assured) and unassured, behind the presence
 /// filter for connection attempts.
-#[derive(Default)]
-pub struct BpfSessions {
-    /// The packet being processed is a connection attempt.
-    connection_attempt: bool,
-}
+pub struct BpfSessions;
 
 impl SessionTable for BpfSessions {
+    /// Whether the presence filter's active bank has the slot of `key` set; true when the
+    /// filter is off or cannot be read, so that only a clear slot skips the lookups. Byte
+    /// `i` of a word is its bits `8i..8i+8`: the object is little-endian, like the hosts
+    /// that load it.
     #[inline(always)]
-    fn set_connection_attempt(&mut self, attempt: bool) {
-        self.connection_attempt = attempt;
+    fn may_hold(&self, key: &FlowKey) -> bool {
+        let (Some(bits), Some(bank)) = (presence_slot_bits(), PRESENCE_BANK.get(0)) else {
+            return true;
+        };
+        let offset = presence::byte_offset(*bank, presence::slot(key, bits), bits);
+        PRESENCE
+            .get(offset / 8)
+            .is_none_or(|word| (word >> (8 * (offset % 8))) & 0xff != 0)
     }
 
     #[inline(always)]
@@ -418,9 +409,6 @@ impl SessionTable for BpfSessions {
 
     #[inline(always)]
     fn get_mut(&mut self, key: &FlowKey) -> Option<&mut Session> {
-        if self.connection_attempt && !may_hold(key) {
-            return None;
-        }
         SESSIONS
             .get_ptr_mut(key)
             .or_else(|| UNASSURED.get_ptr_mut(key))
