@@ -11,6 +11,7 @@ use session_tests::lifecycle::{CLOSED_PORT, PROGRESS, STREAM_POLICY, STREAM_PORT
 use session_tests::{
     CLIENT_V4, FW_IFACE, FW_V4, Family, Lab, Side, counter, describe, find_session, rule_hits,
 };
+use session_user::maps::{PinnedMaps, monotonic_ns};
 
 /// The stream's session from `session list --json`, with its packet counts.
 fn stream_packets(sessions: &[serde_json::Value]) -> u64 {
@@ -243,4 +244,53 @@ fn a_changed_max_sessions_is_refused_until_down() {
         Some(4096),
         "the restarted daemon does not use the new size: {stats}"
     );
+}
+
+/// The kernel stamps sessions with the tick clock the daemon calibrated at start
+/// (`session_common::clock`): a session's creation time must agree with this process's
+/// CLOCK_MONOTONIC to within a tick, or every timeout would fire early or late, and a
+/// reload, which rewrites the settings from the config, must keep the calibration.
+#[test]
+fn sessions_are_stamped_on_the_monotonic_clock_across_a_reload() {
+    let lab = Lab::new("clock");
+    let daemon = lab.daemon(STREAM_POLICY);
+    let maps = PinnedMaps::open(daemon.pin_dir()).expect("opening the daemon's pinned maps");
+    let clock = maps.settings().expect("reading the settings").clock;
+    assert_ne!(
+        clock.tick_ns,
+        0,
+        "the daemon did not calibrate the clock:\n{}",
+        daemon.log()
+    );
+    let stamped = || {
+        let before = monotonic_ns();
+        let (client, _server) = lab.tcp_pair(Family::V4, STREAM_PORT);
+        let after = monotonic_ns();
+        let port = client.local_addr().expect("the client's address").port();
+        let created = maps
+            .all_sessions()
+            .expect("reading the sessions")
+            .into_iter()
+            .find(|(key, _)| key.port_lo == port || key.port_hi == port)
+            .unwrap_or_else(|| panic!("no session from client port {port}"))
+            .1
+            .created_ns;
+        // One tick behind at most, as the coarse clock is, plus a millisecond for the
+        // calibration's own error.
+        let earliest = before - clock.tick_ns - 1_000_000;
+        assert!(
+            (earliest..=after).contains(&created),
+            "the session from client port {port} was stamped {created} ns; the connection was made between {before} and {after} ns on CLOCK_MONOTONIC (tick {} ns)",
+            clock.tick_ns
+        );
+    };
+    stamped();
+    let out = daemon.cli(&["reload"]);
+    assert!(out.contains("reloaded, policy generation"), "{out}");
+    assert_eq!(
+        maps.settings().expect("reading the settings").clock,
+        clock,
+        "the reload changed the clock calibration"
+    );
+    stamped();
 }

@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod classify;
+pub mod clock;
 pub mod engine;
 pub mod packet;
 pub mod policy;

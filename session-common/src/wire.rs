@@ -5,6 +5,8 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::clock::TickClock;
+
 /// Address family tag for IPv4 flows (addresses are stored IPv4-mapped).
 pub const FAMILY_IPV4: u8 = 4;
 /// Address family tag for IPv6 flows.
@@ -782,8 +784,11 @@ pub struct Settings {
     pub flags: u32,
     /// Retransmissions before the shorter retrans timeout applies (kernel: 3).
     pub max_retrans: u32,
+    /// The programs' clock, which the daemon calibrates for this host at start; the
+    /// config leaves it uncalibrated.
+    pub clock: TickClock,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 136);
+const _: () = assert!(core::mem::size_of::<Settings>() == 152);
 
 /// Slots in [`Settings::timeouts_ns`].
 pub const TIMEOUT_SLOTS: usize = 16;
@@ -814,6 +819,7 @@ impl Default for Settings {
             timeouts_ns,
             flags: settings_flags::TCP_WINDOW_CHECK,
             max_retrans: 3,
+            clock: TickClock::default(),
         }
     }
 }

@@ -730,6 +730,8 @@ fn main() {
     let mut settings = Settings::default();
     settings.flags &= !session_common::wire::settings_flags::TCP_WINDOW_CHECK;
     maps.write_settings(&settings).expect("settings");
+    let clock = session_user::clock::calibrate(&mut ebpf).expect("calibrating the clock");
+    maps.write_clock(clock).expect("clock");
     apply(&maps, &policy_text(0));
     let mut bench = Bench {
         ebpf,

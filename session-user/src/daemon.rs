@@ -9,10 +9,11 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use log::{error, info, warn};
-use session_common::wire::DaemonCounter;
+use session_common::{clock::TickClock, wire::DaemonCounter};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    clock,
     compile::{CompiledPolicy, compile},
     config::{self, Config},
     events::EventHub,
@@ -144,6 +145,13 @@ fn start(
     let mut ebpf = loader::load(&options.pin_dir, config.max_sessions)?;
     let maps = PinnedMaps::open(&options.pin_dir)?;
     maps.write_settings(&config.settings)?;
+    let clock = clock::calibrate(&mut ebpf).unwrap_or_else(|error| {
+        warn!(
+            "{error:#}; the programs read the kernel's coarse clock instead, which costs about 30 ns a packet more"
+        );
+        TickClock::default()
+    });
+    maps.write_clock(clock)?;
     let generation = maps.apply_policy(policy)?;
     remove_refused(&maps, policy)?;
     maps.rebuild_presence()?;

@@ -2,6 +2,7 @@
 //! and attaching the eBPF programs, reading the pinned maps back.
 
 pub mod classify;
+pub mod clock;
 pub mod compile;
 pub mod config;
 pub mod daemon;

@@ -8,7 +8,10 @@ use aya::{
     maps::MapData,
     programs::{SchedClassifier, Xdp},
 };
-use session_common::{presence, wire::map_names};
+use session_common::{
+    presence,
+    wire::{Session, Settings, map_names},
+};
 
 use crate::links;
 
@@ -68,9 +71,18 @@ pub fn load(pin_dir: &Path, max_sessions: u32) -> Result<Ebpf> {
     check_pinned_sizes(
         pin_dir,
         &[
-            (map_names::SESSIONS, max_sessions),
-            (map_names::UNASSURED, unassured_capacity(max_sessions)),
-            (map_names::PRESENCE, presence::words(slot_bits)),
+            (map_names::SESSIONS, max_sessions, size_of::<Session>()),
+            (
+                map_names::UNASSURED,
+                unassured_capacity(max_sessions),
+                size_of::<Session>(),
+            ),
+            (
+                map_names::PRESENCE,
+                presence::words(slot_bits),
+                size_of::<u64>(),
+            ),
+            (map_names::SETTINGS, 1, size_of::<Settings>()),
         ],
     )?;
     let mut ebpf = EbpfLoader::new()
@@ -101,25 +113,36 @@ pub fn load(pin_dir: &Path, max_sessions: u32) -> Result<Ebpf> {
     Ok(ebpf)
 }
 
-/// Refuses maps pinned under `pin_dir` with another size than `sizes` asks for: the
-/// loader reuses a pinned map as it is, so after a change of `max_sessions` the table
-/// would silently keep its old size, and the presence filter would no longer match the
-/// program's idea of it.
-fn check_pinned_sizes(pin_dir: &Path, sizes: &[(&str, u32)]) -> Result<()> {
-    for &(name, wanted) in sizes {
+/// Refuses maps pinned under `pin_dir` with another size than `sizes` asks for (entries,
+/// value bytes): the loader reuses a pinned map as it is, so after a change of
+/// `max_sessions` the table would silently keep its old size, and the presence filter
+/// would no longer match the program's idea of it; a value of another size comes from
+/// another version of session, whose layout the programs cannot read.
+fn check_pinned_sizes(pin_dir: &Path, sizes: &[(&str, u32, usize)]) -> Result<()> {
+    let down = format!(
+        "Run `session down --pin-dir {}` first (it removes the pinned sessions), then start again",
+        pin_dir.display()
+    );
+    for &(name, entries, value_size) in sizes {
         let path = pin_dir.join(name);
         if !path.exists() {
             continue;
         }
-        let pinned = MapData::from_pin(&path)
+        let info = MapData::from_pin(&path)
             .and_then(|map| map.info())
-            .with_context(|| format!("reading the size of the pinned map {}", path.display()))?
-            .max_entries();
-        if pinned != wanted {
+            .with_context(|| format!("reading the size of the pinned map {}", path.display()))?;
+        if info.value_size() as usize != value_size {
             bail!(
-                "{} was pinned with {pinned} entries, but this config needs {wanted}: max_sessions changed since the maps were pinned. Run `session down --pin-dir {}` first (it removes the pinned sessions), then start again",
+                "{} was pinned by another version of session ({} bytes a value, this one needs {value_size}). {down}",
                 path.display(),
-                pin_dir.display()
+                info.value_size()
+            );
+        }
+        let pinned = info.max_entries();
+        if pinned != entries {
+            bail!(
+                "{} was pinned with {pinned} entries, but this config needs {entries}: max_sessions changed since the maps were pinned. {down}",
+                path.display()
             );
         }
     }

@@ -12,6 +12,7 @@ use aya::maps::{
 };
 use session_common::{
     classify::{ADDR_KEY_BANK_BITS, AddrKey, IfaceKey, PortBounds, RuleBits, bits_slot},
+    clock::TickClock,
     presence,
     wire::{
         Counter, DaemonCounter, FlowKey, MAX_RULES, PolicyHeader, RULE_HIT_SLOTS, Rule, RuleName,
@@ -327,11 +328,29 @@ impl PinnedMaps {
         Ok(out)
     }
 
-    /// Writes the timeouts and switches every packet reads.
+    /// Writes the timeouts and switches every packet reads. The clock stays as the
+    /// daemon calibrated it at start ([`Self::write_clock`]): it is the host's, not the
+    /// config's.
     pub fn write_settings(&self, settings: &Settings) -> Result<()> {
+        let clock = self.settings()?.clock;
         self.array::<Settings>(map_names::SETTINGS)?
-            .set(0, settings, 0)
+            .set(0, Settings { clock, ..*settings }, 0)
             .context("writing settings")
+    }
+
+    /// The settings every packet reads, with the clock the daemon calibrated.
+    pub fn settings(&self) -> Result<Settings> {
+        self.array::<Settings>(map_names::SETTINGS)?
+            .get(&0, 0)
+            .context("reading settings")
+    }
+
+    /// Writes the programs' clock calibration (`clock::calibrate`).
+    pub fn write_clock(&self, clock: TickClock) -> Result<()> {
+        let settings = self.settings()?;
+        self.array::<Settings>(map_names::SETTINGS)?
+            .set(0, Settings { clock, ..settings }, 0)
+            .context("writing the clock calibration")
     }
 
     /// Writes `policy` into the inactive bank and then switches banks, so packets see

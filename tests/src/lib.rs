@@ -850,6 +850,11 @@ impl Daemon<'_> {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The daemon's pin directory, for tests that read the maps themselves.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
     /// The sessions from `session list --json`, one JSON object each.
     pub fn list_json(&self) -> Vec<Value> {
         let text = self.cli(&["list", "--json"]);
