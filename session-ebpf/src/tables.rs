@@ -17,7 +17,9 @@ use session_common::{
         bits_slot, first_match_index,
     },
     engine::{Counters, Outcome, RuleSource, Scratch, SessionTable},
-    packet::{MAX_TCP_OPTION_BYTES, PacketBytes, PacketMeta, ParseError, parse},
+    packet::{
+        MAX_TCP_OPTION_BYTES, PacketBytes, PacketMeta, ParseError, parse_common_case, parse_general,
+    },
     presence,
     track::{Invalid, Update, decode_update, encode_update, update},
     wire::{
@@ -172,6 +174,9 @@ impl PacketBytes for XdpBytes<'_> {
 
     #[inline(always)]
     fn parse_into(&self, meta: &mut PacketMeta) -> Result<(), ParseError> {
+        if parse_common_case(self, meta) {
+            return Ok(());
+        }
         decode_parse(session_parse_xdp(self.0.ctx, meta))
     }
 
@@ -198,10 +203,11 @@ impl PacketBytes for XdpBytes<'_> {
     }
 }
 
-/// The parser of an XDP frame as a global BPF function (exported, so its BTF linkage is
+/// The general parser of an XDP frame, for the frames the common case inlined in
+/// `parse_into` refuses, as a global BPF function (exported, so its BTF linkage is
 /// global): the verifier checks it once, on its own, and the program after it sees only
-/// its answer, where an inlined parser makes the verifier walk everything after it again
-/// for each of its paths. Returns [`parse_encoded`]'s code.
+/// its answer, where an inlined general parser makes the verifier walk everything after
+/// it again for each of its many paths. Returns [`parse_encoded`]'s code.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn session_parse_xdp(ctx: *mut xdp_md, meta: *mut PacketMeta) -> i32 {
@@ -215,13 +221,13 @@ pub extern "C" fn session_parse_skb(skb: *mut __sk_buff, meta: *mut PacketMeta) 
     parse_encoded(&SkbBytes(&TcContext::new(skb)), meta)
 }
 
-/// Parses `pkt` into `meta` and answers as a global function can: 0 when parsed, else
-/// 1 + the error.
+/// Parses `pkt` into `meta` on the general path and answers as a global function can: 0
+/// when parsed, else 1 + the error.
 #[inline(always)]
 fn parse_encoded<P: PacketBytes>(pkt: &P, meta: *mut PacketMeta) -> i32 {
     // SAFETY: the caller passes its packet metadata; the verifier only knows it may be null.
     let result = match unsafe { meta.as_mut() } {
-        Some(meta) => parse(pkt, meta),
+        Some(meta) => parse_general(pkt, meta),
         None => Err(ParseError::Malformed),
     };
     match result {
@@ -269,6 +275,9 @@ impl PacketBytes for SkbBytes<'_> {
 
     #[inline(always)]
     fn parse_into(&self, meta: &mut PacketMeta) -> Result<(), ParseError> {
+        if parse_common_case(self, meta) {
+            return Ok(());
+        }
         decode_parse(session_parse_skb(self.0.skb.skb, meta))
     }
 
