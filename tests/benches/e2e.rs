@@ -676,7 +676,7 @@ fn main() {
          (c) time per connection above each one's own baseline: session \
          {session_own_conn_us:.1} µs above the do-nothing XDP program, nftables \
          {nft_own_conn_us:.1} µs above no firewall; the do-nothing XDP program itself adds \
-         {noop_conn_us:.1} µs (veth copies each socket buffer before XDP).",
+         {noop_conn_us:.1} µs (veth's receive path with any XDP program attached).",
         met(ratio_a, 1.5),
         met(ratio_a_tcp, 1.5),
         met(ratio_b, 5.0),
