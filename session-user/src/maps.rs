@@ -333,9 +333,7 @@ impl PinnedMaps {
     /// config's.
     pub fn write_settings(&self, settings: &Settings) -> Result<()> {
         let clock = self.settings()?.clock;
-        self.array::<Settings>(map_names::SETTINGS)?
-            .set(0, Settings { clock, ..*settings }, 0)
-            .context("writing settings")
+        self.store_settings(Settings { clock, ..*settings })
     }
 
     /// The settings every packet reads, with the clock the daemon calibrated.
@@ -348,9 +346,13 @@ impl PinnedMaps {
     /// Writes the programs' clock calibration (`clock::calibrate`).
     pub fn write_clock(&self, clock: TickClock) -> Result<()> {
         let settings = self.settings()?;
+        self.store_settings(Settings { clock, ..settings })
+    }
+
+    fn store_settings(&self, settings: Settings) -> Result<()> {
         self.array::<Settings>(map_names::SETTINGS)?
-            .set(0, Settings { clock, ..settings }, 0)
-            .context("writing the clock calibration")
+            .set(0, settings, 0)
+            .context("writing settings")
     }
 
     /// Writes `policy` into the inactive bank and then switches banks, so packets see
