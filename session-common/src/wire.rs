@@ -68,6 +68,8 @@ pub mod map_names {
     pub const BENCH_FRAMES: &str = "BENCH_FRAMES";
     /// The load generator's per-CPU place in its frames ([`super::BenchCursor`]).
     pub const BENCH_CURSOR: &str = "BENCH_CURSOR";
+    /// The benchmark wire's ports: each interface's index to the other's.
+    pub const BENCH_WIRE: &str = "BENCH_WIRE";
 }
 
 /// The canonical identity of a flow: both directions of a connection map to one key.

@@ -5,7 +5,7 @@
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, PerCpuArray},
+    maps::{Array, DevMapHash, PerCpuArray},
     programs::XdpContext,
 };
 use session_common::wire::{BENCH_FRAME_PREFIX, BenchCursor, BenchFrame};
@@ -16,6 +16,11 @@ static BENCH_FRAMES: Array<BenchFrame> = Array::with_max_entries(1, 0);
 /// The generator's place in `BENCH_FRAMES`, per CPU.
 #[map]
 static BENCH_CURSOR: PerCpuArray<BenchCursor> = PerCpuArray::with_max_entries(1, 0);
+
+/// The benchmark wire's two ports, each keyed by its own interface index and holding the
+/// other's: a frame that enters one leaves by the other.
+#[map]
+static BENCH_WIRE: DevMapHash = DevMapHash::with_max_entries(2, 0);
 
 /// Does nothing: the baseline the benchmark measures `session_ingress` against.
 #[xdp]
@@ -28,6 +33,16 @@ pub fn session_noop(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn session_drop_all(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_DROP
+}
+
+/// The end-to-end benchmark's cable between two veth pairs: passes every frame from one
+/// wire port to the other by `XDP_REDIRECT`, so the next veth receives it as an XDP frame,
+/// as from a NIC, even when a local socket sent it.
+#[xdp]
+pub fn session_bench_wire(ctx: XdpContext) -> u32 {
+    BENCH_WIRE
+        .redirect(ctx.ingress_ifindex() as u32, 0)
+        .unwrap_or(xdp_action::XDP_DROP)
 }
 
 /// The end-to-end load generator, run by `BPF_PROG_TEST_RUN` in live-frame mode: each

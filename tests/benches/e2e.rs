@@ -12,7 +12,11 @@
 //!   many established TCP connections, blasted with pure ACKs at their next sequence
 //!   numbers: packets/s that reach fw's TCP layer;
 //! - (b) a SYN flood to a closed port, which the policy drops: CPU per packet;
-//! - (c) new TCP connections per second (connect, 32 bytes each way, close).
+//! - (c) new TCP connections per second (connect, 32 bytes each way, close), through a
+//!   wire namespace between client and fw whose XDP program passes every frame on
+//!   (`session_bench_wire`), so fw receives the client's segments as XDP frames like (a)
+//!   and (b)'s; and, for comparison, with the two veth ends paired directly, where any XDP
+//!   program on fw's end puts veth on a slower receive path for socket buffers.
 //!
 //! (b) also runs into an XDP program that drops everything, the floor for dropping in
 //! XDP on this path.
@@ -35,10 +39,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::{Xdp, XdpMode};
+use aya::{
+    maps::DevMapHash,
+    programs::{Xdp, XdpMode},
+};
 use serde_json::{Value, json};
+use session_common::wire::map_names;
 use session_tests::{
-    CLIENT_V4, FW_IFACE, FW_V4, Family, Lab, Side,
+    CLIENT_IFACE, CLIENT_V4, Daemon, FW_IFACE, FW_V4, Family, Lab, Side, WIRE_CLIENT_PORT,
+    WIRE_FW_PORT, in_netns,
     lifecycle::{STREAM_POLICY, STREAM_PORT},
     loadgen::{self, Blast},
     set_socket_option, xdpgen,
@@ -112,36 +121,86 @@ impl Firewall {
     }
 }
 
-/// A bare XDP program of session's object (`session_noop` or `session_drop_all`)
-/// attached to fw's veth end, with the pin directory its object's maps needed; the pins
-/// go on drop. Drop it after the lab, so the interface (and with it the attachment) is
-/// gone before the link is closed.
+/// A bare XDP program of session's object (`session_noop`, `session_drop_all` or
+/// `session_bench_wire`) attached in a lab, with the pin directory its object's maps
+/// needed; the pins go on drop. Drop it after the lab, so the interfaces (and with them
+/// the attachments) are gone before the links are closed.
 struct BareXdp {
     _ebpf: aya::Ebpf,
     pin: PathBuf,
 }
 
 impl BareXdp {
+    /// `program` on fw's veth end.
     fn attach(lab: &Lab, program: &str) -> BareXdp {
+        BareXdp::load(program, lab.ns(Side::Fw), &[FW_IFACE], |_| {})
+    }
+
+    /// The wire of a [`Lab::wired`] lab: `session_bench_wire` on both ports, each port
+    /// sending to the other.
+    fn wire(lab: &Lab) -> BareXdp {
+        let ns = lab.wire_ns().expect("a wired lab");
+        BareXdp::load(
+            "session_bench_wire",
+            ns,
+            &[WIRE_CLIENT_PORT, WIRE_FW_PORT],
+            |ebpf| {
+                let map = ebpf
+                    .map_mut(map_names::BENCH_WIRE)
+                    .expect("BENCH_WIRE in the object");
+                let mut ports = DevMapHash::try_from(map)
+                    .unwrap_or_else(|error| panic!("BENCH_WIRE is a device hash: {error}"));
+                let [client, fw] = [WIRE_CLIENT_PORT, WIRE_FW_PORT].map(ifindex);
+                // The kernel resolves the targets in the caller's namespace: the wire's.
+                for (from, to) in [(client, fw), (fw, client)] {
+                    ports
+                        .insert(from, to, None, 0)
+                        .unwrap_or_else(|error| panic!("filling BENCH_WIRE: {error}"));
+                }
+            },
+        )
+    }
+
+    /// Loads the object, attaches `program` to `ifaces` in the namespace `ns` and runs
+    /// `set_up` there on the loaded object.
+    fn load(
+        program: &str,
+        ns: &str,
+        ifaces: &[&str],
+        set_up: impl FnOnce(&mut aya::Ebpf) + Send,
+    ) -> BareXdp {
         let pin = PathBuf::from(format!(
             "/sys/fs/bpf/session-bench-{program}-{}",
             std::process::id()
         ));
         let mut ebpf = session_user::loader::load_for_bench(&pin, 1)
             .unwrap_or_else(|error| panic!("loading the eBPF object: {error:#}"));
-        let xdp: &mut Xdp = ebpf
-            .program_mut(program)
-            .unwrap_or_else(|| panic!("{program} in the object"))
-            .try_into()
-            .unwrap_or_else(|error| panic!("{program} is XDP: {error}"));
-        xdp.load()
-            .unwrap_or_else(|error| panic!("loading {program}: {error}"));
-        // Resolving the interface and creating the link happen in fw's namespace.
-        lab.in_ns(Side::Fw, || {
-            xdp.attach(FW_IFACE, XdpMode::Driver).map(|_| ())
-        })
-        .unwrap_or_else(|error| panic!("attaching {program} to {FW_IFACE}: {error}"));
+        // Resolving the interfaces and creating the links happen in the namespace.
+        in_netns(ns, || {
+            let xdp: &mut Xdp = ebpf
+                .program_mut(program)
+                .unwrap_or_else(|| panic!("{program} in the object"))
+                .try_into()
+                .unwrap_or_else(|error| panic!("{program} is XDP: {error}"));
+            xdp.load()
+                .unwrap_or_else(|error| panic!("loading {program}: {error}"));
+            for iface in ifaces {
+                xdp.attach(iface, XdpMode::Driver)
+                    .unwrap_or_else(|error| panic!("attaching {program} to {iface}: {error}"));
+            }
+            set_up(&mut ebpf);
+        });
         BareXdp { _ebpf: ebpf, pin }
+    }
+}
+
+/// The index of `iface` in the calling thread's namespace.
+fn ifindex(iface: &str) -> u32 {
+    let name = std::ffi::CString::new(iface).expect("interface name without NUL");
+    // SAFETY: a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => panic!("no interface {iface}: {}", std::io::Error::last_os_error()),
+        index => index,
     }
 }
 
@@ -425,17 +484,37 @@ struct Round {
     udp: Blasted,
     tcp: Blasted,
     flood: Blasted,
-    conn_per_s: f64,
-    conn_failed: u64,
+    /// (c) through the wire: connections/s and failures.
+    connections: (f64, u64),
+    /// (c) with the client's veth paired to fw's directly.
+    direct_connections: (f64, u64),
 }
 
 /// A fresh lab, routed back to the spoofed sources, with room for many client ports, and
-/// ready for the XDP generator's frames.
-fn bench_lab() -> Lab {
-    let lab = Lab::new("bench");
-    // veth takes the generator's XDP frames only with an XDP program or GRO on fw's end;
-    // GRO for every firewall, so all receive the same way.
+/// ready for XDP frames: from the generator on fw's end, and in a wired lab
+/// ([`Lab::wired`]) from the wire on both ends.
+fn bench_lab(wired: bool) -> Lab {
+    let lab = if wired {
+        Lab::wired("bench")
+    } else {
+        Lab::new("bench")
+    };
+    // veth takes XDP frames only with an XDP program or GRO on the receiving end; GRO for
+    // every firewall, so all receive the same way.
     lab.ok(Side::Fw, 5, &["ethtool", "-K", FW_IFACE, "gro", "on"]);
+    if wired {
+        lab.ok(
+            Side::Client,
+            5,
+            &["ethtool", "-K", CLIENT_IFACE, "gro", "on"],
+        );
+        // A frame redirected by XDP loses the socket buffer's note that its checksum is
+        // still to be filled in, so both sides' stacks fill it in before sending, as a
+        // NIC would.
+        for side in [Side::Client, Side::Fw] {
+            lab.ok(side, 5, &["ethtool", "-K", Lab::iface(side), "tx", "off"]);
+        }
+    }
     lab.ok(
         Side::Fw,
         5,
@@ -452,7 +531,7 @@ fn bench_lab() -> Lab {
 
 /// (b)'s floor: the same flood into an XDP program that drops everything.
 fn drop_floor() -> Blasted {
-    let lab = bench_lab();
+    let lab = bench_lab(false);
     let drop_all = BareXdp::attach(&lab, "session_drop_all");
     let flood = dropped_flood(&lab);
     drop(lab);
@@ -460,15 +539,12 @@ fn drop_floor() -> Blasted {
     flood
 }
 
-fn one_round(firewall: Firewall) -> Round {
-    let mut noop = None;
-    let lab = bench_lab();
-    let daemon = match firewall {
-        Firewall::None => None,
-        Firewall::NoopXdp => {
-            noop = Some(BareXdp::attach(&lab, "session_noop"));
-            None
-        }
+/// Puts `firewall` on fw: what it returns must stay alive while it is measured, and the
+/// program (if any) must be dropped after the lab.
+fn install(firewall: Firewall, lab: &Lab) -> (Option<Daemon<'_>>, Option<BareXdp>) {
+    match firewall {
+        Firewall::None => (None, None),
+        Firewall::NoopXdp => (None, Some(BareXdp::attach(lab, "session_noop"))),
         Firewall::Nftables => {
             let out = lab.run_with_input(Side::Fw, 10, &["nft", "-f", "-"], NFT_POLICY.as_bytes());
             assert!(
@@ -476,23 +552,37 @@ fn one_round(firewall: Firewall) -> Round {
                 "cannot install the nftables policy: {}",
                 session_tests::describe(&out)
             );
-            None
+            (None, None)
         }
-        Firewall::Session => Some(lab.daemon(STREAM_POLICY)),
-    };
+        Firewall::Session => (Some(lab.daemon(STREAM_POLICY)), None),
+    }
+}
+
+fn one_round(firewall: Firewall) -> Round {
+    let lab = bench_lab(false);
+    let (daemon, program) = install(firewall, &lab);
     let round = Round {
         udp: established_udp(&lab),
         tcp: established_tcp(&lab),
         flood: dropped_flood(&lab),
         ..Round::default()
     };
-    let (conn_per_s, conn_failed) = connection_rate(&lab);
+    let direct_connections = connection_rate(&lab);
     drop(daemon);
     drop(lab);
-    drop(noop);
+    drop(program);
+
+    let lab = bench_lab(true);
+    let wire = BareXdp::wire(&lab);
+    let (daemon, program) = install(firewall, &lab);
+    let connections = connection_rate(&lab);
+    drop(daemon);
+    drop(lab);
+    drop(program);
+    drop(wire);
     Round {
-        conn_per_s,
-        conn_failed,
+        connections,
+        direct_connections,
         ..round
     }
 }
@@ -573,8 +663,10 @@ fn main() {
             figure(index, &|r| r.tcp.softirq_ns),
             figure(index, &|r| r.tcp.busy_ns),
         ];
-        let conn = figure(index, &|r| r.conn_per_s);
-        let failed: u64 = rounds[index].iter().map(|r| r.conn_failed).sum();
+        let conn = figure(index, &|r| r.connections.0);
+        let failed: u64 = rounds[index].iter().map(|r| r.connections.1).sum();
+        let direct = figure(index, &|r| r.direct_connections.0);
+        let direct_failed: u64 = rounds[index].iter().map(|r| r.direct_connections.1).sum();
         json_rows.insert(
             firewall.key().into(),
             json!({
@@ -585,6 +677,7 @@ fn main() {
                 "drop_flood": {"sent_pps": flood[0], "softirq_ns_per_packet": flood[1],
                     "busy_ns_per_packet": flood[2]},
                 "tcp_connections": {"per_second": conn, "failed": failed},
+                "tcp_connections_direct_veth": {"per_second": direct, "failed": direct_failed},
             }),
         );
     }
@@ -627,16 +720,24 @@ fn main() {
     );
     let _ = writeln!(
         md,
-        "\n(c) new TCP connections (connect, {EXCHANGE} bytes each way, close), one client thread\n\n\
-         | firewall | connections/s | failed (all rounds) |\n|---|---:|---:|"
+        "\n(c) new TCP connections (connect, {EXCHANGE} bytes each way, close), one client \
+         thread. Through the wire, fw receives the client's segments as XDP frames, as from a \
+         NIC; directly, fw's veth receives the client's socket buffers, and with any XDP \
+         program attached veth switches to a slower receive path.\n\n\
+         | firewall | through the wire, connections/s | failed (all rounds) | veth paired directly, connections/s | failed |\n|---|---:|---:|---:|---:|"
     );
     for (index, firewall) in Firewall::ALL.into_iter().enumerate() {
-        let failed: u64 = rounds[index].iter().map(|r| r.conn_failed).sum();
+        let failed = |get: &dyn Fn(&Round) -> (f64, u64)| -> u64 {
+            rounds[index].iter().map(|r| get(r).1).sum()
+        };
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {failed} |",
+            "| {} | {:.0} | {} | {:.0} | {} |",
             firewall.name(),
-            figure(index, &|r| r.conn_per_s),
+            figure(index, &|r| r.connections.0),
+            failed(&|r| r.connections),
+            figure(index, &|r| r.direct_connections.0),
+            failed(&|r| r.direct_connections),
         );
     }
     let ratio_a = figure(session, &|r| r.udp.delivered_pps) / figure(nft, &|r| r.udp.delivered_pps);
@@ -646,17 +747,21 @@ fn main() {
     let ratio_a_tcp_cpu =
         figure(nft, &|r| r.tcp.softirq_ns) / figure(session, &|r| r.tcp.softirq_ns);
     let ratio_b = figure(nft, &|r| r.flood.softirq_ns) / figure(session, &|r| r.flood.softirq_ns);
-    let ratio_c = figure(session, &|r| r.conn_per_s) / figure(nft, &|r| r.conn_per_s);
+    let ratio_c = figure(session, &|r| r.connections.0) / figure(nft, &|r| r.connections.0);
+    let ratio_c_direct =
+        figure(session, &|r| r.direct_connections.0) / figure(nft, &|r| r.direct_connections.0);
     let (none, noop_xdp) = (0, 1);
     let session_own_ns =
         figure(session, &|r| r.udp.softirq_ns) - figure(noop_xdp, &|r| r.udp.softirq_ns);
     let nft_own_ns = figure(nft, &|r| r.udp.softirq_ns) - figure(none, &|r| r.udp.softirq_ns);
     // One client thread waits for each connection, so a firewall's cost shows as time per
     // connection: the inverse rates' difference.
-    let micros_per_connection = |index: usize| 1e6 / figure(index, &|r| r.conn_per_s);
+    let micros_per_connection = |index: usize| 1e6 / figure(index, &|r| r.connections.0);
     let session_own_conn_us = micros_per_connection(session) - micros_per_connection(noop_xdp);
     let nft_own_conn_us = micros_per_connection(nft) - micros_per_connection(none);
     let noop_conn_us = micros_per_connection(noop_xdp) - micros_per_connection(none);
+    let direct_noop_conn_us = 1e6 / figure(noop_xdp, &|r| r.direct_connections.0)
+        - 1e6 / figure(none, &|r| r.direct_connections.0);
     let floor_ratio = figure(nft, &|r| r.flood.softirq_ns) / floor[1];
     let session_above_floor = figure(session, &|r| r.flood.softirq_ns) - floor[1];
     let met = |value: f64, target: f64| if value >= target { "yes" } else { "**no**" };
@@ -668,15 +773,17 @@ fn main() {
          | (a) TCP delivered pps | {ratio_a_tcp:.2}× | ≥ 1.5× | {} |\n\
          | (a) TCP CPU per packet (nftables / session) | {ratio_a_tcp_cpu:.2}× | - | - |\n\
          | (b) CPU per dropped packet (nftables / session) | {ratio_b:.2}× | ≥ 5× | {} |\n\
-         | (c) connections/s | {ratio_c:.2}× | ≥ 1× | {} |\n\n\
+         | (c) connections/s, through the wire | {ratio_c:.2}× | ≥ 1× | {} |\n\
+         | (c) connections/s, veth paired directly | {ratio_c_direct:.2}× | - | - |\n\n\
          (a) CPU per packet above each one's own baseline: session {session_own_ns:.0} ns \
          above the do-nothing XDP program, nftables {nft_own_ns:.0} ns above no firewall. \
          (b) with XDP's own floor: nftables / drop-everything XDP = {floor_ratio:.2}×; session \
          spends {session_above_floor:.0} ns per dropped packet above that floor. \
-         (c) time per connection above each one's own baseline: session \
+         (c) through the wire, time per connection above each one's own baseline: session \
          {session_own_conn_us:.1} µs above the do-nothing XDP program, nftables \
          {nft_own_conn_us:.1} µs above no firewall; the do-nothing XDP program itself adds \
-         {noop_conn_us:.1} µs (veth's receive path with any XDP program attached).",
+         {noop_conn_us:.1} µs there, and {direct_noop_conn_us:.1} µs with the veth paired \
+         directly (veth's receive path with any XDP program attached).",
         met(ratio_a, 1.5),
         met(ratio_a_tcp, 1.5),
         met(ratio_b, 5.0),
@@ -695,6 +802,7 @@ fn main() {
             "established_tcp_cpu": {"value": ratio_a_tcp_cpu},
             "drop_flood_cpu_per_packet": {"value": ratio_b, "target": 5.0, "meets_target": ratio_b >= 5.0},
             "tcp_connections_per_second": {"value": ratio_c, "target": 1.0, "meets_target": ratio_c >= 1.0},
+            "tcp_connections_per_second_direct_veth": {"value": ratio_c_direct},
         },
         "drop_floor": {"sent_pps": floor[0], "softirq_ns_per_packet": floor[1],
             "busy_ns_per_packet": floor[2], "nftables_over_floor": floor_ratio,
@@ -703,7 +811,7 @@ fn main() {
             "session_minus_noop_xdp": session_own_ns, "nftables_minus_none": nft_own_ns},
         "connection_us_above_baseline": {
             "session_minus_noop_xdp": session_own_conn_us, "nftables_minus_none": nft_own_conn_us,
-            "noop_xdp_minus_none": noop_conn_us},
+            "noop_xdp_minus_none": noop_conn_us, "direct_veth_noop_xdp_minus_none": direct_noop_conn_us},
     });
     let dir = out_dir();
     std::fs::create_dir_all(&dir).expect("creating the bench output directory");

@@ -93,6 +93,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Name of the client's veth end, for tests that send raw frames or configure routing
 /// there.
 pub const CLIENT_IFACE: &str = "veth-client";
+/// The wire's port towards the client in a [`Lab::wired`] lab.
+pub const WIRE_CLIENT_PORT: &str = "wire-client";
+/// The wire's port towards fw in a [`Lab::wired`] lab.
+pub const WIRE_FW_PORT: &str = "wire-fw";
 /// Timeout for the test's own socket operations, so no read or accept can hang.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const BPFFS: &str = "/sys/fs/bpf";
@@ -160,6 +164,13 @@ fn prerequisites() -> PathBuf {
         );
     }
     bin
+}
+
+/// Creates a veth pair with end `a` in namespace `ns_a` and end `b` in `ns_b`.
+fn veth(ns_a: &str, a: &str, ns_b: &str, b: &str) {
+    host(&[
+        "ip", "-n", ns_a, "link", "add", a, "type", "veth", "peer", "name", b, "netns", ns_b,
+    ]);
 }
 
 /// Runs a command in the host namespace and panics with its output if it fails, for the
@@ -313,6 +324,8 @@ pub struct Lab {
     base: String,
     client_ns: String,
     fw_ns: String,
+    /// The namespace between the two sides in a [`Lab::wired`] lab.
+    wire_ns: Option<String>,
     dir: PathBuf,
     bin: PathBuf,
     files: Cell<u32>,
@@ -322,7 +335,16 @@ impl Lab {
     /// Builds an IPv4 lab named after `tag` (keep it short and unique per test). IPv6 is
     /// disabled in both namespaces so that no ND/MLD traffic perturbs the counters.
     pub fn new(tag: &str) -> Lab {
-        Lab::build(tag, false)
+        Lab::build(tag, false, false)
+    }
+
+    /// Builds an IPv4 lab whose sides are joined through a third namespace, the wire:
+    /// the client's veth pairs with [`WIRE_CLIENT_PORT`] and fw's with [`WIRE_FW_PORT`],
+    /// both in the wire. Nothing crosses until the caller attaches a program that
+    /// forwards between the two ports (the end-to-end benchmark's `session_bench_wire`),
+    /// so that each side receives what the other's sockets send as XDP frames.
+    pub fn wired(tag: &str) -> Lab {
+        Lab::build(tag, false, true)
     }
 
     /// Builds a lab with IPv6 enabled as well: 2001:2::1/64 on the client and 2001:2::2/64
@@ -331,16 +353,16 @@ impl Lab {
     /// the only IPv6 control traffic is neighbour discovery and MLD, which are `untracked`:
     /// a policy for such a lab must accept untracked packets or ND breaks.
     pub fn dual_stack(tag: &str) -> Lab {
-        Lab::build(tag, true)
+        Lab::build(tag, true, false)
     }
 
     /// [`Lab::new`] for IPv4, [`Lab::dual_stack`] for IPv6, for tests written once for
     /// both families.
     pub fn for_family(tag: &str, family: Family) -> Lab {
-        Lab::build(tag, family == Family::V6)
+        Lab::build(tag, family == Family::V6, false)
     }
 
-    fn build(tag: &str, ipv6: bool) -> Lab {
+    fn build(tag: &str, ipv6: bool, wired: bool) -> Lab {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let bin = prerequisites();
         let base = format!(
@@ -353,6 +375,7 @@ impl Lab {
         let lab = Lab {
             client_ns: format!("{base}-c"),
             fw_ns: format!("{base}-f"),
+            wire_ns: wired.then(|| format!("{base}-w")),
             base,
             dir,
             bin,
@@ -385,21 +408,25 @@ impl Lab {
             }
             lab.ok(side, 5, &["ip", "link", "set", "lo", "up"]);
         }
-        host(&[
-            "ip",
-            "-n",
-            &lab.client_ns,
-            "link",
-            "add",
-            CLIENT_IFACE,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            FW_IFACE,
-            "netns",
-            &lab.fw_ns,
-        ]);
+        match &lab.wire_ns {
+            None => veth(&lab.client_ns, CLIENT_IFACE, &lab.fw_ns, FW_IFACE),
+            Some(wire) => {
+                host(&["ip", "netns", "add", wire]);
+                // The ports carry no addresses; without IPv6 they send nothing of their own.
+                let enter = format!("--net={NETNS_DIR}/{wire}");
+                for key in [
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ] {
+                    host(&["nsenter", &enter, "sysctl", "-qw", key]);
+                }
+                veth(&lab.client_ns, CLIENT_IFACE, wire, WIRE_CLIENT_PORT);
+                veth(&lab.fw_ns, FW_IFACE, wire, WIRE_FW_PORT);
+                for port in [WIRE_CLIENT_PORT, WIRE_FW_PORT] {
+                    host(&["ip", "-n", wire, "link", "set", port, "up"]);
+                }
+            }
+        }
         for side in [Side::Client, Side::Fw] {
             let iface = Lab::iface(side);
             let v4 = format!("{}/24", Family::V4.addr(side));
@@ -415,6 +442,11 @@ impl Lab {
             lab.ok(side, 5, &["ip", "link", "set", iface, "up"]);
         }
         lab
+    }
+
+    /// The wire's namespace in a [`Lab::wired`] lab.
+    pub fn wire_ns(&self) -> Option<&str> {
+        self.wire_ns.as_deref()
     }
 
     /// The name of `side`'s veth end.
@@ -651,7 +683,14 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for ns in [&self.client_ns, &self.fw_ns] {
+        for ns in [
+            Some(&self.client_ns),
+            Some(&self.fw_ns),
+            self.wire_ns.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
             delete_netns(ns);
         }
         // The scratch directory only holds logs; a leftover is harmless.
