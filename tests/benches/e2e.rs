@@ -447,6 +447,11 @@ fn connection_rate(lab: &Lab) -> (f64, u64) {
         stop.store(true, Ordering::Relaxed);
         // Wakes the server's last accept so it sees the stop flag.
         let _ = lab.tcp_connect(Side::Client, to, Duration::from_secs(2));
+        assert!(
+            done > 0,
+            "(c): no connection completed in {RUN:?} ({failed} failed); a wired lab needs \
+             GRO on and transmit checksumming off on both veth ends"
+        );
         (done as f64 / elapsed.as_secs_f64(), failed)
     })
 }
