@@ -1,12 +1,15 @@
 //! The packet generator delivers what it reports, keeps to its count, time and rate
-//! bounds, and reports its top rate, measured between two lab namespaces.
+//! bounds, and reports its top rate, measured between two lab namespaces; and the
+//! end-to-end benchmark's wire carries a connection only through its program.
 
+use std::io::{Read as _, Write as _};
 use std::time::Duration;
 
 use serde_json::Value;
+use session_tests::bare_xdp::BareXdp;
 use session_tests::loadgen::{self, Blast, Sent};
 use session_tests::xdpgen;
-use session_tests::{FW_IFACE, FW_V4, Lab, Side};
+use session_tests::{FW_IFACE, FW_V4, Family, IO_TIMEOUT, Lab, Side, accept_within};
 
 /// Counts and drops, at fw's ingress, the frames each of `matches` (nft expressions)
 /// selects, one counter per match in order, so a measured rate is the generator's and not
@@ -267,4 +270,37 @@ fn xdp_generator_refuses_frames_that_differ_beyond_what_it_writes() {
         error.to_string().contains("differs from the first"),
         "{error}"
     );
+}
+
+/// (c) of the end-to-end benchmark runs through a wired lab, so its connections/s are only
+/// meaningful if the wire carries every segment: nothing may cross before
+/// `session_bench_wire` is attached, and afterwards a connection must complete and carry
+/// data both ways.
+#[test]
+fn the_bench_wire_carries_a_connection_only_through_its_program() {
+    const PORT: u16 = 8080;
+    let lab = Lab::wired("wire");
+    let listener = lab.tcp_listen(Side::Fw, Family::V4, PORT);
+    let to = Family::V4.sock(Side::Fw, PORT);
+    assert!(
+        lab.tcp_connect(Side::Client, to, Duration::from_secs(1))
+            .is_err(),
+        "a connection crossed the wire before its program was attached"
+    );
+
+    let wire = BareXdp::wire(&lab);
+    let mut client = lab
+        .tcp_connect(Side::Client, to, IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("connecting through the wire: {e}"));
+    let mut server = accept_within(&listener, IO_TIMEOUT);
+    let mut buf = [0u8; 5];
+    client.write_all(b"hello").expect("client writing");
+    server.read_exact(&mut buf).expect("server reading");
+    assert_eq!(&buf, b"hello", "the client's data arrived changed");
+    server.write_all(b"world").expect("server writing");
+    client.read_exact(&mut buf).expect("client reading");
+    assert_eq!(&buf, b"world", "fw's data arrived changed");
+    drop((client, server));
+    drop(lab);
+    drop(wire);
 }

@@ -39,15 +39,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{
-    maps::DevMapHash,
-    programs::{Xdp, XdpMode},
-};
 use serde_json::{Value, json};
-use session_common::wire::map_names;
 use session_tests::{
-    CLIENT_IFACE, CLIENT_V4, Daemon, FW_IFACE, FW_V4, Family, Lab, Side, WIRE_CLIENT_PORT,
-    WIRE_FW_PORT, in_netns,
+    CLIENT_V4, Daemon, FW_IFACE, FW_V4, Family, Lab, Side,
+    bare_xdp::BareXdp,
     lifecycle::{STREAM_POLICY, STREAM_PORT},
     loadgen::{self, Blast},
     set_socket_option, xdpgen,
@@ -118,95 +113,6 @@ impl Firewall {
             Firewall::Nftables => "nftables",
             Firewall::Session => "session",
         }
-    }
-}
-
-/// A bare XDP program of session's object (`session_noop`, `session_drop_all` or
-/// `session_bench_wire`) attached in a lab, with the pin directory its object's maps
-/// needed; the pins go on drop. Drop it after the lab, so the interfaces (and with them
-/// the attachments) are gone before the links are closed.
-struct BareXdp {
-    _ebpf: aya::Ebpf,
-    pin: PathBuf,
-}
-
-impl BareXdp {
-    /// `program` on fw's veth end.
-    fn attach(lab: &Lab, program: &str) -> BareXdp {
-        BareXdp::load(program, lab.ns(Side::Fw), &[FW_IFACE], |_| {})
-    }
-
-    /// The wire of a [`Lab::wired`] lab: `session_bench_wire` on both ports, each port
-    /// sending to the other.
-    fn wire(lab: &Lab) -> BareXdp {
-        let ns = lab.wire_ns().expect("a wired lab");
-        BareXdp::load(
-            "session_bench_wire",
-            ns,
-            &[WIRE_CLIENT_PORT, WIRE_FW_PORT],
-            |ebpf| {
-                let map = ebpf
-                    .map_mut(map_names::BENCH_WIRE)
-                    .expect("BENCH_WIRE in the object");
-                let mut ports = DevMapHash::try_from(map)
-                    .unwrap_or_else(|error| panic!("BENCH_WIRE is a device hash: {error}"));
-                let [client, fw] = [WIRE_CLIENT_PORT, WIRE_FW_PORT].map(ifindex);
-                // The kernel resolves the targets in the caller's namespace: the wire's.
-                for (from, to) in [(client, fw), (fw, client)] {
-                    ports
-                        .insert(from, to, None, 0)
-                        .unwrap_or_else(|error| panic!("filling BENCH_WIRE: {error}"));
-                }
-            },
-        )
-    }
-
-    /// Loads the object, attaches `program` to `ifaces` in the namespace `ns` and runs
-    /// `set_up` there on the loaded object.
-    fn load(
-        program: &str,
-        ns: &str,
-        ifaces: &[&str],
-        set_up: impl FnOnce(&mut aya::Ebpf) + Send,
-    ) -> BareXdp {
-        let pin = PathBuf::from(format!(
-            "/sys/fs/bpf/session-bench-{program}-{}",
-            std::process::id()
-        ));
-        let mut ebpf = session_user::loader::load_for_bench(&pin, 1)
-            .unwrap_or_else(|error| panic!("loading the eBPF object: {error:#}"));
-        // Resolving the interfaces and creating the links happen in the namespace.
-        in_netns(ns, || {
-            let xdp: &mut Xdp = ebpf
-                .program_mut(program)
-                .unwrap_or_else(|| panic!("{program} in the object"))
-                .try_into()
-                .unwrap_or_else(|error| panic!("{program} is XDP: {error}"));
-            xdp.load()
-                .unwrap_or_else(|error| panic!("loading {program}: {error}"));
-            for iface in ifaces {
-                xdp.attach(iface, XdpMode::Driver)
-                    .unwrap_or_else(|error| panic!("attaching {program} to {iface}: {error}"));
-            }
-            set_up(&mut ebpf);
-        });
-        BareXdp { _ebpf: ebpf, pin }
-    }
-}
-
-/// The index of `iface` in the calling thread's namespace.
-fn ifindex(iface: &str) -> u32 {
-    let name = std::ffi::CString::new(iface).expect("interface name without NUL");
-    // SAFETY: a valid NUL-terminated string.
-    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
-        0 => panic!("no interface {iface}: {}", std::io::Error::last_os_error()),
-        index => index,
-    }
-}
-
-impl Drop for BareXdp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.pin);
     }
 }
 
@@ -449,8 +355,8 @@ fn connection_rate(lab: &Lab) -> (f64, u64) {
         let _ = lab.tcp_connect(Side::Client, to, Duration::from_secs(2));
         assert!(
             done > 0,
-            "(c): no connection completed in {RUN:?} ({failed} failed); a wired lab needs \
-             GRO on and transmit checksumming off on both veth ends"
+            "(c): no connection completed in {RUN:?} ({failed} failed); in a wired lab, \
+             check the wire's program and the veth settings `Lab::wired` makes"
         );
         (done as f64 / elapsed.as_secs_f64(), failed)
     })
@@ -496,30 +402,16 @@ struct Round {
 }
 
 /// A fresh lab, routed back to the spoofed sources, with room for many client ports, and
-/// ready for XDP frames: from the generator on fw's end, and in a wired lab
-/// ([`Lab::wired`]) from the wire on both ends.
+/// ready for the XDP generator's frames.
 fn bench_lab(wired: bool) -> Lab {
     let lab = if wired {
         Lab::wired("bench")
     } else {
         Lab::new("bench")
     };
-    // veth takes XDP frames only with an XDP program or GRO on the receiving end; GRO for
-    // every firewall, so all receive the same way.
+    // veth takes the generator's XDP frames only with an XDP program or GRO on fw's end;
+    // GRO for every firewall, so all receive the same way.
     lab.ok(Side::Fw, 5, &["ethtool", "-K", FW_IFACE, "gro", "on"]);
-    if wired {
-        lab.ok(
-            Side::Client,
-            5,
-            &["ethtool", "-K", CLIENT_IFACE, "gro", "on"],
-        );
-        // A frame redirected by XDP loses the socket buffer's note that its checksum is
-        // still to be filled in, so both sides' stacks fill it in before sending, as a
-        // NIC would.
-        for side in [Side::Client, Side::Fw] {
-            lab.ok(side, 5, &["ethtool", "-K", Lab::iface(side), "tx", "off"]);
-        }
-    }
     lab.ok(
         Side::Fw,
         5,

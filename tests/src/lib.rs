@@ -24,6 +24,7 @@
 //! conntrack (through nftables counters), for the differential tests.
 
 pub mod attacker;
+pub mod bare_xdp;
 pub mod lifecycle;
 pub mod loadgen;
 pub mod raw;
@@ -341,8 +342,8 @@ impl Lab {
     /// Builds an IPv4 lab whose sides are joined through a third namespace, the wire:
     /// the client's veth pairs with [`WIRE_CLIENT_PORT`] and fw's with [`WIRE_FW_PORT`],
     /// both in the wire. Nothing crosses until the caller attaches a program that
-    /// forwards between the two ports (the end-to-end benchmark's `session_bench_wire`),
-    /// so that each side receives what the other's sockets send as XDP frames.
+    /// forwards between the two ports ([`bare_xdp::BareXdp::wire`]), so that each side
+    /// receives what the other's sockets send as XDP frames, as from a NIC.
     pub fn wired(tag: &str) -> Lab {
         Lab::build(tag, false, true)
     }
@@ -440,6 +441,16 @@ impl Lab {
                 );
             }
             lab.ok(side, 5, &["ip", "link", "set", iface, "up"]);
+        }
+        if wired {
+            // veth takes the wire's XDP frames only with GRO on (or an XDP program). A
+            // frame redirected by XDP loses the socket buffer's note that its checksum is
+            // still to be filled in, so both stacks fill it in before sending, as a NIC
+            // would.
+            for side in [Side::Client, Side::Fw] {
+                let iface = Lab::iface(side);
+                lab.ok(side, 5, &["ethtool", "-K", iface, "gro", "on", "tx", "off"]);
+            }
         }
         lab
     }
