@@ -8,6 +8,7 @@
 pub mod classify;
 pub mod clock;
 pub mod engine;
+pub mod forward;
 pub mod packet;
 pub mod policy;
 pub mod presence;

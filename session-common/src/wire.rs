@@ -64,6 +64,8 @@ pub mod map_names {
     pub const PRESENCE: &str = "PRESENCE";
     /// Index of the presence filter's active bank.
     pub const PRESENCE_BANK: &str = "PRESENCE_BANK";
+    /// Interfaces the fast path may forward out of: every managed one, by index.
+    pub const FAST_PATH_PORTS: &str = "FAST_PATH_PORTS";
     /// The benchmarks' load generator's frames ([`super::BenchFrame`]).
     pub const BENCH_FRAMES: &str = "BENCH_FRAMES";
     /// The load generator's per-CPU place in its frames ([`super::BenchCursor`]).
@@ -495,11 +497,13 @@ pub enum Counter {
     TcpIgnored,
     /// Events not reported because the event ring buffer was full.
     EventsLost,
+    /// Packets the fast path forwarded in XDP (`[forwarding] fast_path`).
+    FastPathForwarded,
 }
 
 impl Counter {
     /// Number of counters; the size of the counter map.
-    pub const COUNT: u32 = Counter::EventsLost as u32 + 1;
+    pub const COUNT: u32 = Counter::FastPathForwarded as u32 + 1;
 
     /// Every counter in index order, with its stable name for `stats` and metrics.
     pub const ALL: [(Counter, &'static str); Counter::COUNT as usize] = [
@@ -527,6 +531,7 @@ impl Counter {
         (Counter::InvalidFragment, "invalid_fragment"),
         (Counter::TcpIgnored, "tcp_ignored"),
         (Counter::EventsLost, "events_lost"),
+        (Counter::FastPathForwarded, "fast_path_forwarded"),
     ];
 }
 
@@ -804,6 +809,9 @@ pub mod settings_flags {
     pub const TCP_LIBERAL: u32 = 2;
     /// Pick up TCP connections already in progress (kernel `nf_conntrack_tcp_loose`).
     pub const TCP_LOOSE: u32 = 4;
+    /// Forward established TCP and UDP sessions between managed interfaces in XDP
+    /// (`crate::forward`).
+    pub const FAST_PATH: u32 = 8;
 }
 
 /// Nanoseconds per second, for timeout conversion.

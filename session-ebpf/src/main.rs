@@ -5,6 +5,7 @@
 #![no_main]
 
 mod bench;
+mod forward;
 mod tables;
 
 use aya_ebpf::{
@@ -14,12 +15,17 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use session_common::{
-    engine::process,
-    wire::{Action, Hook, Settings},
+    engine::{Counters, process},
+    forward::may_fast_forward,
+    wire::{Action, Counter, Hook, Settings, settings_flags},
 };
 
-use crate::tables::{
-    BpfCounters, BpfRules, BpfSessions, SkbBytes, XdpBytes, is_managed, report, scratch, settings,
+use crate::{
+    forward::fast_forward,
+    tables::{
+        BpfCounters, BpfRules, BpfSessions, SkbBytes, XdpBytes, is_managed, report, scratch,
+        settings,
+    },
 };
 
 /// CLOCK_MONOTONIC at the last timer tick: at most one tick behind the daemon's clock,
@@ -39,16 +45,24 @@ fn now(settings: &Settings) -> u64 {
 /// happen once the loader has filled the maps. Such packets are dropped (fail closed).
 struct Unjudged;
 
+/// What ingress does with a packet: what the policy decided, or, for a packet the fast
+/// path forwarded, the redirect's XDP action.
+enum Ingress {
+    Judged(Action),
+    Forwarded(u32),
+}
+
 #[xdp]
 pub fn session_ingress(ctx: XdpContext) -> u32 {
     match try_ingress(&ctx) {
-        Ok(Action::Accept) => xdp_action::XDP_PASS,
-        Ok(Action::Drop) | Err(Unjudged) => xdp_action::XDP_DROP,
+        Ok(Ingress::Judged(Action::Accept)) => xdp_action::XDP_PASS,
+        Ok(Ingress::Forwarded(redirect)) => redirect,
+        Ok(Ingress::Judged(Action::Drop)) | Err(Unjudged) => xdp_action::XDP_DROP,
     }
 }
 
 #[inline(always)]
-fn try_ingress(ctx: &XdpContext) -> Result<Action, Unjudged> {
+fn try_ingress(ctx: &XdpContext) -> Result<Ingress, Unjudged> {
     let settings = settings().ok_or(Unjudged)?;
     let scratch = scratch().ok_or(Unjudged)?;
     let now = now(settings);
@@ -64,10 +78,18 @@ fn try_ingress(ctx: &XdpContext) -> Result<Action, Unjudged> {
         &mut BpfCounters,
         scratch,
     );
-    Ok(outcome.map_or(Action::Accept, |outcome| {
-        report(&scratch.meta, &outcome, Hook::Ingress, ifindex, now);
-        outcome.decision.action
-    }))
+    let Some(outcome) = outcome else {
+        return Ok(Ingress::Judged(Action::Accept));
+    };
+    report(&scratch.meta, &outcome, Hook::Ingress, ifindex, now);
+    if settings.flags & settings_flags::FAST_PATH != 0
+        && may_fast_forward(&outcome, scratch.meta.proto)
+        && let Some(redirect) = fast_forward(ctx, &scratch.meta)
+    {
+        BpfCounters.count(Counter::FastPathForwarded);
+        return Ok(Ingress::Forwarded(redirect));
+    }
+    Ok(Ingress::Judged(outcome.decision.action))
 }
 
 #[classifier]

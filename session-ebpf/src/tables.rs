@@ -31,7 +31,7 @@ use session_common::{
 /// Default size; the loader overrides it from the config.
 const DEFAULT_MAX_SESSIONS: u32 = 262_144;
 /// Interfaces the daemon may attach to at once.
-const MAX_MANAGED_IFACES: u32 = 256;
+pub const MAX_MANAGED_IFACES: u32 = 256;
 
 #[map]
 static SESSIONS: HashMap<FlowKey, Session> = HashMap::pinned(DEFAULT_MAX_SESSIONS, 0);

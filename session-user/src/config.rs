@@ -165,6 +165,8 @@ struct RawConfig {
     #[serde(default)]
     tracking: Option<RawTracking>,
     #[serde(default)]
+    forwarding: Option<RawForwarding>,
+    #[serde(default)]
     policy: Option<RawPolicy>,
     #[serde(default)]
     sets: BTreeMap<Spanned<String>, Spanned<Vec<Spanned<String>>>>,
@@ -192,6 +194,12 @@ struct RawTracking {
     tcp_window_check: Option<bool>,
     tcp_liberal: Option<bool>,
     tcp_loose: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForwarding {
+    fast_path: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -327,6 +335,13 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             tracking.tcp_liberal,
         );
         set_flag(&mut settings, settings_flags::TCP_LOOSE, tracking.tcp_loose);
+    }
+    if let Some(forwarding) = raw.forwarding {
+        set_flag(
+            &mut settings,
+            settings_flags::FAST_PATH,
+            forwarding.fast_path,
+        );
     }
     let (inbound, outbound) = match raw.policy {
         None => (Action::Drop, Action::Accept),

@@ -10,7 +10,7 @@ use aya::{
 };
 use session_common::{
     presence,
-    wire::{Session, Settings, map_names},
+    wire::{Counter, Session, Settings, map_names},
 };
 
 use crate::links;
@@ -83,6 +83,7 @@ pub fn load(pin_dir: &Path, max_sessions: u32) -> Result<Ebpf> {
                 size_of::<u64>(),
             ),
             (map_names::SETTINGS, 1, size_of::<Settings>()),
+            (map_names::COUNTERS, Counter::COUNT, size_of::<u64>()),
         ],
     )?;
     let mut ebpf = EbpfLoader::new()

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{
-    Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
+    Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
     lpm_trie::{Key as LpmKey, LpmTrie},
 };
 use session_common::{
@@ -472,18 +472,29 @@ impl PinnedMaps {
         Ok(())
     }
 
-    /// Declares which interfaces run the XDP program.
+    /// Declares which interfaces run the XDP program, and so which ones the fast path may
+    /// forward out of.
     pub fn set_managed(&self, ifindex: u32, managed: bool) -> Result<()> {
         let mut map: HashMap<MapData, u32, u8> =
             HashMap::try_from(self.map(map_names::MANAGED_IFACES)?)
                 .context("map MANAGED_IFACES")?;
+        let mut ports = DevMapHash::try_from(self.map(map_names::FAST_PATH_PORTS)?)
+            .context("map FAST_PATH_PORTS")?;
         if managed {
+            ports
+                .insert(ifindex, ifindex, None, 0)
+                .context("adding an interface to the fast path's ports")?;
             map.insert(ifindex, 1, 0)
                 .context("marking an interface managed")
         } else {
             match map.remove(&ifindex) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                Err(error) => Err(error).context("unmarking an interface"),
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(error) => return Err(error).context("unmarking an interface"),
+            }
+            match ports.remove(ifindex) {
+                Ok(()) => Ok(()),
+                Err(error) if is_not_found(&error) => Ok(()),
+                Err(error) => Err(error).context("removing an interface from the fast path"),
             }
         }
     }
