@@ -329,3 +329,36 @@ fn without_the_switch_no_packet_takes_the_fast_path() {
     drop(daemon);
     drop(upstream);
 }
+
+#[test]
+fn an_interface_that_cannot_take_redirected_frames_is_left_out_with_a_warning() {
+    let lab = routed_lab("fastpathout");
+    // Upstream's end without GRO: veth drops the XDP frames redirected to wan0.
+    let upstream = lab.upstream();
+    upstream.ok(
+        5,
+        &["ethtool", "-K", UPSTREAM_IFACE, "gro", "off", "tx", "off"],
+    );
+    let daemon = lab.daemon(&router_policy(true));
+    let warning = format!("{WAN_IFACE}: the fast path will not forward out of it");
+    assert!(
+        daemon.stderr().contains(&warning),
+        "the daemon must say that {WAN_IFACE} is left out: {}",
+        daemon.stderr()
+    );
+    let before = stats(&daemon);
+    let hops = udp_hops(&lab, &upstream, Family::V4, 5001, 20, None);
+    let after = stats(&daemon);
+    assert_eq!(
+        hops,
+        vec![63; 20],
+        "the kernel forwards every datagram upstream"
+    );
+    assert_eq!(
+        delta(&before, &after, "fast_path_forwarded"),
+        1,
+        "only upstream's answer, out of {FW_IFACE}, takes the fast path"
+    );
+    drop(daemon);
+    drop(upstream);
+}

@@ -9,7 +9,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use log::{error, info, warn};
-use session_common::{clock::TickClock, wire::DaemonCounter};
+use session_common::{
+    clock::TickClock,
+    wire::{DaemonCounter, settings_flags},
+};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -20,7 +23,7 @@ use crate::{
     instance::InstanceLock,
     links, loader,
     maps::{PinnedMaps, monotonic_ns},
-    metrics, privileges, readmit,
+    metrics, privileges, readmit, xdp_features,
 };
 
 /// How often expired sessions are freed, at most, and how often interfaces are checked.
@@ -164,7 +167,8 @@ fn start(
     for (done, (name, index)) in ifaces.iter().enumerate() {
         let attached = maps
             .set_managed(*index, true)
-            .and_then(|()| loader::attach(&mut ebpf, &options.pin_dir, name));
+            .and_then(|()| loader::attach(&mut ebpf, &options.pin_dir, name))
+            .and_then(|()| offer_fast_path(&maps, config, name, *index));
         if let Err(error) = attached {
             for (name, index) in &ifaces[..=done] {
                 if pinned_before.contains(name) {
@@ -268,6 +272,22 @@ fn watch_interfaces(pin_dir: &Path, maps: &PinnedMaps, ifaces: &mut Vec<(String,
             warn!("{name}: could not remove its pinned links: {error:#}");
         }
     }
+}
+
+/// Makes `name` one of the fast path's ports if it can transmit the frames XDP redirects
+/// to it; the kernel would drop them silently otherwise. Said when the config turns the
+/// fast path on, since then an interface left out is a surprise.
+fn offer_fast_path(maps: &PinnedMaps, config: &Config, name: &str, index: u32) -> Result<()> {
+    let why_not = match xdp_features::can_transmit_xdp(index) {
+        Ok(Some(true)) => return maps.add_fast_path_port(index),
+        Ok(Some(false)) => "its driver cannot transmit frames redirected by XDP (for a veth, turn GRO on at its peer: `ethtool -K PEER gro on`)".to_string(),
+        Ok(None) => "this kernel cannot tell whether it can transmit frames redirected by XDP (Linux 6.3 and later can)".to_string(),
+        Err(error) => format!("{error:#}"),
+    };
+    if config.settings.flags & settings_flags::FAST_PATH != 0 {
+        warn!("{name}: the fast path will not forward out of it: {why_not}");
+    }
+    Ok(())
 }
 
 /// Frees expired sessions and reports them; returns how long the sweep took.

@@ -19,3 +19,4 @@ pub mod privileges;
 pub mod readmit;
 pub mod report;
 pub mod teardown;
+pub mod xdp_features;

@@ -472,31 +472,38 @@ impl PinnedMaps {
         Ok(())
     }
 
-    /// Declares which interfaces run the XDP program, and so which ones the fast path may
-    /// forward out of.
+    /// Declares which interfaces run the XDP program. An interface no longer managed also
+    /// leaves the fast path's ports.
     pub fn set_managed(&self, ifindex: u32, managed: bool) -> Result<()> {
         let mut map: HashMap<MapData, u32, u8> =
             HashMap::try_from(self.map(map_names::MANAGED_IFACES)?)
                 .context("map MANAGED_IFACES")?;
-        let mut ports = DevMapHash::try_from(self.map(map_names::FAST_PATH_PORTS)?)
-            .context("map FAST_PATH_PORTS")?;
         if managed {
-            ports
-                .insert(ifindex, ifindex, None, 0)
-                .context("adding an interface to the fast path's ports")?;
-            map.insert(ifindex, 1, 0)
-                .context("marking an interface managed")
-        } else {
-            match map.remove(&ifindex) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(error) => return Err(error).context("unmarking an interface"),
-            }
-            match ports.remove(ifindex) {
-                Ok(()) => Ok(()),
-                Err(error) if is_not_found(&error) => Ok(()),
-                Err(error) => Err(error).context("removing an interface from the fast path"),
-            }
+            return map
+                .insert(ifindex, 1, 0)
+                .context("marking an interface managed");
         }
+        match map.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(error) => return Err(error).context("unmarking an interface"),
+        }
+        match self.fast_path_ports()?.remove(ifindex) {
+            Ok(()) => Ok(()),
+            Err(error) if is_not_found(&error) => Ok(()),
+            Err(error) => Err(error).context("removing an interface from the fast path"),
+        }
+    }
+
+    /// Lets the fast path forward out of a managed interface, one that can transmit the
+    /// frames XDP redirects to it (`crate::xdp_features`).
+    pub fn add_fast_path_port(&self, ifindex: u32) -> Result<()> {
+        self.fast_path_ports()?
+            .insert(ifindex, ifindex, None, 0)
+            .context("adding an interface to the fast path's ports")
+    }
+
+    fn fast_path_ports(&self) -> Result<DevMapHash<MapData>> {
+        DevMapHash::try_from(self.map(map_names::FAST_PATH_PORTS)?).context("map FAST_PATH_PORTS")
     }
 }
 

@@ -900,6 +900,11 @@ impl Daemon<'_> {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// What the daemon has logged so far.
+    pub fn stderr(&self) -> String {
+        self.proc.stderr()
+    }
+
     /// The daemon's pin directory, for tests that read the maps themselves.
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
