@@ -31,7 +31,7 @@
 use std::{
     fmt::Write as _,
     io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     os::fd::RawFd,
     path::{Path, PathBuf},
@@ -41,10 +41,11 @@ use std::{
 
 use serde_json::{Value, json};
 use session_tests::{
-    CLIENT_V4, Daemon, FW_IFACE, FW_V4, Family, Lab, Side,
+    CLIENT_IFACE, CLIENT_V4, Daemon, FW_IFACE, FW_V4, Family, Lab, Side,
     bare_xdp::BareXdp,
     lifecycle::{STREAM_POLICY, STREAM_PORT},
     loadgen::{self, Blast},
+    router::{FW_WAN_V4, UPSTREAM_IFACE, UPSTREAM_V4, Upstream, WAN_IFACE},
     set_socket_option, xdpgen,
 };
 use session_user::frames::{self, Tcp, tcp_flags};
@@ -116,6 +117,98 @@ impl Firewall {
     }
 }
 
+/// (a) forwarded: nftables' equivalent of [`ROUTED_POLICY`], on the forward hook.
+const NFT_ROUTED_POLICY: &str = "table inet bench {
+  chain forward {
+    type filter hook forward priority filter; policy drop;
+    ct state established,related accept
+    ct state invalid drop
+    iifname \"wan0\" udp sport 5353 ct state new accept
+    iifname \"veth-fw\" tcp dport 8080 ct state new accept
+  }
+}
+";
+
+/// (a) forwarded: fw routes between the client and upstream; upstream opens the UDP
+/// flows (from port 5353), the client the TCP connections (to port 8080).
+fn routed_policy(fast_path: bool) -> String {
+    format!(
+        r#"
+interfaces = ["{WAN_IFACE}"]
+
+[forwarding]
+fast_path = {fast_path}
+
+[[rule]]
+name = "established"
+state = ["established", "related"]
+action = "accept"
+
+[[rule]]
+name = "invalid"
+state = ["invalid"]
+action = "drop"
+
+[[rule]]
+name = "untracked"
+state = ["untracked"]
+action = "accept"
+
+[[rule]]
+name = "upstream-udp"
+state = ["new"]
+iface = ["{WAN_IFACE}"]
+proto = "udp"
+sport = [{UDP_PORT}]
+action = "accept"
+
+[[rule]]
+name = "lan-web"
+state = ["new"]
+iface = ["{FW_IFACE}"]
+proto = "tcp"
+dport = [{TCP_PORT}]
+action = "accept"
+"#
+    )
+}
+
+/// The firewalls of (a) forwarded: fw is a router between the client and upstream.
+#[derive(Clone, Copy, PartialEq)]
+enum Router {
+    None,
+    Nftables,
+    Session,
+    FastPath,
+}
+
+impl Router {
+    const ALL: [Router; 4] = [
+        Router::None,
+        Router::Nftables,
+        Router::Session,
+        Router::FastPath,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Router::None => "no firewall",
+            Router::Nftables => "nftables (ct state)",
+            Router::Session => "session",
+            Router::FastPath => "session, fast path",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Router::None => "none",
+            Router::Nftables => "nftables",
+            Router::Session => "session",
+            Router::FastPath => "session_fast_path",
+        }
+    }
+}
+
 /// CPU time of the whole machine, from the first line of /proc/stat, in ns.
 #[derive(Clone, Copy)]
 struct Cpu {
@@ -152,11 +245,10 @@ struct Blasted {
     busy_ns: f64,
 }
 
-/// A counter of fw's namespace from /proc/net/snmp: `group` is the line's prefix
+/// A counter from the text of a namespace's /proc/net/snmp: `group` is the line's prefix
 /// (`Udp:`, `Tcp:`), `name` the column.
-fn snmp_counter(lab: &Lab, group: &str, name: &str) -> u64 {
-    let text = lab.ok(Side::Fw, 5, &["cat", "/proc/net/snmp"]);
-    let mut lines = text.lines().filter(|line| line.starts_with(group));
+fn snmp_counter(snmp: &str, group: &str, name: &str) -> u64 {
+    let mut lines = snmp.lines().filter(|line| line.starts_with(group));
     let (header, values) = (
         lines.next().unwrap_or_else(|| panic!("no {group} header")),
         lines.next().unwrap_or_else(|| panic!("no {group} values")),
@@ -172,8 +264,58 @@ fn snmp_counter(lab: &Lab, group: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no value for {name} in {values}"))
 }
 
-fn udp_delivered(lab: &Lab) -> u64 {
-    snmp_counter(lab, "Udp:", "InDatagrams") + snmp_counter(lab, "Udp:", "RcvbufErrors")
+/// Where (a)'s flows end: at fw itself, or at upstream, to which fw routes them.
+#[derive(Clone, Copy)]
+enum Sink<'a> {
+    Fw,
+    Upstream(&'a Upstream<'a>),
+}
+
+impl Sink<'_> {
+    fn ip(self) -> IpAddr {
+        match self {
+            Sink::Fw => FW_V4,
+            Sink::Upstream(_) => UPSTREAM_V4,
+        }
+        .parse()
+        .expect("lab address")
+    }
+
+    fn snmp(self, lab: &Lab) -> String {
+        let argv = ["cat", "/proc/net/snmp"];
+        match self {
+            Sink::Fw => lab.ok(Side::Fw, 5, &argv),
+            Sink::Upstream(upstream) => upstream.ok(5, &argv),
+        }
+    }
+
+    fn udp_delivered(self, lab: &Lab) -> u64 {
+        let snmp = self.snmp(lab);
+        snmp_counter(&snmp, "Udp:", "InDatagrams") + snmp_counter(&snmp, "Udp:", "RcvbufErrors")
+    }
+
+    fn tcp_delivered(self, lab: &Lab) -> u64 {
+        snmp_counter(&self.snmp(lab), "Tcp:", "InSegs")
+    }
+
+    fn udp_socket(self, lab: &Lab) -> UdpSocket {
+        match self {
+            Sink::Fw => lab.udp_socket(Side::Fw, Family::V4, UDP_PORT),
+            Sink::Upstream(upstream) => {
+                let addr = SocketAddr::new(self.ip(), UDP_PORT);
+                upstream
+                    .in_ns(|| UdpSocket::bind(addr))
+                    .expect("binding upstream's UDP socket")
+            }
+        }
+    }
+
+    fn tcp_listen(self, lab: &Lab) -> TcpListener {
+        match self {
+            Sink::Fw => lab.tcp_listen(Side::Fw, Family::V4, TCP_PORT),
+            Sink::Upstream(upstream) => upstream.tcp_listen(SocketAddr::new(self.ip(), TCP_PORT)),
+        }
+    }
 }
 
 fn blast(lab: &Lab, frames: Vec<Vec<u8>>, delivered: impl Fn() -> u64) -> Blasted {
@@ -201,28 +343,33 @@ fn blast(lab: &Lab, frames: Vec<Vec<u8>>, delivered: impl Fn() -> u64) -> Blaste
     }
 }
 
-/// (a): fw sends one datagram to each spoofed source first, so the client's blast is
-/// the reply direction of flows every firewall already tracks.
-fn established_udp(lab: &Lab) -> Blasted {
-    let fw: IpAddr = FW_V4.parse().expect("lab address");
-    let frames = loadgen::udp_frames(
+/// (a): the sink sends one datagram to each spoofed source first, so the client's blast
+/// is the reply direction of flows every firewall already tracks. Sources in
+/// 198.19.0.0/24 are left out: behind a router, that is the upstream link.
+fn established_udp(lab: &Lab, sink: Sink<'_>) -> Blasted {
+    let frames: Vec<Vec<u8>> = loadgen::udp_frames(
         lab.mac(Side::Client),
         lab.mac(Side::Fw),
-        fw,
+        sink.ip(),
         &[UDP_PORT],
-        UDP_FLOWS,
-    );
-    let socket = lab.udp_socket(Side::Fw, Family::V4, UDP_PORT);
+        UDP_FLOWS + 256,
+    )
+    .into_iter()
+    // Ethernet (14) + IPv4 (20): source address at 26, its third byte at 28.
+    .filter(|frame| frame[28] != 0)
+    .take(UDP_FLOWS)
+    .collect();
+    let socket = sink.udp_socket(lab);
     for frame in &frames {
-        // Ethernet (14) + IPv4 (20): source address at 26, source port at 34.
+        // Source port at 34.
         let src = IpAddr::from(<[u8; 4]>::try_from(&frame[26..30]).expect("4 bytes"));
         let port = u16::from_be_bytes([frame[34], frame[35]]);
         socket
             .send_to(b"open", SocketAddr::new(src, port))
-            .expect("fw opening a UDP flow");
+            .expect("opening a UDP flow");
     }
     std::thread::sleep(Duration::from_millis(300));
-    let result = blast(lab, frames, || udp_delivered(lab));
+    let result = blast(lab, frames, || sink.udp_delivered(lab));
     drop(socket);
     result
 }
@@ -261,29 +408,28 @@ fn freeze(stream: &TcpStream) -> (u32, u32) {
     )
 }
 
-/// (a), TCP: real connections from the client to fw, frozen, then a blast of pure ACKs
-/// at each one's next sequence numbers, in window for every firewall. Delivered = fw's
-/// `Tcp: InSegs`.
-fn established_tcp(lab: &Lab) -> Blasted {
-    let listener = lab.tcp_listen(Side::Fw, Family::V4, TCP_PORT);
+/// (a), TCP: real connections from the client to the sink, frozen, then a blast of pure
+/// ACKs at each one's next sequence numbers, in window for every firewall. Delivered =
+/// the sink's `Tcp: InSegs`.
+fn established_tcp(lab: &Lab, sink: Sink<'_>) -> Blasted {
+    let listener = sink.tcp_listen(lab);
     set_accept_timeout(&listener, Duration::from_secs(2));
-    let to = Family::V4.sock(Side::Fw, TCP_PORT);
+    let to = SocketAddr::new(sink.ip(), TCP_PORT);
     let (clients, servers) = std::thread::scope(|scope| {
         let accepting = scope.spawn(|| {
             (0..TCP_FLOWS)
-                .map(|_| listener.accept().expect("fw accepting a connection").0)
+                .map(|_| listener.accept().expect("accepting a connection").0)
                 .collect::<Vec<_>>()
         });
         let clients: Vec<TcpStream> = (0..TCP_FLOWS)
             .map(|_| {
                 lab.tcp_connect(Side::Client, to, Duration::from_secs(2))
-                    .expect("client connecting to fw")
+                    .expect("client connecting to the sink")
             })
             .collect();
         (clients, accepting.join().expect("the accept thread"))
     });
     let client: IpAddr = CLIENT_V4.parse().expect("lab address");
-    let fw: IpAddr = FW_V4.parse().expect("lab address");
     let frames = clients
         .iter()
         .map(|stream| {
@@ -295,11 +441,11 @@ fn established_tcp(lab: &Lab) -> Blasted {
             frames::ethernet_between(
                 lab.mac(Side::Client),
                 lab.mac(Side::Fw),
-                &frames::packet(client, fw, frames::tcp(segment)),
+                &frames::packet(client, sink.ip(), frames::tcp(segment)),
             )
         })
         .collect();
-    let result = blast(lab, frames, || snmp_counter(lab, "Tcp:", "InSegs"));
+    let result = blast(lab, frames, || sink.tcp_delivered(lab));
     drop(clients);
     drop(servers);
     result
@@ -459,8 +605,8 @@ fn one_round(firewall: Firewall) -> Round {
     let lab = bench_lab(false);
     let (daemon, program) = install(firewall, &lab);
     let round = Round {
-        udp: established_udp(&lab),
-        tcp: established_tcp(&lab),
+        udp: established_udp(&lab, Sink::Fw),
+        tcp: established_tcp(&lab, Sink::Fw),
         flood: dropped_flood(&lab),
         ..Round::default()
     };
@@ -484,6 +630,67 @@ fn one_round(firewall: Firewall) -> Round {
     }
 }
 
+/// (a) forwarded, one round of one firewall: a dual-stack lab with upstream behind fw.
+/// The outer veth ends act as hosts behind a wire (GRO on, so veth takes redirected XDP
+/// frames; transmit checksumming off, so their sockets' packets carry finished
+/// checksums, as from a NIC), and fw's veth has GRO on for the generator's frames.
+fn one_routed_round(router: Router) -> (Blasted, Blasted) {
+    let lab = Lab::dual_stack("bench");
+    lab.ok(Side::Fw, 5, &["ethtool", "-K", FW_IFACE, "gro", "on"]);
+    lab.ok(
+        Side::Client,
+        5,
+        &["ethtool", "-K", CLIENT_IFACE, "gro", "on", "tx", "off"],
+    );
+    let upstream = lab.upstream();
+    upstream.ok(
+        5,
+        &["ethtool", "-K", UPSTREAM_IFACE, "gro", "on", "tx", "off"],
+    );
+    lab.ok(
+        Side::Fw,
+        5,
+        &["ip", "route", "add", "198.19.0.0/16", "via", CLIENT_V4],
+    );
+    upstream.ok(
+        5,
+        &["ip", "route", "add", "198.19.0.0/16", "via", FW_WAN_V4],
+    );
+    let daemon = match router {
+        Router::None => None,
+        Router::Nftables => {
+            let out = lab.run_with_input(
+                Side::Fw,
+                10,
+                &["nft", "-f", "-"],
+                NFT_ROUTED_POLICY.as_bytes(),
+            );
+            assert!(
+                out.status.success(),
+                "cannot install the nftables policy: {}",
+                session_tests::describe(&out)
+            );
+            None
+        }
+        Router::Session => Some(lab.daemon(&routed_policy(false))),
+        Router::FastPath => Some(lab.daemon(&routed_policy(true))),
+    };
+    let sink = Sink::Upstream(&upstream);
+    let udp = established_udp(&lab, sink);
+    let tcp = established_tcp(&lab, sink);
+    if router == Router::FastPath {
+        let stats = daemon.as_ref().expect("session runs").stats_json();
+        assert!(
+            session_tests::counter(&stats, "fast_path_forwarded") > 0,
+            "(a) forwarded: nothing took the fast path: {stats}"
+        );
+    }
+    drop(daemon);
+    drop(upstream);
+    drop(lab);
+    (udp, tcp)
+}
+
 fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
@@ -502,6 +709,7 @@ fn main() {
     }
     let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); Firewall::ALL.len()];
     let mut floors = Vec::new();
+    let mut routed: Vec<Vec<(Blasted, Blasted)>> = vec![Vec::new(); Router::ALL.len()];
     for round in 0..ROUNDS {
         for (index, firewall) in Firewall::ALL.into_iter().enumerate() {
             eprintln!("e2e: round {} of {ROUNDS}: {}", round + 1, firewall.name());
@@ -509,6 +717,14 @@ fn main() {
         }
         eprintln!("e2e: round {} of {ROUNDS}: drop-everything XDP", round + 1);
         floors.push(drop_floor());
+        for (index, router) in Router::ALL.into_iter().enumerate() {
+            eprintln!(
+                "e2e: round {} of {ROUNDS}: (a) forwarded, {}",
+                round + 1,
+                router.name()
+            );
+            routed[index].push(one_routed_round(router));
+        }
     }
     let floor = [
         median(floors.iter().map(|f| f.sent_pps).collect()),
@@ -637,6 +853,62 @@ fn main() {
             failed(&|r| r.direct_connections),
         );
     }
+    let routed_figure = |index: usize, get: &dyn Fn(&(Blasted, Blasted)) -> f64| {
+        median(routed[index].iter().map(get).collect())
+    };
+    let mut routed_rows = serde_json::Map::new();
+    for (title, pick) in [
+        (
+            format!("{UDP_FLOWS} established UDP flows, 60-byte frames"),
+            (|pair: &(Blasted, Blasted)| pair.0) as fn(&(Blasted, Blasted)) -> Blasted,
+        ),
+        (
+            format!("{TCP_FLOWS} established TCP connections, pure ACKs (54-byte frames)"),
+            |pair: &(Blasted, Blasted)| pair.1,
+        ),
+    ] {
+        let _ = writeln!(
+            md,
+            "\n(a) forwarded: {title}, from the client through fw to upstream\n\n\
+             | firewall on fw | sent pps | delivered pps | softirq ns/pkt | busy ns/pkt |\n|---|---:|---:|---:|---:|"
+        );
+        for (index, router) in Router::ALL.into_iter().enumerate() {
+            let row = [
+                routed_figure(index, &|r| pick(r).sent_pps),
+                routed_figure(index, &|r| pick(r).delivered_pps),
+                routed_figure(index, &|r| pick(r).softirq_ns),
+                routed_figure(index, &|r| pick(r).busy_ns),
+            ];
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                router.name(),
+                row[0],
+                row[1],
+                row[2],
+                row[3]
+            );
+            let key = if title.contains("UDP") {
+                "established_udp"
+            } else {
+                "established_tcp"
+            };
+            let entry = routed_rows.entry(router.key()).or_insert_with(|| json!({}));
+            entry[key] = json!({"sent_pps": row[0], "delivered_pps": row[1],
+                "softirq_ns_per_packet": row[2], "busy_ns_per_packet": row[3]});
+        }
+    }
+    let (routed_nft, routed_session, fast_path) = (1, 2, 3);
+    let routed_ratio = |index: usize, pick: fn(&(Blasted, Blasted)) -> Blasted| {
+        routed_figure(index, &|r| pick(r).delivered_pps)
+            / routed_figure(routed_nft, &|r| pick(r).delivered_pps)
+    };
+    let udp_of: fn(&(Blasted, Blasted)) -> Blasted = |pair| pair.0;
+    let tcp_of: fn(&(Blasted, Blasted)) -> Blasted = |pair| pair.1;
+    let ratio_fwd_udp = routed_ratio(fast_path, udp_of);
+    let ratio_fwd_tcp = routed_ratio(fast_path, tcp_of);
+    let ratio_fwd_udp_kernel = routed_ratio(routed_session, udp_of);
+    let ratio_fwd_tcp_kernel = routed_ratio(routed_session, tcp_of);
     let ratio_a = figure(session, &|r| r.udp.delivered_pps) / figure(nft, &|r| r.udp.delivered_pps);
     let ratio_a_cpu = figure(nft, &|r| r.udp.softirq_ns) / figure(session, &|r| r.udp.softirq_ns);
     let ratio_a_tcp =
@@ -671,7 +943,11 @@ fn main() {
          | (a) TCP CPU per packet (nftables / session) | {ratio_a_tcp_cpu:.2}× | - | - |\n\
          | (b) CPU per dropped packet (nftables / session) | {ratio_b:.2}× | ≥ 5× | {} |\n\
          | (c) connections/s, through the wire | {ratio_c:.2}× | ≥ 1× | {} |\n\
-         | (c) connections/s, veth paired directly | {ratio_c_direct:.2}× | - | - |\n\n\
+         | (c) connections/s, veth paired directly | {ratio_c_direct:.2}× | - | - |\n\
+         | (a) forwarded UDP delivered pps, fast path | {ratio_fwd_udp:.2}× | ≥ 1.5× | {} |\n\
+         | (a) forwarded TCP delivered pps, fast path | {ratio_fwd_tcp:.2}× | ≥ 1.5× | {} |\n\
+         | (a) forwarded UDP delivered pps, kernel path | {ratio_fwd_udp_kernel:.2}× | - | - |\n\
+         | (a) forwarded TCP delivered pps, kernel path | {ratio_fwd_tcp_kernel:.2}× | - | - |\n\n\
          (a) CPU per packet above each one's own baseline: session {session_own_ns:.0} ns \
          above the do-nothing XDP program, nftables {nft_own_ns:.0} ns above no firewall. \
          (b) with XDP's own floor: nftables / drop-everything XDP = {floor_ratio:.2}×; session \
@@ -685,6 +961,8 @@ fn main() {
         met(ratio_a_tcp, 1.5),
         met(ratio_b, 5.0),
         met(ratio_c, 1.0),
+        met(ratio_fwd_udp, 1.5),
+        met(ratio_fwd_tcp, 1.5),
     );
     print!("{md}");
     let doc = json!({
@@ -700,7 +978,12 @@ fn main() {
             "drop_flood_cpu_per_packet": {"value": ratio_b, "target": 5.0, "meets_target": ratio_b >= 5.0},
             "tcp_connections_per_second": {"value": ratio_c, "target": 1.0, "meets_target": ratio_c >= 1.0},
             "tcp_connections_per_second_direct_veth": {"value": ratio_c_direct},
+            "forwarded_udp_delivered_pps_fast_path": {"value": ratio_fwd_udp, "target": 1.5, "meets_target": ratio_fwd_udp >= 1.5},
+            "forwarded_tcp_delivered_pps_fast_path": {"value": ratio_fwd_tcp, "target": 1.5, "meets_target": ratio_fwd_tcp >= 1.5},
+            "forwarded_udp_delivered_pps_kernel_path": {"value": ratio_fwd_udp_kernel},
+            "forwarded_tcp_delivered_pps_kernel_path": {"value": ratio_fwd_tcp_kernel},
         },
+        "forwarded": Value::Object(routed_rows),
         "drop_floor": {"sent_pps": floor[0], "softirq_ns_per_packet": floor[1],
             "busy_ns_per_packet": floor[2], "nftables_over_floor": floor_ratio,
             "session_ns_above_floor": session_above_floor},
