@@ -28,6 +28,10 @@ const ETH_P_IPV6: u16 = 0x86dd;
 /// Address families as the FIB lookup takes them (`AF_INET`, `AF_INET6`).
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
+/// The first byte of an IPv4 header without options (version 4, 5 words): options
+/// (record route, timestamps) are for the kernel to process, as nftables' flowtables
+/// leave them to it too.
+const IPV4_NO_OPTIONS: u8 = 0x45;
 /// The traffic class and flow label of an IPv6 header's first word (`IPV6_FLOWINFO_MASK`).
 const IPV6_FLOWINFO_MASK: u32 = 0x0fff_ffff;
 
@@ -35,8 +39,9 @@ const IPV6_FLOWINFO_MASK: u32 = 0x0fff_ffff;
 /// managed interface: takes a hop off its IP header, rewrites its Ethernet addresses and
 /// returns the redirect's XDP action. `None`, with the packet unchanged, leaves it to the
 /// kernel: for a local address, no route, forwarding off, a neighbour not yet resolved,
-/// a packet over the egress MTU, a TTL about to run out, a VLAN tag, an egress interface
-/// we do not manage, or one the packet came in by (the kernel sends ICMP redirects).
+/// a packet over the egress MTU, a TTL about to run out, IPv4 options, a VLAN tag, an
+/// egress interface we do not manage, or the one the packet came in by (the kernel sends
+/// ICMP redirects).
 #[inline(always)]
 pub fn fast_forward(ctx: &XdpContext, meta: &PacketMeta) -> Option<u32> {
     let (data, end) = (ctx.data(), ctx.data_end());
@@ -57,6 +62,10 @@ pub fn fast_forward(ctx: &XdpContext, meta: &PacketMeta) -> Option<u32> {
     fib.ifindex = ingress;
     let v4 = match ethertype {
         ETH_P_IP => {
+            // SAFETY: an IPv4 header's fixed part lies in the frame (checked above).
+            if unsafe { *(ip as *const u8) } != IPV4_NO_OPTIONS {
+                return None;
+            }
             fib.family = AF_INET;
             // SAFETY: an IPv4 header's fixed part lies in the frame (checked above);
             // the addresses are the parsed packet's, IPv4-mapped.

@@ -401,6 +401,9 @@ fn kernel_metric(name: &'static str) -> (String, Option<(&'static str, &'static 
         "sessions_expired_inline" => "Expired sessions that a packet found and replaced.",
         "tcp_ignored" => "TCP segments the state table ignored without changing state.",
         "events_lost" => "Events lost because the event ring buffer was full.",
+        "fast_path_forwarded" => {
+            "Packets of established sessions forwarded in XDP by the fast path."
+        }
         _ => "A counter of `session stats` (see docs/CONTRACT.md).",
     };
     (format!("session_{name}_total"), None, help.into())
