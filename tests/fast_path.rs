@@ -8,48 +8,27 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use serde_json::Value;
-use session_tests::router::{UPSTREAM_IFACE, UPSTREAM_V4, UPSTREAM_V6, Upstream, WAN_IFACE};
+use session_tests::router::{
+    UPSTREAM_IFACE, UPSTREAM_V4, UPSTREAM_V6, Upstream, WAN_IFACE, router_policy,
+};
 use session_tests::{
-    CLIENT_IFACE, Daemon, FW_IFACE, Family, IO_TIMEOUT, Lab, Side, accept_within, counter, delta,
+    CLIENT_IFACE, FW_IFACE, Family, IO_TIMEOUT, Lab, Side, accept_within, counter, delta,
     set_socket_option,
 };
 
-/// A router's policy: the LAN may open anything, upstream nothing; fw's veth comes from
-/// the lab's `--iface`, its WAN end from `interfaces`.
-fn router_policy(fast_path: bool) -> String {
-    format!(
-        r#"
-interfaces = ["{WAN_IFACE}"]
-
-[forwarding]
-fast_path = {fast_path}
-
-[policy]
-inbound = "drop"
-outbound = "accept"
-
-[[rule]]
-name = "established"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "invalid"
-state = ["invalid"]
-action = "drop"
-
-[[rule]]
-name = "untracked"
-state = ["untracked"]
-action = "accept"
-
+/// A router's policy in which the LAN may open anything, upstream nothing.
+fn lan_out_policy(fast_path: bool) -> String {
+    router_policy(
+        fast_path,
+        &format!(
+            r#"
 [[rule]]
 name = "lan-out"
 state = ["new"]
 iface = ["{FW_IFACE}"]
 action = "accept"
 "#
+        ),
     )
 }
 
@@ -100,28 +79,23 @@ fn report_hops(socket: &UdpSocket, family: Family) {
     }
 }
 
-/// The next datagram on `socket` (within its read timeout), its sender and the TTL or hop
-/// limit it arrived with ([`report_hops`] must be on).
-fn recv_with_hops(socket: &UdpSocket) -> Option<(Vec<u8>, SocketAddr, u8)> {
+/// The TTL or hop limit the next datagram on `socket` arrived with, if one arrives within
+/// the socket's read timeout ([`report_hops`] must be on).
+fn recv_hops(socket: &UdpSocket) -> Option<u8> {
     let mut data = [0u8; 2048];
     let mut control = [0u64; 16];
-    // SAFETY: all zero bytes are a valid sockaddr_storage.
-    let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut iov = libc::iovec {
         iov_base: data.as_mut_ptr().cast(),
         iov_len: data.len(),
     };
     // SAFETY: all zero bytes are a valid msghdr; the pointers are set below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = (&raw mut from).cast();
-    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
     msg.msg_controllen = std::mem::size_of_val(&control);
     // SAFETY: every buffer `msg` points at lives until the call returns.
-    let len = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, 0) };
-    if len < 0 {
+    if unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, 0) } < 0 {
         return None;
     }
     let mut hops = None;
@@ -139,37 +113,7 @@ fn recv_with_hops(socket: &UdpSocket) -> Option<(Vec<u8>, SocketAddr, u8)> {
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    let from = socket2_addr(&from);
-    Some((
-        data[..len as usize].to_vec(),
-        from,
-        hops.expect("no TTL or hop limit came with the datagram"),
-    ))
-}
-
-/// A std address from the kernel's sockaddr_storage of an IPv4 or IPv6 sender.
-fn socket2_addr(from: &libc::sockaddr_storage) -> SocketAddr {
-    // SAFETY: the family field says which sockaddr the storage holds.
-    unsafe {
-        match from.ss_family as libc::c_int {
-            libc::AF_INET => {
-                let v4 = &*(from as *const _ as *const libc::sockaddr_in);
-                SocketAddr::from((
-                    u32::from_be(v4.sin_addr.s_addr).to_be_bytes(),
-                    u16::from_be(v4.sin_port),
-                ))
-            }
-            libc::AF_INET6 => {
-                let v6 = &*(from as *const _ as *const libc::sockaddr_in6);
-                SocketAddr::from((v6.sin6_addr.s6_addr, u16::from_be(v6.sin6_port)))
-            }
-            family => panic!("datagram from address family {family}"),
-        }
-    }
-}
-
-fn stats(daemon: &Daemon<'_>) -> Value {
-    daemon.stats_json()
+    Some(hops.expect("no TTL or hop limit came with the datagram"))
 }
 
 /// Sends `count` datagrams from the client to upstream's socket over an established UDP
@@ -196,8 +140,10 @@ fn udp_hops(
     client
         .send(b"open")
         .expect("client sends the first datagram");
-    let (_, from, _) = recv_with_hops(&server).expect("the first datagram crossed fw");
-    server.send_to(b"answer", from).expect("upstream answers");
+    recv_hops(&server).expect("the first datagram crossed fw");
+    server
+        .send_to(b"answer", family.sock(Side::Client, port))
+        .expect("upstream answers");
     let mut answer = [0u8; 16];
     client
         .recv(&mut answer)
@@ -214,7 +160,7 @@ fn udp_hops(
             client
                 .send(format!("datagram {i}").as_bytes())
                 .expect("client sends");
-            recv_with_hops(&server).map(|(_, _, hops)| hops)
+            recv_hops(&server)
         })
         .collect()
 }
@@ -223,12 +169,12 @@ fn udp_hops(
 fn established_flows_cross_fw_in_xdp_one_hop_shorter_and_new_ones_through_the_kernel() {
     let lab = routed_lab("fastpath");
     let upstream = upstream_host(&lab);
-    let daemon = lab.daemon(&router_policy(true));
+    let daemon = lab.daemon(&lan_out_policy(true));
 
     for (family, port) in [(Family::V4, 5001), (Family::V6, 5002)] {
-        let before = stats(&daemon);
+        let before = daemon.stats_json();
         let hops = udp_hops(&lab, &upstream, family, port, 20, None);
-        let after = stats(&daemon);
+        let after = daemon.stats_json();
         assert_eq!(
             hops,
             vec![63; 20],
@@ -244,9 +190,9 @@ fn established_flows_cross_fw_in_xdp_one_hop_shorter_and_new_ones_through_the_ke
 
     // A datagram whose hop limit runs out at fw is the kernel's: it answers with ICMP
     // time exceeded and does not forward it.
-    let before = stats(&daemon);
+    let before = daemon.stats_json();
     let hops = udp_hops(&lab, &upstream, Family::V4, 5003, 3, Some(1));
-    let after = stats(&daemon);
+    let after = daemon.stats_json();
     assert!(
         hops.is_empty(),
         "datagrams sent with TTL 1 must not cross fw, got TTLs {hops:?}"
@@ -259,7 +205,7 @@ fn established_flows_cross_fw_in_xdp_one_hop_shorter_and_new_ones_through_the_ke
 
     // TCP both ways: a connection from the LAN carries data both ways, and its segments
     // after the handshake take the fast path.
-    let before = stats(&daemon);
+    let before = daemon.stats_json();
     let listener = upstream.tcp_listen(upstream_addr(Family::V4, 443));
     let mut client = lab
         .tcp_connect(Side::Client, upstream_addr(Family::V4, 443), IO_TIMEOUT)
@@ -275,7 +221,7 @@ fn established_flows_cross_fw_in_xdp_one_hop_shorter_and_new_ones_through_the_ke
         client.read_exact(&mut got).expect("client reads");
         assert_eq!(got, request, "round {round}: the answer arrived intact");
     }
-    let after = stats(&daemon);
+    let after = daemon.stats_json();
     let forwarded = delta(&before, &after, "fast_path_forwarded");
     assert!(
         forwarded >= 100,
@@ -312,10 +258,10 @@ fn established_flows_cross_fw_in_xdp_one_hop_shorter_and_new_ones_through_the_ke
 fn without_the_switch_no_packet_takes_the_fast_path() {
     let lab = routed_lab("nofastpath");
     let upstream = upstream_host(&lab);
-    let daemon = lab.daemon(&router_policy(false));
-    let before = stats(&daemon);
+    let daemon = lab.daemon(&lan_out_policy(false));
+    let before = daemon.stats_json();
     let hops = udp_hops(&lab, &upstream, Family::V4, 5001, 20, None);
-    let after = stats(&daemon);
+    let after = daemon.stats_json();
     assert_eq!(hops, vec![63; 20], "the kernel forwards every datagram");
     assert_eq!(
         delta(&before, &after, "fast_path_forwarded"),
@@ -339,16 +285,16 @@ fn an_interface_that_cannot_take_redirected_frames_is_left_out_with_a_warning() 
         5,
         &["ethtool", "-K", UPSTREAM_IFACE, "gro", "off", "tx", "off"],
     );
-    let daemon = lab.daemon(&router_policy(true));
+    let daemon = lab.daemon(&lan_out_policy(true));
     let warning = format!("{WAN_IFACE}: the fast path will not forward out of it");
     assert!(
         daemon.stderr().contains(&warning),
         "the daemon must say that {WAN_IFACE} is left out: {}",
         daemon.stderr()
     );
-    let before = stats(&daemon);
+    let before = daemon.stats_json();
     let hops = udp_hops(&lab, &upstream, Family::V4, 5001, 20, None);
-    let after = stats(&daemon);
+    let after = daemon.stats_json();
     assert_eq!(
         hops,
         vec![63; 20],

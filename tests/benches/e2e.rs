@@ -11,6 +11,8 @@
 //!   fw's veth as a NIC's driver hands them over): packets/s that reach fw's UDP layer; and
 //!   many established TCP connections, blasted with pure ACKs at their next sequence
 //!   numbers: packets/s that reach fw's TCP layer;
+//! - (a) forwarded: the same blasts with fw as a router, to upstream behind it, under no
+//!   firewall, nftables on the forward hook, session, and session with its fast path;
 //! - (b) a SYN flood to a closed port, which the policy drops: CPU per packet;
 //! - (c) new TCP connections per second (connect, 32 bytes each way, close), through a
 //!   wire namespace between client and fw whose XDP program passes every frame on
@@ -45,7 +47,7 @@ use session_tests::{
     bare_xdp::BareXdp,
     lifecycle::{STREAM_POLICY, STREAM_PORT},
     loadgen::{self, Blast},
-    router::{FW_WAN_V4, UPSTREAM_IFACE, UPSTREAM_V4, Upstream, WAN_IFACE},
+    router::{FW_WAN_V4, UPSTREAM_IFACE, UPSTREAM_V4, Upstream, WAN_IFACE, router_policy},
     set_socket_option, xdpgen,
 };
 use session_user::frames::{self, Tcp, tcp_flags};
@@ -132,28 +134,10 @@ const NFT_ROUTED_POLICY: &str = "table inet bench {
 /// (a) forwarded: fw routes between the client and upstream; upstream opens the UDP
 /// flows (from port 5353), the client the TCP connections (to port 8080).
 fn routed_policy(fast_path: bool) -> String {
-    format!(
-        r#"
-interfaces = ["{WAN_IFACE}"]
-
-[forwarding]
-fast_path = {fast_path}
-
-[[rule]]
-name = "established"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "invalid"
-state = ["invalid"]
-action = "drop"
-
-[[rule]]
-name = "untracked"
-state = ["untracked"]
-action = "accept"
-
+    router_policy(
+        fast_path,
+        &format!(
+            r#"
 [[rule]]
 name = "upstream-udp"
 state = ["new"]
@@ -170,6 +154,7 @@ proto = "tcp"
 dport = [{TCP_PORT}]
 action = "accept"
 "#
+        ),
     )
 }
 
@@ -589,16 +574,21 @@ fn install(firewall: Firewall, lab: &Lab) -> (Option<Daemon<'_>>, Option<BareXdp
         Firewall::None => (None, None),
         Firewall::NoopXdp => (None, Some(BareXdp::attach(lab, "session_noop"))),
         Firewall::Nftables => {
-            let out = lab.run_with_input(Side::Fw, 10, &["nft", "-f", "-"], NFT_POLICY.as_bytes());
-            assert!(
-                out.status.success(),
-                "cannot install the nftables policy: {}",
-                session_tests::describe(&out)
-            );
+            install_nft(lab, NFT_POLICY);
             (None, None)
         }
         Firewall::Session => (Some(lab.daemon(STREAM_POLICY)), None),
     }
+}
+
+/// Loads the nftables ruleset `policy` in fw.
+fn install_nft(lab: &Lab, policy: &str) {
+    let out = lab.run_with_input(Side::Fw, 10, &["nft", "-f", "-"], policy.as_bytes());
+    assert!(
+        out.status.success(),
+        "cannot install the nftables policy: {}",
+        session_tests::describe(&out)
+    );
 }
 
 fn one_round(firewall: Firewall) -> Round {
@@ -659,17 +649,7 @@ fn one_routed_round(router: Router) -> (Blasted, Blasted) {
     let daemon = match router {
         Router::None => None,
         Router::Nftables => {
-            let out = lab.run_with_input(
-                Side::Fw,
-                10,
-                &["nft", "-f", "-"],
-                NFT_ROUTED_POLICY.as_bytes(),
-            );
-            assert!(
-                out.status.success(),
-                "cannot install the nftables policy: {}",
-                session_tests::describe(&out)
-            );
+            install_nft(&lab, NFT_ROUTED_POLICY);
             None
         }
         Router::Session => Some(lab.daemon(&routed_policy(false))),
@@ -856,15 +836,19 @@ fn main() {
     let routed_figure = |index: usize, get: &dyn Fn(&(Blasted, Blasted)) -> f64| {
         median(routed[index].iter().map(get).collect())
     };
+    let udp_of: fn(&(Blasted, Blasted)) -> Blasted = |pair| pair.0;
+    let tcp_of: fn(&(Blasted, Blasted)) -> Blasted = |pair| pair.1;
     let mut routed_rows = serde_json::Map::new();
-    for (title, pick) in [
+    for (key, title, pick) in [
         (
+            "established_udp",
             format!("{UDP_FLOWS} established UDP flows, 60-byte frames"),
-            (|pair: &(Blasted, Blasted)| pair.0) as fn(&(Blasted, Blasted)) -> Blasted,
+            udp_of,
         ),
         (
+            "established_tcp",
             format!("{TCP_FLOWS} established TCP connections, pure ACKs (54-byte frames)"),
-            |pair: &(Blasted, Blasted)| pair.1,
+            tcp_of,
         ),
     ] {
         let _ = writeln!(
@@ -888,11 +872,6 @@ fn main() {
                 row[2],
                 row[3]
             );
-            let key = if title.contains("UDP") {
-                "established_udp"
-            } else {
-                "established_tcp"
-            };
             let entry = routed_rows.entry(router.key()).or_insert_with(|| json!({}));
             entry[key] = json!({"sent_pps": row[0], "delivered_pps": row[1],
                 "softirq_ns_per_packet": row[2], "busy_ns_per_packet": row[3]});
@@ -903,8 +882,6 @@ fn main() {
         routed_figure(index, &|r| pick(r).delivered_pps)
             / routed_figure(routed_nft, &|r| pick(r).delivered_pps)
     };
-    let udp_of: fn(&(Blasted, Blasted)) -> Blasted = |pair| pair.0;
-    let tcp_of: fn(&(Blasted, Blasted)) -> Blasted = |pair| pair.1;
     let ratio_fwd_udp = routed_ratio(fast_path, udp_of);
     let ratio_fwd_tcp = routed_ratio(fast_path, tcp_of);
     let ratio_fwd_udp_kernel = routed_ratio(routed_session, udp_of);

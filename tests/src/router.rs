@@ -147,6 +147,41 @@ impl Lab {
     }
 }
 
+/// A router's policy for fw: replies and established flows accepted, invalid packets
+/// dropped, neighbour discovery (untracked) accepted, then `new_flows`, the rules that say
+/// which new flows may cross; everything else inbound dropped. `fast_path` is the
+/// `[forwarding]` switch. fw's veth comes from the lab's `--iface`, `wan0` from
+/// `interfaces`.
+pub fn router_policy(fast_path: bool, new_flows: &str) -> String {
+    format!(
+        r#"
+interfaces = ["{WAN_IFACE}"]
+
+[forwarding]
+fast_path = {fast_path}
+
+[policy]
+inbound = "drop"
+outbound = "accept"
+
+[[rule]]
+name = "established"
+state = ["established", "related"]
+action = "accept"
+
+[[rule]]
+name = "invalid"
+state = ["invalid"]
+action = "drop"
+
+[[rule]]
+name = "untracked"
+state = ["untracked"]
+action = "accept"
+{new_flows}"#
+    )
+}
+
 impl Upstream<'_> {
     /// The namespace's name, for messages.
     pub fn ns(&self) -> &str {
