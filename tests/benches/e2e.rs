@@ -326,6 +326,12 @@ impl Sink<'_> {
         upstream.ok(5, &["nft", &port_counter_ruleset()]);
         let result = blast(lab, frames, || self.delivered(lab, layer));
         upstream.ok(5, &["nft", "delete", "table", "netdev", "port"]);
+        assert!(
+            result.delivered_pps > 0.0,
+            "(a) forwarded: upstream's port counted nothing of the blast; check that fw \
+             forwards to {UPSTREAM_V4} and that nftables' netdev ingress hook works in {}",
+            upstream.ns()
+        );
         result
     }
 
