@@ -100,12 +100,13 @@ pub fn fast_forward(ctx: &XdpContext, meta: &PacketMeta) -> Option<u32> {
             0,
         )
     };
-    if found != BPF_FIB_LKUP_RET_SUCCESS as i64
-        || fib.ifindex == ingress
-        || FAST_PATH_PORTS.get(fib.ifindex).is_none()
-    {
+    if found != BPF_FIB_LKUP_RET_SUCCESS as i64 || fib.ifindex == ingress {
         return None;
     }
+    // Fails unless the egress interface is one of the ports, and changes nothing: the
+    // redirect it sets up happens only if the program returns its action, so a packet
+    // left to the kernel below goes on unredirected.
+    let redirect = FAST_PATH_PORTS.redirect(fib.ifindex, 0).ok()?;
     // SAFETY: the headers written lie in the frame: IPv4's first 12 bytes by the first
     // check, IPv6's first 8 by its own.
     let hopped = unsafe {
@@ -123,7 +124,7 @@ pub fn fast_forward(ctx: &XdpContext, meta: &PacketMeta) -> Option<u32> {
         *(data as *mut [u8; 6]) = fib.dmac;
         *((data + 6) as *mut [u8; 6]) = fib.smac;
     }
-    FAST_PATH_PORTS.redirect(fib.ifindex, 0).ok()
+    Some(redirect)
 }
 
 /// The IPv4 address in an IPv4-mapped address.
