@@ -9,11 +9,11 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use session_tests::router::{
-    UPSTREAM_IFACE, UPSTREAM_V4, UPSTREAM_V6, Upstream, WAN_IFACE, router_policy,
+    UPSTREAM_IFACE, UPSTREAM_V4, UPSTREAM_V6, Upstream, WAN_IFACE, routed_lab, router_policy,
+    upstream_host,
 };
 use session_tests::{
-    CLIENT_IFACE, FW_IFACE, Family, IO_TIMEOUT, Lab, Side, accept_within, counter, delta,
-    set_socket_option,
+    FW_IFACE, Family, IO_TIMEOUT, Lab, Side, accept_within, counter, delta, set_socket_option,
 };
 
 /// A router's policy in which the LAN may open anything, upstream nothing.
@@ -30,29 +30,6 @@ action = "accept"
 "#
         ),
     )
-}
-
-/// A routed lab whose client end acts as a host behind a wire ([`host_end`]).
-fn routed_lab(tag: &str) -> Lab {
-    let lab = Lab::dual_stack(tag);
-    lab.ok(Side::Client, 5, &host_end(CLIENT_IFACE));
-    lab
-}
-
-/// The upstream namespace, its end set up like the client's.
-fn upstream_host(lab: &Lab) -> Upstream<'_> {
-    let upstream = lab.upstream();
-    upstream.ok(5, &host_end(UPSTREAM_IFACE));
-    upstream
-}
-
-/// What an outer veth end needs to act as a host behind a wire: GRO on, because veth
-/// transmits a frame redirected to it only when its peer has GRO on or an XDP program;
-/// and transmit checksumming off, so that its sockets' packets leave with finished
-/// checksums, as they arrive from a NIC, rather than with a note for offload that a
-/// redirected frame does not carry.
-fn host_end(iface: &str) -> [&str; 7] {
-    ["ethtool", "-K", iface, "gro", "on", "tx", "off"]
 }
 
 fn upstream_addr(family: Family, port: u16) -> SocketAddr {

@@ -45,11 +45,14 @@ use std::{
 
 use serde_json::{Value, json};
 use session_tests::{
-    CLIENT_IFACE, CLIENT_V4, Daemon, FW_IFACE, FW_V4, Family, Lab, Side,
+    CLIENT_V4, Daemon, FW_IFACE, FW_V4, Family, Lab, Side,
     bare_xdp::BareXdp,
     lifecycle::{STREAM_POLICY, STREAM_PORT},
     loadgen::{self, Blast},
-    router::{FW_WAN_V4, UPSTREAM_IFACE, UPSTREAM_V4, Upstream, WAN_IFACE, router_policy},
+    router::{
+        FW_WAN_V4, UPSTREAM_IFACE, UPSTREAM_V4, Upstream, WAN_IFACE, routed_lab, router_policy,
+        upstream_host,
+    },
     set_socket_option, xdpgen,
 };
 use session_user::frames::{self, Tcp, tcp_flags};
@@ -687,23 +690,12 @@ struct Routed {
     tcp_at_port: Blasted,
 }
 
-/// (a) forwarded, one round of one firewall: a dual-stack lab with upstream behind fw.
-/// The outer veth ends act as hosts behind a wire (GRO on, so veth takes redirected XDP
-/// frames; transmit checksumming off, so their sockets' packets carry finished
-/// checksums, as from a NIC), and fw's veth has GRO on for the generator's frames.
+/// (a) forwarded, one round of one firewall: a routed lab, whose outer veth ends act as
+/// hosts behind a wire, and fw's veth with GRO on for the generator's frames.
 fn one_routed_round(router: Router) -> Routed {
-    let lab = Lab::dual_stack("bench");
+    let lab = routed_lab("bench");
     lab.ok(Side::Fw, 5, &["ethtool", "-K", FW_IFACE, "gro", "on"]);
-    lab.ok(
-        Side::Client,
-        5,
-        &["ethtool", "-K", CLIENT_IFACE, "gro", "on", "tx", "off"],
-    );
-    let upstream = lab.upstream();
-    upstream.ok(
-        5,
-        &["ethtool", "-K", UPSTREAM_IFACE, "gro", "on", "tx", "off"],
-    );
+    let upstream = upstream_host(&lab);
     lab.ok(
         Side::Fw,
         5,

@@ -443,13 +443,8 @@ impl Lab {
             lab.ok(side, 5, &["ip", "link", "set", iface, "up"]);
         }
         if wired {
-            // veth takes the wire's XDP frames only with GRO on (or an XDP program). A
-            // frame redirected by XDP loses the socket buffer's note that its checksum is
-            // still to be filled in, so both stacks fill it in before sending, as a NIC
-            // would.
             for side in [Side::Client, Side::Fw] {
-                let iface = Lab::iface(side);
-                lab.ok(side, 5, &["ethtool", "-K", iface, "gro", "on", "tx", "off"]);
+                lab.ok(side, 5, &host_end(Lab::iface(side)));
             }
         }
         lab
@@ -1385,4 +1380,13 @@ impl Daemon<'_> {
         argv.extend_from_slice(&["--pin-dir", &*pin]);
         lab.spawn(Side::Fw, &argv)
     }
+}
+
+/// The `ethtool` command that makes a veth end act as a host behind a wire, for a path on
+/// which XDP redirects frames to it: GRO on, because veth takes a redirected frame only
+/// when its peer has GRO on or an XDP program; and transmit checksumming off, so that its
+/// sockets' packets leave with finished checksums, as they arrive from a NIC, rather than
+/// with a note for offload that a redirected frame does not carry.
+pub fn host_end(iface: &str) -> [&str; 7] {
+    ["ethtool", "-K", iface, "gro", "on", "tx", "off"]
 }

@@ -21,7 +21,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use crate::{
-    IO_TIMEOUT, Lab, NETNS_DIR, Side, connect_from, delete_netns, describe, host, in_netns,
+    CLIENT_IFACE, IO_TIMEOUT, Lab, NETNS_DIR, Side, connect_from, delete_netns, describe, host,
+    host_end, in_netns,
 };
 
 /// Name of fw's interface towards upstream.
@@ -145,6 +146,21 @@ impl Lab {
         );
         upstream
     }
+}
+
+/// A dual-stack lab for routing through fw whose client end acts as a host behind a wire
+/// ([`host_end`]), so that fw's XDP program can redirect frames to it.
+pub fn routed_lab(tag: &str) -> Lab {
+    let lab = Lab::dual_stack(tag);
+    lab.ok(Side::Client, 5, &host_end(CLIENT_IFACE));
+    lab
+}
+
+/// The upstream namespace of a [`routed_lab`], its end set up like the client's.
+pub fn upstream_host(lab: &Lab) -> Upstream<'_> {
+    let upstream = lab.upstream();
+    upstream.ok(5, &host_end(UPSTREAM_IFACE));
+    upstream
 }
 
 /// A router's policy for fw: replies and established flows accepted, invalid packets
