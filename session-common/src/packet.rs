@@ -209,8 +209,9 @@ impl PacketMeta {
     }
 }
 
-/// Ethernet header length.
-const ETH_HLEN: usize = 14;
+/// Ethernet header length, without VLAN tags: where the IP header starts in an untagged
+/// frame.
+pub const ETH_HLEN: usize = 14;
 /// 802.1Q / 802.1ad tag length.
 const VLAN_HLEN: usize = 4;
 /// VLAN tags skipped at most (QinQ).
@@ -218,8 +219,10 @@ const MAX_VLAN_TAGS: usize = 2;
 /// IPv6 extension headers skipped at most before giving up as malformed.
 pub const MAX_IPV6_EXT_HEADERS: usize = 6;
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+/// Ethernet type of IPv4: the parser and the fast path both dispatch on it.
+pub const ETH_P_IP: u16 = 0x0800;
+/// Ethernet type of IPv6, for the same two readers.
+pub const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use session_common::{
     forward::{ipv4_hop, ipv6_hop},
-    packet::PacketMeta,
+    packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, PacketMeta},
 };
 
 use crate::tables::MAX_MANAGED_IFACES;
@@ -22,9 +22,6 @@ use crate::tables::MAX_MANAGED_IFACES;
 #[map]
 static FAST_PATH_PORTS: DevMapHash = DevMapHash::pinned(MAX_MANAGED_IFACES, 0);
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
 /// Address families as the FIB lookup takes them (`AF_INET`, `AF_INET6`).
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
