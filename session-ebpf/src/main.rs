@@ -1,6 +1,7 @@
-//! Kernel side of `session`: XDP on ingress and TC on egress. Each program only wires
-//! packet bytes and BPF maps into `session_common::engine::process` and maps its answer to
-//! a verdict; all logic lives in session-common.
+//! Kernel side of `session`: XDP (or TC, where the config asks) on ingress and TC on
+//! egress. Each program only wires packet bytes and BPF maps into
+//! `session_common::engine::process` and maps its answer to a verdict; all logic lives in
+//! session-common.
 #![no_std]
 #![no_main]
 
@@ -92,9 +93,25 @@ fn try_ingress(ctx: &XdpContext) -> Result<Ingress, Unjudged> {
     Ok(Ingress::Judged(outcome.decision.action))
 }
 
+/// Ingress through TC instead of XDP, for the interfaces the config lists under
+/// `[attach] tc_ingress`: on a veth fed by local sockets (a container's host side), veth
+/// copies every socket buffer into a page before XDP may see it, a cost TC does not pay.
+/// The same judgement as `session_ingress`, without the fast path, which is XDP's.
+#[classifier]
+pub fn session_ingress_tc(ctx: TcContext) -> i32 {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    tc_verdict(judge_skb(&ctx, Hook::Ingress, ifindex))
+}
+
 #[classifier]
 pub fn session_egress(ctx: TcContext) -> i32 {
-    match try_egress(&ctx) {
+    tc_verdict(try_egress(&ctx))
+}
+
+/// The TC verdict for a judgement; the error verdict of both TC programs.
+#[inline(always)]
+fn tc_verdict(judged: Result<Action, Unjudged>) -> i32 {
+    match judged {
         Ok(Action::Accept) => TC_ACT_OK,
         Ok(Action::Drop) | Err(Unjudged) => TC_ACT_SHOT,
     }
@@ -107,12 +124,18 @@ fn try_egress(ctx: &TcContext) -> Result<Action, Unjudged> {
     if ingress_ifindex != 0 && is_managed(ingress_ifindex) {
         return Ok(Action::Accept);
     }
+    judge_skb(ctx, Hook::Egress, ifindex)
+}
+
+/// What the policy decides for a socket buffer on `hook` of `ifindex`.
+#[inline(always)]
+fn judge_skb(ctx: &TcContext, hook: Hook, ifindex: u32) -> Result<Action, Unjudged> {
     let settings = settings().ok_or(Unjudged)?;
     let scratch = scratch().ok_or(Unjudged)?;
     let now = now(settings);
     let outcome = process(
         &SkbBytes(ctx),
-        Hook::Egress,
+        hook,
         ifindex,
         now,
         settings,
@@ -122,7 +145,7 @@ fn try_egress(ctx: &TcContext) -> Result<Action, Unjudged> {
         scratch,
     );
     Ok(outcome.map_or(Action::Accept, |outcome| {
-        report(&scratch.meta, &outcome, Hook::Egress, ifindex, now);
+        report(&scratch.meta, &outcome, hook, ifindex, now);
         outcome.decision.action
     }))
 }

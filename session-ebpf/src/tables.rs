@@ -133,7 +133,8 @@ pub fn scratch() -> Option<&'static mut Scratch> {
     SCRATCH.get_ptr_mut(0).map(|ptr| unsafe { &mut *ptr })
 }
 
-/// Whether the XDP program runs on `ifindex` (so it already tracked the packet).
+/// Whether an ingress program (XDP or TC) runs on `ifindex`, so it already tracked the
+/// packet.
 #[inline(always)]
 pub fn is_managed(ifindex: u32) -> bool {
     unsafe { MANAGED_IFACES.get(ifindex).is_some() }

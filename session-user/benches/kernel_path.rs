@@ -715,7 +715,7 @@ fn main() {
         "/sys/fs/bpf/session-bench-{}",
         std::process::id()
     )));
-    let mut ebpf = loader::load(&pin.0, CAPACITY).unwrap_or_else(|error| {
+    let mut ebpf = loader::load(&pin.0, CAPACITY, false).unwrap_or_else(|error| {
         panic!("loading the program (run via `cargo xtask bench` as root): {error:#}")
     });
     {

@@ -72,6 +72,9 @@ pub struct Config {
     pub warnings: Vec<ConfigError>,
     /// Interfaces to attach to.
     pub interfaces: Vec<String>,
+    /// Interfaces judged on ingress by the TC program instead of XDP (`[attach]
+    /// tc_ingress`): veths fed by local sockets, where XDP pays a copy of each packet.
+    pub tc_ingress: Vec<String>,
     /// Size of the session table.
     pub max_sessions: u32,
     /// Timeouts and tracking switches, as the kernel reads them.
@@ -167,6 +170,8 @@ struct RawConfig {
     #[serde(default)]
     forwarding: Option<RawForwarding>,
     #[serde(default)]
+    attach: Option<RawAttach>,
+    #[serde(default)]
     policy: Option<RawPolicy>,
     #[serde(default)]
     sets: BTreeMap<Spanned<String>, Spanned<Vec<Spanned<String>>>>,
@@ -200,6 +205,13 @@ struct RawTracking {
 #[serde(deny_unknown_fields)]
 struct RawForwarding {
     fast_path: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAttach {
+    #[serde(default)]
+    tc_ingress: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -284,6 +296,13 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     for iface in &raw.interfaces {
         check_iface_name(loc, iface)?;
         interfaces.push(iface.get_ref().clone());
+    }
+    let mut tc_ingress: Vec<String> = Vec::new();
+    for iface in raw.attach.iter().flat_map(|attach| &attach.tc_ingress) {
+        check_iface_name(loc, iface)?;
+        if !tc_ingress.contains(iface.get_ref()) {
+            tc_ingress.push(iface.get_ref().clone());
+        }
     }
     let max_sessions = match raw.limits.and_then(|limits| limits.max_sessions) {
         None => DEFAULT_MAX_SESSIONS,
@@ -389,6 +408,7 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     Ok(Config {
         warnings,
         interfaces,
+        tc_ingress,
         max_sessions,
         settings,
         policy: Policy {

@@ -66,6 +66,11 @@ fn interfaces(config: &Config, extra: &[String]) -> Result<Vec<(String, u32)>> {
             "no interfaces to protect: list them in `interfaces = [...]` in the config or pass --iface NAME"
         );
     }
+    if let Some(stray) = config.tc_ingress.iter().find(|name| !names.contains(name)) {
+        bail!(
+            "`[attach] tc_ingress` names `{stray}`, which is not an interface to protect: add it to `interfaces = [...]` or pass --iface {stray}, or remove it from tc_ingress"
+        );
+    }
     names
         .into_iter()
         .map(|name| match loader::ifindex(&name) {
@@ -126,7 +131,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         writeln!(stdout, "session: ready").context("writing to stdout")?;
         stdout.flush().context("flushing stdout")?;
     }
-    let result = serve(&options, &maps, &mut ifaces, &events).await;
+    let result = serve(&options, &maps, &mut ifaces, &config.tc_ingress, &events).await;
     info!(
         "exiting; {} interface(s) stay protected by the pinned links under {} with the last applied policy (`session down` removes them)",
         ifaces.len(),
@@ -145,7 +150,11 @@ fn start(
     ifaces: &[(String, u32)],
     pinned_before: &[String],
 ) -> Result<aya::Ebpf> {
-    let mut ebpf = loader::load(&options.pin_dir, config.max_sessions)?;
+    let mut ebpf = loader::load(
+        &options.pin_dir,
+        config.max_sessions,
+        !config.tc_ingress.is_empty(),
+    )?;
     let maps = PinnedMaps::open(&options.pin_dir)?;
     maps.write_settings(&config.settings)?;
     let clock = clock::calibrate(&mut ebpf).unwrap_or_else(|error| {
@@ -167,7 +176,10 @@ fn start(
     for (done, (name, index)) in ifaces.iter().enumerate() {
         let attached = maps
             .set_managed(*index, true)
-            .and_then(|()| loader::attach(&mut ebpf, &options.pin_dir, name))
+            .and_then(|()| {
+                let tc_ingress = config.tc_ingress.contains(name);
+                loader::attach(&mut ebpf, &options.pin_dir, name, tc_ingress)
+            })
             .and_then(|()| offer_fast_path(&maps, config, name, *index));
         if let Err(error) = attached {
             for (name, index) in &ifaces[..=done] {
@@ -190,6 +202,7 @@ async fn serve(
     options: &RunOptions,
     maps: &PinnedMaps,
     ifaces: &mut Vec<(String, u32)>,
+    tc_ingress: &[String],
     events: &EventHub,
 ) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -203,7 +216,7 @@ async fn serve(
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); return Ok(()); }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); return Ok(()); }
-            _ = sighup.recv() => reload(&options.config, maps, ifaces),
+            _ = sighup.recv() => reload(&options.config, maps, ifaces, tc_ingress),
             _ = housekeeping.tick() => watch_interfaces(&options.pin_dir, maps, ifaces),
             _ = &mut reaper => {
                 let took = reap(maps, events);
@@ -213,8 +226,15 @@ async fn serve(
     }
 }
 
-/// Applies the config file again; a bad file is reported and changes nothing.
-fn reload(path: &Path, maps: &PinnedMaps, ifaces: &[(String, u32)]) {
+/// Applies the config file again; a bad file is reported and changes nothing. Which
+/// interfaces are attached, and with which ingress program (`attached_tc_ingress`), stays
+/// as the daemon started.
+fn reload(
+    path: &Path,
+    maps: &PinnedMaps,
+    ifaces: &[(String, u32)],
+    attached_tc_ingress: &[String],
+) {
     let applied = config::load(path)
         .map_err(anyhow::Error::from)
         .and_then(|config| {
@@ -224,6 +244,11 @@ fn reload(path: &Path, maps: &PinnedMaps, ifaces: &[(String, u32)]) {
                 .any(|name| !ifaces.iter().any(|(have, _)| have == *name))
             {
                 warn!("reload: interface changes need a restart; keeping the attached set");
+            }
+            if config.tc_ingress != attached_tc_ingress {
+                warn!(
+                    "reload: changes to `[attach] tc_ingress` need a restart; each interface keeps its ingress program"
+                );
             }
             let policy = compile_for_host(&config)?;
             maps.write_settings(&config.settings)?;

@@ -1,7 +1,8 @@
 //! Attachments as pinned BPF links, so that enforcement does not depend on the daemon.
 //!
 //! Every protected interface has two links pinned under `<pin dir>/links/`: `<iface>-xdp`
-//! (ingress) and `<iface>-tc` (TCX egress). A pinned link keeps its program attached after
+//! (XDP ingress), or `<iface>-tc-ingress` for an interface the config judges on TCX
+//! ingress instead, and `<iface>-tc` (TCX egress). A pinned link keeps its program attached after
 //! the process that created it is gone, so a daemon that exits or is killed leaves the
 //! last applied policy in force. A daemon that starts finds the pins and swaps its freshly
 //! loaded program into each link with `BPF_LINK_UPDATE`, which the kernel does atomically:
@@ -35,19 +36,23 @@ pub fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join(LINKS_DIR)
 }
 
-/// The two hooks of an interface, and the suffix of their pins.
+/// The hooks a program can be attached to on an interface, and the suffix of their pins.
+/// An interface has one of the two ingress hooks, never both: a packet judged twice would
+/// be counted and tracked twice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Hook {
     Ingress,
+    TcIngress,
     Egress,
 }
 
 impl Hook {
-    const ALL: [Hook; 2] = [Hook::Ingress, Hook::Egress];
+    const ALL: [Hook; 3] = [Hook::Ingress, Hook::TcIngress, Hook::Egress];
 
     fn suffix(self) -> &'static str {
         match self {
             Hook::Ingress => "-xdp",
+            Hook::TcIngress => "-tc-ingress",
             Hook::Egress => "-tc",
         }
     }
@@ -144,42 +149,56 @@ fn attach_ingress(ingress: &mut Xdp, iface: &str, path: &Path) -> Result<Option<
     Ok(Some(mode))
 }
 
-fn attach_egress(egress: &mut SchedClassifier, iface: &str, path: &Path) -> Result<bool> {
+/// Attaches `program` to `iface` on TCX `side` through the link pinned at `path`,
+/// adopting a link a previous daemon pinned there. Returns whether it was adopted.
+fn attach_tcx(
+    program: &mut SchedClassifier,
+    side: TcAttachType,
+    iface: &str,
+    path: &Path,
+) -> Result<bool> {
     if let Some(link) = pinned(path)? {
         let adopted = SchedClassifierLink::try_from(link)
             .context("the pin is not a TCX link")
             .and_then(|link| {
-                egress
+                program
                     .attach_to_link(link)
                     .context("replacing the program of the TCX link")
             });
         match adopted {
             Ok(id) => {
-                drop(egress.take_link(id)?);
+                drop(program.take_link(id)?);
                 return Ok(true);
             }
             Err(error) => discard_stale(path, iface, &error)?,
         }
     }
-    let id = egress
-        .attach_with_options(
-            iface,
-            TcAttachType::Egress,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        )
-        .with_context(|| format!("attaching the TCX egress program to {iface}"))?;
+    let id = program
+        .attach_with_options(iface, side, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .with_context(|| format!("attaching the TCX {side:?} program to {iface}"))?;
     let link =
-        FdLink::try_from(egress.take_link(id)?).context("the TCX attachment is not a BPF link")?;
+        FdLink::try_from(program.take_link(id)?).context("the TCX attachment is not a BPF link")?;
     pin_new(link, path)?;
     Ok(false)
 }
 
-/// Attaches both programs to `iface` through pinned links, adopting the links a previous
-/// daemon pinned. If the egress side fails after a fresh ingress link was pinned, that
-/// link is removed again, so a failed interface is left as it was found.
+/// The program that judges an interface's ingress.
+pub enum Ingress<'a> {
+    /// XDP, before the kernel builds a socket buffer: the default.
+    Xdp(&'a mut Xdp),
+    /// TCX ingress, for interfaces where XDP would pay a copy of each socket buffer.
+    Tc(&'a mut SchedClassifier),
+}
+
+/// Attaches `ingress` and the egress program to `iface` through pinned links, adopting the
+/// links a previous daemon pinned. If the egress side fails after a fresh ingress link was
+/// pinned, that link is removed again, so a failed interface is left as it was found. An
+/// ingress link of the other kind that a previous daemon pinned (the config moved the
+/// interface between XDP and TC) is removed once the new one is attached: for that moment
+/// packets are judged twice, never not at all.
 pub fn attach(
     pin_dir: &Path,
-    ingress: &mut Xdp,
+    ingress: Ingress<'_>,
     egress: &mut SchedClassifier,
     iface: &str,
 ) -> Result<()> {
@@ -189,29 +208,47 @@ pub fn attach(
         .mode(0o700)
         .create(&dir)
         .with_context(|| format!("creating {} for the pinned links", dir.display()))?;
-    let ingress_path = Hook::Ingress.pin(pin_dir, iface);
-    let mode = attach_ingress(ingress, iface, &ingress_path)?;
-    let egress_adopted = match attach_egress(egress, iface, &Hook::Egress.pin(pin_dir, iface)) {
+    let (hook, other) = match ingress {
+        Ingress::Xdp(_) => (Hook::Ingress, Hook::TcIngress),
+        Ingress::Tc(_) => (Hook::TcIngress, Hook::Ingress),
+    };
+    let ingress_path = hook.pin(pin_dir, iface);
+    let (fresh, ingress) = match ingress {
+        Ingress::Xdp(program) => match attach_ingress(program, iface, &ingress_path)? {
+            None => (false, "XDP ingress: adopted pinned link".to_string()),
+            Some(mode) => (true, format!("XDP ingress: new link, {mode:?} mode")),
+        },
+        Ingress::Tc(program) => {
+            match attach_tcx(program, TcAttachType::Ingress, iface, &ingress_path)? {
+                true => (false, "TCX ingress: adopted pinned link".to_string()),
+                false => (true, "TCX ingress: new link".to_string()),
+            }
+        }
+    };
+    let egress_path = Hook::Egress.pin(pin_dir, iface);
+    let egress_adopted = match attach_tcx(egress, TcAttachType::Egress, iface, &egress_path) {
         Ok(adopted) => adopted,
         Err(error) => {
-            if mode.is_some()
-                && let Err(undo) = release(std::slice::from_ref(&ingress_path), iface)
-            {
-                warn!("{iface}: could not remove the new XDP link: {undo:#}");
+            if fresh && let Err(undo) = release(std::slice::from_ref(&ingress_path), iface) {
+                warn!("{iface}: could not remove the new ingress link: {undo:#}");
             }
             return Err(error);
         }
-    };
-    let ingress = match mode {
-        None => "adopted pinned link".to_string(),
-        Some(mode) => format!("new link, {mode:?} mode"),
     };
     let egress = if egress_adopted {
         "adopted pinned link"
     } else {
         "new link"
     };
-    info!("{iface}: attached (XDP ingress: {ingress}; TCX egress: {egress})");
+    info!("{iface}: attached ({ingress}; TCX egress: {egress})");
+    let replaced = other.pin(pin_dir, iface);
+    if replaced.exists() {
+        release(std::slice::from_ref(&replaced), iface)?;
+        info!(
+            "{iface}: removed the ingress link pinned at {}, which the config no longer asks for",
+            replaced.display()
+        );
+    }
     Ok(())
 }
 

@@ -19,6 +19,7 @@ use crate::links;
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/session"));
 
 const INGRESS_PROGRAM: &str = "session_ingress";
+const INGRESS_TC_PROGRAM: &str = "session_ingress_tc";
 const EGRESS_PROGRAM: &str = "session_egress";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -64,8 +65,10 @@ pub fn unassured_capacity(max_sessions: u32) -> u32 {
 }
 
 /// Loads the object, reusing maps already pinned under `pin_dir` (so sessions and
-/// counters survive a restart) and pinning new ones there with root-only access.
-pub fn load(pin_dir: &Path, max_sessions: u32) -> Result<Ebpf> {
+/// counters survive a restart) and pinning new ones there with root-only access. The TC
+/// ingress program is loaded only when `tc_ingress` says some interface needs it: the
+/// verifier takes a while over each program.
+pub fn load(pin_dir: &Path, max_sessions: u32, tc_ingress: bool) -> Result<Ebpf> {
     create_pin_dir(pin_dir)?;
     let slot_bits = presence::slot_bits_for(max_sessions);
     check_pinned_sizes(
@@ -111,6 +114,14 @@ pub fn load(pin_dir: &Path, max_sessions: u32) -> Result<Ebpf> {
     egress
         .load()
         .context("the kernel rejected the TC program")?;
+    if tc_ingress {
+        let ingress: &mut SchedClassifier = program(&mut ebpf, INGRESS_TC_PROGRAM)?
+            .try_into()
+            .context("TC ingress program is not a TC classifier")?;
+        ingress
+            .load()
+            .context("the kernel rejected the TC ingress program")?;
+    }
     Ok(ebpf)
 }
 
@@ -173,20 +184,30 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::
         .with_context(|| format!("program {name} missing from the eBPF object"))
 }
 
-/// Attaches XDP on ingress (native when the driver supports it) and TCX on egress, as
-/// links pinned under `pin_dir` so that they outlive this process (see [`links`]).
-pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str) -> Result<()> {
+/// Attaches XDP on ingress (native when the driver supports it), or the TC ingress
+/// program when `tc_ingress`, and TCX on egress, as links pinned under `pin_dir` so that
+/// they outlive this process (see [`links`]).
+pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str, tc_ingress: bool) -> Result<()> {
+    let wanted_ingress = if tc_ingress {
+        INGRESS_TC_PROGRAM
+    } else {
+        INGRESS_PROGRAM
+    };
     let (mut ingress, mut egress) = (None, None);
     for (name, program) in ebpf.programs_mut() {
-        match name {
-            INGRESS_PROGRAM => ingress = Some(program),
-            EGRESS_PROGRAM => egress = Some(program),
-            _ => {}
+        if name == wanted_ingress {
+            ingress = Some(program);
+        } else if name == EGRESS_PROGRAM {
+            egress = Some(program);
         }
     }
-    let ingress: &mut Xdp = ingress
-        .with_context(|| format!("program {INGRESS_PROGRAM} missing from the eBPF object"))?
-        .try_into()?;
+    let ingress = ingress
+        .with_context(|| format!("program {wanted_ingress} missing from the eBPF object"))?;
+    let ingress = if tc_ingress {
+        links::Ingress::Tc(ingress.try_into()?)
+    } else {
+        links::Ingress::Xdp(ingress.try_into()?)
+    };
     let egress: &mut SchedClassifier = egress
         .with_context(|| format!("program {EGRESS_PROGRAM} missing from the eBPF object"))?
         .try_into()?;

@@ -223,6 +223,18 @@ fn empty_config_gets_safe_defaults() {
     );
     assert!(!config.settings.has(settings_flags::TCP_LIBERAL));
     assert!(!config.settings.has(settings_flags::TCP_LOOSE));
+    assert!(
+        config.tc_ingress.is_empty(),
+        "every interface is judged by XDP unless the config says otherwise"
+    );
+}
+
+#[test]
+fn tc_ingress_lists_interfaces_once_each() {
+    let config = parse_ok(
+        "interfaces = [\"eth0\", \"veth-c1\"]\n[attach]\ntc_ingress = [\"veth-c1\", \"veth-c2\", \"veth-c1\"]\n",
+    );
+    assert_eq!(config.tc_ingress, ["veth-c1", "veth-c2"]);
 }
 
 #[test]
@@ -598,6 +610,16 @@ fn bad_interface_names() {
         "[[rule]]\nname = \"a\"\naction = \"accept\"\niface = [\"eth/0\"]\n",
         "\"eth/0\"",
         "not a valid interface name",
+    );
+    expect_error(
+        "[attach]\ntc_ingress = [\"veth 1\"]\n",
+        "\"veth 1\"",
+        "not a valid interface name",
+    );
+    expect_error(
+        "[attach]\ntc_egress = [\"veth1\"]\n",
+        "tc_egress",
+        "unknown field",
     );
 }
 
