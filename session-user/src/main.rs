@@ -65,7 +65,7 @@ fn reload(pin_dir: &Path) -> Result<()> {
     )
 }
 
-/// Stateful firewall and connection tracking in eBPF (XDP ingress, TC egress).
+/// Stateful firewall and connection tracking in eBPF (XDP or TC ingress, TC egress).
 ///
 /// Start the firewall with `session run --config FILE`; inspect it from another shell with
 /// `session list` and `session stats`; validate a config with `session check FILE`.
@@ -95,7 +95,8 @@ enum Command {
     ///
     /// Loads the eBPF programs, pins their maps under the pin directory, attaches them to
     /// every interface in the config's `interfaces` and to each --iface (XDP for the
-    /// packets that arrive, TC egress for the packets the host sends), applies the policy
+    /// packets that arrive, or TC ingress for those under `[attach] tc_ingress`; TC egress
+    /// for the packets the host sends), applies the policy
     /// and prints `session: ready` on stdout once it is in force. The programs are
     /// attached through links pinned under the pin directory: SIGINT or SIGTERM exits 0
     /// and the firewall keeps enforcing the last applied policy without the daemon (a
@@ -519,8 +520,8 @@ fn operator_sections() -> Roff {
     entry(
         &mut roff,
         italic(format!("{DEFAULT_PIN_DIR}/links")),
-        "The pinned XDP and TCX links (IFACE-xdp, IFACE-tc) that keep the programs \
-         attached while no daemon runs; session down removes them.",
+        "The pinned XDP and TCX links (IFACE-xdp or IFACE-tc-ingress, and IFACE-tc) that \
+         keep the programs attached while no daemon runs; session down removes them.",
     );
     entry(
         &mut roff,

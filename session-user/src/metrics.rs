@@ -402,7 +402,7 @@ fn kernel_metric(name: &'static str) -> (String, Option<(&'static str, &'static 
         "tcp_ignored" => "TCP segments the state table ignored without changing state.",
         "events_lost" => "Events lost because the event ring buffer was full.",
         "fast_path_forwarded" => {
-            "Packets of established sessions forwarded in XDP by the fast path."
+            "Packets of established sessions the fast path handed to their egress interface."
         }
         _ => "A counter of `session stats` (see docs/CONTRACT.md).",
     };
