@@ -1,10 +1,11 @@
 //! End-to-end benchmark through the lab's veth path, run by `cargo xtask bench` (root,
 //! release `session` binary in `SESSION_BIN`).
 //!
-//! Three firewalls on fw in the same run, each in a fresh lab, interleaved round by
+//! Five firewalls on fw in the same run, each in a fresh lab, interleaved round by
 //! round so that drift in the machine's load hits them alike: none, a do-nothing XDP
 //! program (what XDP on veth costs by itself), nftables with the equivalent `ct state`
-//! policy, and session. Scenarios:
+//! policy, session, and session judging ingress on TC instead of XDP (`[attach]
+//! tc_ingress`). Scenarios:
 //!
 //! - (a) many established UDP flows with small packets (fw opened each flow by sending
 //!   first), blasted by the XDP load generator (`session_tests::xdpgen`, frames handed to
@@ -25,8 +26,14 @@
 //! (b) also runs into an XDP program that drops everything, the floor for dropping in
 //! XDP on this path.
 //!
+//! Socket buffers into veth: (a) and (b) once more, sent by the `AF_PACKET` generator
+//! (`session_tests::loadgen`), so that fw's veth receives socket buffers, as the host side
+//! of a container's veth does from the container's sockets. There veth copies each buffer
+//! into a page before XDP may see it, which TC ingress does not pay; the section compares
+//! nftables with session on XDP and on TC ingress on that path.
+//!
 //! CPU is the machine's: softirq time across all CPUs from /proc/stat over the blast,
-//! where veth delivers packets to fw (XDP, nftables hooks and the IP stack all run
+//! where veth delivers packets to fw (XDP, TC, nftables hooks and the IP stack all run
 //! there), divided by the packets sent; the generator's own work is system time and is
 //! left out. Total busy time per packet is reported beside it.
 //!
@@ -48,7 +55,7 @@ use session_tests::{
     CLIENT_V4, Daemon, FW_IFACE, FW_V4, Family, Lab, Side,
     bare_xdp::BareXdp,
     lifecycle::{STREAM_POLICY, STREAM_PORT},
-    loadgen::{self, Blast},
+    loadgen::{self, Blast, Sent},
     router::{
         FW_WAN_V4, UPSTREAM_IFACE, UPSTREAM_V4, Upstream, WAN_IFACE, routed_lab, router_policy,
         upstream_host,
@@ -59,6 +66,10 @@ use session_user::frames::{self, Tcp, tcp_flags};
 
 /// Rounds; each runs every scenario once per firewall, and the median is reported.
 const ROUNDS: usize = 5;
+/// Rounds of the socket-buffer section, run after the others. Fewer than [`ROUNDS`]: the
+/// section adds four firewalls' labs to a run that already takes about a quarter of an
+/// hour, and the median of three still sets aside one outlying round either way.
+const SKB_ROUNDS: usize = 3;
 /// Established UDP flows in scenario (a).
 const UDP_FLOWS: usize = 4096;
 /// Established TCP connections in scenario (a).
@@ -95,14 +106,29 @@ enum Firewall {
     NoopXdp,
     Nftables,
     Session,
+    /// session judging fw's arriving packets with its TC ingress program instead of XDP
+    /// ([`tc_policy`]): what a veth fed by local sockets should run, measured on every
+    /// path so that what it costs where XDP pays no copy shows as well.
+    SessionTc,
 }
 
 impl Firewall {
-    const ALL: [Firewall; 4] = [
+    const ALL: [Firewall; 5] = [
         Firewall::None,
         Firewall::NoopXdp,
         Firewall::Nftables,
         Firewall::Session,
+        Firewall::SessionTc,
+    ];
+
+    /// The firewalls of the socket-buffer section: the do-nothing XDP program is left out,
+    /// since what XDP costs there is veth's copy, which the earlier run (at 8137d91)
+    /// already measured.
+    const SOCKET_BUFFERS: [Firewall; 4] = [
+        Firewall::None,
+        Firewall::Nftables,
+        Firewall::Session,
+        Firewall::SessionTc,
     ];
 
     fn name(self) -> &'static str {
@@ -111,6 +137,7 @@ impl Firewall {
             Firewall::NoopXdp => "do-nothing XDP (veth baseline)",
             Firewall::Nftables => "nftables (ct state)",
             Firewall::Session => "session",
+            Firewall::SessionTc => "session, TC ingress",
         }
     }
 
@@ -120,8 +147,15 @@ impl Firewall {
             Firewall::NoopXdp => "noop_xdp",
             Firewall::Nftables => "nftables",
             Firewall::Session => "session",
+            Firewall::SessionTc => "session_tc",
         }
     }
+}
+
+/// [`STREAM_POLICY`] with fw's veth judged on TC ingress instead of XDP. The `[attach]`
+/// table comes after the rules, where a new TOML table may start.
+fn tc_policy() -> String {
+    format!("{STREAM_POLICY}\n[attach]\ntc_ingress = [\"{FW_IFACE}\"]\n")
 }
 
 /// (a) forwarded: nftables' equivalent of [`ROUTED_POLICY`], on the forward hook.
@@ -320,14 +354,14 @@ impl Sink<'_> {
         }
     }
 
-    /// Blasts `frames` at the sink's flows and counts what `layer` received, or, at a
-    /// tester's port, what arrived there.
-    fn blast(self, lab: &Lab, frames: Vec<Vec<u8>>, layer: Layer) -> Blasted {
+    /// Blasts `frames` at the sink's flows with `generator` and counts what `layer`
+    /// received, or, at a tester's port, what arrived there.
+    fn blast(self, lab: &Lab, generator: Generator, frames: Vec<Vec<u8>>, layer: Layer) -> Blasted {
         let Sink::UpstreamPort(upstream) = self else {
-            return blast(lab, frames, || self.delivered(lab, layer));
+            return blast(lab, generator, frames, || self.delivered(lab, layer));
         };
         upstream.ok(5, &["nft", &port_counter_ruleset()]);
-        let result = blast(lab, frames, || self.delivered(lab, layer));
+        let result = blast(lab, generator, frames, || self.delivered(lab, layer));
         upstream.ok(5, &["nft", "delete", "table", "netdev", "port"]);
         assert!(
             result.delivered_pps > 0.0,
@@ -360,10 +394,22 @@ impl Sink<'_> {
     }
 }
 
-fn blast(lab: &Lab, frames: Vec<Vec<u8>>, delivered: impl Fn() -> u64) -> Blasted {
+/// A load generator, which decides how fw's veth receives the client's frames:
+/// [`xdpgen::xdp_blast`] hands them over as XDP frames, as a NIC's driver does;
+/// [`loadgen::blast`] (`AF_PACKET`) as socket buffers, as a container's sockets do.
+type Generator = fn(&Blast) -> std::io::Result<Sent>;
+
+/// Sends `frames` from the client with `generator` for one bounded blast, and measures
+/// the rate, what `delivered` counted and the machine's CPU time per packet.
+fn blast(
+    lab: &Lab,
+    generator: Generator,
+    frames: Vec<Vec<u8>>,
+    delivered: impl Fn() -> u64,
+) -> Blasted {
     let delivered_before = delivered();
     let before = cpu_now();
-    let sent = xdpgen::xdp_blast(&Blast {
+    let sent = generator(&Blast {
         netns: lab.ns(Side::Client).to_string(),
         iface: Lab::iface(Side::Client).to_string(),
         frames,
@@ -388,7 +434,7 @@ fn blast(lab: &Lab, frames: Vec<Vec<u8>>, delivered: impl Fn() -> u64) -> Blaste
 /// (a): the sink sends one datagram to each spoofed source first, so the client's blast
 /// is the reply direction of flows every firewall already tracks. Sources in
 /// 198.19.0.0/24 are left out: behind a router, that is the upstream link.
-fn established_udp(lab: &Lab, sink: Sink<'_>) -> Blasted {
+fn established_udp(lab: &Lab, sink: Sink<'_>, generator: Generator) -> Blasted {
     let frames: Vec<Vec<u8>> = loadgen::udp_frames(
         lab.mac(Side::Client),
         lab.mac(Side::Fw),
@@ -411,7 +457,7 @@ fn established_udp(lab: &Lab, sink: Sink<'_>) -> Blasted {
             .expect("opening a UDP flow");
     }
     std::thread::sleep(Duration::from_millis(300));
-    let result = sink.blast(lab, frames, Layer::Udp);
+    let result = sink.blast(lab, generator, frames, Layer::Udp);
     drop(socket);
     result
 }
@@ -453,7 +499,7 @@ fn freeze(stream: &TcpStream) -> (u32, u32) {
 /// (a), TCP: real connections from the client to the sink, frozen, then a blast of pure
 /// ACKs at each one's next sequence numbers, in window for every firewall. Delivered =
 /// the sink's `Tcp: InSegs`.
-fn established_tcp(lab: &Lab, sink: Sink<'_>) -> Blasted {
+fn established_tcp(lab: &Lab, sink: Sink<'_>, generator: Generator) -> Blasted {
     let listener = sink.tcp_listen(lab);
     set_accept_timeout(&listener, Duration::from_secs(2));
     let to = SocketAddr::new(sink.ip(), TCP_PORT);
@@ -487,14 +533,14 @@ fn established_tcp(lab: &Lab, sink: Sink<'_>) -> Blasted {
             )
         })
         .collect();
-    let result = sink.blast(lab, frames, Layer::Tcp);
+    let result = sink.blast(lab, generator, frames, Layer::Tcp);
     drop(clients);
     drop(servers);
     result
 }
 
 /// (b): a SYN flood to a port no rule opens.
-fn dropped_flood(lab: &Lab) -> Blasted {
+fn dropped_flood(lab: &Lab, generator: Generator) -> Blasted {
     let fw: IpAddr = FW_V4.parse().expect("lab address");
     let frames = loadgen::syn_frames(
         lab.mac(Side::Client),
@@ -503,7 +549,7 @@ fn dropped_flood(lab: &Lab) -> Blasted {
         &[CLOSED_PORT],
         SYN_SOURCES,
     );
-    blast(lab, frames, || 0)
+    blast(lab, generator, frames, || 0)
 }
 
 /// (c): connections per second, each connect, 32 bytes each way, close by fw first (so
@@ -592,14 +638,28 @@ struct Round {
 /// A fresh lab, routed back to the spoofed sources, with room for many client ports, and
 /// ready for the XDP generator's frames.
 fn bench_lab(wired: bool) -> Lab {
-    let lab = if wired {
+    let lab = routed_back(if wired {
         Lab::wired("bench")
     } else {
         Lab::new("bench")
-    };
+    });
     // veth takes the generator's XDP frames only with an XDP program or GRO on fw's end;
     // GRO for every firewall, so all receive the same way.
     lab.ok(Side::Fw, 5, &["ethtool", "-K", FW_IFACE, "gro", "on"]);
+    lab
+}
+
+/// A fresh lab for the socket-buffer section: [`bench_lab`] without GRO on fw's end. With
+/// GRO off (veth's default) and no XDP program, fw's veth hands the `AF_PACKET`
+/// generator's socket buffers to the stack as they come, as the host side of a
+/// container's veth does; GRO would put them through veth's NAPI ring instead.
+fn socket_buffer_lab() -> Lab {
+    routed_back(Lab::new("bench"))
+}
+
+/// Routes fw's replies to the spoofed sources back to the client and gives the client
+/// room for many ports, quickly reused.
+fn routed_back(lab: Lab) -> Lab {
     lab.ok(
         Side::Fw,
         5,
@@ -618,7 +678,7 @@ fn bench_lab(wired: bool) -> Lab {
 fn drop_floor() -> Blasted {
     let lab = bench_lab(false);
     let drop_all = BareXdp::attach(&lab, "session_drop_all");
-    let flood = dropped_flood(&lab);
+    let flood = dropped_flood(&lab, xdpgen::xdp_blast);
     drop(lab);
     drop(drop_all);
     flood
@@ -635,7 +695,40 @@ fn install(firewall: Firewall, lab: &Lab) -> (Option<Daemon<'_>>, Option<BareXdp
             (None, None)
         }
         Firewall::Session => (Some(lab.daemon(STREAM_POLICY)), None),
+        Firewall::SessionTc => (Some(lab.daemon(&tc_policy())), None),
     }
+}
+
+/// Under [`Firewall::SessionTc`], stops the bench unless session's TC ingress program is
+/// what judged fw's arriving packets, so that its rows cannot come from XDP or from no
+/// program at all: fw's veth must carry no XDP program, and counters that only arriving
+/// packets move must have moved. The policy's rule for TCP 8080 (`stream`) matches
+/// arriving packets only, and every lab opens connections to fw's port 8080; where the
+/// lab was `flooded`, the default inbound drop, which only arriving packets reach, must
+/// have counted the flood's SYNs too.
+fn assert_judged_on_tc(firewall: Firewall, lab: &Lab, daemon: Option<&Daemon<'_>>, flooded: bool) {
+    if firewall != Firewall::SessionTc {
+        return;
+    }
+    let link = lab.ok(Side::Fw, 5, &["ip", "-d", "link", "show", "dev", FW_IFACE]);
+    assert!(
+        !link.contains("xdp"),
+        "session on TC ingress: {FW_IFACE} in {} carries an XDP program, so these figures \
+         would not be TC ingress's; `[attach] tc_ingress` must replace XDP on it:\n{link}",
+        lab.ns(Side::Fw)
+    );
+    let stats = daemon.expect("session runs").stats_json();
+    let stream_hits = session_tests::rule_hits(&stats, "stream");
+    let default_drops = stats["default_inbound_hits"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("stats have no default_inbound_hits: {stats}"));
+    assert!(
+        stream_hits > 0 && (!flooded || default_drops > 0),
+        "session on TC ingress judged no arriving packet: the rule for TCP {TCP_PORT} has \
+         {stream_hits} hits and the default inbound drop {default_drops}{}, with no XDP \
+         program on {FW_IFACE}; is the TC ingress program attached and running? {stats}",
+        if flooded { " after a SYN flood" } else { "" }
+    );
 }
 
 /// Loads the nftables ruleset `policy` in fw.
@@ -652,12 +745,13 @@ fn one_round(firewall: Firewall) -> Round {
     let lab = bench_lab(false);
     let (daemon, program) = install(firewall, &lab);
     let round = Round {
-        udp: established_udp(&lab, Sink::Fw),
-        tcp: established_tcp(&lab, Sink::Fw),
-        flood: dropped_flood(&lab),
+        udp: established_udp(&lab, Sink::Fw, xdpgen::xdp_blast),
+        tcp: established_tcp(&lab, Sink::Fw, xdpgen::xdp_blast),
+        flood: dropped_flood(&lab, xdpgen::xdp_blast),
         ..Round::default()
     };
     let direct_connections = connection_rate(&lab);
+    assert_judged_on_tc(firewall, &lab, daemon.as_ref(), true);
     drop(daemon);
     drop(lab);
     drop(program);
@@ -666,6 +760,7 @@ fn one_round(firewall: Firewall) -> Round {
     let wire = BareXdp::wire(&lab);
     let (daemon, program) = install(firewall, &lab);
     let connections = connection_rate(&lab);
+    assert_judged_on_tc(firewall, &lab, daemon.as_ref(), false);
     drop(daemon);
     drop(lab);
     drop(program);
@@ -675,6 +770,34 @@ fn one_round(firewall: Firewall) -> Round {
         direct_connections,
         ..round
     }
+}
+
+/// Every figure of one firewall in one round of the socket-buffer section.
+#[derive(Clone, Copy)]
+struct SkbRound {
+    udp: Blasted,
+    tcp: Blasted,
+    flood: Blasted,
+}
+
+/// Which of a socket-buffer round's blasts a figure comes from.
+type PickSkb = fn(&SkbRound) -> Blasted;
+
+/// One round of the socket-buffer section under one firewall: (a) and (b) sent by the
+/// `AF_PACKET` generator, so that fw's veth receives socket buffers.
+fn one_skb_round(firewall: Firewall) -> SkbRound {
+    let lab = socket_buffer_lab();
+    let (daemon, program) = install(firewall, &lab);
+    let round = SkbRound {
+        udp: established_udp(&lab, Sink::Fw, loadgen::blast),
+        tcp: established_tcp(&lab, Sink::Fw, loadgen::blast),
+        flood: dropped_flood(&lab, loadgen::blast),
+    };
+    assert_judged_on_tc(firewall, &lab, daemon.as_ref(), true);
+    drop(daemon);
+    drop(lab);
+    drop(program);
+    round
 }
 
 /// Which of a routed round's blasts a figure comes from.
@@ -715,10 +838,10 @@ fn one_routed_round(router: Router) -> Routed {
         Router::FastPath => Some(lab.daemon(&routed_policy(true))),
     };
     let routed = Routed {
-        udp: established_udp(&lab, Sink::Upstream(&upstream)),
-        tcp: established_tcp(&lab, Sink::Upstream(&upstream)),
-        udp_at_port: established_udp(&lab, Sink::UpstreamPort(&upstream)),
-        tcp_at_port: established_tcp(&lab, Sink::UpstreamPort(&upstream)),
+        udp: established_udp(&lab, Sink::Upstream(&upstream), xdpgen::xdp_blast),
+        tcp: established_tcp(&lab, Sink::Upstream(&upstream), xdpgen::xdp_blast),
+        udp_at_port: established_udp(&lab, Sink::UpstreamPort(&upstream), xdpgen::xdp_blast),
+        tcp_at_port: established_tcp(&lab, Sink::UpstreamPort(&upstream), xdpgen::xdp_blast),
     };
     if router == Router::FastPath {
         let stats = daemon.as_ref().expect("session runs").stats_json();
@@ -731,6 +854,183 @@ fn one_routed_round(router: Router) -> Routed {
     drop(upstream);
     drop(lab);
     routed
+}
+
+/// The socket-buffer section's markdown, its figures for the JSON (by firewall, and
+/// what each one's CPU per packet is above no firewall's), and its ratios (keys `skb_*`)
+/// for the JSON's `ratios`.
+fn socket_buffer_report(
+    rounds: &[Vec<SkbRound>],
+) -> (String, Value, serde_json::Map<String, Value>) {
+    let at = |firewall: Firewall| {
+        Firewall::SOCKET_BUFFERS
+            .iter()
+            .position(|&each| each == firewall)
+            .expect("a firewall of the socket-buffer section")
+    };
+    let figure = |firewall: Firewall, get: &dyn Fn(&SkbRound) -> f64| {
+        median(rounds[at(firewall)].iter().map(get).collect())
+    };
+    let mut md = format!(
+        "\n### Socket buffers into veth (AF_PACKET generator, {} s runs, median of \
+         {SKB_ROUNDS} rounds)\n\n\
+         The same (a) and (b), sent by one `AF_PACKET` thread (`sendmmsg`) from the client's \
+         sockets, so that fw's veth (GRO off) receives socket buffers, as the host side of a \
+         container's veth does. There veth copies each buffer into a page before an XDP \
+         program may see it; TC ingress sees the buffer as it is. CPU per packet as above.\n",
+        RUN.as_secs()
+    );
+    // (JSON key, table title, whether the blast's packets are delivered, the blast)
+    let scenarios: [(&str, String, bool, PickSkb); 3] = [
+        (
+            "established_udp",
+            format!("(a) {UDP_FLOWS} established UDP flows, 60-byte frames"),
+            true,
+            |r| r.udp,
+        ),
+        (
+            "established_tcp",
+            format!("(a) {TCP_FLOWS} established TCP connections, pure ACKs (54-byte frames)"),
+            true,
+            |r| r.tcp,
+        ),
+        (
+            "drop_flood",
+            format!(
+                "(b) SYN flood to a closed port ({SYN_SOURCES} spoofed sources), dropped by \
+                 the policy (no firewall: answered with RST)"
+            ),
+            false,
+            |r| r.flood,
+        ),
+    ];
+    let mut rows = serde_json::Map::new();
+    for (key, title, delivers, pick) in &scenarios {
+        let _ = writeln!(
+            md,
+            "\n{title}\n\n| firewall | sent pps |{} softirq ns/pkt | busy ns/pkt |\n\
+             |---|---:|{}---:|---:|",
+            if *delivers { " delivered pps |" } else { "" },
+            if *delivers { "---:|" } else { "" },
+        );
+        for firewall in Firewall::SOCKET_BUFFERS {
+            let sent = figure(firewall, &|r| pick(r).sent_pps);
+            let delivered = figure(firewall, &|r| pick(r).delivered_pps);
+            let softirq = figure(firewall, &|r| pick(r).softirq_ns);
+            let busy = figure(firewall, &|r| pick(r).busy_ns);
+            let delivered_cell = if *delivers {
+                format!(" {delivered:.0} |")
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {sent:.0} |{delivered_cell} {softirq:.0} | {busy:.0} |",
+                firewall.name()
+            );
+            let mut row = json!({"sent_pps": sent, "softirq_ns_per_packet": softirq,
+                "busy_ns_per_packet": busy});
+            if *delivers {
+                row["delivered_pps"] = json!(delivered);
+            }
+            let entry = rows.entry(firewall.key()).or_insert_with(|| json!({}));
+            entry[*key] = row;
+        }
+    }
+    // (JSON key, label, the blast, whether it compares CPU (nftables / session) rather
+    // than delivered pps (session / nftables), session on TC ingress's target)
+    let compared: [(&str, &str, PickSkb, bool, Option<f64>); 5] = [
+        (
+            "established_udp_pps",
+            "(a) UDP delivered pps",
+            |r| r.udp,
+            false,
+            Some(1.5),
+        ),
+        (
+            "established_udp_cpu",
+            "(a) UDP CPU per packet (nftables / session)",
+            |r| r.udp,
+            true,
+            None,
+        ),
+        (
+            "established_tcp_pps",
+            "(a) TCP delivered pps",
+            |r| r.tcp,
+            false,
+            Some(1.5),
+        ),
+        (
+            "established_tcp_cpu",
+            "(a) TCP CPU per packet (nftables / session)",
+            |r| r.tcp,
+            true,
+            None,
+        ),
+        (
+            "drop_flood_cpu_per_packet",
+            "(b) CPU per dropped packet (nftables / session)",
+            |r| r.flood,
+            true,
+            Some(5.0),
+        ),
+    ];
+    let ratio = |session: Firewall, pick: PickSkb, cpu: bool| {
+        if cpu {
+            figure(Firewall::Nftables, &|r| pick(r).softirq_ns)
+                / figure(session, &|r| pick(r).softirq_ns)
+        } else {
+            figure(session, &|r| pick(r).delivered_pps)
+                / figure(Firewall::Nftables, &|r| pick(r).delivered_pps)
+        }
+    };
+    let _ = writeln!(
+        md,
+        "\n| socket buffers into veth, session vs nftables | session, TC ingress | target | \
+         met | session, XDP (for comparison) |\n|---|---:|---:|:-:|---:|"
+    );
+    let mut ratios = serde_json::Map::new();
+    for (key, label, pick, cpu, target) in compared {
+        let tc = ratio(Firewall::SessionTc, pick, cpu);
+        let xdp = ratio(Firewall::Session, pick, cpu);
+        let (target_cell, met_cell, tc_value) = match target {
+            Some(target) => (
+                format!("≥ {target}×"),
+                if tc >= target { "yes" } else { "**no**" }.to_string(),
+                json!({"value": tc, "target": target, "meets_target": tc >= target}),
+            ),
+            None => ("-".into(), "-".into(), json!({"value": tc})),
+        };
+        let _ = writeln!(
+            md,
+            "| {label} | {tc:.2}× | {target_cell} | {met_cell} | {xdp:.2}× |"
+        );
+        ratios.insert(format!("skb_{key}_{}", Firewall::SessionTc.key()), tc_value);
+        ratios.insert(
+            format!("skb_{key}_{}", Firewall::Session.key()),
+            json!({"value": xdp}),
+        );
+    }
+    let above_none = |firewall: Firewall| {
+        figure(firewall, &|r| r.udp.softirq_ns) - figure(Firewall::None, &|r| r.udp.softirq_ns)
+    };
+    let (tc_ns, xdp_ns, nft_ns) = (
+        above_none(Firewall::SessionTc),
+        above_none(Firewall::Session),
+        above_none(Firewall::Nftables),
+    );
+    let _ = writeln!(
+        md,
+        "\n(a) UDP CPU per packet above no firewall: session on TC ingress {tc_ns:.0} ns, \
+         session on XDP {xdp_ns:.0} ns (veth's copy included), nftables {nft_ns:.0} ns."
+    );
+    let section = json!({
+        "firewalls": Value::Object(rows),
+        "established_udp_softirq_ns_above_none": {Firewall::SessionTc.key(): tc_ns,
+            Firewall::Session.key(): xdp_ns, Firewall::Nftables.key(): nft_ns},
+    });
+    (md, section, ratios)
 }
 
 fn median(mut samples: Vec<f64>) -> f64 {
@@ -768,6 +1068,17 @@ fn main() {
             routed[index].push(one_routed_round(router));
         }
     }
+    let mut skb_rounds: Vec<Vec<SkbRound>> = vec![Vec::new(); Firewall::SOCKET_BUFFERS.len()];
+    for round in 0..SKB_ROUNDS {
+        for (index, firewall) in Firewall::SOCKET_BUFFERS.into_iter().enumerate() {
+            eprintln!(
+                "e2e: socket buffers, round {} of {SKB_ROUNDS}: {}",
+                round + 1,
+                firewall.name()
+            );
+            skb_rounds[index].push(one_skb_round(firewall));
+        }
+    }
     let floor = [
         median(floors.iter().map(|f| f.sent_pps).collect()),
         median(floors.iter().map(|f| f.softirq_ns).collect()),
@@ -775,7 +1086,7 @@ fn main() {
     ];
     let figure =
         |index: usize, get: &dyn Fn(&Round) -> f64| median(rounds[index].iter().map(get).collect());
-    let (nft, session) = (2, 3);
+    let (nft, session, session_tc) = (2, 3, 4);
 
     let mut md = format!(
         "### End to end (veth between two namespaces, {} s runs, median of {ROUNDS} rounds)\n\n\
@@ -994,6 +1305,8 @@ fn main() {
     let ratio_c = figure(session, &|r| r.connections.0) / figure(nft, &|r| r.connections.0);
     let ratio_c_direct =
         figure(session, &|r| r.direct_connections.0) / figure(nft, &|r| r.direct_connections.0);
+    let ratio_c_direct_tc =
+        figure(session_tc, &|r| r.direct_connections.0) / figure(nft, &|r| r.direct_connections.0);
     let (none, noop_xdp) = (0, 1);
     let session_own_ns =
         figure(session, &|r| r.udp.softirq_ns) - figure(noop_xdp, &|r| r.udp.softirq_ns);
@@ -1018,6 +1331,8 @@ fn main() {
          | (b) CPU per dropped packet (nftables / session) | {ratio_b:.2}× | ≥ 5× | {} |\n\
          | (c) connections/s, through the wire | {ratio_c:.2}× | ≥ 1× | {} |\n\
          | (c) connections/s, veth paired directly | {ratio_c_direct:.2}× | - | - |\n\
+         | (c) connections/s, veth paired directly, session on TC ingress | \
+         {ratio_c_direct_tc:.2}× | ≥ 1× | {} |\n\
          {forwarded_ratio_rows}\n\
          (a) CPU per packet above each one's own baseline: session {session_own_ns:.0} ns \
          above the do-nothing XDP program, nftables {nft_own_ns:.0} ns above no firewall. \
@@ -1032,7 +1347,10 @@ fn main() {
         met(ratio_a_tcp, 1.5),
         met(ratio_b, 5.0),
         met(ratio_c, 1.0),
+        met(ratio_c_direct_tc, 1.0),
     );
+    let (skb_md, skb_rows, skb_ratios) = socket_buffer_report(&skb_rounds);
+    md.push_str(&skb_md);
     print!("{md}");
     let mut ratios = json!({
         "established_udp_delivered_pps": {"value": ratio_a, "target": 1.5, "meets_target": ratio_a >= 1.5},
@@ -1042,11 +1360,12 @@ fn main() {
         "drop_flood_cpu_per_packet": {"value": ratio_b, "target": 5.0, "meets_target": ratio_b >= 5.0},
         "tcp_connections_per_second": {"value": ratio_c, "target": 1.0, "meets_target": ratio_c >= 1.0},
         "tcp_connections_per_second_direct_veth": {"value": ratio_c_direct},
+        "tcp_connections_per_second_direct_veth_session_tc": {"value": ratio_c_direct_tc,
+            "target": 1.0, "meets_target": ratio_c_direct_tc >= 1.0},
     });
-    ratios
-        .as_object_mut()
-        .expect("the ratios are an object")
-        .extend(forwarded_ratios);
+    let ratio_map = ratios.as_object_mut().expect("the ratios are an object");
+    ratio_map.extend(forwarded_ratios);
+    ratio_map.extend(skb_ratios);
     let doc = json!({
         "rounds": ROUNDS, "run_seconds": RUN.as_secs(), "generator": "xdp live frames, one thread",
         "udp_flows": UDP_FLOWS, "tcp_flows": TCP_FLOWS, "syn_sources": SYN_SOURCES,
@@ -1054,6 +1373,9 @@ fn main() {
         "firewalls": Value::Object(json_rows),
         "ratios": ratios,
         "forwarded": Value::Object(routed_rows),
+        "socket_buffers": skb_rows,
+        "socket_buffer_rounds": SKB_ROUNDS,
+        "socket_buffer_generator": "AF_PACKET sendmmsg, one thread, GRO off on fw's veth",
         "drop_floor": {"sent_pps": floor[0], "softirq_ns_per_packet": floor[1],
             "busy_ns_per_packet": floor[2], "nftables_over_floor": floor_ratio,
             "session_ns_above_floor": session_above_floor},
