@@ -2,11 +2,11 @@
 //!
 //! Every protected interface has two links pinned under `<pin dir>/links/`: `<iface>-xdp`
 //! (XDP ingress), or `<iface>-tc-ingress` for an interface the config judges on TCX
-//! ingress instead, and `<iface>-tc` (TCX egress). A pinned link keeps its program attached after
-//! the process that created it is gone, so a daemon that exits or is killed leaves the
-//! last applied policy in force. A daemon that starts finds the pins and swaps its freshly
-//! loaded program into each link with `BPF_LINK_UPDATE`, which the kernel does atomically:
-//! there is no instant without a program on the interface.
+//! ingress instead, and `<iface>-tc` (TCX egress). A pinned link keeps its program
+//! attached after the process that created it is gone, so a daemon that exits or is
+//! killed leaves the last applied policy in force. A daemon that starts finds the pins
+//! and swaps its freshly loaded program into each link with `BPF_LINK_UPDATE`, which the
+//! kernel does atomically: there is no instant without a program on the interface.
 
 use std::{
     io,
