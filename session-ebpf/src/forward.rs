@@ -17,8 +17,9 @@ use session_common::{
 
 use crate::tables::MAX_MANAGED_IFACES;
 
-/// The interfaces the fast path forwards out of, by index: the daemon adds every
-/// interface it manages, so a packet leaves only by one that runs our XDP program.
+/// The interfaces the fast path forwards out of, by index: the daemon adds each interface
+/// it manages that can transmit frames redirected by XDP (`xdp-features`), so a packet
+/// leaves only by one of those.
 #[map]
 static FAST_PATH_PORTS: DevMapHash = DevMapHash::pinned(MAX_MANAGED_IFACES, 0);
 
@@ -37,10 +38,10 @@ const IPV6_FLOWINFO_MASK: u32 = 0x0fff_ffff;
 /// returns the redirect's XDP action. `None`, with the packet unchanged, leaves it to the
 /// kernel: for a local address, no route, forwarding off, a neighbour not yet resolved,
 /// a packet over the egress MTU, a TTL about to run out, IPv4 options, a VLAN tag, an
-/// egress interface we do not manage, or the one the packet came in by (the kernel sends
-/// ICMP redirects).
+/// egress interface that is not one of the ports, or `ingress`, the one the packet came
+/// in by (the kernel sends ICMP redirects).
 #[inline(always)]
-pub fn fast_forward(ctx: &XdpContext, meta: &PacketMeta) -> Option<u32> {
+pub fn fast_forward(ctx: &XdpContext, ingress: u32, meta: &PacketMeta) -> Option<u32> {
     let (data, end) = (ctx.data(), ctx.data_end());
     let ip = data + ETH_HLEN;
     if ip + 20 > end {
@@ -49,7 +50,6 @@ pub fn fast_forward(ctx: &XdpContext, meta: &PacketMeta) -> Option<u32> {
     // SAFETY: the check above keeps the Ethernet header, and an IPv4 header's fixed
     // part, inside the frame.
     let ethertype = u16::from_be_bytes(unsafe { *((data + 12) as *const [u8; 2]) });
-    let ingress = ctx.ingress_ifindex() as u32;
     // SAFETY: all zero bytes are a valid `bpf_fib_lookup` (integers and unions of them).
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.l4_protocol = meta.proto;

@@ -85,7 +85,7 @@ fn try_ingress(ctx: &XdpContext) -> Result<Ingress, Unjudged> {
     report(&scratch.meta, &outcome, Hook::Ingress, ifindex, now);
     if settings.flags & settings_flags::FAST_PATH != 0
         && may_fast_forward(&outcome, scratch.meta.proto)
-        && let Some(redirect) = fast_forward(ctx, &scratch.meta)
+        && let Some(redirect) = fast_forward(ctx, ifindex, &scratch.meta)
     {
         BpfCounters.count(Counter::FastPathForwarded);
         return Ok(Ingress::Forwarded(redirect));
