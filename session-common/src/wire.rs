@@ -64,7 +64,8 @@ pub mod map_names {
     pub const PRESENCE: &str = "PRESENCE";
     /// Index of the presence filter's active bank.
     pub const PRESENCE_BANK: &str = "PRESENCE_BANK";
-    /// Interfaces the fast path may forward out of: every managed one, by index.
+    /// Interfaces the fast path may forward out of, by index: the managed ones that can
+    /// transmit frames redirected by XDP.
     pub const FAST_PATH_PORTS: &str = "FAST_PATH_PORTS";
     /// The benchmarks' load generator's frames ([`super::BenchFrame`]).
     pub const BENCH_FRAMES: &str = "BENCH_FRAMES";
@@ -497,7 +498,7 @@ pub enum Counter {
     TcpIgnored,
     /// Events not reported because the event ring buffer was full.
     EventsLost,
-    /// Packets the fast path forwarded in XDP (`[forwarding] fast_path`).
+    /// Packets the fast path (`[forwarding] fast_path`) handed to their egress interface.
     FastPathForwarded,
 }
 

@@ -245,7 +245,10 @@ fn reload(
             {
                 warn!("reload: interface changes need a restart; keeping the attached set");
             }
-            if config.tc_ingress != attached_tc_ingress {
+            let differs = |a: &[String], b: &[String]| a.iter().any(|name| !b.contains(name));
+            if differs(&config.tc_ingress, attached_tc_ingress)
+                || differs(attached_tc_ingress, &config.tc_ingress)
+            {
                 warn!(
                     "reload: changes to `[attach] tc_ingress` need a restart; each interface keeps its ingress program"
                 );

@@ -41,17 +41,17 @@ pub fn links_dir(pin_dir: &Path) -> PathBuf {
 /// be counted and tracked twice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Hook {
-    Ingress,
+    XdpIngress,
     TcIngress,
     Egress,
 }
 
 impl Hook {
-    const ALL: [Hook; 3] = [Hook::Ingress, Hook::TcIngress, Hook::Egress];
+    const ALL: [Hook; 3] = [Hook::XdpIngress, Hook::TcIngress, Hook::Egress];
 
     fn suffix(self) -> &'static str {
         match self {
-            Hook::Ingress => "-xdp",
+            Hook::XdpIngress => "-xdp",
             Hook::TcIngress => "-tc-ingress",
             Hook::Egress => "-tc",
         }
@@ -209,8 +209,8 @@ pub fn attach(
         .create(&dir)
         .with_context(|| format!("creating {} for the pinned links", dir.display()))?;
     let (hook, other) = match ingress {
-        Ingress::Xdp(_) => (Hook::Ingress, Hook::TcIngress),
-        Ingress::Tc(_) => (Hook::TcIngress, Hook::Ingress),
+        Ingress::Xdp(_) => (Hook::XdpIngress, Hook::TcIngress),
+        Ingress::Tc(_) => (Hook::TcIngress, Hook::XdpIngress),
     };
     let ingress_path = hook.pin(pin_dir, iface);
     let (fresh, ingress) = match ingress {

@@ -95,9 +95,9 @@ enum Command {
     ///
     /// Loads the eBPF programs, pins their maps under the pin directory, attaches them to
     /// every interface in the config's `interfaces` and to each --iface (XDP for the
-    /// packets that arrive, or TC ingress for those under `[attach] tc_ingress`; TC egress
-    /// for the packets the host sends), applies the policy
-    /// and prints `session: ready` on stdout once it is in force. The programs are
+    /// packets that arrive, or TC ingress on the interfaces under `[attach] tc_ingress`;
+    /// TC egress for the packets the host sends), applies the policy and prints
+    /// `session: ready` on stdout once it is in force. The programs are
     /// attached through links pinned under the pin directory: SIGINT or SIGTERM exits 0
     /// and the firewall keeps enforcing the last applied policy without the daemon (a
     /// new daemon adopts the links without a gap); `session down` removes it. Once

@@ -472,8 +472,9 @@ impl PinnedMaps {
         Ok(())
     }
 
-    /// Declares which interfaces run the XDP program. An interface no longer managed also
-    /// leaves the fast path's ports.
+    /// Declares which interfaces run an ingress program (XDP or TC), whose packets the
+    /// egress program then leaves alone. An interface no longer managed also leaves the
+    /// fast path's ports.
     pub fn set_managed(&self, ifindex: u32, managed: bool) -> Result<()> {
         let mut map: HashMap<MapData, u32, u8> =
             HashMap::try_from(self.map(map_names::MANAGED_IFACES)?)
