@@ -12,16 +12,18 @@
 //! The kernel runs with `nf_conntrack_tcp_loose = 0` (a per-namespace sysctl), matching
 //! the daemon's default; that is the one documented difference the setup removes.
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::time::Duration;
-
-use session_tests::raw::{TcpSegment, flags};
-use session_tests::{
-    CtCounts, Daemon, Family, IO_TIMEOUT, Lab, Side, accept_within, read_exact_len, read_to_eof,
-    set_fast_keepalive, set_linger_zero,
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    time::Duration,
 };
-use session_user::frames;
+
+use session_testkit::frames;
+use session_tests::{
+    CtCounts, Daemon, Family, IO_TIMEOUT, Lab, Side, accept_within,
+    raw::{TcpSegment, flags},
+    read_exact_len, read_to_eof, set_fast_keepalive, set_linger_zero,
+};
 
 /// Accept everything: the daemon only classifies, the kernel sees every packet.
 const ACCEPT_ALL: &str = r#"

@@ -7,11 +7,12 @@
 
 use std::time::Duration;
 
-use session_tests::lifecycle::{CLOSED_PORT, PROGRESS, STREAM_POLICY, STREAM_PORT};
 use session_tests::{
-    CLIENT_V4, FW_IFACE, FW_V4, Family, Lab, Side, counter, describe, find_session, rule_hits,
+    CLIENT_V4, FW_IFACE, FW_V4, Family, Lab, Side, counter, describe, find_session,
+    lifecycle::{CLOSED_PORT, PROGRESS, STREAM_POLICY, STREAM_PORT},
+    rule_hits,
 };
-use session_user::maps::{PinnedMaps, monotonic_ns};
+use session_user::bpf::{clock::monotonic_ns, pinned::PinnedMaps};
 
 /// The stream's session from `session list --json`, with its packet counts.
 fn stream_packets(sessions: &[serde_json::Value]) -> u64 {

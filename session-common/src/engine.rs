@@ -1,16 +1,18 @@
-//! The per-packet pipeline shared by the XDP and TC programs: parse, classify, track,
-//! apply the policy, account. Storage is abstracted behind small traits so the kernel backs
+//! The per-packet pipeline shared by the XDP and TC programs: parse, track (which gives
+//! the ct state), apply the policy, account. Storage is abstracted behind small traits so the kernel backs
 //! them with BPF maps and the host with plain collections.
 
-use crate::packet::{IcmpKind, PacketBytes, PacketMeta, ParseError};
-use crate::track::{
-    Invalid, Update, account, direction, embedded_key, flow_key, mark_seen, new_session, state_for,
-    update,
-};
-use crate::wire::{
-    Action, Counter, CtState, Dir, FlowKey, HIT_DEFAULT_INBOUND, HIT_DEFAULT_OUTBOUND, Hook,
-    MAX_RULES, PolicyHeader, RULE_ID_DEFAULT, Rule, Session, Settings, TcpState, event_kind, proto,
-    session_flags, verdict_flags,
+use crate::{
+    packet::{IcmpKind, PacketBytes, PacketMeta, ParseError},
+    track::{
+        Invalid, Update, account, direction, embedded_key, flow_key, mark_seen, new_session,
+        state_for, update,
+    },
+    wire::{
+        Action, Counter, CtState, Dir, FlowKey, HIT_DEFAULT_INBOUND, HIT_DEFAULT_OUTBOUND, Hook,
+        MAX_RULES, PolicyHeader, RULE_ID_DEFAULT, Rule, Session, Settings, TcpState, event_kind,
+        proto, session_flags, verdict_flags,
+    },
 };
 
 /// The session table, in two tiers like the kernel's early-drop policy: new sessions go
@@ -353,7 +355,7 @@ where
     }
     counters.count(Counter::PacketsSeen);
     let (key, src_is_lo) = flow_key(meta);
-    let tracked = classify(
+    let tracked = track_packet(
         meta, &key, src_is_lo, now, settings, &judge, sessions, counters, session,
     );
     Some(finish(
@@ -458,7 +460,7 @@ fn is_closing(state: u8) -> bool {
 /// session in `fresh` is to be inserted if the policy accepts it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn classify<S: SessionTable, R: RuleSource, C: Counters>(
+fn track_packet<S: SessionTable, R: RuleSource, C: Counters>(
     meta: &PacketMeta,
     key: &FlowKey,
     src_is_lo: bool,
@@ -640,7 +642,7 @@ fn finish<S: SessionTable, R: RuleSource, C: Counters>(
         if !tracked.built
             && let Err(reason) = build(session)
         {
-            // Unreachable: a connection attempt always builds (see `classify`); were it
+            // Unreachable: a connection attempt always builds (see `track_packet`); were it
             // reached, the packet would be invalid and is dropped as such.
             counters.count(invalid_counter(reason));
             outcome.state = CtState::Invalid;

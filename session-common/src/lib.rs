@@ -5,13 +5,13 @@
 //! code runs inside the eBPF program and in host unit tests, property tests and fuzzers.
 #![no_std]
 
-pub mod classify;
 pub mod clock;
 pub mod engine;
 pub mod forward;
 pub mod packet;
 pub mod policy;
 pub mod presence;
+pub mod rule_bitmaps;
 pub mod track;
 pub mod wire;
 

@@ -50,9 +50,9 @@ pub mod map_names {
     pub const DAEMON_COUNTERS: &str = "DAEMON_COUNTERS";
     /// Ring buffer of [`super::Event`]s from the kernel path to the daemon.
     pub const EVENTS: &str = "EVENTS";
-    /// Direct-indexed rule bitmaps of both banks (see `classify::bits_slot`).
+    /// Direct-indexed rule bitmaps of both banks (see `rule_bitmaps::bits_slot`).
     pub const RULE_BITS: &str = "RULE_BITS";
-    /// Port interval starts per bank and port dimension (`classify::PortBounds`).
+    /// Port interval starts per bank and port dimension (`rule_bitmaps::PortBounds`).
     pub const PORT_BOUNDS: &str = "PORT_BOUNDS";
     /// Rule bitmaps of the interfaces the rules name, per bank.
     pub const IFACE_BITS: &str = "IFACE_BITS";

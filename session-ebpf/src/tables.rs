@@ -12,15 +12,15 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use session_common::{
-    classify::{
-        ADDR_KEY_BANK_BITS, AddrDim, AddrKey, BitTables, IfaceKey, PortBounds, PortDim, RuleBits,
-        bits_slot, first_match_index,
-    },
     engine::{Counters, Outcome, RuleSource, Scratch, SessionTable},
     packet::{
         MAX_TCP_OPTION_BYTES, PacketBytes, PacketMeta, ParseError, parse_common_case, parse_general,
     },
     presence,
+    rule_bitmaps::{
+        ADDR_KEY_BANK_BITS, AddrDim, AddrKey, BitTables, IfaceKey, PortBounds, PortDim, RuleBits,
+        bits_slot, first_match_index,
+    },
     track::{Invalid, Update, decode_update, encode_update, update},
     wire::{
         Counter, CtState, DaemonCounter, Dir, EVENT_RING_BYTES, Event, FlowKey, Hook, MAX_RULES,
@@ -522,7 +522,7 @@ pub extern "C" fn session_rule_search(
     first_match_index(&BpfBitTables, bank, count, meta, state, hook, ifindex).unwrap_or(NOT_FOUND)
 }
 
-/// The classifier's bitmap maps (see `session_common::classify`).
+/// The classifier's bitmap maps (see `session_common::rule_bitmaps`).
 struct BpfBitTables;
 
 impl BitTables for BpfBitTables {

@@ -31,12 +31,10 @@ use session_common::{
     track::flow_key,
     wire::{FlowKey, FlowState, Session, Settings, TcpState, map_names, session_flags},
 };
+use session_testkit::frames::{self, Tcp, tcp_flags};
 use session_user::{
-    compile::compile,
-    config,
-    frames::{self, Tcp, tcp_flags},
-    loader,
-    maps::{PinnedMaps, monotonic_ns},
+    bpf::{clock::monotonic_ns, loader, pinned::PinnedMaps},
+    policy::{compile::compile, config},
 };
 
 /// Table capacity: a power of two, as the default is. The kernel rounds a hash map's
@@ -730,7 +728,7 @@ fn main() {
     let mut settings = Settings::default();
     settings.flags &= !session_common::wire::settings_flags::TCP_WINDOW_CHECK;
     maps.write_settings(&settings).expect("settings");
-    let clock = session_user::clock::calibrate(&mut ebpf).expect("calibrating the clock");
+    let clock = session_user::bpf::clock::calibrate(&mut ebpf).expect("calibrating the clock");
     maps.write_clock(clock).expect("clock");
     apply(&maps, &policy_text(0));
     let mut bench = Bench {

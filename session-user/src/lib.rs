@@ -1,22 +1,18 @@
-//! The `session` daemon and CLI as a library: configuration, policy compilation, loading
-//! and attaching the eBPF programs, reading the pinned maps back.
+//! The `session` daemon and CLI as a library, one folder per concern:
+//!
+//! - [`policy`]: the TOML configuration, its validation and its compilation into the
+//!   kernel's rule entries and rule bitmaps; nothing there touches the kernel;
+//! - [`bpf`]: the kernel side as the daemon sees it: loading the eBPF object, pinned maps
+//!   and links, the clock calibration and netdev queries;
+//! - [`daemon`]: `session run` and what keeps it going: the run loop, reaper, reloads and
+//!   readmission, events, metrics, the instance lock, privileges, and `session down`;
+//! - [`cli`]: the command line: arguments, the commands that talk to a running firewall,
+//!   what they print, and the man page;
+//! - [`host_engine`]: session-common's engine over plain collections, which production
+//!   runs for readmission and the tests run as the kernel's reference.
 
-pub mod classify;
-pub mod clock;
-pub mod compile;
-pub mod config;
+pub mod bpf;
+pub mod cli;
 pub mod daemon;
-pub mod events;
-pub mod frames;
-pub mod instance;
-pub mod links;
-pub mod loader;
-pub mod maps;
-pub mod metrics;
-pub mod model;
-pub mod mutate;
-pub mod privileges;
-pub mod readmit;
-pub mod report;
-pub mod teardown;
-pub mod xdp_features;
+pub mod host_engine;
+pub mod policy;

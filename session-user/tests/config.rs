@@ -7,7 +7,7 @@ use session_common::wire::{
     Action, CtState, FAMILY_IPV4, FAMILY_IPV6, Hook, MAX_RULES, NS_PER_SEC, Timeout, proto,
     rule_flags, settings_flags,
 };
-use session_user::{
+use session_user::policy::{
     compile::{self, CompileError},
     config::{self, Config, ConfigError},
 };

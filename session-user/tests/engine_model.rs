@@ -2,8 +2,10 @@
 //! per-packet `ct state` nftables would report, the session state nf_conntrack would hold,
 //! timeouts, verdicts and counters.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::Path;
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use session_common::{
     engine::Outcome,
@@ -14,11 +16,13 @@ use session_common::{
         verdict_flags,
     },
 };
+use session_testkit::frames::{self, Tcp, tcp_flags};
 use session_user::{
-    compile::{self, CompiledPolicy},
-    config,
-    frames::{self, Tcp, tcp_flags},
-    model::{Model, ModelRules},
+    host_engine::{Model, ModelRules},
+    policy::{
+        compile::{self, CompiledPolicy},
+        config,
+    },
 };
 
 const S: u64 = 1_000_000_000;

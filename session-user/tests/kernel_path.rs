@@ -40,14 +40,17 @@ use session_common::{
         session_flags,
     },
 };
-use session_user::{
-    compile::{self, CompiledPolicy},
-    config,
+use session_testkit::{
     frames::{self, Tcp, tcp_flags},
-    loader,
-    maps::{PinnedMaps, monotonic_ns},
-    model::Model,
     mutate::{Mutation, Rng},
+};
+use session_user::{
+    bpf::{clock::monotonic_ns, loader, pinned::PinnedMaps},
+    host_engine::Model,
+    policy::{
+        compile::{self, CompiledPolicy},
+        config,
+    },
 };
 
 // ---------------------------------------------------------------------------------------

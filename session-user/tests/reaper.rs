@@ -11,10 +11,7 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData};
 use session_common::wire::{FAMILY_IPV4, FlowKey, Session, map_names};
-use session_user::{
-    loader,
-    maps::{PinnedMaps, monotonic_ns},
-};
+use session_user::bpf::{clock::monotonic_ns, loader, pinned::PinnedMaps};
 
 /// Protected-table capacity; the unassured tier gets a quarter.
 const CAPACITY: u32 = 16_384;

@@ -43,14 +43,14 @@ use std::{
     fmt::Write as _,
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::fd::AsRawFd as _,
-    os::fd::RawFd,
+    os::fd::{AsRawFd as _, RawFd},
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use serde_json::{Value, json};
+use session_testkit::frames::{self, Tcp, tcp_flags};
 use session_tests::{
     CLIENT_V4, Daemon, FW_IFACE, FW_V4, Family, Lab, Side,
     bare_xdp::BareXdp,
@@ -62,7 +62,6 @@ use session_tests::{
     },
     set_socket_option, xdpgen,
 };
-use session_user::frames::{self, Tcp, tcp_flags};
 
 /// Rounds; each runs every scenario once per firewall, and the median is reported.
 const ROUNDS: usize = 5;

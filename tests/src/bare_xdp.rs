@@ -65,7 +65,7 @@ impl BareXdp {
             "/sys/fs/bpf/session-bench-{program}-{}",
             std::process::id()
         ));
-        let mut ebpf = session_user::loader::load_for_bench(&pin, 1)
+        let mut ebpf = session_user::bpf::loader::load_for_bench(&pin, 1)
             .unwrap_or_else(|error| panic!("loading the eBPF object: {error:#}"));
         // Resolving the interfaces and creating the links happen in the namespace.
         in_netns(ns, || {

@@ -12,15 +12,17 @@
 //! [`udp_frames`]) spoof many sources from the benchmarking ranges only: 198.19.0.0/16
 //! (the half of 198.18.0.0/15 the lab links do not use) and 2001:2:0:ff00::/64.
 
-use std::ffi::CString;
-use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::{
+    ffi::CString,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    thread,
+    time::{Duration, Instant},
+};
 
 use crate::enter_netns;
-use session_user::frames;
+use session_testkit::frames;
 
 use crate::raw::{TcpSegment, flags};
 

@@ -6,13 +6,15 @@
 //! stacks send on that link, which is how a test learns the sequence numbers of a live
 //! connection before injecting into it.
 
-use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::time::{Duration, Instant};
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::{Duration, Instant},
+};
 
 use session_common::wire::proto;
-use session_user::frames;
+use session_testkit::frames;
 
 use crate::{Lab, Side};
 

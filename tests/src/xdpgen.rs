@@ -15,11 +15,13 @@
 //! flushed: the receiving side's work is softirq time there, the generator's own is system
 //! time.
 
-use std::ffi::CString;
-use std::io;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::{
+    ffi::CString,
+    io,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use aya::{
@@ -28,8 +30,10 @@ use aya::{
 };
 use session_common::wire::{BENCH_FRAME_PREFIX, BenchCursor, BenchFrame, map_names};
 
-use crate::enter_netns;
-use crate::loadgen::{Blast, Sent};
+use crate::{
+    enter_netns,
+    loadgen::{Blast, Sent},
+};
 
 /// Frames of the first test run, which measures the rate the later runs are sized by.
 const FIRST_RUN_FRAMES: u32 = 8_192;
@@ -124,7 +128,7 @@ fn send(b: &Blast, template: &[u8], count: u32) -> anyhow::Result<Sent> {
         std::process::id(),
         INSTANCE.fetch_add(1, Ordering::Relaxed)
     )));
-    let mut ebpf = session_user::loader::load_for_bench(&pins.0, count)?;
+    let mut ebpf = session_user::bpf::loader::load_for_bench(&pins.0, count)?;
     let mut table: Array<_, BenchFrame> = ebpf
         .map_mut(map_names::BENCH_FRAMES)
         .context("no frame table in the object")?

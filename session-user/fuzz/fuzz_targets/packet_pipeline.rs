@@ -5,7 +5,10 @@
 
 use libfuzzer_sys::fuzz_target;
 use session_common::wire::{Counter, Hook, NS_PER_SEC, Settings, settings_flags};
-use session_user::{compile::compile, config, model::Model};
+use session_user::{
+    host_engine::Model,
+    policy::{compile::compile, config},
+};
 
 const POLICY: &str = r#"
 [policy]
@@ -45,7 +48,11 @@ fuzz_target!(|data: &[u8]| {
         let len = (rest[1] as usize).min(rest.len() - 2);
         let frame = &rest[2..2 + len];
         rest = &rest[2 + len..];
-        let hook = if control & 1 == 0 { Hook::Ingress } else { Hook::Egress };
+        let hook = if control & 1 == 0 {
+            Hook::Ingress
+        } else {
+            Hook::Egress
+        };
         now += u64::from(control >> 1) * NS_PER_SEC;
         if model.packet(frame, hook, 1, now).is_some() {
             judged += 1;

@@ -3,7 +3,6 @@
 //! list` see exactly what the kernel sees.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{
@@ -11,31 +10,24 @@ use aya::maps::{
     lpm_trie::{Key as LpmKey, LpmTrie},
 };
 use session_common::{
-    classify::{ADDR_KEY_BANK_BITS, AddrKey, IfaceKey, PortBounds, RuleBits, bits_slot},
     clock::TickClock,
-    presence,
+    rule_bitmaps::{ADDR_KEY_BANK_BITS, AddrKey, IfaceKey, PortBounds, RuleBits, bits_slot},
     wire::{
         Counter, DaemonCounter, FlowKey, MAX_RULES, PolicyHeader, RULE_HIT_SLOTS, Rule, RuleName,
         Session, Settings, map_names,
     },
 };
 
-use crate::classify::ClassifyTables;
-use crate::compile::{CompiledPolicy, decode_name};
+use crate::{
+    bpf::{batch::sweep_tier, presence::PresenceFilter},
+    policy::{
+        compile::{CompiledPolicy, decode_name},
+        rule_bitmaps::RuleBitmaps,
+    },
+};
 
 /// Default bpffs directory for the pinned maps.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/session";
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 /// Whether a map operation failed only because the key was not there (aya reports a
 /// missing key on delete as the syscall's ENOENT).
@@ -366,7 +358,7 @@ impl PinnedMaps {
                 .set(next * MAX_RULES + i as u32, entry, 0)
                 .context("writing a policy entry")?;
         }
-        self.write_classifier(next, &policy.classify)?;
+        self.write_classifier(next, &policy.bitmaps)?;
         let mut names = self.array::<RuleName>(map_names::RULE_NAMES)?;
         for id in 0..MAX_RULES {
             let name = policy.names.get(id as usize).copied().unwrap_or(RuleName {
@@ -401,7 +393,7 @@ impl PinnedMaps {
     /// Writes the classifier's bitmaps of the (inactive) `bank`, first removing the keyed
     /// entries an earlier policy left in it, so a smaller policy leaves no stale networks
     /// or interfaces behind.
-    fn write_classifier(&self, bank: u32, tables: &ClassifyTables) -> Result<()> {
+    fn write_classifier(&self, bank: u32, tables: &RuleBitmaps) -> Result<()> {
         let mut bits = self.array::<RuleBits>(map_names::RULE_BITS)?;
         for (slot, value) in tables.used_slots() {
             bits.set(bank * bits_slot::BANK_SLOTS + slot, value, 0)
@@ -485,7 +477,8 @@ impl PinnedMaps {
                 .context("marking an interface managed");
         }
         match map.remove(&ifindex) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Ok(()) => {}
+            Err(error) if is_not_found(&error) => {}
             Err(error) => return Err(error).context("unmarking an interface"),
         }
         match self.fast_path_ports()?.remove(ifindex) {
@@ -496,7 +489,7 @@ impl PinnedMaps {
     }
 
     /// Lets the fast path forward out of a managed interface, one that can transmit the
-    /// frames XDP redirects to it (`crate::xdp_features`).
+    /// frames XDP redirects to it (`crate::bpf::netdev`).
     pub fn add_fast_path_port(&self, ifindex: u32) -> Result<()> {
         self.fast_path_ports()?
             .insert(ifindex, ifindex, None, 0)
@@ -505,195 +498,6 @@ impl PinnedMaps {
 
     fn fast_path_ports(&self) -> Result<DevMapHash<MapData>> {
         DevMapHash::try_from(self.map(map_names::FAST_PATH_PORTS)?).context("map FAST_PATH_PORTS")
-    }
-}
-
-/// `BPF_MAP_LOOKUP_BATCH` from the kernel's `enum bpf_cmd` (aya has no batch API).
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-/// Entries per batch: large enough that a million-session sweep takes a few hundred
-/// system calls, and larger than any hash bucket, which the kernel returns whole.
-const REAP_BATCH: usize = 4096;
-
-/// The `batch` member of the kernel's `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-/// Keys of the sessions in the hash map `data` that expired at `now`, read with
-/// `BPF_MAP_LOOKUP_BATCH`: per-key iteration costs two system calls per session, which
-/// made a sweep of 1M sessions take seconds of daemon CPU (see BENCHMARKS.md). Every key
-/// read, expired or not, is handed to `each_key`.
-fn sweep_tier(
-    data: &MapData,
-    now: u64,
-    mut each_key: impl FnMut(&FlowKey),
-) -> std::io::Result<Vec<FlowKey>> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    let fd = data.fd().as_fd().as_raw_fd();
-    let mut keys = vec![FlowKey::default(); REAP_BATCH];
-    let mut values = vec![Session::default(); REAP_BATCH];
-    // The kernel's cursor for hash maps is a bucket index (u32); a u64 leaves room.
-    let mut cursor_in = 0u64;
-    let mut cursor_out = 0u64;
-    let mut first = true;
-    let mut expired = Vec::new();
-    loop {
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &cursor_in as *const u64 as u64
-            },
-            out_batch: &mut cursor_out as *mut u64 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: REAP_BATCH as u32,
-            map_fd: fd as u32,
-            ..BatchAttr::default()
-        };
-        // SAFETY: the attribute points at buffers of REAP_BATCH keys and values of the
-        // map's key and value types and at the cursors, all alive for the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        let last = if rc < 0 {
-            let error = std::io::Error::last_os_error();
-            if error.raw_os_error() != Some(libc::ENOENT) {
-                return Err(error);
-            }
-            true
-        } else {
-            false
-        };
-        let filled = (attr.count as usize).min(REAP_BATCH);
-        keys[..filled].iter().for_each(&mut each_key);
-        expired.extend(
-            keys[..filled]
-                .iter()
-                .zip(&values[..filled])
-                .filter(|(_, session)| session.expires_ns <= now)
-                .map(|(key, _)| *key),
-        );
-        if last {
-            return Ok(expired);
-        }
-        cursor_in = cursor_out;
-        first = false;
-    }
-}
-
-/// The presence filter map, mapped into this process: the reaper rebuilds a bank of up to
-/// 64 MiB with memory writes, where a system call per word would take seconds.
-struct PresenceFilter {
-    bytes: *mut u8,
-    len: usize,
-    /// Slots per bank as a power of two, from the map's size.
-    slot_bits: u32,
-}
-
-impl PresenceFilter {
-    fn open(dir: &Path) -> Result<Self> {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
-        let path = dir.join(map_names::PRESENCE);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("cannot open pinned map {}", path.display()))?;
-        let words = data
-            .info()
-            .with_context(|| format!("reading the size of {}", path.display()))?
-            .max_entries();
-        let slot_bits = (words * 8 / 2).trailing_zeros();
-        if presence::words(slot_bits) != words
-            || !(presence::MIN_SLOT_BITS..=presence::MAX_SLOT_BITS).contains(&slot_bits)
-        {
-            bail!(
-                "{} holds {words} words, not two banks of a power of two of slots: it was pinned by another version; run `session down` and start again",
-                path.display()
-            );
-        }
-        let len = words as usize * 8;
-        // SAFETY: maps the whole value area of an array created with BPF_F_MMAPABLE; the
-        // mapping keeps the map alive after `data` closes its descriptor.
-        let bytes = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                data.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if bytes == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("mapping {} into memory", path.display()));
-        }
-        Ok(PresenceFilter {
-            bytes: bytes.cast(),
-            len,
-            slot_bits,
-        })
-    }
-
-    /// Clears every slot of `bank`.
-    fn clear(&self, bank: u32) {
-        let first = presence::byte_offset(bank, 0, self.slot_bits) as usize;
-        for word in (first..first + (1 << self.slot_bits)).step_by(8) {
-            // SAFETY: an 8-aligned word inside the mapping; the kernel writes the same
-            // memory, so every access here is atomic.
-            unsafe { AtomicU64::from_ptr(self.bytes.add(word).cast()) }.store(0, Ordering::Relaxed);
-        }
-    }
-
-    /// The slot of `key` in `bank`.
-    fn slot(&self, bank: u32, key: &FlowKey) -> &AtomicU8 {
-        let slot = presence::slot(key, self.slot_bits);
-        let offset = presence::byte_offset(bank, slot, self.slot_bits) as usize;
-        // SAFETY: a byte inside the mapping, accessed atomically as in `clear`.
-        unsafe { AtomicU8::from_ptr(self.bytes.add(offset)) }
-    }
-
-    /// Sets the slot of `key` in `bank`.
-    fn set(&self, bank: u32, key: &FlowKey) {
-        self.slot(bank, key).store(1, Ordering::Relaxed);
-    }
-
-    /// Whether the slot of `key` in `bank` is set.
-    fn get(&self, bank: u32, key: &FlowKey) -> bool {
-        self.slot(bank, key).load(Ordering::Relaxed) != 0
-    }
-
-    /// The share of `bank`'s slots that are set.
-    fn fill(&self, bank: u32) -> f64 {
-        let first = presence::byte_offset(bank, 0, self.slot_bits) as usize;
-        let slots = 1usize << self.slot_bits;
-        let set = (first..first + slots)
-            // SAFETY: a byte inside the mapping, accessed atomically as in `clear`.
-            .filter(|&i| {
-                unsafe { AtomicU8::from_ptr(self.bytes.add(i)) }.load(Ordering::Relaxed) != 0
-            })
-            .count();
-        set as f64 / slots as f64
-    }
-}
-
-impl Drop for PresenceFilter {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping `open` made; nothing refers to it any more.
-        unsafe { libc::munmap(self.bytes.cast(), self.len) };
     }
 }
 

@@ -36,24 +36,29 @@ pub fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join(LINKS_DIR)
 }
 
-/// The hooks a program can be attached to on an interface, and the suffix of their pins.
+/// Where a program is attached on an interface, and the suffix of its link's pin (the
+/// policy's `wire::Hook` says only ingress or egress; this also says by which kind of link).
 /// An interface has one of the two ingress hooks, never both: a packet judged twice would
 /// be counted and tracked twice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hook {
+enum Attachment {
     XdpIngress,
     TcIngress,
     Egress,
 }
 
-impl Hook {
-    const ALL: [Hook; 3] = [Hook::XdpIngress, Hook::TcIngress, Hook::Egress];
+impl Attachment {
+    const ALL: [Attachment; 3] = [
+        Attachment::XdpIngress,
+        Attachment::TcIngress,
+        Attachment::Egress,
+    ];
 
     fn suffix(self) -> &'static str {
         match self {
-            Hook::XdpIngress => "-xdp",
-            Hook::TcIngress => "-tc-ingress",
-            Hook::Egress => "-tc",
+            Attachment::XdpIngress => "-xdp",
+            Attachment::TcIngress => "-tc-ingress",
+            Attachment::Egress => "-tc",
         }
     }
 
@@ -209,8 +214,8 @@ pub fn attach(
         .create(&dir)
         .with_context(|| format!("creating {} for the pinned links", dir.display()))?;
     let (hook, other) = match ingress {
-        Ingress::Xdp(_) => (Hook::XdpIngress, Hook::TcIngress),
-        Ingress::Tc(_) => (Hook::TcIngress, Hook::XdpIngress),
+        Ingress::Xdp(_) => (Attachment::XdpIngress, Attachment::TcIngress),
+        Ingress::Tc(_) => (Attachment::TcIngress, Attachment::XdpIngress),
     };
     let ingress_path = hook.pin(pin_dir, iface);
     let (fresh, ingress) = match ingress {
@@ -225,7 +230,7 @@ pub fn attach(
             }
         }
     };
-    let egress_path = Hook::Egress.pin(pin_dir, iface);
+    let egress_path = Attachment::Egress.pin(pin_dir, iface);
     let egress_adopted = match attach_tcx(egress, TcAttachType::Egress, iface, &egress_path) {
         Ok(adopted) => adopted,
         Err(error) => {
@@ -310,7 +315,7 @@ pub fn detach_and_wait(pin_dir: &Path, iface: &str) -> Result<Vec<PathBuf>> {
 
 /// The pin paths of both hooks of `iface`.
 fn hook_paths(pin_dir: &Path, iface: &str) -> Vec<PathBuf> {
-    Hook::ALL
+    Attachment::ALL
         .iter()
         .map(|hook| hook.pin(pin_dir, iface))
         .collect()
@@ -353,7 +358,7 @@ pub fn pinned_interfaces(pin_dir: &Path) -> Result<Vec<String>> {
             .file_name()
             .to_string_lossy()
             .into_owned();
-        let iface = Hook::ALL
+        let iface = Attachment::ALL
             .iter()
             .find_map(|hook| name.strip_suffix(hook.suffix()));
         if let Some(iface) = iface

@@ -8,8 +8,10 @@ use session_common::wire::{
     FAMILY_IPV4, FAMILY_IPV6, MAX_RULES, PolicyHeader, RULE_NAME_LEN, Rule, RuleName, rule_flags,
 };
 
-use crate::classify::{self, ClassifyError, ClassifyTables};
-use crate::config::{Network, Policy, RuleSpec};
+use crate::policy::{
+    config::{Network, Policy, RuleSpec},
+    rule_bitmaps::{self, RuleBitmapError, RuleBitmaps},
+};
 
 /// Why a policy cannot be compiled.
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +45,7 @@ pub enum CompileError {
     },
     /// The entries cannot be indexed by the kernel's classifier.
     #[error(transparent)]
-    Classify(#[from] ClassifyError),
+    Bitmaps(#[from] RuleBitmapError),
 }
 
 /// A policy ready to be written into one bank.
@@ -56,7 +58,7 @@ pub struct CompiledPolicy {
     /// Default actions (generation is set when applied).
     pub header: PolicyHeader,
     /// The kernel classifier's bitmaps of `entries`.
-    pub classify: ClassifyTables,
+    pub bitmaps: RuleBitmaps,
 }
 
 /// Compiles `policy`; `ifindex` resolves interface names.
@@ -89,9 +91,9 @@ pub fn compile(
         }
         expand(spec, id as u16, &ifindexes, &mut entries);
     }
-    let classify = classify::build(&entries)?;
+    let bitmaps = rule_bitmaps::build(&entries)?;
     Ok(CompiledPolicy {
-        classify,
+        bitmaps,
         header: PolicyHeader {
             rule_count: entries.len() as u32,
             generation: 0,

@@ -3,10 +3,12 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use serde_json::{Value, json};
-use session_common::track::originator_endpoints;
-use session_common::wire::{
-    FAMILY_IPV4, FlowKey, FlowState, HIT_DEFAULT_INBOUND, HIT_DEFAULT_OUTBOUND, RULE_ID_DEFAULT,
-    Session, TcpState, proto, session_flags,
+use session_common::{
+    track::originator_endpoints,
+    wire::{
+        FAMILY_IPV4, FlowKey, FlowState, HIT_DEFAULT_INBOUND, HIT_DEFAULT_OUTBOUND,
+        RULE_ID_DEFAULT, Session, TcpState, proto, session_flags,
+    },
 };
 
 /// One session as the user sees it: oriented from its originator.

@@ -1,11 +1,11 @@
-//! Builds the classifier's rule bitmaps (see `session_common::classify`) from a bank's
+//! Builds the classifier's rule bitmaps (see `session_common::rule_bitmaps`) from a bank's
 //! compiled entries, and backs [`BitTables`] with them on the host so tests can check the
 //! bitmap classification against the linear walk.
 
 use std::collections::BTreeMap;
 
 use session_common::{
-    classify::{
+    rule_bitmaps::{
         AddrDim, BitTables, PORT_BOUND_SENTINEL, PORT_BOUND_SLOTS, PortBounds, PortDim, RuleBits,
         bits_slot,
     },
@@ -14,7 +14,7 @@ use session_common::{
 
 /// Why a bank's entries cannot be turned into bitmaps.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ClassifyError {
+pub enum RuleBitmapError {
     /// A network mask is not a run of ones followed by zeros, so no prefix table holds it.
     #[error(
         "kernel entry {entry} has a {side} mask {mask:032x} that is not a prefix mask; \
@@ -60,7 +60,7 @@ pub struct NetBits {
 /// Everything the kernel needs, besides the entries themselves, to classify against one
 /// bank: what `PinnedMaps::apply_policy` writes into the bank's share of the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClassifyTables {
+pub struct RuleBitmaps {
     /// The bank's direct-indexed bitmaps, `bits_slot::BANK_SLOTS` of them.
     pub bits: Vec<RuleBits>,
     /// Port intervals, indexed by [`PortDim`].
@@ -89,15 +89,15 @@ fn prefix_of(
     side: &'static str,
     net: &[u8; 16],
     mask: &[u8; 16],
-) -> Result<(u32, u128), ClassifyError> {
+) -> Result<(u32, u128), RuleBitmapError> {
     let mask = u128::from_be_bytes(*mask);
     let prefix = mask.leading_ones();
     if mask_of(prefix) != mask {
-        return Err(ClassifyError::NotPrefixMask { entry, side, mask });
+        return Err(RuleBitmapError::NotPrefixMask { entry, side, mask });
     }
     let net = u128::from_be_bytes(*net);
     if net & mask != net {
-        return Err(ClassifyError::HostBitsSet {
+        return Err(RuleBitmapError::HostBitsSet {
             entry,
             side,
             net,
@@ -175,7 +175,7 @@ fn port_table(
 
 /// Builds the tables of a bank holding `entries` (at most `MAX_RULES`, which the compiler
 /// guarantees).
-pub fn build(entries: &[Rule]) -> Result<ClassifyTables, ClassifyError> {
+pub fn build(entries: &[Rule]) -> Result<RuleBitmaps, RuleBitmapError> {
     let mut bits = vec![RuleBits::default(); bits_slot::BANK_SLOTS as usize];
     let slot = |offset: u32, index: u32| (offset + index) as usize;
     let mut src_nets = Vec::with_capacity(entries.len());
@@ -247,7 +247,7 @@ pub fn build(entries: &[Rule]) -> Result<ClassifyTables, ClassifyError> {
         named.union_with(&any_iface);
         ifaces.push((ifindex, named));
     }
-    Ok(ClassifyTables {
+    Ok(RuleBitmaps {
         bits,
         port_bounds: [sport_bounds, dport_bounds],
         port_intervals,
@@ -257,7 +257,7 @@ pub fn build(entries: &[Rule]) -> Result<ClassifyTables, ClassifyError> {
     })
 }
 
-impl ClassifyTables {
+impl RuleBitmaps {
     /// The direct-indexed slots `apply_policy` must write: all but the unused port
     /// intervals, which no lookup can reach.
     pub fn used_slots(&self) -> impl Iterator<Item = (u32, &RuleBits)> {
@@ -279,12 +279,12 @@ impl ClassifyTables {
     }
 }
 
-/// One bank on the host: its entries and their [`ClassifyTables`], behind [`BitTables`]
+/// One bank on the host: its entries and their [`RuleBitmaps`], behind [`BitTables`]
 /// (whatever bank is asked for), with the LPM lookup done as a longest-prefix search. What
 /// tests compare with the linear walk.
 pub struct HostBank<'a> {
     /// The bank's tables.
-    pub tables: &'a ClassifyTables,
+    pub tables: &'a RuleBitmaps,
     /// The bank's entries.
     pub entries: &'a [Rule],
 }
@@ -327,14 +327,14 @@ impl BitTables for HostBank<'_> {
 #[cfg(test)]
 mod tests {
     use session_common::{
-        classify::first_match_index,
         packet::PacketMeta,
         policy::rule_matches,
+        rule_bitmaps::first_match_index,
         wire::{CtState, FAMILY_IPV4, FAMILY_IPV6, Hook, MAX_RULES, proto},
     };
 
     use super::*;
-    use crate::mutate::Rng;
+    use session_testkit::mutate::Rng;
 
     const PROTOS: [u8; 6] = [proto::TCP, proto::UDP, proto::ICMP, proto::ICMPV6, 47, 132];
     const IFACES: [u32; 4] = [1, 2, 7, 300];
@@ -599,7 +599,7 @@ mod tests {
         };
         assert!(matches!(
             build(&[Rule::default(), rule]),
-            Err(ClassifyError::NotPrefixMask {
+            Err(RuleBitmapError::NotPrefixMask {
                 entry: 1,
                 side: "source",
                 ..
@@ -611,7 +611,7 @@ mod tests {
         let error = build(&[rule]).expect_err("host bits set");
         assert_eq!(
             error,
-            ClassifyError::HostBitsSet {
+            RuleBitmapError::HostBitsSet {
                 entry: 0,
                 side: "destination",
                 net: 0x1ff,

@@ -13,7 +13,7 @@ use session_common::{
     wire::{Counter, Session, Settings, map_names},
 };
 
-use crate::links;
+use crate::bpf::links;
 
 /// The eBPF object built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/session"));

@@ -14,9 +14,11 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::packet::PacketMeta;
-use crate::policy::rule_matches;
-use crate::wire::{CtState, FAMILY_IPV6, Hook, MAX_RULES, Rule, proto};
+use crate::{
+    packet::PacketMeta,
+    policy::rule_matches,
+    wire::{CtState, FAMILY_IPV6, Hook, MAX_RULES, Rule, proto},
+};
 
 /// 64-bit words in a [`RuleBits`]: one bit per entry of a full bank.
 pub const RULE_WORDS: usize = MAX_RULES as usize / 64;

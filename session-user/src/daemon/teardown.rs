@@ -12,10 +12,14 @@ use anyhow::{Context as _, Result, bail};
 use session_common::wire::map_names;
 
 use crate::{
-    events,
-    instance::{self, Owner},
-    links::{self, links_dir},
-    loader,
+    bpf::{
+        links::{self, links_dir},
+        loader,
+    },
+    daemon::{
+        events,
+        lock::{self, Owner},
+    },
 };
 
 /// How long the daemon gets to exit after SIGTERM before it is sent SIGKILL.
@@ -83,7 +87,7 @@ pub fn down(pin_dir: &Path) -> Result<Vec<String>> {
     }
     // A daemon killed with SIGKILL leaves its lock file and events socket behind.
     for leftover in [
-        instance::run_path(pin_dir, "lock"),
+        lock::run_path(pin_dir, "lock"),
         events::socket_path(pin_dir),
     ] {
         if std::fs::remove_file(&leftover).is_ok() {

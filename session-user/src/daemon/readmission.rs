@@ -15,7 +15,7 @@ use session_common::{
     wire::{Action, CtState, FlowKey, Hook, Session, proto, session_flags},
 };
 
-use crate::{compile::CompiledPolicy, model::ModelRules};
+use crate::{host_engine::ModelRules, policy::compile::CompiledPolicy};
 
 /// The first packet of the session stored under `key`, as far as the policy can see it.
 fn first_packet(key: &FlowKey, session: &Session) -> PacketMeta {
@@ -69,7 +69,12 @@ mod tests {
     use session_common::wire::Hook;
 
     use super::*;
-    use crate::{compile::compile, config, frames, model::Model};
+    use session_testkit::frames;
+
+    use crate::{
+        host_engine::Model,
+        policy::{compile::compile, config},
+    };
 
     const OUTSIDE: u32 = 7;
 

@@ -26,8 +26,8 @@ use tokio::{
 };
 
 use crate::{
-    maps::{PinnedMaps, monotonic_ns},
-    report::{proto_name, state_name},
+    bpf::{clock::monotonic_ns, pinned::PinnedMaps},
+    cli::views::{proto_name, state_name},
 };
 
 /// Longest request head read; a scraper's GET is a few hundred bytes.

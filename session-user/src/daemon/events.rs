@@ -27,9 +27,9 @@ use tokio::{
 };
 
 use crate::{
-    instance,
-    maps::{PinnedMaps, monotonic_ns},
-    report::{SessionView, address, endpoint, proto_name, rule_label},
+    bpf::{clock::monotonic_ns, pinned::PinnedMaps},
+    cli::views::{SessionView, address, endpoint, proto_name, rule_label},
+    daemon::lock,
 };
 
 /// Events buffered per `session events` client before a slow one starts losing them.
@@ -46,7 +46,7 @@ const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
 /// The Unix socket `session events` connects to for the daemon of `pin_dir`.
 pub fn socket_path(pin_dir: &Path) -> PathBuf {
-    instance::run_path(pin_dir, "events")
+    lock::run_path(pin_dir, "events")
 }
 
 /// Names of the [`event_kind`] bits, in the order they are listed.

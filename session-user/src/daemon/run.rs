@@ -16,29 +16,18 @@ use session_common::{
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    clock,
-    compile::{CompiledPolicy, compile},
-    config::{self, Config},
-    events::EventHub,
-    instance::InstanceLock,
-    links, loader,
-    maps::{PinnedMaps, monotonic_ns},
-    metrics, privileges, readmit, xdp_features,
+    bpf::{clock, clock::monotonic_ns, links, loader, netdev, pinned::PinnedMaps},
+    daemon::{
+        events::EventHub,
+        lock::InstanceLock,
+        metrics, privileges, readmission,
+        reaper::{self, REAP_INTERVAL, next_reap_delay},
+    },
+    policy::{
+        compile::{CompiledPolicy, compile},
+        config::{self, Config},
+    },
 };
-
-/// How often expired sessions are freed, at most, and how often interfaces are checked.
-/// Correctness never depends on reaping: the kernel path treats expired sessions as absent
-/// at once; the reaper only frees their memory.
-const REAP_INTERVAL: Duration = Duration::from_secs(5);
-/// The reaper waits at least this many times as long as its last sweep took before the
-/// next one, so that sweeping a huge table costs at most 1/100 (1%) of a core, leaving
-/// room under the 2% budget for the rest of an idle daemon.
-const REAPER_DUTY_FACTOR: u32 = 100;
-
-/// When to sweep again after a sweep that took `took`.
-fn next_reap_delay(took: Duration) -> Duration {
-    REAP_INTERVAL.max(took.saturating_mul(REAPER_DUTY_FACTOR))
-}
 
 /// Options of `session run`.
 pub struct RunOptions {
@@ -219,7 +208,7 @@ async fn serve(
             _ = sighup.recv() => reload(&options.config, maps, ifaces, tc_ingress),
             _ = housekeeping.tick() => watch_interfaces(&options.pin_dir, maps, ifaces),
             _ = &mut reaper => {
-                let took = reap(maps, events);
+                let took = reaper::reap(maps, events);
                 reaper.as_mut().reset(tokio::time::Instant::now() + next_reap_delay(took));
             }
         }
@@ -271,7 +260,7 @@ fn reload(
 /// sessions left were admitted under an older policy and are still welcome.
 fn remove_refused(maps: &PinnedMaps, policy: &CompiledPolicy) -> Result<()> {
     let sessions = maps.live_sessions(monotonic_ns())?;
-    let refused = readmit::refused(policy, &sessions);
+    let refused = readmission::refused(policy, &sessions);
     if refused.is_empty() {
         return Ok(());
     }
@@ -306,7 +295,7 @@ fn watch_interfaces(pin_dir: &Path, maps: &PinnedMaps, ifaces: &mut Vec<(String,
 /// to it; the kernel would drop them silently otherwise. Said when the config turns the
 /// fast path on, since then an interface left out is a surprise.
 fn offer_fast_path(maps: &PinnedMaps, config: &Config, name: &str, index: u32) -> Result<()> {
-    let why_not = match xdp_features::can_transmit_xdp(index) {
+    let why_not = match netdev::can_transmit_xdp(index) {
         Ok(Some(true)) => return maps.add_fast_path_port(index),
         Ok(Some(false)) => "its driver cannot transmit frames redirected by XDP (for a veth, turn GRO on at its peer: `ethtool -K PEER gro on`)".to_string(),
         Ok(None) => "this kernel cannot tell whether it can transmit frames redirected by XDP (Linux 6.3 and later can)".to_string(),
@@ -316,47 +305,4 @@ fn offer_fast_path(maps: &PinnedMaps, config: &Config, name: &str, index: u32) -
         warn!("{name}: the fast path will not forward out of it: {why_not}");
     }
     Ok(())
-}
-
-/// Frees expired sessions and reports them; returns how long the sweep took.
-fn reap(maps: &PinnedMaps, events: &EventHub) -> Duration {
-    let started = std::time::Instant::now();
-    let names = maps.rule_names().unwrap_or_default();
-    match maps.reap(monotonic_ns(), |key, session| {
-        events.expired(key, session, &names)
-    }) {
-        Ok(removed) => {
-            let took = started.elapsed().as_nanos() as u64;
-            let bumped = maps
-                .bump(DaemonCounter::SessionsExpired, removed)
-                .and_then(|()| maps.bump(DaemonCounter::ReaperRuns, 1))
-                .and_then(|()| maps.bump(DaemonCounter::ReaperNsTotal, took))
-                .and_then(|()| maps.set_daemon_counter(DaemonCounter::ReaperLastNs, took));
-            if let Err(error) = bumped {
-                warn!("reaper: {error:#}");
-            }
-            if removed > 0 {
-                log::debug!(
-                    "reaper: removed {removed} expired sessions in {:?}",
-                    started.elapsed()
-                );
-            }
-        }
-        Err(error) => warn!("reaper: {error:#}"),
-    }
-    started.elapsed()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_reaper_backs_off_so_a_huge_table_costs_at_most_one_percent_of_a_core() {
-        assert_eq!(next_reap_delay(Duration::from_millis(3)), REAP_INTERVAL);
-        let slow = Duration::from_millis(700);
-        let delay = next_reap_delay(slow);
-        assert_eq!(delay, Duration::from_secs(70));
-        assert!(slow.as_secs_f64() / (delay.as_secs_f64()) <= 0.01);
-    }
 }

@@ -14,7 +14,7 @@ use session_common::{
     },
 };
 
-use crate::compile::CompiledPolicy;
+use crate::policy::compile::CompiledPolicy;
 
 /// Both session tiers in one hash map (the protected ones listed in `protected`), with
 /// optional capacities. The unassured tier evicts its least recently used entry when

@@ -18,7 +18,7 @@ use session_common::wire::{
 };
 use toml::Spanned;
 
-use crate::compile;
+use crate::policy::compile;
 
 /// A configuration error (or warning) located in its file.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
