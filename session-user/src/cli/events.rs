@@ -1,5 +1,5 @@
 //! `session events`: follows the daemon's event stream. The daemon sends typed
-//! [`EventRecord`]s as JSON lines; `--json` passes them through as they are, otherwise each
+//! [`EventRecord`](crate::daemon::events::record::EventRecord)s as JSON lines; `--json` passes them through as they are, otherwise each
 //! is read back into the record and printed as its human line.
 
 use std::path::Path;
@@ -10,20 +10,17 @@ use tokio::{
     net::UnixStream,
 };
 
-use crate::daemon::events::{
-    record::{EventRecord, StreamLine},
-    socket_path,
-};
+use crate::daemon::events::{record::StreamLine, socket_path};
 
 /// The human form of one line of the stream.
-pub fn human(line: &str) -> Result<String> {
+fn human(line: &str) -> Result<String> {
     let line: StreamLine = serde_json::from_str(line)
         .with_context(|| format!("the daemon sent an event this client cannot read: {line}"))?;
     Ok(match line {
         StreamLine::Lost(lost) => {
             format!("-- {} events lost: this client read too slowly", lost.lost)
         }
-        StreamLine::Event(event) => EventRecord::human_line(&event),
+        StreamLine::Event(event) => event.human_line(),
     })
 }
 
@@ -53,4 +50,30 @@ pub async fn follow(pin_dir: &Path, json: bool) -> Result<()> {
         stdout.flush().await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_line_of_the_stream_prints_as_text() {
+        assert_eq!(
+            human(r#"{"lost":7}"#).expect("a lost line"),
+            "-- 7 events lost: this client read too slowly"
+        );
+        let event = r#"{"time":"2026-11-23T17:06:10.568Z","events":["closed"],"family":"ipv6",
+            "proto":"udp","src":"2001:2::1","sport":53,"dst":"2001:2::2","dport":5353,
+            "state":"established","action":"accept","direction":"out","iface":"eth0","rule":"dns"}"#;
+        assert_eq!(
+            human(event).expect("an event"),
+            "2026-11-23T17:06:10.568Z [CLOSED] udp [2001:2::1]:53 -> [2001:2::2]:5353 out eth0 established accept rule=dns"
+        );
+    }
+
+    #[test]
+    fn a_line_this_client_cannot_read_is_an_error_not_an_empty_line() {
+        let error = human(r#"{"events":["new"]}"#).expect_err("fields are missing");
+        assert!(format!("{error:#}").contains("cannot read"), "{error:#}");
+    }
 }
