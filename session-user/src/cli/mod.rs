@@ -4,6 +4,8 @@
 
 pub mod args;
 pub mod commands;
+#[cfg(test)]
+pub(crate) mod contract_examples;
 pub mod events;
 pub mod man;
 pub mod views;

@@ -375,55 +375,10 @@ impl Stats {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
-
     use serde_json::Value;
 
     use super::*;
-
-    /// docs/CONTRACT.md, where the JSON formats are documented for users.
-    const CONTRACT: &str = include_str!("../../../docs/CONTRACT.md");
-
-    /// The example right under `heading` in docs/CONTRACT.md, from the first line starting
-    /// with `{` through the one ending the object, with the placeholders `N` made 1 and the
-    /// elisions `, ...` left out, so that it is JSON.
-    fn contract_text(heading: &str) -> String {
-        let section = CONTRACT
-            .split_once(heading)
-            .unwrap_or_else(|| panic!("docs/CONTRACT.md has no heading {heading:?}"))
-            .1;
-        let start = section
-            .find("\n{")
-            .expect("an example object after the heading")
-            + 1;
-        let mut text = String::new();
-        for line in section[start..].lines() {
-            text.push_str(line);
-            text.push('\n');
-            if line.trim_end().ends_with('}') {
-                break;
-            }
-        }
-        text.replace(", ...", "").replace(": N", ": 1")
-    }
-
-    /// [`contract_text`] parsed.
-    fn contract_example(heading: &str) -> Value {
-        let text = contract_text(heading);
-        serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("the example under {heading:?} is not JSON ({e}):\n{text}"))
-    }
-
-    fn keys(value: &Value) -> Vec<&str> {
-        let mut keys: Vec<&str> = value
-            .as_object()
-            .expect("an object")
-            .keys()
-            .map(String::as_str)
-            .collect();
-        keys.sort_unstable();
-        keys
-    }
+    use crate::cli::contract_examples::{contract_example, contract_text, documented_flow, keys};
 
     #[test]
     fn the_documented_session_reads_into_the_record_and_back_unchanged() {
@@ -437,15 +392,7 @@ mod tests {
 
     #[test]
     fn a_listed_session_has_exactly_the_documented_fields() {
-        let key = FlowKey {
-            addr_lo: Ipv4Addr::new(198, 18, 0, 1).to_ipv6_mapped().octets(),
-            addr_hi: Ipv4Addr::new(198, 18, 0, 2).to_ipv6_mapped().octets(),
-            port_lo: 40000,
-            port_hi: 8080,
-            proto: proto::TCP,
-            family: FAMILY_IPV4,
-            _pad: [0; 2],
-        };
+        let key = documented_flow();
         let session = Session {
             expires_ns: 431_999_500_000_000,
             packets: [5, 4],

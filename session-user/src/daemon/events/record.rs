@@ -284,36 +284,10 @@ mod tests {
     use session_common::wire::{Action, FAMILY_IPV4, TcpState, proto, session_flags};
 
     use super::*;
+    use crate::cli::contract_examples::{CONTRACT, contract_example, documented_flow, keys};
 
-    /// docs/CONTRACT.md, where the JSON formats are documented for users.
-    const CONTRACT: &str = include_str!("../../../../docs/CONTRACT.md");
     /// README.md, whose `session events` section shows the human lines.
     const README: &str = include_str!("../../../../README.md");
-
-    /// The JSON example right under `heading` in docs/CONTRACT.md: the lines from the first
-    /// one starting with `{` through the one ending the object.
-    fn contract_example(heading: &str) -> Value {
-        let section = CONTRACT
-            .split_once(heading)
-            .unwrap_or_else(|| panic!("docs/CONTRACT.md has no heading {heading:?}"))
-            .1;
-        let start = section
-            .find("\n{")
-            .expect("an example object after the heading")
-            + 1;
-        let text: String = section[start..]
-            .lines()
-            .scan(false, |done, line| {
-                (!*done).then(|| {
-                    *done = line.trim_end().ends_with('}');
-                    line
-                })
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("the example under {heading:?} is not JSON ({e}):\n{text}"))
-    }
 
     fn kernel_event() -> Event {
         Event {
@@ -331,17 +305,6 @@ mod tests {
             hook: Hook::Ingress as u8,
             ifindex: 1,
         }
-    }
-
-    fn keys(value: &Value) -> Vec<&str> {
-        let mut keys: Vec<&str> = value
-            .as_object()
-            .expect("an object")
-            .keys()
-            .map(String::as_str)
-            .collect();
-        keys.sort_unstable();
-        keys
     }
 
     #[test]
@@ -373,15 +336,7 @@ mod tests {
 
     #[test]
     fn an_expired_event_describes_the_session_without_packet_fields() {
-        let key = FlowKey {
-            addr_lo: Ipv4Addr::new(198, 18, 0, 1).to_ipv6_mapped().octets(),
-            addr_hi: Ipv4Addr::new(198, 18, 0, 2).to_ipv6_mapped().octets(),
-            port_lo: 40000,
-            port_hi: 8080,
-            proto: proto::TCP,
-            family: FAMILY_IPV4,
-            _pad: [0; 2],
-        };
+        let key = documented_flow();
         let session = Session {
             expires_ns: monotonic_ns(),
             packets: [5, 4],
