@@ -15,12 +15,12 @@ use session_common::wire::DaemonCounter;
 use crate::{
     bpf::{clock::monotonic_ns, loader, pinned::PinnedMaps},
     cli::{
+        self,
         args::{Cli, Command},
         man::man_page,
         views::{SessionView, Stats, sessions_table},
     },
     daemon::{
-        events,
         lock::Owner,
         run::{self, RunOptions},
         teardown,
@@ -136,8 +136,7 @@ fn dispatch(command: Command) -> Result<()> {
                 ))
             });
             if json {
-                let array: Vec<_> = views.iter().map(SessionView::to_json).collect();
-                println!("{}", serde_json::to_string_pretty(&array)?);
+                println!("{}", serde_json::to_string_pretty(&views)?);
             } else {
                 print!("{}", sessions_table(&views));
             }
@@ -156,7 +155,7 @@ fn dispatch(command: Command) -> Result<()> {
                 &maps.rule_hits()?,
             );
             if json {
-                println!("{}", serde_json::to_string_pretty(&stats.to_json())?);
+                println!("{}", serde_json::to_string_pretty(&stats)?);
             } else {
                 print!("{}", stats.to_text());
             }
@@ -183,7 +182,7 @@ fn dispatch(command: Command) -> Result<()> {
             .enable_all()
             .build()
             .context("starting the async runtime")?
-            .block_on(events::follow(&pin.pin_dir, json)),
+            .block_on(cli::events::follow(&pin.pin_dir, json)),
         Command::Down { pin } => {
             for line in teardown::down(&pin.pin_dir)? {
                 println!("{line}");

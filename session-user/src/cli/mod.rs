@@ -1,7 +1,11 @@
 //! The `session` command line: its arguments (`args`), what each command does
-//! (`commands`), what `list` and `stats` print (`views`) and the man page (`man`).
+//! (`commands`), what `list` and `stats` print (`views`), the `session events` client
+//! (`events`) and the man page (`man`).
 
 pub mod args;
 pub mod commands;
+#[cfg(test)]
+pub(crate) mod contract_examples;
+pub mod events;
 pub mod man;
 pub mod views;

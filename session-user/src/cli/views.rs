@@ -1,8 +1,16 @@
-//! What `session list` and `session stats` print, in human and JSON form.
+//! What `session list` and `session stats` print, in human and JSON form. The JSON form
+//! is the serde serialisation of [`SessionView`] and [`Stats`], so the field names and
+//! types that docs/CONTRACT.md documents are the ones the compiler checks.
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv6Addr},
+};
 
-use serde_json::{Value, json};
+use serde::{
+    Deserialize, Deserializer, Serialize, Serializer,
+    de::{MapAccess, Visitor},
+};
 use session_common::{
     track::originator_endpoints,
     wire::{
@@ -11,12 +19,36 @@ use session_common::{
     },
 };
 
-/// One session as the user sees it: oriented from its originator.
-#[derive(Clone, Debug, PartialEq)]
+/// The address family of a session or event, as `"family"` names it in the JSON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// `"ipv4"`.
+    Ipv4,
+    /// `"ipv6"`.
+    Ipv6,
+}
+
+impl Family {
+    /// The family of a wire `family` byte (anything but IPv4 is IPv6, as in the kernel).
+    pub fn from_wire(family: u8) -> Family {
+        if family == FAMILY_IPV4 {
+            Family::Ipv4
+        } else {
+            Family::Ipv6
+        }
+    }
+}
+
+/// One session as the user sees it, oriented from its originator: a row of `session list`
+/// and, serialised, one object of `session list --json` (docs/CONTRACT.md), field for field
+/// in the documented order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SessionView {
-    /// "ipv4" or "ipv6".
-    pub family: &'static str,
-    /// Protocol name or number.
+    /// IPv4 or IPv6.
+    pub family: Family,
+    /// Protocol name (tcp, udp, icmp, icmpv6) or number as a string.
     pub proto: String,
     /// Originator address.
     pub src: IpAddr,
@@ -26,16 +58,20 @@ pub struct SessionView {
     pub dst: IpAddr,
     /// Responder port (ICMP: 0).
     pub dport: u16,
-    /// State name.
-    pub state: &'static str,
+    /// Protocol state name (`ESTABLISHED`, `REPLIED`…).
+    pub state: String,
     /// Whether the flow is assured.
     pub assured: bool,
     /// Seconds until expiry.
     pub expires_in_secs: u64,
-    /// Packets and bytes, original then reply.
-    pub packets: [u64; 2],
-    /// Bytes, original then reply.
-    pub bytes: [u64; 2],
+    /// Packets from the originator.
+    pub orig_packets: u64,
+    /// Bytes from the originator.
+    pub orig_bytes: u64,
+    /// Packets from the responder.
+    pub reply_packets: u64,
+    /// Bytes from the responder.
+    pub reply_bytes: u64,
     /// Name of the rule that admitted it.
     pub rule: String,
 }
@@ -89,43 +125,21 @@ impl SessionView {
         let state = state_name(key.proto, session.state);
         let rule = rule_label(session.rule_id, rule_names);
         SessionView {
-            family: if key.family == FAMILY_IPV4 {
-                "ipv4"
-            } else {
-                "ipv6"
-            },
+            family: Family::from_wire(key.family),
             proto: proto_name(key.proto),
             src: address(key.family, src),
             sport,
             dst: address(key.family, dst),
             dport: if is_icmp { 0 } else { dport },
-            state,
+            state: state.to_string(),
             assured: session.flags & session_flags::ASSURED != 0,
             expires_in_secs: session.expires_ns.saturating_sub(now) / 1_000_000_000,
-            packets: session.packets,
-            bytes: session.bytes,
+            orig_packets: session.packets[0],
+            orig_bytes: session.bytes[0],
+            reply_packets: session.packets[1],
+            reply_bytes: session.bytes[1],
             rule,
         }
-    }
-
-    /// The JSON object documented in docs/CONTRACT.md.
-    pub fn to_json(&self) -> Value {
-        json!({
-            "family": self.family,
-            "proto": self.proto,
-            "src": self.src.to_string(),
-            "sport": self.sport,
-            "dst": self.dst.to_string(),
-            "dport": self.dport,
-            "state": self.state,
-            "assured": self.assured,
-            "expires_in_secs": self.expires_in_secs,
-            "orig_packets": self.packets[0],
-            "orig_bytes": self.bytes[0],
-            "reply_packets": self.packets[1],
-            "reply_bytes": self.bytes[1],
-            "rule": self.rule,
-        })
     }
 }
 
@@ -151,7 +165,7 @@ impl SessionFilter {
     pub fn matches(&self, view: &SessionView) -> bool {
         self.state
             .as_ref()
-            .is_none_or(|state| state.eq_ignore_ascii_case(view.state))
+            .is_none_or(|state| state.eq_ignore_ascii_case(&view.state))
             && self
                 .proto
                 .as_ref()
@@ -194,7 +208,7 @@ pub fn sessions_table(views: &[SessionView]) -> String {
         } else {
             endpoint(view.src, view.sport, has_ports)
         };
-        let mut state = view.state.to_string();
+        let mut state = view.state.clone();
         if view.assured {
             state.push_str(" [ASSURED]");
         }
@@ -204,8 +218,8 @@ pub fn sessions_table(views: &[SessionView]) -> String {
             src,
             endpoint(view.dst, view.dport, has_ports),
             format!("{}s", view.expires_in_secs),
-            format!("{}/{}", view.packets[0], view.packets[1]),
-            format!("{}/{}", view.bytes[0], view.bytes[1]),
+            format!("{}/{}", view.orig_packets, view.reply_packets),
+            format!("{}/{}", view.orig_bytes, view.reply_bytes),
             view.rule.clone(),
         ]);
     }
@@ -226,17 +240,61 @@ pub fn sessions_table(views: &[SessionView]) -> String {
     out
 }
 
-/// Everything `session stats` reports.
-#[derive(Clone, Debug, PartialEq)]
+/// Counters by name, in the order `session stats` lists them (kernel counters, then the
+/// daemon's); a JSON object in that order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Counters(pub Vec<(String, u64)>);
+
+impl Serialize for Counters {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(name, value)| (name, value)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Counters {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Counters, D::Error> {
+        /// Reads the object's entries in their order.
+        struct Entries;
+        impl<'de> Visitor<'de> for Entries {
+            type Value = Counters;
+            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+                formatter.write_str("an object of counter names and values")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Counters, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(Counters(entries))
+            }
+        }
+        deserializer.deserialize_map(Entries)
+    }
+}
+
+/// The hits of one rule of the active policy, an element of `"rules"`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleHits {
+    /// The rule's name.
+    pub name: String,
+    /// Packets it decided since the policy was applied.
+    pub hits: u64,
+}
+
+/// Everything `session stats` reports; serialised, the object of `session stats --json`
+/// (docs/CONTRACT.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Stats {
     /// Kernel counters then daemon counters, by name.
-    pub counters: Vec<(&'static str, u64)>,
+    pub counters: Counters,
     /// Live sessions.
     pub sessions: u64,
     /// Table capacity.
     pub max_sessions: u64,
-    /// Rule names with hits.
-    pub rules: Vec<(String, u64)>,
+    /// Rule names with hits, in policy order.
+    pub rules: Vec<RuleHits>,
     /// Hits of the inbound default.
     pub default_inbound_hits: u64,
     /// Hits of the outbound default.
@@ -254,34 +312,25 @@ impl Stats {
     ) -> Stats {
         let hit = |slot: u32| hits.get(slot as usize).copied().unwrap_or(0);
         Stats {
-            counters,
+            counters: Counters(
+                counters
+                    .into_iter()
+                    .map(|(name, value)| (name.to_string(), value))
+                    .collect(),
+            ),
             sessions,
             max_sessions,
             rules: names
                 .iter()
                 .enumerate()
-                .map(|(id, name)| (name.clone(), hit(id as u32)))
+                .map(|(id, name)| RuleHits {
+                    name: name.clone(),
+                    hits: hit(id as u32),
+                })
                 .collect(),
             default_inbound_hits: hit(HIT_DEFAULT_INBOUND),
             default_outbound_hits: hit(HIT_DEFAULT_OUTBOUND),
         }
-    }
-
-    /// The JSON object documented in docs/CONTRACT.md.
-    pub fn to_json(&self) -> Value {
-        let counters: serde_json::Map<String, Value> = self
-            .counters
-            .iter()
-            .map(|(name, value)| (name.to_string(), json!(value)))
-            .collect();
-        json!({
-            "counters": counters,
-            "sessions": self.sessions,
-            "max_sessions": self.max_sessions,
-            "rules": self.rules.iter().map(|(name, hits)| json!({"name": name, "hits": hits})).collect::<Vec<_>>(),
-            "default_inbound_hits": self.default_inbound_hits,
-            "default_outbound_hits": self.default_outbound_hits,
-        })
     }
 
     /// Human report.
@@ -294,22 +343,23 @@ impl Stats {
         );
         let width = self
             .counters
+            .0
             .iter()
             .map(|(name, _)| name.len())
             .max()
             .unwrap_or(0);
-        for (name, value) in &self.counters {
+        for (name, value) in &self.counters.0 {
             out.push_str(&format!("  {name:<width$}  {value}\n"));
         }
         out.push_str("\nrule hits:\n");
         let width = self
             .rules
             .iter()
-            .map(|(name, _)| name.len())
+            .map(|rule| rule.name.len())
             .max()
             .unwrap_or(0)
             .max("(default outbound)".len());
-        for (name, hits) in &self.rules {
+        for RuleHits { name, hits } in &self.rules {
             out.push_str(&format!("  {name:<width$}  {hits}\n"));
         }
         out.push_str(&format!(
@@ -320,5 +370,84 @@ impl Stats {
             self.default_outbound_hits
         ));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+    use crate::cli::contract_examples::{contract_example, contract_text, documented_flow, keys};
+
+    #[test]
+    fn the_documented_session_reads_into_the_record_and_back_unchanged() {
+        let documented = contract_example("## `session list --json`");
+        let view: SessionView = serde_json::from_value(documented.clone())
+            .unwrap_or_else(|e| panic!("the documented session does not fit SessionView: {e}"));
+        assert_eq!(serde_json::to_value(&view).expect("JSON"), documented);
+        assert_eq!(view.family, Family::Ipv4);
+        assert_eq!(view.orig_packets, 5);
+    }
+
+    #[test]
+    fn a_listed_session_has_exactly_the_documented_fields() {
+        let key = documented_flow();
+        let session = Session {
+            expires_ns: 431_999_500_000_000,
+            packets: [5, 4],
+            bytes: [400, 300],
+            state: TcpState::Established as u8,
+            flags: session_flags::ORIG_IS_LO | session_flags::ASSURED,
+            rule_id: 0,
+            ..bytemuck::Zeroable::zeroed()
+        };
+        let view = SessionView::new(&key, &session, 0, &["web".into()]);
+        let produced = serde_json::to_value(&view).expect("JSON");
+        assert_eq!(
+            produced,
+            contract_example("## `session list --json`"),
+            "the documented example is this very session"
+        );
+    }
+
+    #[test]
+    fn the_documented_stats_read_into_the_record_and_back_unchanged() {
+        let documented = contract_example("## `session stats --json`");
+        let stats: Stats = serde_json::from_str(&contract_text("## `session stats --json`"))
+            .unwrap_or_else(|e| panic!("the documented stats do not fit Stats: {e}"));
+        assert_eq!(serde_json::to_value(&stats).expect("JSON"), documented);
+        assert_eq!(stats.counters.0[0], ("packets_seen".to_string(), 1));
+        assert_eq!(stats.rules[0].name, "web");
+    }
+
+    #[test]
+    fn produced_stats_have_exactly_the_documented_fields_with_counters_in_order() {
+        let documented = contract_example("## `session stats --json`");
+        let stats = Stats::new(
+            vec![("packets_seen", 3), ("drop_rule", 1), ("reaper_runs", 2)],
+            4,
+            1024,
+            &["web".into()],
+            &[7],
+        );
+        let text = serde_json::to_string(&stats).expect("JSON");
+        assert!(
+            text.starts_with(r#"{"counters":{"packets_seen":3,"drop_rule":1,"reaper_runs":2},"#),
+            "counters keep the order `session stats` prints them in: {text}"
+        );
+        let produced: Value = serde_json::from_str(&text).expect("JSON");
+        assert_eq!(keys(&produced), keys(&documented));
+        assert_eq!(keys(&produced["rules"][0]), keys(&documented["rules"][0]));
+        assert_eq!(produced["rules"][0]["hits"], 7);
+        let back: Stats = serde_json::from_str(&text).expect("reads back");
+        assert_eq!(back, stats);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let mut documented = contract_example("## `session list --json`");
+        documented["extra"] = Value::Bool(true);
+        assert!(serde_json::from_value::<SessionView>(documented).is_err());
     }
 }

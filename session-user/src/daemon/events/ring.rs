@@ -1,0 +1,121 @@
+//! Reading the kernel's event ring buffer: each record becomes an [`EventRecord`], logged
+//! (rate-limited) when a `log = true` rule decided the packet and sent to the clients.
+
+use std::time::Duration;
+
+use aya::maps::{MapData, RingBuf};
+use log::{info, warn};
+use session_common::wire::{DaemonCounter, Event, event_kind};
+use tokio::{io::unix::AsyncFd, sync::broadcast};
+
+use crate::{
+    bpf::pinned::PinnedMaps,
+    daemon::events::{
+        log_limiter::{LOG_PER_SEC, LogLimiter, SUPPRESSED_REPORT},
+        record::EventRecord,
+    },
+};
+
+/// How often the ring buffer is drained: the kernel does not wake the daemon for each
+/// event, only when the ring is half full, so this is how late an event can be.
+const DRAIN_EVERY: Duration = Duration::from_millis(50);
+
+/// Reads the ring buffer until the daemon exits: logs logged packets (rate-limited) and
+/// forwards every event to the clients as a JSON line.
+pub async fn read_ring(
+    mut ring: AsyncFd<RingBuf<MapData>>,
+    maps: PinnedMaps,
+    sender: broadcast::Sender<String>,
+) {
+    let mut reader = RingReader {
+        limiter: LogLimiter::new(),
+        names: (u32::MAX, Vec::new()),
+        maps,
+        sender,
+    };
+    let mut drain = tokio::time::interval(DRAIN_EVERY);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut report = tokio::time::interval(SUPPRESSED_REPORT);
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = match guard {
+                    Ok(guard) => guard,
+                    Err(error) => {
+                        warn!("events: cannot wait on the ring buffer: {error}; events stop");
+                        return;
+                    }
+                };
+                reader.drain(guard.get_inner_mut());
+                guard.clear_ready();
+            }
+            _ = drain.tick() => reader.drain(ring.get_mut()),
+            _ = report.tick() => reader.report_suppressed(),
+        }
+    }
+}
+
+/// What reading the ring buffer keeps between drains.
+struct RingReader {
+    limiter: LogLimiter,
+    names: (u32, Vec<String>),
+    maps: PinnedMaps,
+    sender: broadcast::Sender<String>,
+}
+
+impl RingReader {
+    /// Handles every event in the ring.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        let mut refreshed = false;
+        while let Some(record) = ring.next() {
+            if record.len() < size_of::<Event>() {
+                continue;
+            }
+            let event: Event = bytemuck::pod_read_unaligned(&record[..size_of::<Event>()]);
+            // Formatting costs more than reading: only for a log line or a client.
+            let log = event.kind & event_kind::LOGGED != 0 && self.limiter.admit();
+            let stream = self.sender.receiver_count() > 0;
+            if !log && !stream {
+                continue;
+            }
+            if !refreshed {
+                refresh_names(&self.maps, &mut self.names);
+                refreshed = true;
+            }
+            let record = EventRecord::from_kernel(&event, &self.names.1);
+            if log {
+                info!("{}", record.human_line());
+            }
+            if stream {
+                let _ = self.sender.send(record.to_json());
+            }
+        }
+    }
+
+    /// Sums up the log lines the rate limit suppressed, if any.
+    fn report_suppressed(&mut self) {
+        if let Some(suppressed) = self.limiter.take_report() {
+            warn!(
+                "{suppressed} log lines of logged packets suppressed (limit {LOG_PER_SEC}/s); `session events` shows every one"
+            );
+            if let Err(error) = self
+                .maps
+                .bump(DaemonCounter::LogLinesSuppressed, suppressed)
+            {
+                warn!("events: {error:#}");
+            }
+        }
+    }
+}
+
+/// Keeps the rule names of the active policy generation at hand.
+fn refresh_names(maps: &PinnedMaps, names: &mut (u32, Vec<String>)) {
+    let Ok((_, header)) = maps.active_policy() else {
+        return;
+    };
+    if header.generation != names.0
+        && let Ok(fresh) = maps.rule_names()
+    {
+        *names = (header.generation, fresh);
+    }
+}
