@@ -358,17 +358,19 @@ where
     }
     counters.count(Counter::PacketsSeen);
     let (key, src_is_lo) = flow_key(meta);
-    let mut tracked = track_packet(
-        meta, &key, src_is_lo, now, settings, &judge, sessions, counters, session,
+    let tracked = track_packet(
+        pkt,
+        meta,
+        &key,
+        src_is_lo,
+        now,
+        settings,
+        &judge,
+        sessions,
+        counters,
+        expectations,
+        session,
     );
-    // Only a UDP packet that tracking left NEW pays for expectations: at ingress, the
-    // lookup of the request it may answer; at egress, below, the request's expectation.
-    let udp_new = tracked.state == CtState::New && meta.proto == proto::UDP;
-    if udp_new && hook == Hook::Ingress && answers_expectation(pkt, meta, ifindex, now, expectations)
-    {
-        counters.count(Counter::ExpectationHits);
-        tracked = Tracked::of(CtState::Related);
-    }
     let outcome = finish(
         meta,
         Some(&key),
@@ -379,7 +381,14 @@ where
         counters,
         |fresh: &mut Session| start_session::<S>(fresh, meta, src_is_lo, settings, now),
     );
-    if udp_new && hook == Hook::Egress && outcome.decision.action == Action::Accept {
+    // Only an accepted UDP packet that tracking left NEW pays for setting up an
+    // expectation (at ingress, only one without a session pays for the lookup: see
+    // `track_packet`).
+    if hook == Hook::Egress
+        && outcome.state == CtState::New
+        && meta.proto == proto::UDP
+        && outcome.decision.action == Action::Accept
+    {
         expect_replies(pkt, meta, ifindex, now, expectations, counters);
     }
     Some(outcome)
@@ -528,7 +537,8 @@ fn is_closing(state: u8) -> bool {
 /// session in `fresh` is to be inserted if the policy accepts it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn track_packet<S: SessionTable, R: RuleSource, C: Counters>(
+fn track_packet<P, S, R, C, E>(
+    pkt: &P,
     meta: &PacketMeta,
     key: &FlowKey,
     src_is_lo: bool,
@@ -537,8 +547,16 @@ fn track_packet<S: SessionTable, R: RuleSource, C: Counters>(
     judge: &Judge<'_, R>,
     sessions: &mut S,
     counters: &mut C,
+    expectations: &mut E,
     fresh: &mut Session,
-) -> Tracked {
+) -> Tracked
+where
+    P: PacketBytes + ?Sized,
+    S: SessionTable,
+    R: RuleSource,
+    C: Counters,
+    E: Expectations,
+{
     match meta.icmp_kind {
         IcmpKind::Untracked => return Tracked::of(CtState::Untracked),
         IcmpKind::Error => {
@@ -641,6 +659,15 @@ fn track_packet<S: SessionTable, R: RuleSource, C: Counters>(
         decision: None,
         cache_for: None,
     };
+    // A UDP packet of no session that answers a request the host sent to a group
+    // address: the only packets that pay for the expectation lookup.
+    if meta.proto == proto::UDP
+        && judge.hook == Hook::Ingress
+        && answers_expectation(pkt, meta, judge.ifindex, now, expectations)
+    {
+        counters.count(Counter::ExpectationHits);
+        return Tracked::of(CtState::Related);
+    }
     // A connection attempt's session is built only once the policy admits it: under a SYN
     // flood the policy drops, building them is work thrown away. Building one never fails
     // (track's `a_connection_attempt_always_builds_its_session` checks it).

@@ -2517,3 +2517,217 @@ fn kernel_and_model_agree_at_scale_with_mutated_frames() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Expectations: replies to the host's broadcast and multicast requests.
+// ---------------------------------------------------------------------------------------
+
+/// A BOOTP message of `op` (1 request, 2 reply) and transaction id `xid`: the 236-byte
+/// fixed part, the DHCP magic cookie and an end option.
+fn bootp(op: u8, xid: u32) -> Vec<u8> {
+    let mut message = vec![0u8; 300];
+    message[..4].copy_from_slice(&[op, 1, 6, 0]);
+    message[4..8].copy_from_slice(&xid.to_be_bytes());
+    message[236..240].copy_from_slice(&[99, 130, 83, 99]);
+    message[240] = 255;
+    message
+}
+
+/// A DHCPv6 message of `kind` and 24-bit transaction id `xid`, with an empty option.
+fn dhcp6(kind: u8, xid: u32) -> Vec<u8> {
+    let x = xid.to_be_bytes();
+    vec![kind, x[1], x[2], x[3], 0, 8, 0, 2, 0, 0]
+}
+
+/// An Ethernet frame to the broadcast MAC (a group address) around an IP packet.
+fn to_group_mac(src: IpAddr, dst: IpAddr, transport: (u8, Vec<u8>)) -> Vec<u8> {
+    frames::ethernet_between(
+        [0x02, 0, 0, 0, 0, 1],
+        [0xff; 6],
+        &frames::packet(src, dst, transport),
+    )
+}
+
+#[test]
+fn replies_to_broadcast_and_multicast_requests_pass_as_related_and_others_drop() {
+    let k = Kernel::standard();
+    let mut model = Model::new(test_settings(), &test_policy());
+    let tc: &SchedClassifier = k
+        .ebpf
+        .program("session_egress")
+        .expect("session_egress missing from the object")
+        .try_into()
+        .expect("session_egress is not a TC classifier");
+    // Each step: what, egress (sent by the host) or ingress, the frame, the verdict.
+    let (zero, bcast) = (ip("0.0.0.0"), ip("255.255.255.255"));
+    let (client, server, other) = (ip("198.18.0.2"), ip("198.18.0.1"), ip("198.18.0.9"));
+    let (client6, server6) = (ip("fe80::2"), ip("fe80::1"));
+    let all_dhcp6 = ip("ff02::1:2");
+    let xid = 0x1234_5678;
+    let steps: Vec<(&str, Hook, Vec<u8>, Verdict)> = vec![
+        (
+            "unsolicited OFFER (no DISCOVER yet)",
+            Hook::Ingress,
+            to_group_mac(server, bcast, frames::udp_carrying(67, 68, &bootp(2, xid))),
+            Verdict::Drop,
+        ),
+        (
+            "DISCOVER",
+            Hook::Egress,
+            to_group_mac(zero, bcast, frames::udp_carrying(68, 67, &bootp(1, xid))),
+            Verdict::Pass,
+        ),
+        (
+            "OFFER to the broadcast address",
+            Hook::Ingress,
+            to_group_mac(server, bcast, frames::udp_carrying(67, 68, &bootp(2, xid))),
+            Verdict::Pass,
+        ),
+        (
+            "OFFER to the offered address",
+            Hook::Ingress,
+            frames::frame(server, client, frames::udp_carrying(67, 68, &bootp(2, xid))),
+            Verdict::Pass,
+        ),
+        (
+            "OFFER of another transaction",
+            Hook::Ingress,
+            to_group_mac(server, bcast, frames::udp_carrying(67, 68, &bootp(2, xid + 1))),
+            Verdict::Drop,
+        ),
+        (
+            "a BOOTREQUEST from the server port",
+            Hook::Ingress,
+            to_group_mac(other, bcast, frames::udp_carrying(67, 68, &bootp(1, xid))),
+            Verdict::Drop,
+        ),
+        (
+            "a truncated OFFER",
+            Hook::Ingress,
+            to_group_mac(server, bcast, frames::udp_carrying(67, 68, &bootp(2, xid)[..8])),
+            Verdict::Drop,
+        ),
+        (
+            "NetBIOS name query to a subnet broadcast (group MAC)",
+            Hook::Egress,
+            to_group_mac(client, ip("198.18.0.255"), frames::udp(137, 137, 50)),
+            Verdict::Pass,
+        ),
+        (
+            "NetBIOS answer",
+            Hook::Ingress,
+            frames::frame(other, client, frames::udp(137, 137, 62)),
+            Verdict::Pass,
+        ),
+        (
+            "unicast to the NetBIOS port from elsewhere",
+            Hook::Ingress,
+            frames::frame(other, client, frames::udp(1137, 137, 62)),
+            Verdict::Drop,
+        ),
+        (
+            "unicast NetBIOS query, not to a group",
+            Hook::Egress,
+            frames::frame(client, other, frames::udp(138, 138, 50)),
+            Verdict::Pass,
+        ),
+        (
+            "a reply from another host to that unicast query",
+            Hook::Ingress,
+            frames::frame(server, client, frames::udp(138, 138, 50)),
+            Verdict::Drop,
+        ),
+        (
+            "SSDP M-SEARCH",
+            Hook::Egress,
+            frames::frame(client, ip("239.255.255.250"), frames::udp(40000, 1900, 90)),
+            Verdict::Pass,
+        ),
+        (
+            "SSDP answer to the ephemeral port",
+            Hook::Ingress,
+            frames::frame(other, client, frames::udp(1900, 40000, 200)),
+            Verdict::Pass,
+        ),
+        (
+            "SSDP answer to a port nobody asked from",
+            Hook::Ingress,
+            frames::frame(other, client, frames::udp(1900, 40001, 200)),
+            Verdict::Drop,
+        ),
+        (
+            "unsolicited DHCPv6 ADVERTISE",
+            Hook::Ingress,
+            frames::frame(server6, client6, frames::udp_carrying(547, 546, &dhcp6(2, 0xabcdef))),
+            Verdict::Drop,
+        ),
+        (
+            "DHCPv6 SOLICIT",
+            Hook::Egress,
+            frames::frame(client6, all_dhcp6, frames::udp_carrying(546, 547, &dhcp6(1, 0xabcdef))),
+            Verdict::Pass,
+        ),
+        (
+            "DHCPv6 ADVERTISE",
+            Hook::Ingress,
+            frames::frame(server6, client6, frames::udp_carrying(547, 546, &dhcp6(2, 0xabcdef))),
+            Verdict::Pass,
+        ),
+        (
+            "DHCPv6 ADVERTISE of another transaction",
+            Hook::Ingress,
+            frames::frame(server6, client6, frames::udp_carrying(547, 546, &dhcp6(2, 0xabcdee))),
+            Verdict::Drop,
+        ),
+        (
+            "DHCPv6 RECONFIGURE with the same id",
+            Hook::Ingress,
+            frames::frame(server6, client6, frames::udp_carrying(547, 546, &dhcp6(10, 0xabcdef))),
+            Verdict::Drop,
+        ),
+    ];
+    for (what, hook, frame, expected) in &steps {
+        let now = monotonic_ns();
+        let got = match hook {
+            Hook::Ingress => k.run(frame),
+            Hook::Egress => {
+                let returned = tc
+                    .test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        repeat: 1,
+                        ..TestRunOptions::new()
+                    })
+                    .unwrap_or_else(|error| panic!("TC test run of the {what}: {error:?}"))
+                    .return_value;
+                match returned {
+                    TC_ACT_OK => Verdict::Pass,
+                    TC_ACT_SHOT => Verdict::Drop,
+                    other => panic!("TC egress returned {other} for the {what}"),
+                }
+            }
+        };
+        assert_eq!(got, *expected, "{what}: kernel verdict\n{}", hex(frame));
+        let modelled = model_verdict(model.packet(frame, *hook, TEST_RUN_IFINDEX, now));
+        assert_eq!(modelled, *expected, "{what}: model verdict");
+    }
+    // DISCOVER, NetBIOS, SSDP, SOLICIT; 2 OFFERs, NetBIOS, SSDP, ADVERTISE.
+    for (counter, count) in [
+        (Counter::ExpectationsCreated, 4),
+        (Counter::ExpectationHits, 5),
+        (Counter::StateRelated, 5),
+    ] {
+        assert_eq!(k.counter(counter), count, "kernel {counter:?}");
+        assert_eq!(model.counters.get(counter), count, "model {counter:?}");
+    }
+    // The replies created no sessions: each must answer a live expectation of its own.
+    let offer_key = key(proto::UDP, (server, 67), (bcast, 68));
+    assert!(
+        k.session(&offer_key).is_none(),
+        "an OFFER let in by an expectation creates no session"
+    );
+    assert_eq!(
+        counter_diff(&k, &model),
+        None,
+        "kernel and model counters differ"
+    );
+}
