@@ -87,6 +87,11 @@ pub struct ExpectKey {
 }
 const _: () = assert!(core::mem::size_of::<ExpectKey>() == 16);
 
+#[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]`, `Copy`, fully initialised plain data with explicit padding
+// (checked by bytemuck's Pod derive), so user space may read the kernel's map.
+unsafe impl aya::Pod for ExpectKey {}
+
 /// Where the engine keeps expectations: the kernel in a bounded LRU map, the host model
 /// in a hash map. Values are absolute expiry times (ns, the engine's clock).
 pub trait Expectations {

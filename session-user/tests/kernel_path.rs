@@ -33,6 +33,7 @@ use aya::{
 };
 use session_common::{
     engine::Outcome,
+    expect::ExpectKey,
     packet::ipv4_mapped,
     wire::{
         Action, Counter, CtState, Event, FAMILY_IPV4, FAMILY_IPV6, FlowKey, FlowState, Hook,
@@ -2550,7 +2551,18 @@ fn to_group_mac(src: IpAddr, dst: IpAddr, transport: (u8, Vec<u8>)) -> Vec<u8> {
 
 #[test]
 fn replies_to_broadcast_and_multicast_requests_pass_as_related_and_others_drop() {
-    let k = Kernel::standard();
+    replies_to_group_requests(Ingress::Xdp);
+}
+
+#[test]
+fn replies_to_broadcast_and_multicast_requests_on_tc_ingress() {
+    replies_to_group_requests(Ingress::Tc);
+}
+
+/// The DHCP, DHCPv6, NetBIOS and SSDP exchanges, and a flood of spoofed OFFERs, through
+/// the egress program and `ingress`, against the model.
+fn replies_to_group_requests(ingress: Ingress) {
+    let k = Kernel::start_sized(&test_settings(), &test_policy(), MAX_SESSIONS, ingress);
     let mut model = Model::new(test_settings(), &test_policy());
     let tc: &SchedClassifier = k
         .ebpf
@@ -2686,6 +2698,34 @@ fn replies_to_broadcast_and_multicast_requests_pass_as_related_and_others_drop()
             Verdict::Drop,
         ),
     ];
+    // A new transaction, then a flood of spoofed OFFERs guessing its xid: none gets in,
+    // the map gains nothing from them, and the genuine OFFER still does.
+    let xid2 = 0x0bad_cafe;
+    let mut steps = steps;
+    steps.push((
+        "second DISCOVER",
+        Hook::Egress,
+        to_group_mac(zero, bcast, frames::udp_carrying(68, 67, &bootp(1, xid2))),
+        Verdict::Pass,
+    ));
+    for guess in 0..256u32 {
+        steps.push((
+            "spoofed OFFER",
+            Hook::Ingress,
+            to_group_mac(
+                other,
+                bcast,
+                frames::udp_carrying(67, 68, &bootp(2, xid2 ^ (guess + 1).wrapping_mul(0x9e37_79b9))),
+            ),
+            Verdict::Drop,
+        ));
+    }
+    steps.push((
+        "genuine OFFER after the flood",
+        Hook::Ingress,
+        to_group_mac(server, bcast, frames::udp_carrying(67, 68, &bootp(2, xid2))),
+        Verdict::Pass,
+    ));
     for (what, hook, frame, expected) in &steps {
         let now = monotonic_ns();
         let got = match hook {
@@ -2710,15 +2750,27 @@ fn replies_to_broadcast_and_multicast_requests_pass_as_related_and_others_drop()
         let modelled = model_verdict(model.packet(frame, *hook, TEST_RUN_IFINDEX, now));
         assert_eq!(modelled, *expected, "{what}: model verdict");
     }
-    // DISCOVER, NetBIOS, SSDP, SOLICIT; 2 OFFERs, NetBIOS, SSDP, ADVERTISE.
+    // DISCOVER, NetBIOS, SSDP, SOLICIT, second DISCOVER; 2 OFFERs, NetBIOS, SSDP,
+    // ADVERTISE, the genuine OFFER after the flood.
     for (counter, count) in [
-        (Counter::ExpectationsCreated, 4),
-        (Counter::ExpectationHits, 5),
-        (Counter::StateRelated, 5),
+        (Counter::ExpectationsCreated, 5),
+        (Counter::ExpectationHits, 6),
+        (Counter::StateRelated, 6),
     ] {
         assert_eq!(k.counter(counter), count, "kernel {counter:?}");
         assert_eq!(model.counters.get(counter), count, "model {counter:?}");
     }
+    // Replies never add expectations: only the five requests' are stored.
+    let stored = aya::maps::HashMap::<_, ExpectKey, u64>::try_from(
+        k.ebpf
+            .map("EXPECTATIONS")
+            .expect("EXPECTATIONS missing from the object"),
+    )
+    .unwrap_or_else(|error| panic!("EXPECTATIONS is not a hash map: {error:?}"))
+    .keys()
+    .count();
+    assert_eq!(stored, 5, "expectations stored in the kernel");
+    assert_eq!(model.expectations.map.len(), 5, "expectations in the model");
     // The replies created no sessions: each must answer a live expectation of its own.
     let offer_key = key(proto::UDP, (server, 67), (bcast, 68));
     assert!(
