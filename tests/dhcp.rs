@@ -328,8 +328,14 @@ fn an_unsolicited_offer_and_a_reply_to_a_port_nobody_asked_from_are_dropped() {
     assert_eq!(delta(&before, &after, "expectation_hits"), 0, "{after}");
 
     // A query fw sends to a group from port 5353 expects answers to 5353 only.
-    lab.ok(Side::Fw, 5, &["ip", "route", "add", "224.0.0.0/4", "dev", FW_IFACE]);
-    let query = lab.in_ns(Side::Fw, || UdpSocket::bind("0.0.0.0:5353").expect("bind 5353"));
+    lab.ok(
+        Side::Fw,
+        5,
+        &["ip", "route", "add", "224.0.0.0/4", "dev", FW_IFACE],
+    );
+    let query = lab.in_ns(Side::Fw, || {
+        UdpSocket::bind("0.0.0.0:5353").expect("bind 5353")
+    });
     let other = lab.in_ns(Side::Fw, || {
         let socket = UdpSocket::bind("0.0.0.0:5354").expect("bind 5354");
         socket

@@ -344,7 +344,13 @@ mod tests {
     fn only_dhcp_ports_need_the_payload() {
         assert!(needs_payload(&udp4([0; 4], 68, [255; 4], 67, 300)));
         assert!(needs_payload(&udp4([1; 4], 67, [255; 4], 68, 300)));
-        assert!(!needs_payload(&udp4([1; 4], 5353, [224, 0, 0, 251], 5353, 30)));
+        assert!(!needs_payload(&udp4(
+            [1; 4],
+            5353,
+            [224, 0, 0, 251],
+            5353,
+            30
+        )));
         assert!(needs_payload(&udp6(CLIENT6, 546, ALL_DHCP6, 547, 40)));
         // Port 546 over IPv4 is not DHCP.
         assert!(!needs_payload(&udp4([1; 4], 546, [255; 4], 547, 40)));
@@ -355,7 +361,10 @@ mod tests {
         let discover = udp4([0; 4], 68, [255; 4], 67, 300);
         let (key, expires) = request(&discover, 3, bootp(1, 0xdead_beef), 1_000).unwrap();
         assert_eq!(expires, 1_000 + DHCP_LIFETIME_NS);
-        assert_eq!((key.local_port, key.remote_port, key.xid), (68, 67, 0xdead_beef));
+        assert_eq!(
+            (key.local_port, key.remote_port, key.xid),
+            (68, 67, 0xdead_beef)
+        );
         // OFFER broadcast, or unicast to the offered address: same key.
         for dst in [[255; 4], [198, 18, 0, 50]] {
             let offer = udp4([198, 18, 0, 1], 67, dst, 68, 300);

@@ -1232,7 +1232,10 @@ mod tests {
         let long = ext_opts(30);
         let far = v6_frame(&ipv6(v6(1), v6(2), &[(0, long)], proto::UDP, &udp(1, 2, 4)));
         assert_eq!(ok(&far).udp_payload_at, 0);
-        let tcp = v4_frame(&Ipv4::new(V4_A, V4_B, proto::TCP), &Tcp::new(1, 2, 2).bytes());
+        let tcp = v4_frame(
+            &Ipv4::new(V4_A, V4_B, proto::TCP),
+            &Tcp::new(1, 2, 2).bytes(),
+        );
         assert_eq!(ok(&tcp).udp_payload_at, 0);
     }
 

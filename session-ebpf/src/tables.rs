@@ -80,8 +80,7 @@ static PRESENCE_BANK: Array<u32> = Array::pinned(1, 0);
 /// full, so replies, spoofed or not, can never fill it. Not pinned: entries live seconds,
 /// and a restarted daemon's host simply asks again.
 #[map]
-static EXPECTATIONS: LruHashMap<ExpectKey, u64> =
-    LruHashMap::with_max_entries(MAX_EXPECTATIONS, 0);
+static EXPECTATIONS: LruHashMap<ExpectKey, u64> = LruHashMap::with_max_entries(MAX_EXPECTATIONS, 0);
 
 /// Outstanding broadcast and multicast requests remembered at once: far more than a host
 /// has in flight (a DHCP client has one or two transactions, a resolver a few queries).
@@ -606,7 +605,7 @@ impl Expectations for BpfExpectations {
     fn expect(&mut self, key: &ExpectKey, expires_ns: u64) {
         // A failed insert (no memory) leaves the reply unexpected: it is then NEW, which
         // the policy decides, as without expectations.
-        let _ = EXPECTATIONS.insert(key, &expires_ns, 0);
+        let _ = EXPECTATIONS.insert(key, expires_ns, 0);
     }
 
     #[inline(always)]

@@ -2604,7 +2604,11 @@ fn replies_to_group_requests(ingress: Ingress) {
         (
             "OFFER of another transaction",
             Hook::Ingress,
-            to_group_mac(server, bcast, frames::udp_carrying(67, 68, &bootp(2, xid + 1))),
+            to_group_mac(
+                server,
+                bcast,
+                frames::udp_carrying(67, 68, &bootp(2, xid + 1)),
+            ),
             Verdict::Drop,
         ),
         (
@@ -2616,7 +2620,11 @@ fn replies_to_group_requests(ingress: Ingress) {
         (
             "a truncated OFFER",
             Hook::Ingress,
-            to_group_mac(server, bcast, frames::udp_carrying(67, 68, &bootp(2, xid)[..8])),
+            to_group_mac(
+                server,
+                bcast,
+                frames::udp_carrying(67, 68, &bootp(2, xid)[..8]),
+            ),
             Verdict::Drop,
         ),
         (
@@ -2670,31 +2678,51 @@ fn replies_to_group_requests(ingress: Ingress) {
         (
             "unsolicited DHCPv6 ADVERTISE",
             Hook::Ingress,
-            frames::frame(server6, client6, frames::udp_carrying(547, 546, &dhcp6(2, 0xabcdef))),
+            frames::frame(
+                server6,
+                client6,
+                frames::udp_carrying(547, 546, &dhcp6(2, 0xabcdef)),
+            ),
             Verdict::Drop,
         ),
         (
             "DHCPv6 SOLICIT",
             Hook::Egress,
-            frames::frame(client6, all_dhcp6, frames::udp_carrying(546, 547, &dhcp6(1, 0xabcdef))),
+            frames::frame(
+                client6,
+                all_dhcp6,
+                frames::udp_carrying(546, 547, &dhcp6(1, 0xabcdef)),
+            ),
             Verdict::Pass,
         ),
         (
             "DHCPv6 ADVERTISE",
             Hook::Ingress,
-            frames::frame(server6, client6, frames::udp_carrying(547, 546, &dhcp6(2, 0xabcdef))),
+            frames::frame(
+                server6,
+                client6,
+                frames::udp_carrying(547, 546, &dhcp6(2, 0xabcdef)),
+            ),
             Verdict::Pass,
         ),
         (
             "DHCPv6 ADVERTISE of another transaction",
             Hook::Ingress,
-            frames::frame(server6, client6, frames::udp_carrying(547, 546, &dhcp6(2, 0xabcdee))),
+            frames::frame(
+                server6,
+                client6,
+                frames::udp_carrying(547, 546, &dhcp6(2, 0xabcdee)),
+            ),
             Verdict::Drop,
         ),
         (
             "DHCPv6 RECONFIGURE with the same id",
             Hook::Ingress,
-            frames::frame(server6, client6, frames::udp_carrying(547, 546, &dhcp6(10, 0xabcdef))),
+            frames::frame(
+                server6,
+                client6,
+                frames::udp_carrying(547, 546, &dhcp6(10, 0xabcdef)),
+            ),
             Verdict::Drop,
         ),
     ];
@@ -2715,7 +2743,11 @@ fn replies_to_group_requests(ingress: Ingress) {
             to_group_mac(
                 other,
                 bcast,
-                frames::udp_carrying(67, 68, &bootp(2, xid2 ^ (guess + 1).wrapping_mul(0x9e37_79b9))),
+                frames::udp_carrying(
+                    67,
+                    68,
+                    &bootp(2, xid2 ^ (guess + 1).wrapping_mul(0x9e37_79b9)),
+                ),
             ),
             Verdict::Drop,
         ));
