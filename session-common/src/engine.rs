@@ -3,6 +3,7 @@
 //! them with BPF maps and the host with plain collections.
 
 use crate::{
+    expect::{self, Expectations},
     packet::{IcmpKind, PacketBytes, PacketMeta, ParseError},
     track::{
         Invalid, Update, account, direction, embedded_key, flow_key, mark_seen, new_session,
@@ -303,7 +304,7 @@ fn invalid_counter(reason: Invalid) -> Counter {
 /// Runs one frame through parse, tracking and policy; returns what to do with it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn process<P, S, R, C>(
+pub fn process<P, S, R, C, E>(
     pkt: &P,
     hook: Hook,
     ifindex: u32,
@@ -312,6 +313,7 @@ pub fn process<P, S, R, C>(
     sessions: &mut S,
     rules: &R,
     counters: &mut C,
+    expectations: &mut E,
     scratch: &mut Scratch,
 ) -> Option<Outcome>
 where
@@ -319,6 +321,7 @@ where
     S: SessionTable,
     R: RuleSource,
     C: Counters,
+    E: Expectations,
 {
     let Scratch { meta, session } = scratch;
     let parsed = pkt.parse_into(meta);
@@ -356,9 +359,19 @@ where
     counters.count(Counter::PacketsSeen);
     let (key, src_is_lo) = flow_key(meta);
     let tracked = track_packet(
-        meta, &key, src_is_lo, now, settings, &judge, sessions, counters, session,
+        pkt,
+        meta,
+        &key,
+        src_is_lo,
+        now,
+        settings,
+        &judge,
+        sessions,
+        counters,
+        expectations,
+        session,
     );
-    Some(finish(
+    let outcome = finish(
         meta,
         Some(&key),
         tracked.pending.then_some((&key, session)),
@@ -367,7 +380,71 @@ where
         sessions,
         counters,
         |fresh: &mut Session| start_session::<S>(fresh, meta, src_is_lo, settings, now),
-    ))
+    );
+    // Only an accepted UDP packet that tracking left NEW pays for setting up an
+    // expectation (at ingress, only one without a session pays for the lookup: see
+    // `track_packet`).
+    if hook == Hook::Egress
+        && outcome.state == CtState::New
+        && meta.proto == proto::UDP
+        && outcome.decision.action == Action::Accept
+    {
+        expect_replies(pkt, meta, ifindex, now, expectations, counters);
+    }
+    Some(outcome)
+}
+
+/// The first payload bytes of a UDP packet when [`expect::needs_payload`] asks for them
+/// (DHCP) and the parser could say where they are.
+#[inline(always)]
+fn expect_payload<P: PacketBytes + ?Sized>(
+    pkt: &P,
+    meta: &PacketMeta,
+) -> Option<[u8; expect::PAYLOAD_BYTES]> {
+    if !expect::needs_payload(meta) || meta.udp_payload_at == 0 {
+        return None;
+    }
+    pkt.load::<{ expect::PAYLOAD_BYTES }>(meta.udp_payload_at as usize)
+}
+
+/// Whether a NEW UDP packet arriving on `ifindex` answers a live expectation: then it is
+/// RELATED, as the kernel classifies a connection it expected, and creates no session
+/// (each reply must answer a live expectation of its own; see docs/ARCHITECTURE.md).
+#[inline(always)]
+fn answers_expectation<P: PacketBytes + ?Sized, E: Expectations>(
+    pkt: &P,
+    meta: &PacketMeta,
+    ifindex: u32,
+    now: u64,
+    expectations: &mut E,
+) -> bool {
+    let Some(key) = expect::reply(meta, ifindex, expect_payload(pkt, meta)) else {
+        return false;
+    };
+    expectations
+        .expiry(&key)
+        .is_some_and(|expires| expect::is_live(expires, now))
+}
+
+/// Sets up the expectation of an accepted NEW UDP packet the host sends on `ifindex`,
+/// when it goes to a broadcast or multicast address.
+#[inline(always)]
+fn expect_replies<P: PacketBytes + ?Sized, E: Expectations, C: Counters>(
+    pkt: &P,
+    meta: &PacketMeta,
+    ifindex: u32,
+    now: u64,
+    expectations: &mut E,
+    counters: &mut C,
+) {
+    let dst_mac_first = pkt.load::<1>(0).map_or(0, |byte| byte[0]);
+    if !expect::is_group_destination(meta, dst_mac_first) {
+        return;
+    }
+    if let Some((key, expires)) = expect::request(meta, ifindex, expect_payload(pkt, meta), now) {
+        expectations.expect(&key, expires);
+        counters.count(Counter::ExpectationsCreated);
+    }
 }
 
 /// Builds the session a packet starts, as nf_conntrack runs `tcp_new()` then
@@ -460,7 +537,8 @@ fn is_closing(state: u8) -> bool {
 /// session in `fresh` is to be inserted if the policy accepts it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn track_packet<S: SessionTable, R: RuleSource, C: Counters>(
+fn track_packet<P, S, R, C, E>(
+    pkt: &P,
     meta: &PacketMeta,
     key: &FlowKey,
     src_is_lo: bool,
@@ -469,8 +547,16 @@ fn track_packet<S: SessionTable, R: RuleSource, C: Counters>(
     judge: &Judge<'_, R>,
     sessions: &mut S,
     counters: &mut C,
+    expectations: &mut E,
     fresh: &mut Session,
-) -> Tracked {
+) -> Tracked
+where
+    P: PacketBytes + ?Sized,
+    S: SessionTable,
+    R: RuleSource,
+    C: Counters,
+    E: Expectations,
+{
     match meta.icmp_kind {
         IcmpKind::Untracked => return Tracked::of(CtState::Untracked),
         IcmpKind::Error => {
@@ -573,6 +659,15 @@ fn track_packet<S: SessionTable, R: RuleSource, C: Counters>(
         decision: None,
         cache_for: None,
     };
+    // A UDP packet of no session that answers a request the host sent to a group
+    // address: the only packets that pay for the expectation lookup.
+    if meta.proto == proto::UDP
+        && judge.hook == Hook::Ingress
+        && answers_expectation(pkt, meta, judge.ifindex, now, expectations)
+    {
+        counters.count(Counter::ExpectationHits);
+        return Tracked::of(CtState::Related);
+    }
     // A connection attempt's session is built only once the policy admits it: under a SYN
     // flood the policy drops, building them is work thrown away. Building one never fails
     // (track's `a_connection_attempt_always_builds_its_session` checks it).

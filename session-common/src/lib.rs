@@ -7,6 +7,7 @@
 
 pub mod clock;
 pub mod engine;
+pub mod expect;
 pub mod forward;
 pub mod packet;
 pub mod policy;

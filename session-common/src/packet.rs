@@ -193,6 +193,10 @@ pub struct PacketMeta {
     pub icmp_code: u8,
     /// How conntrack treats this ICMP message.
     pub icmp_kind: IcmpKind,
+    /// Frame offset of the UDP payload, for the few packets whose payload the engine
+    /// reads (DHCP, [`crate::expect`]); 0 when not UDP or beyond 255 bytes (IPv6 with
+    /// long extension headers), where nothing is read. A byte of what was padding.
+    pub udp_payload_at: u8,
 }
 const _: () = assert!(core::mem::size_of::<PacketMeta>() == 104);
 
@@ -359,9 +363,8 @@ fn parse_common<P: PacketBytes + ?Sized>(
             let l4_len = total_len - header_len;
             match meta.proto {
                 proto::TCP => read_tcp(pkt, meta, l4, ETH_HLEN + 20, l4_len).is_ok(),
-                proto::UDP => {
-                    sub::<8>(l4, 0).is_some_and(|udp| read_udp(meta, udp, l4_len).is_ok())
-                }
+                proto::UDP => sub::<8>(l4, 0)
+                    .is_some_and(|udp| read_udp(meta, udp, ETH_HLEN + 20, l4_len).is_ok()),
                 _ => false,
             }
         }
@@ -387,7 +390,7 @@ fn parse_common<P: PacketBytes + ?Sized>(
             } else {
                 pkt.head::<{ IPV6_L4 + 8 }>()
                     .and_then(|frame| sub::<8>(frame, IPV6_L4))
-                    .is_some_and(|udp| read_udp(meta, udp, payload_len).is_ok())
+                    .is_some_and(|udp| read_udp(meta, udp, IPV6_L4, payload_len).is_ok())
             }
         }
         _ => false,
@@ -540,7 +543,7 @@ fn parse_l4<P: PacketBytes + ?Sized>(
         proto::TCP => parse_tcp(pkt, meta, offset, l4_len),
         proto::UDP => {
             let hdr = pkt.load::<8>(offset).ok_or(ParseError::Malformed)?;
-            read_udp(meta, &hdr, l4_len)
+            read_udp(meta, &hdr, offset, l4_len)
         }
         proto::ICMP | proto::ICMPV6 => parse_icmp(pkt, meta, offset, l4_len),
         _ => {
@@ -550,9 +553,15 @@ fn parse_l4<P: PacketBytes + ?Sized>(
     }
 }
 
-/// Checks the UDP header `hdr` of a transport payload of `l4_len` bytes and fills `meta`.
+/// Checks the UDP header `hdr`, found at frame offset `offset`, of a transport payload of
+/// `l4_len` bytes and fills `meta`.
 #[inline(always)]
-fn read_udp(meta: &mut PacketMeta, hdr: &[u8; 8], l4_len: usize) -> Result<(), ParseError> {
+fn read_udp(
+    meta: &mut PacketMeta,
+    hdr: &[u8; 8],
+    offset: usize,
+    l4_len: usize,
+) -> Result<(), ParseError> {
     let udp_len = be16([hdr[4], hdr[5]]) as usize;
     if l4_len < 8 || udp_len < 8 || udp_len > l4_len {
         return Err(ParseError::Malformed);
@@ -560,6 +569,11 @@ fn read_udp(meta: &mut PacketMeta, hdr: &[u8; 8], l4_len: usize) -> Result<(), P
     meta.sport = be16([hdr[0], hdr[1]]);
     meta.dport = be16([hdr[2], hdr[3]]);
     meta.payload_len = (udp_len - 8) as u32;
+    meta.udp_payload_at = if offset + 8 <= u8::MAX as usize {
+        (offset + 8) as u8
+    } else {
+        0
+    };
     Ok(())
 }
 
@@ -1202,6 +1216,27 @@ mod tests {
         assert_eq!((meta.sport, meta.dport), (1111, 2222));
         assert_eq!(meta.payload_len, 5);
         assert_eq!(meta.ip_len, 28 + 13);
+        assert_eq!(meta.udp_payload_at as usize, ETH_HLEN + 28 + 8);
+    }
+
+    #[test]
+    fn the_udp_payload_offset_is_where_the_payload_starts() {
+        let common = v4_frame(&Ipv4::new(V4_A, V4_B, proto::UDP), &udp(68, 67, 20));
+        assert_eq!(ok(&common).udp_payload_at as usize, ETH_HLEN + 20 + 8);
+        let six = v6_frame(&ipv6(v6(1), v6(2), &[], proto::UDP, &udp(546, 547, 20)));
+        assert_eq!(ok(&six).udp_payload_at as usize, ETH_HLEN + 40 + 8);
+        let opts = ext_opts(0);
+        let with_ext = v6_frame(&ipv6(v6(1), v6(2), &[(0, opts)], proto::UDP, &udp(1, 2, 4)));
+        assert_eq!(ok(&with_ext).udp_payload_at as usize, ETH_HLEN + 48 + 8);
+        // Too far into the frame for a byte: left unread (0).
+        let long = ext_opts(30);
+        let far = v6_frame(&ipv6(v6(1), v6(2), &[(0, long)], proto::UDP, &udp(1, 2, 4)));
+        assert_eq!(ok(&far).udp_payload_at, 0);
+        let tcp = v4_frame(
+            &Ipv4::new(V4_A, V4_B, proto::TCP),
+            &Tcp::new(1, 2, 2).bytes(),
+        );
+        assert_eq!(ok(&tcp).udp_payload_at, 0);
     }
 
     #[test]
@@ -1617,8 +1652,14 @@ mod tests {
         }
         let ip6 = ipv6(v6(1), v6(2), &[], proto::UDP, &udp(1, 2, 3));
         let plain6 = ok(&ethernet(ETH_P_IPV6, &ip6));
+        let tagged6 = ok(&tagged(&[ETH_P_8021AD, ETH_P_8021Q], ETH_P_IPV6, &ip6));
+        // Everything but where the payload lies, which the two tags move by 8 bytes.
+        assert_eq!(tagged6.udp_payload_at, plain6.udp_payload_at + 8);
         assert_eq!(
-            ok(&tagged(&[ETH_P_8021AD, ETH_P_8021Q], ETH_P_IPV6, &ip6)),
+            PacketMeta {
+                udp_payload_at: plain6.udp_payload_at,
+                ..tagged6
+            },
             plain6
         );
     }

@@ -500,11 +500,16 @@ pub enum Counter {
     EventsLost,
     /// Packets the fast path (`[forwarding] fast_path`) handed to their egress interface.
     FastPathForwarded,
+    /// Expectations set up (or renewed) by UDP requests the host sent to a broadcast or
+    /// multicast address (see `expect`).
+    ExpectationsCreated,
+    /// Packets classified RELATED because they answer such a request.
+    ExpectationHits,
 }
 
 impl Counter {
     /// Number of counters; the size of the counter map.
-    pub const COUNT: u32 = Counter::FastPathForwarded as u32 + 1;
+    pub const COUNT: u32 = Counter::ExpectationHits as u32 + 1;
 
     /// Every counter in index order, with its stable name for `stats` and metrics.
     pub const ALL: [(Counter, &'static str); Counter::COUNT as usize] = [
@@ -533,6 +538,8 @@ impl Counter {
         (Counter::TcpIgnored, "tcp_ignored"),
         (Counter::EventsLost, "events_lost"),
         (Counter::FastPathForwarded, "fast_path_forwarded"),
+        (Counter::ExpectationsCreated, "expectations_created"),
+        (Counter::ExpectationHits, "expectation_hits"),
     ];
 }
 

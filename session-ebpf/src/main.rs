@@ -24,8 +24,8 @@ use session_common::{
 use crate::{
     forward::fast_forward,
     tables::{
-        BpfCounters, BpfRules, BpfSessions, SkbBytes, XdpBytes, is_managed, report, scratch,
-        settings,
+        BpfCounters, BpfExpectations, BpfRules, BpfSessions, SkbBytes, XdpBytes, is_managed,
+        report, scratch, settings,
     },
 };
 
@@ -77,6 +77,7 @@ fn try_ingress(ctx: &XdpContext) -> Result<Ingress, Unjudged> {
         &mut BpfSessions,
         &BpfRules,
         &mut BpfCounters,
+        &mut BpfExpectations,
         scratch,
     );
     let Some(outcome) = outcome else {
@@ -142,6 +143,7 @@ fn judge_skb(ctx: &TcContext, hook: Hook, ifindex: u32) -> Result<Action, Unjudg
         &mut BpfSessions,
         &BpfRules,
         &mut BpfCounters,
+        &mut BpfExpectations,
         scratch,
     );
     Ok(outcome.map_or(Action::Accept, |outcome| {

@@ -13,6 +13,7 @@ use aya_ebpf::{
 };
 use session_common::{
     engine::{Counters, Outcome, RuleSource, Scratch, SessionTable},
+    expect::{ExpectKey, Expectations},
     packet::{
         MAX_TCP_OPTION_BYTES, PacketBytes, PacketMeta, ParseError, parse_common_case, parse_general,
     },
@@ -74,6 +75,16 @@ static PRESENCE: Array<u64> =
     Array::pinned(presence::words(presence::MIN_SLOT_BITS), BPF_F_MMAPABLE);
 #[map]
 static PRESENCE_BANK: Array<u32> = Array::pinned(1, 0);
+/// Replies the host's broadcast and multicast requests wait for (`expect`), to their
+/// expiry. Only requests the host sends add entries, and the LRU evicts the oldest when
+/// full, so replies, spoofed or not, can never fill it. Not pinned: entries live seconds,
+/// and a restarted daemon's host simply asks again.
+#[map]
+static EXPECTATIONS: LruHashMap<ExpectKey, u64> = LruHashMap::with_max_entries(MAX_EXPECTATIONS, 0);
+
+/// Outstanding broadcast and multicast requests remembered at once: far more than a host
+/// has in flight (a DHCP client has one or two transactions, a resolver a few queries).
+const MAX_EXPECTATIONS: u32 = 1024;
 
 /// Entries of the keyed classifier tables: per bank, one per rule entry plus the catch-all
 /// (interface 0, network ::/0).
@@ -583,5 +594,24 @@ impl Counters for BpfCounters {
         if let Some(counter) = RULE_HITS.get_ptr_mut(slot) {
             unsafe { *counter += 1 };
         }
+    }
+}
+
+/// The expectations in their LRU map.
+pub struct BpfExpectations;
+
+impl Expectations for BpfExpectations {
+    #[inline(always)]
+    fn expect(&mut self, key: &ExpectKey, expires_ns: u64) {
+        // A failed insert (no memory) leaves the reply unexpected: it is then NEW, which
+        // the policy decides, as without expectations.
+        let _ = EXPECTATIONS.insert(key, expires_ns, 0);
+    }
+
+    #[inline(always)]
+    fn expiry(&mut self, key: &ExpectKey) -> Option<u64> {
+        // SAFETY: the value is copied out at once; a concurrent update can only make it
+        // another valid expiry.
+        unsafe { EXPECTATIONS.get(key).copied() }
     }
 }

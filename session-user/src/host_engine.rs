@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use session_common::{
     engine::{Counters, Outcome, RuleSource, Scratch, SessionTable, process},
+    expect::{ExpectKey, Expectations},
     packet::PacketMeta,
     policy::rule_matches,
     wire::{
@@ -173,6 +174,24 @@ impl Counters for ModelCounters {
     }
 }
 
+/// Expectations in a hash map, without a capacity: tests that compare it with the
+/// kernel's LRU map must not fill that.
+#[derive(Clone, Debug, Default)]
+pub struct ModelExpectations {
+    /// Expiry (ns) of each expectation.
+    pub map: HashMap<ExpectKey, u64>,
+}
+
+impl Expectations for ModelExpectations {
+    fn expect(&mut self, key: &ExpectKey, expires_ns: u64) {
+        self.map.insert(*key, expires_ns);
+    }
+
+    fn expiry(&mut self, key: &ExpectKey) -> Option<u64> {
+        self.map.get(key).copied()
+    }
+}
+
 /// A whole firewall on the host.
 #[derive(Clone, Debug, Default)]
 pub struct Model {
@@ -184,6 +203,8 @@ pub struct Model {
     pub rules: ModelRules,
     /// Counters.
     pub counters: ModelCounters,
+    /// Replies the host's broadcast and multicast requests wait for.
+    pub expectations: ModelExpectations,
 }
 
 impl Model {
@@ -208,6 +229,7 @@ impl Model {
             &mut self.sessions,
             &self.rules,
             &mut self.counters,
+            &mut self.expectations,
             &mut scratch,
         )
     }

@@ -2874,3 +2874,204 @@ action = "accept"
     let session = session_of(&model, &ping).expect("ICMP session");
     assert_eq!(session.verdict_flags, [0, 0], "{session:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Expectations: replies to the host's broadcast and multicast requests.
+// ---------------------------------------------------------------------------------------
+
+/// A BOOTP message of `op` (1 request, 2 reply) with transaction id `xid`.
+fn bootp(op: u8, xid: u32) -> Vec<u8> {
+    let mut message = vec![0u8; 300];
+    message[..4].copy_from_slice(&[op, 1, 6, 0]);
+    message[4..8].copy_from_slice(&xid.to_be_bytes());
+    message
+}
+
+fn dhcp_frame(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, op: u8, xid: u32) -> Vec<u8> {
+    frames::frame(
+        src,
+        dst,
+        frames::udp_carrying(sport, dport, &bootp(op, xid)),
+    )
+}
+
+#[test]
+fn a_dhcp_offer_is_related_while_its_discovers_expectation_lives() {
+    let mut model = restrictive();
+    let (any, bcast) = (
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V4(Ipv4Addr::BROADCAST),
+    );
+    let discover = dhcp_frame(any, bcast, 68, 67, 1, 7);
+    let offer = dhcp_frame(server(), bcast, 67, 68, 2, 7);
+    let t0 = 100 * S;
+    expect_verdict(
+        &mut model,
+        &offer,
+        Hook::Ingress,
+        t0,
+        CtState::New,
+        Action::Drop,
+        "OFFER before any DISCOVER",
+    );
+    expect_verdict(
+        &mut model,
+        &discover,
+        Hook::Egress,
+        t0,
+        CtState::New,
+        Action::Accept,
+        "DISCOVER",
+    );
+    expect_verdict(
+        &mut model,
+        &offer,
+        Hook::Ingress,
+        t0 + S,
+        CtState::Related,
+        Action::Accept,
+        "OFFER",
+    );
+    assert_eq!(
+        session_of(&model, &offer),
+        None,
+        "the OFFER created no session"
+    );
+    expect_verdict(
+        &mut model,
+        &offer,
+        Hook::Ingress,
+        t0 + 14 * S,
+        CtState::Related,
+        Action::Accept,
+        "OFFER at 14 s",
+    );
+    expect_verdict(
+        &mut model,
+        &offer,
+        Hook::Ingress,
+        t0 + 15 * S,
+        CtState::New,
+        Action::Drop,
+        "OFFER at 15 s: expired",
+    );
+    // A retransmitted DISCOVER renews the expectation.
+    expect_verdict(
+        &mut model,
+        &discover,
+        Hook::Egress,
+        t0 + 16 * S,
+        CtState::New,
+        Action::Accept,
+        "DISCOVER again",
+    );
+    expect_verdict(
+        &mut model,
+        &offer,
+        Hook::Ingress,
+        t0 + 30 * S,
+        CtState::Related,
+        Action::Accept,
+        "OFFER at 30 s",
+    );
+    // The same OFFER on another interface answers nothing.
+    let elsewhere = model.packet(&offer, Hook::Ingress, IF_OUTSIDE + 1, t0 + 17 * S);
+    assert_eq!(
+        elsewhere.map(|o| o.state),
+        Some(CtState::New),
+        "OFFER on another interface"
+    );
+    assert_eq!(counter(&model, Counter::ExpectationsCreated), 2);
+    assert_eq!(counter(&model, Counter::ExpectationHits), 3);
+}
+
+#[test]
+fn a_generic_expectation_lives_five_seconds_and_only_for_its_ports() {
+    let mut model = restrictive();
+    let group = IpAddr::V4(Ipv4Addr::new(239, 255, 255, 250));
+    let search = udp_frame(server(), group, 40000, 1900, 90);
+    let answer = udp_frame(client(), server(), 1900, 40000, 200);
+    let t0 = 100 * S;
+    expect_verdict(
+        &mut model,
+        &search,
+        Hook::Egress,
+        t0,
+        CtState::New,
+        Action::Accept,
+        "M-SEARCH",
+    );
+    expect_verdict(
+        &mut model,
+        &answer,
+        Hook::Ingress,
+        t0 + 4 * S,
+        CtState::Related,
+        Action::Accept,
+        "answer at 4 s",
+    );
+    expect_verdict(
+        &mut model,
+        &answer,
+        Hook::Ingress,
+        t0 + 5 * S,
+        CtState::New,
+        Action::Drop,
+        "answer at 5 s: expired",
+    );
+    let wrong_port = udp_frame(client(), server(), 1901, 40000, 200);
+    expect_verdict(
+        &mut model,
+        &search,
+        Hook::Egress,
+        t0 + 6 * S,
+        CtState::New,
+        Action::Accept,
+        "M-SEARCH again",
+    );
+    expect_verdict(
+        &mut model,
+        &wrong_port,
+        Hook::Ingress,
+        t0 + 6 * S,
+        CtState::New,
+        Action::Drop,
+        "from another port",
+    );
+    // A unicast request sets up nothing: its reply comes back in its session.
+    let unicast = udp_frame(server(), client(), 40001, 1900, 90);
+    let before = counter(&model, Counter::ExpectationsCreated);
+    expect_verdict(
+        &mut model,
+        &unicast,
+        Hook::Egress,
+        t0 + 6 * S,
+        CtState::New,
+        Action::Accept,
+        "unicast request",
+    );
+    assert_eq!(counter(&model, Counter::ExpectationsCreated), before);
+    // A request the policy drops sets up nothing either.
+    let mut closed = model_from(
+        "[policy]\ninbound = \"drop\"\noutbound = \"drop\"\n[[rule]]\nname = \"return\"\nstate = [\"established\", \"related\"]\naction = \"accept\"\n",
+    );
+    expect_verdict(
+        &mut closed,
+        &search,
+        Hook::Egress,
+        t0,
+        CtState::New,
+        Action::Drop,
+        "dropped M-SEARCH",
+    );
+    expect_verdict(
+        &mut closed,
+        &answer,
+        Hook::Ingress,
+        t0 + S,
+        CtState::New,
+        Action::Drop,
+        "answer to a dropped M-SEARCH",
+    );
+    assert_eq!(counter(&closed, Counter::ExpectationsCreated), 0);
+}

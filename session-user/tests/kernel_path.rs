@@ -33,6 +33,7 @@ use aya::{
 };
 use session_common::{
     engine::Outcome,
+    expect::ExpectKey,
     packet::ipv4_mapped,
     wire::{
         Action, Counter, CtState, Event, FAMILY_IPV4, FAMILY_IPV6, FlowKey, FlowState, Hook,
@@ -2516,4 +2517,301 @@ fn kernel_and_model_agree_at_scale_with_mutated_frames() {
             "a run this long must try every TCP flag combination"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Expectations: replies to the host's broadcast and multicast requests.
+// ---------------------------------------------------------------------------------------
+
+/// A BOOTP message of `op` (1 request, 2 reply) and transaction id `xid`: the 236-byte
+/// fixed part, the DHCP magic cookie and an end option.
+fn bootp(op: u8, xid: u32) -> Vec<u8> {
+    let mut message = vec![0u8; 300];
+    message[..4].copy_from_slice(&[op, 1, 6, 0]);
+    message[4..8].copy_from_slice(&xid.to_be_bytes());
+    message[236..240].copy_from_slice(&[99, 130, 83, 99]);
+    message[240] = 255;
+    message
+}
+
+/// A DHCPv6 message of `kind` and 24-bit transaction id `xid`, with an empty option.
+fn dhcp6(kind: u8, xid: u32) -> Vec<u8> {
+    let x = xid.to_be_bytes();
+    vec![kind, x[1], x[2], x[3], 0, 8, 0, 2, 0, 0]
+}
+
+/// An Ethernet frame to the broadcast MAC (a group address) around an IP packet.
+fn to_group_mac(src: IpAddr, dst: IpAddr, transport: (u8, Vec<u8>)) -> Vec<u8> {
+    frames::ethernet_between(
+        [0x02, 0, 0, 0, 0, 1],
+        [0xff; 6],
+        &frames::packet(src, dst, transport),
+    )
+}
+
+#[test]
+fn replies_to_broadcast_and_multicast_requests_pass_as_related_and_others_drop() {
+    replies_to_group_requests(Ingress::Xdp);
+}
+
+#[test]
+fn replies_to_broadcast_and_multicast_requests_on_tc_ingress() {
+    replies_to_group_requests(Ingress::Tc);
+}
+
+/// The DHCP, DHCPv6, NetBIOS and SSDP exchanges, and a flood of spoofed OFFERs, through
+/// the egress program and `ingress`, against the model.
+fn replies_to_group_requests(ingress: Ingress) {
+    let k = Kernel::start_sized(&test_settings(), &test_policy(), MAX_SESSIONS, ingress);
+    let mut model = Model::new(test_settings(), &test_policy());
+    let tc: &SchedClassifier = k
+        .ebpf
+        .program("session_egress")
+        .expect("session_egress missing from the object")
+        .try_into()
+        .expect("session_egress is not a TC classifier");
+    // Each step: what, egress (sent by the host) or ingress, the frame, the verdict.
+    let (zero, bcast) = (ip("0.0.0.0"), ip("255.255.255.255"));
+    let (client, server, other) = (ip("198.18.0.2"), ip("198.18.0.1"), ip("198.18.0.9"));
+    let (client6, server6) = (ip("fe80::2"), ip("fe80::1"));
+    let all_dhcp6 = ip("ff02::1:2");
+    let xid = 0x1234_5678;
+    let steps: Vec<(&str, Hook, Vec<u8>, Verdict)> = vec![
+        (
+            "unsolicited OFFER (no DISCOVER yet)",
+            Hook::Ingress,
+            to_group_mac(server, bcast, frames::udp_carrying(67, 68, &bootp(2, xid))),
+            Verdict::Drop,
+        ),
+        (
+            "DISCOVER",
+            Hook::Egress,
+            to_group_mac(zero, bcast, frames::udp_carrying(68, 67, &bootp(1, xid))),
+            Verdict::Pass,
+        ),
+        (
+            "OFFER to the broadcast address",
+            Hook::Ingress,
+            to_group_mac(server, bcast, frames::udp_carrying(67, 68, &bootp(2, xid))),
+            Verdict::Pass,
+        ),
+        (
+            "OFFER to the offered address",
+            Hook::Ingress,
+            frames::frame(server, client, frames::udp_carrying(67, 68, &bootp(2, xid))),
+            Verdict::Pass,
+        ),
+        (
+            "OFFER of another transaction",
+            Hook::Ingress,
+            to_group_mac(
+                server,
+                bcast,
+                frames::udp_carrying(67, 68, &bootp(2, xid + 1)),
+            ),
+            Verdict::Drop,
+        ),
+        (
+            "a BOOTREQUEST from the server port",
+            Hook::Ingress,
+            to_group_mac(other, bcast, frames::udp_carrying(67, 68, &bootp(1, xid))),
+            Verdict::Drop,
+        ),
+        (
+            "a truncated OFFER",
+            Hook::Ingress,
+            to_group_mac(
+                server,
+                bcast,
+                frames::udp_carrying(67, 68, &bootp(2, xid)[..8]),
+            ),
+            Verdict::Drop,
+        ),
+        (
+            "NetBIOS name query to a subnet broadcast (group MAC)",
+            Hook::Egress,
+            to_group_mac(client, ip("198.18.0.255"), frames::udp(137, 137, 50)),
+            Verdict::Pass,
+        ),
+        (
+            "NetBIOS answer",
+            Hook::Ingress,
+            frames::frame(other, client, frames::udp(137, 137, 62)),
+            Verdict::Pass,
+        ),
+        (
+            "unicast to the NetBIOS port from elsewhere",
+            Hook::Ingress,
+            frames::frame(other, client, frames::udp(1137, 137, 62)),
+            Verdict::Drop,
+        ),
+        (
+            "unicast NetBIOS query, not to a group",
+            Hook::Egress,
+            frames::frame(client, other, frames::udp(138, 138, 50)),
+            Verdict::Pass,
+        ),
+        (
+            "a reply from another host to that unicast query",
+            Hook::Ingress,
+            frames::frame(server, client, frames::udp(138, 138, 50)),
+            Verdict::Drop,
+        ),
+        (
+            "SSDP M-SEARCH",
+            Hook::Egress,
+            frames::frame(client, ip("239.255.255.250"), frames::udp(40000, 1900, 90)),
+            Verdict::Pass,
+        ),
+        (
+            "SSDP answer to the ephemeral port",
+            Hook::Ingress,
+            frames::frame(other, client, frames::udp(1900, 40000, 200)),
+            Verdict::Pass,
+        ),
+        (
+            "SSDP answer to a port nobody asked from",
+            Hook::Ingress,
+            frames::frame(other, client, frames::udp(1900, 40001, 200)),
+            Verdict::Drop,
+        ),
+        (
+            "unsolicited DHCPv6 ADVERTISE",
+            Hook::Ingress,
+            frames::frame(
+                server6,
+                client6,
+                frames::udp_carrying(547, 546, &dhcp6(2, 0xabcdef)),
+            ),
+            Verdict::Drop,
+        ),
+        (
+            "DHCPv6 SOLICIT",
+            Hook::Egress,
+            frames::frame(
+                client6,
+                all_dhcp6,
+                frames::udp_carrying(546, 547, &dhcp6(1, 0xabcdef)),
+            ),
+            Verdict::Pass,
+        ),
+        (
+            "DHCPv6 ADVERTISE",
+            Hook::Ingress,
+            frames::frame(
+                server6,
+                client6,
+                frames::udp_carrying(547, 546, &dhcp6(2, 0xabcdef)),
+            ),
+            Verdict::Pass,
+        ),
+        (
+            "DHCPv6 ADVERTISE of another transaction",
+            Hook::Ingress,
+            frames::frame(
+                server6,
+                client6,
+                frames::udp_carrying(547, 546, &dhcp6(2, 0xabcdee)),
+            ),
+            Verdict::Drop,
+        ),
+        (
+            "DHCPv6 RECONFIGURE with the same id",
+            Hook::Ingress,
+            frames::frame(
+                server6,
+                client6,
+                frames::udp_carrying(547, 546, &dhcp6(10, 0xabcdef)),
+            ),
+            Verdict::Drop,
+        ),
+    ];
+    // A new transaction, then a flood of spoofed OFFERs guessing its xid: none gets in,
+    // the map gains nothing from them, and the genuine OFFER still does.
+    let xid2 = 0x0bad_cafe;
+    let mut steps = steps;
+    steps.push((
+        "second DISCOVER",
+        Hook::Egress,
+        to_group_mac(zero, bcast, frames::udp_carrying(68, 67, &bootp(1, xid2))),
+        Verdict::Pass,
+    ));
+    for guess in 0..256u32 {
+        steps.push((
+            "spoofed OFFER",
+            Hook::Ingress,
+            to_group_mac(
+                other,
+                bcast,
+                frames::udp_carrying(
+                    67,
+                    68,
+                    &bootp(2, xid2 ^ (guess + 1).wrapping_mul(0x9e37_79b9)),
+                ),
+            ),
+            Verdict::Drop,
+        ));
+    }
+    steps.push((
+        "genuine OFFER after the flood",
+        Hook::Ingress,
+        to_group_mac(server, bcast, frames::udp_carrying(67, 68, &bootp(2, xid2))),
+        Verdict::Pass,
+    ));
+    for (what, hook, frame, expected) in &steps {
+        let now = monotonic_ns();
+        let got = match hook {
+            Hook::Ingress => k.run(frame),
+            Hook::Egress => {
+                let returned = tc
+                    .test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        repeat: 1,
+                        ..TestRunOptions::new()
+                    })
+                    .unwrap_or_else(|error| panic!("TC test run of the {what}: {error:?}"))
+                    .return_value;
+                match returned {
+                    TC_ACT_OK => Verdict::Pass,
+                    TC_ACT_SHOT => Verdict::Drop,
+                    other => panic!("TC egress returned {other} for the {what}"),
+                }
+            }
+        };
+        assert_eq!(got, *expected, "{what}: kernel verdict\n{}", hex(frame));
+        let modelled = model_verdict(model.packet(frame, *hook, TEST_RUN_IFINDEX, now));
+        assert_eq!(modelled, *expected, "{what}: model verdict");
+    }
+    // DISCOVER, NetBIOS, SSDP, SOLICIT, second DISCOVER; 2 OFFERs, NetBIOS, SSDP,
+    // ADVERTISE, the genuine OFFER after the flood.
+    for (counter, count) in [
+        (Counter::ExpectationsCreated, 5),
+        (Counter::ExpectationHits, 6),
+        (Counter::StateRelated, 6),
+    ] {
+        assert_eq!(k.counter(counter), count, "kernel {counter:?}");
+        assert_eq!(model.counters.get(counter), count, "model {counter:?}");
+    }
+    // Replies never add expectations: only the five requests' are stored.
+    let stored = aya::maps::HashMap::<_, ExpectKey, u64>::try_from(
+        k.ebpf
+            .map("EXPECTATIONS")
+            .expect("EXPECTATIONS missing from the object"),
+    )
+    .unwrap_or_else(|error| panic!("EXPECTATIONS is not a hash map: {error:?}"))
+    .keys()
+    .count();
+    assert_eq!(stored, 5, "expectations stored in the kernel");
+    assert_eq!(model.expectations.map.len(), 5, "expectations in the model");
+    // The replies created no sessions: each must answer a live expectation of its own.
+    let offer_key = key(proto::UDP, (server, 67), (bcast, 68));
+    assert!(
+        k.session(&offer_key).is_none(),
+        "an OFFER let in by an expectation creates no session"
+    );
+    assert_eq!(
+        counter_diff(&k, &model),
+        None,
+        "kernel and model counters differ"
+    );
 }

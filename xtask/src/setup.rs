@@ -28,6 +28,11 @@ const PACKAGES: &[&str] = &[
     "procps",
     "groff-base",
     "systemd",
+    // DHCP client and server software for tests/dhcp.rs: busybox (udhcpc, udhcpd),
+    // dnsmasq (DHCPv6 server), ISC dhclient (DHCPv6 client).
+    "busybox",
+    "dnsmasq-base",
+    "isc-dhcp-client",
 ];
 
 /// The bpf-linker release known to build and link against nightly's LLVM here.

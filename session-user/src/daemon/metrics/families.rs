@@ -208,6 +208,10 @@ fn kernel_metric(
         "sessions_expired_inline" => "Expired sessions that a packet found and replaced.",
         "tcp_ignored" => "TCP segments the state table ignored without changing state.",
         "events_lost" => "Events lost because the event ring buffer was full.",
+        "expectations_created" => {
+            "Expectations set up by UDP requests the host sent to a broadcast or multicast address."
+        }
+        "expectation_hits" => "Packets classified related because they answered such a request.",
         "fast_path_forwarded" => {
             "Packets of established sessions the fast path handed to their egress interface."
         }
