@@ -245,6 +245,11 @@ pub mod session_flags {
     pub const PROTECTED: u8 = 16;
     /// The packet that created the session was seen at egress (the host sent it).
     pub const ORIGIN_EGRESS: u8 = 32;
+    /// The session was taken over or restored without exact TCP window data: while a
+    /// side's window is unknown (`maxwin` 0), its first segment sets that side's edges and
+    /// may acknowledge data of the other side the table never saw (sent before the
+    /// takeover). It acts once per side, on this session only: never a global loose mode.
+    pub const ADOPT_WINDOW: u8 = 64;
 }
 
 /// TCP connection states, numbered exactly as nf_conntrack's `enum tcp_conntrack`.
