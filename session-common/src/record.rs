@@ -87,7 +87,7 @@ pub enum RecordError {
     Ipv4Address,
     /// The key's endpoints are not in canonical order (lower first).
     KeyOrder,
-    /// A protocol without ports has ports, or an ICMP query has a second port.
+    /// A protocol without ports has ports, or an ICMP query's two ids differ.
     Ports,
     /// The state is not one the protocol has.
     State(u8),
@@ -110,6 +110,8 @@ impl core::fmt::Display for RecordError {
         }
     }
 }
+
+impl core::error::Error for RecordError {}
 
 /// Little-endian writer over a record buffer.
 struct Writer<'a> {
@@ -333,8 +335,9 @@ impl SessionRecord {
         }
         match key.proto {
             proto::TCP | proto::UDP => {}
+            // Queries are keyed by their id on both sides (`track::flow_key`).
             proto::ICMP | proto::ICMPV6 => {
-                if key.port_lo != 0 && key.port_hi != 0 {
+                if key.port_lo != key.port_hi {
                     return Err(RecordError::Ports);
                 }
             }

@@ -6,6 +6,10 @@ use session_common::wire::{FlowKey, Session};
 
 /// `BPF_MAP_LOOKUP_BATCH` from the kernel's `enum bpf_cmd` (aya has no batch API).
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// `BPF_MAP_UPDATE_BATCH` from the kernel's `enum bpf_cmd`.
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+/// `BPF_NOEXIST`: an update that must not replace an existing entry (`bpf.h`).
+const BPF_NOEXIST: u64 = 1;
 /// Entries per batch: large enough that a million-session sweep takes a few hundred
 /// system calls, and larger than any hash bucket, which the kernel returns whole.
 const REAP_BATCH: usize = 4096;
@@ -26,12 +30,12 @@ struct BatchAttr {
 
 /// Keys of the sessions in the hash map `data` that expired at `now`, read with
 /// `BPF_MAP_LOOKUP_BATCH`: per-key iteration costs two system calls per session, which
-/// made a sweep of 1M sessions take seconds of daemon CPU (see BENCHMARKS.md). Every key
-/// read, expired or not, is handed to `each_key`.
+/// made a sweep of 1M sessions take seconds of daemon CPU (see BENCHMARKS.md). Every
+/// session read, expired or not, is handed to `each`.
 pub(crate) fn sweep_tier(
     data: &MapData,
     now: u64,
-    mut each_key: impl FnMut(&FlowKey),
+    mut each: impl FnMut(&FlowKey, &Session),
 ) -> std::io::Result<Vec<FlowKey>> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     let fd = data.fd().as_fd().as_raw_fd();
@@ -76,7 +80,10 @@ pub(crate) fn sweep_tier(
             false
         };
         let filled = (attr.count as usize).min(REAP_BATCH);
-        keys[..filled].iter().for_each(&mut each_key);
+        keys[..filled]
+            .iter()
+            .zip(&values[..filled])
+            .for_each(|(key, session)| each(key, session));
         expired.extend(
             keys[..filled]
                 .iter()
@@ -90,4 +97,56 @@ pub(crate) fn sweep_tier(
         cursor_in = cursor_out;
         first = false;
     }
+}
+
+/// Stores `sessions` in the hash map `data` with `BPF_MAP_UPDATE_BATCH`, never replacing
+/// an entry that is there (`BPF_NOEXIST`): a million restored sessions in a few hundred
+/// system calls instead of one each. Returns the keys that were already present, which
+/// were left as they are. Stops at the first other error (`ENOSPC` when the map is full),
+/// leaving the sessions stored before it in place.
+pub(crate) fn insert_new(
+    data: &MapData,
+    sessions: &[(FlowKey, Session)],
+) -> std::io::Result<Vec<FlowKey>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = data.fd().as_fd().as_raw_fd();
+    let mut present = Vec::new();
+    for chunk in sessions.chunks(REAP_BATCH) {
+        let keys: Vec<FlowKey> = chunk.iter().map(|(key, _)| *key).collect();
+        let values: Vec<Session> = chunk.iter().map(|(_, session)| *session).collect();
+        let mut done = 0;
+        while done < keys.len() {
+            let mut attr = BatchAttr {
+                keys: keys[done..].as_ptr() as u64,
+                values: values[done..].as_ptr() as u64,
+                count: (keys.len() - done) as u32,
+                map_fd: fd as u32,
+                elem_flags: BPF_NOEXIST,
+                ..BatchAttr::default()
+            };
+            // SAFETY: the attribute points at `count` keys and values of the map's key and
+            // value types, alive for the call; the kernel only reads them.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_UPDATE_BATCH,
+                    &mut attr as *mut BatchAttr,
+                    std::mem::size_of::<BatchAttr>(),
+                )
+            };
+            // On error the kernel reports in `count` how many it stored before failing.
+            let stored = (attr.count as usize).min(keys.len() - done);
+            done += stored;
+            if rc >= 0 {
+                break;
+            }
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() != Some(libc::EEXIST) {
+                return Err(error);
+            }
+            present.push(keys[done]);
+            done += 1;
+        }
+    }
+    Ok(present)
 }

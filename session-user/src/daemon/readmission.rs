@@ -36,6 +36,14 @@ fn first_packet(key: &FlowKey, session: &Session) -> PacketMeta {
 }
 
 fn admitted_by(rules: &ModelRules, key: &FlowKey, session: &Session) -> bool {
+    admitting_rule(rules, key, session).is_some()
+}
+
+/// The id of the rule of `rules` that would admit the first packet of the session stored
+/// under `key` ([`session_common::wire::RULE_ID_DEFAULT`] for a default action), or `None`
+/// when the policy would not admit it. Sessions imported into the table (takeover,
+/// restore) are judged by this, exactly as a reload judges the sessions it finds.
+pub fn admitting_rule(rules: &ModelRules, key: &FlowKey, session: &Session) -> Option<u16> {
     let hook = if session.flags & session_flags::ORIGIN_EGRESS != 0 {
         Hook::Egress
     } else {
@@ -49,7 +57,7 @@ fn admitted_by(rules: &ModelRules, key: &FlowKey, session: &Session) -> bool {
         hook,
         ifindex,
     );
-    decision.action == Action::Accept
+    (decision.action == Action::Accept).then_some(decision.rule_id)
 }
 
 /// The keys of `sessions` that `policy` would not admit.
