@@ -237,6 +237,26 @@ impl SessionRecord {
         Some(session)
     }
 
+    /// Forgets the TCP sequence edges while keeping what the handshake negotiated
+    /// (window scales, SACK): the session re-learns the edges from its first segment each
+    /// way (`ADOPT_WINDOW`). A restore does this, because a saved edge is only as good as
+    /// the moment of the save: the connection may have moved on by more than a window
+    /// while the file waited (the firewall was down, or a peer carried it), and stale
+    /// edges would make every segment of a live connection INVALID.
+    pub fn forget_edges(&mut self) {
+        if self.key.proto != proto::TCP {
+            return;
+        }
+        for peer in &mut self.tcp {
+            peer.end = 0;
+            peer.maxend = 0;
+            peer.maxwin = 0;
+            peer.maxack = 0;
+            peer.flags &= !(tcp_peer_flags::DATA_UNACKNOWLEDGED | tcp_peer_flags::MAXACK_SET);
+        }
+        self.flags |= session_flags::ADOPT_WINDOW;
+    }
+
     /// Writes the record into `out` (docs/RECORDS.md gives the layout).
     pub fn encode(&self, out: &mut [u8; RECORD_LEN]) {
         let mut w = Writer { out, at: 0 };
@@ -447,6 +467,20 @@ mod tests {
         assert_eq!(restored.verdict_flags, [0, 0], "no verdict is carried over");
         assert_eq!(restored.verdict_generation, 0);
         assert_eq!(restored.last_seq, 0);
+    }
+
+    #[test]
+    fn forgetting_edges_keeps_the_negotiated_options_and_marks_the_session_to_adopt() {
+        let (key, session) = sample();
+        let mut record = SessionRecord::from_session(&key, &session, 10_000, 0, 0).expect("live");
+        record.forget_edges();
+        for (peer, was) in record.tcp.iter().zip(session.tcp) {
+            assert_eq!((peer.end, peer.maxend, peer.maxwin, peer.maxack), (0, 0, 0, 0));
+            assert_eq!(peer.scale, was.scale);
+            assert_eq!(peer.flags, was.flags & !tcp_peer_flags::MAXACK_SET);
+        }
+        assert_ne!(record.flags & session_flags::ADOPT_WINDOW, 0);
+        assert_eq!(record.validate(), Ok(()));
     }
 
     #[test]

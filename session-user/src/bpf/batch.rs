@@ -8,8 +8,7 @@ use session_common::wire::{FlowKey, Session};
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// `BPF_MAP_UPDATE_BATCH` from the kernel's `enum bpf_cmd`.
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-/// `BPF_NOEXIST`: an update that must not replace an existing entry (`bpf.h`).
-const BPF_NOEXIST: u64 = 1;
+
 /// Entries per batch: large enough that a million-session sweep takes a few hundred
 /// system calls, and larger than any hash bucket, which the kernel returns whole.
 const REAP_BATCH: usize = 4096;
@@ -99,54 +98,37 @@ pub(crate) fn sweep_tier(
     }
 }
 
-/// Stores `sessions` in the hash map `data` with `BPF_MAP_UPDATE_BATCH`, never replacing
-/// an entry that is there (`BPF_NOEXIST`): a million restored sessions in a few hundred
-/// system calls instead of one each. Returns the keys that were already present, which
-/// were left as they are. Stops at the first other error (`ENOSPC` when the map is full),
-/// leaving the sessions stored before it in place.
-pub(crate) fn insert_new(
-    data: &MapData,
-    sessions: &[(FlowKey, Session)],
-) -> std::io::Result<Vec<FlowKey>> {
+/// Stores `sessions` in the hash map `data` with `BPF_MAP_UPDATE_BATCH`: a million
+/// restored sessions in a few hundred system calls instead of one each. An entry already
+/// under a key is replaced (the kernel takes no `BPF_NOEXIST` for batches: callers leave
+/// out the keys they find present). Stops at the first error (`ENOSPC` when the map is
+/// full), leaving the sessions stored before it in place.
+pub(crate) fn insert_batch(data: &MapData, sessions: &[(FlowKey, Session)]) -> std::io::Result<()> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     let fd = data.fd().as_fd().as_raw_fd();
-    let mut present = Vec::new();
     for chunk in sessions.chunks(REAP_BATCH) {
         let keys: Vec<FlowKey> = chunk.iter().map(|(key, _)| *key).collect();
         let values: Vec<Session> = chunk.iter().map(|(_, session)| *session).collect();
-        let mut done = 0;
-        while done < keys.len() {
-            let mut attr = BatchAttr {
-                keys: keys[done..].as_ptr() as u64,
-                values: values[done..].as_ptr() as u64,
-                count: (keys.len() - done) as u32,
-                map_fd: fd as u32,
-                elem_flags: BPF_NOEXIST,
-                ..BatchAttr::default()
-            };
-            // SAFETY: the attribute points at `count` keys and values of the map's key and
-            // value types, alive for the call; the kernel only reads them.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_UPDATE_BATCH,
-                    &mut attr as *mut BatchAttr,
-                    std::mem::size_of::<BatchAttr>(),
-                )
-            };
-            // On error the kernel reports in `count` how many it stored before failing.
-            let stored = (attr.count as usize).min(keys.len() - done);
-            done += stored;
-            if rc >= 0 {
-                break;
-            }
-            let error = std::io::Error::last_os_error();
-            if error.raw_os_error() != Some(libc::EEXIST) {
-                return Err(error);
-            }
-            present.push(keys[done]);
-            done += 1;
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: the attribute points at `count` keys and values of the map's key and
+        // value types, alive for the call; the kernel only reads them.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
         }
     }
-    Ok(present)
+    Ok(())
 }

@@ -20,7 +20,7 @@ use session_common::{
 
 use crate::{
     bpf::{
-        batch::{insert_new, sweep_tier},
+        batch::{insert_batch, sweep_tier},
         presence::PresenceFilter,
     },
     host_engine::ModelRules,
@@ -257,17 +257,16 @@ impl PinnedMaps {
         Ok(info.max_entries() as u64)
     }
 
-    /// Stores sessions whose keys the table does not hold: assured ones in the protected
-    /// tier, the others in the unassured one, as the kernel path keeps them; and sets their
-    /// slots in both banks of the presence filter, as the kernel path does after storing.
-    /// Returns the keys that were already there (left as they were).
-    pub fn insert_sessions(&self, sessions: &[(FlowKey, Session)]) -> Result<Vec<FlowKey>> {
+    /// Stores sessions (whose keys the caller found absent): assured ones in the
+    /// protected tier, the others in the unassured one, as the kernel path keeps them; and
+    /// sets their slots in both banks of the presence filter, as the kernel path does
+    /// after storing.
+    pub fn insert_sessions(&self, sessions: &[(FlowKey, Session)]) -> Result<()> {
         let filter = PresenceFilter::open(&self.dir)?;
         let (assured, unassured): (Vec<_>, Vec<_>) = sessions
             .iter()
             .copied()
             .partition(|(_, session)| session.flags & session_flags::PROTECTED != 0);
-        let mut present = Vec::new();
         for (name, tier) in [
             (map_names::SESSIONS, assured),
             (map_names::UNASSURED, unassured),
@@ -275,15 +274,14 @@ impl PinnedMaps {
             let path = self.dir.join(name);
             let data = MapData::from_pin(&path)
                 .with_context(|| format!("cannot open pinned map {}", path.display()))?;
-            present.extend(insert_new(&data, &tier).with_context(|| {
-                format!("storing sessions in {name} (is the table full?)")
-            })?);
+            insert_batch(&data, &tier)
+                .with_context(|| format!("storing sessions in {name} (is the table full?)"))?;
             for (key, _) in &tier {
                 filter.set(0, key);
                 filter.set(1, key);
             }
         }
-        Ok(present)
+        Ok(())
     }
 
     /// The active policy bank as the host engine reads rules, to judge sessions against

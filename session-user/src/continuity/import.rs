@@ -39,8 +39,9 @@ impl ImportReport {
 
 /// Judges `candidates` (a record and the index of its first packet's interface, 0 when
 /// unknown) against `rules`, rebases them onto monotonic `now` after they waited
-/// `waited_ns`, and stores those admitted whose key the table does not hold. Nothing is
-/// stored when the admitted sessions cannot fit in the protected tier.
+/// `waited_ns`, and stores those admitted whose key the table does not hold (a live
+/// session is newer than any import). Nothing is stored when the admitted sessions cannot
+/// fit in the protected tier.
 pub fn import(
     maps: &PinnedMaps,
     rules: &ModelRules,
@@ -89,9 +90,8 @@ pub fn import(
             "{protected} established sessions do not fit in the table: it holds {stored} of max_sessions {capacity}; nothing was imported (raise `[limits] max_sessions`, then `session down` and start again)"
         );
     }
-    let present = maps.insert_sessions(&admitted)?;
-    report.present += present.len() as u64;
-    report.imported = admitted.len() as u64 - present.len() as u64;
+    maps.insert_sessions(&admitted)?;
+    report.imported = admitted.len() as u64;
     Ok(report)
 }
 
@@ -155,7 +155,9 @@ pub fn restore(maps: &PinnedMaps, path: &Path, now: u64, now_unix_ns: u64) -> Re
             .get(record.origin_iface as usize)
             .copied()
             .unwrap_or(0);
-        (*record, ifindex)
+        let mut record = *record;
+        record.forget_edges();
+        (record, ifindex)
     });
     import(maps, &rules, candidates, now, waited)
 }

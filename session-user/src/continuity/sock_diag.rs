@@ -120,14 +120,31 @@ pub fn parse(payload: &[u8]) -> Option<DiagSocket> {
     Some(socket)
 }
 
-/// Whether `socket`'s local port is one a listening socket serves, so its peer opened it.
-pub fn accepted(socket: &DiagSocket, listeners: &[DiagSocket]) -> bool {
-    listeners.iter().any(|listener| {
+/// Whether the peer opened `socket`'s connection. inet_diag does not say whether a
+/// socket was accepted or connected, so: the local port is one a listening socket serves;
+/// or (the listener may have closed since) the local port lies outside the range the
+/// kernel picks connecting ports from (`ephemeral`, `net.ipv4.ip_local_port_range`) and
+/// the peer's inside it.
+pub fn accepted(socket: &DiagSocket, listeners: &[DiagSocket], ephemeral: (u16, u16)) -> bool {
+    let listening = listeners.iter().any(|listener| {
         listener.local_port == socket.local_port
             && (listener.local == socket.local
                 || listener.local == [0; 16]
                 || listener.local == mapped_any())
-    })
+    });
+    let in_range = |port: u16| (ephemeral.0..=ephemeral.1).contains(&port);
+    listening || (!in_range(socket.local_port) && in_range(socket.remote_port))
+}
+
+/// The range the kernel picks connecting ports from in this network namespace.
+pub fn ephemeral_ports() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut parts = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((parts.next()??, parts.next()??))
+        })
+        .unwrap_or((32768, 60999))
 }
 
 fn mapped_any() -> [u8; 16] {
@@ -271,7 +288,8 @@ mod tests {
             remote_port: 0,
             ..socket
         };
-        assert!(accepted(&socket, &[listener]));
+        assert!(accepted(&socket, &[listener], (32768, 60999)));
+        assert!(accepted(&socket, &[], (32768, 60999)), "a server port, a client port");
         let record = to_record(&socket, proto::TCP, true, 5).expect("a record");
         // The peer 198.18.0.1:40000 opened it and sorts lower.
         assert_eq!(record.key.port_lo, 40000);
@@ -283,7 +301,8 @@ mod tests {
         assert_eq!(record.remaining_ns, 5);
 
         let outgoing = diag(50000, 443, None);
-        assert!(!accepted(&outgoing, &[listener]));
+        assert!(!accepted(&outgoing, &[listener], (32768, 60999)));
+        assert!(!accepted(&outgoing, &[], (32768, 60999)));
         let record = to_record(&outgoing, proto::TCP, false, 5).expect("a record");
         assert_eq!(record.flags & session_flags::ORIG_IS_LO, 0, "we opened it and sort higher");
         assert_eq!(record.tcp[0].flags & tcp_peer_flags::WINDOW_SCALE, 0);

@@ -191,8 +191,9 @@ pub fn take_over(maps: &PinnedMaps, settings: &Settings, protected: &[u32]) -> R
     let timeout = |slot: Timeout| settings.timeouts_ns[slot as usize];
     let mut candidates = Vec::new();
     let (established, listening) = sock_diag::tcp()?;
+    let ephemeral = sock_diag::ephemeral_ports();
     for socket in &established {
-        let by_peer = sock_diag::accepted(socket, &listening);
+        let by_peer = sock_diag::accepted(socket, &listening, ephemeral);
         if let Some(record) =
             sock_diag::to_record(socket, proto::TCP, by_peer, timeout(Timeout::TcpEstablished))
         {
