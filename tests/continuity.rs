@@ -63,7 +63,11 @@ fn nft_load(lab: &Lab, ruleset: &str) {
 
 /// The number of conntrack entries in fw for TCP port 22.
 fn conntrack_ssh_entries(lab: &Lab) -> usize {
-    let out = lab.run(Side::Fw, 10, &["conntrack", "-L", "-p", "tcp", "--dport", "22"]);
+    let out = lab.run(
+        Side::Fw,
+        10,
+        &["conntrack", "-L", "-p", "tcp", "--dport", "22"],
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|line| line.contains("ESTABLISHED"))
@@ -82,16 +86,28 @@ fn ssh_survives_the_first_start(tag: &str, family: Family, nftables: bool) {
     let stream = lab.live_stream(family, 22);
     stream.assert_flowing(PROGRESS, "before session starts");
     if nftables {
-        assert_eq!(conntrack_ssh_entries(&lab), 1, "conntrack does not track the stream");
+        assert_eq!(
+            conntrack_ssh_entries(&lab),
+            1,
+            "conntrack does not track the stream"
+        );
     }
     let daemon = lab.daemon(DEFAULT_POLICY);
     stream.assert_flowing(PROGRESS, "after session attached");
     if nftables {
-        lab.ok(Side::Fw, 10, &["nft", "delete", "table", "inet", "continuity"]);
+        lab.ok(
+            Side::Fw,
+            10,
+            &["nft", "delete", "table", "inet", "continuity"],
+        );
         stream.assert_flowing(PROGRESS, "after the nftables ruleset was removed");
     }
     let stats = daemon.stats_json();
-    let source = if nftables { "takeover_conntrack" } else { "takeover_sockets" };
+    let source = if nftables {
+        "takeover_conntrack"
+    } else {
+        "takeover_sockets"
+    };
     assert_eq!(counter(&stats, source), 1, "{stats}\n{}", daemon.stderr());
     let sessions = daemon.list_json();
     let session = session_tests::find_session(
@@ -190,13 +206,26 @@ fn a_forwarded_stream_nftables_carried_survives_the_switch_to_session() {
     let (client, server) = forwarded_pair(&lab, &upstream, Family::V4);
     let stream = LiveStream::start(client, server);
     stream.assert_flowing(PROGRESS, "through nftables");
-    assert_eq!(conntrack_ssh_entries(&lab), 1, "conntrack does not track the stream");
+    assert_eq!(
+        conntrack_ssh_entries(&lab),
+        1,
+        "conntrack does not track the stream"
+    );
     let daemon = lab.daemon(&router_default_policy());
     stream.assert_flowing(PROGRESS, "after session attached");
-    lab.ok(Side::Fw, 10, &["nft", "delete", "table", "inet", "continuity"]);
+    lab.ok(
+        Side::Fw,
+        10,
+        &["nft", "delete", "table", "inet", "continuity"],
+    );
     stream.assert_flowing(PROGRESS, "after the nftables ruleset was removed");
     let stats = daemon.stats_json();
-    assert_eq!(counter(&stats, "takeover_conntrack"), 1, "{stats}\n{}", daemon.stderr());
+    assert_eq!(
+        counter(&stats, "takeover_conntrack"),
+        1,
+        "{stats}\n{}",
+        daemon.stderr()
+    );
     stream.finish();
     drop(daemon);
     drop(upstream);
@@ -208,7 +237,9 @@ fn expires_in(sessions: &[serde_json::Value], sport: u16) -> i64 {
         .iter()
         .find(|s| s["proto"] == "tcp" && s["sport"] == sport && s["dst"] == UPSTREAM_V4)
         .unwrap_or_else(|| panic!("no session from port {sport}: {sessions:?}"));
-    session["expires_in_secs"].as_i64().expect("expires_in_secs")
+    session["expires_in_secs"]
+        .as_i64()
+        .expect("expires_in_secs")
 }
 
 /// Sends `data` from `from` and reads it exactly at `to` (within the stream's timeout).
@@ -230,13 +261,21 @@ fn save_down_and_run_restore_carry_a_forwarded_stream_on() {
     let lab = Lab::dual_stack("ct-sr");
     let upstream = lab.upstream();
     let policy = router_default_policy();
-    let file = lab.scratch_path("sessions.table").to_string_lossy().into_owned();
+    let file = lab
+        .scratch_path("sessions.table")
+        .to_string_lossy()
+        .into_owned();
     let daemon = lab.daemon(&policy);
     let (client, server) = forwarded_pair(&lab, &upstream, Family::V4);
     let stream = LiveStream::start(client, server);
     let (mut idle_client, mut idle_server) = forwarded_pair(&lab, &upstream, Family::V4);
     let idle_port = idle_client.local_addr().expect("local address").port();
-    carry(&mut idle_client, &mut idle_server, b"hello", "before the save");
+    carry(
+        &mut idle_client,
+        &mut idle_server,
+        b"hello",
+        "before the save",
+    );
     stream.assert_flowing(PROGRESS, "before the save");
     // The idle session ages, so its time left differs from a fresh one's.
     sleep(Duration::from_secs(2));
@@ -257,14 +296,29 @@ fn save_down_and_run_restore_carry_a_forwarded_stream_on() {
     );
     stream.assert_flowing(PROGRESS, "after the restore");
     let stats = restored.stats_json();
-    assert_eq!(counter(&stats, "sessions_restored"), 2, "{stats}\n{}", restored.stderr());
+    assert_eq!(
+        counter(&stats, "sessions_restored"),
+        2,
+        "{stats}\n{}",
+        restored.stderr()
+    );
     assert!(
         restored.stderr().contains("restored 2 session(s)"),
         "the daemon did not report the restore: {}",
         restored.stderr()
     );
-    carry(&mut idle_server, &mut idle_client, b"answer", "after the restore");
-    carry(&mut idle_client, &mut idle_server, b"again", "after the restore");
+    carry(
+        &mut idle_server,
+        &mut idle_client,
+        b"answer",
+        "after the restore",
+    );
+    carry(
+        &mut idle_client,
+        &mut idle_server,
+        b"again",
+        "after the restore",
+    );
     stream.finish();
     drop(restored);
     drop(upstream);
@@ -277,7 +331,10 @@ fn a_forwarded_connection_stalls_without_its_table_and_session_restore_revives_i
     let lab = Lab::dual_stack("ct-st");
     let upstream = lab.upstream();
     let policy = router_default_policy();
-    let file = lab.scratch_path("sessions.table").to_string_lossy().into_owned();
+    let file = lab
+        .scratch_path("sessions.table")
+        .to_string_lossy()
+        .into_owned();
     let daemon = lab.daemon(&policy);
     let (mut client, mut server) = forwarded_pair(&lab, &upstream, Family::V4);
     carry(&mut client, &mut server, b"first", "before the save");
@@ -301,7 +358,9 @@ fn a_forwarded_connection_stalls_without_its_table_and_session_restore_revives_i
     server
         .set_read_timeout(Some(Duration::from_secs(20)))
         .expect("read timeout");
-    server.read_exact(&mut buf).expect("the stalled bytes arrive after the restore");
+    server
+        .read_exact(&mut buf)
+        .expect("the stalled bytes arrive after the restore");
     assert_eq!(&buf, b"second");
     carry(&mut server, &mut client, b"reply", "after the restore");
     drop(fresh);
@@ -375,22 +434,40 @@ fn damaged_foreign_and_oversized_tables_are_refused_and_change_nothing() {
     for (name, contents, reason) in [
         ("damaged.table", damaged, "checksum mismatch"),
         ("foreign.table", foreign, "format version 99"),
-        ("oversized.table", oversized, "more than this table's max_sessions"),
+        (
+            "oversized.table",
+            oversized,
+            "more than this table's max_sessions",
+        ),
     ] {
         let path = write_table(&lab, name, &contents);
         let out = daemon.cli_output(&["restore", &path]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{name} was restored: {stderr}");
-        assert!(stderr.contains(reason), "{name}: the error does not say {reason:?}: {stderr}");
+        assert!(
+            stderr.contains(reason),
+            "{name}: the error does not say {reason:?}: {stderr}"
+        );
         assert!(stderr.contains("nothing changed"), "{name}: {stderr}");
     }
     let after = daemon.list_json();
     let stats_after = daemon.stats_json();
-    assert_eq!(before.len(), after.len(), "the table changed: {before:?} -> {after:?}");
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "the table changed: {before:?} -> {after:?}"
+    );
     for name in ["sessions_restored", "restore_refused"] {
-        assert_eq!(counter(&stats_before, name), counter(&stats_after, name), "{name}");
+        assert_eq!(
+            counter(&stats_before, name),
+            counter(&stats_after, name),
+            "{name}"
+        );
     }
     // The good file restores: its session is already there, so nothing is added.
     let out = daemon.cli(&["restore", &good]);
-    assert!(out.contains("restored 0 session(s)") && out.contains("1 already in the table"), "{out}");
+    assert!(
+        out.contains("restored 0 session(s)") && out.contains("1 already in the table"),
+        "{out}"
+    );
 }

@@ -16,8 +16,8 @@
 //! session the kernel path could have made is refused, never stored.
 
 use crate::wire::{
-    FAMILY_IPV4, FAMILY_IPV6, FlowKey, FlowState, Session, TcpPeer, TcpState, proto,
-    session_flags, tcp_peer_flags,
+    FAMILY_IPV4, FAMILY_IPV6, FlowKey, FlowState, Session, TcpPeer, TcpState, proto, session_flags,
+    tcp_peer_flags,
 };
 
 /// Version of the record layout below. A change of layout or meaning bumps it; readers
@@ -368,7 +368,10 @@ impl SessionRecord {
             }
         }
         if self.flags & !RECORD_SESSION_FLAGS != 0
-            || self.tcp.iter().any(|peer| peer.flags & !RECORD_PEER_FLAGS != 0)
+            || self
+                .tcp
+                .iter()
+                .any(|peer| peer.flags & !RECORD_PEER_FLAGS != 0)
         {
             return Err(RecordError::Flags);
         }
@@ -461,7 +464,10 @@ mod tests {
         assert_eq!(restored.packets, session.packets);
         assert_eq!(restored.bytes, session.bytes);
         assert_eq!(restored.state, session.state);
-        assert_eq!(restored.flags, session.flags, "assured goes back to the protected tier");
+        assert_eq!(
+            restored.flags, session.flags,
+            "assured goes back to the protected tier"
+        );
         assert_eq!(restored.rule_id, 3);
         assert_eq!(u32::from_ne_bytes(restored.origin_ifindex), 8);
         assert_eq!(restored.verdict_flags, [0, 0], "no verdict is carried over");
@@ -475,7 +481,10 @@ mod tests {
         let mut record = SessionRecord::from_session(&key, &session, 10_000, 0, 0).expect("live");
         record.forget_edges();
         for (peer, was) in record.tcp.iter().zip(session.tcp) {
-            assert_eq!((peer.end, peer.maxend, peer.maxwin, peer.maxack), (0, 0, 0, 0));
+            assert_eq!(
+                (peer.end, peer.maxend, peer.maxwin, peer.maxack),
+                (0, 0, 0, 0)
+            );
             assert_eq!(peer.scale, was.scale);
             assert_eq!(peer.flags, was.flags & !tcp_peer_flags::MAXACK_SET);
         }
@@ -495,8 +504,8 @@ mod tests {
     #[test]
     fn the_layout_is_little_endian_at_documented_offsets() {
         let (key, session) = sample();
-        let record = SessionRecord::from_session(&key, &session, 10_000, 0x0102, 0xffff)
-            .expect("live");
+        let record =
+            SessionRecord::from_session(&key, &session, 10_000, 0x0102, 0xffff).expect("live");
         let mut bytes = [0u8; RECORD_LEN];
         record.encode(&mut bytes);
         assert_eq!(&bytes[..4], &[4, 6, 3, record.flags]);
@@ -528,7 +537,11 @@ mod tests {
         assert_eq!(broken(46, 1), Err(RecordError::Reserved));
         assert_eq!(broken(113, 0x40), Err(RecordError::Flags));
         assert_eq!(broken(114, 1), Err(RecordError::Reserved));
-        assert_eq!(broken(1, 17), Err(RecordError::State(3)), "UDP has two states");
+        assert_eq!(
+            broken(1, 17),
+            Err(RecordError::State(3)),
+            "UDP has two states"
+        );
         let mut gre = record;
         gre.key.proto = 47;
         gre.state = FlowState::Replied as u8;

@@ -1610,7 +1610,14 @@ mod tests {
             ack: 5000,
             window: 100,
             payload_len: 100,
-            ..meta(FAMILY_IPV4, proto::TCP, v4([1, 0, 0, 1]), 40000, v4([1, 0, 0, 2]), 22)
+            ..meta(
+                FAMILY_IPV4,
+                proto::TCP,
+                v4([1, 0, 0, 1]),
+                40000,
+                v4([1, 0, 0, 2]),
+                22,
+            )
         };
         // B acknowledges 1300: A had sent 200 bytes more before the table knew the flow.
         let b_to_a = PacketMeta {

@@ -119,9 +119,7 @@ fn dispatch(command: Command) -> Result<()> {
             }))
         }
         Command::Save { file, pin } => crate::continuity::commands::save(&pin.pin_dir, &file),
-        Command::Restore { file, pin } => {
-            crate::continuity::commands::restore(&pin.pin_dir, &file)
-        }
+        Command::Restore { file, pin } => crate::continuity::commands::restore(&pin.pin_dir, &file),
         Command::List { json, filter, pin } => {
             let maps = PinnedMaps::open(&pin.pin_dir)?;
             let now = monotonic_ns();

@@ -196,7 +196,10 @@ pub fn parse_entry(payload: &[u8]) -> Option<CtEntry> {
             }
         }
     }
-    for (i, kind) in [CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY].into_iter().enumerate() {
+    for (i, kind) in [CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY]
+        .into_iter()
+        .enumerate()
+    {
         if let Some(counters) = attr(buf, kind) {
             (entry.packets[i], entry.bytes[i]) = parse_counters(counters);
         }

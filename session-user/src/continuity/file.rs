@@ -58,7 +58,9 @@ pub enum FileError {
     #[error("records of {0} bytes, but this record version has {RECORD_LEN}")]
     RecordLen(u16),
     /// Shorter or longer than its header says.
-    #[error("the file is {found} bytes, its header says {expected}: it was cut short or appended to")]
+    #[error(
+        "the file is {found} bytes, its header says {expected}: it was cut short or appended to"
+    )]
     Length {
         /// Bytes the header implies.
         expected: u64,
@@ -66,7 +68,9 @@ pub enum FileError {
         found: u64,
     },
     /// The checksum does not match the contents.
-    #[error("checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): the file is damaged")]
+    #[error(
+        "checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): the file is damaged"
+    )]
     Checksum {
         /// The checksum at the end of the file.
         stored: u32,
@@ -113,7 +117,10 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], FileError> {
-        let end = self.at.checked_add(n).filter(|&end| end <= self.bytes.len());
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&end| end <= self.bytes.len());
         let Some(end) = end else {
             return Err(FileError::Length {
                 expected: (self.at + n) as u64 + 4,
@@ -125,13 +132,19 @@ impl<'a> Cursor<'a> {
         Ok(out)
     }
     fn u16(&mut self) -> Result<u16, FileError> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
     fn u32(&mut self) -> Result<u32, FileError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64, FileError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 }
 
@@ -236,8 +249,8 @@ impl TableFile {
         let mut records = Vec::with_capacity(count as usize);
         for index in 0..count {
             let raw: &[u8; RECORD_LEN] = c.take(RECORD_LEN)?.try_into().expect("one record");
-            let record = SessionRecord::decode(raw)
-                .map_err(|source| FileError::Record { index, source })?;
+            let record =
+                SessionRecord::decode(raw).map_err(|source| FileError::Record { index, source })?;
             let dangling = |i: u16, table: &[String]| i != NO_NAME && i as usize >= table.len();
             if dangling(record.rule, &rules) || dangling(record.origin_iface, &ifaces) {
                 return Err(FileError::Dangling { index });
@@ -348,7 +361,10 @@ mod tests {
     fn truncation_other_versions_and_too_many_sessions_are_refused_with_their_reason() {
         let bytes = table(3).encode();
         for len in 0..bytes.len() {
-            assert!(TableFile::decode(&bytes[..len], 100).is_err(), "cut at {len}");
+            assert!(
+                TableFile::decode(&bytes[..len], 100).is_err(),
+                "cut at {len}"
+            );
         }
         let mut other = bytes.clone();
         other[8] = 2;

@@ -109,7 +109,10 @@ pub fn save(maps: &PinnedMaps, path: &Path, now: u64, now_unix_ns: u64) -> Resul
             NO_NAME
         };
         let ifindex = u32::from_ne_bytes(session.origin_ifindex);
-        let iface = match (ifindex != 0).then(|| crate::continuity::ifname(ifindex)).flatten() {
+        let iface = match (ifindex != 0)
+            .then(|| crate::continuity::ifname(ifindex))
+            .flatten()
+        {
             Some(name) => match ifaces.iter().position(|have| *have == name) {
                 Some(i) => i as u16,
                 None => {

@@ -41,7 +41,10 @@ pub fn seed(
                 Err(error) => log::error!("restore refused, starting without it: {error:#}"),
             }
         } else {
-            log::info!("{}: no saved table to restore (none was saved yet)", file.display());
+            log::info!(
+                "{}: no saved table to restore (none was saved yet)",
+                file.display()
+            );
         }
     }
     if let Err(error) = takeover::take_over(maps, settings, protected) {

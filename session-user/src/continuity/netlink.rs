@@ -147,7 +147,8 @@ impl Socket {
         Ok(Socket { fd })
     }
 
-    fn send(&self, message: &[u8]) -> Result<()> {
+    /// Sends one message (or several, concatenated) to the kernel.
+    pub fn send(&self, message: &[u8]) -> Result<()> {
         // SAFETY: an all-zero sockaddr_nl is valid; family set below; pid 0 is the kernel.
         let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
@@ -249,7 +250,9 @@ mod tests {
     fn messages_split_a_datagram_and_stop_at_a_truncated_one() {
         let mut datagram = request(20, 0, 1, &[1, 2, 3]);
         datagram.extend(request(NLMSG_DONE, 0, 1, &[]));
-        let found: Vec<_> = messages(&datagram).map(|m| (m.kind, m.payload.len())).collect();
+        let found: Vec<_> = messages(&datagram)
+            .map(|m| (m.kind, m.payload.len()))
+            .collect();
         assert_eq!(found, vec![(20, 3), (NLMSG_DONE, 0)]);
         assert_eq!(messages(&datagram[..10]).count(), 0);
     }

@@ -12,7 +12,10 @@ use session_common::{
     packet::PacketMeta,
     record::{NO_NAME, SessionRecord},
     track::flow_key,
-    wire::{FAMILY_IPV4, FAMILY_IPV6, FlowState, TcpPeer, TcpState, proto, session_flags, tcp_peer_flags},
+    wire::{
+        FAMILY_IPV4, FAMILY_IPV6, FlowState, TcpPeer, TcpState, proto, session_flags,
+        tcp_peer_flags,
+    },
 };
 
 use crate::continuity::netlink::{self, NLM_F_DUMP, NLM_F_REQUEST, Socket, attr};
@@ -163,9 +166,15 @@ pub fn to_record(
     timeout_ns: u64,
 ) -> Option<SessionRecord> {
     let ((src, sport), (dst, dport)) = if opened_by_peer {
-        ((socket.remote, socket.remote_port), (socket.local, socket.local_port))
+        (
+            (socket.remote, socket.remote_port),
+            (socket.local, socket.local_port),
+        )
     } else {
-        ((socket.local, socket.local_port), (socket.remote, socket.remote_port))
+        (
+            (socket.local, socket.local_port),
+            (socket.remote, socket.remote_port),
+        )
     };
     let family = socket.family;
     // A v4-mapped IPv6 socket talks IPv4 on the wire.
@@ -197,7 +206,11 @@ pub fn to_record(
         flags |= session_flags::SEEN_REPLY | session_flags::ASSURED | session_flags::ADOPT_WINDOW;
         // tcp[0] is the originator: the peer when it opened the connection.
         let (ours, theirs) = socket.wscale.map_or((0, 0), |(peer, ours)| (ours, peer));
-        let (orig_scale, reply_scale) = if opened_by_peer { (theirs, ours) } else { (ours, theirs) };
+        let (orig_scale, reply_scale) = if opened_by_peer {
+            (theirs, ours)
+        } else {
+            (ours, theirs)
+        };
         for (peer, scale) in tcp.iter_mut().zip([orig_scale, reply_scale]) {
             if socket.wscale.is_some() {
                 peer.scale = scale.min(14);
@@ -212,7 +225,11 @@ pub fn to_record(
         FlowState::Unreplied as u8
     };
     let (sent, received) = (u64::from(socket.segs.0), u64::from(socket.segs.1));
-    let packets = if opened_by_peer { [received, sent] } else { [sent, received] };
+    let packets = if opened_by_peer {
+        [received, sent]
+    } else {
+        [sent, received]
+    };
     let record = SessionRecord {
         key,
         state,
@@ -232,12 +249,18 @@ pub fn to_record(
 pub fn dump(protocol: u8, states: u32) -> Result<Vec<DiagSocket>> {
     let socket = Socket::open(NETLINK_SOCK_DIAG)?;
     let mut out = Vec::new();
-    for (seq, family) in [libc::AF_INET as u8, libc::AF_INET6 as u8].into_iter().enumerate() {
-        socket.dump(&request(family, protocol, states, seq as u32 + 1), |message| {
-            if let Some(found) = parse(message.payload) {
-                out.push(found);
-            }
-        })?;
+    for (seq, family) in [libc::AF_INET as u8, libc::AF_INET6 as u8]
+        .into_iter()
+        .enumerate()
+    {
+        socket.dump(
+            &request(family, protocol, states, seq as u32 + 1),
+            |message| {
+                if let Some(found) = parse(message.payload) {
+                    out.push(found);
+                }
+            },
+        )?;
     }
     Ok(out)
 }
@@ -289,7 +312,10 @@ mod tests {
             ..socket
         };
         assert!(accepted(&socket, &[listener], (32768, 60999)));
-        assert!(accepted(&socket, &[], (32768, 60999)), "a server port, a client port");
+        assert!(
+            accepted(&socket, &[], (32768, 60999)),
+            "a server port, a client port"
+        );
         let record = to_record(&socket, proto::TCP, true, 5).expect("a record");
         // The peer 198.18.0.1:40000 opened it and sorts lower.
         assert_eq!(record.key.port_lo, 40000);
@@ -304,7 +330,11 @@ mod tests {
         assert!(!accepted(&outgoing, &[listener], (32768, 60999)));
         assert!(!accepted(&outgoing, &[], (32768, 60999)));
         let record = to_record(&outgoing, proto::TCP, false, 5).expect("a record");
-        assert_eq!(record.flags & session_flags::ORIG_IS_LO, 0, "we opened it and sort higher");
+        assert_eq!(
+            record.flags & session_flags::ORIG_IS_LO,
+            0,
+            "we opened it and sort higher"
+        );
         assert_eq!(record.tcp[0].flags & tcp_peer_flags::WINDOW_SCALE, 0);
     }
 

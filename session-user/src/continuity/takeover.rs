@@ -11,6 +11,8 @@
 //! not protect (loopback, others) are not its business and are left out; each of the
 //! others is judged by the policy in force as a reload judges the sessions it finds.
 
+use std::{cell::RefCell, collections::HashMap};
+
 use anyhow::Result;
 use log::{info, warn};
 use session_common::{
@@ -47,8 +49,10 @@ pub struct Route {
 }
 
 /// Asks the kernel's routing table where `addr` (IPv4-mapped for IPv4) is.
+/// Answers are cached per address: many connections share a peer.
 pub struct Router {
     socket: Socket,
+    cache: RefCell<HashMap<(u8, [u8; 16]), Option<Route>>>,
 }
 
 impl Router {
@@ -56,11 +60,21 @@ impl Router {
     pub fn open() -> Result<Router> {
         Ok(Router {
             socket: Socket::open(libc::NETLINK_ROUTE)?,
+            cache: RefCell::new(HashMap::new()),
         })
     }
 
     /// The route to `addr`; `None` when there is none.
     pub fn route(&self, family: u8, addr: &[u8; 16]) -> Option<Route> {
+        if let Some(known) = self.cache.borrow().get(&(family, *addr)) {
+            return *known;
+        }
+        let route = self.lookup(family, addr);
+        self.cache.borrow_mut().insert((family, *addr), route);
+        route
+    }
+
+    fn lookup(&self, family: u8, addr: &[u8; 16]) -> Option<Route> {
         let (af, bytes, bits): (u8, &[u8], u8) = if family == FAMILY_IPV4 {
             (libc::AF_INET as u8, &addr[12..], 32)
         } else {
@@ -95,7 +109,13 @@ pub struct Placement {
 
 /// Places a connection from `src` (its originator) to `dst` by the routes: `None` when
 /// it crosses no protected interface.
-pub fn place(router: &Router, family: u8, src: &[u8; 16], dst: &[u8; 16], protected: &[u32]) -> Option<Placement> {
+pub fn place(
+    router: &Router,
+    family: u8,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    protected: &[u32],
+) -> Option<Placement> {
     let from = router.route(family, src)?;
     let placement = if from.local {
         let to = router.route(family, dst)?;
@@ -166,7 +186,11 @@ fn placed(
 }
 
 /// Seeds the (new) table from conntrack, then sockets; logs and counts what it did.
-pub fn take_over(maps: &PinnedMaps, settings: &Settings, protected: &[u32]) -> Result<TakeoverReport> {
+pub fn take_over(
+    maps: &PinnedMaps,
+    settings: &Settings,
+    protected: &[u32],
+) -> Result<TakeoverReport> {
     let rules = maps.active_rules()?;
     let router = Router::open()?;
     let mut report = TakeoverReport::default();
@@ -174,7 +198,9 @@ pub fn take_over(maps: &PinnedMaps, settings: &Settings, protected: &[u32]) -> R
     let entries = match conntrack::dump() {
         Ok(entries) => entries,
         Err(error) => {
-            warn!("takeover: cannot read the kernel's conntrack table, using sockets only: {error:#}");
+            warn!(
+                "takeover: cannot read the kernel's conntrack table, using sockets only: {error:#}"
+            );
             None
         }
     };
@@ -182,7 +208,9 @@ pub fn take_over(maps: &PinnedMaps, settings: &Settings, protected: &[u32]) -> R
     let mut candidates = Vec::new();
     for entry in entries.unwrap_or_default() {
         match conntrack::to_record(&entry) {
-            Ok(record) => candidates.extend(placed(&router, record, protected, &mut report.elsewhere)),
+            Ok(record) => {
+                candidates.extend(placed(&router, record, protected, &mut report.elsewhere))
+            }
             Err(_) => report.unusable += 1,
         }
     }
@@ -194,9 +222,12 @@ pub fn take_over(maps: &PinnedMaps, settings: &Settings, protected: &[u32]) -> R
     let ephemeral = sock_diag::ephemeral_ports();
     for socket in &established {
         let by_peer = sock_diag::accepted(socket, &listening, ephemeral);
-        if let Some(record) =
-            sock_diag::to_record(socket, proto::TCP, by_peer, timeout(Timeout::TcpEstablished))
-        {
+        if let Some(record) = sock_diag::to_record(
+            socket,
+            proto::TCP,
+            by_peer,
+            timeout(Timeout::TcpEstablished),
+        ) {
             candidates.extend(placed(&router, record, protected, &mut report.elsewhere));
         }
     }
@@ -215,7 +246,11 @@ pub fn take_over(maps: &PinnedMaps, settings: &Settings, protected: &[u32]) -> R
     info!(
         "takeover: {} connection(s) from conntrack{}, {} from sockets; {} refused (the policy in force would not admit {}, {} use NAT or a state session cannot resume); {} on unprotected interfaces left out",
         report.conntrack.imported,
-        if report.conntrack_present { "" } else { " (not loaded)" },
+        if report.conntrack_present {
+            ""
+        } else {
+            " (not loaded)"
+        },
         report.sockets.imported,
         report.refused(),
         report.conntrack.refused + report.sockets.refused,

@@ -161,7 +161,12 @@ fn start(
     let generation = maps.apply_policy(policy)?;
     if new_table {
         let protected: Vec<u32> = ifaces.iter().map(|(_, index)| *index).collect();
-        continuity::seed(&maps, options.restore.as_deref(), &config.settings, &protected);
+        continuity::seed(
+            &maps,
+            options.restore.as_deref(),
+            &config.settings,
+            &protected,
+        );
     }
     remove_refused(&maps, policy)?;
     maps.rebuild_presence()?;
