@@ -120,10 +120,9 @@ fn table(pin: &Path) -> PinnedMaps {
 }
 
 /// Creates `count` assured TCP entries in this namespace's conntrack table through
-/// ctnetlink (`IPCTNL_MSG_CT_NEW`), many messages per send.
+/// ctnetlink (`IPCTNL_MSG_CT_NEW`), each acknowledged.
 fn fill_conntrack(count: u32) {
     let socket = Socket::open(12).expect("ctnetlink socket");
-    let mut batch = Vec::new();
     for i in 0..count {
         let (src, sport) = client(i);
         let tuple = |a: [u8; 4], b: [u8; 4], sp: u16, dp: u16| {
@@ -140,25 +139,30 @@ fn fill_conntrack(count: u32) {
             out
         };
         let mut payload = vec![libc::AF_INET as u8, 0, 0, 0];
-        netlink::put_attr(&mut payload, 1 | 0x8000, &tuple(src, [198, 18, 0, 1], sport, 22));
-        netlink::put_attr(&mut payload, 2 | 0x8000, &tuple([198, 18, 0, 1], src, 22, sport));
-        // IPS_SEEN_REPLY | IPS_ASSURED
-        netlink::put_attr(&mut payload, 3, &6u32.to_be_bytes());
+        netlink::put_attr(
+            &mut payload,
+            1 | 0x8000,
+            &tuple(src, [198, 18, 0, 1], sport, 22),
+        );
+        netlink::put_attr(
+            &mut payload,
+            2 | 0x8000,
+            &tuple([198, 18, 0, 1], src, 22, sport),
+        );
+        // IPS_SEEN_REPLY | IPS_ASSURED | IPS_CONFIRMED (the kernel confirms entries it
+        // creates and refuses a status without the bit as a change of it).
+        netlink::put_attr(&mut payload, 3, &14u32.to_be_bytes());
         netlink::put_attr(&mut payload, 7, &3600u32.to_be_bytes());
         let mut tcp = Vec::new();
         netlink::put_attr(&mut tcp, 1, &[TcpState::Established as u8]);
         let mut info = Vec::new();
         netlink::put_attr(&mut info, 1 | 0x8000, &tcp);
         netlink::put_attr(&mut payload, 4 | 0x8000, &info);
-        // NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
-        batch.extend(netlink::request(1 << 8, 0x1 | 0x400 | 0x200, i + 1, &payload));
-        if batch.len() > 48 * 1024 {
-            socket.send(&batch).expect("creating conntrack entries");
-            batch.clear();
-        }
-    }
-    if !batch.is_empty() {
-        socket.send(&batch).expect("creating conntrack entries");
+        // NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+        let message = netlink::request(1 << 8, 0x1 | 0x4 | 0x400 | 0x200, i + 1, &payload);
+        socket
+            .ask(&message)
+            .unwrap_or_else(|e| panic!("creating conntrack entry {i}: {e:#}"));
     }
 }
 
@@ -174,7 +178,9 @@ fn main() {
         );
     }
     run(&["ip", "link", "set", "lo", "up"]);
-    run(&["ip", "link", "add", IFACE, "type", "veth", "peer", "name", "bench1"]);
+    run(&[
+        "ip", "link", "add", IFACE, "type", "veth", "peer", "name", "bench1",
+    ]);
     run(&["ip", "addr", "add", "198.18.0.1/15", "dev", IFACE]);
     run(&["ip", "link", "set", IFACE, "up"]);
     run(&["ip", "link", "set", "bench1", "up"]);
@@ -213,16 +219,26 @@ fn main() {
     let started = Instant::now();
     let report = takeover::take_over(&maps, &Settings::default(), &[ifindex]).expect("takeover");
     let takeover_secs = started.elapsed().as_secs_f64();
-    assert_eq!(report.conntrack.imported, u64::from(CONNTRACK), "{report:?}");
+    assert_eq!(
+        report.conntrack.imported,
+        u64::from(CONNTRACK),
+        "{report:?}"
+    );
 
     let per_session = bytes as f64 / f64::from(SAVED);
     let mut md = String::from(
         "### Sessions that outlive the firewall\n\n| what | figure |\n| --- | --- |\n",
     );
     let _ = writeln!(md, "| `save` of {SAVED} sessions | {save_secs:.2} s |");
-    let _ = writeln!(md, "| `restore` of {SAVED} sessions (policy check, store) | {restore_secs:.2} s |");
+    let _ = writeln!(
+        md,
+        "| `restore` of {SAVED} sessions (policy check, store) | {restore_secs:.2} s |"
+    );
     let _ = writeln!(md, "| file size | {per_session:.1} bytes a session |");
-    let _ = writeln!(md, "| takeover of {CONNTRACK} conntrack entries | {takeover_secs:.2} s |");
+    let _ = writeln!(
+        md,
+        "| takeover of {CONNTRACK} conntrack entries | {takeover_secs:.2} s |"
+    );
     print!("{md}");
     let data = json!({
         "save_1m_secs": save_secs,

@@ -2,7 +2,10 @@
 //! one path every import takes, so each is judged by the policy in force exactly as a
 //! reload's readmission judges the sessions it finds.
 
-use std::{collections::HashSet, path::Path};
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+};
 
 use anyhow::{Context as _, Result, bail};
 use session_common::{
@@ -49,8 +52,12 @@ pub fn import(
     now: u64,
     waited_ns: u64,
 ) -> Result<ImportReport> {
-    let existing: HashSet<FlowKey> = maps
-        .snapshot_sessions()?
+    let snapshot = maps.snapshot_sessions()?;
+    let stored = snapshot
+        .iter()
+        .filter(|(_, session)| session.flags & session_flags::PROTECTED != 0)
+        .count() as u64;
+    let existing: HashSet<FlowKey> = snapshot
         .into_iter()
         .filter(|(_, session)| session.expires_ns > now)
         .map(|(key, _)| key)
@@ -80,11 +87,6 @@ pub fn import(
         .filter(|(_, session)| session.flags & session_flags::PROTECTED != 0)
         .count() as u64;
     let capacity = maps.max_sessions()?;
-    let stored = maps
-        .snapshot_sessions()?
-        .iter()
-        .filter(|(_, session)| session.flags & session_flags::PROTECTED != 0)
-        .count() as u64;
     if stored + protected > capacity {
         bail!(
             "{protected} established sessions do not fit in the table: it holds {stored} of max_sessions {capacity}; nothing was imported (raise `[limits] max_sessions`, then `session down` and start again)"
@@ -100,6 +102,8 @@ pub fn save(maps: &PinnedMaps, path: &Path, now: u64, now_unix_ns: u64) -> Resul
     let sessions = maps.snapshot_sessions()?;
     let rules = maps.rule_names()?;
     let mut ifaces: Vec<String> = Vec::new();
+    // Interface index to its place in `ifaces`: one name lookup per interface.
+    let mut iface_slots: HashMap<u32, u16> = HashMap::new();
     let mut records = Vec::with_capacity(sessions.len());
     for (key, session) in &sessions {
         let rule = if session.rule_id != RULE_ID_DEFAULT && (session.rule_id as usize) < rules.len()
@@ -109,19 +113,18 @@ pub fn save(maps: &PinnedMaps, path: &Path, now: u64, now_unix_ns: u64) -> Resul
             NO_NAME
         };
         let ifindex = u32::from_ne_bytes(session.origin_ifindex);
-        let iface = match (ifindex != 0)
-            .then(|| crate::continuity::ifname(ifindex))
-            .flatten()
-        {
-            Some(name) => match ifaces.iter().position(|have| *have == name) {
-                Some(i) => i as u16,
-                None => {
+        let iface = *iface_slots.entry(ifindex).or_insert_with(|| {
+            match (ifindex != 0)
+                .then(|| crate::continuity::ifname(ifindex))
+                .flatten()
+            {
+                Some(name) => {
                     ifaces.push(name);
                     (ifaces.len() - 1) as u16
                 }
-            },
-            None => NO_NAME,
-        };
+                None => NO_NAME,
+            }
+        });
         if let Some(record) = SessionRecord::from_session(key, session, now, rule, iface) {
             records.push(record);
         }

@@ -205,7 +205,8 @@ impl Socket {
         }
     }
 
-    /// Sends a request that has one reply and returns that reply's type and payload.
+    /// Sends a request that has one reply and returns that reply's type and payload (an
+    /// acknowledgement is `NLMSG_ERROR` with errno 0).
     pub fn ask(&self, message: &[u8]) -> Result<(u16, Vec<u8>)> {
         self.send(message)?;
         let mut buf = vec![0u8; RECV_BUF_LEN];
@@ -215,7 +216,9 @@ impl Socket {
         };
         if reply.kind == NLMSG_ERROR {
             let errno = error_code(reply.payload);
-            return Err(io::Error::from_raw_os_error(errno)).context("the kernel refused");
+            if errno != 0 {
+                return Err(io::Error::from_raw_os_error(errno)).context("the kernel refused");
+            }
         }
         Ok((reply.kind, reply.payload.to_vec()))
     }
