@@ -146,6 +146,47 @@ fn ssh_opened_before_the_first_start_survives_it_v6_from_conntrack() {
     ssh_survives_the_first_start("ct-c6", Family::V6, true);
 }
 
+/// A connected UDP socket of the host (fw talks to the client from port 5000) is taken
+/// over from the sockets: the client's datagrams to it, which the default policy would
+/// drop as new inbound UDP, are its replies and pass.
+#[test]
+fn a_connected_udp_socket_of_the_host_is_taken_over() {
+    let lab = Lab::new("ct-udp");
+    let fw = lab.udp_socket(Side::Fw, Family::V4, 5000);
+    let client = lab.udp_socket(Side::Client, Family::V4, 6000);
+    fw.connect(Family::V4.sock(Side::Client, 6000))
+        .expect("connect fw");
+    client
+        .connect(Family::V4.sock(Side::Fw, 5000))
+        .expect("connect client");
+    let mut buf = [0u8; 16];
+    fw.send(b"query").expect("fw send");
+    let n = client.recv(&mut buf).expect("client recv");
+    assert_eq!(&buf[..n], b"query");
+    let daemon = lab.daemon(DEFAULT_POLICY);
+    assert_eq!(counter(&daemon.stats_json(), "takeover_sockets"), 1);
+    for i in 0..3u8 {
+        client.send(&[b'r', i]).expect("client send");
+        let n = fw
+            .recv(&mut buf)
+            .expect("the reply arrives through the firewall");
+        assert_eq!(&buf[..n], &[b'r', i]);
+    }
+    // A datagram from another port of the client is a new inbound flow: dropped.
+    let stranger = lab.udp_socket(Side::Client, Family::V4, 6001);
+    let fw_other = lab.udp_socket(Side::Fw, Family::V4, 5001);
+    fw_other
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("read timeout");
+    stranger
+        .send_to(b"new", Family::V4.sock(Side::Fw, 5001))
+        .expect("stranger send");
+    assert!(
+        fw_other.recv(&mut buf).is_err(),
+        "a new inbound UDP flow passed"
+    );
+}
+
 /// A connection the default policy does not allow (port 2222) is not taken over: after
 /// the start its segments are dropped as invalid, and the refusal is counted.
 #[test]
