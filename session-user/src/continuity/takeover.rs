@@ -39,6 +39,9 @@ const RTA_OIF: u16 = 4;
 /// `RTN_LOCAL`: the address is the host's own.
 const RTN_LOCAL: u8 = 2;
 
+/// An address and its family, as routes are looked up.
+type RouteKey = (u8, [u8; 16]);
+
 /// Where the kernel would send a packet to an address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {
@@ -52,7 +55,7 @@ pub struct Route {
 /// Answers are cached per address: many connections share a peer.
 pub struct Router {
     socket: Socket,
-    cache: RefCell<HashMap<(u8, [u8; 16]), Option<Route>>>,
+    cache: RefCell<HashMap<RouteKey, Option<Route>>>,
 }
 
 impl Router {
