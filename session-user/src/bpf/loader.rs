@@ -158,7 +158,7 @@ fn check_pinned_sizes(pin_dir: &Path, sizes: &[(&str, u32, usize)]) -> Result<()
         let pinned = info.max_entries();
         if pinned != entries {
             bail!(
-                "{} was pinned with {pinned} entries, but this config needs {entries}: max_sessions changed since the maps were pinned. {down}",
+                "{} was pinned with {pinned} entries, but this config needs {entries}: max_sessions changed since the maps were pinned (or another version of session pinned them). {down}",
                 path.display()
             );
         }

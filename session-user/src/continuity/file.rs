@@ -184,6 +184,14 @@ impl TableFile {
         out
     }
 
+    /// The most bytes a file for a table of `capacity` sessions can have (full name
+    /// tables): a larger file is refused before it is read into memory.
+    pub fn max_len(capacity: u64) -> u64 {
+        (HEADER_LEN as u64 + 4)
+            .saturating_add(2 * u64::from(MAX_NAMES) * (1 + MAX_NAME_LEN as u64))
+            .saturating_add(capacity.saturating_mul(RECORD_LEN as u64))
+    }
+
     /// Reads and checks a whole file; `capacity` is how many sessions the table holds.
     pub fn decode(bytes: &[u8], capacity: u64) -> Result<TableFile, FileError> {
         if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
@@ -271,11 +279,13 @@ impl TableFile {
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         let tmp = path.with_file_name(format!(".{name}.tmp"));
+        // A temporary file a crash left behind goes first; then create_new (O_EXCL)
+        // refuses to follow a link planted in its place.
+        let _ = std::fs::remove_file(&tmp);
         let result = (|| {
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .mode_0600()
                 .open(&tmp)?;
             file.write_all(&self.encode())?;

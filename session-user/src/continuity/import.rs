@@ -146,8 +146,18 @@ pub fn save(maps: &PinnedMaps, path: &Path, now: u64, now_unix_ns: u64) -> Resul
 /// nothing), then imports its sessions, their times rebased by the wall-clock time the
 /// file waited.
 pub fn restore(maps: &PinnedMaps, path: &Path, now: u64, now_unix_ns: u64) -> Result<ImportReport> {
+    let capacity = maps.max_sessions()?;
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    if len > TableFile::max_len(capacity) {
+        bail!(
+            "{} cannot be restored, nothing changed: {len} bytes is more than a table of max_sessions {capacity} can fill: raise `[limits] max_sessions` (then `session down` and start again) to restore it",
+            path.display()
+        );
+    }
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let table = TableFile::decode(&bytes, maps.max_sessions()?)
+    let table = TableFile::decode(&bytes, capacity)
         .with_context(|| format!("{} cannot be restored, nothing changed", path.display()))?;
     let waited = now_unix_ns.saturating_sub(table.saved_unix_ns);
     let rules = maps.active_rules()?;
