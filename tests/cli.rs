@@ -316,7 +316,9 @@ fn systemd_unit_passes_systemd_analyze_verify() {
     let unit = std::fs::read_to_string(&unit_path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", unit_path.display()));
     for line in [
-        "ExecStart=/usr/local/bin/session run --config /etc/session/session.toml",
+        "ExecStart=/usr/local/bin/session run --config /etc/session/session.toml --restore /var/lib/session/sessions.table",
+        "ExecStop=/usr/local/bin/session save /var/lib/session/sessions.table",
+        "StateDirectory=session",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "Restart=on-failure",
         "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_SYS_ADMIN CAP_PERFMON",

@@ -12,6 +12,7 @@ pub mod forward;
 pub mod packet;
 pub mod policy;
 pub mod presence;
+pub mod record;
 pub mod rule_bitmaps;
 pub mod track;
 pub mod wire;

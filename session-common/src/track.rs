@@ -831,6 +831,15 @@ fn in_window(
                 receiver.maxend = sack;
             } else if sack == receiver.end.wrapping_add(1) {
                 receiver.end = receiver.end.wrapping_add(1);
+            } else if session.flags & session_flags::ADOPT_WINDOW != 0 && after(sack, receiver.end)
+            {
+                // Taken over without window data: this side acknowledges data the other
+                // sent before the table knew the connection. Adopt that edge, once (this
+                // branch runs only while the sender's window is unknown).
+                receiver.end = sack;
+                if after(sack, receiver.maxend) {
+                    receiver.maxend = sack;
+                }
             }
         }
     } else if has_syn && after(end, sender.end) && (state == SS || state == SR) {
@@ -1566,6 +1575,93 @@ mod tests {
                 new_session(&mut session, &m, true, &settings, 0),
                 Err(Invalid::Icmp),
                 "{kind:?}"
+            );
+        }
+    }
+
+    /// A session as takeover builds it without window data: established, both windows
+    /// unknown, scales known.
+    fn taken_over(adopt: bool) -> Session {
+        let mut session = Session {
+            state: TcpState::Established as u8,
+            flags: session_flags::ORIG_IS_LO | session_flags::SEEN_REPLY | session_flags::ASSURED,
+            expires_ns: u64::MAX,
+            ..Session::default()
+        };
+        for peer in &mut session.tcp {
+            peer.scale = 7;
+            peer.flags = tcp_peer_flags::WINDOW_SCALE | tcp_peer_flags::SACK_PERM;
+        }
+        if adopt {
+            session.flags |= session_flags::ADOPT_WINDOW;
+        }
+        session
+    }
+
+    #[test]
+    fn adopt_window_accepts_acks_of_data_sent_before_takeover_once_per_side() {
+        let settings = Settings {
+            flags: settings_flags::TCP_WINDOW_CHECK,
+            ..Settings::default()
+        };
+        let a_to_b = PacketMeta {
+            tcp_flags: ACK | PSH,
+            seq: 1000,
+            ack: 5000,
+            window: 100,
+            payload_len: 100,
+            ..meta(
+                FAMILY_IPV4,
+                proto::TCP,
+                v4([1, 0, 0, 1]),
+                40000,
+                v4([1, 0, 0, 2]),
+                22,
+            )
+        };
+        // B acknowledges 1300: A had sent 200 bytes more before the table knew the flow.
+        let b_to_a = PacketMeta {
+            seq: 5000,
+            ack: 1300,
+            payload_len: 0,
+            tcp_flags: ACK,
+            ..reversed(&a_to_b)
+        };
+        for adopt in [false, true] {
+            let mut session = taken_over(adopt);
+            assert_eq!(
+                update(&mut session, &a_to_b, Dir::Original, &settings, 1),
+                Ok(Update::Tracked)
+            );
+            assert_eq!(session.tcp[0].end, 1100);
+            assert_eq!(session.tcp[0].maxwin, 100 << 7, "the known scale applies");
+            let answer = update(&mut session, &b_to_a, Dir::Reply, &settings, 2);
+            if !adopt {
+                assert_eq!(answer, Err(Invalid::TcpWindow), "without the flag: strict");
+                continue;
+            }
+            assert_eq!(answer, Ok(Update::Tracked));
+            assert_eq!(session.tcp[0].end, 1300, "A's edge adopted from B's ACK");
+            assert_eq!(session.tcp[1].end, 5000);
+            // Both sides are known now: an ACK of data A never sent is out of window.
+            let beyond = PacketMeta {
+                ack: 9000,
+                ..b_to_a
+            };
+            assert_eq!(
+                update(&mut session, &beyond, Dir::Reply, &settings, 3),
+                Err(Invalid::TcpWindow),
+                "the flag acts once per side"
+            );
+            // The stream itself goes on.
+            let next = PacketMeta {
+                seq: 1300,
+                ack: 5000,
+                ..a_to_b
+            };
+            assert_eq!(
+                update(&mut session, &next, Dir::Original, &settings, 4),
+                Ok(Update::Tracked)
             );
         }
     }

@@ -245,6 +245,11 @@ pub mod session_flags {
     pub const PROTECTED: u8 = 16;
     /// The packet that created the session was seen at egress (the host sent it).
     pub const ORIGIN_EGRESS: u8 = 32;
+    /// The session was taken over or restored without exact TCP window data: while a
+    /// side's window is unknown (`maxwin` 0), its first segment sets that side's edges and
+    /// may acknowledge data of the other side the table never saw (sent before the
+    /// takeover). It acts once per side, on this session only: never a global loose mode.
+    pub const ADOPT_WINDOW: u8 = 64;
 }
 
 /// TCP connection states, numbered exactly as nf_conntrack's `enum tcp_conntrack`.
@@ -562,14 +567,25 @@ pub enum DaemonCounter {
     ReaperNsTotal,
     /// Nanoseconds the latest reaper sweep took (a gauge, overwritten by each sweep).
     ReaperLastNs,
+    /// Connections taken over from the kernel's conntrack table at first start.
+    TakeoverConntrack,
+    /// Connections taken over from the host's sockets at first start.
+    TakeoverSockets,
+    /// Connections found at takeover that the policy in force would not admit.
+    TakeoverRefused,
+    /// Sessions restored from a saved file.
+    SessionsRestored,
+    /// Saved sessions not restored: the policy in force would not admit them, they
+    /// expired while the file waited, or the table already had their key.
+    RestoreRefused,
 }
 
 impl DaemonCounter {
     /// Size of the daemon counter map.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 16;
 
     /// Every daemon counter with its stable name.
-    pub const ALL: [(DaemonCounter, &'static str); 7] = [
+    pub const ALL: [(DaemonCounter, &'static str); 12] = [
         (DaemonCounter::SessionsExpired, "sessions_expired"),
         (DaemonCounter::ReaperRuns, "reaper_runs"),
         (DaemonCounter::PolicyApplies, "policy_applies"),
@@ -580,6 +596,11 @@ impl DaemonCounter {
         ),
         (DaemonCounter::ReaperNsTotal, "reaper_ns_total"),
         (DaemonCounter::ReaperLastNs, "reaper_last_ns"),
+        (DaemonCounter::TakeoverConntrack, "takeover_conntrack"),
+        (DaemonCounter::TakeoverSockets, "takeover_sockets"),
+        (DaemonCounter::TakeoverRefused, "takeover_refused"),
+        (DaemonCounter::SessionsRestored, "sessions_restored"),
+        (DaemonCounter::RestoreRefused, "restore_refused"),
     ];
 }
 

@@ -8,11 +8,14 @@
 //!   readmission, events, metrics, the instance lock, privileges, and `session down`;
 //! - [`cli`]: the command line: arguments, the commands that talk to a running firewall,
 //!   what they print, and the man page;
+//! - [`continuity`]: sessions that outlive the firewall: takeover at first start, save and
+//!   restore of the table in a versioned file;
 //! - [`host_engine`]: session-common's engine over plain collections, which production
 //!   runs for readmission and the tests run as the kernel's reference.
 
 pub mod bpf;
 pub mod cli;
+pub mod continuity;
 pub mod daemon;
 pub mod host_engine;
 pub mod policy;

@@ -627,6 +627,11 @@ impl Lab {
 
     /// Starts the daemon in fw with `policy` as its config and waits until it is ready.
     pub fn daemon(&self, policy: &str) -> Daemon<'_> {
+        self.daemon_with(policy, &[])
+    }
+
+    /// [`Lab::daemon`] with `extra` arguments for `session run` (e.g. `--restore FILE`).
+    pub fn daemon_with(&self, policy: &str, extra: &[&str]) -> Daemon<'_> {
         let config = self.dir.join("session.toml");
         fs::write(&config, policy)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
@@ -644,6 +649,7 @@ impl Lab {
             "--pin-dir",
             &*pin,
         ];
+        let argv: Vec<&str> = argv.iter().copied().chain(extra.iter().copied()).collect();
         let mut daemon = Daemon {
             proc: Background::start(self, Side::Fw, &argv),
             pin_dir,

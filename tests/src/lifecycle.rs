@@ -291,7 +291,9 @@ fn retransmissions(stream: &TcpStream) -> Result<u32, String> {
 }
 
 impl LiveStream {
-    fn start(mut client: TcpStream, mut server: TcpStream) -> LiveStream {
+    /// Starts the stream over an open connection (`client` writes, `server` reads), for
+    /// connections [`Lab::live_stream`] does not make (forwarded ones, say).
+    pub fn start(mut client: TcpStream, mut server: TcpStream) -> LiveStream {
         let stop = Arc::new(AtomicBool::new(false));
         let received = Arc::new(AtomicU64::new(0));
         let writer = {

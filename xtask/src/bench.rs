@@ -21,8 +21,9 @@ use serde_json::{Value, json};
 use crate::{cmd, setup};
 
 /// The benchmarks: (name for `--only`, package, bench target, output stem).
-const BENCHES: [(&str, &str, &str, &str); 2] = [
+const BENCHES: [(&str, &str, &str, &str); 3] = [
     ("kernel", "session-user", "kernel_path", "kernel"),
+    ("continuity", "session-user", "continuity", "continuity"),
     ("e2e", "session-tests", "e2e", "e2e"),
 ];
 

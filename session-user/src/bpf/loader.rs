@@ -10,7 +10,7 @@ use aya::{
 };
 use session_common::{
     presence,
-    wire::{Counter, Session, Settings, map_names},
+    wire::{Counter, DaemonCounter, Session, Settings, map_names},
 };
 
 use crate::bpf::links;
@@ -87,6 +87,11 @@ pub fn load(pin_dir: &Path, max_sessions: u32, tc_ingress: bool) -> Result<Ebpf>
             ),
             (map_names::SETTINGS, 1, size_of::<Settings>()),
             (map_names::COUNTERS, Counter::COUNT, size_of::<u64>()),
+            (
+                map_names::DAEMON_COUNTERS,
+                DaemonCounter::COUNT,
+                size_of::<u64>(),
+            ),
         ],
     )?;
     let mut ebpf = EbpfLoader::new()
@@ -153,7 +158,7 @@ fn check_pinned_sizes(pin_dir: &Path, sizes: &[(&str, u32, usize)]) -> Result<()
         let pinned = info.max_entries();
         if pinned != entries {
             bail!(
-                "{} was pinned with {pinned} entries, but this config needs {entries}: max_sessions changed since the maps were pinned. {down}",
+                "{} was pinned with {pinned} entries, but this config needs {entries}: max_sessions changed since the maps were pinned (or another version of session pinned them). {down}",
                 path.display()
             );
         }

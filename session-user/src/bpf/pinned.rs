@@ -14,12 +14,16 @@ use session_common::{
     rule_bitmaps::{ADDR_KEY_BANK_BITS, AddrKey, IfaceKey, PortBounds, RuleBits, bits_slot},
     wire::{
         Counter, DaemonCounter, FlowKey, MAX_RULES, PolicyHeader, RULE_HIT_SLOTS, Rule, RuleName,
-        Session, Settings, map_names,
+        Session, Settings, map_names, session_flags,
     },
 };
 
 use crate::{
-    bpf::{batch::sweep_tier, presence::PresenceFilter},
+    bpf::{
+        batch::{insert_batch, sweep_tier},
+        presence::PresenceFilter,
+    },
+    host_engine::ModelRules,
     policy::{
         compile::{CompiledPolicy, decode_name},
         rule_bitmaps::RuleBitmaps,
@@ -220,7 +224,7 @@ impl PinnedMaps {
             let path = self.dir.join(name);
             let data = MapData::from_pin(&path)
                 .with_context(|| format!("cannot open pinned map {}", path.display()))?;
-            let expired = sweep_tier(&data, now, |key| filter.set(rebuilt, key))
+            let expired = sweep_tier(&data, now, |key, _| filter.set(rebuilt, key))
                 .with_context(|| format!("reading {name} for expired sessions"))?;
             Ok((name, expired))
         };
@@ -229,6 +233,70 @@ impl PinnedMaps {
             .set(0, rebuilt, 0)
             .context("switching the presence filter's bank")?;
         Ok(tiers)
+    }
+
+    /// Every stored session of both tiers, expired or not, each key once, read in
+    /// batches: what `session save` writes, fast enough for a million sessions.
+    pub fn snapshot_sessions(&self) -> Result<Vec<(FlowKey, Session)>> {
+        let mut out = Vec::new();
+        for name in [map_names::SESSIONS, map_names::UNASSURED] {
+            let path = self.dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("cannot open pinned map {}", path.display()))?;
+            sweep_tier(&data, 0, |key, session| out.push((*key, *session)))
+                .with_context(|| format!("reading {name}"))?;
+        }
+        Ok(first_of_each_key(out))
+    }
+
+    /// Capacity of the unassured tier.
+    pub fn unassured_capacity(&self) -> Result<u64> {
+        let data =
+            MapData::from_pin(self.dir.join(map_names::UNASSURED)).context("opening UNASSURED")?;
+        let info = data.info().context("reading UNASSURED map info")?;
+        Ok(info.max_entries() as u64)
+    }
+
+    /// Stores sessions (whose keys the caller found absent): assured ones in the
+    /// protected tier, the others in the unassured one, as the kernel path keeps them; and
+    /// sets their slots in both banks of the presence filter, as the kernel path does
+    /// after storing.
+    pub fn insert_sessions(&self, sessions: &[(FlowKey, Session)]) -> Result<()> {
+        let filter = PresenceFilter::open(&self.dir)?;
+        let (assured, unassured): (Vec<_>, Vec<_>) = sessions
+            .iter()
+            .copied()
+            .partition(|(_, session)| session.flags & session_flags::PROTECTED != 0);
+        for (name, tier) in [
+            (map_names::SESSIONS, assured),
+            (map_names::UNASSURED, unassured),
+        ] {
+            let path = self.dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("cannot open pinned map {}", path.display()))?;
+            insert_batch(&data, &tier)
+                .with_context(|| format!("storing sessions in {name} (is the table full?)"))?;
+            for (key, _) in &tier {
+                filter.set(0, key);
+                filter.set(1, key);
+            }
+        }
+        Ok(())
+    }
+
+    /// The active policy bank as the host engine reads rules, to judge sessions against
+    /// the policy in force without its config file.
+    pub fn active_rules(&self) -> Result<ModelRules> {
+        let (bank, header) = self.active_policy()?;
+        let rules = self.array::<Rule>(map_names::RULES)?;
+        let entries = (0..header.rule_count.min(MAX_RULES))
+            .map(|i| {
+                rules
+                    .get(&(bank * MAX_RULES + i), 0)
+                    .context("reading a policy entry")
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ModelRules { header, entries })
     }
 
     /// Global kernel counters summed over CPUs, in [`Counter::ALL`] order.

@@ -61,6 +61,48 @@ pub enum Command {
         /// Interface to protect, in addition to the config's `interfaces` (repeatable).
         #[arg(long = "iface", value_name = "NAME")]
         ifaces: Vec<String>,
+        /// Restore the sessions `session save` wrote to FILE when the daemon creates a
+        /// new session table (after a reboot or `session down`). A missing file is
+        /// noted and skipped; a damaged one is refused and the daemon starts without it.
+        #[arg(long, value_name = "FILE")]
+        restore: Option<PathBuf>,
+        #[command(flatten)]
+        pin: PinDir,
+    },
+    /// Save the session table to a file, for `session restore` or `run --restore`.
+    ///
+    /// Writes every live session (addresses, ports, protocol state, TCP window data,
+    /// counters, time left, the rule that admitted it) in session's versioned table
+    /// format with a checksum (docs/RECORDS.md), atomically, mode 0600, and prints
+    /// `saved N session(s) to FILE`. The packaged systemd unit saves on stop and restores
+    /// on start, so a reboot keeps a router's connections.
+    ///
+    /// Example:
+    ///
+    ///     session save /var/lib/session/sessions.table
+    #[command(verbatim_doc_comment)]
+    Save {
+        /// The file to write (replaced whole).
+        file: PathBuf,
+        #[command(flatten)]
+        pin: PinDir,
+    },
+    /// Restore sessions saved by `session save` into the running firewall's table.
+    ///
+    /// Checks the whole file first: a damaged file, one of another format version, or one
+    /// with more sessions than max_sessions is refused with the reason and changes
+    /// nothing. Then every saved session gets its time left minus the time the file
+    /// waited, is judged by the policy in force as a reload judges existing sessions, and
+    /// is added unless the table already has its flow. Prints what was restored and what
+    /// was refused, expired or already present.
+    ///
+    /// Example:
+    ///
+    ///     session restore /var/lib/session/sessions.table
+    #[command(verbatim_doc_comment)]
+    Restore {
+        /// The file `session save` wrote.
+        file: PathBuf,
         #[command(flatten)]
         pin: PinDir,
     },

@@ -104,6 +104,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Run {
             config,
             ifaces,
+            restore,
             pin,
         } => {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -114,8 +115,11 @@ fn dispatch(command: Command) -> Result<()> {
                 config,
                 ifaces,
                 pin_dir: pin.pin_dir,
+                restore,
             }))
         }
+        Command::Save { file, pin } => crate::continuity::commands::save(&pin.pin_dir, &file),
+        Command::Restore { file, pin } => crate::continuity::commands::restore(&pin.pin_dir, &file),
         Command::List { json, filter, pin } => {
             let maps = PinnedMaps::open(&pin.pin_dir)?;
             let now = monotonic_ns();

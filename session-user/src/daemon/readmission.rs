@@ -36,6 +36,14 @@ fn first_packet(key: &FlowKey, session: &Session) -> PacketMeta {
 }
 
 fn admitted_by(rules: &ModelRules, key: &FlowKey, session: &Session) -> bool {
+    admitting_rule(rules, key, session).is_some()
+}
+
+/// The id of the rule of `rules` that would admit the first packet of the session stored
+/// under `key` ([`session_common::wire::RULE_ID_DEFAULT`] for a default action), or `None`
+/// when the policy would not admit it. Sessions imported into the table (takeover,
+/// restore) are judged by this, exactly as a reload judges the sessions it finds.
+pub fn admitting_rule(rules: &ModelRules, key: &FlowKey, session: &Session) -> Option<u16> {
     let hook = if session.flags & session_flags::ORIGIN_EGRESS != 0 {
         Hook::Egress
     } else {
@@ -49,7 +57,7 @@ fn admitted_by(rules: &ModelRules, key: &FlowKey, session: &Session) -> bool {
         hook,
         ifindex,
     );
-    decision.action == Action::Accept
+    (decision.action == Action::Accept).then_some(decision.rule_id)
 }
 
 /// The keys of `sessions` that `policy` would not admit.
@@ -129,5 +137,32 @@ mod tests {
 
         // The old policy still admits all of them.
         assert!(refused(&old, &sessions).is_empty());
+    }
+
+    #[test]
+    fn an_imported_session_gets_the_id_of_the_rule_that_admits_it_now() {
+        let old = policy(&format!(
+            "{RETURN}[[rule]]\nname = \"any-udp\"\nstate = [\"new\"]\nproto = \"udp\"\naction = \"accept\"\n"
+        ));
+        let mut model = Model::new(Default::default(), &old);
+        open(&mut model, "198.18.0.1", "198.18.0.2", 53, Hook::Ingress);
+        open(&mut model, "198.18.0.1", "198.18.0.2", 9999, Hook::Ingress);
+        let new = policy(&format!(
+            "{RETURN}[[rule]]\nname = \"other\"\nstate = [\"new\"]\nproto = \"tcp\"\naction = \"accept\"\n\
+             [[rule]]\nname = \"dns\"\nstate = [\"new\"]\nproto = \"udp\"\ndport = [53]\naction = \"accept\"\n"
+        ));
+        let rules = ModelRules::new(&new);
+        for (key, session) in &model.sessions.map {
+            let port = if key.port_lo == 40000 {
+                key.port_hi
+            } else {
+                key.port_lo
+            };
+            let rule = admitting_rule(&rules, key, session);
+            match port {
+                53 => assert_eq!(rule, Some(2), "the third rule, `dns`, admits it"),
+                _ => assert_eq!(rule, None, "nothing admits port {port}"),
+            }
+        }
     }
 }

@@ -11,12 +11,13 @@ use anyhow::{Context as _, Result, bail};
 use log::{error, info, warn};
 use session_common::{
     clock::TickClock,
-    wire::{DaemonCounter, settings_flags},
+    wire::{DaemonCounter, map_names, settings_flags},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     bpf::{clock, clock::monotonic_ns, links, loader, netdev, pinned::PinnedMaps},
+    continuity,
     daemon::{
         events::EventHub,
         lock::InstanceLock,
@@ -37,6 +38,8 @@ pub struct RunOptions {
     pub ifaces: Vec<String>,
     /// Where the maps are pinned.
     pub pin_dir: PathBuf,
+    /// A table `session save` wrote, restored when the daemon creates a new table.
+    pub restore: Option<PathBuf>,
 }
 
 fn compile_for_host(config: &Config) -> Result<CompiledPolicy> {
@@ -139,6 +142,8 @@ fn start(
     ifaces: &[(String, u32)],
     pinned_before: &[String],
 ) -> Result<aya::Ebpf> {
+    // A new table (first start, or after `session down`) is seeded before attaching.
+    let new_table = !options.pin_dir.join(map_names::SESSIONS).exists();
     let mut ebpf = loader::load(
         &options.pin_dir,
         config.max_sessions,
@@ -154,6 +159,15 @@ fn start(
     });
     maps.write_clock(clock)?;
     let generation = maps.apply_policy(policy)?;
+    if new_table {
+        let protected: Vec<u32> = ifaces.iter().map(|(_, index)| *index).collect();
+        continuity::seed(
+            &maps,
+            options.restore.as_deref(),
+            &config.settings,
+            &protected,
+        );
+    }
     remove_refused(&maps, policy)?;
     maps.rebuild_presence()?;
     maps.bump(DaemonCounter::PolicyApplies, 1)?;
