@@ -256,6 +256,36 @@ fn daemon_metric(name: &'static str, value: u64) -> (String, MetricType, &'stati
             "Sessions removed after a policy apply because the new policy would not admit them.",
             count,
         ),
+        "takeover_conntrack" => (
+            "session_takeover_conntrack",
+            MetricType::Counter,
+            "Connections taken over at first start from the kernel's conntrack table.",
+            count,
+        ),
+        "takeover_sockets" => (
+            "session_takeover_sockets",
+            MetricType::Counter,
+            "Connections taken over at first start from the host's own sockets.",
+            count,
+        ),
+        "takeover_refused" => (
+            "session_takeover_refused",
+            MetricType::Counter,
+            "Connections not taken over: the policy in force would not admit them, or they use NAT.",
+            count,
+        ),
+        "sessions_restored" => (
+            "session_sessions_restored",
+            MetricType::Counter,
+            "Sessions restored from a saved table.",
+            count,
+        ),
+        "restore_refused" => (
+            "session_restore_refused",
+            MetricType::Counter,
+            "Saved sessions not restored: refused by the policy, expired, or already in the table.",
+            count,
+        ),
         "reaper_ns_total" => (
             "session_reaper_duration_seconds",
             MetricType::Counter,
