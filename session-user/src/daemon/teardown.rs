@@ -30,8 +30,9 @@ const POLL: Duration = Duration::from_millis(50);
 /// Sends `signal` to the daemon; one that has already exited is not an error.
 fn signal(owner: &Owner, signal: Signal) -> Result<()> {
     match owner.signal(signal) {
-        Err(error) if error.raw_os_error() != Some(libc::ESRCH) => Err(error)
-            .with_context(|| format!("signalling the daemon (pid {})", owner.pid)),
+        Err(error) if error.raw_os_error() != Some(libc::ESRCH) => {
+            Err(error).with_context(|| format!("signalling the daemon (pid {})", owner.pid))
+        }
         _ => Ok(()),
     }
 }
