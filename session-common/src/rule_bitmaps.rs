@@ -311,11 +311,15 @@ pub fn lowest_bit(word: u64) -> u32 {
 mod pod_impls {
     use super::{AddrKey, IfaceKey, PortBounds, RuleBits};
 
-    // SAFETY: `#[repr(C)]`, `Copy`, fully initialised plain data with explicit padding
-    // (checked by bytemuck's Pod derive).
+    // aya's Pod asks what bytemuck's does; the derive checks it at compile time
+    // (`#[repr(C)]`, `Copy`, no implicit padding).
+    // SAFETY: `RuleBits` derives `bytemuck::Pod`: any bytes are a valid value.
     unsafe impl aya::Pod for RuleBits {}
+    // SAFETY: `PortBounds` derives `bytemuck::Pod`: any bytes are a valid value.
     unsafe impl aya::Pod for PortBounds {}
+    // SAFETY: `AddrKey` derives `bytemuck::Pod`: any bytes are a valid value.
     unsafe impl aya::Pod for AddrKey {}
+    // SAFETY: `IfaceKey` derives `bytemuck::Pod`: any bytes are a valid value.
     unsafe impl aya::Pod for IfaceKey {}
 }
 

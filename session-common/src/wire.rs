@@ -887,15 +887,23 @@ impl Settings {
 mod pod_impls {
     use super::{BenchCursor, Event, FlowKey, PolicyHeader, Rule, RuleName, Session, Settings};
 
-    // SAFETY: all of these are `#[repr(C)]`, `Copy`, fully initialised plain data with
-    // explicit padding (checked by bytemuck's Pod derive).
+    // aya's Pod asks what bytemuck's does; the derive checks it at compile time
+    // (`#[repr(C)]`, `Copy`, no implicit padding).
+    // SAFETY: `FlowKey` derives `bytemuck::Pod`: any bytes are a valid value.
     unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: `Session` derives `bytemuck::Pod`: any bytes are a valid value.
     unsafe impl aya::Pod for Session {}
+    // SAFETY: `Rule` derives `bytemuck::Pod`: any bytes are a valid value.
     unsafe impl aya::Pod for Rule {}
+    // SAFETY: `PolicyHeader` derives `bytemuck::Pod`: any bytes are a valid value.
     unsafe impl aya::Pod for PolicyHeader {}
+    // SAFETY: `Settings` derives `bytemuck::Pod`: any bytes are a valid value.
     unsafe impl aya::Pod for Settings {}
+    // SAFETY: `RuleName` derives `bytemuck::Pod`: any bytes are a valid value.
     unsafe impl aya::Pod for RuleName {}
+    // SAFETY: `Event` derives `bytemuck::Pod`: any bytes are a valid value.
     unsafe impl aya::Pod for Event {}
+    // SAFETY: `BenchCursor` derives `bytemuck::Pod`: any bytes are a valid value.
     unsafe impl aya::Pod for BenchCursor {}
 }
 

@@ -59,6 +59,8 @@ pub fn session_bench_send(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_bench_send(ctx: &XdpContext) -> Option<()> {
+    // SAFETY: this CPU's entry of a per-CPU map, valid while the program runs and
+    // referenced nowhere else.
     let cursor = unsafe { &mut *BENCH_CURSOR.get_ptr_mut(0)? };
     let index = if cursor.next < cursor.frames {
         cursor.next

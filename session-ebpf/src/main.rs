@@ -35,9 +35,10 @@ use crate::{
 /// from the coarse clock helper, a call that cost 18–27 ns a packet where measured.
 #[inline(always)]
 fn now(settings: &Settings) -> u64 {
-    // SAFETY: helpers without arguments.
+    // SAFETY: a helper without arguments.
     match settings.clock.now_ns(unsafe { bpf_jiffies64() }) {
         Some(ns) => ns,
+        // SAFETY: a helper without arguments.
         None => unsafe { bpf_ktime_get_coarse_ns() },
     }
 }
@@ -100,6 +101,7 @@ fn try_ingress(ctx: &XdpContext) -> Result<Ingress, Unjudged> {
 /// The same judgement as `session_ingress`, without the fast path, which is XDP's.
 #[classifier]
 pub fn session_ingress_tc(ctx: TcContext) -> i32 {
+    // SAFETY: the kernel passes the program a valid `__sk_buff`, readable while it runs.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     tc_verdict(judge_skb(&ctx, Hook::Ingress, ifindex))
 }
@@ -121,6 +123,7 @@ fn tc_verdict(judged: Result<Action, Unjudged>) -> i32 {
 #[inline(always)]
 fn try_egress(ctx: &TcContext) -> Result<Action, Unjudged> {
     let skb = ctx.skb.skb;
+    // SAFETY: the kernel passes the program a valid `__sk_buff`, readable while it runs.
     let (ingress_ifindex, ifindex) = unsafe { ((*skb).ingress_ifindex, (*skb).ifindex) };
     if ingress_ifindex != 0 && is_managed(ingress_ifindex) {
         return Ok(Action::Accept);

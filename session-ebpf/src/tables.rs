@@ -3,6 +3,7 @@
 use core::{ffi::c_void, mem::MaybeUninit};
 
 use aya_ebpf::{
+    Global,
     bindings::{
         __sk_buff, BPF_F_MMAPABLE, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, xdp_md,
     },
@@ -141,6 +142,10 @@ pub fn settings() -> Option<&'static Settings> {
 /// This CPU's working memory for the packet being processed.
 #[inline(always)]
 pub fn scratch() -> Option<&'static mut Scratch> {
+    // SAFETY: the pointer is to this CPU's entry of a per-CPU map, valid while the program
+    // runs; a program runs to the end on one CPU without preemption by another program
+    // of this object, and each program takes the scratch entry once, so this is the only
+    // reference to it.
     SCRATCH.get_ptr_mut(0).map(|ptr| unsafe { &mut *ptr })
 }
 
@@ -148,6 +153,8 @@ pub fn scratch() -> Option<&'static mut Scratch> {
 /// packet.
 #[inline(always)]
 pub fn is_managed(ifindex: u32) -> bool {
+    // SAFETY: `get` is unsafe because another CPU may update the value under the returned
+    // reference; only whether an entry exists is used, not the value.
     unsafe { MANAGED_IFACES.get(ifindex).is_some() }
 }
 
@@ -167,6 +174,7 @@ impl PacketBytes for XdpBytes<'_> {
         // only by tracking every packet-pointer range, which took it past its limit
         // across the parser's paths when that was tried.
         let mut buf = MaybeUninit::<[u8; N]>::uninit();
+        // SAFETY: the helper writes at most N bytes into `buf`, which holds N.
         let ret = unsafe {
             bpf_xdp_load_bytes(
                 self.0.ctx,
@@ -203,6 +211,7 @@ impl PacketBytes for XdpBytes<'_> {
             return false;
         }
         let len = len as u32;
+        // SAFETY: the helper writes `len` bytes into `buf`, at most its size (checked above).
         let ret = unsafe {
             bpf_xdp_load_bytes(
                 self.0.ctx,
@@ -297,6 +306,7 @@ impl PacketBytes for SkbBytes<'_> {
     fn load<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
         // Uninitialised, as in `XdpBytes::load`.
         let mut buf = MaybeUninit::<[u8; N]>::uninit();
+        // SAFETY: the helper writes at most N bytes into `buf`, which holds N.
         let ret = unsafe {
             bpf_skb_load_bytes(
                 self.0.skb.skb as *const c_void,
@@ -320,6 +330,7 @@ impl PacketBytes for SkbBytes<'_> {
             return false;
         }
         let len = len as u32;
+        // SAFETY: the helper writes `len` bytes into `buf`, at most its size (checked above).
         let ret = unsafe {
             bpf_skb_load_bytes(
                 self.0.skb.skb as *const c_void,
@@ -336,13 +347,12 @@ impl PacketBytes for SkbBytes<'_> {
 /// configured capacity (`presence::slot_bits_for`) when it sizes `PRESENCE`. Left at 0,
 /// as by the benchmarks' loader, the filter is off.
 #[unsafe(no_mangle)]
-static PRESENCE_SLOT_BITS: u32 = 0;
+static PRESENCE_SLOT_BITS: Global<u32> = Global::new(0);
 
 /// [`PRESENCE_SLOT_BITS`] when the filter is on.
 #[inline(always)]
 fn presence_slot_bits() -> Option<u32> {
-    // SAFETY: reads a static; volatile, so the value the loader wrote is the one read.
-    let bits = unsafe { core::ptr::read_volatile(&PRESENCE_SLOT_BITS) };
+    let bits = PRESENCE_SLOT_BITS.load();
     (presence::MIN_SLOT_BITS..=presence::MAX_SLOT_BITS)
         .contains(&bits)
         .then_some(bits)
@@ -433,6 +443,11 @@ impl SessionTable for BpfSessions {
         SESSIONS
             .get_ptr_mut(key)
             .or_else(|| UNASSURED.get_ptr_mut(key))
+            // SAFETY: a map value, valid while the program runs (hash map values are freed
+            // only after an RCU grace period) and borrowed from `self` so this program holds
+            // no other reference to it. Another CPU may write the same session meanwhile,
+            // as the kernel's own conntrack races on a flow's packets; the engine only
+            // reads and writes plain integers there.
             .map(|ptr| unsafe { &mut *ptr })
     }
 
@@ -456,6 +471,8 @@ impl SessionTable for BpfSessions {
         let Some(ptr) = UNASSURED.get_ptr_mut(key) else {
             return false;
         };
+        // SAFETY: as in `get_mut`: a map value valid while the program runs, referenced
+        // nowhere else in this program.
         let session = unsafe { &mut *ptr };
         session.flags |= session_flags::PROTECTED;
         // By reference: a by-value copy would put 120 more bytes on the BPF stack.
@@ -544,6 +561,9 @@ impl BitTables for BpfBitTables {
 
     #[inline(always)]
     fn iface_bits(&self, bank: u32, ifindex: u32) -> Option<&RuleBits> {
+        // SAFETY: `get` is unsafe because the daemon may write the value under the
+        // reference; it writes a bank only while that bank is inactive (`apply_policy`
+        // switches banks after), so packets read values that stay put.
         unsafe {
             IFACE_BITS.get(IfaceKey {
                 bank: bank & 1,
@@ -585,6 +605,8 @@ impl Counters for BpfCounters {
     #[inline(always)]
     fn count(&mut self, counter: Counter) {
         if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+            // SAFETY: this CPU's counter in a per-CPU map, valid while the program runs and
+            // written by no other CPU.
             unsafe { *slot += 1 };
         }
     }
@@ -592,6 +614,7 @@ impl Counters for BpfCounters {
     #[inline(always)]
     fn hit(&mut self, slot: u32) {
         if let Some(counter) = RULE_HITS.get_ptr_mut(slot) {
+            // SAFETY: as in `count`: this CPU's slot of a per-CPU map.
             unsafe { *counter += 1 };
         }
     }

@@ -83,8 +83,11 @@ struct DaemonRun {
 impl Drop for DaemonRun {
     fn drop(&mut self) {
         if let Some(child) = &mut self.child {
-            // SAFETY: signals only the child this guard started.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            // Signals only the child this guard started.
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_child(child),
+                rustix::process::Signal::TERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -258,8 +261,7 @@ fn cpu_seconds(pid: u32) -> f64 {
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
     let ticks: f64 =
         fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    ticks / rustix::param::clock_ticks_per_second() as f64
 }
 
 /// Starts the daemon on the benchmark's pinned maps in a namespace of its own with one

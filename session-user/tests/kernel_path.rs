@@ -75,21 +75,13 @@ const TC_ACT_SHOT: u32 = 2;
 
 /// Panics with what to do unless we are root and /sys/fs/bpf is a bpffs.
 fn require_root_and_bpffs() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = rustix::process::geteuid().as_raw();
     assert!(
         euid == 0,
         "the kernel-path tests load eBPF programs and need root (euid is {euid}): {HINT}"
     );
-    let path = std::ffi::CString::new(BPFFS).expect("no NUL in a constant");
-    // SAFETY: statfs fills the zeroed struct we own from a valid C string.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statfs(path.as_ptr(), &mut stat) };
-    assert!(
-        rc == 0,
-        "cannot statfs {BPFFS}: {}; {HINT}",
-        std::io::Error::last_os_error()
-    );
+    let stat = rustix::fs::statfs(BPFFS)
+        .unwrap_or_else(|error| panic!("cannot statfs {BPFFS}: {error}; {HINT}"));
     assert!(
         stat.f_type as i64 == BPF_FS_MAGIC,
         "{BPFFS} is not a bpffs (f_type {:#x}); {HINT}",

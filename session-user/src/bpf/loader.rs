@@ -31,14 +31,9 @@ pub fn check_bpffs(pin_dir: &Path) -> Result<()> {
             format!("pin directory {} has no existing parent", pin_dir.display())
         })?;
     }
-    let path = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())
-        .context("pin directory contains a NUL byte")?;
-    // SAFETY: statfs fills the zeroed struct we own from a valid C string.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("cannot stat {}", probe.display()));
-    }
+    let stat = rustix::fs::statfs(probe)
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("cannot stat {}", probe.display()))?;
     if stat.f_type as i64 != BPF_FS_MAGIC {
         bail!(
             "{} is not on a BPF filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf` (`cargo xtask setup` does it) or pass --pin-dir under a bpffs",
@@ -221,8 +216,5 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, iface: &str, tc_ingress: bool) ->
 
 /// The index of a network interface, if it exists.
 pub fn ifindex(iface: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(iface).ok()?;
-    // SAFETY: if_nametoindex reads a valid C string.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    (index != 0).then_some(index)
+    crate::bpf::netdev::name_to_index(iface)
 }

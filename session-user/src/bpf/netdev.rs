@@ -6,12 +6,16 @@
 //! and reply parsing are pure functions over bytes; only [`can_transmit_xdp`] talks to the
 //! kernel.
 
-use std::{
-    io, mem,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-};
+use std::{io, os::fd::OwnedFd, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use rustix::{
+    io::Errno,
+    net::{
+        self, AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType, netdevice, netlink,
+        sockopt::Timeout,
+    },
+};
 
 /// Message type of an error reply; its payload starts with a negative errno (`netlink.h`).
 const NLMSG_ERROR: u16 = 0x2;
@@ -67,7 +71,29 @@ const DEV_GET_SEQ: u32 = 2;
 const RECV_BUF_LEN: usize = 16 * 1024;
 /// How long to wait for the kernel's reply, so that a kernel that never answers cannot
 /// hang the daemon's start.
-const RECV_TIMEOUT_SECS: libc::time_t = 5;
+const RECV_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The index of network interface `name`, if it exists (`if_nametoindex`).
+pub fn name_to_index(name: &str) -> Option<u32> {
+    netdevice::name_to_index(ioctl_socket().ok()?, name).ok()
+}
+
+/// The name of the network interface with index `ifindex`, if it exists and its name is
+/// UTF-8 (`if_indextoname`).
+pub fn index_to_name(ifindex: u32) -> Option<String> {
+    netdevice::index_to_name(ioctl_socket().ok()?, ifindex).ok()
+}
+
+/// A socket to ask interface ioctls of, in this process's network namespace, as the C
+/// library's `if_nametoindex` opens one: a Unix datagram socket needs no network set up.
+fn ioctl_socket() -> io::Result<OwnedFd> {
+    Ok(net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
 
 /// Whether frames redirected by XDP to interface `ifindex` can leave through it.
 ///
@@ -106,77 +132,31 @@ pub fn can_transmit_xdp(ifindex: u32) -> Result<Option<bool>> {
 /// A generic netlink socket connected to the kernel, so that it only accepts the kernel's
 /// messages, with a receive timeout.
 fn open_socket() -> Result<OwnedFd> {
-    // SAFETY: socket takes no pointers; the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_GENERIC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context("cannot open a generic netlink socket");
-    }
-    // SAFETY: fd is a descriptor just opened and owned by nobody else.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-
-    let timeout = libc::timeval {
-        tv_sec: RECV_TIMEOUT_SECS,
-        tv_usec: 0,
-    };
-    // SAFETY: the option value points to a timeval we own, of the length given.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const timeout).cast(),
-            mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error())
-            .context("cannot set a receive timeout on the generic netlink socket");
-    }
-
-    // SAFETY: sockaddr_nl is plain data for which all zeroes is valid (port 0 is the kernel).
-    let mut kernel: libc::sockaddr_nl = unsafe { mem::zeroed() };
-    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // SAFETY: the address points to a sockaddr_nl we own, of the length given.
-    let rc = unsafe {
-        libc::connect(
-            socket.as_raw_fd(),
-            (&raw const kernel).cast(),
-            mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error())
-            .context("cannot connect the generic netlink socket to the kernel");
-    }
+    let socket = net::socket_with(
+        AddressFamily::NETLINK,
+        SocketType::RAW,
+        SocketFlags::CLOEXEC,
+        Some(netlink::GENERIC),
+    )
+    .map_err(io::Error::from)
+    .context("cannot open a generic netlink socket")?;
+    net::sockopt::set_socket_timeout(&socket, Timeout::Recv, Some(RECV_TIMEOUT))
+        .map_err(io::Error::from)
+        .context("cannot set a receive timeout on the generic netlink socket")?;
+    // Port 0 is the kernel.
+    net::connect(&socket, &netlink::SocketAddrNetlink::new(0, 0))
+        .map_err(io::Error::from)
+        .context("cannot connect the generic netlink socket to the kernel")?;
     Ok(socket)
 }
 
 /// Sends one request and receives the kernel's reply into `buf`, returning its length.
 fn transact(socket: &OwnedFd, request: &[u8], buf: &mut [u8]) -> Result<usize> {
     let sent = loop {
-        // SAFETY: the pointer and length describe the request slice.
-        let rc = unsafe {
-            libc::send(
-                socket.as_raw_fd(),
-                request.as_ptr().cast(),
-                request.len(),
-                0,
-            )
-        };
-        match usize::try_from(rc) {
+        match net::send(socket, request, SendFlags::empty()) {
             Ok(sent) => break sent,
-            Err(_) => {
-                let err = io::Error::last_os_error();
-                if err.kind() != io::ErrorKind::Interrupted {
-                    return Err(err).context("cannot send the request");
-                }
-            }
+            Err(Errno::INTR) => {}
+            Err(err) => return Err(io::Error::from(err)).context("cannot send the request"),
         }
     };
     ensure!(
@@ -186,30 +166,18 @@ fn transact(socket: &OwnedFd, request: &[u8], buf: &mut [u8]) -> Result<usize> {
     );
 
     loop {
-        // SAFETY: the pointer and length describe the buffer, which recv writes at most
-        // `buf.len()` bytes into; MSG_TRUNC only changes the returned length.
-        let rc = unsafe {
-            libc::recv(
-                socket.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_TRUNC,
-            )
-        };
-        match usize::try_from(rc) {
-            Ok(len) if len > buf.len() => {
+        // MSG_TRUNC makes the kernel report the whole reply's length, so that a reply
+        // longer than the buffer is noticed rather than read cut short.
+        match net::recv(socket, &mut *buf, RecvFlags::TRUNC) {
+            Ok((_, len)) if len > buf.len() => {
                 bail!(
                     "the reply of {len} bytes does not fit the {} byte buffer",
                     buf.len()
                 )
             }
-            Ok(len) => return Ok(len),
-            Err(_) => {
-                let err = io::Error::last_os_error();
-                if err.kind() != io::ErrorKind::Interrupted {
-                    return Err(err).context("cannot receive the reply");
-                }
-            }
+            Ok((_, len)) => return Ok(len),
+            Err(Errno::INTR) => {}
+            Err(err) => return Err(io::Error::from(err)).context("cannot receive the reply"),
         }
     }
 }

@@ -8,6 +8,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::MapData;
+use rustix::mm::{MapFlags, ProtFlags};
 use session_common::{
     presence,
     wire::{FlowKey, map_names},
@@ -24,7 +25,7 @@ pub(crate) struct PresenceFilter {
 
 impl PresenceFilter {
     pub(crate) fn open(dir: &Path) -> Result<Self> {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
+        use std::os::fd::AsFd as _;
         let path = dir.join(map_names::PRESENCE);
         let data = MapData::from_pin(&path)
             .with_context(|| format!("cannot open pinned map {}", path.display()))?;
@@ -42,22 +43,22 @@ impl PresenceFilter {
             );
         }
         let len = words as usize * 8;
-        // SAFETY: maps the whole value area of an array created with BPF_F_MMAPABLE; the
-        // mapping keeps the map alive after `data` closes its descriptor.
+        // SAFETY: a new shared mapping at an address the kernel picks, so it overlaps no
+        // memory Rust knows about; it covers exactly the value area of an array created
+        // with BPF_F_MMAPABLE (its size checked above), and it keeps the map alive after
+        // `data` closes its descriptor. Every access to it is atomic (see `clear`).
         let bytes = unsafe {
-            libc::mmap(
+            rustix::mm::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                data.fd().as_fd().as_raw_fd(),
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                data.fd().as_fd(),
                 0,
             )
-        };
-        if bytes == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("mapping {} into memory", path.display()));
         }
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("mapping {} into memory", path.display()))?;
         Ok(PresenceFilter {
             bytes: bytes.cast(),
             len,
@@ -98,8 +99,8 @@ impl PresenceFilter {
         let first = presence::byte_offset(bank, 0, self.slot_bits) as usize;
         let slots = 1usize << self.slot_bits;
         let set = (first..first + slots)
-            // SAFETY: a byte inside the mapping, accessed atomically as in `clear`.
             .filter(|&i| {
+                // SAFETY: a byte inside the mapping, accessed atomically as in `clear`.
                 unsafe { AtomicU8::from_ptr(self.bytes.add(i)) }.load(Ordering::Relaxed) != 0
             })
             .count();
@@ -109,7 +110,9 @@ impl PresenceFilter {
 
 impl Drop for PresenceFilter {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping `open` made; nothing refers to it any more.
-        unsafe { libc::munmap(self.bytes.cast(), self.len) };
+        // SAFETY: unmaps exactly the mapping `open` made; nothing refers to it any more,
+        // since the slot references `slot` hands out borrow `self`. Failing to unmap only
+        // leaks the mapping, so the result is ignored.
+        let _ = unsafe { rustix::mm::munmap(self.bytes.cast(), self.len) };
     }
 }

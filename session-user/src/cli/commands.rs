@@ -42,11 +42,9 @@ fn reload(pin_dir: &Path) -> Result<()> {
         .context("reload refused, the running policy is unchanged")?;
     let maps = PinnedMaps::open(pin_dir)?;
     let applies = maps.daemon_counter(DaemonCounter::PolicyApplies)?;
-    // SAFETY: kill with a pid read from the daemon's own lock file and a valid signal.
-    if unsafe { libc::kill(owner.pid, libc::SIGHUP) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("signalling the daemon (pid {})", owner.pid));
-    }
+    owner
+        .signal(rustix::process::Signal::HUP)
+        .with_context(|| format!("signalling the daemon (pid {})", owner.pid))?;
     let deadline = Instant::now() + RELOAD_WAIT;
     while Instant::now() < deadline {
         if maps.daemon_counter(DaemonCounter::PolicyApplies)? != applies {
@@ -88,8 +86,7 @@ pub fn main() -> ExitCode {
 /// Whether `error` comes from a permission check and we are not root, so the operator
 /// learns that the fix is running as root rather than only which file was refused.
 fn lacks_root(error: &anyhow::Error) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = rustix::process::geteuid().is_root();
     !root
         && error.chain().any(|cause| {
             cause.downcast_ref::<std::io::Error>().is_some_and(|io| {

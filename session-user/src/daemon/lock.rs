@@ -5,14 +5,12 @@
 use std::{
     fs::{File, OpenOptions},
     io::{Read as _, Seek as _, SeekFrom, Write as _},
-    os::{
-        fd::AsRawFd as _,
-        unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
-    },
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, Result, bail};
+use rustix::process::{Pid, Signal};
 
 /// Where lock files live.
 const RUN_DIR: &str = "/run/session";
@@ -55,9 +53,10 @@ fn is_at_path(file: &File, path: &Path) -> bool {
     }
 }
 
+/// Takes the exclusive lock on `file` if nobody holds it (std's `try_lock` is
+/// `flock(LOCK_EX | LOCK_NB)` on Linux, so older daemons and `flock(1)` see the same lock).
 fn try_flock(file: &File) -> bool {
-    // SAFETY: flock on a descriptor we own.
-    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    file.try_lock().is_ok()
 }
 
 /// The error for a lock another daemon holds, naming it (the holder writes its pid right
@@ -141,9 +140,17 @@ impl Owner {
         let pid = lines
             .next()
             .and_then(|line| line.trim().parse().ok())
+            .filter(|&pid: &i32| pid > 0)
             .context("lock file has no pid")?;
         let config = PathBuf::from(lines.next().context("lock file has no config path")?);
         Ok(Owner { pid, config })
+    }
+
+    /// Sends `signal` to the daemon. The pid is positive (`read` checks it), so this never
+    /// signals a process group.
+    pub fn signal(&self, signal: Signal) -> std::io::Result<()> {
+        let pid = Pid::from_raw(self.pid).ok_or(std::io::ErrorKind::InvalidData)?;
+        Ok(rustix::process::kill_process(pid, signal)?)
     }
 
     /// The running daemon for `pin_dir`, or an error saying none runs.

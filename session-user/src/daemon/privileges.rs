@@ -9,23 +9,7 @@
 
 use anyhow::{Context as _, Result};
 use log::{debug, info};
-
-/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit capability sets in two 32-bit words.
-const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: libc::c_int,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
+use rustix::thread::{self as thread, CapabilitySet, CapabilitySets};
 
 fn last_capability() -> Result<u32> {
     let text = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
@@ -35,45 +19,33 @@ fn last_capability() -> Result<u32> {
         .with_context(|| format!("/proc/sys/kernel/cap_last_cap holds {text:?}"))
 }
 
-fn prctl(option: libc::c_int, arg: libc::c_ulong) -> std::io::Result<()> {
-    // SAFETY: prctl with integer arguments only.
-    let rc = unsafe { libc::prctl(option, arg, 0, 0, 0) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Empties the effective, permitted, inheritable, ambient and bounding capability sets
 /// and forbids gaining privileges through execve. Must run before the process starts
 /// other threads: capabilities belong to a thread, and new threads inherit the sets of
 /// the thread that creates them.
 pub fn drop_all_capabilities() -> Result<()> {
-    prctl(libc::PR_SET_NO_NEW_PRIVS, 1).context("setting no_new_privs")?;
-    prctl(
-        libc::PR_CAP_AMBIENT,
-        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-    )
-    .context("clearing the ambient capabilities")?;
+    thread::set_no_new_privs(true).context("setting no_new_privs")?;
+    thread::clear_ambient_capability_set().context("clearing the ambient capabilities")?;
     // The bounding set needs CAP_SETPCAP, which a daemon started with only the
     // capabilities it needs (systemd's CapabilityBoundingSet=) lacks; its bounding set
-    // is then already narrow, so that is not an error.
-    for cap in 0..=last_capability()? {
-        if let Err(error) = prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong) {
+    // is then already narrow, so that is not an error. Capabilities past the 64 that a
+    // version 3 set holds do not exist.
+    for cap in 0..=last_capability()?.min(63) {
+        let one = CapabilitySet::from_bits_retain(1 << cap);
+        if let Err(error) = thread::remove_capability_from_bounding_set(one) {
             debug!("bounding set left as is: {error}");
             break;
         }
     }
-    let mut header = CapHeader {
-        version: CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let empty = [CapData::default(); 2];
-    // SAFETY: capset reads two CapData words for a version 3 header we own.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, empty.as_ptr()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("dropping capabilities (capset)");
-    }
+    thread::set_capabilities(
+        None,
+        CapabilitySets {
+            effective: CapabilitySet::empty(),
+            permitted: CapabilitySet::empty(),
+            inheritable: CapabilitySet::empty(),
+        },
+    )
+    .context("dropping capabilities (capset)")?;
     info!("dropped all capabilities");
     Ok(())
 }

@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use rustix::process::Signal;
 use session_common::wire::map_names;
 
 use crate::{
@@ -26,15 +27,14 @@ use crate::{
 const STOP_GRACE: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(50);
 
-fn signal(pid: i32, signal: libc::c_int) -> Result<()> {
-    // SAFETY: kill with a pid read from the daemon's own lock file and a valid signal.
-    if unsafe { libc::kill(pid, signal) } != 0 {
-        let error = io::Error::last_os_error();
-        if error.raw_os_error() != Some(libc::ESRCH) {
-            return Err(error).with_context(|| format!("signalling the daemon (pid {pid})"));
+/// Sends `signal` to the daemon; one that has already exited is not an error.
+fn signal(owner: &Owner, signal: Signal) -> Result<()> {
+    match owner.signal(signal) {
+        Err(error) if error.raw_os_error() != Some(libc::ESRCH) => {
+            Err(error).with_context(|| format!("signalling the daemon (pid {})", owner.pid))
         }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Waits until no daemon holds the lock of `pin_dir`, at most `timeout`.
@@ -53,11 +53,11 @@ fn wait_stopped(pin_dir: &Path, timeout: Duration) -> Result<bool> {
 
 /// Stops the daemon: SIGTERM, then SIGKILL if it is still there after [`STOP_GRACE`].
 fn stop(pin_dir: &Path, owner: &Owner) -> Result<String> {
-    signal(owner.pid, libc::SIGTERM)?;
+    signal(owner, Signal::TERM)?;
     if wait_stopped(pin_dir, STOP_GRACE)? {
         return Ok(format!("stopped the daemon (pid {})", owner.pid));
     }
-    signal(owner.pid, libc::SIGKILL)?;
+    signal(owner, Signal::KILL)?;
     if wait_stopped(pin_dir, STOP_GRACE)? {
         return Ok(format!(
             "killed the daemon (pid {}), which ignored SIGTERM for {STOP_GRACE:?}",

@@ -6,11 +6,12 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     ops::Range,
     path::{Path, PathBuf},
 };
 
+use ipnet::{IpNet, Ipv6Net};
 use serde::Deserialize;
 use session_common::wire::{
     Action, CtState, FAMILY_IPV4, FAMILY_IPV6, Hook, MAX_RULES, NS_PER_SEC, RULE_NAME_LEN,
@@ -136,7 +137,7 @@ pub struct RuleSpec {
 pub struct Network {
     /// The network address (host bits zero).
     pub addr: [u8; 16],
-    /// Prefix length in the 128-bit space.
+    /// Prefix length in the 128-bit space (at most 128).
     pub prefix: u8,
     /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
     pub family: u8,
@@ -145,12 +146,12 @@ pub struct Network {
 impl Network {
     /// The prefix as a 16-byte mask.
     pub fn mask(&self) -> [u8; 16] {
-        let mut mask = [0u8; 16];
-        for (i, byte) in mask.iter_mut().enumerate() {
-            let bits = (self.prefix as usize).saturating_sub(i * 8).min(8);
-            *byte = if bits == 0 { 0 } else { 0xffu8 << (8 - bits) };
-        }
-        mask
+        self.ipnet().netmask().octets()
+    }
+
+    /// The network in ipnet's terms, IPv4 ones mapped into IPv6 as here.
+    fn ipnet(&self) -> Ipv6Net {
+        Ipv6Net::new(Ipv6Addr::from(self.addr), self.prefix).expect("prefixes are at most 128")
     }
 }
 
@@ -496,16 +497,7 @@ fn covers(earlier: &RuleSpec, later: &RuleSpec) -> bool {
 
 /// Whether network `wide` contains network `narrow`.
 fn network_contains(wide: &Network, narrow: &Network) -> bool {
-    if wide.prefix > narrow.prefix {
-        return false;
-    }
-    let mask = wide.mask();
-    narrow
-        .addr
-        .iter()
-        .zip(mask)
-        .zip(wide.addr)
-        .all(|((byte, m), w)| byte & m == w)
+    wide.ipnet().contains(&narrow.ipnet())
 }
 
 fn set_flag(settings: &mut Settings, flag: u32, value: Option<bool>) {
@@ -585,10 +577,7 @@ fn parse_network(loc: &Locator<'_>, value: &Spanned<String>) -> Result<Network, 
             ),
         )
     })?;
-    let (bytes, family, max_prefix, offset) = match addr {
-        IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), FAMILY_IPV4, 32u8, 96u8),
-        IpAddr::V6(v6) => (v6.octets(), FAMILY_IPV6, 128u8, 0u8),
-    };
+    let max_prefix = if addr.is_ipv4() { 32 } else { 128 };
     let prefix = match prefix_text {
         None => max_prefix,
         Some(p) => match p.parse::<u8>() {
@@ -601,23 +590,25 @@ fn parse_network(loc: &Locator<'_>, value: &Spanned<String>) -> Result<Network, 
             }
         },
     };
-    let network = Network {
-        addr: bytes,
-        prefix: prefix + offset,
-        family,
-    };
-    let mask = network.mask();
-    let mut masked = bytes;
-    for (byte, m) in masked.iter_mut().zip(mask) {
-        *byte &= m;
-    }
-    if masked != bytes {
+    let net = IpNet::new(addr, prefix).expect("prefix checked above");
+    if net.trunc() != net {
         return Err(loc.error(
             value.span(),
             format!("`{text}` has host bits set; did you mean the network address of that prefix?"),
         ));
     }
-    Ok(network)
+    Ok(match net {
+        IpNet::V4(v4) => Network {
+            addr: v4.addr().to_ipv6_mapped().octets(),
+            prefix: v4.prefix_len() + 96,
+            family: FAMILY_IPV4,
+        },
+        IpNet::V6(v6) => Network {
+            addr: v6.addr().octets(),
+            prefix: v6.prefix_len(),
+            family: FAMILY_IPV6,
+        },
+    })
 }
 
 fn validate_rule(

@@ -264,16 +264,7 @@ fn wall_clock(monotonic: u64) -> String {
 
 /// The name of interface `ifindex`, `if<N>` when it has none (any more).
 fn iface_name(ifindex: u32) -> String {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes into the buffer we own.
-    let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
-    if name.is_null() {
-        return format!("if{ifindex}");
-    }
-    // SAFETY: on success the buffer holds a NUL-terminated name.
-    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
+    crate::bpf::netdev::index_to_name(ifindex).unwrap_or_else(|| format!("if{ifindex}"))
 }
 
 #[cfg(test)]
