@@ -12,6 +12,7 @@ pub mod packet;
 pub mod policy;
 pub mod presence;
 pub mod rule_bitmaps;
+pub mod sets;
 pub mod track;
 pub mod wire;
 

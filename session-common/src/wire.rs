@@ -64,6 +64,12 @@ pub mod map_names {
     pub const PRESENCE: &str = "PRESENCE";
     /// Index of the presence filter's active bank.
     pub const PRESENCE_BANK: &str = "PRESENCE_BANK";
+    /// The prefixes of every named set (`session_common::sets`).
+    pub const SET_NETS: &str = "SET_NETS";
+    /// Per policy bank, the storages its set references read.
+    pub const SET_REFS: &str = "SET_REFS";
+    /// Per storage, the set's name, state and size.
+    pub const SET_INFO: &str = "SET_INFO";
     /// Interfaces the fast path may forward out of, by index: the managed ones that can
     /// transmit frames redirected by XDP.
     pub const FAST_PATH_PORTS: &str = "FAST_PATH_PORTS";
@@ -691,8 +697,11 @@ pub struct Rule {
     pub log: u8,
     /// Index of the configured rule (for names and hit counters).
     pub rule_id: u16,
-    /// Explicit padding.
-    pub _pad2: [u8; 2],
+    /// Source set: 0 for none, `i + 1` for the bank's source set `i` (see
+    /// [`crate::sets`]); the source network is then ::/0 and membership decides.
+    pub src_set: u8,
+    /// Destination set, as [`Rule::src_set`].
+    pub dst_set: u8,
 }
 const _: () = assert!(core::mem::size_of::<Rule>() == 88);
 
