@@ -105,8 +105,13 @@ pub struct SetInfo {
     pub entries: u32,
     /// Live changes (add, delete, flush, replace) made to the set since it was loaded.
     pub changes: u64,
+    /// Prefixes added with an expiry and not yet freed: the reaper walks the set trie
+    /// only while some storage has any.
+    pub expiring: u32,
+    /// Explicit padding.
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<SetInfo>() == 48);
+const _: () = assert!(core::mem::size_of::<SetInfo>() == 56);
 
 impl Default for SetInfo {
     fn default() -> Self {

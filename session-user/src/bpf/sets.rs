@@ -194,7 +194,7 @@ impl PinnedMaps {
                     name: encode_name(name),
                     state: set_state::LOADING,
                     entries,
-                    changes: 0,
+                    ..SetInfo::default()
                 },
             )?;
             storages.insert(name, storage);
@@ -341,6 +341,14 @@ impl PinnedMaps {
             })?;
             added += u32::from(new);
         }
+        let info = SetInfo {
+            expiring: info.expiring.saturating_add(if expires_ns == 0 {
+                0
+            } else {
+                nets.len() as u32
+            }),
+            ..info
+        };
         self.changed(storage, info, info.entries.saturating_add(added))?;
         Ok(added)
     }
@@ -393,6 +401,10 @@ impl PinnedMaps {
                 return Err(error);
             }
         };
+        let info = SetInfo {
+            expiring: 0,
+            ..info
+        };
         self.write_info(
             old,
             SetInfo {
@@ -433,17 +445,22 @@ impl PinnedMaps {
     /// Deletes the prefixes whose expiry has passed at `now_ns` (CLOCK_MONOTONIC); how
     /// many. The kernel already ignores them; this frees their memory.
     pub fn expire_set_members(&self, now_ns: u64) -> Result<u64> {
-        let mut trie = self.set_trie()?;
-        let expired: Vec<LpmKey<SetKey>> = trie
-            .iter()
-            .filter_map(|item| item.ok())
-            .filter(|(_, value)| !value.live(now_ns))
-            .map(|(key, _)| key)
-            .collect();
-        if expired.is_empty() {
+        let mut infos = self.set_infos()?;
+        if infos.iter().all(|info| info.expiring == 0) {
             return Ok(0);
         }
-        let mut infos = self.set_infos()?;
+        let mut trie = self.set_trie()?;
+        let mut still_expiring = vec![0u32; infos.len()];
+        let mut expired: Vec<LpmKey<SetKey>> = Vec::new();
+        for (key, value) in trie.iter().filter_map(|item| item.ok()) {
+            if !value.live(now_ns) {
+                expired.push(key);
+            } else if value.expires_ns != 0
+                && let Some(count) = still_expiring.get_mut(key.data().storage as usize)
+            {
+                *count += 1;
+            }
+        }
         let mut removed = 0;
         for key in expired {
             match trie.remove(&key) {
@@ -456,6 +473,9 @@ impl PinnedMaps {
                 Err(error) if is_not_found(&error) => {}
                 Err(error) => return Err(error).context("deleting an expired set prefix"),
             }
+        }
+        for (info, count) in infos.iter_mut().zip(still_expiring) {
+            info.expiring = count;
         }
         for (storage, info) in infos.into_iter().enumerate() {
             if info.state != set_state::FREE {

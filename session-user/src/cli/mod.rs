@@ -4,4 +4,5 @@
 pub mod args;
 pub mod commands;
 pub mod man;
+pub mod set;
 pub mod views;
