@@ -561,6 +561,8 @@ pub enum DaemonCounter {
     ReaperNsTotal,
     /// Nanoseconds the latest reaper sweep took (a gauge, overwritten by each sweep).
     ReaperLastNs,
+    /// Live changes to named sets (`session set add`, `delete`, `flush`, `replace`).
+    SetChanges,
 }
 
 impl DaemonCounter {
@@ -568,7 +570,7 @@ impl DaemonCounter {
     pub const COUNT: u32 = 8;
 
     /// Every daemon counter with its stable name.
-    pub const ALL: [(DaemonCounter, &'static str); 7] = [
+    pub const ALL: [(DaemonCounter, &'static str); 8] = [
         (DaemonCounter::SessionsExpired, "sessions_expired"),
         (DaemonCounter::ReaperRuns, "reaper_runs"),
         (DaemonCounter::PolicyApplies, "policy_applies"),
@@ -579,6 +581,7 @@ impl DaemonCounter {
         ),
         (DaemonCounter::ReaperNsTotal, "reaper_ns_total"),
         (DaemonCounter::ReaperLastNs, "reaper_last_ns"),
+        (DaemonCounter::SetChanges, "set_changes"),
     ];
 }
 

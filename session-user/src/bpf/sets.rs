@@ -439,7 +439,8 @@ impl PinnedMaps {
                 },
                 0,
             )
-            .context("bumping the policy generation")
+            .context("bumping the policy generation")?;
+        self.bump(session_common::wire::DaemonCounter::SetChanges, 1)
     }
 
     /// Deletes the prefixes whose expiry has passed at `now_ns` (CLOCK_MONOTONIC); how

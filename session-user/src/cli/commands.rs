@@ -205,6 +205,9 @@ fn dispatch(command: Command) -> Result<()> {
                 );
             }
             println!("{}: ok", file.display());
+            for line in crate::cli::set::check_report(&config.policy) {
+                println!("{line}");
+            }
             Ok(())
         }
         Command::Completions { shell } => {

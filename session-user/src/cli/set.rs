@@ -13,8 +13,8 @@ use crate::{
         sets::{SetMember, show_network},
     },
     policy::{
-        config::Network,
-        sets::{parse_prefix, read_set_file},
+        config::{Network, Policy},
+        sets::{BYTES_PER_PREFIX, parse_prefix, read_set_file},
     },
 };
 
@@ -65,6 +65,37 @@ pub enum SetCommand {
         /// One address or network per line; `#` starts a comment.
         file: PathBuf,
     },
+}
+
+/// What `session check` says about a config's sets: each set's size and source, and the
+/// total against `[limits] max_set_entries` with the kernel memory it needs.
+pub fn check_report(policy: &Policy) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut total = 0u64;
+    for (name, set) in &policy.sets {
+        let from = match &set.file {
+            Some(path) => format!("from {}", path.display()),
+            None => "inline".to_string(),
+        };
+        let used = policy
+            .rules
+            .iter()
+            .any(|rule| rule.src_sets.contains(name) || rule.dst_sets.contains(name));
+        lines.push(format!(
+            "set `{name}`: {} prefixes ({from}){}",
+            set.networks.len(),
+            if used { "" } else { ", used by no rule" }
+        ));
+        total += set.networks.len() as u64;
+    }
+    if !policy.sets.is_empty() {
+        lines.push(format!(
+            "sets: {total} of max_set_entries {} prefixes, about {:.1} MiB of kernel memory ({BYTES_PER_PREFIX} bytes per prefix, twice that while a set is replaced)",
+            policy.max_set_entries,
+            (total * BYTES_PER_PREFIX) as f64 / (1024.0 * 1024.0)
+        ));
+    }
+    lines
 }
 
 fn parse_all(prefixes: &[String]) -> Result<Vec<Network>> {

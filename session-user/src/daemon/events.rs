@@ -132,6 +132,15 @@ pub fn expired_event_json(key: &FlowKey, session: &Session, rule_names: &[String
 /// `[NEW] tcp 198.18.0.1:40000 -> 198.18.0.2:22 in eth0 new accept rule=ssh`.
 pub fn human_line(event: &Value) -> String {
     let text = |key: &str| event.get(key).and_then(Value::as_str).unwrap_or("");
+    if let Some(set) = event.get("set").and_then(Value::as_str) {
+        let number = |key: &str| event.get(key).and_then(Value::as_u64).unwrap_or(0);
+        return format!(
+            "{} [SET] {set} entries={} changes={}",
+            text("time"),
+            number("entries"),
+            number("changes")
+        );
+    }
     let tags: String = event
         .get("events")
         .and_then(Value::as_array)
@@ -252,6 +261,13 @@ impl EventHub {
         ));
         tokio::spawn(serve_clients(listener, sender.clone()));
         Ok(EventHub { sender, socket })
+    }
+
+    /// Sends one event, already as JSON text, to the clients (e.g. a set change).
+    pub fn publish(&self, json: String) {
+        if self.sender.receiver_count() > 0 {
+            let _ = self.sender.send(json);
+        }
     }
 
     /// Reports a session the reaper removed.

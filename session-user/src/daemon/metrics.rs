@@ -436,6 +436,12 @@ fn daemon_metric(name: &'static str, value: u64) -> (String, Kind, String, Strin
             "Log lines of logged packets left out by the rate limit.",
             value.to_string(),
         ),
+        "set_changes" => (
+            "session_set_changes_total",
+            Kind::Counter,
+            "Live changes to named sets (session set add, delete, flush, replace).",
+            value.to_string(),
+        ),
         "sessions_readmission_refused" => (
             "session_sessions_readmission_refused_total",
             Kind::Counter,
