@@ -138,8 +138,6 @@ pub enum Command {
     Set {
         #[command(subcommand)]
         action: crate::cli::set::SetCommand,
-        #[command(flatten)]
-        pin: PinDir,
     },
     /// Stop the daemon and remove the firewall: links, attachments and maps.
     ///

@@ -179,9 +179,7 @@ fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Reload { pin } => reload(&pin.pin_dir),
-        Command::Set { action, pin } => {
-            crate::cli::set::run(action, &PinnedMaps::open(&pin.pin_dir)?)
-        }
+        Command::Set { action } => crate::cli::set::run(action),
         Command::Events { json, pin } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -1,7 +1,10 @@
 //! `session set ...`: live changes to the named sets of the running policy without a
 //! reload, like `ipset`, `nft add element` and `pfctl -t T -T ...`.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 use clap::Subcommand;
@@ -12,6 +15,7 @@ use crate::{
         pinned::PinnedMaps,
         sets::{SetMember, show_network},
     },
+    cli::args::PinDir,
     policy::{
         config::{Network, Policy},
         sets::{BYTES_PER_PREFIX, parse_prefix, read_set_file},
@@ -26,12 +30,16 @@ pub enum SetCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        pin: PinDir,
     },
     /// Print the prefixes of one set, one per line (with the seconds left for entries
     /// that expire), in a form `session set replace` and set files take.
     Show {
         /// The set's name, as under [sets].
         name: String,
+        #[command(flatten)]
+        pin: PinDir,
     },
     /// Add addresses or networks to a set; the next new flow sees them.
     Add {
@@ -43,6 +51,8 @@ pub enum SetCommand {
         /// Remove them again after this many seconds (a ban).
         #[arg(long, value_name = "SECONDS")]
         timeout: Option<u64>,
+        #[command(flatten)]
+        pin: PinDir,
     },
     /// Delete addresses or networks from a set (exact prefixes, as added).
     Delete {
@@ -51,11 +61,15 @@ pub enum SetCommand {
         /// Addresses or networks.
         #[arg(required = true)]
         prefixes: Vec<String>,
+        #[command(flatten)]
+        pin: PinDir,
     },
     /// Empty a set at once.
     Flush {
         /// The set's name.
         name: String,
+        #[command(flatten)]
+        pin: PinDir,
     },
     /// Replace a set's contents with a file's, atomically: packets see the whole old or
     /// the whole new set. A bad line refuses the file with FILE:LINE and changes nothing.
@@ -64,6 +78,8 @@ pub enum SetCommand {
         name: String,
         /// One address or network per line; `#` starts a comment.
         file: PathBuf,
+        #[command(flatten)]
+        pin: PinDir,
     },
 }
 
@@ -115,10 +131,25 @@ fn line(member: &SetMember, now: u64) -> String {
     }
 }
 
-/// Runs one `session set` command against the maps pinned in `maps`.
-pub fn run(command: SetCommand, maps: &PinnedMaps) -> Result<()> {
+impl SetCommand {
+    /// The pin directory the command works on.
+    fn pin_dir(&self) -> &Path {
+        match self {
+            SetCommand::List { pin, .. }
+            | SetCommand::Show { pin, .. }
+            | SetCommand::Add { pin, .. }
+            | SetCommand::Delete { pin, .. }
+            | SetCommand::Flush { pin, .. }
+            | SetCommand::Replace { pin, .. } => &pin.pin_dir,
+        }
+    }
+}
+
+/// Runs one `session set` command against the maps pinned where it says.
+pub fn run(command: SetCommand) -> Result<()> {
+    let maps = PinnedMaps::open(command.pin_dir())?;
     match command {
-        SetCommand::List { json } => {
+        SetCommand::List { json, .. } => {
             let sets = maps.sets()?;
             if json {
                 let array: Vec<_> = sets
@@ -142,7 +173,7 @@ pub fn run(command: SetCommand, maps: &PinnedMaps) -> Result<()> {
             }
             Ok(())
         }
-        SetCommand::Show { name } => {
+        SetCommand::Show { name, .. } => {
             let now = monotonic_ns();
             let mut out = String::new();
             for member in maps.set_members(&name)? {
@@ -158,6 +189,7 @@ pub fn run(command: SetCommand, maps: &PinnedMaps) -> Result<()> {
             name,
             prefixes,
             timeout,
+            ..
         } => {
             let nets = parse_all(&prefixes)?;
             let expires = match timeout {
@@ -176,7 +208,7 @@ pub fn run(command: SetCommand, maps: &PinnedMaps) -> Result<()> {
             );
             Ok(())
         }
-        SetCommand::Delete { name, prefixes } => {
+        SetCommand::Delete { name, prefixes, .. } => {
             let nets = parse_all(&prefixes)?;
             let removed = maps.set_delete(&name, &nets)?;
             println!(
@@ -185,12 +217,12 @@ pub fn run(command: SetCommand, maps: &PinnedMaps) -> Result<()> {
             );
             Ok(())
         }
-        SetCommand::Flush { name } => {
+        SetCommand::Flush { name, .. } => {
             maps.set_replace(&name, &[])?;
             println!("{name}: flushed");
             Ok(())
         }
-        SetCommand::Replace { name, file } => {
+        SetCommand::Replace { name, file, .. } => {
             let nets =
                 read_set_file(&file).with_context(|| format!("set `{name}` is unchanged"))?;
             maps.set_replace(&name, &nets)?;
