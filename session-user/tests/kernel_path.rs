@@ -2706,7 +2706,7 @@ fn a_100000_prefix_blocklist_drops_exactly_its_members_as_the_host_model_says() 
     let started = Instant::now();
     let mut counts = [0usize; 4];
     for i in 0..20_000usize {
-        let member = i % 2 == 0;
+        let member = i.is_multiple_of(2);
         let src = list.address(&mut rng, member);
         let sport = 1024 + (i % 60_000) as u16;
         let meta = session_common::packet::PacketMeta {
@@ -2959,7 +2959,7 @@ fn an_atomic_replace_under_a_syn_flood_never_passes_a_member_nor_drops_a_non_mem
                 "the replaces did not finish in 120 s"
             );
             sport = sport.wrapping_add(1).max(1024);
-            let member = checked % 2 == 0;
+            let member = checked.is_multiple_of(2);
             let src = if member {
                 source(&kept[rng.below(kept.len() as u64) as usize])
             } else {

@@ -23,8 +23,10 @@ pub struct SetWatch {
 impl SetWatch {
     /// Starts from the sets as they are now, so only later changes are reported.
     pub fn new(maps: &PinnedMaps) -> SetWatch {
-        let mut watch = SetWatch::default();
-        watch.counter = maps.daemon_counter(DaemonCounter::SetChanges).unwrap_or(0);
+        let mut watch = SetWatch {
+            counter: maps.daemon_counter(DaemonCounter::SetChanges).unwrap_or(0),
+            ..SetWatch::default()
+        };
         for set in maps.sets().unwrap_or_default() {
             watch.changes.insert(set.name, set.changes);
         }
