@@ -133,12 +133,34 @@ pub fn parse_set_file(path: &Path, text: &str) -> Result<Vec<Network>, SetFileEr
     Ok(dedup(out))
 }
 
-/// Reads and parses a set file.
+/// Largest set file read: far above a file of `MAX_SET_ENTRIES_LIMIT` lines, and a bound
+/// on what a path such as /dev/zero can make `session check` or a reload read.
+pub const MAX_SET_FILE_BYTES: u64 = 256 << 20;
+
+/// Reads and parses a set file (a regular file of at most [`MAX_SET_FILE_BYTES`]).
 pub fn read_set_file(path: &Path) -> Result<Vec<Network>, SetFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| SetFileError::Read {
+    use std::io::Read as _;
+    let error = |source| SetFileError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let file = std::fs::File::open(path).map_err(error)?;
+    if !file.metadata().map_err(error)?.is_file() {
+        return Err(error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    let mut text = String::new();
+    file.take(MAX_SET_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(error)?;
+    if text.len() as u64 > MAX_SET_FILE_BYTES {
+        return Err(error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_SET_FILE_BYTES} bytes"),
+        )));
+    }
     parse_set_file(path, &text)
 }
 
