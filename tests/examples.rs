@@ -27,8 +27,9 @@ const BLOCKED_WAIT: Duration = Duration::from_secs(1);
 /// How long an allowed connection may take.
 const ALLOWED_WAIT: Duration = Duration::from_secs(3);
 
-const EXAMPLES: [&str; 4] = [
+const EXAMPLES: [&str; 5] = [
     "web-server.toml",
+    "blocklist.toml",
     "ssh-bastion.toml",
     "outbound-only.toml",
     "router.toml",
@@ -216,13 +217,79 @@ fn every_example_passes_session_check() {
             describe(&out)
         );
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(stdout.trim(), format!("{}: ok", path.display()));
+        assert_eq!(
+            stdout.lines().next().unwrap_or(""),
+            format!("{}: ok", path.display())
+        );
+        assert!(
+            stdout.lines().skip(1).all(|line| line.starts_with("set")),
+            "after `ok`, check reports only the sets: {stdout}"
+        );
         assert!(
             out.stderr.is_empty(),
             "{name} has warnings: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+#[test]
+fn blocklist_example_does_what_its_comments_say() {
+    let lab = Lab::dual_stack("exblk");
+    // Client-side addresses inside the shipped blocklist.txt.
+    let (listed_v4, listed_v6) = ("198.18.66.9", "2001:2:0:66::9");
+    add_address(&lab, Side::Client, &format!("{listed_v4}/24"));
+    add_address(&lab, Side::Client, &format!("{listed_v6}/64"));
+    route_on_link(&lab, "198.18.66.0/24");
+    route_on_link(&lab, "2001:2:0:66::/64");
+    let list = example_path("blocklist.txt");
+    let daemon = lab.daemon(&example_for_lab(
+        "blocklist.toml",
+        &[
+            ("eth0", FW_IFACE),
+            ("blocklist.txt", list.to_string_lossy().as_ref()),
+        ],
+    ));
+    for family in [Family::V4, Family::V6] {
+        let at = |port: u16| family.sock(Side::Fw, port).to_string();
+        let web = lab.tcp_listen(Side::Fw, family, 80);
+        assert_connects(&lab, Side::Client, None, &at(80), &web, "web");
+        let listed = match family {
+            Family::V4 => format!("{listed_v4}:0"),
+            Family::V6 => format!("[{listed_v6}]:0"),
+        };
+        assert_blocked(
+            &lab,
+            Side::Client,
+            Some(&listed),
+            &at(80),
+            &web,
+            "a listed source",
+        );
+    }
+    // A ban at run time drops the next connection and the connection that exists.
+    let web = lab.tcp_listen(Side::Fw, Family::V4, 443);
+    let at = Family::V4.sock(Side::Fw, 443).to_string();
+    let mut open = try_connect(&lab, Side::Client, None, &at, ALLOWED_WAIT)
+        .unwrap_or_else(|e| panic!("connecting before the ban: {e}"));
+    let mut server = accept_within(&web, IO_TIMEOUT);
+    open.write_all(b"ping").expect("request before the ban");
+    let mut got = [0u8; 4];
+    server
+        .read_exact(&mut got)
+        .expect("the server reads the request");
+    daemon.cli(&["set", "add", "bans", CLIENT_V4, "--timeout", "3600"]);
+    assert_blocked(&lab, Side::Client, None, &at, &web, "a banned source");
+    open.write_all(b"more").expect("the write itself succeeds");
+    server
+        .set_read_timeout(Some(BLOCKED_WAIT))
+        .expect("read timeout");
+    assert!(
+        server.read_exact(&mut got).is_err(),
+        "the banned source's existing connection must be cut"
+    );
+    daemon.cli(&["set", "delete", "bans", CLIENT_V4]);
+    assert_connects(&lab, Side::Client, None, &at, &web, "pardoned");
 }
 
 #[test]

@@ -14,6 +14,7 @@ pub mod policy;
 pub mod presence;
 pub mod record;
 pub mod rule_bitmaps;
+pub mod sets;
 pub mod track;
 pub mod wire;
 

@@ -17,6 +17,7 @@ use bytemuck::{Pod, Zeroable};
 use crate::{
     packet::PacketMeta,
     policy::rule_matches,
+    sets::{SET_MASKS, SetRefs, membership},
     wire::{CtState, FAMILY_IPV6, Hook, MAX_RULES, Rule, proto},
 };
 
@@ -81,8 +82,13 @@ pub mod bits_slot {
     pub const SPORT: u32 = ICMP_TYPE + 256;
     /// Destination-port interval `k`, as [`SPORT`].
     pub const DPORT: u32 = SPORT + PORT_INTERVALS;
+    /// Source-set membership mask `m` (`crate::sets::membership`): entries without a
+    /// source set, or whose source set `i` has bit `i` in `m`.
+    pub const SRC_SETS: u32 = DPORT + PORT_INTERVALS;
+    /// Destination-set membership mask `m`, as [`SRC_SETS`].
+    pub const DST_SETS: u32 = SRC_SETS + crate::sets::SET_MASKS;
     /// Slots per bank.
-    pub const BANK_SLOTS: u32 = DPORT + PORT_INTERVALS;
+    pub const BANK_SLOTS: u32 = DST_SETS + crate::sets::SET_MASKS;
 }
 
 /// Most elementary port intervals one dimension can need: every entry contributes at most
@@ -197,6 +203,10 @@ pub trait BitTables {
     fn port_bounds(&self, bank: u32, dim: PortDim) -> Option<&PortBounds>;
     /// Entry `index` of `bank`.
     fn entry(&self, bank: u32, index: u32) -> Option<&Rule>;
+    /// The sets `bank` references (`crate::sets`).
+    fn set_refs(&self, bank: u32) -> Option<&SetRefs>;
+    /// Whether `addr` is in a live prefix of set storage `storage`.
+    fn set_member(&self, storage: u32, addr: &[u8; 16]) -> bool;
 }
 
 /// Index of the first of the `count` entries of `bank` that match the packet, as the first
@@ -249,7 +259,8 @@ pub fn first_match_index<T: BitTables>(
     let words = (count.min(MAX_RULES) as usize).div_ceil(64);
     let direct = [state_hook, family_proto, sport, dport, icmp];
     let candidate = lowest_common(&direct, words).filter(|found| *found < count)?;
-    if rule_matches(tables.entry(bank, candidate)?, meta, state, hook, ifindex) {
+    let entry = tables.entry(bank, candidate)?;
+    if entry.src_set | entry.dst_set == 0 && rule_matches(entry, meta, state, hook, ifindex) {
         return Some(candidate);
     }
     let iface = match tables.iface_bits(bank, ifindex) {
@@ -258,6 +269,25 @@ pub fn first_match_index<T: BitTables>(
     };
     let src = tables.addr_bits(AddrDim::Source, bank, &meta.src)?;
     let dst = tables.addr_bits(AddrDim::Destination, bank, &meta.dst)?;
+    // Set dimensions: a bank without sets ANDs `state_hook` again, which changes nothing
+    // and costs no lookup.
+    let refs = tables.set_refs(bank)?;
+    let src_sets = if refs.src_count == 0 {
+        state_hook
+    } else {
+        let mask = membership(refs.src_count, &refs.src, |storage| {
+            tables.set_member(storage, &meta.src)
+        });
+        tables.bits(bank, bits_slot::SRC_SETS + (mask & (SET_MASKS - 1)))?
+    };
+    let dst_sets = if refs.dst_count == 0 {
+        state_hook
+    } else {
+        let mask = membership(refs.dst_count, &refs.dst, |storage| {
+            tables.set_member(storage, &meta.dst)
+        });
+        tables.bits(bank, bits_slot::DST_SETS + (mask & (SET_MASKS - 1)))?
+    };
     let all = [
         state_hook,
         family_proto,
@@ -267,6 +297,8 @@ pub fn first_match_index<T: BitTables>(
         iface,
         src,
         dst,
+        src_sets,
+        dst_sets,
     ];
     lowest_common(&all, words).filter(|found| *found < count)
 }

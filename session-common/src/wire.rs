@@ -64,6 +64,12 @@ pub mod map_names {
     pub const PRESENCE: &str = "PRESENCE";
     /// Index of the presence filter's active bank.
     pub const PRESENCE_BANK: &str = "PRESENCE_BANK";
+    /// The prefixes of every named set (`session_common::sets`).
+    pub const SET_NETS: &str = "SET_NETS";
+    /// Per policy bank, the storages its set references read.
+    pub const SET_REFS: &str = "SET_REFS";
+    /// Per storage, the set's name, state and size.
+    pub const SET_INFO: &str = "SET_INFO";
     /// Interfaces the fast path may forward out of, by index: the managed ones that can
     /// transmit frames redirected by XDP.
     pub const FAST_PATH_PORTS: &str = "FAST_PATH_PORTS";
@@ -578,6 +584,8 @@ pub enum DaemonCounter {
     /// Saved sessions not restored: the policy in force would not admit them, they
     /// expired while the file waited, or the table already had their key.
     RestoreRefused,
+    /// Live changes to named sets (`session set add`, `delete`, `flush`, `replace`).
+    SetChanges,
 }
 
 impl DaemonCounter {
@@ -585,7 +593,7 @@ impl DaemonCounter {
     pub const COUNT: u32 = 16;
 
     /// Every daemon counter with its stable name.
-    pub const ALL: [(DaemonCounter, &'static str); 12] = [
+    pub const ALL: [(DaemonCounter, &'static str); 13] = [
         (DaemonCounter::SessionsExpired, "sessions_expired"),
         (DaemonCounter::ReaperRuns, "reaper_runs"),
         (DaemonCounter::PolicyApplies, "policy_applies"),
@@ -601,6 +609,7 @@ impl DaemonCounter {
         (DaemonCounter::TakeoverRefused, "takeover_refused"),
         (DaemonCounter::SessionsRestored, "sessions_restored"),
         (DaemonCounter::RestoreRefused, "restore_refused"),
+        (DaemonCounter::SetChanges, "set_changes"),
     ];
 }
 
@@ -719,8 +728,11 @@ pub struct Rule {
     pub log: u8,
     /// Index of the configured rule (for names and hit counters).
     pub rule_id: u16,
-    /// Explicit padding.
-    pub _pad2: [u8; 2],
+    /// Source set: 0 for none, `i + 1` for the bank's source set `i` (see
+    /// [`crate::sets`]); the source network is then ::/0 and membership decides.
+    pub src_set: u8,
+    /// Destination set, as [`Rule::src_set`].
+    pub dst_set: u8,
 }
 const _: () = assert!(core::mem::size_of::<Rule>() == 88);
 

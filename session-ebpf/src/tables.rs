@@ -7,7 +7,7 @@ use aya_ebpf::{
     bindings::{
         __sk_buff, BPF_F_MMAPABLE, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, xdp_md,
     },
-    helpers::generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key as LpmKey},
     programs::{TcContext, XdpContext},
@@ -23,6 +23,7 @@ use session_common::{
         ADDR_KEY_BANK_BITS, AddrDim, AddrKey, BitTables, IfaceKey, PortBounds, PortDim, RuleBits,
         bits_slot, first_match_index,
     },
+    sets::{MAX_SET_STORAGE, SET_KEY_STORAGE_BITS, SET_TRIE_ENTRIES, SetKey, SetRefs, SetValue},
     track::{Invalid, Update, decode_update, encode_update, update},
     wire::{
         Counter, CtState, DaemonCounter, Dir, EVENT_RING_BYTES, Event, FlowKey, Hook, MAX_RULES,
@@ -86,6 +87,15 @@ static EXPECTATIONS: LruHashMap<ExpectKey, u64> = LruHashMap::with_max_entries(M
 /// Outstanding broadcast and multicast requests remembered at once: far more than a host
 /// has in flight (a DHCP client has one or two transactions, a resolver a few queries).
 const MAX_EXPECTATIONS: u32 = 1024;
+/// Every named set's prefixes (`session_common::sets`). LPM tries allocate per prefix
+/// (`BPF_F_NO_PREALLOC`), so the bound costs nothing until used.
+#[map]
+static SET_NETS: LpmTrie<SetKey, SetValue> = LpmTrie::pinned(SET_TRIE_ENTRIES, 0);
+#[map]
+static SET_REFS: Array<SetRefs> = Array::pinned(2, 0);
+/// Read only by user space; declared here so the loader creates and pins it.
+#[map]
+static SET_INFO: Array<session_common::sets::SetInfo> = Array::pinned(MAX_SET_STORAGE, 0);
 
 /// Entries of the keyed classifier tables: per bank, one per rule entry plus the catch-all
 /// (interface 0, network ::/0).
@@ -595,6 +605,30 @@ impl BitTables for BpfBitTables {
     #[inline(always)]
     fn entry(&self, bank: u32, index: u32) -> Option<&Rule> {
         RULES.get((bank & 1) * MAX_RULES + (index & (MAX_RULES - 1)))
+    }
+
+    #[inline(always)]
+    fn set_refs(&self, bank: u32) -> Option<&SetRefs> {
+        SET_REFS.get(bank & 1)
+    }
+
+    #[inline(always)]
+    fn set_member(&self, storage: u32, addr: &[u8; 16]) -> bool {
+        let key = LpmKey::new(
+            SET_KEY_STORAGE_BITS + 128,
+            SetKey {
+                storage: storage & (MAX_SET_STORAGE - 1),
+                addr: *addr,
+            },
+        );
+        match SET_NETS.get(&key) {
+            // The clock is read only for prefixes that expire (ban lists).
+            // SAFETY: a helper without arguments.
+            Some(value) => {
+                value.expires_ns == 0 || value.live(unsafe { bpf_ktime_get_coarse_ns() })
+            }
+            None => false,
+        }
     }
 }
 

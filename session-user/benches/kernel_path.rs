@@ -4,6 +4,10 @@
 //!   table, against a do-nothing XDP program from the same object in the same run;
 //! - policy scale: new-flow cost with 10, 100 and 1,000 rule entries, and the time to
 //!   apply a 1,000-entry policy;
+//! - set scale: new-flow classification with a 1,000,000-prefix set against a 10-prefix
+//!   one, kernel memory per prefix, the time to load and to replace 1,000,000 prefixes
+//!   (next to `nft -f` loading the same prefixes into interval sets, in a namespace of
+//!   the bench's own), and one live add;
 //! - table scale: kernel memory per session (the kernel's own accounting of the maps,
 //!   next to nf_conntrack's slab object size), the reaper's sweep of 1M sessions with 10%
 //!   expired, and the daemon's CPU with 1M idle sessions.
@@ -230,6 +234,81 @@ fn apply(maps: &PinnedMaps, text: &str) -> (usize, [f64; 3]) {
             ms(applied - compiled_at),
         ],
     )
+}
+
+/// Prefixes of the big set in the set scenario.
+const BIG_SET: usize = 1_000_000;
+
+/// `count` distinct set prefixes: IPv4 /32s of 198.18.0.0/15 above 198.18.16.0 (clear of
+/// the addresses the scenarios send from), then IPv6 /128s of 2001:2::/48. Never the
+/// source of a benchmark packet but 198.18.200.1 (a member).
+fn set_prefixes(count: usize) -> Vec<String> {
+    let v4_first = u32::from(Ipv4Addr::new(198, 18, 16, 0));
+    let v4_count = (u32::from(Ipv4Addr::new(198, 19, 255, 255)) - v4_first) as usize;
+    (0..count)
+        .map(|i| {
+            if i < v4_count.min(count / 2) {
+                Ipv4Addr::from(v4_first + i as u32).to_string()
+            } else {
+                format!("2001:2::{:x}:{:x}", (i >> 16) & 0xffff, i & 0xffff)
+            }
+        })
+        .collect()
+}
+
+/// The base policy with a set `block` read from `file`, whose members' new flows drop.
+fn set_policy_text(file: &Path) -> String {
+    let mut text = policy_text(0);
+    let web = text
+        .rfind("[[rule]]\nname = \"web\"")
+        .expect("the base policy ends with the web rule");
+    text.insert_str(
+        web,
+        "[[rule]]\nname = \"blocklist\"\nstate = [\"new\"]\nsrc = [\"@block\"]\naction = \"drop\"\n",
+    );
+    format!(
+        "[sets]\nblock = {{ file = \"{}\" }}\n{text}",
+        file.display()
+    )
+}
+
+/// Seconds `nft -f` takes to load `prefixes` into two interval sets (IPv4, IPv6) of a
+/// table in a network namespace the bench creates and deletes; `None` without nft.
+fn nft_load_seconds(prefixes: &[String]) -> Option<f64> {
+    let netns = format!("session-bench-nft-{}", std::process::id());
+    let file = std::env::temp_dir().join(format!("{netns}.nft"));
+    let (v6, v4): (Vec<&String>, Vec<&String>) = prefixes.iter().partition(|p| p.contains(':'));
+    let join = |list: &[&String]| {
+        list.iter()
+            .map(|p| p.as_str())
+            .collect::<Vec<_>>()
+            .join(",\n")
+    };
+    let text = format!(
+        "table inet bench {{\n set v4 {{ type ipv4_addr; flags interval; elements = {{ {} }} }}\n set v6 {{ type ipv6_addr; flags interval; elements = {{ {} }} }}\n}}\n",
+        join(&v4),
+        join(&v6)
+    );
+    std::fs::write(&file, text).ok()?;
+    let created = Command::new("ip")
+        .args(["netns", "add", &netns])
+        .status()
+        .is_ok_and(|status| status.success());
+    let seconds = created.then(|| {
+        let started = Instant::now();
+        let ok = Command::new("ip")
+            .args(["netns", "exec", &netns, "nft", "-f"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        ok.then(|| started.elapsed().as_secs_f64())
+    });
+    if created {
+        let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+    }
+    let _ = std::fs::remove_file(&file);
+    seconds.flatten()
 }
 
 /// Bytes the kernel charges for a pinned map (`memlock` in its fdinfo).
@@ -609,6 +688,112 @@ impl Bench {
         apply(&self.maps, &policy_text(0));
     }
 
+    fn set_scale(&mut self) {
+        let dir = std::env::temp_dir();
+        let small_file = dir.join(format!("session-bench-set10-{}.txt", std::process::id()));
+        let big_file = dir.join(format!("session-bench-set1m-{}.txt", std::process::id()));
+        let mut small = set_prefixes(9);
+        small.push("198.18.200.1".into());
+        let big = set_prefixes(BIG_SET);
+        std::fs::write(&small_file, small.join("\n")).expect("writing the small set");
+        std::fs::write(&big_file, big.join("\n")).expect("writing the big set");
+        let member = syn(v4(198, 18, 200, 1), 4444, OPEN_PORT);
+        let non_member = syn(v4(198, 18, 7, 7), 4444, 9090);
+        let mut rows = Vec::new();
+        let mut big_memory = 0.0;
+        for file in [&small_file, &big_file] {
+            let before = map_memlock(&self.pin.0, map_names::SET_NETS);
+            let (_, [parse_ms, compile_ms, apply_ms]) = apply(&self.maps, &set_policy_text(file));
+            let held = map_memlock(&self.pin.0, map_names::SET_NETS).saturating_sub(before);
+            let xdp = self.xdp("session_ingress");
+            // A non-member's SYN to a closed port: every rule fails, the set is looked up.
+            let miss_ns = median_of(ROUNDS, |_| run(xdp, &non_member, REPEAT));
+            let member_ns = median_of(ROUNDS, |_| run(xdp, &member, REPEAT));
+            let count = if file == &small_file {
+                small.len()
+            } else {
+                big.len()
+            };
+            if file == &big_file {
+                big_memory = held as f64 / count as f64;
+            }
+            rows.push((
+                count, miss_ns, member_ns, parse_ms, compile_ms, apply_ms, held,
+            ));
+        }
+        // Replace the 1M set with another 1M (every IPv6 prefix moved), and one live add.
+        let moved: Vec<_> = big
+            .iter()
+            .map(|p| {
+                let text = if p.contains(':') {
+                    p.replacen("2001:2::", "2001:2:0:1::", 1)
+                } else {
+                    p.clone()
+                };
+                session_user::policy::sets::parse_prefix(&text).expect("bench prefix")
+            })
+            .collect();
+        let started = Instant::now();
+        self.maps
+            .set_replace("block", &moved)
+            .expect("replacing the big set");
+        let replace_s = started.elapsed().as_secs_f64();
+        let one = [session_user::policy::sets::parse_prefix("198.18.201.1").expect("prefix")];
+        let add_us = median_of(ROUNDS * 4, |_| {
+            let started = Instant::now();
+            self.maps.set_add("block", &one, 0).expect("live add");
+            let took = started.elapsed().as_secs_f64() * 1e6;
+            self.maps.set_delete("block", &one).expect("live delete");
+            took
+        });
+        let nft_s = nft_load_seconds(&big);
+        let (small_n, small_miss, small_member, ..) = rows[0];
+        let (big_n, big_miss, big_member, big_parse, big_compile, big_apply, _) = rows[1];
+        let load_s = (big_parse + big_compile + big_apply) / 1e3;
+        let ratio = (big_miss / small_miss).max(big_member / small_member);
+        let _ = writeln!(
+            self.md,
+            "\n### Set scale (same table, same run)\n\n\
+             One rule drops new flows from the set `block` (IPv4 /32s and IPv6 /128s). A non-member's \
+             SYN to a closed port fails every rule after the set lookup; a member's SYN is dropped by the set. \
+             Load = parse the file + compile + write the set and the bank and switch.\n\n\
+             | set prefixes | non-member SYN ns | member SYN ns | parse ms | compile ms | apply ms | SET_NETS bytes |\n\
+             |---:|---:|---:|---:|---:|---:|---:|"
+        );
+        let mut out = Vec::new();
+        for (n, miss, hit, parse_ms, compile_ms, apply_ms, held) in &rows {
+            let _ = writeln!(
+                self.md,
+                "| {n} | {miss:.0} | {hit:.0} | {parse_ms:.1} | {compile_ms:.1} | {apply_ms:.1} | {held} |"
+            );
+            out.push(json!({"prefixes": n, "non_member_syn_ns": miss, "member_syn_ns": hit,
+                "parse_ms": parse_ms, "compile_ms": compile_ms, "apply_ms": apply_ms, "set_bytes": held}));
+        }
+        let nft_text = nft_s.map_or("nft not available".to_string(), |s| format!("{s:.2} s"));
+        let _ = writeln!(
+            self.md,
+            "\nNew-flow cost with {big_n} vs {small_n} prefixes: {ratio:.2}×; target ≤ 1.5×: {}. \
+             Memory: {big_memory:.0} bytes per prefix (the kernel's accounting of SET_NETS). \
+             Loading {big_n} prefixes from a file: {load_s:.2} s; replacing them live: {replace_s:.2} s; \
+             target ≤ 2 s: {}; `nft -f` of the same prefixes into interval sets: {nft_text}. \
+             One live add: {add_us:.0} µs; target ≤ 1 ms: {}.",
+            yes_no(ratio, Some(1.5)),
+            yes_no(load_s.max(replace_s), Some(2.0)),
+            yes_no(add_us, Some(1000.0)),
+        );
+        self.json.insert(
+            "set_scale".into(),
+            json!({"results": out, "new_flow_ratio": ratio, "ratio_target": 1.5,
+                "bytes_per_prefix": big_memory, "load_s": load_s, "replace_s": replace_s,
+                "load_target_s": 2.0, "nft_load_s": nft_s, "live_add_us": add_us,
+                "live_add_target_us": 1000.0}),
+        );
+        let _ = std::fs::remove_file(&small_file);
+        let _ = std::fs::remove_file(&big_file);
+        // Back to the small policy without sets for what follows.
+        apply(&self.maps, &policy_text(0));
+    }
+
     fn table_scale(&mut self) {
         let sessions_bytes = map_memlock(&self.pin.0, map_names::SESSIONS);
         let unassured_bytes = map_memlock(&self.pin.0, map_names::UNASSURED);
@@ -758,6 +943,7 @@ fn main() {
 
     bench.kernel_path(fill);
     bench.policy_scale();
+    bench.set_scale();
     bench.table_scale();
 
     print!("{}", bench.md);

@@ -9,13 +9,14 @@ use session_common::{
     expect::{ExpectKey, Expectations},
     packet::PacketMeta,
     policy::rule_matches,
+    sets::sets_match,
     wire::{
         Counter, CtState, FlowKey, Hook, PolicyHeader, RULE_HIT_SLOTS, Rule, Session, Settings,
         session_flags,
     },
 };
 
-use crate::policy::compile::CompiledPolicy;
+use crate::policy::{compile::CompiledPolicy, rule_bitmaps::HostSets};
 
 /// Both session tiers in one hash map (the protected ones listed in `protected`), with
 /// optional capacities. The unassured tier evicts its least recently used entry when
@@ -103,6 +104,9 @@ pub struct ModelRules {
     pub header: PolicyHeader,
     /// Entries.
     pub entries: Vec<Rule>,
+    /// The sets the entries reference, by storage (source set `i` in storage `i`,
+    /// destination set `j` after the source sets); tests change them as `session set` does.
+    pub sets: HostSets,
 }
 
 impl ModelRules {
@@ -114,6 +118,7 @@ impl ModelRules {
                 ..policy.header
             },
             entries: policy.entries.clone(),
+            sets: HostSets::new(&policy.sets),
         }
     }
 }
@@ -132,10 +137,10 @@ impl RuleSource for ModelRules {
         hook: Hook,
         ifindex: u32,
     ) -> Option<&Rule> {
-        self.entries
-            .iter()
-            .take(count as usize)
-            .find(|rule| rule_matches(rule, meta, state, hook, ifindex))
+        let (src_sets, dst_sets) = self.sets.masks(&meta.src, &meta.dst);
+        self.entries.iter().take(count as usize).find(|rule| {
+            rule_matches(rule, meta, state, hook, ifindex) && sets_match(rule, src_sets, dst_sets)
+        })
     }
 }
 

@@ -172,11 +172,13 @@ fn full_config_parses_with_every_value() {
     assert_eq!(web.ifaces, ["eth0"]);
     assert_eq!(web.family, FAMILY_IPV4);
     assert_eq!(web.proto, proto::TCP);
+    assert_eq!(web.src.len(), 1, "the one network listed besides the set");
     assert_eq!(
-        web.src.len(),
-        3,
-        "@lab expands to its two networks, plus one"
+        web.src_sets,
+        ["lab"],
+        "@lab stays a set: one kernel entry, looked up by the classifier"
     );
+    assert_eq!(config.policy.sets["lab"].networks.len(), 2);
     assert_eq!(web.dst.len(), 1);
     assert_eq!(
         web.dst[0].prefix, 128,

@@ -405,6 +405,14 @@ fn test_policy() -> CompiledPolicy {
 /// for the test-run interface and another one.
 const DIFFERENTIAL_RULES_TOML: &str = r#"
 [[rule]]
+name = "udp-set-drop"
+state = ["new"]
+proto = "udp"
+src = ["@diff-src"]
+dst = ["@diff-dst", "2001:2:0:1::2"]
+action = "drop"
+
+[[rule]]
 name = "v4-alt-web"
 state = ["new"]
 proto = "tcp"
@@ -469,6 +477,10 @@ name = "v6-invalid-from-lab"
 state = ["invalid"]
 src = ["2001:2::/63"]
 action = "accept"
+
+[sets]
+diff-src = ["198.18.0.3", "198.18.1.0/24", "2001:2::3", "2001:2:0:1::/64"]
+diff-dst = ["198.18.0.1", "2001:2::1/128"]
 "#;
 
 /// [`DIFFERENTIAL_RULES_TOML`] then [`POLICY_TOML`] (first, so they take new flows the
@@ -496,6 +508,7 @@ fn require_classifier_rules_hit(policy: &CompiledPolicy, hits: &[u64]) {
             .unwrap_or_else(|| panic!("rule {name} missing from the differential policy"))
     };
     for name in [
+        "udp-set-drop",
         "v4-alt-web",
         "v6-dns",
         "v4-udp-unprivileged-sport",
@@ -2806,4 +2819,465 @@ fn replies_to_group_requests(ingress: Ingress) {
         None,
         "kernel and model counters differ"
     );
+}
+// Named sets: a blocklist of 100,000 prefixes, live changes, atomic replace.
+// ---------------------------------------------------------------------------------------
+
+/// A set file under the temporary directory, removed when dropped (also on panic).
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(tag: &str, text: &str) -> TempFile {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "session-kt-{}-{}-{tag}.txt",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, text)
+            .unwrap_or_else(|error| panic!("writing {}: {error}", path.display()));
+        TempFile(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A mixed blocklist inside 198.18.0.0/15 and 2001:2::/48: whole /24s, single IPv4
+/// addresses in other /24s, and IPv6 /64s. Returns the file's lines and a membership
+/// test computed from the generator's own choices (not from the set code under test).
+struct Blocklist {
+    lines: Vec<String>,
+    v4_24s: std::collections::HashSet<u32>,
+    v4_32s: std::collections::HashSet<u32>,
+    v6_64s: std::collections::HashSet<u16>,
+}
+
+impl Blocklist {
+    fn new(rng: &mut Rng, v4_nets: usize, v4_hosts: usize, v6_nets: usize) -> Blocklist {
+        let mut list = Blocklist {
+            lines: Vec::new(),
+            v4_24s: Default::default(),
+            v4_32s: Default::default(),
+            v6_64s: Default::default(),
+        };
+        // /24 number k (0..512) is 198.18.0.0 + k * 256; the even ones may be blocked
+        // whole, the odd ones hold the single addresses.
+        while list.v4_24s.len() < v4_nets {
+            let k = rng.below(256) as u32 * 2;
+            if list.v4_24s.insert(k) {
+                let base = 0xc612_0000u32 + k * 256;
+                list.lines.push(format!("{}/24", Ipv4Addr::from(base)));
+            }
+        }
+        while list.v4_32s.len() < v4_hosts {
+            let addr =
+                0xc612_0000u32 + (rng.below(256) as u32 * 2 + 1) * 256 + rng.below(256) as u32;
+            if list.v4_32s.insert(addr) {
+                list.lines.push(Ipv4Addr::from(addr).to_string());
+            }
+        }
+        while list.v6_64s.len() < v6_nets {
+            let n = rng.below(65536) as u16;
+            if list.v6_64s.insert(n) {
+                list.lines.push(format!("2001:2:0:{n:x}::/64"));
+            }
+        }
+        list
+    }
+
+    fn len(&self) -> usize {
+        self.lines.len()
+    }
+
+    fn text(&self) -> String {
+        let mut text = String::from("# generated blocklist\n");
+        for line in &self.lines {
+            text.push_str(line);
+            text.push('\n');
+        }
+        text
+    }
+
+    fn contains(&self, addr: IpAddr) -> bool {
+        match addr {
+            IpAddr::V4(v4) => {
+                let a = u32::from(v4);
+                self.v4_32s.contains(&a) || self.v4_24s.contains(&((a - 0xc612_0000) >> 8))
+            }
+            IpAddr::V6(v6) => self.v6_64s.contains(&v6.segments()[3]),
+        }
+    }
+
+    /// A random address of the blocklist's space: a member or not, as `member` asks.
+    fn address(&self, rng: &mut Rng, member: bool) -> IpAddr {
+        loop {
+            let addr = if rng.chance(50) {
+                IpAddr::V4(Ipv4Addr::from(0xc612_0000u32 + rng.below(1 << 17) as u32))
+            } else {
+                IpAddr::V6(Ipv6Addr::new(
+                    0x2001,
+                    2,
+                    0,
+                    rng.below(65536) as u16,
+                    0,
+                    0,
+                    0,
+                    1 + rng.below(1000) as u16,
+                ))
+            };
+            if self.contains(addr) == member {
+                return addr;
+            }
+        }
+    }
+}
+
+/// The policy of the set tests: sources in `@block` are dropped, every other new flow is
+/// accepted; established packets are accepted (so a set change leaves sessions alone
+/// unless a rule for them names the set).
+fn blocklist_policy(set: &str) -> CompiledPolicy {
+    reload_policy(&format!(
+        r#"
+[policy]
+inbound = "drop"
+
+[sets]
+block = {set}
+
+[[rule]]
+name = "blocklist"
+state = ["new"]
+src = ["@block"]
+action = "drop"
+
+[[rule]]
+name = "return-traffic"
+state = ["established", "related"]
+action = "accept"
+
+[[rule]]
+name = "anything-new"
+state = ["new"]
+action = "accept"
+"#
+    ))
+}
+
+/// A SYN from `src` to the test server of its family, from `sport`.
+fn syn_from(src: IpAddr, sport: u16) -> Vec<u8> {
+    let dst = if src.is_ipv4() {
+        ip("198.18.0.1")
+    } else {
+        ip("2001:2::1")
+    };
+    tcp_frame(src, dst, Tcp::new(sport, 443, tcp_flags::SYN))
+}
+
+#[test]
+fn a_100000_prefix_blocklist_drops_exactly_its_members_as_the_host_model_says() {
+    let mut rng = Rng::new(0x5e75);
+    let list = Blocklist::new(&mut rng, 100, 39_900, 60_000);
+    assert_eq!(list.len(), 100_000);
+    let file = TempFile::new("block", &list.text());
+    let policy = blocklist_policy(&format!("{{ file = \"{}\" }}", file.0.display()));
+    assert_eq!(
+        policy.entries.len(),
+        3,
+        "a set of 100,000 prefixes costs its rule one entry"
+    );
+    let k = Kernel::start_sized(&test_settings(), &policy, 1 << 16, Ingress::Xdp);
+    let model = session_user::host_engine::ModelRules::new(&policy);
+    let started = Instant::now();
+    let mut counts = [0usize; 4];
+    for i in 0..20_000usize {
+        let member = i.is_multiple_of(2);
+        let src = list.address(&mut rng, member);
+        let sport = 1024 + (i % 60_000) as u16;
+        let meta = session_common::packet::PacketMeta {
+            family: if src.is_ipv4() {
+                FAMILY_IPV4
+            } else {
+                FAMILY_IPV6
+            },
+            proto: proto::TCP,
+            src: mapped(src),
+            dst: mapped(if src.is_ipv4() {
+                ip("198.18.0.1")
+            } else {
+                ip("2001:2::1")
+            }),
+            sport,
+            dport: 443,
+            ..Default::default()
+        };
+        let decision = session_common::engine::evaluate(
+            &model,
+            &meta,
+            CtState::New,
+            Hook::Ingress,
+            TEST_RUN_IFINDEX,
+        );
+        let modelled = if decision.action == Action::Drop {
+            Verdict::Drop
+        } else {
+            Verdict::Pass
+        };
+        let expected = if member { Verdict::Drop } else { Verdict::Pass };
+        assert_eq!(
+            modelled, expected,
+            "the host model says {modelled:?} for {src} (member: {member})"
+        );
+        k.expect(
+            &format!("SYN from {src} (member: {member})"),
+            &syn_from(src, sport),
+            expected,
+        );
+        counts[usize::from(member) * 2 + usize::from(src.is_ipv6())] += 1;
+    }
+    assert!(
+        counts.iter().all(|n| *n > 1000),
+        "members and non-members of both families were tried: {counts:?}"
+    );
+    println!(
+        "sets: 20,000 SYNs against a 100,000-prefix set in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        k.rule_hits()[0],
+        10_000,
+        "every member hit the blocklist rule"
+    );
+}
+
+#[test]
+fn live_add_delete_and_expiry_change_the_verdict_of_the_next_new_flow() {
+    let k = Kernel::start(
+        &test_settings(),
+        &blocklist_policy(r#"["198.18.9.9", "2001:2:0:9::/64"]"#),
+    );
+    let parse = |text: &str| {
+        session_user::policy::sets::parse_prefix(text)
+            .unwrap_or_else(|error| panic!("test prefix {text}: {error}"))
+    };
+    let host = ip("198.18.5.5");
+    let host6 = ip("2001:2:0:5::5");
+    let mut sport = 2000;
+    let mut next = |k: &Kernel, src: IpAddr, expected: Verdict, what: &str| {
+        sport += 1;
+        k.expect(what, &syn_from(src, sport), expected);
+    };
+    next(
+        &k,
+        ip("198.18.9.9"),
+        Verdict::Drop,
+        "a member of the loaded set",
+    );
+    next(&k, host, Verdict::Pass, "not in the set yet");
+    next(&k, host6, Verdict::Pass, "not in the set yet (IPv6)");
+    let added = k
+        .maps
+        .set_add(
+            "block",
+            &[parse("198.18.5.0/24"), parse("2001:2:0:5::/64")],
+            0,
+        )
+        .unwrap_or_else(|error| panic!("set_add: {error:?}"));
+    assert_eq!(added, 2);
+    next(&k, host, Verdict::Drop, "added to the set");
+    next(&k, host6, Verdict::Drop, "added to the set (IPv6)");
+    let removed = k
+        .maps
+        .set_delete("block", &[parse("198.18.5.0/24")])
+        .unwrap_or_else(|error| panic!("set_delete: {error:?}"));
+    assert_eq!(removed, 1);
+    next(&k, host, Verdict::Pass, "deleted from the set");
+    next(&k, host6, Verdict::Drop, "still in the set (IPv6)");
+    let listed = k
+        .maps
+        .sets()
+        .unwrap_or_else(|error| panic!("sets: {error:?}"));
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].name.as_str(), listed[0].entries), ("block", 3));
+    assert_eq!(listed[0].changes, 2);
+    // An entry with an expiry counts until then, and the reaper's sweep frees it after.
+    let expiry = monotonic_ns() + 300_000_000;
+    k.maps
+        .set_add("block", &[parse("198.18.5.5")], expiry)
+        .unwrap_or_else(|error| panic!("set_add with expiry: {error:?}"));
+    next(&k, host, Verdict::Drop, "banned until the expiry");
+    while monotonic_ns() < expiry + 20_000_000 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    next(&k, host, Verdict::Pass, "the ban expired");
+    let freed = k
+        .maps
+        .expire_set_members(monotonic_ns())
+        .unwrap_or_else(|error| panic!("expire_set_members: {error:?}"));
+    assert_eq!(freed, 1);
+    let members = k
+        .maps
+        .set_members("block")
+        .unwrap_or_else(|error| panic!("set_members: {error:?}"));
+    assert_eq!(members.len(), 3, "{members:?}");
+    // An established session of a source added later keeps flowing: the blocklist rule
+    // is for new flows only (as `ct state new ip saddr @block drop` in nftables).
+    let client = ip("198.18.6.6");
+    let server = ip("198.18.0.1");
+    k.expect(
+        "SYN",
+        &tcp_frame(
+            client,
+            server,
+            Tcp::new(3000, 443, tcp_flags::SYN).seq_ack(100, 0),
+        ),
+        Verdict::Pass,
+    );
+    k.expect(
+        "SYN-ACK",
+        &tcp_frame(
+            server,
+            client,
+            Tcp::new(443, 3000, tcp_flags::SYN | tcp_flags::ACK).seq_ack(500, 101),
+        ),
+        Verdict::Pass,
+    );
+    k.expect(
+        "ACK",
+        &tcp_frame(
+            client,
+            server,
+            Tcp::new(3000, 443, tcp_flags::ACK).seq_ack(101, 501),
+        ),
+        Verdict::Pass,
+    );
+    k.maps
+        .set_add("block", &[parse("198.18.6.6")], 0)
+        .unwrap_or_else(|error| panic!("set_add: {error:?}"));
+    k.expect(
+        "data of the established session of a source now in the set",
+        &tcp_frame(
+            client,
+            server,
+            Tcp::new(3000, 443, tcp_flags::ACK)
+                .seq_ack(101, 501)
+                .payload(10),
+        ),
+        Verdict::Pass,
+    );
+    k.expect(
+        "a new flow of that source",
+        &tcp_frame(client, server, Tcp::new(3001, 443, tcp_flags::SYN)),
+        Verdict::Drop,
+    );
+    let error = k
+        .maps
+        .set_add("nosuch", &[parse("198.18.6.6")], 0)
+        .expect_err("a set the policy does not use");
+    assert!(error.to_string().contains("no set `nosuch`"), "{error}");
+}
+
+#[test]
+fn an_atomic_replace_under_a_syn_flood_never_passes_a_member_nor_drops_a_non_member() {
+    // Three disjoint groups: `kept` is in both the old and the new set, `gone` only in the
+    // old, `fresh` only in the new, `never` in neither. While the set is replaced back and
+    // forth, a `kept` source must always be dropped and a `never` source always pass;
+    // `gone` and `fresh` may go either way during a replace but must end right.
+    let mut rng = Rng::new(0xf100d);
+    let all = Blocklist::new(&mut rng, 0, 12_000, 12_000);
+    let (mut kept, mut gone, mut fresh) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, line) in all.lines.iter().enumerate() {
+        match i % 3 {
+            0 => kept.push(line.clone()),
+            1 => gone.push(line.clone()),
+            _ => fresh.push(line.clone()),
+        }
+    }
+    let parse_all = |lines: &[String]| -> Vec<_> {
+        lines
+            .iter()
+            .map(|line| session_user::policy::sets::parse_prefix(line).expect("generated"))
+            .collect()
+    };
+    let old_set: Vec<_> = parse_all(&[kept.clone(), gone.clone()].concat());
+    let new_set: Vec<_> = parse_all(&[kept.clone(), fresh.clone()].concat());
+    let old_file = TempFile::new(
+        "old",
+        &format!("{}\n", [kept.clone(), gone.clone()].concat().join("\n")),
+    );
+    let policy = blocklist_policy(&format!("{{ file = \"{}\" }}", old_file.0.display()));
+    let k = Kernel::start_sized(&test_settings(), &policy, 1 << 18, Ingress::Xdp);
+    let source = |line: &str| -> IpAddr {
+        match line.split_once('/') {
+            Some((net, _)) => {
+                let IpAddr::V6(v6) = ip(net) else {
+                    panic!("only IPv6 lines are networks here")
+                };
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) | 7))
+            }
+            None => ip(line),
+        }
+    };
+    let pin = k.maps.dir().to_path_buf();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let replaces = 4;
+    let (checked, replaced_in) = std::thread::scope(|scope| {
+        let replacer = scope.spawn(|| {
+            let maps = PinnedMaps::open(&pin).expect("opening the pinned maps again");
+            let mut times = Vec::new();
+            for round in 0..replaces {
+                let started = Instant::now();
+                let next = if round % 2 == 0 { &new_set } else { &old_set };
+                maps.set_replace("block", next)
+                    .unwrap_or_else(|error| panic!("set_replace: {error:?}"));
+                times.push(started.elapsed());
+            }
+            done.store(true, Ordering::SeqCst);
+            times
+        });
+        let mut checked = 0usize;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut sport = 1024u16;
+        while !done.load(Ordering::SeqCst) || checked < 2000 {
+            assert!(
+                Instant::now() < deadline,
+                "the replaces did not finish in 120 s"
+            );
+            sport = sport.wrapping_add(1).max(1024);
+            let member = checked.is_multiple_of(2);
+            let src = if member {
+                source(&kept[rng.below(kept.len() as u64) as usize])
+            } else {
+                all.address(&mut rng, false)
+            };
+            let expected = if member { Verdict::Drop } else { Verdict::Pass };
+            let got = k.run(&syn_from(src, sport));
+            assert_eq!(
+                got, expected,
+                "during a replace, a SYN from {src} (in both sets: {member}) got {got:?}"
+            );
+            checked += 1;
+            if checked > 2_000_000 {
+                break;
+            }
+        }
+        (checked, replacer.join().expect("the replacer panicked"))
+    });
+    println!(
+        "sets: {checked} SYNs checked during {replaces} replaces of 16,000 prefixes, each taking {replaced_in:?}"
+    );
+    // After an even number of replaces the old set is back.
+    for line in gone.iter().take(50) {
+        k.expect(
+            "in the set again",
+            &syn_from(source(line), 999),
+            Verdict::Drop,
+        );
+    }
+    for line in fresh.iter().take(50) {
+        k.expect("replaced away", &syn_from(source(line), 998), Verdict::Pass);
+    }
 }

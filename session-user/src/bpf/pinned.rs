@@ -35,7 +35,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/session";
 
 /// Whether a map operation failed only because the key was not there (aya reports a
 /// missing key on delete as the syscall's ENOENT).
-fn is_not_found(error: &aya::maps::MapError) -> bool {
+pub(crate) fn is_not_found(error: &aya::maps::MapError) -> bool {
     match error {
         aya::maps::MapError::KeyNotFound => true,
         aya::maps::MapError::SyscallError(call) => {
@@ -88,7 +88,7 @@ impl PinnedMaps {
         &self.dir
     }
 
-    fn map(&self, name: &str) -> Result<Map> {
+    pub(crate) fn map(&self, name: &str) -> Result<Map> {
         let path = self.dir.join(name);
         let data = MapData::from_pin(&path).with_context(|| {
             format!(
@@ -100,7 +100,7 @@ impl PinnedMaps {
             .with_context(|| format!("unexpected map type at {}", path.display()))
     }
 
-    fn array<V: aya::Pod>(&self, name: &str) -> Result<Array<MapData, V>> {
+    pub(crate) fn array<V: aya::Pod>(&self, name: &str) -> Result<Array<MapData, V>> {
         Array::try_from(self.map(name)?).with_context(|| format!("map {name} is not an array"))
     }
 
@@ -296,7 +296,12 @@ impl PinnedMaps {
                     .context("reading a policy entry")
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(ModelRules { header, entries })
+        let sets = self.active_host_sets(crate::bpf::clock::monotonic_ns())?;
+        Ok(ModelRules {
+            header,
+            entries,
+            sets,
+        })
     }
 
     /// Global kernel counters summed over CPUs, in [`Counter::ALL`] order.
@@ -427,6 +432,7 @@ impl PinnedMaps {
                 .context("writing a policy entry")?;
         }
         self.write_classifier(next, &policy.bitmaps)?;
+        self.load_sets(next, &policy.sets)?;
         let mut names = self.array::<RuleName>(map_names::RULE_NAMES)?;
         for id in 0..MAX_RULES {
             let name = policy.names.get(id as usize).copied().unwrap_or(RuleName {
@@ -455,6 +461,7 @@ impl PinnedMaps {
         self.array::<u32>(map_names::ACTIVE_BANK)?
             .set(0, next, 0)
             .context("switching to the new policy")?;
+        self.release_sets()?;
         Ok(generation)
     }
 

@@ -158,6 +158,29 @@ pub enum Command {
         #[command(flatten)]
         pin: PinDir,
     },
+    /// Change the running policy's named sets live: list, show, add, delete, flush, replace.
+    ///
+    /// A set is defined under [sets] in the config (a list, or `{ file = "PATH" }` with one
+    /// address or network per line) and used by rules as `src = ["@NAME"]`; whatever its
+    /// size it costs its rule one kernel entry. These commands write the set in the kernel
+    /// at once, without a reload: the next new flow sees the change, and existing sessions
+    /// are judged afresh against the rules (a rule for `new` flows leaves them be; one that
+    /// also matches `established` drops them). Entries added with --timeout expire on
+    /// their own. A reload or restart re-reads the sets from the config and their files,
+    /// so live changes that should last belong in the set's file too.
+    ///
+    /// Examples:
+    ///
+    ///     session set add block 198.51.100.7 2001:db8::/64
+    ///     session set add bans 198.51.100.9 --timeout 3600
+    ///     session set delete block 198.51.100.7
+    ///     session set replace block /etc/session/block.txt
+    ///     session set show block
+    #[command(verbatim_doc_comment)]
+    Set {
+        #[command(subcommand)]
+        action: crate::cli::set::SetCommand,
+    },
     /// Stop the daemon and remove the firewall: links, attachments and maps.
     ///
     /// Stops the daemon that owns the pin directory, if one runs (SIGTERM, then SIGKILL

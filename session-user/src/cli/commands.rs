@@ -179,6 +179,7 @@ fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Reload { pin } => reload(&pin.pin_dir),
+        Command::Set { action } => crate::cli::set::run(action),
         Command::Events { json, pin } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -202,6 +203,9 @@ fn dispatch(command: Command) -> Result<()> {
                 );
             }
             println!("{}: ok", file.display());
+            for line in crate::cli::set::check_report(&config.policy) {
+                println!("{line}");
+            }
             Ok(())
         }
         Command::Completions { shell } => {

@@ -20,6 +20,7 @@ fn human(line: &str) -> Result<String> {
         StreamLine::Lost(lost) => {
             format!("-- {} events lost: this client read too slowly", lost.lost)
         }
+        StreamLine::SetChange(change) => change.human_line(),
         StreamLine::Event(event) => event.human_line(),
     })
 }

@@ -8,4 +8,5 @@ pub mod commands;
 pub(crate) mod contract_examples;
 pub mod events;
 pub mod man;
+pub mod set;
 pub mod views;

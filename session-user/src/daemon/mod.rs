@@ -9,4 +9,5 @@ pub mod privileges;
 pub mod readmission;
 pub mod reaper;
 pub mod run;
+pub mod set_events;
 pub mod teardown;

@@ -52,6 +52,11 @@ pub fn reap(maps: &PinnedMaps, events: &EventHub) -> Duration {
         }
         Err(error) => warn!("reaper: {error:#}"),
     }
+    match maps.expire_set_members(monotonic_ns()) {
+        Ok(0) => {}
+        Ok(freed) => log::debug!("reaper: freed {freed} expired set entries"),
+        Err(error) => warn!("reaper: expiring set entries: {error:#}"),
+    }
     started.elapsed()
 }
 

@@ -23,6 +23,7 @@ use crate::{
         lock::InstanceLock,
         metrics, privileges, readmission,
         reaper::{self, REAP_INTERVAL, next_reap_delay},
+        set_events::{SET_WATCH_INTERVAL, SetWatch},
     },
     policy::{
         compile::{CompiledPolicy, compile},
@@ -215,12 +216,15 @@ async fn serve(
     // The first sweep runs at once: a restarted daemon frees what expired meanwhile.
     let reaper = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(reaper);
+    let mut set_watch = SetWatch::new(maps);
+    let mut set_ticks = tokio::time::interval(SET_WATCH_INTERVAL);
     loop {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); return Ok(()); }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); return Ok(()); }
             _ = sighup.recv() => reload(&options.config, maps, ifaces, tc_ingress),
             _ = housekeeping.tick() => watch_interfaces(&options.pin_dir, maps, ifaces),
+            _ = set_ticks.tick() => set_watch.poll(maps, events),
             _ = &mut reaper => {
                 let took = reaper::reap(maps, events);
                 reaper.as_mut().reset(tokio::time::Instant::now() + next_reap_delay(took));

@@ -4,8 +4,14 @@
 //! combination, all carrying the rule's id, so the kernel's match stays a handful of
 //! compares per entry.
 
-use session_common::wire::{
-    FAMILY_IPV4, FAMILY_IPV6, MAX_RULES, PolicyHeader, RULE_NAME_LEN, Rule, RuleName, rule_flags,
+use std::{collections::BTreeMap, sync::Arc};
+
+use session_common::{
+    sets::MAX_SETS_PER_DIM,
+    wire::{
+        FAMILY_IPV4, FAMILY_IPV6, MAX_RULES, PolicyHeader, RULE_NAME_LEN, Rule, RuleName,
+        rule_flags,
+    },
 };
 
 use crate::policy::{
@@ -46,6 +52,33 @@ pub enum CompileError {
     /// The entries cannot be indexed by the kernel's classifier.
     #[error(transparent)]
     Bitmaps(#[from] RuleBitmapError),
+    /// The rules name more sets in one dimension than a bank can reference.
+    #[error(
+        "rule `{rule}` (line {line}) names a {dim} set beyond the {max} different {dim} sets a policy can use; \
+         merge sets (a set can hold IPv4 and IPv6 prefixes of any length)"
+    )]
+    TooManySets {
+        /// The rule.
+        rule: String,
+        /// Its line.
+        line: usize,
+        /// "source" or "destination".
+        dim: &'static str,
+        /// The limit.
+        max: u32,
+    },
+}
+
+/// The named sets a compiled policy references, as its bank's `SetRefs` will: per
+/// dimension, set `i` is what entries with `src_set`/`dst_set` `i + 1` test.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CompiledSets {
+    /// Names of the source sets, by index.
+    pub src: Vec<String>,
+    /// Names of the destination sets, by index.
+    pub dst: Vec<String>,
+    /// Prefixes of every referenced set, by name.
+    pub contents: BTreeMap<String, Arc<Vec<Network>>>,
 }
 
 /// A policy ready to be written into one bank.
@@ -59,6 +92,8 @@ pub struct CompiledPolicy {
     pub header: PolicyHeader,
     /// The kernel classifier's bitmaps of `entries`.
     pub bitmaps: RuleBitmaps,
+    /// The sets the entries reference.
+    pub sets: CompiledSets,
 }
 
 /// Compiles `policy`; `ifindex` resolves interface names.
@@ -68,6 +103,7 @@ pub fn compile(
 ) -> Result<CompiledPolicy, CompileError> {
     let mut entries = Vec::new();
     let mut names = Vec::new();
+    let mut sets = CompiledSets::default();
     for (id, spec) in policy.rules.iter().enumerate() {
         names.push(rule_name(&spec.name));
         let mut ifindexes = Vec::new();
@@ -89,11 +125,27 @@ pub fn compile(
                 max: MAX_RULES,
             });
         }
-        expand(spec, id as u16, &ifindexes, &mut entries);
+        let src_sets = set_indexes(spec, &spec.src_sets, &mut sets.src, "source")?;
+        let dst_sets = set_indexes(spec, &spec.dst_sets, &mut sets.dst, "destination")?;
+        for name in spec.src_sets.iter().chain(&spec.dst_sets) {
+            if let Some(set) = policy.sets.get(name) {
+                sets.contents
+                    .insert(name.clone(), Arc::clone(&set.networks));
+            }
+        }
+        expand(
+            spec,
+            id as u16,
+            &ifindexes,
+            &src_sets,
+            &dst_sets,
+            &mut entries,
+        );
     }
     let bitmaps = rule_bitmaps::build(&entries)?;
     Ok(CompiledPolicy {
         bitmaps,
+        sets,
         header: PolicyHeader {
             rule_count: entries.len() as u32,
             generation: 0,
@@ -104,6 +156,36 @@ pub fn compile(
         entries,
         names,
     })
+}
+
+/// The `src_set`/`dst_set` values (index + 1) of the sets `names`, giving names not yet in
+/// `known` the next index.
+fn set_indexes(
+    spec: &RuleSpec,
+    names: &[String],
+    known: &mut Vec<String>,
+    dim: &'static str,
+) -> Result<Vec<u8>, CompileError> {
+    let mut out = Vec::new();
+    for name in names {
+        let index = match known.iter().position(|have| have == name) {
+            Some(index) => index,
+            None => {
+                if known.len() >= MAX_SETS_PER_DIM as usize {
+                    return Err(CompileError::TooManySets {
+                        rule: spec.name.clone(),
+                        line: spec.line,
+                        dim,
+                        max: MAX_SETS_PER_DIM,
+                    });
+                }
+                known.push(name.clone());
+                known.len() - 1
+            }
+        };
+        out.push(index as u8 + 1);
+    }
+    Ok(out)
 }
 
 fn rule_name(name: &str) -> RuleName {
@@ -127,11 +209,12 @@ pub fn decode_name(name: &RuleName) -> String {
 /// How many kernel entries `spec` compiles into, counted without building them, so that
 /// a hostile rule (huge address and port lists) is refused before it allocates anything.
 pub fn entry_count(spec: &RuleSpec) -> u64 {
-    let by_family = |nets: &[Network]| -> [u64; 3] {
-        if nets.is_empty() {
+    let by_family = |nets: &[Network], sets: usize| -> [u64; 3] {
+        if nets.is_empty() && sets == 0 {
             return [1, 0, 0];
         }
-        let mut counts = [0u64; 3];
+        // A set is one entry of any family: its prefixes are not expanded.
+        let mut counts = [sets as u64, 0, 0];
         for net in nets {
             counts[match net.family {
                 FAMILY_IPV4 => 1,
@@ -142,7 +225,10 @@ pub fn entry_count(spec: &RuleSpec) -> u64 {
         counts
     };
     const FAMILIES: [u8; 3] = [0, FAMILY_IPV4, FAMILY_IPV6];
-    let (srcs, dsts) = (by_family(&spec.src), by_family(&spec.dst));
+    let (srcs, dsts) = (
+        by_family(&spec.src, spec.src_sets.len()),
+        by_family(&spec.dst, spec.dst_sets.len()),
+    );
     let mut pairs = 0u64;
     for (s, &src_family) in FAMILIES.iter().enumerate() {
         for (d, &dst_family) in FAMILIES.iter().enumerate() {
@@ -167,14 +253,32 @@ fn or_any<T: Copy>(list: &[T], any: T) -> Vec<T> {
     }
 }
 
-fn expand(spec: &RuleSpec, id: u16, ifindexes: &[u32], out: &mut Vec<Rule>) {
+/// The address alternatives of one dimension: each network, then each set (as ::/0 with
+/// the set's index + 1), or "any" when there are neither.
+fn addresses(nets: &[Network], sets: &[u8]) -> Vec<(Network, u8)> {
     let any_net = Network {
         addr: [0; 16],
         prefix: 0,
         family: 0,
     };
-    let srcs = or_any(&spec.src, any_net);
-    let dsts = or_any(&spec.dst, any_net);
+    let mut out: Vec<(Network, u8)> = nets.iter().map(|net| (*net, 0)).collect();
+    out.extend(sets.iter().map(|set| (any_net, *set)));
+    if out.is_empty() {
+        out.push((any_net, 0));
+    }
+    out
+}
+
+fn expand(
+    spec: &RuleSpec,
+    id: u16,
+    ifindexes: &[u32],
+    src_sets: &[u8],
+    dst_sets: &[u8],
+    out: &mut Vec<Rule>,
+) {
+    let srcs = addresses(&spec.src, src_sets);
+    let dsts = addresses(&spec.dst, dst_sets);
     let sports = or_any(&spec.sport, (0, u16::MAX));
     let dports = or_any(&spec.dport, (0, u16::MAX));
     let icmp: Vec<Option<u8>> = if spec.icmp_types.is_empty() {
@@ -185,8 +289,8 @@ fn expand(spec: &RuleSpec, id: u16, ifindexes: &[u32], out: &mut Vec<Rule>) {
     let ifaces = or_any(ifindexes, 0);
     let has_ports = !spec.sport.is_empty() || !spec.dport.is_empty();
     for &ifindex in &ifaces {
-        for src in &srcs {
-            for dst in &dsts {
+        for (src, src_set) in &srcs {
+            for (dst, dst_set) in &dsts {
                 let Some(family) = combined_family(spec.family, src.family, dst.family) else {
                     continue;
                 };
@@ -219,7 +323,8 @@ fn expand(spec: &RuleSpec, id: u16, ifindexes: &[u32], out: &mut Vec<Rule>) {
                                 action: spec.action as u8,
                                 log: u8::from(spec.log),
                                 rule_id: id,
-                                _pad2: [0; 2],
+                                src_set: *src_set,
+                                dst_set: *dst_set,
                             });
                         }
                     }

@@ -19,7 +19,10 @@ use session_common::wire::{
 };
 use toml::Spanned;
 
-use crate::policy::compile;
+use crate::policy::{
+    compile,
+    sets::{self as named_sets, SetSpec},
+};
 
 /// A configuration error (or warning) located in its file.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -95,6 +98,10 @@ pub struct Policy {
     pub outbound: Action,
     /// Rules in order.
     pub rules: Vec<RuleSpec>,
+    /// Named sets by name (`[sets]`), inline or read from their files.
+    pub sets: BTreeMap<String, SetSpec>,
+    /// Prefixes all sets may hold together (`[limits] max_set_entries`).
+    pub max_set_entries: u32,
 }
 
 /// One validated rule.
@@ -120,6 +127,10 @@ pub struct RuleSpec {
     pub src: Vec<Network>,
     /// Destination networks (any when empty).
     pub dst: Vec<Network>,
+    /// Named sets the source may be in, besides `src` (each is one kernel entry).
+    pub src_sets: Vec<String>,
+    /// Named sets the destination may be in, besides `dst`.
+    pub dst_sets: Vec<String>,
     /// Source port ranges (any when empty).
     pub sport: Vec<(u16, u16)>,
     /// Destination port ranges (any when empty).
@@ -175,7 +186,7 @@ struct RawConfig {
     #[serde(default)]
     policy: Option<RawPolicy>,
     #[serde(default)]
-    sets: BTreeMap<Spanned<String>, Spanned<Vec<Spanned<String>>>>,
+    sets: BTreeMap<Spanned<String>, Spanned<RawSet>>,
     #[serde(default)]
     rule: Vec<RawRule>,
     #[serde(default)]
@@ -192,6 +203,7 @@ struct RawMetrics {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_sessions: Option<Spanned<i64>>,
+    max_set_entries: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -305,6 +317,7 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             tc_ingress.push(iface.get_ref().clone());
         }
     }
+    let max_set_entries = max_set_entries(loc, raw.limits.as_ref())?;
     let max_sessions = match raw.limits.and_then(|limits| limits.max_sessions) {
         None => DEFAULT_MAX_SESSIONS,
         Some(value) => {
@@ -374,7 +387,7 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
                 .map_or(Ok(Action::Accept), |value| parse_action(loc, &value))?,
         ),
     };
-    let sets = validate_sets(loc, &raw.sets)?;
+    let sets = validate_sets(loc, &raw.sets, max_set_entries)?;
     let mut names = BTreeSet::new();
     let mut rules = Vec::new();
     let mut entries = 0u64;
@@ -416,6 +429,8 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             inbound,
             outbound,
             rules,
+            sets,
+            max_set_entries,
         },
         metrics,
     })
@@ -483,7 +498,14 @@ fn covers(earlier: &RuleSpec, later: &RuleSpec) -> bool {
     let types_cover = |outer: &[u8], inner: &[u8]| {
         outer.is_empty() || (!inner.is_empty() && inner.iter().all(|t| outer.contains(t)))
     };
-    subset(earlier.states, later.states)
+    // A set changes live, so a rule naming one never covers another; a later rule's set
+    // is covered only by an earlier rule that takes any address in that dimension.
+    let sets_covered = earlier.src_sets.is_empty()
+        && earlier.dst_sets.is_empty()
+        && (later.src_sets.is_empty() || earlier.src.is_empty())
+        && (later.dst_sets.is_empty() || earlier.dst.is_empty());
+    sets_covered
+        && subset(earlier.states, later.states)
         && subset(earlier.hooks, later.hooks)
         && list_covers(&earlier.ifaces, &later.ifaces)
         && same_or_any(earlier.family, later.family)
@@ -534,32 +556,149 @@ fn parse_action(loc: &Locator<'_>, value: &Spanned<String>) -> Result<Action, Co
 
 fn validate_sets(
     loc: &Locator<'_>,
-    raw: &BTreeMap<Spanned<String>, Spanned<Vec<Spanned<String>>>>,
-) -> Result<BTreeMap<String, Vec<Network>>, ConfigError> {
+    raw: &BTreeMap<Spanned<String>, Spanned<RawSet>>,
+    max_set_entries: u32,
+) -> Result<BTreeMap<String, SetSpec>, ConfigError> {
     let mut sets = BTreeMap::new();
-    for (name, members) in raw {
-        if members.get_ref().is_empty() {
+    let mut total = 0u64;
+    for (name, set) in raw {
+        if !named_sets::valid_set_name(name.get_ref()) {
             return Err(loc.error(
-                members.span(),
+                name.span(),
                 format!(
-                    "set `{}` is empty: give it at least one address or network",
-                    name.get_ref()
+                    "set name `{}` must be 1 to {} characters of letters, digits, '-', '_' or '.'",
+                    name.get_ref(),
+                    session_common::sets::SET_NAME_LEN - 1
                 ),
             ));
         }
-        let mut networks = Vec::new();
-        for member in members.get_ref() {
-            if member.get_ref().starts_with('@') {
-                return Err(loc.error(
-                    member.span(),
-                    "sets cannot contain other sets; list the networks directly",
-                ));
+        let spec = match set.get_ref() {
+            RawSet::List(members) => {
+                if members.is_empty() {
+                    return Err(loc.error(
+                        set.span(),
+                        format!(
+                            "set `{}` is empty: give it at least one address or network",
+                            name.get_ref()
+                        ),
+                    ));
+                }
+                let mut networks = Vec::new();
+                for member in members {
+                    if member.get_ref().starts_with('@') {
+                        return Err(loc.error(
+                            member.span(),
+                            "sets cannot contain other sets; list the networks directly",
+                        ));
+                    }
+                    networks.push(parse_network(loc, member)?);
+                }
+                SetSpec {
+                    networks: std::sync::Arc::new(named_sets::dedup(networks)),
+                    file: None,
+                }
             }
-            networks.push(parse_network(loc, member)?);
+            RawSet::File(file) => {
+                let path = loc
+                    .path
+                    .parent()
+                    .unwrap_or(Path::new(""))
+                    .join(file.get_ref());
+                let networks = named_sets::read_set_file(&path).map_err(|error| {
+                    loc.error(
+                        file.span(),
+                        format!(
+                            "set `{}`: {error}; fix the file, then reload",
+                            name.get_ref()
+                        ),
+                    )
+                })?;
+                SetSpec {
+                    networks: std::sync::Arc::new(networks),
+                    file: Some(path),
+                }
+            }
+        };
+        total += spec.networks.len() as u64;
+        if total > u64::from(max_set_entries) {
+            return Err(loc.error(
+                set.span(),
+                format!(
+                    "set `{}` brings the sets to {total} prefixes, more than [limits] max_set_entries = {max_set_entries}: raise the limit (at most {}) or shorten the sets",
+                    name.get_ref(),
+                    session_common::sets::MAX_SET_ENTRIES_LIMIT
+                ),
+            ));
         }
-        sets.insert(name.get_ref().clone(), networks);
+        sets.insert(name.get_ref().clone(), spec);
     }
     Ok(sets)
+}
+
+/// `[limits] max_set_entries`, checked.
+fn max_set_entries(loc: &Locator<'_>, limits: Option<&RawLimits>) -> Result<u32, ConfigError> {
+    let Some(value) = limits.and_then(|limits| limits.max_set_entries.as_ref()) else {
+        return Ok(named_sets::DEFAULT_MAX_SET_ENTRIES);
+    };
+    let n = *value.get_ref();
+    let max = session_common::sets::MAX_SET_ENTRIES_LIMIT;
+    if !(1..=i64::from(max)).contains(&n) {
+        return Err(loc.error(
+            value.span(),
+            format!("max_set_entries must be between 1 and {max}, got {n}"),
+        ));
+    }
+    Ok(n as u32)
+}
+
+/// A `[sets]` value: a list of networks, or `{ file = "path" }`.
+enum RawSet {
+    List(Vec<Spanned<String>>),
+    File(Spanned<String>),
+}
+
+impl<'de> Deserialize<'de> for RawSet {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawSet;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"a list of addresses and networks, or { file = "/path/to/set.txt" }"#)
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawSet, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = seq.next_element::<Spanned<String>>()? {
+                    members.push(member);
+                }
+                Ok(RawSet::List(members))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawSet, A::Error> {
+                let mut file = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "file" => file = Some(map.next_value::<Spanned<String>>()?),
+                        other => {
+                            return Err(serde::de::Error::custom(format!(
+                                "unknown set key `{other}`: a set is a list or {{ file = \"path\" }}"
+                            )));
+                        }
+                    }
+                }
+                file.map(RawSet::File)
+                    .ok_or_else(|| serde::de::Error::custom(r#"a set table needs file = "path""#))
+            }
+        }
+        deserializer.deserialize_any(Visit)
+    }
 }
 
 /// Parses `addr` or `addr/prefix`.
@@ -614,7 +753,7 @@ fn parse_network(loc: &Locator<'_>, value: &Spanned<String>) -> Result<Network, 
 fn validate_rule(
     loc: &Locator<'_>,
     raw: &RawRule,
-    sets: &BTreeMap<String, Vec<Network>>,
+    sets: &BTreeMap<String, SetSpec>,
 ) -> Result<RuleSpec, ConfigError> {
     let name = raw.name.get_ref().clone();
     if name.is_empty()
@@ -692,10 +831,14 @@ fn validate_rule(
         None => 0,
         Some(value) => parse_proto(loc, value)?,
     };
-    let src = networks(loc, raw.src.as_ref(), sets, "src")?;
-    let dst = networks(loc, raw.dst.as_ref(), sets, "dst")?;
-    for list in [&src, &dst] {
-        if family != 0 && !list.is_empty() && list.iter().all(|net| net.family != family) {
+    let (src, src_sets) = networks(loc, raw.src.as_ref(), sets, "src")?;
+    let (dst, dst_sets) = networks(loc, raw.dst.as_ref(), sets, "dst")?;
+    for (list, named) in [(&src, &src_sets), (&dst, &dst_sets)] {
+        if family != 0
+            && named.is_empty()
+            && !list.is_empty()
+            && list.iter().all(|net| net.family != family)
+        {
             return Err(loc.error(
                 raw.name.span(),
                 format!(
@@ -719,6 +862,8 @@ fn validate_rule(
         proto: protocol,
         src,
         dst,
+        src_sets,
+        dst_sets,
         sport,
         dport,
         icmp_types,
@@ -773,18 +918,23 @@ fn parse_proto(loc: &Locator<'_>, value: &Spanned<NumberOrName>) -> Result<u8, C
 fn networks(
     loc: &Locator<'_>,
     list: Option<&Spanned<Vec<Spanned<String>>>>,
-    sets: &BTreeMap<String, Vec<Network>>,
+    sets: &BTreeMap<String, SetSpec>,
     key: &str,
-) -> Result<Vec<Network>, ConfigError> {
+) -> Result<(Vec<Network>, Vec<String>), ConfigError> {
     let Some(list) = list else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     };
     non_empty(loc, list, key)?;
     let mut out = Vec::new();
+    let mut named = Vec::new();
     for item in list.get_ref() {
         match item.get_ref().strip_prefix('@') {
             Some(set) => match sets.get(set) {
-                Some(members) => out.extend(members.iter().copied()),
+                Some(_) => {
+                    if !named.iter().any(|have: &String| have == set) {
+                        named.push(set.to_string());
+                    }
+                }
                 None => {
                     return Err(loc.error(
                         item.span(),
@@ -795,7 +945,7 @@ fn networks(
             None => out.push(parse_network(loc, item)?),
         }
     }
-    Ok(out)
+    Ok((out, named))
 }
 
 fn ports(

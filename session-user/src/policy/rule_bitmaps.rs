@@ -9,8 +9,11 @@ use session_common::{
         AddrDim, BitTables, PORT_BOUND_SENTINEL, PORT_BOUND_SLOTS, PortBounds, PortDim, RuleBits,
         bits_slot,
     },
+    sets::{MAX_SETS_PER_DIM, SET_MASKS, SetRefs, mask_accepts},
     wire::{Rule, rule_flags},
 };
+
+use crate::policy::{compile::CompiledSets, sets::HostSet};
 
 /// Why a bank's entries cannot be turned into bitmaps.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -213,6 +216,14 @@ pub fn build(entries: &[Rule]) -> Result<RuleBitmaps, RuleBitmapError> {
         } else {
             bits[slot(bits_slot::ICMP_TYPE, u32::from(rule.icmp_type))].set(entry);
         }
+        for mask in 0..SET_MASKS {
+            if mask_accepts(rule.src_set, mask) {
+                bits[slot(bits_slot::SRC_SETS, mask)].set(entry);
+            }
+            if mask_accepts(rule.dst_set, mask) {
+                bits[slot(bits_slot::DST_SETS, mask)].set(entry);
+            }
+        }
         if rule.ifindex == 0 {
             any_iface.set(entry);
         } else {
@@ -270,7 +281,7 @@ impl RuleBitmaps {
                 let slot = *slot;
                 if (bits_slot::SPORT..bits_slot::DPORT).contains(&slot) {
                     slot - bits_slot::SPORT < sports
-                } else if slot >= bits_slot::DPORT {
+                } else if (bits_slot::DPORT..bits_slot::SRC_SETS).contains(&slot) {
                     slot - bits_slot::DPORT < dports
                 } else {
                     true
@@ -287,6 +298,58 @@ pub struct HostBank<'a> {
     pub tables: &'a RuleBitmaps,
     /// The bank's entries.
     pub entries: &'a [Rule],
+    /// The bank's sets.
+    pub sets: &'a HostSets,
+}
+
+/// The sets of one bank on the host: its [`SetRefs`] and, by storage number, each set's
+/// [`HostSet`].
+#[derive(Clone, Debug, Default)]
+pub struct HostSets {
+    /// What the bank's `SET_REFS` value would hold.
+    pub refs: SetRefs,
+    /// Membership index per storage number.
+    pub storages: Vec<HostSet>,
+}
+
+impl HostSets {
+    /// The sets of a compiled policy: source set `i` in storage `i`, destination set `j` in
+    /// storage `src.len() + j`.
+    pub fn new(sets: &CompiledSets) -> HostSets {
+        let mut out = HostSets::default();
+        for (dim, names) in [(0, &sets.src), (1, &sets.dst)] {
+            for (i, name) in names.iter().take(MAX_SETS_PER_DIM as usize).enumerate() {
+                let storage = out.storages.len() as u32;
+                let nets = sets.contents.get(name).map_or(&[][..], |nets| &nets[..]);
+                out.storages.push(HostSet::new(nets));
+                if dim == 0 {
+                    out.refs.src[i] = storage;
+                    out.refs.src_count += 1;
+                } else {
+                    out.refs.dst[i] = storage;
+                    out.refs.dst_count += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// The membership masks of `src` and `dst` (see `session_common::sets::membership`).
+    pub fn masks(&self, src: &[u8; 16], dst: &[u8; 16]) -> (u32, u32) {
+        let member = |storage: u32, addr: &[u8; 16]| {
+            self.storages
+                .get(storage as usize)
+                .is_some_and(|set| set.contains(addr))
+        };
+        (
+            session_common::sets::membership(self.refs.src_count, &self.refs.src, |s| {
+                member(s, src)
+            }),
+            session_common::sets::membership(self.refs.dst_count, &self.refs.dst, |s| {
+                member(s, dst)
+            }),
+        )
+    }
 }
 
 impl BitTables for HostBank<'_> {
@@ -321,6 +384,17 @@ impl BitTables for HostBank<'_> {
 
     fn entry(&self, _bank: u32, index: u32) -> Option<&Rule> {
         self.entries.get(index as usize)
+    }
+
+    fn set_refs(&self, _bank: u32) -> Option<&SetRefs> {
+        Some(&self.sets.refs)
+    }
+
+    fn set_member(&self, storage: u32, addr: &[u8; 16]) -> bool {
+        self.sets
+            .storages
+            .get(storage as usize)
+            .is_some_and(|set| set.contains(addr))
     }
 }
 
@@ -386,8 +460,19 @@ mod tests {
     fn random_rule(rng: &mut Rng) -> Rule {
         let family = rng.pick(&[0, FAMILY_IPV4, FAMILY_IPV6]);
         let protocol = if rng.chance(30) { 0 } else { rng.pick(&PROTOS) };
-        let (src_net, src_mask) = network(rng, family);
-        let (dst_net, dst_mask) = network(rng, family);
+        let (mut src_net, mut src_mask) = network(rng, family);
+        let (mut dst_net, mut dst_mask) = network(rng, family);
+        // A set entry's network is ::/0, as the compiler makes it.
+        let mut set = |net: &mut [u8; 16], mask: &mut [u8; 16]| {
+            if rng.chance(15) {
+                (*net, *mask) = ([0; 16], [0; 16]);
+                1 + rng.below(u64::from(RANDOM_SETS)) as u8
+            } else {
+                0
+            }
+        };
+        let src_set = set(&mut src_net, &mut src_mask);
+        let dst_set = set(&mut dst_net, &mut dst_mask);
         let mut match_flags = 0;
         let (mut sport, mut dport) = ((0, u16::MAX), (0, u16::MAX));
         if matches!(protocol, 0 | proto::TCP | proto::UDP) && rng.chance(50) {
@@ -420,8 +505,39 @@ mod tests {
             family,
             icmp_type,
             match_flags,
+            src_set,
+            dst_set,
             ..Rule::default()
         }
+    }
+
+    /// Sets per dimension the random policies use.
+    const RANDOM_SETS: u32 = 3;
+
+    /// Random sets for the random policies: networks near the generator's addresses, so
+    /// packets are members of some and not of others.
+    fn random_sets(rng: &mut Rng) -> HostSets {
+        let mut out = HostSets::default();
+        for i in 0..RANDOM_SETS as usize {
+            let mut set = HostSet::default();
+            for _ in 0..1 + rng.below(12) {
+                let family = rng.pick(&[FAMILY_IPV4, FAMILY_IPV6]);
+                let (addr, mask) = network(rng, family);
+                let prefix = u128::from_be_bytes(mask).leading_ones() as u8;
+                set.insert(&crate::policy::config::Network {
+                    addr,
+                    prefix,
+                    family,
+                });
+            }
+            out.storages.push(set);
+            // Storages in another order than the indexes, as after a replace.
+            out.refs.src[i] = (RANDOM_SETS as usize - 1 - i) as u32;
+            out.refs.dst[i] = i as u32;
+        }
+        out.refs.src_count = RANDOM_SETS;
+        out.refs.dst_count = RANDOM_SETS;
+        out
     }
 
     /// A packet aimed at a random entry (so the interesting bounds are hit), then jiggled.
@@ -493,28 +609,41 @@ mod tests {
 
     fn linear(
         entries: &[Rule],
+        sets: &HostSets,
         meta: &PacketMeta,
         state: CtState,
         hook: Hook,
         ifindex: u32,
     ) -> Option<u32> {
+        let (src_mask, dst_mask) = sets.masks(&meta.src, &meta.dst);
         entries
             .iter()
-            .position(|rule| rule_matches(rule, meta, state, hook, ifindex))
+            .position(|rule| {
+                rule_matches(rule, meta, state, hook, ifindex)
+                    && session_common::sets::sets_match(rule, src_mask, dst_mask)
+            })
             .map(|index| index as u32)
     }
 
-    /// Checks `packets` random packets against `entries`; returns how many matched a rule.
-    fn check(rng: &mut Rng, seed: u64, entries: &[Rule], packets: usize) -> usize {
+    /// Checks `packets` random packets against `entries`; returns how many matched a rule,
+    /// and how many of those matched an entry with a set.
+    fn check(rng: &mut Rng, seed: u64, entries: &[Rule], packets: usize) -> (usize, usize) {
         let tables = build(entries).expect("random entries use prefix masks");
+        let sets = if entries.iter().any(|e| e.src_set | e.dst_set != 0) || rng.chance(50) {
+            random_sets(rng)
+        } else {
+            HostSets::default()
+        };
         let bank = HostBank {
+            sets: &sets,
             tables: &tables,
             entries,
         };
         let mut matched = 0;
+        let mut by_set = 0;
         for _ in 0..packets {
             let (meta, state, hook, ifindex) = random_packet(rng, entries);
-            let expected = linear(entries, &meta, state, hook, ifindex);
+            let expected = linear(entries, &sets, &meta, state, hook, ifindex);
             let got =
                 first_match_index(&bank, 1, entries.len() as u32, &meta, state, hook, ifindex);
             assert_eq!(
@@ -526,13 +655,18 @@ mod tests {
                 expected.or(got).map(|i| entries[i as usize])
             );
             matched += usize::from(expected.is_some());
+            by_set +=
+                usize::from(expected.is_some_and(|i| {
+                    entries[i as usize].src_set | entries[i as usize].dst_set != 0
+                }));
         }
-        matched
+        (matched, by_set)
     }
 
     #[test]
     fn bitmap_classification_equals_the_linear_first_match_on_random_policies() {
         let mut matched = 0;
+        let mut by_set = 0;
         let mut total = 0;
         for seed in 1..=300u64 {
             let mut rng = Rng::new(seed);
@@ -542,9 +676,15 @@ mod tests {
                 _ => 1 + rng.below(80) as usize,
             };
             let entries: Vec<Rule> = (0..size).map(|_| random_rule(&mut rng)).collect();
-            matched += check(&mut rng, seed, &entries, 300);
+            let (hits, set_hits) = check(&mut rng, seed, &entries, 300);
+            matched += hits;
+            by_set += set_hits;
             total += 300;
         }
+        assert!(
+            by_set > total / 100,
+            "only {by_set} of {total} packets matched an entry with a set: the generator no longer tests sets"
+        );
         // The packets are aimed at rules: most must match one, and some must miss.
         assert!(
             matched > total / 4 && matched < total,
@@ -569,7 +709,9 @@ mod tests {
             })
             .collect();
         let tables = build(&entries).expect("builds");
+        let no_sets = HostSets::default();
         let bank = HostBank {
+            sets: &no_sets,
             tables: &tables,
             entries: &entries,
         };

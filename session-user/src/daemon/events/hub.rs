@@ -21,7 +21,7 @@ use crate::{
     bpf::pinned::PinnedMaps,
     daemon::{
         events::{
-            record::{EventRecord, Lost},
+            record::{EventRecord, Lost, SetChange},
             ring::read_ring,
         },
         lock,
@@ -79,6 +79,13 @@ impl EventHub {
         ));
         tokio::spawn(serve_clients(listener, sender.clone()));
         Ok(EventHub { sender, socket })
+    }
+
+    /// Reports a live change to a named set.
+    pub fn set_changed(&self, change: &SetChange) {
+        if self.sender.receiver_count() > 0 {
+            let _ = self.sender.send(change.to_json());
+        }
     }
 
     /// Reports a session the reaper removed.

@@ -229,12 +229,67 @@ pub struct Lost {
     pub lost: u64,
 }
 
-/// One line of the event stream: an event, or the count of events a slow client missed.
+/// The kind of a set change line, the one name in its `"events"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SetEventKind {
+    /// A named set was changed live (`session set ...`).
+    Set,
+}
+
+/// A live change to a named set, as the daemon reports it once it notices:
+/// `{"time":..,"events":["set"],"set":"block","entries":N,"changes":N}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetChange {
+    /// Wall-clock time the daemon noticed the change (RFC 3339, milliseconds).
+    pub time: String,
+    /// Always `["set"]`, so that clients filtering on `events` see what it is.
+    pub events: Vec<SetEventKind>,
+    /// The set's name.
+    pub set: String,
+    /// Prefixes in the set after the change.
+    pub entries: u64,
+    /// Live changes made to the set so far.
+    pub changes: u64,
+}
+
+impl SetChange {
+    /// The change of `set`, noticed now.
+    pub fn now(set: String, entries: u64, changes: u64) -> SetChange {
+        SetChange {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            events: vec![SetEventKind::Set],
+            set,
+            entries,
+            changes,
+        }
+    }
+
+    /// The line as the socket carries it (without the newline).
+    pub fn to_json(&self) -> String {
+        json_line(self)
+    }
+
+    /// The line `session events` prints, e.g.
+    /// `2026-12-04T17:00:00.000Z [SET] block entries=3 changes=1`.
+    pub fn human_line(&self) -> String {
+        format!(
+            "{} [SET] {} entries={} changes={}",
+            self.time, self.set, self.entries, self.changes
+        )
+    }
+}
+
+/// One line of the event stream: an event, a set change, or the count of events a slow
+/// client missed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum StreamLine {
     /// Events this client missed.
     Lost(Lost),
+    /// A live change to a named set.
+    SetChange(SetChange),
     /// An event.
     Event(Box<EventRecord>),
 }

@@ -250,6 +250,12 @@ fn daemon_metric(name: &'static str, value: u64) -> (String, MetricType, &'stati
             "Log lines of logged packets left out by the rate limit.",
             count,
         ),
+        "set_changes" => (
+            "session_set_changes",
+            MetricType::Counter,
+            "Live changes to named sets (session set add, delete, flush, replace).",
+            count,
+        ),
         "sessions_readmission_refused" => (
             "session_sessions_readmission_refused",
             MetricType::Counter,

@@ -1,0 +1,141 @@
+//! Named sets end to end, through the real daemon and the `session set` commands: a
+//! blocklist read from a file drops its members' new connections; `session set add` and
+//! `delete` change that for the next connection without a reload; a replace from a file
+//! with a bad line is refused with FILE:LINE and changes nothing; a reload re-reads the
+//! set's file (dropping live changes), and a bad line there refuses the reload.
+
+use std::{path::Path, time::Duration};
+
+use serde_json::Value;
+use session_tests::{Family, Lab, Side, counter, describe};
+
+fn policy(set_file: &Path) -> String {
+    format!(
+        r#"
+[policy]
+inbound = "drop"
+outbound = "accept"
+
+[sets]
+block = {{ file = "{}" }}
+
+[[rule]]
+name = "return-traffic"
+state = ["established", "related"]
+action = "accept"
+
+[[rule]]
+name = "blocklist"
+state = ["new"]
+src = ["@block"]
+action = "drop"
+
+[[rule]]
+name = "web"
+state = ["new"]
+proto = "tcp"
+dport = [8080]
+action = "accept"
+"#,
+        set_file.display()
+    )
+}
+
+/// The set's prefixes as `session set show` prints them, sorted.
+fn shown(daemon: &session_tests::Daemon<'_>) -> Vec<String> {
+    let mut lines: Vec<String> = daemon
+        .cli(&["set", "show", "block"])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn sets_block_from_a_file_change_live_and_refuse_bad_files_with_file_and_line() {
+    let lab = Lab::new("sets");
+    let client = Family::V4.addr(Side::Client);
+    let set_file = lab.scratch_path("block.txt");
+    std::fs::write(
+        &set_file,
+        "# blocklist\n198.18.200.0/24\n2001:2:0:99::/64  # not the client\n",
+    )
+    .expect("writing the set file");
+    let daemon = lab.daemon(&policy(&set_file));
+    let _listener = lab.tcp_listen(Side::Fw, Family::V4, 8080);
+    let web = Family::V4.sock(Side::Fw, 8080);
+    let connects = |wait: Duration| lab.tcp_connect(Side::Client, web, wait).is_ok();
+    assert!(
+        connects(Duration::from_secs(3)),
+        "the client is not in the set"
+    );
+
+    let list: Value = serde_json::from_str(&daemon.cli(&["set", "list", "--json"]))
+        .expect("set list --json is JSON");
+    assert_eq!(list[0]["name"], "block", "{list}");
+    assert_eq!(list[0]["entries"], 2, "{list}");
+
+    let before = daemon.stats_json();
+    daemon.cli(&["set", "add", "block", client]);
+    assert!(
+        !connects(Duration::from_millis(800)),
+        "the next connection after `set add` must be dropped"
+    );
+    assert_eq!(
+        counter(&daemon.stats_json(), "set_changes") - counter(&before, "set_changes"),
+        1
+    );
+    daemon.wait_log("set block changed", Duration::from_secs(5));
+
+    daemon.cli(&["set", "delete", "block", client]);
+    assert!(
+        connects(Duration::from_secs(3)),
+        "the next connection after `set delete` must pass"
+    );
+
+    // A replacement file with a bad line is refused with its file and line, and the set
+    // keeps what it held.
+    let bad = lab.scratch_path("bad.txt");
+    std::fs::write(&bad, format!("{client}\n198.18.0.0/33\n")).expect("writing the bad file");
+    let shown_before = shown(&daemon);
+    let refused = daemon.cli_output(&["set", "replace", "block", &bad.to_string_lossy()]);
+    assert_eq!(refused.status.code(), Some(1), "{}", describe(&refused));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains(&format!("{}:2: ", bad.display())),
+        "the error must name the file and line: {stderr}"
+    );
+    assert_eq!(shown(&daemon), shown_before);
+    assert!(
+        connects(Duration::from_secs(3)),
+        "the bad file changed the set"
+    );
+
+    // A good replacement takes effect at once; a reload re-reads the configured file,
+    // dropping it.
+    let good = lab.scratch_path("good.txt");
+    std::fs::write(&good, format!("{client}\n198.18.201.0/24\n")).expect("writing the file");
+    daemon.cli(&["set", "replace", "block", &good.to_string_lossy()]);
+    assert!(
+        !connects(Duration::from_millis(800)),
+        "replaced set must drop the client"
+    );
+    daemon.cli(&["reload"]);
+    assert!(
+        connects(Duration::from_secs(3)),
+        "a reload re-reads the set's file, which does not hold the client"
+    );
+    assert_eq!(shown(&daemon), shown_before);
+
+    // A bad line in the configured set file refuses the reload with file:line.
+    std::fs::write(&set_file, "198.18.200.0/24\nnonsense\n").expect("breaking the set file");
+    let reload = daemon.cli_output(&["reload"]);
+    assert_eq!(reload.status.code(), Some(1), "{}", describe(&reload));
+    let stderr = String::from_utf8_lossy(&reload.stderr);
+    assert!(
+        stderr.contains(&format!("{}:2: ", set_file.display())),
+        "the refused reload must name the set file and line: {stderr}"
+    );
+    assert_eq!(shown(&daemon), shown_before);
+}
