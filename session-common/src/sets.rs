@@ -170,11 +170,13 @@ pub fn mask_accepts(set: u8, mask: u32) -> bool {
 mod pod_impls {
     use super::{SetInfo, SetKey, SetRefs, SetValue};
 
-    // SAFETY: `#[repr(C)]`, `Copy`, fully initialised plain data with explicit padding
-    // (checked by bytemuck's Pod derive).
+    // SAFETY: `SetKey` derives `bytemuck::Pod`: any bytes are a valid value.
     unsafe impl aya::Pod for SetKey {}
+    // SAFETY: `SetValue` derives `bytemuck::Pod`: any bytes are a valid value.
     unsafe impl aya::Pod for SetValue {}
+    // SAFETY: `SetRefs` derives `bytemuck::Pod`: any bytes are a valid value.
     unsafe impl aya::Pod for SetRefs {}
+    // SAFETY: `SetInfo` derives `bytemuck::Pod`: any bytes are a valid value.
     unsafe impl aya::Pod for SetInfo {}
 }
 

@@ -122,7 +122,7 @@ fn table(pin: &Path) -> PinnedMaps {
 /// Creates `count` assured TCP entries in this namespace's conntrack table through
 /// ctnetlink (`IPCTNL_MSG_CT_NEW`), each acknowledged.
 fn fill_conntrack(count: u32) {
-    let socket = Socket::open(12).expect("ctnetlink socket");
+    let socket = Socket::open(Some(rustix::net::netlink::NETFILTER)).expect("ctnetlink socket");
     for i in 0..count {
         let (src, sport) = client(i);
         let tuple = |a: [u8; 4], b: [u8; 4], sp: u16, dp: u16| {

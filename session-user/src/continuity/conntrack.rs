@@ -20,8 +20,6 @@ use session_common::{
 
 use crate::continuity::netlink::{self, NLM_F_DUMP, NLM_F_REQUEST, Socket, attr, attrs};
 
-/// `NETLINK_NETFILTER` (`netlink.h`).
-const NETLINK_NETFILTER: libc::c_int = 12;
 /// `(NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET` (`nfnetlink.h`,
 /// `nfnetlink_conntrack.h`).
 const CT_GET: u16 = (1 << 8) | 1;
@@ -318,7 +316,7 @@ fn flow_state(status: u32) -> u8 {
 /// Every entry of this network namespace's conntrack table, both families; `Ok(None)`
 /// when the kernel has no ctnetlink (conntrack not loaded).
 pub fn dump() -> Result<Option<Vec<CtEntry>>> {
-    let socket = match Socket::open(NETLINK_NETFILTER) {
+    let socket = match Socket::open(Some(rustix::net::netlink::NETFILTER)) {
         Ok(socket) => socket,
         Err(_) => return Ok(None),
     };

@@ -115,7 +115,7 @@ pub fn save(maps: &PinnedMaps, path: &Path, now: u64, now_unix_ns: u64) -> Resul
         let ifindex = u32::from_ne_bytes(session.origin_ifindex);
         let iface = *iface_slots.entry(ifindex).or_insert_with(|| {
             match (ifindex != 0)
-                .then(|| crate::continuity::ifname(ifindex))
+                .then(|| crate::bpf::netdev::index_to_name(ifindex))
                 .flatten()
             {
                 Some(name) => {

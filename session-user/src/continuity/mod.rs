@@ -10,19 +10,6 @@ pub mod netlink;
 pub mod sock_diag;
 pub mod takeover;
 
-/// The name of interface `ifindex`, if it exists.
-pub fn ifname(ifindex: u32) -> Option<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes, NUL included, into buf.
-    let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
-    if name.is_null() {
-        return None;
-    }
-    // SAFETY: on success buf holds a NUL-terminated name.
-    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
-    Some(name.to_string_lossy().into_owned())
-}
-
 /// Seeds a table the daemon just created, before the programs attach: first the sessions
 /// saved in `restore` (if given), then those the host already has (takeover), which add
 /// only flows the file did not hold. Failures are logged, not fatal: a firewall that

@@ -2,12 +2,16 @@
 //! lookup, and attribute walking. Message building and parsing are pure functions over
 //! bytes, unit-tested; only [`Socket`] talks to the kernel.
 
-use std::{
-    io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-};
+use std::{io, os::fd::OwnedFd, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
+use rustix::{
+    io::Errno,
+    net::{
+        self, AddressFamily, Protocol, RecvFlags, SendFlags, SocketFlags, SocketType, netlink,
+        sockopt::Timeout,
+    },
+};
 
 /// `NLMSG_ERROR` (`netlink.h`): the payload starts with a negative errno.
 pub const NLMSG_ERROR: u16 = 2;
@@ -24,7 +28,7 @@ const NLA_TYPE_MASK: u16 = 0x3fff;
 /// Size of the receive buffer: dumps come in messages of up to 32 KiB.
 const RECV_BUF_LEN: usize = 64 * 1024;
 /// How long to wait for the kernel, so a kernel that never answers cannot hang a start.
-const RECV_TIMEOUT_SECS: libc::time_t = 5;
+const RECV_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Rounds `len` up to netlink's 4-byte alignment.
 pub fn align(len: usize) -> usize {
@@ -111,71 +115,50 @@ pub struct Socket {
 }
 
 impl Socket {
-    /// Opens a socket of netlink `protocol` (`NETLINK_NETFILTER`, `NETLINK_SOCK_DIAG`...).
-    pub fn open(protocol: libc::c_int) -> Result<Socket> {
-        // SAFETY: socket takes no pointers; the result is checked before use.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                protocol,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error())
-                .with_context(|| format!("cannot open a netlink socket (protocol {protocol})"));
-        }
-        // SAFETY: fd is a descriptor just opened and owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let timeout = libc::timeval {
-            tv_sec: RECV_TIMEOUT_SECS,
-            tv_usec: 0,
-        };
-        // SAFETY: the option value points at a timeval that lives for the call.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&timeout as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error()).context("setting a netlink receive timeout");
-        }
+    /// Opens a socket of netlink `protocol` (`netlink::NETFILTER`, `netlink::SOCK_DIAG`...;
+    /// `None` is `NETLINK_ROUTE`, protocol 0) connected to the kernel.
+    pub fn open(protocol: Option<Protocol>) -> Result<Socket> {
+        let fd = net::socket_with(
+            AddressFamily::NETLINK,
+            SocketType::RAW,
+            SocketFlags::CLOEXEC,
+            protocol,
+        )
+        .map_err(io::Error::from)
+        .with_context(|| format!("cannot open a netlink socket (protocol {protocol:?})"))?;
+        net::sockopt::set_socket_timeout(&fd, Timeout::Recv, Some(RECV_TIMEOUT))
+            .map_err(io::Error::from)
+            .context("setting a netlink receive timeout")?;
+        // Port 0 is the kernel.
+        net::connect(&fd, &netlink::SocketAddrNetlink::new(0, 0))
+            .map_err(io::Error::from)
+            .context("connecting a netlink socket to the kernel")?;
         Ok(Socket { fd })
     }
 
     /// Sends one message (or several, concatenated) to the kernel.
     pub fn send(&self, message: &[u8]) -> Result<()> {
-        // SAFETY: an all-zero sockaddr_nl is valid; family set below; pid 0 is the kernel.
-        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: buffer and address are valid for the call.
-        let sent = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                message.as_ptr().cast(),
-                message.len(),
-                0,
-                (&kernel as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error()).context("sending a netlink request");
+        loop {
+            match net::send(&self.fd, message, SendFlags::empty()) {
+                Ok(_) => return Ok(()),
+                Err(Errno::INTR) => {}
+                Err(error) => {
+                    return Err(io::Error::from(error)).context("sending a netlink request");
+                }
+            }
         }
-        Ok(())
     }
 
     fn recv(&self, buf: &mut [u8]) -> Result<usize> {
-        // SAFETY: buf is valid for writes of its length.
-        let got = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if got < 0 {
-            return Err(io::Error::last_os_error()).context("reading a netlink reply");
+        loop {
+            match net::recv(&self.fd, &mut *buf, RecvFlags::empty()) {
+                Ok((got, _)) => return Ok(got),
+                Err(Errno::INTR) => {}
+                Err(error) => {
+                    return Err(io::Error::from(error)).context("reading a netlink reply");
+                }
+            }
         }
-        Ok(got as usize)
     }
 
     /// Sends a dump request and hands each reply message's payload to `each`, until the

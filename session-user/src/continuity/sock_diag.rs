@@ -20,8 +20,6 @@ use session_common::{
 
 use crate::continuity::netlink::{self, NLM_F_DUMP, NLM_F_REQUEST, Socket, attr};
 
-/// `NETLINK_SOCK_DIAG` (`netlink.h`).
-const NETLINK_SOCK_DIAG: libc::c_int = 4;
 /// `SOCK_DIAG_BY_FAMILY` (`sock_diag.h`).
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 /// `INET_DIAG_INFO` (`inet_diag.h`): the attribute holding `struct tcp_info`.
@@ -247,7 +245,7 @@ pub fn to_record(
 
 /// The sockets of `protocol` in `states` (bits by kernel TCP state), both families.
 pub fn dump(protocol: u8, states: u32) -> Result<Vec<DiagSocket>> {
-    let socket = Socket::open(NETLINK_SOCK_DIAG)?;
+    let socket = Socket::open(Some(rustix::net::netlink::SOCK_DIAG))?;
     let mut out = Vec::new();
     for (seq, family) in [libc::AF_INET as u8, libc::AF_INET6 as u8]
         .into_iter()

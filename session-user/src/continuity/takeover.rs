@@ -62,7 +62,7 @@ impl Router {
     /// A route-lookup socket.
     pub fn open() -> Result<Router> {
         Ok(Router {
-            socket: Socket::open(libc::NETLINK_ROUTE)?,
+            socket: Socket::open(None)?,
             cache: RefCell::new(HashMap::new()),
         })
     }
