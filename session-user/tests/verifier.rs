@@ -1,0 +1,58 @@
+//! The verifier's view of the kernel programs as the daemon loads them: how many
+//! instructions it walked for each. Printed (run with `--nocapture`) so a change to the
+//! kernel side can be compared with the figure before it, and bounded so that a change that
+//! makes the verifier walk far more fails here rather than on a customer's kernel. Needs
+//! root and a bpffs on /sys/fs/bpf (`cargo xtask setup` mounts it).
+
+use std::path::PathBuf;
+
+use aya::programs::{SchedClassifier, Xdp};
+use session_user::bpf::loader;
+
+/// Removes the test's pin directory, also when the test fails.
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The verifier's own limit on instructions walked per program.
+const VERIFIER_LIMIT: u32 = 1_000_000;
+
+#[test]
+fn the_programs_verify_and_the_verifier_walk_is_printed() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the verifier test loads eBPF programs and needs root: run it with `cargo xtask test`"
+    );
+    let pin = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/session-verifier-{}",
+        std::process::id()
+    )));
+    let mut ebpf = loader::load(&pin.0, 65_536, true)
+        .unwrap_or_else(|error| panic!("loading the programs: {error:#}"));
+    for name in ["session_ingress", "session_ingress_tc", "session_egress"] {
+        let program = ebpf
+            .program_mut(name)
+            .unwrap_or_else(|| panic!("{name} missing from the object"));
+        let info = match name {
+            "session_ingress" => <&mut Xdp>::try_from(program).map(|p| p.info()),
+            _ => <&mut SchedClassifier>::try_from(program).map(|p| p.info()),
+        }
+        .unwrap_or_else(|error| panic!("{name} has an unexpected type: {error}"))
+        .unwrap_or_else(|error| panic!("reading {name}'s program info: {error}"));
+        let verified = info
+            .verified_instruction_count()
+            .unwrap_or_else(|| panic!("this kernel does not report {name}'s verified count"));
+        let xlated = info.size_translated().unwrap_or(0) / 8;
+        println!("{name}: the verifier walked {verified} instructions; {xlated} after verification");
+        assert!(
+            verified > 0 && verified < VERIFIER_LIMIT,
+            "{name}: {verified} instructions walked, the verifier's limit is {VERIFIER_LIMIT}"
+        );
+    }
+}
