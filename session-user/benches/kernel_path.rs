@@ -33,7 +33,7 @@ use session_common::{
 };
 use session_testkit::frames::{self, Tcp, tcp_flags};
 use session_user::{
-    bpf::{clock::monotonic_ns, loader, pinned::PinnedMaps},
+    bpf::{clock::monotonic_ns, kernel_log::KernelLogLevel, loader, pinned::PinnedMaps},
     policy::{compile::compile, config},
 };
 
@@ -713,9 +713,10 @@ fn main() {
         "/sys/fs/bpf/session-bench-{}",
         std::process::id()
     )));
-    let mut ebpf = loader::load(&pin.0, CAPACITY, false).unwrap_or_else(|error| {
-        panic!("loading the program (run via `cargo xtask bench` as root): {error:#}")
-    });
+    let mut ebpf =
+        loader::load(&pin.0, CAPACITY, false, KernelLogLevel::default()).unwrap_or_else(|error| {
+            panic!("loading the program (run via `cargo xtask bench` as root): {error:#}")
+        });
     {
         let noop: &mut Xdp = ebpf
             .program_mut("session_noop")

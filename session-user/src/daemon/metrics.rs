@@ -375,7 +375,8 @@ fn kernel_metric(name: &'static str) -> (String, Option<(&'static str, &'static 
             "session_drops_total".into(),
             Some(("reason", reason)),
             "Packets dropped, by reason: rule (a drop rule), default (the default action), \
-             table_full (a new session could not be inserted: an insert failure)."
+             table_full (a new session could not be inserted: an insert failure), \
+             unjudged (the program could not read its own maps and failed closed)."
                 .into(),
         );
     }

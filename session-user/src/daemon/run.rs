@@ -16,7 +16,7 @@ use session_common::{
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    bpf::{clock, clock::monotonic_ns, links, loader, netdev, pinned::PinnedMaps},
+    bpf::{clock, clock::monotonic_ns, kernel_log, links, loader, netdev, pinned::PinnedMaps},
     daemon::{
         events::EventHub,
         lock::InstanceLock,
@@ -143,7 +143,9 @@ fn start(
         &options.pin_dir,
         config.max_sessions,
         !config.tc_ingress.is_empty(),
+        config.kernel_log_level,
     )?;
+    kernel_log::forward(&mut ebpf)?;
     let maps = PinnedMaps::open(&options.pin_dir)?;
     maps.write_settings(&config.settings)?;
     let clock = clock::calibrate(&mut ebpf).unwrap_or_else(|error| {
