@@ -5,7 +5,6 @@
 #![no_std]
 #![no_main]
 
-mod bench;
 mod diagnostics;
 mod forward;
 mod tables;

@@ -67,6 +67,7 @@ fn the_programs_verify_at_every_kernel_log_level_and_the_walk_is_printed() {
         "the verifier test loads eBPF programs and needs root: run it with `cargo xtask test`"
     );
     let default = walks(KernelLogLevel::default());
+
     let off = walks(KernelLogLevel::Off);
     let trace = walks(KernelLogLevel::Trace);
     for ((name, at_default, size_default), ((_, _, size_off), (_, _, size_trace))) in
@@ -78,5 +79,44 @@ fn the_programs_verify_at_every_kernel_log_level_and_the_walk_is_printed() {
              with logging off, {size_default} at the default level, {size_trace} at trace"
         );
         assert!(*at_default > 0);
+    }
+}
+
+#[test]
+fn the_daemons_object_holds_no_benchmark_program_or_map() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the verifier test loads eBPF programs and needs root: run it with `cargo xtask test`"
+    );
+    let pin = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/session-verifier-{}-contents",
+        std::process::id()
+    )));
+    let ebpf = loader::load(&pin.0, 65_536, false, KernelLogLevel::default())
+        .unwrap_or_else(|error| panic!("loading the programs: {error:#}"));
+    let programs: Vec<&str> = ebpf.programs().map(|(name, _)| name).collect();
+    let maps: Vec<&str> = ebpf.maps().map(|(name, _)| name).collect();
+    assert!(
+        programs.contains(&"session_ingress") && maps.contains(&"SESSIONS"),
+        "the firewall's programs and maps must be there: {programs:?} {maps:?}"
+    );
+    for bench in [
+        "session_noop",
+        "session_drop_all",
+        "session_bench_wire",
+        "session_bench_send",
+    ] {
+        assert!(
+            !programs.contains(&bench),
+            "{bench} belongs to the benchmarks' object, not the daemon's: {programs:?}"
+        );
+    }
+    for bench in ["BENCH_FRAMES", "BENCH_CURSOR", "BENCH_WIRE"] {
+        assert!(
+            !maps.contains(&bench),
+            "{bench} belongs to the benchmarks' object, not the daemon's: {maps:?}"
+        );
     }
 }

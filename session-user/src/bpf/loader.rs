@@ -171,24 +171,6 @@ fn check_pinned_sizes(pin_dir: &Path, sizes: &[(&str, u32, usize)]) -> Result<()
     Ok(())
 }
 
-/// Loads the object for the benchmarks' own programs (`session_noop`, `session_drop_all`,
-/// the load generator `session_bench_send`), which the caller loads by name; its maps are
-/// pinned under `pin_dir`, a directory of the caller's own, and the generator's frame table
-/// holds `bench_frames`. The firewall's programs are not loaded.
-pub fn load_for_bench(pin_dir: &Path, bench_frames: u32) -> Result<Ebpf> {
-    create_pin_dir(pin_dir)?;
-    EbpfLoader::new()
-        .default_map_pin_directory(pin_dir)
-        .map_max_entries(map_names::BENCH_FRAMES, bench_frames.max(1))
-        .load(EBPF_OBJECT)
-        .with_context(|| {
-            format!(
-                "loading the eBPF object with maps pinned in {}",
-                pin_dir.display()
-            )
-        })
-}
-
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
     ebpf.program_mut(name)
         .with_context(|| format!("program {name} missing from the eBPF object"))
