@@ -4,6 +4,7 @@
 use std::{
     io::Write as _,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -13,7 +14,10 @@ use session_common::{
     clock::TickClock,
     wire::{DaemonCounter, settings_flags},
 };
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    task::{self, JoinHandle},
+};
 
 use crate::{
     bpf::{clock, clock::monotonic_ns, kernel_log, links, loader, netdev, pinned::PinnedMaps},
@@ -113,7 +117,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         Some(addr) => Some(metrics::start(addr, &options.pin_dir).await?),
         None => None,
     };
-    let events = EventHub::start(&maps)?;
+    let events = Arc::new(EventHub::start(&maps)?);
     privileges::drop_all_capabilities()?;
     {
         let mut stdout = std::io::stdout().lock();
@@ -189,12 +193,16 @@ fn start(
     Ok(ebpf)
 }
 
+/// The event loop: signals, interface checks and the reaper's timer. Each sweep runs as a
+/// blocking task off this loop (a sweep of a million sessions takes most of a second, in
+/// which the event ring, `session events` clients, metrics and signals would otherwise
+/// wait); the next one is scheduled when it ends, so sweeps never overlap.
 async fn serve(
     options: &RunOptions,
     maps: &PinnedMaps,
     ifaces: &mut Vec<(String, u32)>,
     tc_ingress: &[String],
-    events: &EventHub,
+    events: &Arc<EventHub>,
 ) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -203,14 +211,23 @@ async fn serve(
     // The first sweep runs at once: a restarted daemon frees what expired meanwhile.
     let reaper = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(reaper);
+    let mut sweep: Option<JoinHandle<Duration>> = None;
     loop {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); return Ok(()); }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); return Ok(()); }
             _ = sighup.recv() => reload(&options.config, maps, ifaces, tc_ingress),
             _ = housekeeping.tick() => watch_interfaces(&options.pin_dir, maps, ifaces),
-            _ = &mut reaper => {
-                let took = reaper::reap(maps, events);
+            _ = &mut reaper, if sweep.is_none() => {
+                let (maps, events) = (maps.clone(), Arc::clone(events));
+                sweep = Some(task::spawn_blocking(move || reaper::reap(&maps, &events)));
+            }
+            swept = async { sweep.as_mut().expect("guarded by is_some").await }, if sweep.is_some() => {
+                sweep = None;
+                let took = swept.unwrap_or_else(|error| {
+                    error!("reaper: the sweep failed: {error}");
+                    REAP_INTERVAL
+                });
                 reaper.as_mut().reset(tokio::time::Instant::now() + next_reap_delay(took));
             }
         }
