@@ -13,6 +13,10 @@ use session_common::{
 
 use crate::tables::BpfCounters;
 
+/// The target of every kernel log record: the daemon's log shows it, and its default
+/// filter lets all of them through, since `[logging] kernel_level` already chose them.
+pub const LOG_TARGET: &str = "session_kernel";
+
 /// Why a packet could not be judged: a missing settings or scratch entry, which cannot
 /// happen once the loader has filled the maps. Such packets are dropped (fail closed),
 /// counted and logged as errors.
@@ -31,11 +35,13 @@ impl Unjudged {
         match self {
             Unjudged::NoSettings => error!(
                 ctx,
+                target: LOG_TARGET,
                 "{}: packet dropped unjudged: the SETTINGS map has no entry; restart `session run`",
                 hook_name(hook)
             ),
             Unjudged::NoScratch => error!(
                 ctx,
+                target: LOG_TARGET,
                 "{}: packet dropped unjudged: the SCRATCH map has no entry for this CPU; restart `session run`",
                 hook_name(hook)
             ),
@@ -61,12 +67,14 @@ impl<C: EbpfContext> Counters for LoggedCounters<'_, C> {
         match counter {
             Counter::InvalidMalformed => debug!(
                 self.ctx,
+                target: LOG_TARGET,
                 "{} ifindex {}: malformed packet (headers truncated or inconsistent), invalid",
                 hook_name(self.hook),
                 self.ifindex
             ),
             Counter::InvalidFragment => debug!(
                 self.ctx,
+                target: LOG_TARGET,
                 "{} ifindex {}: IP fragment after the first (no transport header to track), invalid",
                 hook_name(self.hook),
                 self.ifindex

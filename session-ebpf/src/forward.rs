@@ -16,7 +16,7 @@ use session_common::{
     packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, PacketMeta},
 };
 
-use crate::tables::MAX_MANAGED_IFACES;
+use crate::{diagnostics::LOG_TARGET, tables::MAX_MANAGED_IFACES};
 
 /// The interfaces the fast path forwards out of, by index: the daemon adds each interface
 /// it manages that can transmit frames redirected by XDP (`xdp-features`), so a packet
@@ -101,6 +101,7 @@ pub fn fast_forward(ctx: &XdpContext, ingress: u32, meta: &PacketMeta) -> Option
     if found != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         debug!(
             ctx,
+            target: LOG_TARGET,
             "fast path: FIB lookup for a packet from ifindex {} returned {} (BPF_FIB_LKUP_RET_*: 1 blackhole, 2 unreachable, 3 prohibit, 4 not forwarded (local), 5 forwarding off, 7 no neighbour yet, 8 fragmentation needed); left to the kernel",
             ingress,
             found
@@ -116,6 +117,7 @@ pub fn fast_forward(ctx: &XdpContext, ingress: u32, meta: &PacketMeta) -> Option
     let Ok(redirect) = FAST_PATH_PORTS.redirect(fib.ifindex, 0) else {
         debug!(
             ctx,
+            target: LOG_TARGET,
             "fast path: egress ifindex {} is not a fast-path port (not managed, or it cannot transmit redirected frames); left to the kernel",
             fib.ifindex
         );
