@@ -124,7 +124,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         writeln!(stdout, "session: ready").context("writing to stdout")?;
         stdout.flush().context("flushing stdout")?;
     }
-    let result = serve(&options, &maps, &mut ifaces, &config.tc_ingress, &events).await;
+    let result = serve(&options, &maps, &mut ifaces, &config, &events).await;
     info!(
         "exiting; {} interface(s) stay protected by the pinned links under {} with the last applied policy (`session down` removes them)",
         ifaces.len(),
@@ -201,7 +201,7 @@ async fn serve(
     options: &RunOptions,
     maps: &PinnedMaps,
     ifaces: &mut Vec<(String, u32)>,
-    tc_ingress: &[String],
+    started: &Config,
     events: &Arc<EventHub>,
 ) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -216,7 +216,7 @@ async fn serve(
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); return Ok(()); }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); return Ok(()); }
-            _ = sighup.recv() => reload(&options.config, maps, ifaces, tc_ingress),
+            _ = sighup.recv() => reload(&options.config, maps, ifaces, started),
             _ = housekeeping.tick() => watch_interfaces(&options.pin_dir, maps, ifaces),
             _ = &mut reaper, if sweep.is_none() => {
                 let (maps, events) = (maps.clone(), Arc::clone(events));
@@ -235,14 +235,10 @@ async fn serve(
 }
 
 /// Applies the config file again; a bad file is reported and changes nothing. Which
-/// interfaces are attached, and with which ingress program (`attached_tc_ingress`), stays
-/// as the daemon started.
-fn reload(
-    path: &Path,
-    maps: &PinnedMaps,
-    ifaces: &[(String, u32)],
-    attached_tc_ingress: &[String],
-) {
+/// interfaces are attached, with which ingress program, and the kernel programs' log
+/// level stay as the daemon `started`.
+fn reload(path: &Path, maps: &PinnedMaps, ifaces: &[(String, u32)], started: &Config) {
+    let attached_tc_ingress = &started.tc_ingress[..];
     let applied = config::load(path)
         .map_err(anyhow::Error::from)
         .and_then(|config| {
@@ -259,6 +255,12 @@ fn reload(
             {
                 warn!(
                     "reload: changes to `[attach] tc_ingress` need a restart; each interface keeps its ingress program"
+                );
+            }
+            if config.kernel_log_level != started.kernel_log_level {
+                warn!(
+                    "reload: changes to `[logging] kernel_level` need a restart; the kernel programs keep logging at {}",
+                    started.kernel_log_level
                 );
             }
             let policy = compile_for_host(&config)?;
