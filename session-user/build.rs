@@ -1,5 +1,7 @@
-//! Builds session-ebpf for the BPF target with aya-build and leaves the object in
-//! `OUT_DIR`, where `src/loader.rs` embeds it.
+//! Builds session-ebpf for the BPF target with aya-build and leaves its two objects in
+//! `OUT_DIR`: `session`, which `src/bpf/loader.rs` embeds, and `session-bench`, the
+//! benchmarks' programs, which only test support loads: its path goes to dependent
+//! build scripts as `DEP_SESSION_EBPF_BENCH_OBJECT` (see `links` in Cargo.toml).
 
 use anyhow::Context as _;
 use aya_build::{Package, Toolchain};
@@ -15,5 +17,8 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         }],
         Toolchain::default(),
-    )
+    )?;
+    let out_dir = std::env::var("OUT_DIR").context("OUT_DIR unset")?;
+    println!("cargo:bench_object={out_dir}/session-bench");
+    Ok(())
 }

@@ -516,11 +516,16 @@ pub enum Counter {
     ExpectationsCreated,
     /// Packets classified RELATED because they answer such a request.
     ExpectationHits,
+    /// Packets dropped without a judgement because the program could not read its settings
+    /// or scratch space (fail closed); never expected once the loader filled the maps, so
+    /// any count says the kernel side is broken. Not in `PacketsSeen` or `PacketsDropped`,
+    /// which the engine counts for packets it judged.
+    DropUnjudged,
 }
 
 impl Counter {
     /// Number of counters; the size of the counter map.
-    pub const COUNT: u32 = Counter::ExpectationHits as u32 + 1;
+    pub const COUNT: u32 = Counter::DropUnjudged as u32 + 1;
 
     /// Every counter in index order, with its stable name for `stats` and metrics.
     pub const ALL: [(Counter, &'static str); Counter::COUNT as usize] = [
@@ -551,6 +556,7 @@ impl Counter {
         (Counter::FastPathForwarded, "fast_path_forwarded"),
         (Counter::ExpectationsCreated, "expectations_created"),
         (Counter::ExpectationHits, "expectation_hits"),
+        (Counter::DropUnjudged, "drop_unjudged"),
     ];
 }
 

@@ -1,6 +1,10 @@
-//! Programs the benchmarks load from the same object as the firewall, so they pay the
-//! same loading and test-run costs: baselines to measure `session_ingress` against, and
-//! the load generator that feeds the end-to-end benchmark.
+//! The benchmarks' own programs, in an object of their own (`session-bench`) so that the
+//! daemon neither embeds nor loads them: baselines to measure `session_ingress` against,
+//! the wire between the end-to-end benchmark's veth pairs, and the load generator that
+//! feeds it. Only test support loads this object (session-tests' `bench_object`, and the
+//! kernel-path benchmark).
+#![no_std]
+#![no_main]
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -79,3 +83,13 @@ fn try_bench_send(ctx: &XdpContext) -> Option<()> {
     }
     Some(())
 }
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -10,12 +10,13 @@ use aya_ebpf::{
     maps::DevMapHash,
     programs::XdpContext,
 };
+use aya_log_ebpf::debug;
 use session_common::{
     forward::{ipv4_hop, ipv6_hop},
     packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, PacketMeta},
 };
 
-use crate::tables::MAX_MANAGED_IFACES;
+use crate::{diagnostics::LOG_TARGET, tables::MAX_MANAGED_IFACES};
 
 /// The interfaces the fast path forwards out of, by index: the daemon adds each interface
 /// it manages that can transmit frames redirected by XDP (`xdp-features`), so a packet
@@ -97,13 +98,31 @@ pub fn fast_forward(ctx: &XdpContext, ingress: u32, meta: &PacketMeta) -> Option
             0,
         )
     };
-    if found != BPF_FIB_LKUP_RET_SUCCESS as i64 || fib.ifindex == ingress {
+    if found != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        debug!(
+            ctx,
+            target: LOG_TARGET,
+            "fast path: FIB lookup for a packet from ifindex {} returned {} (BPF_FIB_LKUP_RET_*: 1 blackhole, 2 unreachable, 3 prohibit, 4 not forwarded (local), 5 forwarding off, 7 no neighbour yet, 8 fragmentation needed); left to the kernel",
+            ingress,
+            found
+        );
+        return None;
+    }
+    if fib.ifindex == ingress {
         return None;
     }
     // Fails unless the egress interface is one of the ports, and changes nothing: the
     // redirect it sets up happens only if the program returns its action, so a packet
     // left to the kernel below goes on unredirected.
-    let redirect = FAST_PATH_PORTS.redirect(fib.ifindex, 0).ok()?;
+    let Ok(redirect) = FAST_PATH_PORTS.redirect(fib.ifindex, 0) else {
+        debug!(
+            ctx,
+            target: LOG_TARGET,
+            "fast path: egress ifindex {} is not a fast-path port (not managed, or it cannot transmit redirected frames); left to the kernel",
+            fib.ifindex
+        );
+        return None;
+    };
     // SAFETY: the headers written lie in the frame: IPv4's first 12 bytes by the first
     // check, IPv6's first 8 by its own.
     let hopped = unsafe {

@@ -5,7 +5,7 @@
 #![no_std]
 #![no_main]
 
-mod bench;
+mod diagnostics;
 mod forward;
 mod tables;
 
@@ -22,6 +22,7 @@ use session_common::{
 };
 
 use crate::{
+    diagnostics::{LoggedCounters, Unjudged},
     forward::fast_forward,
     tables::{
         BpfCounters, BpfExpectations, BpfRules, BpfSessions, SkbBytes, XdpBytes, is_managed,
@@ -43,10 +44,6 @@ fn now(settings: &Settings) -> u64 {
     }
 }
 
-/// Why a packet could not be judged: a missing settings or scratch entry, which cannot
-/// happen once the loader has filled the maps. Such packets are dropped (fail closed).
-struct Unjudged;
-
 /// What ingress does with a packet: what the policy decided, or, for a packet the fast
 /// path forwarded, the redirect's XDP action.
 enum Ingress {
@@ -59,14 +56,18 @@ pub fn session_ingress(ctx: XdpContext) -> u32 {
     match try_ingress(&ctx) {
         Ok(Ingress::Judged(Action::Accept)) => xdp_action::XDP_PASS,
         Ok(Ingress::Forwarded(redirect)) => redirect,
-        Ok(Ingress::Judged(Action::Drop)) | Err(Unjudged) => xdp_action::XDP_DROP,
+        Ok(Ingress::Judged(Action::Drop)) => xdp_action::XDP_DROP,
+        Err(unjudged) => {
+            unjudged.report(&ctx, Hook::Ingress);
+            xdp_action::XDP_DROP
+        }
     }
 }
 
 #[inline(always)]
 fn try_ingress(ctx: &XdpContext) -> Result<Ingress, Unjudged> {
-    let settings = settings().ok_or(Unjudged)?;
-    let scratch = scratch().ok_or(Unjudged)?;
+    let settings = settings().ok_or(Unjudged::NoSettings)?;
+    let scratch = scratch().ok_or(Unjudged::NoScratch)?;
     let now = now(settings);
     let ifindex = ctx.ingress_ifindex() as u32;
     let outcome = process(
@@ -77,7 +78,11 @@ fn try_ingress(ctx: &XdpContext) -> Result<Ingress, Unjudged> {
         settings,
         &mut BpfSessions,
         &BpfRules,
-        &mut BpfCounters,
+        &mut LoggedCounters {
+            ctx,
+            hook: Hook::Ingress,
+            ifindex,
+        },
         &mut BpfExpectations,
         scratch,
     );
@@ -103,20 +108,24 @@ fn try_ingress(ctx: &XdpContext) -> Result<Ingress, Unjudged> {
 pub fn session_ingress_tc(ctx: TcContext) -> i32 {
     // SAFETY: the kernel passes the program a valid `__sk_buff`, readable while it runs.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    tc_verdict(judge_skb(&ctx, Hook::Ingress, ifindex))
+    tc_verdict(&ctx, Hook::Ingress, judge_skb(&ctx, Hook::Ingress, ifindex))
 }
 
 #[classifier]
 pub fn session_egress(ctx: TcContext) -> i32 {
-    tc_verdict(try_egress(&ctx))
+    tc_verdict(&ctx, Hook::Egress, try_egress(&ctx))
 }
 
-/// The TC verdict for a judgement; the error verdict of both TC programs.
+/// The TC verdict for a judgement on `hook`; the error verdict of both TC programs.
 #[inline(always)]
-fn tc_verdict(judged: Result<Action, Unjudged>) -> i32 {
+fn tc_verdict(ctx: &TcContext, hook: Hook, judged: Result<Action, Unjudged>) -> i32 {
     match judged {
         Ok(Action::Accept) => TC_ACT_OK,
-        Ok(Action::Drop) | Err(Unjudged) => TC_ACT_SHOT,
+        Ok(Action::Drop) => TC_ACT_SHOT,
+        Err(unjudged) => {
+            unjudged.report(ctx, hook);
+            TC_ACT_SHOT
+        }
     }
 }
 
@@ -134,8 +143,8 @@ fn try_egress(ctx: &TcContext) -> Result<Action, Unjudged> {
 /// What the policy decides for a socket buffer on `hook` of `ifindex`.
 #[inline(always)]
 fn judge_skb(ctx: &TcContext, hook: Hook, ifindex: u32) -> Result<Action, Unjudged> {
-    let settings = settings().ok_or(Unjudged)?;
-    let scratch = scratch().ok_or(Unjudged)?;
+    let settings = settings().ok_or(Unjudged::NoSettings)?;
+    let scratch = scratch().ok_or(Unjudged::NoScratch)?;
     let now = now(settings);
     let outcome = process(
         &SkbBytes(ctx),
@@ -145,7 +154,7 @@ fn judge_skb(ctx: &TcContext, hook: Hook, ifindex: u32) -> Result<Action, Unjudg
         settings,
         &mut BpfSessions,
         &BpfRules,
-        &mut BpfCounters,
+        &mut LoggedCounters { ctx, hook, ifindex },
         &mut BpfExpectations,
         scratch,
     );

@@ -1,7 +1,8 @@
 //! Kernel-side benchmarks, run by `cargo xtask bench` (root, release build):
 //!
 //! - per-packet cost of the XDP program with BPF_PROG_TEST_RUN and 1M sessions in the
-//!   table, against a do-nothing XDP program from the same object in the same run;
+//!   table, against a do-nothing XDP program (`session_noop`, from the benchmarks' own
+//!   eBPF object, which the daemon does not embed) in the same run;
 //! - policy scale: new-flow cost with 10, 100 and 1,000 rule entries, and the time to
 //!   apply a 1,000-entry policy;
 //! - set scale: new-flow classification with a 1,000,000-prefix set against a 10-prefix
@@ -37,9 +38,13 @@ use session_common::{
 };
 use session_testkit::frames::{self, Tcp, tcp_flags};
 use session_user::{
-    bpf::{clock::monotonic_ns, loader, pinned::PinnedMaps},
+    bpf::{clock::monotonic_ns, kernel_log::KernelLogLevel, loader, pinned::PinnedMaps},
     policy::{compile::compile, config},
 };
+
+/// The benchmarks' eBPF object, which build.rs builds beside the firewall's.
+static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/session-bench"));
 
 /// Table capacity: a power of two, as the default is. The kernel rounds a hash map's
 /// buckets up to one, so a capacity just above it pays twice the buckets (256 instead of
@@ -414,6 +419,8 @@ fn yes_no(value: f64, target: Option<f64>) -> &'static str {
 
 struct Bench {
     ebpf: Ebpf,
+    /// The benchmarks' object, for its do-nothing baseline `session_noop`.
+    bench_ebpf: Ebpf,
     maps: PinnedMaps,
     pin: PinDir,
     md: String,
@@ -483,7 +490,12 @@ impl Bench {
             frames::tcp(Tcp::new(4444, OPEN_PORT, tcp_flags::ACK)),
         );
         let xdp = self.xdp("session_ingress");
-        let noop = self.xdp("session_noop");
+        let noop: &Xdp = self
+            .bench_ebpf
+            .program("session_noop")
+            .expect("session_noop in the benchmarks' object")
+            .try_into()
+            .expect("session_noop is XDP");
         let noop_repeat = median_of(ROUNDS, |_| run(noop, &est_tcp, REPEAT));
         let mut rows: Vec<(&str, f64, f64, Option<f64>)> = Vec::new();
         for (name, frame, target) in [
@@ -900,13 +912,17 @@ fn main() {
         "/sys/fs/bpf/session-bench-{}",
         std::process::id()
     )));
-    let mut ebpf = loader::load(&pin.0, CAPACITY, false).unwrap_or_else(|error| {
-        panic!("loading the program (run via `cargo xtask bench` as root): {error:#}")
-    });
+    let mut ebpf =
+        loader::load(&pin.0, CAPACITY, false, KernelLogLevel::default()).unwrap_or_else(|error| {
+            panic!("loading the program (run via `cargo xtask bench` as root): {error:#}")
+        });
+    let mut bench_ebpf = aya::EbpfLoader::new()
+        .load(BENCH_OBJECT)
+        .expect("loading the benchmarks' eBPF object");
     {
-        let noop: &mut Xdp = ebpf
+        let noop: &mut Xdp = bench_ebpf
             .program_mut("session_noop")
-            .expect("noop program in the object")
+            .expect("noop program in the benchmarks' object")
             .try_into()
             .expect("noop is XDP");
         noop.load().expect("loading the noop program");
@@ -920,6 +936,7 @@ fn main() {
     apply(&maps, &policy_text(0));
     let mut bench = Bench {
         ebpf,
+        bench_ebpf,
         maps,
         pin,
         md: String::new(),

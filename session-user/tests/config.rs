@@ -7,9 +7,12 @@ use session_common::wire::{
     Action, CtState, FAMILY_IPV4, FAMILY_IPV6, Hook, MAX_RULES, NS_PER_SEC, Timeout, proto,
     rule_flags, settings_flags,
 };
-use session_user::policy::{
-    compile::{self, CompileError},
-    config::{self, Config, ConfigError},
+use session_user::{
+    bpf::kernel_log::KernelLogLevel,
+    policy::{
+        compile::{self, CompileError},
+        config::{self, Config, ConfigError},
+    },
 };
 
 const FILE: &str = "/etc/session/test.toml";
@@ -896,4 +899,27 @@ fn bad_metrics_listen_addresses_are_located() {
         "port 0",
     );
     expect_error("[metrics]\nport = 9640\n", "port", "unknown field");
+}
+
+#[test]
+fn kernel_log_level_defaults_to_warn_and_takes_every_level_name() {
+    assert_eq!(parse_ok("").kernel_log_level, KernelLogLevel::Warn);
+    assert_eq!(
+        parse_ok("[logging]\n").kernel_log_level,
+        KernelLogLevel::Warn
+    );
+    for (level, name) in KernelLogLevel::ALL {
+        let config = parse_ok(&format!("[logging]\nkernel_level = \"{name}\"\n"));
+        assert_eq!(config.kernel_log_level, level, "kernel_level = \"{name}\"");
+    }
+}
+
+#[test]
+fn bad_kernel_log_levels_are_located() {
+    expect_error(
+        "[logging]\nkernel_level = \"verbose\"\n",
+        "\"verbose\"",
+        "use one of off, error, warn, info, debug, trace",
+    );
+    expect_error("[logging]\nkernel = \"debug\"\n", "kernel", "unknown field");
 }

@@ -46,7 +46,7 @@ use session_testkit::{
     mutate::{Mutation, Rng},
 };
 use session_user::{
-    bpf::{clock::monotonic_ns, loader, pinned::PinnedMaps},
+    bpf::{clock::monotonic_ns, kernel_log::KernelLogLevel, loader, pinned::PinnedMaps},
     host_engine::Model,
     policy::{
         compile::{self, CompiledPolicy},
@@ -162,12 +162,13 @@ impl Kernel {
         let pin = PinDir::unique();
         let started = Instant::now();
         let tc_ingress = ingress == Ingress::Tc;
-        let ebpf = loader::load(&pin.0, max_sessions, tc_ingress).unwrap_or_else(|error| {
-            panic!(
-                "loader::load({}) failed (verifier rejection or load error): {error:?}",
-                pin.0.display()
-            )
-        });
+        let ebpf = loader::load(&pin.0, max_sessions, tc_ingress, KernelLogLevel::default())
+            .unwrap_or_else(|error| {
+                panic!(
+                    "loader::load({}) failed (verifier rejection or load error): {error:?}",
+                    pin.0.display()
+                )
+            });
         let maps = PinnedMaps::open(&pin.0)
             .unwrap_or_else(|error| panic!("PinnedMaps::open({}): {error:?}", pin.0.display()));
         maps.write_settings(settings)

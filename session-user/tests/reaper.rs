@@ -11,7 +11,9 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData};
 use session_common::wire::{FAMILY_IPV4, FlowKey, Session, map_names};
-use session_user::bpf::{clock::monotonic_ns, loader, pinned::PinnedMaps};
+use session_user::bpf::{
+    clock::monotonic_ns, kernel_log::KernelLogLevel, loader, pinned::PinnedMaps,
+};
 
 /// Protected-table capacity; the unassured tier gets a quarter.
 const CAPACITY: u32 = 16_384;
@@ -58,7 +60,7 @@ fn reap_removes_exactly_the_expired_sessions_of_both_tiers_across_batches() {
         "/sys/fs/bpf/session-reaper-{}",
         std::process::id()
     )));
-    let _ebpf = loader::load(&pin.0, CAPACITY, false)
+    let _ebpf = loader::load(&pin.0, CAPACITY, false, KernelLogLevel::default())
         .unwrap_or_else(|error| panic!("loading the program: {error:#}"));
     let maps = PinnedMaps::open(&pin.0).expect("pinned maps");
     let now = monotonic_ns();

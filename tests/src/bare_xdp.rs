@@ -1,9 +1,7 @@
-//! Bare XDP programs of session's object, attached in a lab by the benchmarks and by the
-//! tests of their tools: the end-to-end benchmark's baselines (`session_noop`,
+//! Bare XDP programs of the benchmarks' object ([`crate::bench_object`]), attached in a
+//! lab by the benchmarks and by the tests of their tools: the end-to-end benchmark's baselines (`session_noop`,
 //! `session_drop_all`) on fw's veth, and the wire of a [`Lab::wired`] lab
 //! (`session_bench_wire`).
-
-use std::path::PathBuf;
 
 use aya::{
     maps::DevMapHash,
@@ -13,13 +11,11 @@ use session_common::wire::map_names;
 
 use crate::{FW_IFACE, Lab, Side, WIRE_CLIENT_PORT, WIRE_FW_PORT, in_netns};
 
-/// A bare XDP program of session's object (`session_noop`, `session_drop_all` or
-/// `session_bench_wire`) attached in a lab, with the pin directory its object's maps
-/// needed; the pins go on drop. Drop it after the lab, so the interfaces (and with them
-/// the attachments) are gone before the links are closed.
+/// A bare XDP program of the benchmarks' object (`session_noop`, `session_drop_all` or
+/// `session_bench_wire`) attached in a lab. Drop it after the lab, so the interfaces (and
+/// with them the attachments) are gone before the links are closed.
 pub struct BareXdp {
     _ebpf: aya::Ebpf,
-    pin: PathBuf,
 }
 
 impl BareXdp {
@@ -61,11 +57,7 @@ impl BareXdp {
         ifaces: &[&str],
         set_up: impl FnOnce(&mut aya::Ebpf) + Send,
     ) -> BareXdp {
-        let pin = PathBuf::from(format!(
-            "/sys/fs/bpf/session-bench-{program}-{}",
-            std::process::id()
-        ));
-        let mut ebpf = session_user::bpf::loader::load_for_bench(&pin, 1)
+        let mut ebpf = crate::bench_object::load(1)
             .unwrap_or_else(|error| panic!("loading the eBPF object: {error:#}"));
         // Resolving the interfaces and creating the links happen in the namespace.
         in_netns(ns, || {
@@ -82,7 +74,7 @@ impl BareXdp {
             }
             set_up(&mut ebpf);
         });
-        BareXdp { _ebpf: ebpf, pin }
+        BareXdp { _ebpf: ebpf }
     }
 }
 
@@ -93,11 +85,5 @@ fn ifindex(iface: &str) -> u32 {
     match unsafe { libc::if_nametoindex(name.as_ptr()) } {
         0 => panic!("no interface {iface}: {}", std::io::Error::last_os_error()),
         index => index,
-    }
-}
-
-impl Drop for BareXdp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.pin);
     }
 }

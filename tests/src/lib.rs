@@ -25,6 +25,7 @@
 
 pub mod attacker;
 pub mod bare_xdp;
+pub mod bench_object;
 pub mod lifecycle;
 pub mod loadgen;
 pub mod raw;

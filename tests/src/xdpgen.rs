@@ -18,8 +18,6 @@
 use std::{
     ffi::CString,
     io,
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -57,15 +55,6 @@ struct XdpMd {
     ingress_ifindex: u32,
     rx_queue_index: u32,
     egress_ifindex: u32,
-}
-
-/// The pin directory of one generator's maps, removed when the generator ends.
-struct PinDir(PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Sends `b.frames` cyclically into `b.iface` in namespace `b.netns` as XDP frames, from
@@ -115,7 +104,6 @@ pub fn xdp_blast(b: &Blast) -> io::Result<Sent> {
 /// Loads the generator, fills its table and runs it until the blast's bounds; runs on a
 /// thread inside the sender's namespace, so the interface index resolves there.
 fn send(b: &Blast, template: &[u8], count: u32) -> anyhow::Result<Sent> {
-    static INSTANCE: AtomicU32 = AtomicU32::new(0);
     let name = CString::new(b.iface.as_str()).context("interface name has a NUL")?;
     // SAFETY: if_nametoindex reads a valid C string.
     let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
@@ -123,12 +111,7 @@ fn send(b: &Blast, template: &[u8], count: u32) -> anyhow::Result<Sent> {
         return Err(io::Error::last_os_error())
             .with_context(|| format!("no interface {} in {}", b.iface, b.netns));
     }
-    let pins = PinDir(PathBuf::from(format!(
-        "/sys/fs/bpf/session-xdpgen-{}-{}",
-        std::process::id(),
-        INSTANCE.fetch_add(1, Ordering::Relaxed)
-    )));
-    let mut ebpf = session_user::bpf::loader::load_for_bench(&pins.0, count)?;
+    let mut ebpf = crate::bench_object::load(count)?;
     let mut table: Array<_, BenchFrame> = ebpf
         .map_mut(map_names::BENCH_FRAMES)
         .context("no frame table in the object")?

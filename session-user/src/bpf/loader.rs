@@ -13,7 +13,10 @@ use session_common::{
     wire::{Counter, DaemonCounter, Session, Settings, map_names},
 };
 
-use crate::bpf::links;
+use crate::bpf::{
+    kernel_log::{self, KernelLogLevel},
+    links,
+};
 
 /// The eBPF object built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/session"));
@@ -62,8 +65,14 @@ pub fn unassured_capacity(max_sessions: u32) -> u32 {
 /// Loads the object, reusing maps already pinned under `pin_dir` (so sessions and
 /// counters survive a restart) and pinning new ones there with root-only access. The TC
 /// ingress program is loaded only when `tc_ingress` says some interface needs it: the
-/// verifier takes a while over each program.
-pub fn load(pin_dir: &Path, max_sessions: u32, tc_ingress: bool) -> Result<Ebpf> {
+/// verifier takes a while over each program. The programs log at `log_level` and above
+/// (see [`kernel_log`]), fixed here so that the verifier prunes the sites below it.
+pub fn load(
+    pin_dir: &Path,
+    max_sessions: u32,
+    tc_ingress: bool,
+    log_level: KernelLogLevel,
+) -> Result<Ebpf> {
     create_pin_dir(pin_dir)?;
     let slot_bits = presence::slot_bits_for(max_sessions);
     check_pinned_sizes(
@@ -95,6 +104,7 @@ pub fn load(pin_dir: &Path, max_sessions: u32, tc_ingress: bool) -> Result<Ebpf>
         .map_max_entries(map_names::UNASSURED, unassured_capacity(max_sessions))
         .map_max_entries(map_names::PRESENCE, presence::words(slot_bits))
         .override_global("PRESENCE_SLOT_BITS", &slot_bits, true)
+        .override_global(kernel_log::LEVEL_GLOBAL, &(log_level as u8), true)
         .load(EBPF_OBJECT)
         .with_context(|| {
             format!(
@@ -159,24 +169,6 @@ fn check_pinned_sizes(pin_dir: &Path, sizes: &[(&str, u32, usize)]) -> Result<()
         }
     }
     Ok(())
-}
-
-/// Loads the object for the benchmarks' own programs (`session_noop`, `session_drop_all`,
-/// the load generator `session_bench_send`), which the caller loads by name; its maps are
-/// pinned under `pin_dir`, a directory of the caller's own, and the generator's frame table
-/// holds `bench_frames`. The firewall's programs are not loaded.
-pub fn load_for_bench(pin_dir: &Path, bench_frames: u32) -> Result<Ebpf> {
-    create_pin_dir(pin_dir)?;
-    EbpfLoader::new()
-        .default_map_pin_directory(pin_dir)
-        .map_max_entries(map_names::BENCH_FRAMES, bench_frames.max(1))
-        .load(EBPF_OBJECT)
-        .with_context(|| {
-            format!(
-                "loading the eBPF object with maps pinned in {}",
-                pin_dir.display()
-            )
-        })
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {

@@ -4,6 +4,7 @@
 
 mod batch;
 pub mod clock;
+pub mod kernel_log;
 pub mod links;
 pub mod loader;
 pub mod netdev;

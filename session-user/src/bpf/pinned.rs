@@ -58,7 +58,9 @@ fn first_of_each_key(entries: Vec<(FlowKey, Session)>) -> Vec<(FlowKey, Session)
         .collect()
 }
 
-/// The pinned maps of one `session` instance.
+/// The pinned maps of one `session` instance. Cloning is cheap (the directory only: each
+/// operation opens the maps it needs), for work handed to another thread, as the reaper's.
+#[derive(Clone)]
 pub struct PinnedMaps {
     dir: PathBuf,
 }

@@ -67,7 +67,12 @@ fn reload(pin_dir: &Path) -> Result<()> {
 /// The `session` binary's entry point: parses the command line, runs the command and
 /// turns an error into a message on stderr and exit status 1.
 pub fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // The kernel programs' records (target `session_kernel`) pass at every level: the
+    // config's `[logging] kernel_level` already chose which the programs emit.
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,session_kernel=trace"),
+    )
+    .init();
     let cli = Cli::parse();
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,

@@ -26,7 +26,9 @@ pub fn next_reap_delay(took: Duration) -> Duration {
     REAP_INTERVAL.max(took.saturating_mul(REAPER_DUTY_FACTOR))
 }
 
-/// Frees expired sessions and reports them; returns how long the sweep took.
+/// Frees expired sessions and reports them; returns how long the sweep took. Blocks for
+/// the whole sweep (most of a second for a million sessions): the daemon runs it as a
+/// blocking task, off its event loop.
 pub fn reap(maps: &PinnedMaps, events: &EventHub) -> Duration {
     let started = std::time::Instant::now();
     let names = maps.rule_names().unwrap_or_default();

@@ -4,6 +4,7 @@
 use std::{
     io::Write as _,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -13,10 +14,13 @@ use session_common::{
     clock::TickClock,
     wire::{DaemonCounter, map_names, settings_flags},
 };
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    task::{self, JoinHandle},
+};
 
 use crate::{
-    bpf::{clock, clock::monotonic_ns, links, loader, netdev, pinned::PinnedMaps},
+    bpf::{clock, clock::monotonic_ns, kernel_log, links, loader, netdev, pinned::PinnedMaps},
     continuity,
     daemon::{
         events::EventHub,
@@ -117,14 +121,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
         Some(addr) => Some(metrics::start(addr, &options.pin_dir).await?),
         None => None,
     };
-    let events = EventHub::start(&maps)?;
+    let events = Arc::new(EventHub::start(&maps)?);
     privileges::drop_all_capabilities()?;
     {
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "session: ready").context("writing to stdout")?;
         stdout.flush().context("flushing stdout")?;
     }
-    let result = serve(&options, &maps, &mut ifaces, &config.tc_ingress, &events).await;
+    let result = serve(&options, &maps, &mut ifaces, &config, &events).await;
     info!(
         "exiting; {} interface(s) stay protected by the pinned links under {} with the last applied policy (`session down` removes them)",
         ifaces.len(),
@@ -149,7 +153,9 @@ fn start(
         &options.pin_dir,
         config.max_sessions,
         !config.tc_ingress.is_empty(),
+        config.kernel_log_level,
     )?;
+    kernel_log::forward(&mut ebpf)?;
     let maps = PinnedMaps::open(&options.pin_dir)?;
     maps.write_settings(&config.settings)?;
     let clock = clock::calibrate(&mut ebpf).unwrap_or_else(|error| {
@@ -202,12 +208,16 @@ fn start(
     Ok(ebpf)
 }
 
+/// The event loop: signals, interface checks and the reaper's timer. Each sweep runs as a
+/// blocking task off this loop (a sweep of a million sessions takes most of a second, in
+/// which the event ring, `session events` clients, metrics and signals would otherwise
+/// wait); the next one is scheduled when it ends, so sweeps never overlap.
 async fn serve(
     options: &RunOptions,
     maps: &PinnedMaps,
     ifaces: &mut Vec<(String, u32)>,
-    tc_ingress: &[String],
-    events: &EventHub,
+    started: &Config,
+    events: &Arc<EventHub>,
 ) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -218,15 +228,24 @@ async fn serve(
     tokio::pin!(reaper);
     let mut set_watch = SetWatch::new(maps);
     let mut set_ticks = tokio::time::interval(SET_WATCH_INTERVAL);
+    let mut sweep: Option<JoinHandle<Duration>> = None;
     loop {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); return Ok(()); }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); return Ok(()); }
-            _ = sighup.recv() => reload(&options.config, maps, ifaces, tc_ingress),
+            _ = sighup.recv() => reload(&options.config, maps, ifaces, started),
             _ = housekeeping.tick() => watch_interfaces(&options.pin_dir, maps, ifaces),
             _ = set_ticks.tick() => set_watch.poll(maps, events),
-            _ = &mut reaper => {
-                let took = reaper::reap(maps, events);
+            _ = &mut reaper, if sweep.is_none() => {
+                let (maps, events) = (maps.clone(), Arc::clone(events));
+                sweep = Some(task::spawn_blocking(move || reaper::reap(&maps, &events)));
+            }
+            swept = async { sweep.as_mut().expect("guarded by is_some").await }, if sweep.is_some() => {
+                sweep = None;
+                let took = swept.unwrap_or_else(|error| {
+                    error!("reaper: the sweep failed: {error}");
+                    REAP_INTERVAL
+                });
                 reaper.as_mut().reset(tokio::time::Instant::now() + next_reap_delay(took));
             }
         }
@@ -234,14 +253,10 @@ async fn serve(
 }
 
 /// Applies the config file again; a bad file is reported and changes nothing. Which
-/// interfaces are attached, and with which ingress program (`attached_tc_ingress`), stays
-/// as the daemon started.
-fn reload(
-    path: &Path,
-    maps: &PinnedMaps,
-    ifaces: &[(String, u32)],
-    attached_tc_ingress: &[String],
-) {
+/// interfaces are attached, with which ingress program, and the kernel programs' log
+/// level stay as the daemon `started`.
+fn reload(path: &Path, maps: &PinnedMaps, ifaces: &[(String, u32)], started: &Config) {
+    let attached_tc_ingress = &started.tc_ingress[..];
     let applied = config::load(path)
         .map_err(anyhow::Error::from)
         .and_then(|config| {
@@ -258,6 +273,12 @@ fn reload(
             {
                 warn!(
                     "reload: changes to `[attach] tc_ingress` need a restart; each interface keeps its ingress program"
+                );
+            }
+            if config.kernel_log_level != started.kernel_log_level {
+                warn!(
+                    "reload: changes to `[logging] kernel_level` need a restart; the kernel programs keep logging at {}",
+                    started.kernel_log_level
                 );
             }
             let policy = compile_for_host(&config)?;

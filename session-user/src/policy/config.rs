@@ -19,9 +19,12 @@ use session_common::wire::{
 };
 use toml::Spanned;
 
-use crate::policy::{
-    compile,
-    sets::{self as named_sets, SetSpec},
+use crate::{
+    bpf::kernel_log::KernelLogLevel,
+    policy::{
+        compile,
+        sets::{self as named_sets, SetSpec},
+    },
 };
 
 /// A configuration error (or warning) located in its file.
@@ -87,6 +90,9 @@ pub struct Config {
     pub policy: Policy,
     /// Where the daemon serves Prometheus metrics (`[metrics] listen`); off when `None`.
     pub metrics: Option<SocketAddr>,
+    /// The most detailed records the kernel programs log (`[logging] kernel_level`),
+    /// fixed when they are loaded.
+    pub kernel_log_level: KernelLogLevel,
 }
 
 /// The policy part of a configuration.
@@ -191,6 +197,14 @@ struct RawConfig {
     rule: Vec<RawRule>,
     #[serde(default)]
     metrics: Option<RawMetrics>,
+    #[serde(default)]
+    logging: Option<RawLogging>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogging {
+    kernel_level: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -419,6 +433,12 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         .metrics
         .map(|metrics| parse_listen(loc, &metrics.listen))
         .transpose()?;
+    let kernel_log_level = raw
+        .logging
+        .and_then(|logging| logging.kernel_level)
+        .map_or(Ok(KernelLogLevel::default()), |value| {
+            parse_kernel_level(loc, &value)
+        })?;
     Ok(Config {
         warnings,
         interfaces,
@@ -433,6 +453,25 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             max_set_entries,
         },
         metrics,
+        kernel_log_level,
+    })
+}
+
+/// Parses `[logging] kernel_level`, one of [`KernelLogLevel::ALL`]'s names.
+fn parse_kernel_level(
+    loc: &Locator<'_>,
+    value: &Spanned<String>,
+) -> Result<KernelLogLevel, ConfigError> {
+    KernelLogLevel::from_name(value.get_ref()).ok_or_else(|| {
+        let known: Vec<&str> = KernelLogLevel::ALL.iter().map(|(_, name)| *name).collect();
+        loc.error(
+            value.span(),
+            format!(
+                "unknown kernel log level `{}`: use one of {} (default warn)",
+                value.get_ref(),
+                known.join(", ")
+            ),
+        )
     })
 }
 

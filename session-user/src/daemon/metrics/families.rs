@@ -183,7 +183,8 @@ fn kernel_metric(
             "session_drops".into(),
             Some(("reason", reason)),
             "Packets dropped, by reason: rule (a drop rule), default (the default action), \
-             table_full (a new session could not be inserted: an insert failure).",
+             table_full (a new session could not be inserted: an insert failure), \
+             unjudged (the program could not read its own maps and failed closed).",
         );
     }
     if let Some(reason) = name.strip_prefix("invalid_") {
