@@ -25,7 +25,7 @@ use session_common::{
     wire::{FAMILY_IPV4, FlowKey, Session, Settings, TcpState, proto, session_flags},
 };
 use session_user::{
-    bpf::{clock::monotonic_ns, loader, pinned::PinnedMaps},
+    bpf::{clock::monotonic_ns, kernel_log::KernelLogLevel, loader, pinned::PinnedMaps},
     continuity::{
         import::{self, unix_now_ns},
         netlink::{self, Socket},
@@ -107,9 +107,10 @@ fn session(i: u32, now: u64, ifindex: u32) -> (FlowKey, Session) {
 /// A fresh table with the policy applied.
 fn table(pin: &Path) -> PinnedMaps {
     let _ = std::fs::remove_dir_all(pin);
-    let ebpf = loader::load(pin, CAPACITY, false).unwrap_or_else(|error| {
-        panic!("loading the program (run via `cargo xtask bench` as root): {error:#}")
-    });
+    let ebpf =
+        loader::load(pin, CAPACITY, false, KernelLogLevel::default()).unwrap_or_else(|error| {
+            panic!("loading the program (run via `cargo xtask bench` as root): {error:#}")
+        });
     drop(ebpf);
     let maps = PinnedMaps::open(pin).expect("pinned maps");
     maps.write_settings(&Settings::default()).expect("settings");

@@ -60,10 +60,8 @@ fn walks(level: KernelLogLevel) -> Vec<(&'static str, u32, u32)> {
 
 #[test]
 fn the_programs_verify_at_every_kernel_log_level_and_the_walk_is_printed() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+    assert!(
+        rustix::process::geteuid().is_root(),
         "the verifier test loads eBPF programs and needs root: run it with `cargo xtask test`"
     );
     let default = walks(KernelLogLevel::default());
@@ -84,10 +82,8 @@ fn the_programs_verify_at_every_kernel_log_level_and_the_walk_is_printed() {
 
 #[test]
 fn the_daemons_object_holds_no_benchmark_program_or_map() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+    assert!(
+        rustix::process::geteuid().is_root(),
         "the verifier test loads eBPF programs and needs root: run it with `cargo xtask test`"
     );
     let pin = PinDir(PathBuf::from(format!(
