@@ -492,7 +492,9 @@ pub enum Counter {
     InvalidTcpWindow,
     /// Invalid: ICMP error that matches no session, or bad ICMP type for a new flow.
     InvalidIcmp,
-    /// Invalid: IP fragment after the first (no transport header to track).
+    /// Invalid: a fragment attack the kernel's reassembly refuses too: a first fragment
+    /// too short for its transport header, a later fragment inside the TCP header
+    /// (RFC 1858), or a first fragment whose datagram id another flow holds.
     InvalidFragment,
     /// TCP segments ignored by the state table (kernel `sIG`).
     TcpIgnored,
@@ -500,11 +502,17 @@ pub enum Counter {
     EventsLost,
     /// Packets the fast path (`[forwarding] fast_path`) handed to their egress interface.
     FastPathForwarded,
+    /// Later fragments that found their datagram's first fragment and followed its verdict.
+    FragmentsFollowed,
+    /// Later fragments whose first fragment was not seen (reordered, or its entry gone):
+    /// handed to the kernel, which reassembles them only with a first fragment session
+    /// accepted.
+    FragmentsUnknown,
 }
 
 impl Counter {
     /// Number of counters; the size of the counter map.
-    pub const COUNT: u32 = Counter::FastPathForwarded as u32 + 1;
+    pub const COUNT: u32 = Counter::FragmentsUnknown as u32 + 1;
 
     /// Every counter in index order, with its stable name for `stats` and metrics.
     pub const ALL: [(Counter, &'static str); Counter::COUNT as usize] = [
@@ -533,6 +541,8 @@ impl Counter {
         (Counter::TcpIgnored, "tcp_ignored"),
         (Counter::EventsLost, "events_lost"),
         (Counter::FastPathForwarded, "fast_path_forwarded"),
+        (Counter::FragmentsFollowed, "fragments_followed"),
+        (Counter::FragmentsUnknown, "fragments_unknown"),
     ];
 }
 
