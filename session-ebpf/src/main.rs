@@ -24,7 +24,7 @@ use session_common::{
 use crate::{
     forward::fast_forward,
     tables::{
-        BpfCounters, BpfRules, BpfSessions, SkbBytes, XdpBytes, is_managed, report, scratch,
+        BpfCounters, BpfFragments, BpfRules, BpfSessions, SkbBytes, XdpBytes, is_managed, report, scratch,
         settings,
     },
 };
@@ -75,6 +75,7 @@ fn try_ingress(ctx: &XdpContext) -> Result<Ingress, Unjudged> {
         now,
         settings,
         &mut BpfSessions,
+        &mut BpfFragments,
         &BpfRules,
         &mut BpfCounters,
         scratch,
@@ -140,6 +141,7 @@ fn judge_skb(ctx: &TcContext, hook: Hook, ifindex: u32) -> Result<Action, Unjudg
         now,
         settings,
         &mut BpfSessions,
+        &mut BpfFragments,
         &BpfRules,
         &mut BpfCounters,
         scratch,

@@ -404,6 +404,12 @@ fn kernel_metric(name: &'static str) -> (String, Option<(&'static str, &'static 
         "fast_path_forwarded" => {
             "Packets of established sessions the fast path handed to their egress interface."
         }
+        "fragments_followed" => {
+            "Later IP fragments that followed their datagram's first fragment: its state, verdict and session."
+        }
+        "fragments_unknown" => {
+            "Later IP fragments whose first fragment was not seen, passed to the kernel unjudged."
+        }
         _ => "A counter of `session stats` (see docs/CONTRACT.md).",
     };
     (format!("session_{name}_total"), None, help.into())
