@@ -396,3 +396,13 @@ mod tests {
         ));
     }
 }
+
+#[cfg(feature = "user")]
+mod user {
+    use super::{DatagramEntry, DatagramKey};
+
+    // SAFETY: both are `#[repr(C)]` with explicit padding and only integer fields
+    // (bytemuck's Pod derive checks it), so any bytes are a valid value.
+    unsafe impl aya::Pod for DatagramKey {}
+    unsafe impl aya::Pod for DatagramEntry {}
+}

@@ -64,6 +64,8 @@ pub mod map_names {
     pub const PRESENCE: &str = "PRESENCE";
     /// Index of the presence filter's active bank.
     pub const PRESENCE_BANK: &str = "PRESENCE_BANK";
+    /// Records of fragmented datagrams in flight (`fragment`); not pinned.
+    pub const FRAGMENTS: &str = "FRAGMENTS";
     /// Interfaces the fast path may forward out of, by index: the managed ones that can
     /// transmit frames redirected by XDP.
     pub const FAST_PATH_PORTS: &str = "FAST_PATH_PORTS";

@@ -24,8 +24,8 @@ use session_common::{
 use crate::{
     forward::fast_forward,
     tables::{
-        BpfCounters, BpfFragments, BpfRules, BpfSessions, SkbBytes, XdpBytes, is_managed, report, scratch,
-        settings,
+        BpfCounters, BpfFragments, BpfRules, BpfSessions, SkbBytes, XdpBytes, is_managed, report,
+        scratch, settings,
     },
 };
 
