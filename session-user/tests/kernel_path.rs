@@ -1551,6 +1551,11 @@ struct Generator {
     echo: Vec<Pair>,
     gre: Vec<Pair>,
     history: Vec<Vec<u8>>,
+    /// Fragments of datagrams already begun, sent interleaved with other frames.
+    pending: Vec<(Vec<u8>, String)>,
+    /// Fragmented datagrams made so far: their shapes take turns, so that a short run
+    /// has every one.
+    datagrams: u64,
 }
 
 impl Generator {
@@ -1562,6 +1567,8 @@ impl Generator {
             echo: Vec::new(),
             gre: Vec::new(),
             history: Vec::new(),
+            pending: Vec::new(),
+            datagrams: 0,
         }
     }
 
@@ -1591,7 +1598,14 @@ impl Generator {
 
     /// One frame and its description.
     fn frame(&mut self) -> (Vec<u8>, String) {
-        let (frame, what) = self.choose();
+        let (frame, what) = match self.pending.pop() {
+            Some(next) if self.rng.chance(60) => next,
+            Some(next) => {
+                self.pending.push(next);
+                self.choose()
+            }
+            None => self.choose(),
+        };
         let (frame, what) = self.decorate(frame, what);
         self.history.push(frame.clone());
         (frame, what)
@@ -1617,10 +1631,11 @@ impl Generator {
             81..=85 if !self.history.is_empty() => self.replay(),
             86..=90 if !self.history.is_empty() => self.truncated(),
             91..=95 if !self.history.is_empty() => self.corrupted(),
-            96..=97 => self.garbage(),
+            96 => self.garbage(),
+            97 => self.fragmented(),
             98 => (arp_frame(), "ARP request".to_string()),
-            _ if !self.history.is_empty() => self.fragment(),
-            _ => self.garbage(),
+            _ if !self.history.is_empty() && self.rng.chance(40) => self.fragment(),
+            _ => self.fragmented(),
         }
     }
 
@@ -2013,6 +2028,117 @@ impl Generator {
         )
     }
 
+    /// A UDP, ICMP echo or TCP datagram of a known flow (or another flow claiming its
+    /// id) cut into fragments: in order, shuffled, without its first fragment, or with a
+    /// tiny first fragment or a fragment overlapping the TCP header. The first is returned,
+    /// the rest queued in `pending`.
+    fn fragmented(&mut self) -> (Vec<u8>, String) {
+        let kind = self.rng.below(3);
+        let (src, dst, transport, label) = match kind {
+            0 => {
+                let i = self.pair(|g| &mut g.udp, &[5353, 5353, 53]);
+                let p = self.udp[i].clone();
+                let len = self.rng.pick(&[300usize, 1000]);
+                let (src, dst, sport, dport) = if self.rng.chance(50) {
+                    (p.client, p.server, p.cport, p.sport)
+                } else {
+                    (p.server, p.client, p.sport, p.cport)
+                };
+                // Now and then another flow between the same hosts: its id may collide.
+                let sport = if self.rng.chance(15) { sport ^ 1 } else { sport };
+                (src, dst, frames::udp(sport, dport, len), "udp")
+            }
+            1 => {
+                let i = self.pair(|g| &mut g.echo, &[0]);
+                let p = self.echo[i].clone();
+                let v6 = p.client.is_ipv6();
+                let request = self.rng.chance(60);
+                let (src, dst) = if request {
+                    (p.client, p.server)
+                } else {
+                    (p.server, p.client)
+                };
+                let ty = match (v6, request) {
+                    (false, true) => 8,
+                    (false, false) => 0,
+                    (true, true) => 128,
+                    (true, false) => 129,
+                };
+                let [a, b] = p.cport.to_be_bytes();
+                (
+                    src,
+                    dst,
+                    frames::icmp(v6, ty, 0, [a, b, 0, 1], &[0x33; 700]),
+                    "echo",
+                )
+            }
+            _ => {
+                let (client, server) = self.endpoints();
+                let segment = Tcp::new(30000 + self.rng.below(100) as u16, 8080, tcp_flags::SYN)
+                    .payload(400);
+                (client, server, frames::tcp(segment), "tcp")
+            }
+        };
+        let id = self.rng.below(4) as u32;
+        let chunk = self.rng.pick(&[64usize, 200, 600]);
+        let mut pieces: Vec<(Vec<u8>, String)> = frames::fragments(src, dst, transport, chunk, id)
+            .into_iter()
+            .enumerate()
+            .map(|(i, frame)| (frame, format!("{label} {src} > {dst} id {id} fragment {i}")))
+            .collect();
+        let shape = self.datagrams % 6;
+        self.datagrams += 1;
+        match shape {
+            0 => {}
+            1 => {
+                // Shuffled: reordering ahead of and behind the first fragment.
+                for i in (1..pieces.len()).rev() {
+                    let j = self.rng.below(i as u64 + 1) as usize;
+                    pieces.swap(i, j);
+                }
+            }
+            2 => {
+                pieces.remove(0);
+            }
+            3 => {
+                // A tiny first fragment: 8 bytes of a TCP header, 4 of another.
+                let l4 = if src.is_ipv6() { 14 + 48 } else { 14 + 20 };
+                let protocol = pieces[0].0[if src.is_ipv6() { 14 + 40 } else { 14 + 9 }];
+                let tiny = if protocol == proto::TCP { 8 } else { 4 };
+                let data = pieces[0].0[l4..l4 + tiny].to_vec();
+                pieces[0] = (
+                    frames::fragment(src, dst, protocol, id, 0, true, &data),
+                    format!("{label} {src} > {dst} id {id} tiny first fragment"),
+                );
+            }
+            4 => {
+                // A first fragment of another flow claiming the id, ahead of the real one.
+                let (protocol, data) = frames::udp(4, 4, 64);
+                pieces.insert(
+                    0,
+                    (
+                        frames::fragments(src, dst, (protocol, data), 32, id).remove(0),
+                        format!("udp {src} > {dst} id {id} first fragment of another flow"),
+                    ),
+                );
+                pieces.swap(0, 1);
+            }
+            _ => {
+                // A fragment at offset 8 or 16, inside a TCP header.
+                let protocol = pieces[0].0[if src.is_ipv6() { 14 + 40 } else { 14 + 9 }];
+                let offset = self.rng.pick(&[8usize, 16]);
+                pieces.push((
+                    frames::fragment(src, dst, protocol, id, offset, true, &[0x5a; 16]),
+                    format!("{label} {src} > {dst} id {id} fragment at offset {offset}"),
+                ));
+            }
+        }
+        pieces.reverse();
+        let first = pieces.pop().expect("a datagram has fragments");
+        self.pending.extend(pieces);
+        first
+    }
+
     /// A recent IPv4 frame turned into a fragment (non-first or first-with-MF).
     fn fragment(&mut self) -> (Vec<u8>, String) {
         let mut frame = self.recent();
@@ -2299,6 +2425,8 @@ fn agree_frame_by_frame(ingress: Ingress) {
         (Counter::InvalidTcpWindow, "invalid_tcp_window"),
         (Counter::InvalidIcmp, "invalid_icmp"),
         (Counter::InvalidFragment, "invalid_fragment"),
+        (Counter::FragmentsFollowed, "fragments_followed"),
+        (Counter::FragmentsUnknown, "fragments_unknown"),
         (Counter::PacketsNonIp, "packets_non_ip"),
         (Counter::DropRule, "drop_rule"),
         (Counter::DropDefault, "drop_default"),
