@@ -2080,7 +2080,8 @@ impl Generator {
             }
         };
         let id = self.rng.below(4) as u32;
-        let chunk = self.rng.pick(&[64usize, 200, 600]);
+        // At most half the smallest datagram (300 bytes), so there are always two pieces.
+        let chunk = self.rng.pick(&[64usize, 96, 144]);
         let mut pieces: Vec<(Vec<u8>, String)> = frames::fragments(src, dst, transport, chunk, id)
             .into_iter()
             .enumerate()
