@@ -2045,7 +2045,11 @@ impl Generator {
                     (p.server, p.client, p.sport, p.cport)
                 };
                 // Now and then another flow between the same hosts: its id may collide.
-                let sport = if self.rng.chance(15) { sport ^ 1 } else { sport };
+                let sport = if self.rng.chance(15) {
+                    sport ^ 1
+                } else {
+                    sport
+                };
                 (src, dst, frames::udp(sport, dport, len), "udp")
             }
             1 => {
@@ -2074,8 +2078,8 @@ impl Generator {
             }
             _ => {
                 let (client, server) = self.endpoints();
-                let segment = Tcp::new(30000 + self.rng.below(100) as u16, 8080, tcp_flags::SYN)
-                    .payload(400);
+                let segment =
+                    Tcp::new(30000 + self.rng.below(100) as u16, 8080, tcp_flags::SYN).payload(400);
                 (client, server, frames::tcp(segment), "tcp")
             }
         };
