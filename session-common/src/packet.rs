@@ -446,13 +446,16 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(
         Err(ParseError::Fragment) => {
             let header_len = ((hdr[0] & 0x0f) as usize) * 4;
             let word = be16([hdr[6], hdr[7]]);
+            let frag = Fragment {
+                id: be16([hdr[4], hdr[5]]) as u32,
+                next: hdr[9],
+                offset: (word & IPV4_OFFSET) << 3,
+                more: word & IPV4_MF != 0,
+            };
             return parse_fragment(
                 pkt,
                 meta,
-                be16([hdr[4], hdr[5]]) as u32,
-                ((word & IPV4_OFFSET) as usize) * 8,
-                word & IPV4_MF != 0,
-                hdr[9],
+                frag,
                 offset + header_len,
                 meta.ip_len as usize - header_len,
             );
@@ -527,18 +530,15 @@ fn holds_transport_header<P: PacketBytes + ?Sized>(
 fn parse_fragment<P: PacketBytes + ?Sized>(
     pkt: &P,
     meta: &mut PacketMeta,
-    id: u32,
-    offset_bytes: usize,
-    more: bool,
-    frag_proto: u8,
+    frag: Fragment,
     l4_offset: usize,
     l4_len: usize,
 ) -> Result<(), ParseError> {
-    meta.frag_id = id;
-    meta.frag_offset = offset_bytes as u16;
-    meta.frag_proto = frag_proto;
-    let more = if more { fragment_flags::MORE } else { 0 };
-    if offset_bytes != 0 {
+    meta.frag_id = frag.id;
+    meta.frag_offset = frag.offset;
+    meta.frag_proto = frag.next;
+    let more = if frag.more { fragment_flags::MORE } else { 0 };
+    if frag.offset != 0 {
         meta.fragment = fragment_flags::LATER | more;
         meta.payload_len = l4_len as u32;
         return Err(ParseError::Fragment);
@@ -567,16 +567,9 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(
     let (l4_offset, l4_len) = (offset + 40 + chain.skipped, payload_len - chain.skipped);
     match chain.fragment {
         // An atomic fragment (offset 0, no more: RFC 6946) is a whole packet.
-        Some(frag) if frag.offset != 0 || frag.more => parse_fragment(
-            pkt,
-            meta,
-            frag.id,
-            frag.offset as usize,
-            frag.more,
-            frag.next,
-            l4_offset,
-            l4_len,
-        ),
+        Some(frag) if frag.offset != 0 || frag.more => {
+            parse_fragment(pkt, meta, frag, l4_offset, l4_len)
+        }
         _ => parse_l4(pkt, meta, l4_offset, l4_len),
     }
 }
@@ -602,14 +595,16 @@ fn read_ipv6(
     Ok(payload_len)
 }
 
-/// An IPv6 fragment header, as [`skip_ipv6_extensions`] found it.
+/// What an IPv4 header's fragment fields or an IPv6 fragment header say.
 #[derive(Clone, Copy)]
-struct Ipv6Fragment {
+struct Fragment {
+    /// Identification of the datagram.
     id: u32,
-    /// The fragment header's next header.
+    /// The protocol every fragment names ([`PacketMeta::frag_proto`]).
     next: u8,
     /// Offset in bytes.
     offset: u16,
+    /// More fragments follow.
     more: bool,
 }
 
@@ -621,7 +616,7 @@ struct Ipv6Chain {
     /// Bytes of extension headers.
     skipped: usize,
     /// The fragment header, when there is one.
-    fragment: Option<Ipv6Fragment>,
+    fragment: Option<Fragment>,
 }
 
 /// Walks IPv6 extension headers up to the transport header, or up to and including the
@@ -661,7 +656,7 @@ fn skip_ipv6_extensions<P: PacketBytes + ?Sized>(
                 }
                 next = ext[0];
                 let word = be16([ext[2], ext[3]]);
-                let frag = Ipv6Fragment {
+                let frag = Fragment {
                     id: be32([ext[4], ext[5], ext[6], ext[7]]),
                     next,
                     offset: word & 0xfff8,
@@ -929,7 +924,7 @@ fn parse_embedded<P: PacketBytes + ?Sized>(
         // A quoted later fragment has no transport header: the kernel refuses it too.
         let chain = match skip_ipv6_extensions(pkt, offset + 40, hdr[6], len - 40)? {
             Ipv6Chain {
-                fragment: Some(Ipv6Fragment { offset: 1.., .. }),
+                fragment: Some(Fragment { offset: 1.., .. }),
                 ..
             } => return Err(ParseError::Malformed),
             chain => chain,

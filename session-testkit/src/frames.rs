@@ -295,7 +295,7 @@ pub fn fragment(
     data: &[u8],
 ) -> Vec<u8> {
     assert!(
-        offset % 8 == 0,
+        offset.is_multiple_of(8),
         "fragment offsets are multiples of 8, not {offset}"
     );
     let ip = match (src, dst) {

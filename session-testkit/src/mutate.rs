@@ -238,12 +238,20 @@ fn fragment(frame: &[u8], ip: &IpView, rng: &mut dyn FnMut() -> u64) -> Option<V
     }
     let (src, dst) = ip.addresses(frame);
     let id = below(rng, 4) as u32;
-    let out = if rng() % 2 == 0 {
+    let out = if rng().is_multiple_of(2) {
         let cut = (8 * (1 + below(rng, 8)) as usize).min(data.len());
         frames::fragment(src, dst, ip.proto, id, 0, true, &data[..cut])
     } else {
         let offset = 8 * (1 + below(rng, 8)) as usize;
-        frames::fragment(src, dst, ip.proto, id, offset, rng() % 2 == 0, data)
+        frames::fragment(
+            src,
+            dst,
+            ip.proto,
+            id,
+            offset,
+            rng().is_multiple_of(2),
+            data,
+        )
     };
     Some(out)
 }
