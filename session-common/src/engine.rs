@@ -4,6 +4,10 @@
 
 use crate::{
     expect::{self, Expectations},
+    fragment::{
+        DatagramEntry, DatagramKey, Follow, FragmentTable, conflicts, datagram_key, decision_of,
+        ends_datagram, fill_entry, follow, state_of, unjudged,
+    },
     packet::{IcmpKind, PacketBytes, PacketMeta, ParseError},
     track::{
         Invalid, Update, account, direction, embedded_key, flow_key, mark_seen, new_session,
@@ -103,6 +107,10 @@ pub struct Scratch {
     pub meta: PacketMeta,
     /// A session being created for the packet.
     pub session: Session,
+    /// A fragment's datagram identity.
+    pub datagram: DatagramKey,
+    /// The record a first fragment leaves for its datagram.
+    pub entry: DatagramEntry,
 }
 
 /// Everything the pipeline concluded about one packet, for tests and the host model.
@@ -116,6 +124,8 @@ pub struct Outcome {
     pub created: bool,
     /// The packet closed its session (finished the FIN handshake, or reset it).
     pub closed: bool,
+    /// The packet is an IP fragment, which the fast path leaves to the kernel.
+    pub fragment: bool,
 }
 
 impl Outcome {
@@ -302,15 +312,17 @@ fn invalid_counter(reason: Invalid) -> Counter {
 }
 
 /// Runs one frame through parse, tracking and policy; returns what to do with it.
+/// Fragments ([`crate::fragment`]) pay for the fragment table; whole packets never touch it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn process<P, S, R, C, E>(
+pub fn process<P, S, F, R, C, E>(
     pkt: &P,
     hook: Hook,
     ifindex: u32,
     now: u64,
     settings: &Settings,
     sessions: &mut S,
+    fragments: &mut F,
     rules: &R,
     counters: &mut C,
     expectations: &mut E,
@@ -319,11 +331,17 @@ pub fn process<P, S, R, C, E>(
 where
     P: PacketBytes + ?Sized,
     S: SessionTable,
+    F: FragmentTable,
     R: RuleSource,
     C: Counters,
     E: Expectations,
 {
-    let Scratch { meta, session } = scratch;
+    let Scratch {
+        meta,
+        session,
+        datagram,
+        entry,
+    } = scratch;
     let parsed = pkt.parse_into(meta);
     if parsed == Err(ParseError::NotIp) {
         counters.count(Counter::PacketsNonIp);
@@ -335,26 +353,43 @@ where
         hook,
         ifindex,
     };
-    match parsed {
-        Ok(()) => {}
-        Err(error) => {
-            counters.count(Counter::PacketsSeen);
-            counters.count(match error {
-                ParseError::Fragment => Counter::InvalidFragment,
-                _ => Counter::InvalidMalformed,
-            });
-            crate::zero_words(meta);
-            return Some(finish(
-                meta,
-                None,
-                None,
-                Tracked::of(CtState::Invalid),
-                &judge,
-                sessions,
-                counters,
-                |_: &mut Session| Ok(()),
+    let mut first_fragment = false;
+    let invalid = match parsed {
+        Ok(()) => None,
+        Err(ParseError::Fragment) => {
+            return Some(follow_fragment(
+                meta, datagram, now, &judge, sessions, fragments, counters,
             ));
         }
+        Err(ParseError::FirstFragment) => {
+            datagram_key(meta, datagram);
+            if conflicts(fragments.get(datagram), meta, now) {
+                Some(Counter::InvalidFragment)
+            } else {
+                first_fragment = true;
+                None
+            }
+        }
+        Err(ParseError::TinyFragment) => Some(Counter::InvalidFragment),
+        Err(ParseError::Malformed | ParseError::NotIp) => Some(Counter::InvalidMalformed),
+    };
+    if let Some(reason) = invalid {
+        counters.count(Counter::PacketsSeen);
+        counters.count(reason);
+        let fragment = meta.fragment != 0;
+        crate::zero_words(meta);
+        let mut outcome = finish(
+            meta,
+            None,
+            None,
+            Tracked::of(CtState::Invalid),
+            &judge,
+            sessions,
+            counters,
+            |_: &mut Session| Ok(()),
+        );
+        outcome.fragment = fragment;
+        return Some(outcome);
     }
     counters.count(Counter::PacketsSeen);
     let (key, src_is_lo) = flow_key(meta);
@@ -371,7 +406,7 @@ where
         expectations,
         session,
     );
-    let outcome = finish(
+    let mut outcome = finish(
         meta,
         Some(&key),
         tracked.pending.then_some((&key, session)),
@@ -390,6 +425,19 @@ where
         && outcome.decision.action == Action::Accept
     {
         expect_replies(pkt, meta, ifindex, now, expectations, counters);
+    }
+    if first_fragment {
+        fill_entry(
+            entry,
+            meta,
+            &key,
+            src_is_lo,
+            outcome.state,
+            &outcome.decision,
+            now,
+        );
+        fragments.insert(datagram, entry);
+        outcome.fragment = true;
     }
     Some(outcome)
 }
@@ -444,6 +492,115 @@ fn expect_replies<P: PacketBytes + ?Sized, E: Expectations, C: Counters>(
     if let Some((key, expires)) = expect::request(meta, ifindex, expect_payload(pkt, meta), now) {
         expectations.expect(&key, expires);
         counters.count(Counter::ExpectationsCreated);
+    }
+}
+
+/// A later fragment: gets its datagram's recorded state and verdict and is counted in its
+/// session; INVALID when it would overlap the transport header; passed unjudged, touching
+/// no table, when its datagram is unknown.
+#[inline(always)]
+fn follow_fragment<S: SessionTable, F: FragmentTable, R: RuleSource, C: Counters>(
+    meta: &mut PacketMeta,
+    datagram: &mut DatagramKey,
+    now: u64,
+    judge: &Judge<'_, R>,
+    sessions: &mut S,
+    fragments: &mut F,
+    counters: &mut C,
+) -> Outcome {
+    counters.count(Counter::PacketsSeen);
+    datagram_key(meta, datagram);
+    let found = fragments.get(datagram);
+    match follow(found, meta, now) {
+        Follow::Unknown => {
+            counters.count(Counter::FragmentsUnknown);
+            counters.count(Counter::PacketsAccepted);
+            Outcome {
+                state: CtState::Untracked,
+                decision: unjudged(default_slot(judge.hook)),
+                created: false,
+                closed: false,
+                fragment: true,
+            }
+        }
+        Follow::Overlap => {
+            counters.count(Counter::InvalidFragment);
+            crate::zero_words(meta);
+            let mut outcome = finish(
+                meta,
+                None,
+                None,
+                Tracked::of(CtState::Invalid),
+                judge,
+                sessions,
+                counters,
+                |_: &mut Session| Ok(()),
+            );
+            outcome.fragment = true;
+            outcome
+        }
+        Follow::Follow => {
+            let Some(entry) = found else {
+                // `follow` answers Follow only with a record.
+                return Outcome {
+                    state: CtState::Untracked,
+                    decision: unjudged(default_slot(judge.hook)),
+                    created: false,
+                    closed: false,
+                    fragment: true,
+                };
+            };
+            let state = state_of(entry);
+            let decision = decision_of(entry);
+            if let Some(session) = sessions.get_mut(&entry.flow)
+                && session.expires_ns > now
+            {
+                let dir = direction(session, entry.src_is_lo != 0);
+                account(session, meta, dir);
+            }
+            if ends_datagram(meta) {
+                fragments.remove(datagram);
+            }
+            counters.count(Counter::FragmentsFollowed);
+            count_verdict(state, &decision, counters);
+            Outcome {
+                state,
+                decision,
+                created: false,
+                closed: false,
+                fragment: true,
+            }
+        }
+    }
+}
+
+/// Counts a packet's state, rule hit and fate, as [`finish`] does for a judged packet.
+#[inline(always)]
+fn count_verdict<C: Counters>(state: CtState, decision: &Decision, counters: &mut C) {
+    counters.count(state_counter(state));
+    counters.hit(decision.slot);
+    match decision.action {
+        Action::Accept => counters.count(Counter::PacketsAccepted),
+        Action::Drop => {
+            counters.count(Counter::PacketsDropped);
+            counters.count(if decision.rule_id == RULE_ID_DEFAULT {
+                Counter::DropDefault
+            } else {
+                Counter::DropRule
+            });
+        }
+    }
+}
+
+/// The counter of a `ct state`.
+#[inline(always)]
+fn state_counter(state: CtState) -> Counter {
+    match state {
+        CtState::New => Counter::StateNew,
+        CtState::Established => Counter::StateEstablished,
+        CtState::Related => Counter::StateRelated,
+        CtState::Invalid => Counter::StateInvalid,
+        CtState::Untracked => Counter::StateUntracked,
     }
 }
 
@@ -706,6 +863,7 @@ fn finish<S: SessionTable, R: RuleSource, C: Counters>(
         },
         created: false,
         closed: tracked.closed,
+        fragment: false,
     };
     // The one place the policy decides, so the kernel program holds one copy of the
     // classifier; a live session's verdict is cached here, after a second lookup that

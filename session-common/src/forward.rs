@@ -9,15 +9,18 @@ use crate::engine::Outcome;
 use crate::wire::{Action, CtState, proto};
 
 /// Whether the packet may leave through the fast path: accepted, of an established TCP
-/// or UDP session, and neither opening nor closing it. First packets, ICMP (and the
-/// errors related to sessions) and closing segments go through the kernel, which
-/// resolves neighbours, answers with ICMP errors and so sees every session start and end.
+/// or UDP session, neither opening nor closing it, and not an IP fragment. First packets,
+/// ICMP (and the errors related to sessions) and closing segments go through the kernel,
+/// which resolves neighbours, answers with ICMP errors and so sees every session start
+/// and end; fragments go through it because one of a datagram's fragments may reach the
+/// kernel unjudged (`fragment`), and the kernel forwards a datagram's fragments together.
 #[inline(always)]
 pub fn may_fast_forward(outcome: &Outcome, transport: u8) -> bool {
     outcome.state == CtState::Established
         && outcome.decision.action == Action::Accept
         && !outcome.created
         && !outcome.closed
+        && !outcome.fragment
         && (transport == proto::TCP || transport == proto::UDP)
 }
 
@@ -137,6 +140,7 @@ mod tests {
             },
             created: false,
             closed: false,
+            fragment: false,
         };
         assert!(may_fast_forward(&established, proto::TCP));
         assert!(may_fast_forward(&established, proto::UDP));
@@ -170,7 +174,11 @@ mod tests {
             created: true,
             ..established
         };
-        for outcome in [dropped, closing, opening] {
+        let fragment = Outcome {
+            fragment: true,
+            ..established
+        };
+        for outcome in [dropped, closing, opening, fragment] {
             assert!(!may_fast_forward(&outcome, proto::TCP), "{outcome:?}");
         }
     }

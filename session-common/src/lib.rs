@@ -9,6 +9,7 @@ pub mod clock;
 pub mod engine;
 pub mod expect;
 pub mod forward;
+pub mod fragment;
 pub mod packet;
 pub mod policy;
 pub mod presence;

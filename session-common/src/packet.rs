@@ -123,8 +123,18 @@ pub enum ParseError {
     NotIp,
     /// Headers truncated, lengths inconsistent or impossible values.
     Malformed,
-    /// A fragment after the first: no transport header.
+    /// A fragment after the first: it has no transport header, and `meta` holds only its
+    /// datagram's identity ([`PacketMeta::fragment`] and the fields it lists), which
+    /// [`crate::fragment`] looks up.
     Fragment,
+    /// The first fragment of a datagram, parsed in full into `meta` like a whole packet.
+    /// An error only so that the common case's success test stays the one test a whole
+    /// packet pays; the engine judges it as any packet, then records its verdict.
+    FirstFragment,
+    /// A first fragment too short to hold its whole transport header: the classic
+    /// tiny-fragment attack (RFC 1858), which would let later fragments supply the ports
+    /// or TCP flags the policy never saw.
+    TinyFragment,
 }
 
 /// The embedded header of an ICMP error, as sent by the host the error is about.
@@ -197,8 +207,31 @@ pub struct PacketMeta {
     /// reads (DHCP, [`crate::expect`]); 0 when not UDP or beyond 255 bytes (IPv6 with
     /// long extension headers), where nothing is read. A byte of what was padding.
     pub udp_payload_at: u8,
+    /// [`fragment_flags`] of an IP fragment, 0 for a whole packet.
+    pub fragment: u8,
+    /// The protocol every fragment of the datagram names: IPv4's protocol field, or the
+    /// next header of IPv6's fragment header (extension headers may follow it in the
+    /// first fragment only).
+    pub frag_proto: u8,
+    /// Byte offset of a fragment in its datagram (0 for the first).
+    pub frag_offset: u16,
+    /// IP identification of a fragment's datagram: 16 bits on IPv4, the fragment header's
+    /// 32 on IPv6.
+    pub frag_id: u32,
 }
-const _: () = assert!(core::mem::size_of::<PacketMeta>() == 104);
+const _: () = assert!(core::mem::size_of::<PacketMeta>() == 112);
+
+/// What [`PacketMeta::fragment`] says about a fragment. For a later fragment only the
+/// family, protocol, addresses, `ip_len`, `payload_len` (the fragment's data) and the
+/// fragment fields are filled.
+pub mod fragment_flags {
+    /// The first fragment (offset 0) of a datagram that has more.
+    pub const FIRST: u8 = 1;
+    /// A fragment at a nonzero offset.
+    pub const LATER: u8 = 2;
+    /// More fragments follow this one (IPv4 MF, IPv6 M).
+    pub const MORE: u8 = 4;
+}
 
 // SAFETY: every field is an integer, a bool, a byte array, `IcmpKind` (zero is `None`) or
 // `InnerTuple` (itself `Zeroable`).
@@ -411,7 +444,27 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(
     frame_len: usize,
 ) -> Result<(), ParseError> {
     let hdr = pkt.load::<20>(offset).ok_or(ParseError::Malformed)?;
-    let (header_len, total_len) = read_ipv4(meta, &hdr, offset, frame_len)?;
+    let (header_len, total_len) = match read_ipv4(meta, &hdr, offset, frame_len) {
+        Ok(lengths) => lengths,
+        Err(ParseError::Fragment) => {
+            let header_len = ((hdr[0] & 0x0f) as usize) * 4;
+            let word = be16([hdr[6], hdr[7]]);
+            let frag = Fragment {
+                id: be16([hdr[4], hdr[5]]) as u32,
+                next: hdr[9],
+                offset: (word & IPV4_OFFSET) << 3,
+                more: word & IPV4_MF != 0,
+            };
+            return parse_fragment(
+                pkt,
+                meta,
+                frag,
+                offset + header_len,
+                meta.ip_len as usize - header_len,
+            );
+        }
+        Err(error) => return Err(error),
+    };
     parse_l4(pkt, meta, offset + header_len, total_len - header_len)
 }
 
@@ -432,16 +485,73 @@ fn read_ipv4(
     if header_len < 20 || total_len < header_len || offset + total_len > frame_len {
         return Err(ParseError::Malformed);
     }
-    let frag = be16([hdr[6], hdr[7]]);
-    if frag & 0x1fff != 0 {
-        return Err(ParseError::Fragment);
-    }
     meta.family = FAMILY_IPV4;
     meta.proto = hdr[9];
     meta.src = ipv4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
     meta.dst = ipv4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
     meta.ip_len = total_len as u32;
+    // MF or an offset: a fragment, which the common case leaves to the general path
+    // ([`parse_ipv4`]) with this one test, the one it made before fragments were followed.
+    if be16([hdr[6], hdr[7]]) & (IPV4_MF | IPV4_OFFSET) != 0 {
+        return Err(ParseError::Fragment);
+    }
     Ok((header_len, total_len))
+}
+
+/// IPv4 "more fragments" flag in the flags/offset word.
+const IPV4_MF: u16 = 0x2000;
+/// IPv4 fragment offset (8-byte units) in the flags/offset word.
+const IPV4_OFFSET: u16 = 0x1fff;
+
+/// Transport header bytes a first fragment must hold (RFC 1858): the whole TCP header
+/// (with options: its data offset is read), UDP's 8 bytes, an ICMP header's 8; nothing
+/// for other protocols. Checked before the transport parser runs, so that a short first
+/// fragment is named for what it is.
+#[inline(always)]
+fn holds_transport_header<P: PacketBytes + ?Sized>(
+    pkt: &P,
+    protocol: u8,
+    offset: usize,
+    l4_len: usize,
+) -> bool {
+    match protocol {
+        proto::TCP => {
+            l4_len >= 20
+                && pkt
+                    .load::<1>(offset + 12)
+                    .is_some_and(|doff| ((doff[0] >> 4) as usize) * 4 <= l4_len)
+        }
+        proto::UDP | proto::ICMP | proto::ICMPV6 => l4_len >= 8,
+        _ => true,
+    }
+}
+
+/// Fills the fragment fields of `meta` and, for a later fragment, its data length; for a
+/// first fragment, checks it holds its transport header and parses that with
+/// [`parse_l4_first`]. Returns [`ParseError::Fragment`] or [`ParseError::FirstFragment`].
+#[inline(always)]
+fn parse_fragment<P: PacketBytes + ?Sized>(
+    pkt: &P,
+    meta: &mut PacketMeta,
+    frag: Fragment,
+    l4_offset: usize,
+    l4_len: usize,
+) -> Result<(), ParseError> {
+    meta.frag_id = frag.id;
+    meta.frag_offset = frag.offset;
+    meta.frag_proto = frag.next;
+    let more = if frag.more { fragment_flags::MORE } else { 0 };
+    if frag.offset != 0 {
+        meta.fragment = fragment_flags::LATER | more;
+        meta.payload_len = l4_len as u32;
+        return Err(ParseError::Fragment);
+    }
+    meta.fragment = fragment_flags::FIRST | more;
+    if !holds_transport_header(pkt, meta.proto, l4_offset, l4_len) {
+        return Err(ParseError::TinyFragment);
+    }
+    parse_l4_first(pkt, meta, l4_offset, l4_len)?;
+    Err(ParseError::FirstFragment)
 }
 
 #[inline(always)]
@@ -453,11 +563,18 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(
 ) -> Result<(), ParseError> {
     let hdr = pkt.load::<40>(offset).ok_or(ParseError::Malformed)?;
     let payload_len = read_ipv6(meta, &hdr, offset, frame_len)?;
-    let (next, ext_len) = skip_ipv6_extensions(pkt, offset + 40, hdr[6], payload_len)?;
+    let chain = skip_ipv6_extensions(pkt, offset + 40, hdr[6], payload_len)?;
     meta.family = FAMILY_IPV6;
-    meta.proto = next;
+    meta.proto = chain.next;
     meta.ip_len = (40 + payload_len) as u32;
-    parse_l4(pkt, meta, offset + 40 + ext_len, payload_len - ext_len)
+    let (l4_offset, l4_len) = (offset + 40 + chain.skipped, payload_len - chain.skipped);
+    match chain.fragment {
+        // An atomic fragment (offset 0, no more: RFC 6946) is a whole packet.
+        Some(frag) if frag.offset != 0 || frag.more => {
+            parse_fragment(pkt, meta, frag, l4_offset, l4_len)
+        }
+        _ => parse_l4(pkt, meta, l4_offset, l4_len),
+    }
 }
 
 /// Checks the fixed IPv6 header `hdr` found at `offset` and takes the addresses from it;
@@ -481,16 +598,42 @@ fn read_ipv6(
     Ok(payload_len)
 }
 
-/// Walks IPv6 extension headers; returns the transport protocol and the bytes skipped.
+/// What an IPv4 header's fragment fields or an IPv6 fragment header say.
+#[derive(Clone, Copy)]
+struct Fragment {
+    /// Identification of the datagram.
+    id: u32,
+    /// The protocol every fragment names ([`PacketMeta::frag_proto`]).
+    next: u8,
+    /// Offset in bytes.
+    offset: u16,
+    /// More fragments follow.
+    more: bool,
+}
+
+/// Where an IPv6 extension header chain ends.
+struct Ipv6Chain {
+    /// The protocol after the chain: the transport, or, at a later fragment, the protocol
+    /// its fragment header names.
+    next: u8,
+    /// Bytes of extension headers.
+    skipped: usize,
+    /// The fragment header, when there is one.
+    fragment: Option<Fragment>,
+}
+
+/// Walks IPv6 extension headers up to the transport header, or up to and including the
+/// fragment header of a later fragment, whose data has no headers to walk.
 #[inline(always)]
 fn skip_ipv6_extensions<P: PacketBytes + ?Sized>(
     pkt: &P,
     start: usize,
     first: u8,
     payload_len: usize,
-) -> Result<(u8, usize), ParseError> {
+) -> Result<Ipv6Chain, ParseError> {
     let mut next = first;
     let mut skipped = 0usize;
+    let mut fragment = None;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         let len = match next {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_MOBILITY => {
@@ -509,15 +652,39 @@ fn skip_ipv6_extensions<P: PacketBytes + ?Sized>(
             }
             IPV6_FRAGMENT => {
                 let ext = pkt
-                    .load::<4>(start + skipped)
+                    .load::<8>(start + skipped)
                     .ok_or(ParseError::Malformed)?;
-                if be16([ext[2], ext[3]]) & 0xfff8 != 0 {
-                    return Err(ParseError::Fragment);
+                if fragment.is_some() {
+                    return Err(ParseError::Malformed);
                 }
                 next = ext[0];
+                let word = be16([ext[2], ext[3]]);
+                let frag = Fragment {
+                    id: be32([ext[4], ext[5], ext[6], ext[7]]),
+                    next,
+                    offset: word & 0xfff8,
+                    more: word & 1 != 0,
+                };
+                fragment = Some(frag);
+                if frag.offset != 0 {
+                    if skipped + 8 > payload_len {
+                        return Err(ParseError::Malformed);
+                    }
+                    return Ok(Ipv6Chain {
+                        next,
+                        skipped: skipped + 8,
+                        fragment,
+                    });
+                }
                 8
             }
-            _ => return Ok((next, skipped)),
+            _ => {
+                return Ok(Ipv6Chain {
+                    next,
+                    skipped,
+                    fragment,
+                });
+            }
         };
         skipped += len;
         if skipped > payload_len {
@@ -528,7 +695,11 @@ fn skip_ipv6_extensions<P: PacketBytes + ?Sized>(
         IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_MOBILITY | IPV6_AH | IPV6_FRAGMENT => {
             Err(ParseError::Malformed)
         }
-        _ => Ok((next, skipped)),
+        _ => Ok(Ipv6Chain {
+            next,
+            skipped,
+            fragment,
+        }),
     }
 }
 
@@ -544,6 +715,31 @@ fn parse_l4<P: PacketBytes + ?Sized>(
         proto::UDP => {
             let hdr = pkt.load::<8>(offset).ok_or(ParseError::Malformed)?;
             read_udp(meta, &hdr, offset, l4_len)
+        }
+        proto::ICMP | proto::ICMPV6 => parse_icmp(pkt, meta, offset, l4_len),
+        _ => {
+            meta.payload_len = l4_len as u32;
+            Ok(())
+        }
+    }
+}
+
+/// [`parse_l4`] for a first fragment, whose UDP length is the whole datagram's, longer
+/// than this fragment: the UDP length is checked against the most an IP datagram can
+/// carry instead, and gives the payload length. The rest holds only this fragment's part
+/// of the datagram, which is all the tracker sees of a fragmented TCP segment's data.
+#[inline(always)]
+fn parse_l4_first<P: PacketBytes + ?Sized>(
+    pkt: &P,
+    meta: &mut PacketMeta,
+    offset: usize,
+    l4_len: usize,
+) -> Result<(), ParseError> {
+    match meta.proto {
+        proto::TCP => parse_tcp(pkt, meta, offset, l4_len),
+        proto::UDP => {
+            let hdr = pkt.load::<8>(offset).ok_or(ParseError::Malformed)?;
+            read_udp(meta, &hdr, offset, u16::MAX as usize)
         }
         proto::ICMP | proto::ICMPV6 => parse_icmp(pkt, meta, offset, l4_len),
         _ => {
@@ -739,12 +935,19 @@ fn parse_embedded<P: PacketBytes + ?Sized>(
         }
         inner.src.copy_from_slice(&hdr[8..24]);
         inner.dst.copy_from_slice(&hdr[24..40]);
-        let (next, ext_len) = skip_ipv6_extensions(pkt, offset + 40, hdr[6], len - 40)?;
-        if 40 + ext_len + 8 > len {
+        // A quoted later fragment has no transport header: the kernel refuses it too.
+        let chain = match skip_ipv6_extensions(pkt, offset + 40, hdr[6], len - 40)? {
+            Ipv6Chain {
+                fragment: Some(Fragment { offset: 1.., .. }),
+                ..
+            } => return Err(ParseError::Malformed),
+            chain => chain,
+        };
+        if 40 + chain.skipped + 8 > len {
             return Err(ParseError::Malformed);
         }
-        inner.proto = next;
-        l4_offset = offset + 40 + ext_len;
+        inner.proto = chain.next;
+        l4_offset = offset + 40 + chain.skipped;
     }
     let l4 = pkt.load::<8>(l4_offset).ok_or(ParseError::Malformed)?;
     match inner.proto {
@@ -974,10 +1177,18 @@ mod tests {
         parse(frame, &mut meta).map(|()| meta)
     }
 
+    /// The parse result and whatever `meta` holds after it.
+    fn parse_any(frame: &[u8]) -> (Result<(), ParseError>, PacketMeta) {
+        let mut meta = PacketMeta::default();
+        let result = parse(frame, &mut meta);
+        (result, meta)
+    }
+
+    /// A whole packet, or a first fragment, which parses as fully.
     fn ok(frame: &[u8]) -> PacketMeta {
-        match parsed(frame) {
-            Ok(meta) => meta,
-            Err(error) => panic!("valid frame rejected with {error:?}: {frame:02x?}"),
+        match parse_any(frame) {
+            (Ok(()) | Err(ParseError::FirstFragment), meta) => meta,
+            (Err(error), _) => panic!("valid frame rejected with {error:?}: {frame:02x?}"),
         }
     }
 
@@ -1678,20 +1889,21 @@ mod tests {
             vec![(IPV6_HOPOPTS, ext_opts(0))],
             vec![(IPV6_ROUTING, ext_opts(2))],
             vec![(IPV6_DSTOPTS, ext_opts(1))],
-            vec![(IPV6_FRAGMENT, ext_fragment(0, true))],
             vec![(IPV6_FRAGMENT, ext_fragment(0, false))],
             vec![(IPV6_AH, ext_ah(3))],
             vec![
                 (IPV6_HOPOPTS, ext_opts(0)),
                 (IPV6_DSTOPTS, ext_opts(0)),
                 (IPV6_ROUTING, ext_opts(0)),
-                (IPV6_FRAGMENT, ext_fragment(0, true)),
+                (IPV6_FRAGMENT, ext_fragment(0, false)),
                 (IPV6_AH, ext_ah(1)),
                 (IPV6_DSTOPTS, ext_opts(3)),
             ],
         ] {
             let ext_len: usize = exts.iter().map(|(_, body)| body.len()).sum();
-            let meta = ok(&v6_frame(&ipv6(v6(1), v6(2), &exts, proto::TCP, &tcp)));
+            let frame = v6_frame(&ipv6(v6(1), v6(2), &exts, proto::TCP, &tcp));
+            assert_eq!(parsed(&frame).map(|_| ()), Ok(()), "{exts:?}");
+            let meta = ok(&frame);
             assert_eq!(meta.proto, proto::TCP, "{exts:?}");
             assert_eq!((meta.sport, meta.dport), (1234, 80));
             assert_eq!(meta.tcp_flags, SYN);
@@ -1761,9 +1973,9 @@ mod tests {
     fn ipv4_non_first_fragment_is_a_fragment_and_first_fragment_parses() {
         let payload = udp(1, 2, 8);
         for (frag, expected) in [
-            (0x0000u16, Ok(())), // not fragmented
-            (0x4000, Ok(())),    // DF
-            (0x2000, Ok(())),    // first fragment, more to come
+            (0x0000u16, Ok(())),                      // not fragmented
+            (0x4000, Ok(())),                         // DF
+            (0x2000, Err(ParseError::FirstFragment)), // first fragment, more to come
             (0x2000 | 185, Err(ParseError::Fragment)),
             (185, Err(ParseError::Fragment)), // last fragment
             (0x1fff, Err(ParseError::Fragment)),
@@ -2026,6 +2238,237 @@ mod tests {
             if there.src != there.dst {
                 prop_assert_ne!(lo_there, lo_back);
             }
+        }
+    }
+
+    // ---- fragments ----
+
+    /// An IPv4 fragment: `frag` is the flags/offset word, `id` the identification, and
+    /// `payload` the fragment's bytes of the datagram.
+    fn v4_fragment(id: u16, frag: u16, protocol: u8, payload: &[u8]) -> Vec<u8> {
+        let mut packet = Ipv4 {
+            frag,
+            ..Ipv4::new(V4_A, V4_B, protocol)
+        }
+        .packet(payload);
+        packet[4..6].copy_from_slice(&id.to_be_bytes());
+        ethernet(ETH_P_IP, &packet)
+    }
+
+    /// A UDP datagram of `len` payload bytes, header included, as fragments cut it.
+    fn udp_datagram(len: usize) -> Vec<u8> {
+        udp(5353, 40000, len)
+    }
+
+    #[test]
+    fn an_ipv4_first_fragment_parses_in_full_with_the_datagrams_udp_length() {
+        let datagram = udp_datagram(2992);
+        let (result, meta) = parse_any(&v4_fragment(0x4242, 0x2000, proto::UDP, &datagram[..1480]));
+        assert_eq!(result, Err(ParseError::FirstFragment));
+        assert_eq!((meta.sport, meta.dport), (5353, 40000));
+        assert_eq!(
+            meta.payload_len, 2992,
+            "the datagram's payload, from the UDP length"
+        );
+        assert_eq!(meta.ip_len, 1500);
+        assert_eq!(meta.fragment, fragment_flags::FIRST | fragment_flags::MORE);
+        assert_eq!(
+            (meta.frag_id, meta.frag_offset, meta.frag_proto),
+            (0x4242, 0, proto::UDP)
+        );
+    }
+
+    #[test]
+    fn an_ipv4_later_fragment_gives_its_datagrams_identity_and_offset() {
+        let datagram = udp_datagram(2992);
+        for (word, flags) in [
+            (0x2000 | 185, fragment_flags::LATER | fragment_flags::MORE),
+            (185, fragment_flags::LATER),
+        ] {
+            let (result, meta) = parse_any(&v4_fragment(
+                0x4242,
+                word,
+                proto::UDP,
+                &datagram[1480..2960],
+            ));
+            assert_eq!(result, Err(ParseError::Fragment));
+            assert_eq!(meta.fragment, flags);
+            assert_eq!((meta.frag_id, meta.frag_offset), (0x4242, 1480));
+            assert_eq!((meta.family, meta.frag_proto), (FAMILY_IPV4, proto::UDP));
+            assert_eq!(meta.src, ipv4_mapped(V4_A));
+            assert_eq!(meta.dst, ipv4_mapped(V4_B));
+            assert_eq!(
+                (meta.sport, meta.dport),
+                (0, 0),
+                "a later fragment has no ports"
+            );
+            assert_eq!(meta.payload_len, 1480);
+            assert_eq!(meta.ip_len, 1500);
+        }
+    }
+
+    #[test]
+    fn a_first_fragment_too_short_for_its_transport_header_is_a_tiny_fragment() {
+        let tcp = Tcp {
+            options: vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+            ..Tcp::new(1234, 22, ACK)
+        }
+        .bytes();
+        for (what, protocol, payload) in [
+            ("8 bytes of a TCP header", proto::TCP, tcp[..8].to_vec()),
+            ("16 bytes of a TCP header", proto::TCP, tcp[..16].to_vec()),
+            (
+                "TCP header without its options",
+                proto::TCP,
+                tcp[..24].to_vec(),
+            ),
+            (
+                "4 bytes of a UDP header",
+                proto::UDP,
+                udp(1, 2, 0)[..4].to_vec(),
+            ),
+            ("4 bytes of an ICMP header", proto::ICMP, vec![8, 0, 0, 0]),
+        ] {
+            let (result, _) = parse_any(&v4_fragment(7, 0x2000, protocol, &payload));
+            assert_eq!(result, Err(ParseError::TinyFragment), "{what}");
+        }
+        let (result, meta) = parse_any(&v4_fragment(7, 0x2000, proto::TCP, &tcp));
+        assert_eq!(
+            result,
+            Err(ParseError::FirstFragment),
+            "the whole TCP header"
+        );
+        assert_eq!(meta.tcp_header_len, 32);
+        let (result, _) = parse_any(&v4_fragment(7, 0x2000, 47, &[0; 4]));
+        assert_eq!(
+            result,
+            Err(ParseError::FirstFragment),
+            "GRE needs no header here"
+        );
+    }
+
+    #[test]
+    fn an_ipv6_fragment_header_after_other_extension_headers_is_found() {
+        let datagram = udp_datagram(3000);
+        let before = [(IPV6_HOPOPTS, ext_opts(0)), (IPV6_DSTOPTS, ext_opts(1))];
+        let mut first = before.to_vec();
+        first.push((IPV6_FRAGMENT, ext_fragment(0, true)));
+        let frame = v6_frame(&ipv6(v6(1), v6(2), &first, proto::UDP, &datagram[..1200]));
+        let (result, meta) = parse_any(&frame);
+        assert_eq!(result, Err(ParseError::FirstFragment));
+        assert_eq!(
+            (meta.sport, meta.dport, meta.payload_len),
+            (5353, 40000, 3000)
+        );
+        assert_eq!(meta.fragment, fragment_flags::FIRST | fragment_flags::MORE);
+        assert_eq!((meta.frag_id, meta.frag_proto), (0xdead_beef, proto::UDP));
+        let mut later = before.to_vec();
+        later.push((IPV6_FRAGMENT, ext_fragment(150, false)));
+        let frame = v6_frame(&ipv6(
+            v6(1),
+            v6(2),
+            &later,
+            proto::UDP,
+            &datagram[1200..2400],
+        ));
+        let (result, meta) = parse_any(&frame);
+        assert_eq!(result, Err(ParseError::Fragment));
+        assert_eq!(meta.fragment, fragment_flags::LATER);
+        assert_eq!((meta.frag_id, meta.frag_offset), (0xdead_beef, 1200));
+        assert_eq!((meta.family, meta.frag_proto), (FAMILY_IPV6, proto::UDP));
+        assert_eq!(meta.payload_len, 1200);
+        assert_eq!(meta.src, v6(1));
+    }
+
+    #[test]
+    fn an_ipv6_first_fragment_names_the_protocol_of_its_fragment_header() {
+        // A destination options header after the fragment header (allowed, if rare): the
+        // transport is UDP, but every fragment's header names the options header.
+        let exts = [
+            (IPV6_FRAGMENT, ext_fragment(0, true)),
+            (IPV6_DSTOPTS, ext_opts(0)),
+        ];
+        let frame = v6_frame(&ipv6(v6(1), v6(2), &exts, proto::UDP, &udp(1, 2, 64)));
+        let (result, meta) = parse_any(&frame);
+        assert_eq!(result, Err(ParseError::FirstFragment));
+        assert_eq!((meta.proto, meta.frag_proto), (proto::UDP, IPV6_DSTOPTS));
+    }
+
+    #[test]
+    fn truncated_fragments_are_malformed() {
+        let datagram = udp_datagram(2992);
+        let frame = v4_fragment(9, 185, proto::UDP, &datagram[1480..2960]);
+        assert_eq!(
+            parse_any(&frame[..frame.len() - 1]).0,
+            Err(ParseError::Malformed)
+        );
+        // An IPv6 fragment header cut short, or claiming more than the payload holds.
+        let frame = v6_frame(&ipv6(
+            v6(1),
+            v6(2),
+            &[(IPV6_FRAGMENT, ext_fragment(9, false))],
+            17,
+            &[],
+        ));
+        assert_eq!(
+            parse_any(&frame[..frame.len() - 2]).0,
+            Err(ParseError::Malformed)
+        );
+        let frame = v6_frame(&ipv6(
+            v6(1),
+            v6(2),
+            &[
+                (IPV6_FRAGMENT, ext_fragment(0, true)),
+                (IPV6_FRAGMENT, ext_fragment(0, true)),
+            ],
+            17,
+            &udp(1, 2, 8),
+        ));
+        assert_eq!(
+            parse_any(&frame).0,
+            Err(ParseError::Malformed),
+            "two fragment headers"
+        );
+    }
+
+    #[test]
+    fn an_icmpv6_error_quoting_a_later_fragment_is_malformed() {
+        let quoted = ipv6(
+            v6(1),
+            v6(2),
+            &[(IPV6_FRAGMENT, ext_fragment(10, true))],
+            proto::UDP,
+            &[0; 16],
+        );
+        let frame = v6_frame(&ipv6(
+            v6(0xfe),
+            v6(1),
+            &[],
+            proto::ICMPV6,
+            &icmp(1, 0, [0; 4], &quoted),
+        ));
+        assert_eq!(parse_any(&frame).0, Err(ParseError::Malformed));
+    }
+
+    proptest! {
+        /// Any cut of a fragmented datagram at any 8-byte boundary parses to the
+        /// fragment's identity, and its first fragment to the flow; never a panic.
+        #[test]
+        fn fragments_of_any_cut_parse_to_their_datagram(
+            len in 16usize..4000,
+            cut in 1usize..500,
+            id in any::<u16>(),
+        ) {
+            let datagram = udp_datagram(len);
+            let cut = (cut * 8).min(datagram.len() - 1) / 8 * 8;
+            prop_assume!(cut >= 8);
+            let (result, meta) = parse_any(&v4_fragment(id, 0x2000, proto::UDP, &datagram[..cut]));
+            prop_assert_eq!(result, Err(ParseError::FirstFragment));
+            prop_assert_eq!((meta.sport, meta.frag_id), (5353, id as u32));
+            let word = (cut / 8) as u16;
+            let (result, meta) = parse_any(&v4_fragment(id, word, proto::UDP, &datagram[cut..]));
+            prop_assert_eq!(result, Err(ParseError::Fragment));
+            prop_assert_eq!((meta.frag_offset as usize, meta.frag_id), (cut, id as u32));
         }
     }
 }

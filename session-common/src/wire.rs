@@ -70,6 +70,8 @@ pub mod map_names {
     pub const SET_REFS: &str = "SET_REFS";
     /// Per storage, the set's name, state and size.
     pub const SET_INFO: &str = "SET_INFO";
+    /// Records of fragmented datagrams in flight (`fragment`); not pinned.
+    pub const FRAGMENTS: &str = "FRAGMENTS";
     /// Interfaces the fast path may forward out of, by index: the managed ones that can
     /// transmit frames redirected by XDP.
     pub const FAST_PATH_PORTS: &str = "FAST_PATH_PORTS";
@@ -503,7 +505,9 @@ pub enum Counter {
     InvalidTcpWindow,
     /// Invalid: ICMP error that matches no session, or bad ICMP type for a new flow.
     InvalidIcmp,
-    /// Invalid: IP fragment after the first (no transport header to track).
+    /// Invalid: a fragment attack the kernel's reassembly refuses too: a first fragment
+    /// too short for its transport header, a later fragment inside the TCP header
+    /// (RFC 1858), or a first fragment whose datagram id another flow holds.
     InvalidFragment,
     /// TCP segments ignored by the state table (kernel `sIG`).
     TcpIgnored,
@@ -521,11 +525,17 @@ pub enum Counter {
     /// any count says the kernel side is broken. Not in `PacketsSeen` or `PacketsDropped`,
     /// which the engine counts for packets it judged.
     DropUnjudged,
+    /// Later fragments that found their datagram's first fragment and followed its verdict.
+    FragmentsFollowed,
+    /// Later fragments whose first fragment was not seen (reordered, or its entry gone):
+    /// handed to the kernel, which reassembles them only with a first fragment session
+    /// accepted.
+    FragmentsUnknown,
 }
 
 impl Counter {
     /// Number of counters; the size of the counter map.
-    pub const COUNT: u32 = Counter::DropUnjudged as u32 + 1;
+    pub const COUNT: u32 = Counter::FragmentsUnknown as u32 + 1;
 
     /// Every counter in index order, with its stable name for `stats` and metrics.
     pub const ALL: [(Counter, &'static str); Counter::COUNT as usize] = [
@@ -557,6 +567,8 @@ impl Counter {
         (Counter::ExpectationsCreated, "expectations_created"),
         (Counter::ExpectationHits, "expectation_hits"),
         (Counter::DropUnjudged, "drop_unjudged"),
+        (Counter::FragmentsFollowed, "fragments_followed"),
+        (Counter::FragmentsUnknown, "fragments_unknown"),
     ];
 }
 

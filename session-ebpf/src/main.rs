@@ -25,8 +25,8 @@ use crate::{
     diagnostics::{LoggedCounters, Unjudged},
     forward::fast_forward,
     tables::{
-        BpfCounters, BpfExpectations, BpfRules, BpfSessions, SkbBytes, XdpBytes, is_managed,
-        report, scratch, settings,
+        BpfCounters, BpfExpectations, BpfFragments, BpfRules, BpfSessions, SkbBytes, XdpBytes,
+        is_managed, report, scratch, settings,
     },
 };
 
@@ -77,6 +77,7 @@ fn try_ingress(ctx: &XdpContext) -> Result<Ingress, Unjudged> {
         now,
         settings,
         &mut BpfSessions,
+        &mut BpfFragments,
         &BpfRules,
         &mut LoggedCounters {
             ctx,
@@ -153,6 +154,7 @@ fn judge_skb(ctx: &TcContext, hook: Hook, ifindex: u32) -> Result<Action, Unjudg
         now,
         settings,
         &mut BpfSessions,
+        &mut BpfFragments,
         &BpfRules,
         &mut LoggedCounters { ctx, hook, ifindex },
         &mut BpfExpectations,

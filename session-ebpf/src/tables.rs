@@ -15,6 +15,7 @@ use aya_ebpf::{
 use session_common::{
     engine::{Counters, Outcome, RuleSource, Scratch, SessionTable},
     expect::{ExpectKey, Expectations},
+    fragment::{DatagramEntry, DatagramKey, FragmentTable, MAX_FRAGMENT_DATAGRAMS},
     packet::{
         MAX_TCP_OPTION_BYTES, PacketBytes, PacketMeta, ParseError, parse_common_case, parse_general,
     },
@@ -96,6 +97,13 @@ static SET_REFS: Array<SetRefs> = Array::pinned(2, 0);
 /// Read only by user space; declared here so the loader creates and pins it.
 #[map]
 static SET_INFO: Array<session_common::sets::SetInfo> = Array::pinned(MAX_SET_STORAGE, 0);
+/// Datagrams in flight whose later fragments follow their first (`session_common::fragment`).
+/// Not pinned: a record lives for one datagram, and a restart that loses it sends the
+/// datagram's later fragments to the kernel unjudged, which reassembles them only with the
+/// first fragment this program let through.
+#[map]
+static FRAGMENTS: LruHashMap<DatagramKey, DatagramEntry> =
+    LruHashMap::with_max_entries(MAX_FRAGMENT_DATAGRAMS, 0);
 
 /// Entries of the keyed classifier tables: per bank, one per rule entry plus the catch-all
 /// (interface 0, network ::/0).
@@ -274,6 +282,8 @@ fn decode_parse(code: i32) -> Result<(), ParseError> {
         0 => Ok(()),
         1 => Err(ParseError::NotIp),
         3 => Err(ParseError::Fragment),
+        4 => Err(ParseError::FirstFragment),
+        5 => Err(ParseError::TinyFragment),
         _ => Err(ParseError::Malformed),
     }
 }
@@ -494,6 +504,28 @@ impl SessionTable for BpfSessions {
         mark_present(key);
         let _ = UNASSURED.remove(key);
         true
+    }
+}
+
+/// The fragment records, an LRU map: a flood of first fragments evicts the oldest.
+pub struct BpfFragments;
+
+impl FragmentTable for BpfFragments {
+    #[inline(always)]
+    fn get(&self, key: &DatagramKey) -> Option<&DatagramEntry> {
+        // SAFETY: the record is map memory, valid while the program runs; a concurrent
+        // update on another CPU can only change its fields, all plain integers.
+        unsafe { FRAGMENTS.get(key) }
+    }
+
+    #[inline(always)]
+    fn insert(&mut self, key: &DatagramKey, entry: &DatagramEntry) {
+        let _ = FRAGMENTS.insert(key, entry, 0);
+    }
+
+    #[inline(always)]
+    fn remove(&mut self, key: &DatagramKey) {
+        let _ = FRAGMENTS.remove(key);
     }
 }
 

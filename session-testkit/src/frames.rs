@@ -247,3 +247,86 @@ pub fn icmp_error(from: IpAddr, to: IpAddr, icmp_type: u8, code: u8, original: &
     let quoted = &original[..original.len().min(if v6 { 1232 } else { 548 })];
     frame(from, to, icmp(v6, icmp_type, code, [0; 4], quoted))
 }
+
+/// The IP packet [`packet`] builds (checksums filled in) cut into fragments of at most
+/// `chunk` bytes of its transport data each (rounded down to a multiple of 8), as
+/// Ethernet frames in order: IPv4 with identification `id` (its low 16 bits), IPv6 with a
+/// fragment header of identification `id`.
+pub fn fragments(
+    src: IpAddr,
+    dst: IpAddr,
+    transport: (u8, Vec<u8>),
+    chunk: usize,
+    id: u32,
+) -> Vec<Vec<u8>> {
+    let protocol = transport.0;
+    let whole = packet(src, dst, transport);
+    let data = &whole[if src.is_ipv6() { 40 } else { 20 }..];
+    let chunk = (chunk / 8 * 8).max(8);
+    let mut out = Vec::new();
+    let mut offset = 0;
+    while offset < data.len() {
+        let end = (offset + chunk).min(data.len());
+        out.push(fragment(
+            src,
+            dst,
+            protocol,
+            id,
+            offset,
+            end < data.len(),
+            &data[offset..end],
+        ));
+        offset = end;
+    }
+    out
+}
+
+/// One fragment, as an Ethernet frame: `data` at byte `offset` (a multiple of 8) of a
+/// datagram of protocol `protocol` and identification `id`, with "more fragments" set
+/// when `more`. For crafting fragments that no stack would send: overlapping, out of
+/// order, claiming another flow's id.
+pub fn fragment(
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: u8,
+    id: u32,
+    offset: usize,
+    more: bool,
+    data: &[u8],
+) -> Vec<u8> {
+    assert!(
+        offset.is_multiple_of(8),
+        "fragment offsets are multiples of 8, not {offset}"
+    );
+    let ip = match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let flags = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+            let mut out = vec![0x45, 0];
+            out.extend_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+            out.extend_from_slice(&(id as u16).to_be_bytes());
+            out.extend_from_slice(&flags.to_be_bytes());
+            out.extend_from_slice(&[64, protocol, 0, 0]);
+            out.extend_from_slice(&src.octets());
+            out.extend_from_slice(&dst.octets());
+            let sum = checksum(&[&out]);
+            out[10..12].copy_from_slice(&sum.to_be_bytes());
+            out.extend_from_slice(data);
+            out
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let word = offset as u16 | u16::from(more);
+            let mut out = vec![0x60, 0, 0, 0];
+            out.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+            out.extend_from_slice(&[44, 64]);
+            out.extend_from_slice(&src.octets());
+            out.extend_from_slice(&dst.octets());
+            out.extend_from_slice(&[protocol, 0]);
+            out.extend_from_slice(&word.to_be_bytes());
+            out.extend_from_slice(&id.to_be_bytes());
+            out.extend_from_slice(data);
+            out
+        }
+        _ => panic!("fragment: {src} and {dst} are of different families"),
+    };
+    ethernet(&ip)
+}

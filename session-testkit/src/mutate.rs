@@ -39,11 +39,16 @@ pub enum Mutation {
     /// An ICMP or ICMPv6 error quoting a damaged packet: cut short, with a bad header
     /// length, of the other family, or itself an ICMP error.
     BogusIcmpError,
+    /// The packet as one fragment of a datagram of a few ids: its first (cut at a random
+    /// 8-byte boundary, sometimes inside the transport header), or a later one at a
+    /// random offset (sometimes inside the transport header), so that first and later
+    /// fragments of the same datagrams meet.
+    Fragment,
 }
 
 impl Mutation {
     /// Every mutation, for picking one at random and for reports.
-    pub const ALL: [Mutation; 7] = [
+    pub const ALL: [Mutation; 8] = [
         Mutation::TruncatedHeaders,
         Mutation::BadIhl,
         Mutation::BadLength,
@@ -51,6 +56,7 @@ impl Mutation {
         Mutation::TcpFlags,
         Mutation::Ipv6ExtensionChain,
         Mutation::BogusIcmpError,
+        Mutation::Fragment,
     ];
 
     /// A short name for reports.
@@ -63,6 +69,7 @@ impl Mutation {
             Mutation::TcpFlags => "tcp-flags",
             Mutation::Ipv6ExtensionChain => "ipv6-extension-chain",
             Mutation::BogusIcmpError => "bogus-icmp-error",
+            Mutation::Fragment => "fragment",
         }
     }
 
@@ -121,6 +128,7 @@ impl Mutation {
                 out = extension_chain(frame, ip.proto, rng);
             }
             Mutation::BogusIcmpError => out = bogus_icmp_error(frame, &ip, rng)?,
+            Mutation::Fragment => out = fragment(frame, &ip, rng)?,
         }
         Some(out)
     }
@@ -220,6 +228,32 @@ impl IpView {
             (IpAddr::from(src), IpAddr::from(dst))
         }
     }
+}
+
+/// `frame`'s transport bytes as one fragment (see [`Mutation::Fragment`]).
+fn fragment(frame: &[u8], ip: &IpView, rng: &mut dyn FnMut() -> u64) -> Option<Vec<u8>> {
+    let data = frame.get(ip.l4..)?;
+    if data.is_empty() {
+        return None;
+    }
+    let (src, dst) = ip.addresses(frame);
+    let id = below(rng, 4) as u32;
+    let out = if rng().is_multiple_of(2) {
+        let cut = (8 * (1 + below(rng, 8)) as usize).min(data.len());
+        frames::fragment(src, dst, ip.proto, id, 0, true, &data[..cut])
+    } else {
+        let offset = 8 * (1 + below(rng, 8)) as usize;
+        frames::fragment(
+            src,
+            dst,
+            ip.proto,
+            id,
+            offset,
+            rng().is_multiple_of(2),
+            data,
+        )
+    };
+    Some(out)
 }
 
 /// The IPv6 extension headers the chain draws from: hop-by-hop, routing, destination

@@ -531,6 +531,26 @@ impl Bench {
                 Some(150.0),
             ),
         );
+        // A later fragment of the established UDP flow's datagram: the first fragment
+        // (run again each round, so its record is live) leaves the record the middle
+        // fragment, replayed, follows; a middle fragment keeps the record.
+        let pieces = frames::fragments(
+            v4(198, 18, 9, 9),
+            IpAddr::V4(SERVER),
+            frames::udp(5000, 53, 3000),
+            1400,
+            77,
+        );
+        let followed = median_of(ROUNDS, |_| {
+            run(xdp, &pieces[0], 1);
+            run(xdp, &pieces[1], REPEAT)
+        });
+        rows.push((
+            "fragment followed (a later fragment of an established UDP datagram)",
+            followed,
+            noop_repeat,
+            None,
+        ));
         let mut noop_once = Vec::new();
         let new_flow = median_of(ROUNDS, |round| {
             let frames: Vec<Vec<u8>> = (0..NEW_FLOWS)

@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use session_common::{
     engine::{Counters, Outcome, RuleSource, Scratch, SessionTable, process},
     expect::{ExpectKey, Expectations},
+    fragment::{DatagramEntry, DatagramKey, FragmentTable, MAX_FRAGMENT_DATAGRAMS},
     packet::PacketMeta,
     policy::rule_matches,
     sets::sets_match,
@@ -94,6 +95,57 @@ impl SessionTable for ModelSessions {
             }
             _ => false,
         }
+    }
+}
+
+/// The fragment records, with the kernel map's capacity: a full table evicts its least
+/// recently used record, as the kernel's LRU map does (approximately there, so tests that
+/// compare the two must not fill it).
+#[derive(Clone, Debug)]
+pub struct ModelFragments {
+    /// Every record.
+    pub map: HashMap<DatagramKey, DatagramEntry>,
+    /// Records held at most.
+    pub capacity: usize,
+    last_use: HashMap<DatagramKey, u64>,
+    clock: u64,
+}
+
+impl Default for ModelFragments {
+    fn default() -> Self {
+        ModelFragments {
+            map: HashMap::new(),
+            capacity: MAX_FRAGMENT_DATAGRAMS as usize,
+            last_use: HashMap::new(),
+            clock: 0,
+        }
+    }
+}
+
+impl FragmentTable for ModelFragments {
+    fn get(&self, key: &DatagramKey) -> Option<&DatagramEntry> {
+        self.map.get(key)
+    }
+
+    fn insert(&mut self, key: &DatagramKey, entry: &DatagramEntry) {
+        if self.map.len() >= self.capacity && !self.map.contains_key(key) {
+            let victim = self
+                .last_use
+                .iter()
+                .min_by_key(|(_, used)| **used)
+                .map(|(k, _)| *k);
+            if let Some(victim) = victim {
+                self.remove(&victim);
+            }
+        }
+        self.clock += 1;
+        self.map.insert(*key, *entry);
+        self.last_use.insert(*key, self.clock);
+    }
+
+    fn remove(&mut self, key: &DatagramKey) {
+        self.map.remove(key);
+        self.last_use.remove(key);
     }
 }
 
@@ -204,6 +256,8 @@ pub struct Model {
     pub settings: Settings,
     /// Session table.
     pub sessions: ModelSessions,
+    /// Records of fragmented datagrams in flight.
+    pub fragments: ModelFragments,
     /// Active policy.
     pub rules: ModelRules,
     /// Counters.
@@ -232,6 +286,7 @@ impl Model {
             now,
             &self.settings,
             &mut self.sessions,
+            &mut self.fragments,
             &self.rules,
             &mut self.counters,
             &mut self.expectations,

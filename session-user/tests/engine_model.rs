@@ -2138,11 +2138,34 @@ fn other_protocols_are_tracked_generically_by_address_pair() {
 // ---------------------------------------------------------------- fragments, malformed, non-IP
 
 #[test]
-fn ipv4_non_first_fragment_is_invalid() {
+fn a_later_fragment_without_its_first_passes_unjudged_and_inside_a_tcp_header_is_invalid() {
     let mut model = restrictive();
     let mut ip = frames::ip_packet(client(), server(), 17, &[0u8; 64]);
     ip[6] = 0x00;
     ip[7] = 185; // offset 1480 bytes
+    let frame = frames::ethernet(&ip);
+    // No first fragment seen: handed to the kernel, which cannot deliver it without one.
+    expect_verdict(
+        &mut model,
+        &frame,
+        Hook::Ingress,
+        0,
+        CtState::Untracked,
+        Action::Accept,
+        "later fragment of an unknown datagram",
+    );
+    assert_eq!(counter(&model, Counter::FragmentsUnknown), 1);
+    assert_eq!(
+        counter(&model, Counter::StateUntracked),
+        0,
+        "in no state counter"
+    );
+    assert!(model.sessions.map.is_empty());
+    assert!(model.fragments.map.is_empty(), "it touches no table");
+    // At offset 8 of a TCP datagram it could rewrite the flags (RFC 1858).
+    let mut ip = frames::ip_packet(client(), server(), 6, &[0u8; 64]);
+    ip[6] = 0x00;
+    ip[7] = 1;
     let frame = frames::ethernet(&ip);
     expect_verdict(
         &mut model,
@@ -2151,7 +2174,7 @@ fn ipv4_non_first_fragment_is_invalid() {
         0,
         CtState::Invalid,
         Action::Drop,
-        "non-first fragment",
+        "fragment inside a TCP header",
     );
     assert_eq!(counter(&model, Counter::InvalidFragment), 1);
     let mut model = permissive();
@@ -2160,7 +2183,7 @@ fn ipv4_non_first_fragment_is_invalid() {
         &frame,
         0,
         CtState::Invalid,
-        "non-first fragment, permissive",
+        "fragment inside a TCP header, permissive",
     );
     assert!(model.sessions.map.is_empty());
 }

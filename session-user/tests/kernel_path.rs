@@ -34,6 +34,7 @@ use aya::{
 use session_common::{
     engine::Outcome,
     expect::ExpectKey,
+    fragment::{DatagramEntry, DatagramKey, MAX_FRAGMENT_DATAGRAMS},
     packet::ipv4_mapped,
     wire::{
         Action, Counter, CtState, Event, FAMILY_IPV4, FAMILY_IPV6, FlowKey, FlowState, Hook,
@@ -302,6 +303,21 @@ impl Kernel {
             .all_sessions()
             .unwrap_or_else(|error| panic!("reading the session tables: {error:?}"))
             .into_iter()
+            .collect()
+    }
+
+    /// The fragment records (the `FRAGMENTS` map, which is not pinned: read through the
+    /// loaded object).
+    fn fragment_records(&self) -> HashMap<DatagramKey, DatagramEntry> {
+        let map = self
+            .ebpf
+            .map(map_names::FRAGMENTS)
+            .expect("FRAGMENTS missing from the object");
+        let records = aya::maps::HashMap::<_, DatagramKey, DatagramEntry>::try_from(map)
+            .unwrap_or_else(|error| panic!("FRAGMENTS is not a hash map: {error:?}"));
+        records
+            .iter()
+            .map(|entry| entry.unwrap_or_else(|error| panic!("reading FRAGMENTS: {error:?}")))
             .collect()
     }
 
@@ -1378,16 +1394,23 @@ fn malformed_frames_drop_as_invalid_and_never_abort() {
     }
     let fragments: Vec<(&str, Vec<u8>)> = vec![
         (
-            "IPv4 non-first fragment",
-            edit(&udp4, &|p| {
+            "IPv4 fragment at offset 8 of a TCP datagram (RFC 1858)",
+            edit(&syn4, &|p| {
                 p[6..8].copy_from_slice(&0x2001u16.to_be_bytes())
             }),
         ),
-        ("IPv6 non-first fragment", {
+        (
+            "IPv4 first fragment holding 8 bytes of TCP header",
+            edit(&syn4[..28], &|p| {
+                p[2..4].copy_from_slice(&28u16.to_be_bytes());
+                p[6..8].copy_from_slice(&0x2000u16.to_be_bytes());
+            }),
+        ),
+        ("IPv6 fragment at offset 16 of a TCP datagram", {
             let mut p = udp6[..40].to_vec();
             p[4..6].copy_from_slice(&(8 + udp6.len() as u16 - 40).to_be_bytes());
             p[6] = 44;
-            p.extend_from_slice(&[17, 0, 0, 0x08, 0, 0, 0, 1]);
+            p.extend_from_slice(&[6, 0, 0, 0x10, 0, 0, 0, 1]);
             p.extend_from_slice(&udp6[40..]);
             eth(&p)
         }),
@@ -1535,6 +1558,11 @@ struct Generator {
     echo: Vec<Pair>,
     gre: Vec<Pair>,
     history: Vec<Vec<u8>>,
+    /// Fragments of datagrams already begun, sent interleaved with other frames.
+    pending: Vec<(Vec<u8>, String)>,
+    /// Fragmented datagrams made so far: their shapes take turns, so that a short run
+    /// has every one.
+    datagrams: u64,
 }
 
 impl Generator {
@@ -1546,6 +1574,8 @@ impl Generator {
             echo: Vec::new(),
             gre: Vec::new(),
             history: Vec::new(),
+            pending: Vec::new(),
+            datagrams: 0,
         }
     }
 
@@ -1575,7 +1605,14 @@ impl Generator {
 
     /// One frame and its description.
     fn frame(&mut self) -> (Vec<u8>, String) {
-        let (frame, what) = self.choose();
+        let (frame, what) = match self.pending.pop() {
+            Some(next) if self.rng.chance(60) => next,
+            Some(next) => {
+                self.pending.push(next);
+                self.choose()
+            }
+            None => self.choose(),
+        };
         let (frame, what) = self.decorate(frame, what);
         self.history.push(frame.clone());
         (frame, what)
@@ -1601,10 +1638,11 @@ impl Generator {
             81..=85 if !self.history.is_empty() => self.replay(),
             86..=90 if !self.history.is_empty() => self.truncated(),
             91..=95 if !self.history.is_empty() => self.corrupted(),
-            96..=97 => self.garbage(),
+            96 => self.garbage(),
+            97 => self.fragmented(),
             98 => (arp_frame(), "ARP request".to_string()),
-            _ if !self.history.is_empty() => self.fragment(),
-            _ => self.garbage(),
+            _ if !self.history.is_empty() && self.rng.chance(40) => self.fragment(),
+            _ => self.fragmented(),
         }
     }
 
@@ -1997,6 +2035,122 @@ impl Generator {
         )
     }
 
+    /// A UDP, ICMP echo or TCP datagram of a known flow (or another flow claiming its
+    /// id) cut into fragments: in order, shuffled, without its first fragment, or with a
+    /// tiny first fragment or a fragment overlapping the TCP header. The first is returned,
+    /// the rest queued in `pending`.
+    fn fragmented(&mut self) -> (Vec<u8>, String) {
+        let kind = self.rng.below(3);
+        let (src, dst, transport, label) = match kind {
+            0 => {
+                let i = self.pair(|g| &mut g.udp, &[5353, 5353, 53]);
+                let p = self.udp[i].clone();
+                let len = self.rng.pick(&[300usize, 1000]);
+                let (src, dst, sport, dport) = if self.rng.chance(50) {
+                    (p.client, p.server, p.cport, p.sport)
+                } else {
+                    (p.server, p.client, p.sport, p.cport)
+                };
+                // Now and then another flow between the same hosts: its id may collide.
+                let sport = if self.rng.chance(15) {
+                    sport ^ 1
+                } else {
+                    sport
+                };
+                (src, dst, frames::udp(sport, dport, len), "udp")
+            }
+            1 => {
+                let i = self.pair(|g| &mut g.echo, &[0]);
+                let p = self.echo[i].clone();
+                let v6 = p.client.is_ipv6();
+                let request = self.rng.chance(60);
+                let (src, dst) = if request {
+                    (p.client, p.server)
+                } else {
+                    (p.server, p.client)
+                };
+                let ty = match (v6, request) {
+                    (false, true) => 8,
+                    (false, false) => 0,
+                    (true, true) => 128,
+                    (true, false) => 129,
+                };
+                let [a, b] = p.cport.to_be_bytes();
+                (
+                    src,
+                    dst,
+                    frames::icmp(v6, ty, 0, [a, b, 0, 1], &[0x33; 700]),
+                    "echo",
+                )
+            }
+            _ => {
+                let (client, server) = self.endpoints();
+                let segment =
+                    Tcp::new(30000 + self.rng.below(100) as u16, 8080, tcp_flags::SYN).payload(400);
+                (client, server, frames::tcp(segment), "tcp")
+            }
+        };
+        let id = self.rng.below(4) as u32;
+        // At most half the smallest datagram (300 bytes), so there are always two pieces.
+        let chunk = self.rng.pick(&[64usize, 96, 144]);
+        let mut pieces: Vec<(Vec<u8>, String)> = frames::fragments(src, dst, transport, chunk, id)
+            .into_iter()
+            .enumerate()
+            .map(|(i, frame)| (frame, format!("{label} {src} > {dst} id {id} fragment {i}")))
+            .collect();
+        let shape = self.datagrams % 6;
+        self.datagrams += 1;
+        match shape {
+            0 => {}
+            1 => {
+                // Shuffled: reordering ahead of and behind the first fragment.
+                for i in (1..pieces.len()).rev() {
+                    let j = self.rng.below(i as u64 + 1) as usize;
+                    pieces.swap(i, j);
+                }
+            }
+            2 => {
+                pieces.remove(0);
+            }
+            3 => {
+                // A tiny first fragment: 8 bytes of a TCP header, 4 of another.
+                let l4 = if src.is_ipv6() { 14 + 48 } else { 14 + 20 };
+                let protocol = pieces[0].0[if src.is_ipv6() { 14 + 40 } else { 14 + 9 }];
+                let tiny = if protocol == proto::TCP { 8 } else { 4 };
+                let data = pieces[0].0[l4..l4 + tiny].to_vec();
+                pieces[0] = (
+                    frames::fragment(src, dst, protocol, id, 0, true, &data),
+                    format!("{label} {src} > {dst} id {id} tiny first fragment"),
+                );
+            }
+            4 => {
+                // A first fragment of another flow claiming the id, ahead of the real one.
+                let (protocol, data) = frames::udp(4, 4, 64);
+                pieces.insert(
+                    0,
+                    (
+                        frames::fragments(src, dst, (protocol, data), 32, id).remove(0),
+                        format!("udp {src} > {dst} id {id} first fragment of another flow"),
+                    ),
+                );
+                pieces.swap(0, 1);
+            }
+            _ => {
+                // A fragment at offset 8 or 16, inside a TCP header.
+                let protocol = pieces[0].0[if src.is_ipv6() { 14 + 40 } else { 14 + 9 }];
+                let offset = self.rng.pick(&[8usize, 16]);
+                pieces.push((
+                    frames::fragment(src, dst, protocol, id, offset, true, &[0x5a; 16]),
+                    format!("{label} {src} > {dst} id {id} fragment at offset {offset}"),
+                ));
+            }
+        }
+        pieces.reverse();
+        let first = pieces.pop().expect("a datagram has fragments");
+        self.pending.extend(pieces);
+        first
+    }
+
     /// A recent IPv4 frame turned into a fragment (non-first or first-with-MF).
     fn fragment(&mut self) -> (Vec<u8>, String) {
         let mut frame = self.recent();
@@ -2051,6 +2205,30 @@ fn state_diff(k: &Kernel, model: &Model, now: u64) -> Option<String> {
             }
             (None, None) => unreachable!(),
         }
+    }
+    // Expiry times are compared like sessions' timestamps: not at all (the kernel's clock
+    // is coarser than the one the model is given).
+    let timeless_records = |records: &HashMap<DatagramKey, DatagramEntry>| {
+        records
+            .iter()
+            .map(|(key, entry)| {
+                (
+                    *key,
+                    DatagramEntry {
+                        expires_ns: 0,
+                        ..*entry
+                    },
+                )
+            })
+            .collect::<HashMap<_, _>>()
+    };
+    let kernel_records = k.fragment_records();
+    if timeless_records(&kernel_records) != timeless_records(&model.fragments.map) {
+        let _ = writeln!(
+            out,
+            "fragment records differ:\n  kernel {kernel_records:?}\n  model  {:?}",
+            model.fragments.map
+        );
     }
     let kernel_counters = k.counters();
     for (counter, name) in Counter::ALL {
@@ -2259,6 +2437,8 @@ fn agree_frame_by_frame(ingress: Ingress) {
         (Counter::InvalidTcpWindow, "invalid_tcp_window"),
         (Counter::InvalidIcmp, "invalid_icmp"),
         (Counter::InvalidFragment, "invalid_fragment"),
+        (Counter::FragmentsFollowed, "fragments_followed"),
+        (Counter::FragmentsUnknown, "fragments_unknown"),
         (Counter::PacketsNonIp, "packets_non_ip"),
         (Counter::DropRule, "drop_rule"),
         (Counter::DropDefault, "drop_default"),
@@ -3281,4 +3461,284 @@ fn an_atomic_replace_under_a_syn_flood_never_passes_a_member_nor_drops_a_non_mem
     for line in fresh.iter().take(50) {
         k.expect("replaced away", &syn_from(source(line), 998), Verdict::Pass);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Fragments: later fragments follow their datagram's first fragment.
+// ---------------------------------------------------------------------------------------
+
+/// The kernel and the model fed the same frames in lockstep; every frame must get the same
+/// verdict and leave the same sessions, fragment records and counters.
+struct Lockstep {
+    k: Kernel,
+    model: Model,
+}
+
+impl Lockstep {
+    fn standard() -> Lockstep {
+        Lockstep {
+            k: Kernel::standard(),
+            model: Model::new(test_settings(), &test_policy()),
+        }
+    }
+
+    /// Runs `frame` through both; requires `expected` from both and the same state after.
+    fn expect(&mut self, what: &str, frame: &[u8], expected: Verdict) -> Option<Outcome> {
+        let now = monotonic_ns();
+        let kernel = self.k.run(frame);
+        let outcome = self
+            .model
+            .packet(frame, Hook::Ingress, TEST_RUN_IFINDEX, now);
+        let _ = self.k.take_event_kinds();
+        assert_eq!(
+            (kernel, model_verdict(outcome)),
+            (expected, expected),
+            "{what}: kernel {kernel:?}, model {outcome:?}, expected {expected:?}"
+        );
+        if let Some(diff) = state_diff(&self.k, &self.model, now) {
+            panic!("{what}: kernel and model differ after it:\n{diff}");
+        }
+        outcome
+    }
+
+    fn counter(&self, counter: Counter) -> u64 {
+        self.k.counter(counter)
+    }
+}
+
+fn sum_ip_len(frames: &[Vec<u8>]) -> u64 {
+    frames.iter().map(|frame| ip_len(frame)).sum()
+}
+
+#[test]
+fn fragments_follow_their_datagram_ipv4() {
+    fragments_follow_their_datagram(ip("198.18.0.1"), ip("198.18.0.2"));
+}
+
+#[test]
+fn fragments_follow_their_datagram_ipv6() {
+    fragments_follow_their_datagram(ip("2001:2::1"), ip("2001:2::2"));
+}
+
+/// A 1-byte query, a 3,000-byte answer in three fragments: in order, reordered, dropped,
+/// and an ICMP echo of 3,000 bytes, all against the model.
+fn fragments_follow_their_datagram(client: IpAddr, server: IpAddr) {
+    let v6 = client.is_ipv6();
+    let mut l = Lockstep::standard();
+    let query = frames::frame(client, server, frames::udp(33000, 5353, 1));
+    l.expect("query", &query, Verdict::Pass);
+    let flow = key(proto::UDP, (client, 33000), (server, 5353));
+
+    // In order: the first fragment is ESTABLISHED, the later ones follow it.
+    let answer = frames::fragments(server, client, frames::udp(5353, 33000, 3000), 1400, 1);
+    assert_eq!(answer.len(), 3, "3,008 bytes of UDP in 1,400-byte pieces");
+    for (i, frame) in answer.iter().enumerate() {
+        let outcome = l.expect(&format!("answer fragment {i}"), frame, Verdict::Pass);
+        let outcome = outcome.expect("an IP frame has an outcome");
+        assert_eq!(outcome.state, CtState::Established, "fragment {i}");
+        assert!(outcome.fragment, "fragment {i} is marked a fragment");
+    }
+    assert_eq!(l.counter(Counter::FragmentsFollowed), 2);
+    assert_eq!(l.counter(Counter::FragmentsUnknown), 0);
+    assert_eq!(l.counter(Counter::StateInvalid), 0);
+    let s = l.k.session(&flow).expect("the query's session");
+    assert_eq!(
+        s.packets,
+        [1, 3],
+        "the later fragments count in the session"
+    );
+    assert_eq!(s.bytes, [ip_len(&query), sum_ip_len(&answer)]);
+    assert!(
+        l.k.fragment_records().is_empty(),
+        "the last fragment ends the datagram's record"
+    );
+
+    // Reordered: later fragments ahead of their first pass unjudged and touch nothing;
+    // the first is judged when it comes.
+    let answer = frames::fragments(server, client, frames::udp(5353, 33000, 3000), 1400, 2);
+    let sessions = l.k.sessions();
+    for (i, frame) in answer[1..].iter().enumerate().rev() {
+        let outcome = l.expect(&format!("early fragment {i}"), frame, Verdict::Pass);
+        assert_eq!(outcome.map(|o| o.state), Some(CtState::Untracked));
+    }
+    assert_eq!(
+        l.k.sessions(),
+        sessions,
+        "unknown fragments touch no session"
+    );
+    assert_eq!(l.counter(Counter::FragmentsUnknown), 2);
+    l.expect("late first fragment", &answer[0], Verdict::Pass);
+    assert_eq!(l.k.session(&flow).expect("session").packets, [1, 4]);
+
+    // A datagram the policy refuses: its first fragment is dropped by the default action
+    // and creates no session; its later fragments are dropped with it.
+    let unsolicited = frames::fragments(server, client, frames::udp(5353, 44444, 3000), 1400, 3);
+    let drops = l.counter(Counter::DropDefault);
+    for (i, frame) in unsolicited.iter().enumerate() {
+        l.expect(&format!("unsolicited fragment {i}"), frame, Verdict::Drop);
+    }
+    assert_eq!(l.counter(Counter::DropDefault), drops + 3);
+    assert_eq!(l.k.sessions().len(), 1, "no session for a refused datagram");
+    assert_eq!(l.counter(Counter::FragmentsFollowed), 4);
+
+    // ICMP echo of 3,000 bytes both ways: the request is NEW (the ping rule), its later
+    // fragments follow; the reply's are ESTABLISHED.
+    let (ty_request, ty_reply) = if v6 { (128, 129) } else { (8, 0) };
+    let body = vec![0x5a; 3000];
+    let request = frames::fragments(
+        client,
+        server,
+        frames::icmp(v6, ty_request, 0, [0x42, 0x42, 0, 1], &body),
+        1400,
+        4,
+    );
+    for (i, frame) in request.iter().enumerate() {
+        let outcome = l.expect(&format!("echo request fragment {i}"), frame, Verdict::Pass);
+        assert_eq!(outcome.map(|o| o.state), Some(CtState::New));
+    }
+    let reply = frames::fragments(
+        server,
+        client,
+        frames::icmp(v6, ty_reply, 0, [0x42, 0x42, 0, 1], &body),
+        1400,
+        5,
+    );
+    for (i, frame) in reply.iter().enumerate() {
+        let outcome = l.expect(&format!("echo reply fragment {i}"), frame, Verdict::Pass);
+        assert_eq!(outcome.map(|o| o.state), Some(CtState::Established));
+    }
+    let icmp = if v6 { proto::ICMPV6 } else { proto::ICMP };
+    let echo =
+        l.k.session(&key(icmp, (client, 0x4242), (server, 0x4242)))
+            .expect("echo session");
+    assert_eq!(echo.packets, [3, 3]);
+    assert_eq!(echo.bytes, [sum_ip_len(&request), sum_ip_len(&reply)]);
+    assert_eq!(l.counter(Counter::FragmentsFollowed), 8);
+}
+
+#[test]
+fn fragment_attacks_are_invalid_ipv4() {
+    fragment_attacks(ip("198.18.0.1"), ip("198.18.0.2"));
+}
+
+#[test]
+fn fragment_attacks_are_invalid_ipv6() {
+    fragment_attacks(ip("2001:2::1"), ip("2001:2::2"));
+}
+
+/// The classic attacks, each INVALID and counted, against the model.
+fn fragment_attacks(client: IpAddr, server: IpAddr) {
+    let mut l = Lockstep::standard();
+    let segment = |flags| frames::tcp(Tcp::new(40000, 8080, flags).payload(64)).1;
+    let syn = frames::packet(
+        client,
+        server,
+        frames::tcp(Tcp::new(40000, 8080, tcp_flags::SYN)),
+    );
+    let l4 = if client.is_ipv6() { 40 } else { 20 };
+    let mut invalid = 0;
+    let mut check = |l: &mut Lockstep, what: &str, frame: &[u8]| {
+        let outcome = l.expect(what, frame, Verdict::Drop);
+        assert_eq!(outcome.map(|o| o.state), Some(CtState::Invalid), "{what}");
+        invalid += 1;
+        assert_eq!(l.counter(Counter::InvalidFragment), invalid, "{what}");
+    };
+
+    // A first fragment with 8 bytes of a TCP header: ports, no flags (RFC 1858).
+    let tiny = frames::fragment(client, server, proto::TCP, 11, 0, true, &syn[l4..l4 + 8]);
+    check(&mut l, "tiny first fragment", &tiny);
+    // A later fragment at offset 8 or 16 would rewrite the TCP flags.
+    let tail = segment(tcp_flags::SYN | tcp_flags::RST);
+    for offset in [8, 16] {
+        let overlap = frames::fragment(
+            client,
+            server,
+            proto::TCP,
+            11,
+            offset,
+            false,
+            &tail[offset..],
+        );
+        check(&mut l, &format!("TCP overlap at {offset}"), &overlap);
+    }
+    assert!(l.k.sessions().is_empty(), "no attack made a session");
+
+    // A datagram id that another flow's datagram in flight holds.
+    l.expect(
+        "query",
+        &frames::frame(client, server, frames::udp(33000, 5353, 1)),
+        Verdict::Pass,
+    );
+    let answer = frames::fragments(server, client, frames::udp(5353, 33000, 3000), 1400, 12);
+    l.expect("answer's first fragment", &answer[0], Verdict::Pass);
+    let intruder = frames::fragments(server, client, frames::udp(5353, 33001, 3000), 1400, 12);
+    check(
+        &mut l,
+        "first fragment of another flow, same id",
+        &intruder[0],
+    );
+    for (i, frame) in answer[1..].iter().enumerate() {
+        l.expect(&format!("answer fragment {}", i + 1), frame, Verdict::Pass);
+    }
+    assert_eq!(l.counter(Counter::FragmentsFollowed), 2);
+    // The same flow sending its first fragment again (a retransmission) is no conflict.
+    l.expect("answer's first fragment", &answer[0], Verdict::Pass);
+    l.expect("answer's first fragment again", &answer[0], Verdict::Pass);
+    assert_eq!(l.counter(Counter::InvalidFragment), invalid);
+}
+
+#[test]
+fn a_fragment_flood_is_bounded_and_harms_no_established_flow() {
+    let mut l = Lockstep::standard();
+    let client = ip("198.18.0.1");
+    let server = ip("198.18.0.2");
+    l.expect(
+        "query",
+        &frames::frame(client, server, frames::udp(33000, 5353, 1)),
+        Verdict::Pass,
+    );
+    l.expect(
+        "answer",
+        &frames::frame(server, client, frames::udp(5353, 33000, 1)),
+        Verdict::Pass,
+    );
+    let flood = MAX_FRAGMENT_DATAGRAMS as usize + 2048;
+    let before = l.k.sessions();
+    for i in 0..flood {
+        // First fragments from many sources, each a datagram of its own, all refused.
+        let src = IpAddr::V4(Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8));
+        let first = frames::fragment(
+            src,
+            client,
+            proto::UDP,
+            i as u32,
+            0,
+            true,
+            &frames::udp(7, 9, 1400).1[..1400],
+        );
+        assert_eq!(l.k.run(&first), Verdict::Drop, "flood frame {i}");
+        let later = frames::fragment(src, client, proto::UDP, i as u32 + 1, 1400, false, &[0; 64]);
+        assert_eq!(l.k.run(&later), Verdict::Pass, "unknown flood fragment {i}");
+    }
+    let records = l.k.fragment_records().len();
+    assert!(
+        records <= MAX_FRAGMENT_DATAGRAMS as usize,
+        "{records} records: the map is bounded by {MAX_FRAGMENT_DATAGRAMS}"
+    );
+    assert_eq!(l.k.sessions(), before, "fragments never allocate sessions");
+    assert_eq!(l.counter(Counter::FragmentsUnknown), flood as u64);
+    // The established flow is unharmed, also its fragmented answers.
+    let answer = frames::fragments(server, client, frames::udp(5353, 33000, 3000), 1400, 99);
+    for frame in &answer {
+        assert_eq!(
+            l.k.run(frame),
+            Verdict::Pass,
+            "established flow after the flood"
+        );
+    }
+    assert_eq!(l.counter(Counter::FragmentsFollowed), 2);
+    println!(
+        "kernel_path: {flood} first fragments flooded: {records} records held \
+         (bound {MAX_FRAGMENT_DATAGRAMS}), established flow's fragments followed"
+    );
 }

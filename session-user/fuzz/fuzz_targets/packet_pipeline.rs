@@ -1,6 +1,8 @@
-//! Feeds arbitrary frame sequences through the whole pipeline (parser, tracker, policy)
-//! as the kernel runs it: it must never panic, and every packet it judges must be
-//! counted exactly once as accepted or dropped.
+//! Feeds arbitrary frame sequences through the whole pipeline (parser, tracker, policy,
+//! fragment records) as the kernel runs it: it must never panic, every packet it judges
+//! must be counted exactly once as accepted or dropped, and fragments never create
+//! sessions. A record whose control byte has its top bit set is also sent as the first
+//! and a later fragment of one datagram, so the fuzzer reaches the follow paths at once.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -53,15 +55,47 @@ fuzz_target!(|data: &[u8]| {
         } else {
             Hook::Egress
         };
-        now += u64::from(control >> 1) * NS_PER_SEC;
+        now += u64::from((control & 0x7f) >> 1) * NS_PER_SEC;
         if model.packet(frame, hook, 1, now).is_some() {
             judged += 1;
         }
+        if control & 0x80 != 0 {
+            for word in [0x2000u16, 0x0001 | (u16::from(control) << 3 & 0x1ff8)] {
+                let Some(piece) = as_fragment(frame, word) else {
+                    break;
+                };
+                let before = model.sessions.map.len();
+                if model.packet(&piece, hook, 1, now).is_some() {
+                    judged += 1;
+                }
+                if word != 0x2000 {
+                    assert!(
+                        model.sessions.map.len() <= before,
+                        "a later fragment created a session"
+                    );
+                }
+            }
+        }
     }
     let counters = &model.counters;
+    assert!(
+        model.fragments.map.len() <= model.fragments.capacity,
+        "the fragment records outgrew their bound"
+    );
     assert_eq!(counters.get(Counter::PacketsSeen), judged);
     assert_eq!(
         counters.get(Counter::PacketsAccepted) + counters.get(Counter::PacketsDropped),
         judged
     );
 });
+
+/// An untagged IPv4 frame with its flags/offset word set to `word` (first fragment:
+/// MF; later: an offset), its id and everything else kept.
+fn as_fragment(frame: &[u8], word: u16) -> Option<Vec<u8>> {
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let mut out = frame.to_vec();
+    out[20..22].copy_from_slice(&word.to_be_bytes());
+    Some(out)
+}

@@ -213,6 +213,12 @@ fn kernel_metric(
             "Expectations set up by UDP requests the host sent to a broadcast or multicast address."
         }
         "expectation_hits" => "Packets classified related because they answered such a request.",
+        "fragments_followed" => {
+            "Later IP fragments that followed their datagram's first fragment: its state, verdict and session."
+        }
+        "fragments_unknown" => {
+            "Later IP fragments whose first fragment was not seen, passed to the kernel unjudged."
+        }
         "fast_path_forwarded" => {
             "Packets of established sessions the fast path handed to their egress interface."
         }
