@@ -28,6 +28,10 @@ const PACKAGES: &[&str] = &[
     "procps",
     "groff-base",
     "systemd",
+    // `cargo xtask vm-test`: boots other kernels under qemu with a busybox initramfs.
+    "qemu-system-x86",
+    "cpio",
+    "busybox-static",
 ];
 
 /// The bpf-linker release known to build and link against nightly's LLVM here.

@@ -9,3 +9,4 @@ pub mod loader;
 pub mod netdev;
 pub mod pinned;
 mod presence;
+mod tc_netlink;
