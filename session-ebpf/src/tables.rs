@@ -188,6 +188,10 @@ impl PacketBytes for XdpBytes<'_> {
         len: usize,
         buf: &mut [u8; MAX_TCP_OPTION_BYTES],
     ) -> bool {
+        // Opaque, so that the range check stays in the code: LLVM can prove it from the
+        // header length's own checks and drops it, and then Linux 6.1's verifier sees
+        // a length that may be negative (later verifiers follow the proof themselves).
+        let len = session_common::opaque(len);
         if len == 0 || len > MAX_TCP_OPTION_BYTES {
             return false;
         }
@@ -305,6 +309,10 @@ impl PacketBytes for SkbBytes<'_> {
         len: usize,
         buf: &mut [u8; MAX_TCP_OPTION_BYTES],
     ) -> bool {
+        // Opaque, so that the range check stays in the code: LLVM can prove it from the
+        // header length's own checks and drops it, and then Linux 6.1's verifier sees
+        // a length that may be negative (later verifiers follow the proof themselves).
+        let len = session_common::opaque(len);
         if len == 0 || len > MAX_TCP_OPTION_BYTES {
             return false;
         }

@@ -93,7 +93,7 @@ pub fn fetch(spec: KernelSpec) -> Result<Kernel> {
     let dir = cache_dir()?.join(spec.package);
     let done = dir.join(".unpacked");
     if !done.exists() {
-        let download = dir.with_extension("download");
+        let download = cache_dir()?.join(format!("{}.download", spec.package));
         if download.exists() {
             fs::remove_dir_all(&download)
                 .with_context(|| format!("removing the half-done {}", download.display()))?;
@@ -103,7 +103,8 @@ pub fn fetch(spec: KernelSpec) -> Result<Kernel> {
         println!("vm: downloading {} (apt-get download)", spec.package);
         cmd::run(
             Command::new("apt-get")
-                .args(["download", spec.package])
+                // As root into root's cache: apt's sandbox user could not write there.
+                .args(["-o", "APT::Sandbox::User=root", "download", spec.package])
                 .current_dir(&download),
         )
         .with_context(|| {

@@ -9,6 +9,27 @@ use super::rootfs;
 /// test of session-user): `SESSION-INSNS <program> <count>`.
 pub const INSNS_MARK: &str = "SESSION-INSNS";
 
+/// The marks a line of the console may hold.
+const MARKS: &[&str] = &[
+    rootfs::BOOTED_MARK,
+    rootfs::RESULT_MARK,
+    rootfs::DONE_MARK,
+    INSNS_MARK,
+    rootfs::MODULE_FAILED_MARK,
+];
+
+/// `line` from its mark on: the firmware's terminal escapes can precede the first line
+/// the guest prints. Output lines of a failed check (prefixed) are left as they are.
+pub fn unprefixed(line: &str) -> &str {
+    if line.starts_with(rootfs::OUTPUT_PREFIX) {
+        return line;
+    }
+    MARKS
+        .iter()
+        .find_map(|mark| line.find(mark).map(|at| &line[at..]))
+        .unwrap_or(line)
+}
+
 /// One check's outcome.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CheckResult {
@@ -51,7 +72,7 @@ impl Run {
         };
         let mut done = false;
         for line in console {
-            let mut words = line.split_whitespace();
+            let mut words = unprefixed(line).split_whitespace();
             match words.next() {
                 Some(rootfs::BOOTED_MARK) => run.release = words.next().map(str::to_string),
                 Some(rootfs::DONE_MARK) => done = true,
@@ -70,7 +91,7 @@ impl Run {
                         });
                     }
                 }
-                Some("SESSION-VM-MODULE-FAILED") => {
+                Some(rootfs::MODULE_FAILED_MARK) => {
                     run.problems.push(format!("insmod failed: {line}"))
                 }
                 _ => {}
@@ -180,7 +201,7 @@ mod tests {
             "6.1",
             &console(&[
                 "noise",
-                "SESSION-VM-BOOTED 6.1.0-57-cloud-amd64 2.51",
+                "\u{1b}[?7l\u{1b}[2JSESSION-VM-BOOTED 6.1.0-57-cloud-amd64 2.51",
                 "SESSION-INSNS session_ingress 12345",
                 "SESSION-VM-RESULT verify 0 3.00 10.50",
                 "SESSION-VM-RESULT smoke 0 10.50 20.00",

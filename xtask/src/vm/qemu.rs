@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use super::rootfs;
+use super::{matrix, rootfs};
 
 /// How qemu runs the guest's CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -100,10 +100,11 @@ pub fn boot(
             Ok(line) => {
                 let line = line.trim_end_matches('\r').to_string();
                 writeln!(file, "{line}").with_context(|| format!("writing {}", log.display()))?;
-                if line.starts_with(rootfs::RESULT_MARK)
-                    || line.starts_with(rootfs::BOOTED_MARK)
+                let marked = matrix::unprefixed(&line);
+                if marked.starts_with(rootfs::RESULT_MARK)
+                    || marked.starts_with(rootfs::BOOTED_MARK)
+                    || marked.starts_with(rootfs::MODULE_FAILED_MARK)
                     || line.starts_with("qemu: ")
-                    || line.starts_with("SESSION-VM-MODULE-FAILED")
                 {
                     println!("vm:   {line}");
                 }

@@ -33,6 +33,8 @@ pub const GUEST_BIN: &str = "/usr/bin";
 pub const RESULT_MARK: &str = "SESSION-VM-RESULT";
 /// Printed once the guest has booted and loaded its modules: kernel release, seconds since boot.
 pub const BOOTED_MARK: &str = "SESSION-VM-BOOTED";
+/// Printed when the guest could not load a module, with the module.
+pub const MODULE_FAILED_MARK: &str = "SESSION-VM-MODULE-FAILED";
 /// Printed after the last check.
 pub const DONE_MARK: &str = "SESSION-VM-DONE";
 /// Prefix of the lines of a failed check's output, so they cannot be mistaken for marks.
@@ -116,7 +118,8 @@ pub fn build(
 
 /// The guest's `/init`: mounts what the tests need, loads the modules in order, runs
 /// `/etc/checks.sh` and powers off. `check NAME SECS CMD...` runs one check under a
-/// timeout and prints its result mark; a failed check's last output lines follow, prefixed.
+/// timeout and prints its result mark; a failed check's panics and last output lines follow,
+/// prefixed.
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
@@ -133,6 +136,7 @@ ip link set lo up
 while read -r module; do
     insmod "$module" || echo "SESSION-VM-MODULE-FAILED $module"
 done < /etc/modules.order
+echo
 echo "SESSION-VM-BOOTED $(uname -r) $(cut -d' ' -f1 /proc/uptime)"
 check() {
     name=$1; secs=$2; shift 2
@@ -142,7 +146,8 @@ check() {
     end=$(cut -d' ' -f1 /proc/uptime)
     grep '^SESSION-INSNS ' "/tmp/$name.log"
     if [ "$rc" != 0 ]; then
-        tail -n 150 "/tmp/$name.log" | sed 's/^/| /'
+        grep -A6 -e "panicked at" -e "^test .* FAILED" "/tmp/$name.log" | head -n 120 | sed 's/^/| /'
+        tail -n 40 "/tmp/$name.log" | sed 's/^/| /'
     fi
     echo "SESSION-VM-RESULT $name $rc $start $end"
 }
