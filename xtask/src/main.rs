@@ -82,6 +82,9 @@ enum Task {
         /// How qemu runs the guest: tcg (software, works here) or kvm
         #[arg(long, value_enum, default_value_t = vm::Accel::Tcg)]
         accel: vm::Accel,
+        /// Run only these checks (verify, kernel-path, smoke-...); repeat for several
+        #[arg(long = "check")]
+        only: Vec<String>,
     },
 }
 
@@ -101,7 +104,8 @@ fn main() -> ExitCode {
             kernels,
             scope,
             accel,
-        } => setup::run().and_then(|()| vm::run(&root, &kernels, scope, accel)),
+            only,
+        } => setup::run().and_then(|()| vm::run(&root, &kernels, scope, accel, &only)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,6 +6,11 @@
 //! So the daemon needs no capability at all, and a compromised daemon keeps none of
 //! root's powers beyond its own files. The tests check that reloads, the reaper and
 //! interface removal work this way.
+//!
+//! Before Linux 6.5, `kernel.unprivileged_bpf_disabled` (on by default in Debian's and
+//! most distributions' kernels) refuses every `bpf()` command to a process without
+//! CAP_BPF, opening a pinned map included: there the daemon keeps CAP_BPF alone, which
+//! lets it use BPF objects but not reach anything else of root's.
 
 use anyhow::{Context as _, Result};
 use log::{debug, info};
@@ -44,11 +49,28 @@ fn prctl(option: libc::c_int, arg: libc::c_ulong) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `CAP_BPF`, from linux/capability.h.
+const CAP_BPF: u32 = 39;
+
+/// The capabilities the daemon must keep on this kernel: CAP_BPF before Linux 6.5 while
+/// `kernel.unprivileged_bpf_disabled` is set, else none.
+fn kept_capabilities() -> Result<Vec<u32>> {
+    let version = aya::util::KernelVersion::current().context("reading the kernel version")?;
+    if version >= aya::util::KernelVersion::new(6, 5, 0) {
+        return Ok(Vec::new());
+    }
+    let disabled = std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled")
+        .map(|text| text.trim() != "0")
+        .unwrap_or(true);
+    Ok(if disabled { vec![CAP_BPF] } else { Vec::new() })
+}
+
 /// Empties the effective, permitted, inheritable, ambient and bounding capability sets
-/// and forbids gaining privileges through execve. Must run before the process starts
-/// other threads: capabilities belong to a thread, and new threads inherit the sets of
-/// the thread that creates them.
+/// (but for what [`kept_capabilities`] keeps) and forbids gaining privileges through
+/// execve. Must run before the process starts other threads: capabilities belong to a
+/// thread, and new threads inherit the sets of the thread that creates them.
 pub fn drop_all_capabilities() -> Result<()> {
+    let keep = kept_capabilities()?;
     prctl(libc::PR_SET_NO_NEW_PRIVS, 1).context("setting no_new_privs")?;
     prctl(
         libc::PR_CAP_AMBIENT,
@@ -58,7 +80,7 @@ pub fn drop_all_capabilities() -> Result<()> {
     // The bounding set needs CAP_SETPCAP, which a daemon started with only the
     // capabilities it needs (systemd's CapabilityBoundingSet=) lacks; its bounding set
     // is then already narrow, so that is not an error.
-    for cap in 0..=last_capability()? {
+    for cap in (0..=last_capability()?).filter(|cap| !keep.contains(cap)) {
         if let Err(error) = prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong) {
             debug!("bounding set left as is: {error}");
             break;
@@ -68,12 +90,23 @@ pub fn drop_all_capabilities() -> Result<()> {
         version: CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let empty = [CapData::default(); 2];
+    let mut sets = [CapData::default(); 2];
+    for &cap in &keep {
+        let word = &mut sets[(cap / 32) as usize];
+        word.effective |= 1 << (cap % 32);
+        word.permitted |= 1 << (cap % 32);
+    }
     // SAFETY: capset reads two CapData words for a version 3 header we own.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, empty.as_ptr()) };
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, sets.as_ptr()) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error()).context("dropping capabilities (capset)");
     }
-    info!("dropped all capabilities");
+    if keep.is_empty() {
+        info!("dropped all capabilities");
+    } else {
+        info!(
+            "dropped all capabilities but CAP_BPF: before Linux 6.5, kernel.unprivileged_bpf_disabled refuses every bpf() command without it"
+        );
+    }
     Ok(())
 }

@@ -110,15 +110,33 @@ fn checks(scope: Scope) -> Vec<Check> {
     ]
 }
 
-/// Runs the matrix for `kernels` (names from [`kernel::KERNELS`] or [`HOST`]); builds
-/// the binaries first.
-pub fn run(root: &Path, kernels: &[String], scope: Scope, accel: Accel) -> Result<()> {
+/// Runs the matrix for `kernels` (names from [`kernel::KERNELS`] or [`HOST`]) with the
+/// checks of `scope`, or only those named in `only`; builds the binaries first.
+pub fn run(
+    root: &Path,
+    kernels: &[String],
+    scope: Scope,
+    accel: Accel,
+    only: &[String],
+) -> Result<()> {
     for name in kernels {
         if name != HOST {
             kernel::spec(name)?;
         }
     }
-    let checks = checks(scope);
+    let mut checks = checks(scope);
+    for name in only {
+        if !checks.iter().any(|c| c.name == name) {
+            let known: Vec<&str> = checks.iter().map(|c| c.name).collect();
+            bail!(
+                "unknown check {name:?}: the checks are {}",
+                known.join(", ")
+            );
+        }
+    }
+    if !only.is_empty() {
+        checks.retain(|c| only.iter().any(|name| name == c.name));
+    }
     let binaries = build(root, &checks)?;
     let mut runs = Vec::new();
     for name in kernels {
