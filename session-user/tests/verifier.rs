@@ -37,11 +37,15 @@ impl Drop for PinDir {
     }
 }
 
-/// The verified instruction count of each loaded program of `ebpf`, by name.
+/// The verified instruction count of each loaded program of `ebpf`, by name (the others
+/// have no file descriptor).
 fn counts(ebpf: &Ebpf) -> Vec<(String, u32)> {
     ebpf.programs()
         .filter_map(|(name, program)| {
-            let info = program.info().ok()?;
+            program.fd().ok()?;
+            let info = program
+                .info()
+                .unwrap_or_else(|e| panic!("reading the info of the loaded {name}: {e}"));
             let count = info.verified_instruction_count().unwrap_or_else(|| {
                 panic!(
                     "the kernel does not report verified instructions for {name} (Linux 5.16+ does)"
