@@ -16,6 +16,7 @@ const MARKS: &[&str] = &[
     rootfs::DONE_MARK,
     INSNS_MARK,
     rootfs::MODULE_FAILED_MARK,
+    rootfs::PROGRESS_MARK,
 ];
 
 /// `line` from its mark on: the firmware's terminal escapes can precede the first line

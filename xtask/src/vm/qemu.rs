@@ -104,6 +104,7 @@ pub fn boot(
                 if marked.starts_with(rootfs::RESULT_MARK)
                     || marked.starts_with(rootfs::BOOTED_MARK)
                     || marked.starts_with(rootfs::MODULE_FAILED_MARK)
+                    || marked.starts_with(rootfs::PROGRESS_MARK)
                     || line.starts_with("qemu: ")
                 {
                     println!("vm:   {line}");

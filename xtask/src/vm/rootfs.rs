@@ -33,6 +33,8 @@ pub const GUEST_BIN: &str = "/usr/bin";
 pub const RESULT_MARK: &str = "SESSION-VM-RESULT";
 /// Printed once the guest has booted and loaded its modules: kernel release, seconds since boot.
 pub const BOOTED_MARK: &str = "SESSION-VM-BOOTED";
+/// Prefix of the lines that say how each test of a check went, as it goes.
+pub const PROGRESS_MARK: &str = "SESSION-VM-PROGRESS";
 /// Printed when the guest could not load a module, with the module.
 pub const MODULE_FAILED_MARK: &str = "SESSION-VM-MODULE-FAILED";
 /// Printed after the last check.
@@ -141,8 +143,14 @@ echo "SESSION-VM-BOOTED $(uname -r) $(cut -d' ' -f1 /proc/uptime)"
 check() {
     name=$1; secs=$2; shift 2
     start=$(cut -d' ' -f1 /proc/uptime)
-    timeout -k 5 "$secs" "$@" > "/tmp/$name.log" 2>&1
+    set -o pipefail
+    timeout -k 5 "$secs" "$@" 2>&1 | tee "/tmp/$name.log" | while read -r line; do
+        case "$line" in
+            "test "*" ok" | "test "*" FAILED") echo "SESSION-VM-PROGRESS $name $line" ;;
+        esac
+    done
     rc=$?
+    set +o pipefail
     end=$(cut -d' ' -f1 /proc/uptime)
     grep '^SESSION-INSNS ' "/tmp/$name.log"
     if [ "$rc" != 0 ]; then
