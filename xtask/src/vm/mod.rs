@@ -55,7 +55,8 @@ pub enum Scope {
 /// the verifier about 25 s, and each kernel-path test and each daemon start loads them:
 /// the quick scope picks the tests that cover the list (every program verified,
 /// kernel against model on XDP and TC, TCP/UDP/ICMP on IPv4 and IPv6, a policy drop,
-/// restart without loss, reload, `session down`, TC ingress), the full one runs every
+/// restart without loss, reload, `session down`, the capabilities kept, TC ingress), the
+/// full one runs every
 /// test of those files.
 fn checks(scope: Scope) -> Vec<Check> {
     let quick = scope == Scope::Quick;
@@ -118,6 +119,14 @@ fn checks(scope: Scope) -> Vec<Check> {
             ]),
             env: Vec::new(),
             timeout_secs: 1800,
+        },
+        Check {
+            name: "smoke-privileges",
+            package: "session-tests",
+            binary: "security",
+            args: tests(&["daemon_keeps_no_capability_after_attaching"]),
+            env: Vec::new(),
+            timeout_secs: 600,
         },
         Check {
             name: "smoke-tc-ingress",
