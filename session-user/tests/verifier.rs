@@ -90,6 +90,8 @@ fn every_program_loads_and_reports_its_verified_instructions() {
             .collect::<Vec<_>>(),
     );
     loaded.sort();
+    // On a line of its own: libtest has printed the test's name without a newline.
+    println!();
     for (name, count) in &loaded {
         println!("SESSION-INSNS {name} {count}");
     }

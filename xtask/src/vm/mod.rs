@@ -304,7 +304,7 @@ fn run_on_host(checks: &[Check], binaries: &[(String, PathBuf)]) -> Result<matri
             .with_context(|| format!("could not run {}", binary.display()))?;
         let text = String::from_utf8_lossy(&out.stdout);
         for line in text.lines() {
-            let mut words = line.split_whitespace();
+            let mut words = matrix::unprefixed(line).split_whitespace();
             if words.next() == Some(matrix::INSNS_MARK) {
                 run.add_insns(words.next(), words.next());
             }

@@ -76,8 +76,12 @@ pub fn build(
     copy(Path::new(BUSYBOX), &root.join("bin/busybox")).with_context(|| {
         format!("{BUSYBOX} is missing: install busybox-static (`cargo xtask setup` does)")
     })?;
-    fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
-    fs::write(root.join("etc/group"), "root:x:0:\n")?;
+    // tcpdump drops its privileges to the user of its name.
+    fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\ntcpdump:x:100:100::/nonexistent:/bin/false\n",
+    )?;
+    fs::write(root.join("etc/group"), "root:x:0:\ntcpdump:x:100:\n")?;
     fs::write(
         root.join("etc/hosts"),
         "127.0.0.1 localhost\n::1 localhost\n",
@@ -152,7 +156,7 @@ check() {
     rc=$?
     set +o pipefail
     end=$(cut -d' ' -f1 /proc/uptime)
-    grep '^SESSION-INSNS ' "/tmp/$name.log"
+    grep -o 'SESSION-INSNS .*' "/tmp/$name.log"
     if [ "$rc" != 0 ]; then
         grep -A6 -e "panicked at" -e "^test .* FAILED" "/tmp/$name.log" | head -n 120 | sed 's/^/| /'
         tail -n 40 "/tmp/$name.log" | sed 's/^/| /'
@@ -164,9 +168,15 @@ echo SESSION-VM-DONE
 poweroff -f
 "#;
 
+/// How long the tests wait for the daemon to be ready in the guest, where loading the
+/// programs takes about 25 s under software emulation (30 s on the host).
+const GUEST_READY_SECS: u32 = 240;
+
 /// One `check` line per check, with its environment exported first.
 fn checks_script(checks: &[Check]) -> String {
-    let mut script = String::from("export SESSION_BIN=/usr/bin/session RUST_BACKTRACE=1\n");
+    let mut script = format!(
+        "export SESSION_BIN=/usr/bin/session RUST_BACKTRACE=1 SESSION_TEST_READY_SECS={GUEST_READY_SECS}\n"
+    );
     for check in checks {
         let mut line = String::new();
         for (key, value) in &check.env {
