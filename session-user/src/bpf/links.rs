@@ -94,14 +94,45 @@ impl Attachment {
 /// The oldest kernel the matrix (`cargo xtask vm-test`) verifies.
 const OLDEST_SUPPORTED: (u8, u8) = (6, 1);
 
+/// What the programs use that arrived after Linux 5.x, with the version that brought
+/// it, newest first: what a kernel older than [`OLDEST_SUPPORTED`] lacks.
+const NEEDED: &[((u8, u8), &str)] = &[
+    (
+        (5, 18),
+        "bpf_xdp_load_bytes (the XDP parser reads headers at variable offsets with it)",
+    ),
+    ((5, 11), "bpf_ktime_get_coarse_ns (the programs' clock)"),
+    (
+        (5, 9),
+        "XDP BPF links (pinned, so the firewall outlives the daemon)",
+    ),
+    ((5, 8), "the BPF ring buffer (events)"),
+];
+
+/// What a kernel of `version` lacks of [`NEEDED`], or that it is simply unverified.
+fn missing(version: KernelVersion) -> Vec<&'static str> {
+    let older = |(major, minor): (u8, u8)| version < KernelVersion::new(major, minor, 0);
+    let mut lacks: Vec<&str> = NEEDED
+        .iter()
+        .filter(|(since, _)| older(*since))
+        .map(|(_, what)| *what)
+        .collect();
+    if lacks.is_empty() && older(OLDEST_SUPPORTED) {
+        lacks.push("nothing known, but no kernel before 6.1 passes the test matrix (its verifier rejects or has not been tried on the programs)");
+    }
+    lacks
+}
+
 /// Refuses kernels older than the oldest one verified, saying what they lack, and says
 /// how this one's TC programs will attach.
 pub fn check_kernel() -> Result<()> {
     let version = KernelVersion::current().context("reading the kernel version")?;
     let (major, minor) = OLDEST_SUPPORTED;
     if version < KernelVersion::new(major, minor, 0) {
+        let lacks = missing(version);
         bail!(
-            "kernel {version:?} is not supported: session needs Linux {major}.{minor} or newer, the oldest kernel its test matrix verifies (README.md, \"Supported kernels\", says what older ones lack); upgrade the kernel (Debian 12 ships 6.1, Ubuntu 22.04's HWE kernel is 6.8)"
+            "kernel {version:?} is not supported: session needs Linux {major}.{minor} or newer, the oldest kernel its test matrix verifies. This one lacks: {}. Upgrade the kernel (Debian 12 ships 6.1, Ubuntu 22.04's HWE kernel is 6.8)",
+            lacks.join("; ")
         );
     }
     if tc_netlink::tcx_available()? {
@@ -478,4 +509,33 @@ pub fn pinned_interfaces(pin_dir: &Path) -> Result<Vec<String>> {
     }
     ifaces.sort();
     Ok(ifaces)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_old_kernel_is_told_what_it_lacks() {
+        let lacks = missing(KernelVersion::new(5, 15, 0));
+        assert_eq!(lacks.len(), 1, "{lacks:?}");
+        assert!(lacks[0].contains("bpf_xdp_load_bytes"), "{lacks:?}");
+        assert_eq!(
+            missing(KernelVersion::new(5, 4, 0)).len(),
+            4,
+            "5.4 lacks all four"
+        );
+        assert!(
+            missing(KernelVersion::new(6, 0, 0))[0].contains("no kernel before 6.1"),
+            "6.0"
+        );
+        assert!(
+            missing(KernelVersion::new(6, 1, 0)).is_empty(),
+            "6.1 is supported"
+        );
+        assert!(
+            missing(KernelVersion::new(6, 12, 0)).is_empty(),
+            "6.12 is supported"
+        );
+    }
 }
