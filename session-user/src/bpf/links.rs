@@ -359,9 +359,11 @@ pub fn attach(
         .filter(|other| *other != hook && *other != egress_hook)
         .filter(|other| other.pin(pin_dir, iface).exists())
         .collect();
-    if !others.is_empty() {
-        release_hooks(pin_dir, &others, iface)?;
-        info!("{iface}: removed the attachments {others:?}, which the config no longer asks for");
+    for path in release_hooks(pin_dir, &others, iface)? {
+        info!(
+            "{iface}: removed the ingress link pinned at {}, which the config no longer asks for",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -374,7 +376,11 @@ fn release_hooks(pin_dir: &Path, hooks: &[Attachment], iface: &str) -> Result<Ve
         .filter(|hook| hook.netlink_side().is_none())
         .map(|hook| hook.pin(pin_dir, iface))
         .collect();
-    let mut removed = release(&links, iface)?;
+    let mut removed = if links.is_empty() {
+        Vec::new()
+    } else {
+        release(&links, iface)?
+    };
     removed.extend(detach_netlink(pin_dir, hooks, iface)?);
     Ok(removed)
 }
