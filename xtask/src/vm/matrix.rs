@@ -142,47 +142,58 @@ pub fn render(runs: &[Run]) -> String {
         .max()
         .unwrap_or(5)
         .max(12);
+    let cell = runs
+        .iter()
+        .filter_map(|r| r.release.as_deref())
+        .map(str::len)
+        .max()
+        .unwrap_or(0)
+        .max(16);
     let mut out = String::new();
     let _ = write!(out, "{:width$}", "check");
     for run in runs {
-        let _ = write!(out, " | {:>16}", run.kernel);
+        let _ = write!(out, " | {:>cell$}", run.kernel);
     }
     out.push('\n');
     let _ = write!(out, "{:width$}", "release");
     for run in runs {
-        let _ = write!(out, " | {:>16}", run.release.as_deref().unwrap_or("-"));
+        let _ = write!(out, " | {:>cell$}", run.release.as_deref().unwrap_or("-"));
     }
     out.push('\n');
     for row in &rows {
         let _ = write!(out, "{row:width$}");
         for run in runs {
-            let cell = match run.results.iter().find(|r| &r.name == row) {
+            let text = match run.results.iter().find(|r| &r.name == row) {
                 Some(r) => format!("{} {:.0}s", if r.passed { "pass" } else { "FAIL" }, r.secs),
                 None => "missing".to_string(),
             };
-            let _ = write!(out, " | {cell:>16}");
+            let _ = write!(out, " | {text:>cell$}");
         }
         out.push('\n');
     }
     for program in programs {
         let _ = write!(out, "{:width$}", format!("insns: {program}"));
         for run in runs {
-            let cell = run
+            let text = run
                 .insns
                 .get(program)
                 .map_or_else(|| "-".to_string(), u32::to_string);
-            let _ = write!(out, " | {cell:>16}");
+            let _ = write!(out, " | {text:>cell$}");
         }
         out.push('\n');
     }
     let _ = write!(out, "{:width$}", "run time");
     for run in runs {
-        let _ = write!(out, " | {:>15}s", run.took.as_secs());
+        let _ = write!(out, " | {:>w$}s", run.took.as_secs(), w = cell - 1);
     }
     out.push('\n');
     let _ = write!(out, "{:width$}", "result");
     for run in runs {
-        let _ = write!(out, " | {:>16}", if run.passed() { "PASS" } else { "FAIL" });
+        let _ = write!(
+            out,
+            " | {:>cell$}",
+            if run.passed() { "PASS" } else { "FAIL" }
+        );
     }
     out.push('\n');
     out
