@@ -44,6 +44,12 @@ fn restart_keeps_everything(tag: &str, signal: libc::c_int) {
     lab.assert_new_tcp_blocked(CLOSED_PORT, "while no daemon runs");
     let xdp = lab.ok(Side::Fw, 5, &["ip", "link", "show", "dev", FW_IFACE]);
     assert!(xdp.contains("xdp"), "XDP detached with the daemon: {xdp}");
+    let filters = Lab::expected_egress_tc_filters();
+    assert_eq!(
+        lab.egress_tc_filters(),
+        filters,
+        "egress filters while no daemon runs"
+    );
 
     let second = lab.restart_daemon();
     assert!(
@@ -51,6 +57,18 @@ fn restart_keeps_everything(tag: &str, signal: libc::c_int) {
         "the restarted daemon did not adopt the pinned links:\n{}",
         second.log()
     );
+    assert_eq!(
+        lab.egress_tc_filters(),
+        filters,
+        "the restart must replace the egress filter's program, not add a filter"
+    );
+    if filters > 0 {
+        assert!(
+            second.log().contains("netlink filter, program replaced"),
+            "the restarted daemon did not replace the egress filter's program:\n{}",
+            second.log()
+        );
+    }
     let packets_after = stream_packets(&second.list_json());
     assert!(
         packets_after > packets_before,
@@ -164,6 +182,11 @@ fn down_removes_everything_and_is_idempotent() {
     let lab = Lab::new("down");
     let mut daemon = lab.daemon(STREAM_POLICY);
     assert!(lab.pin_dir().join("links").is_dir());
+    assert_eq!(
+        lab.egress_tc_filters(),
+        Lab::expected_egress_tc_filters(),
+        "egress filters before down"
+    );
     let out = lab.session(&["down"]);
     assert!(
         out.status.success(),
@@ -186,6 +209,7 @@ fn down_removes_everything_and_is_idempotent() {
     assert!(!lab.pin_dir().exists(), "the pin directory is still there");
     let link = lab.ok(Side::Fw, 5, &["ip", "link", "show", "dev", FW_IFACE]);
     assert!(!link.contains("xdp"), "XDP still attached: {link}");
+    assert_eq!(lab.egress_tc_filters(), 0, "egress filter left after down");
     // Without the firewall the closed port is reachable.
     let _listener = lab.tcp_listen(Side::Fw, Family::V4, CLOSED_PORT);
     lab.tcp_connect(

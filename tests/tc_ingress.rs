@@ -14,24 +14,40 @@ fn tc_policy() -> String {
     format!("{STREAM_POLICY}\n[attach]\ntc_ingress = [\"{FW_IFACE}\"]\n")
 }
 
-/// Which ingress programs fw's lab interface carries, as `(xdp, tcx_ingress)`: whether
-/// `ip link` shows XDP, and how many programs the kernel lists on its TCX ingress.
+/// Which ingress programs fw's lab interface carries, as `(xdp, tc_ingress)`: whether
+/// `ip link` shows XDP, and how many programs the kernel lists on its TCX ingress, or
+/// before TCX (Linux 6.6) how many of session's cls_bpf filters `tc` shows there.
 fn ingress_programs(lab: &Lab) -> (bool, usize) {
     let link = lab.ok(Side::Fw, 5, &["ip", "link", "show", "dev", FW_IFACE]);
-    let (_, tcx) = lab
-        .in_ns(Side::Fw, || {
-            SchedClassifier::query_tcx(FW_IFACE, TcAttachType::Ingress)
-        })
-        .unwrap_or_else(|e| panic!("cannot query the TCX ingress programs of {FW_IFACE}: {e}"));
-    (link.contains("xdp"), tcx.len())
+    let tc = if Lab::expected_egress_tc_filters() > 0 {
+        let filters = lab.ok(
+            Side::Fw,
+            5,
+            &["tc", "filter", "show", "dev", FW_IFACE, "ingress"],
+        );
+        filters
+            .lines()
+            .filter(|l| l.contains("session_ingress_tc"))
+            .count()
+    } else {
+        let (_, tcx) = lab
+            .in_ns(Side::Fw, || {
+                SchedClassifier::query_tcx(FW_IFACE, TcAttachType::Ingress)
+            })
+            .unwrap_or_else(|e| panic!("cannot query the TCX ingress programs of {FW_IFACE}: {e}"));
+        tcx.len()
+    };
+    (link.contains("xdp"), tc)
 }
 
-/// Which ingress link pins the lab's pin directory holds, as `(xdp, tc_ingress)`.
+/// Which ingress pins the lab's pin directory holds, as `(xdp, tc_ingress)`: a TC
+/// ingress pin is a TCX link, or before TCX the marker of a netlink filter.
 fn ingress_pins(lab: &Lab) -> (bool, bool) {
     let links = lab.pin_dir().join("links");
     (
         links.join(format!("{FW_IFACE}-xdp")).exists(),
-        links.join(format!("{FW_IFACE}-tc-ingress")).exists(),
+        links.join(format!("{FW_IFACE}-tc-ingress")).exists()
+            || links.join(format!("{FW_IFACE}-tc-ingress-nl")).exists(),
     )
 }
 

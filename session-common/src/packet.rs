@@ -867,9 +867,12 @@ fn scan_tcp_options(options: &[u8; MAX_TCP_OPTION_BYTES], len: usize, meta: &mut
 /// The option byte at `at`, which the caller has checked is below `len` and so inside the
 /// buffer. The clamp never changes it; it is there, on an index the optimiser cannot see
 /// through, so that the BPF verifier sees the bound on the very register it reads with.
+/// The mask first: Linux 6.1's verifier can reach the clamp on a path it has bounded
+/// impossibly (above the buffer, from a loose `len`), and then refuses the read; a mask
+/// leaves it a sane range whatever it knew before.
 #[inline(always)]
 fn option_byte(options: &[u8; MAX_TCP_OPTION_BYTES], at: usize) -> u8 {
-    options[crate::opaque(at).min(MAX_TCP_OPTION_BYTES - 1)]
+    options[(crate::opaque(at) & 63).min(MAX_TCP_OPTION_BYTES - 1)]
 }
 
 #[inline(always)]

@@ -130,7 +130,9 @@ impl PortBounds {
         let mut at = 0usize;
         let mut step = PORT_BOUND_SLOTS / 2;
         while step > 0 {
-            let start = i64::from(self.starts[(at + step) & (PORT_BOUND_SLOTS - 1)]);
+            // Opaque, so that the mask stays: LLVM proves it redundant and builds `at`
+            // with `|` (its bits are disjoint), which Linux 6.1's verifier does not bound.
+            let start = i64::from(self.starts[crate::opaque(at + step) & (PORT_BOUND_SLOTS - 1)]);
             // 1 when start <= port: the sign of start - port - 1 (both fit in 17 bits).
             let not_above = (crate::opaque(start - port - 1) as u64) >> 63;
             at += not_above as usize * step;

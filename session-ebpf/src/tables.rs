@@ -225,10 +225,15 @@ impl PacketBytes for XdpBytes<'_> {
         len: usize,
         buf: &mut [u8; MAX_TCP_OPTION_BYTES],
     ) -> bool {
-        if len == 0 || len > MAX_TCP_OPTION_BYTES {
+        // The range check on an opaque `len - 1`, and the length made from it after: LLVM
+        // can prove the check from the header length's own checks and would drop it, and
+        // Linux 6.1's verifier then sees a length that may be negative or zero (later
+        // verifiers follow the proof themselves).
+        let below = session_common::opaque(len.wrapping_sub(1));
+        if below >= MAX_TCP_OPTION_BYTES {
             return false;
         }
-        let len = len as u32;
+        let len = below as u32 + 1;
         // SAFETY: the helper writes `len` bytes into `buf`, at most its size (checked above).
         let ret = unsafe {
             bpf_xdp_load_bytes(
@@ -346,10 +351,15 @@ impl PacketBytes for SkbBytes<'_> {
         len: usize,
         buf: &mut [u8; MAX_TCP_OPTION_BYTES],
     ) -> bool {
-        if len == 0 || len > MAX_TCP_OPTION_BYTES {
+        // The range check on an opaque `len - 1`, and the length made from it after: LLVM
+        // can prove the check from the header length's own checks and would drop it, and
+        // Linux 6.1's verifier then sees a length that may be negative or zero (later
+        // verifiers follow the proof themselves).
+        let below = session_common::opaque(len.wrapping_sub(1));
+        if below >= MAX_TCP_OPTION_BYTES {
             return false;
         }
-        let len = len as u32;
+        let len = below as u32 + 1;
         // SAFETY: the helper writes `len` bytes into `buf`, at most its size (checked above).
         let ret = unsafe {
             bpf_skb_load_bytes(

@@ -116,3 +116,20 @@ fn the_daemons_object_holds_no_benchmark_program_or_map() {
         );
     }
 }
+
+/// What `cargo xtask vm-test` collects into its matrix: whether the daemon's programs load
+/// on this kernel at the default level, and how many instructions the verifier walked for
+/// each, as `SESSION-INSNS <program> <count>` lines.
+#[test]
+fn every_program_loads_and_reports_its_verified_instructions() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "the verifier test loads eBPF programs and needs root: run it with `cargo xtask test`"
+    );
+    let default = walks(KernelLogLevel::default());
+    // On a line of its own: libtest has printed the test's name without a newline.
+    println!();
+    for (name, verified, _) in &default {
+        println!("SESSION-INSNS {name} {verified}");
+    }
+}

@@ -92,6 +92,17 @@ action = "accept"
 /// How long a daemon may take to print `session: ready`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// [`READY_TIMEOUT`], or `SESSION_TEST_READY_SECS` when set: in a VM under software
+/// emulation (`cargo xtask vm-test`) the verifier alone takes longer than that.
+fn ready_timeout() -> Duration {
+    match std::env::var("SESSION_TEST_READY_SECS") {
+        Ok(text) => Duration::from_secs(text.trim().parse().unwrap_or_else(|e| {
+            panic!("SESSION_TEST_READY_SECS must be a number of seconds, got {text:?}: {e}")
+        })),
+        Err(_) => READY_TIMEOUT,
+    }
+}
+
 /// Name of the client's veth end, for tests that send raw frames or configure routing
 /// there.
 pub const CLIENT_IFACE: &str = "veth-client";
@@ -658,7 +669,7 @@ impl Lab {
         };
         daemon
             .proc
-            .wait_stdout("session: ready", READY_TIMEOUT)
+            .wait_stdout("session: ready", ready_timeout())
             .unwrap_or_else(|why| panic!("daemon not ready: {why}"));
         daemon.ready = true;
         daemon

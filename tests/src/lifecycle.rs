@@ -121,6 +121,29 @@ impl Lab {
         self.daemon(&policy)
     }
 
+    /// How many cls_bpf filters of session's egress program `tc` shows on the firewall's
+    /// interface: kernels before TCX (6.6) attach egress that way, one filter that a
+    /// restart replaces rather than adds to; with TCX there are none.
+    pub fn egress_tc_filters(&self) -> usize {
+        let iface = Lab::iface(Side::Fw);
+        let out = self.ok(
+            Side::Fw,
+            5,
+            &["tc", "filter", "show", "dev", iface, "egress"],
+        );
+        out.lines().filter(|l| l.contains("session_egress")).count()
+    }
+
+    /// [`Lab::egress_tc_filters`] while session is attached: 1 before Linux 6.6, else 0.
+    pub fn expected_egress_tc_filters() -> usize {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+        let mut numbers = release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+        usize::from(version < (6, 6))
+    }
+
     /// `session stats --json` on this lab's pin directory, which works whether or not a
     /// daemon runs (the maps are pinned).
     pub fn pinned_stats(&self) -> serde_json::Value {

@@ -12,6 +12,7 @@ mod dist;
 mod fuzz;
 mod lab;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -70,6 +71,21 @@ enum Task {
         #[arg(long, value_parser = differential::parse_seed)]
         seed: Option<u64>,
     },
+    /// Boot other kernels in qemu and run the checks there: a matrix kernel × check (root)
+    VmTest {
+        /// Kernels to test: 6.1, 6.12 or host (this machine's, without a VM); repeat for several
+        #[arg(long = "kernel", default_values_t = ["6.1".to_string(), "6.12".to_string(), vm::HOST.to_string()])]
+        kernels: Vec<String>,
+        /// How much runs: quick is what `cargo xtask test` runs, full runs the long sequences
+        #[arg(long, value_enum, default_value_t = vm::Scope::Full)]
+        scope: vm::Scope,
+        /// How qemu runs the guest: tcg (software, works here) or kvm
+        #[arg(long, value_enum, default_value_t = vm::Accel::Tcg)]
+        accel: vm::Accel,
+        /// Run only these checks (verify, kernel-path, smoke-...); repeat for several
+        #[arg(long = "check")]
+        only: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -84,6 +100,12 @@ fn main() -> ExitCode {
         Task::Fuzz { seconds } => fuzz::run(&root, seconds),
         Task::Bench { only } => bench::run(&root, only.as_deref()),
         Task::Differential { packets, seed } => differential::run(&root, packets, seed),
+        Task::VmTest {
+            kernels,
+            scope,
+            accel,
+            only,
+        } => setup::run().and_then(|()| vm::run(&root, &kernels, scope, accel, &only)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -28,11 +28,16 @@ const PACKAGES: &[&str] = &[
     "procps",
     "groff-base",
     "systemd",
-    // DHCP client and server software for tests/dhcp.rs: busybox (udhcpc, udhcpd),
-    // dnsmasq (DHCPv6 server), ISC dhclient (DHCPv6 client).
-    "busybox",
+    // DHCP client and server software for tests/dhcp.rs: busybox (udhcpc, udhcpd; the
+    // static build, which `cargo xtask vm-test` also puts in its initramfs, and which
+    // Debian will not install beside the dynamic one), dnsmasq (DHCPv6 server), ISC
+    // dhclient (DHCPv6 client).
     "dnsmasq-base",
     "isc-dhcp-client",
+    // `cargo xtask vm-test`: boots other kernels under qemu with a busybox initramfs.
+    "qemu-system-x86",
+    "cpio",
+    "busybox-static",
 ];
 
 /// The bpf-linker release known to build and link against nightly's LLVM here.

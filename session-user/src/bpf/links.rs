@@ -1,12 +1,17 @@
-//! Attachments as pinned BPF links, so that enforcement does not depend on the daemon.
+//! Attachments that outlive the daemon, so that enforcement does not depend on it.
 //!
-//! Every protected interface has two links pinned under `<pin dir>/links/`: `<iface>-xdp`
-//! (XDP ingress), or `<iface>-tc-ingress` for an interface the config judges on TCX
-//! ingress instead, and `<iface>-tc` (TCX egress). A pinned link keeps its program
-//! attached after the process that created it is gone, so a daemon that exits or is
-//! killed leaves the last applied policy in force. A daemon that starts finds the pins
-//! and swaps its freshly loaded program into each link with `BPF_LINK_UPDATE`, which the
-//! kernel does atomically: there is no instant without a program on the interface.
+//! Every protected interface has two attachments, each marked by a pin under
+//! `<pin dir>/links/`: on ingress `<iface>-xdp` (an XDP link), or for an interface the
+//! config judges on TC ingress instead `<iface>-tc-ingress` (a TCX link); on egress
+//! `<iface>-tc` (a TCX link). A pinned link keeps its program attached after the process
+//! that created it is gone, so a daemon that exits or is killed leaves the last applied
+//! policy in force. A daemon that starts finds the pins and swaps its freshly loaded
+//! program into each link with `BPF_LINK_UPDATE`, which the kernel does atomically: there
+//! is no instant without a program on the interface.
+//!
+//! Kernels before 6.6 have no TCX: there the TC programs are cls_bpf filters attached
+//! through netlink (see [`tc_netlink`]), which stay on the interface by themselves; their
+//! pins, `<iface>-tc-ingress-nl` and `<iface>-tc-nl`, are the programs, kept as markers.
 
 use std::{
     io,
@@ -28,6 +33,8 @@ use aya::{
 };
 use log::{info, warn};
 
+use crate::bpf::tc_netlink;
+
 /// The subdirectory of the pin directory that holds the pinned links.
 pub const LINKS_DIR: &str = "links";
 
@@ -45,13 +52,19 @@ enum Attachment {
     XdpIngress,
     TcIngress,
     Egress,
+    /// TC ingress as a netlink cls_bpf filter, before TCX.
+    NlIngress,
+    /// Egress as a netlink cls_bpf filter, before TCX.
+    NlEgress,
 }
 
 impl Attachment {
-    const ALL: [Attachment; 3] = [
+    const ALL: [Attachment; 5] = [
         Attachment::XdpIngress,
         Attachment::TcIngress,
         Attachment::Egress,
+        Attachment::NlIngress,
+        Attachment::NlEgress,
     ];
 
     fn suffix(self) -> &'static str {
@@ -59,6 +72,17 @@ impl Attachment {
             Attachment::XdpIngress => "-xdp",
             Attachment::TcIngress => "-tc-ingress",
             Attachment::Egress => "-tc",
+            Attachment::NlIngress => "-tc-ingress-nl",
+            Attachment::NlEgress => "-tc-nl",
+        }
+    }
+
+    /// The TC side of a netlink filter; `None` for an attachment through a BPF link.
+    fn netlink_side(self) -> Option<TcAttachType> {
+        match self {
+            Attachment::NlIngress => Some(TcAttachType::Ingress),
+            Attachment::NlEgress => Some(TcAttachType::Egress),
+            _ => None,
         }
     }
 
@@ -67,13 +91,57 @@ impl Attachment {
     }
 }
 
-/// Refuses kernels without TCX: only a TCX egress attachment is a BPF link that can be
-/// pinned, and enforcement without a daemon needs both hooks pinned.
+/// The oldest kernel the matrix (`cargo xtask vm-test`) verifies.
+const OLDEST_SUPPORTED: (u8, u8) = (6, 1);
+
+/// What the programs use that arrived after Linux 5.x, with the version that brought
+/// it, newest first: what a kernel older than [`OLDEST_SUPPORTED`] lacks.
+const NEEDED: &[((u8, u8), &str)] = &[
+    (
+        (5, 18),
+        "bpf_xdp_load_bytes (the XDP parser reads headers at variable offsets with it)",
+    ),
+    ((5, 11), "bpf_ktime_get_coarse_ns (the programs' clock)"),
+    (
+        (5, 9),
+        "XDP BPF links (pinned, so the firewall outlives the daemon)",
+    ),
+    ((5, 8), "the BPF ring buffer (events)"),
+];
+
+/// What a kernel of `version` lacks of [`NEEDED`], or that it is simply unverified.
+fn missing(version: KernelVersion) -> Vec<&'static str> {
+    let older = |(major, minor): (u8, u8)| version < KernelVersion::new(major, minor, 0);
+    let mut lacks: Vec<&str> = NEEDED
+        .iter()
+        .filter(|(since, _)| older(*since))
+        .map(|(_, what)| *what)
+        .collect();
+    if lacks.is_empty() && older(OLDEST_SUPPORTED) {
+        lacks.push("nothing known, but no kernel before 6.1 passes the test matrix (its verifier rejects or has not been tried on the programs)");
+    }
+    lacks
+}
+
+/// Refuses kernels older than the oldest one verified, saying what they lack, and says
+/// how this one's TC programs will attach.
 pub fn check_kernel() -> Result<()> {
     let version = KernelVersion::current().context("reading the kernel version")?;
-    if version < KernelVersion::new(6, 6, 0) {
+    let (major, minor) = OLDEST_SUPPORTED;
+    if version < KernelVersion::new(major, minor, 0) {
+        let lacks = missing(version);
         bail!(
-            "kernel {version:?} is too old: session attaches egress through TCX links, which need Linux 6.6 or newer"
+            "kernel {version:?} is not supported: session needs Linux {major}.{minor} or newer, the oldest kernel its test matrix verifies. This one lacks: {}. Upgrade the kernel (Debian 12 ships 6.1, Ubuntu 22.04's HWE kernel is 6.8)",
+            lacks.join("; ")
+        );
+    }
+    if tc_netlink::tcx_available()? {
+        info!("kernel {version:?}: TC programs attach as TCX links");
+    } else {
+        info!(
+            "kernel {version:?} has no TCX (Linux 6.6): TC programs attach as netlink cls_bpf filters (priority {}, handle {:#x})",
+            tc_netlink::PRIORITY,
+            tc_netlink::HANDLE
         );
     }
     Ok(())
@@ -195,12 +263,46 @@ pub enum Ingress<'a> {
     Tc(&'a mut SchedClassifier),
 }
 
-/// Attaches `ingress` and the egress program to `iface` through pinned links, adopting the
-/// links a previous daemon pinned. If the egress side fails after a fresh ingress link was
-/// pinned, that link is removed again, so a failed interface is left as it was found. An
-/// ingress link of the other kind that a previous daemon pinned (the config moved the
-/// interface between XDP and TC) is removed once the new one is attached: for that moment
-/// packets are judged twice, never not at all.
+/// Attaches `program` on TC `side` of `iface`: as a TCX link pinned at `link_hook`'s path
+/// where the kernel has TCX, else as a netlink filter marked at `nl_hook`'s. Returns the
+/// hook used and whether a previous daemon's attachment was adopted.
+fn attach_tc(
+    pin_dir: &Path,
+    program: &mut SchedClassifier,
+    side: TcAttachType,
+    iface: &str,
+    tcx: bool,
+) -> Result<(Attachment, bool)> {
+    let (link_hook, nl_hook) = match side {
+        TcAttachType::Egress => (Attachment::Egress, Attachment::NlEgress),
+        _ => (Attachment::TcIngress, Attachment::NlIngress),
+    };
+    if tcx {
+        let adopted = attach_tcx(program, side, iface, &link_hook.pin(pin_dir, iface))?;
+        Ok((link_hook, adopted))
+    } else {
+        let adopted = tc_netlink::attach(program, side, iface, &nl_hook.pin(pin_dir, iface))?;
+        Ok((nl_hook, adopted))
+    }
+}
+
+/// How an attachment is described in the log.
+fn describe(hook: Attachment, adopted: bool) -> &'static str {
+    match (hook.netlink_side().is_some(), adopted) {
+        (false, true) => "adopted pinned link",
+        (false, false) => "new link",
+        (true, true) => "netlink filter, program replaced",
+        (true, false) => "new netlink filter",
+    }
+}
+
+/// Attaches `ingress` and the egress program to `iface` through pinned links (or, before
+/// TCX, netlink filters for the TC programs), adopting those a previous daemon left. If
+/// the egress side fails after a fresh ingress attachment was made, that one is removed
+/// again, so a failed interface is left as it was found. An ingress attachment of another
+/// kind that a previous daemon left (the config moved the interface between XDP and TC)
+/// is removed once the new one is attached: for that moment packets are judged twice,
+/// never not at all.
 pub fn attach(
     pin_dir: &Path,
     ingress: Ingress<'_>,
@@ -213,48 +315,89 @@ pub fn attach(
         .mode(0o700)
         .create(&dir)
         .with_context(|| format!("creating {} for the pinned links", dir.display()))?;
-    let (hook, other) = match ingress {
-        Ingress::Xdp(_) => (Attachment::XdpIngress, Attachment::TcIngress),
-        Ingress::Tc(_) => (Attachment::TcIngress, Attachment::XdpIngress),
-    };
-    let ingress_path = hook.pin(pin_dir, iface);
-    let (fresh, ingress) = match ingress {
-        Ingress::Xdp(program) => match attach_ingress(program, iface, &ingress_path)? {
-            None => (false, "XDP ingress: adopted pinned link".to_string()),
-            Some(mode) => (true, format!("XDP ingress: new link, {mode:?} mode")),
-        },
+    let tcx = tc_netlink::tcx_available()?;
+    let (hook, fresh, ingress) = match ingress {
+        Ingress::Xdp(program) => {
+            match attach_ingress(program, iface, &Attachment::XdpIngress.pin(pin_dir, iface))? {
+                None => (
+                    Attachment::XdpIngress,
+                    false,
+                    "XDP ingress: adopted pinned link".to_string(),
+                ),
+                Some(mode) => (
+                    Attachment::XdpIngress,
+                    true,
+                    format!("XDP ingress: new link, {mode:?} mode"),
+                ),
+            }
+        }
         Ingress::Tc(program) => {
-            match attach_tcx(program, TcAttachType::Ingress, iface, &ingress_path)? {
-                true => (false, "TCX ingress: adopted pinned link".to_string()),
-                false => (true, "TCX ingress: new link".to_string()),
-            }
+            let (hook, adopted) = attach_tc(pin_dir, program, TcAttachType::Ingress, iface, tcx)?;
+            (
+                hook,
+                !adopted,
+                format!("TC ingress: {}", describe(hook, adopted)),
+            )
         }
     };
-    let egress_path = Attachment::Egress.pin(pin_dir, iface);
-    let egress_adopted = match attach_tcx(egress, TcAttachType::Egress, iface, &egress_path) {
-        Ok(adopted) => adopted,
-        Err(error) => {
-            if fresh && let Err(undo) = release(std::slice::from_ref(&ingress_path), iface) {
-                warn!("{iface}: could not remove the new ingress link: {undo:#}");
+    let (egress_hook, egress_adopted) =
+        match attach_tc(pin_dir, egress, TcAttachType::Egress, iface, tcx) {
+            Ok(attached) => attached,
+            Err(error) => {
+                if fresh && let Err(undo) = release_hooks(pin_dir, &[hook], iface) {
+                    warn!("{iface}: could not remove the new ingress attachment: {undo:#}");
+                }
+                return Err(error);
             }
-            return Err(error);
-        }
-    };
-    let egress = if egress_adopted {
-        "adopted pinned link"
-    } else {
-        "new link"
-    };
-    info!("{iface}: attached ({ingress}; TCX egress: {egress})");
-    let replaced = other.pin(pin_dir, iface);
-    if replaced.exists() {
-        release(std::slice::from_ref(&replaced), iface)?;
+        };
+    info!(
+        "{iface}: attached ({ingress}; TC egress: {})",
+        describe(egress_hook, egress_adopted)
+    );
+    let others: Vec<Attachment> = Attachment::ALL
+        .into_iter()
+        .filter(|other| *other != hook && *other != egress_hook)
+        .filter(|other| other.pin(pin_dir, iface).exists())
+        .collect();
+    for path in release_hooks(pin_dir, &others, iface)? {
         info!(
             "{iface}: removed the ingress link pinned at {}, which the config no longer asks for",
-            replaced.display()
+            path.display()
         );
     }
     Ok(())
+}
+
+/// Removes `hooks` of `iface`: pinned links through [`release`], netlink filters
+/// directly. Returns the pins removed.
+fn release_hooks(pin_dir: &Path, hooks: &[Attachment], iface: &str) -> Result<Vec<PathBuf>> {
+    let links: Vec<PathBuf> = hooks
+        .iter()
+        .filter(|hook| hook.netlink_side().is_none())
+        .map(|hook| hook.pin(pin_dir, iface))
+        .collect();
+    let mut removed = if links.is_empty() {
+        Vec::new()
+    } else {
+        release(&links, iface)?
+    };
+    removed.extend(detach_netlink(pin_dir, hooks, iface)?);
+    Ok(removed)
+}
+
+/// Deletes the netlink filters among `hooks` whose markers exist; returns the markers.
+fn detach_netlink(pin_dir: &Path, hooks: &[Attachment], iface: &str) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for hook in hooks {
+        let marker = hook.pin(pin_dir, iface);
+        if let Some(side) = hook.netlink_side()
+            && marker.exists()
+        {
+            tc_netlink::detach(side, iface, &marker)?;
+            removed.push(marker);
+        }
+    }
+    Ok(removed)
 }
 
 /// How long the kernel may take to release a link after its last pin is gone (it does
@@ -310,13 +453,14 @@ fn release(paths: &[PathBuf], iface: &str) -> Result<Vec<PathBuf>> {
 /// Like [`detach`], and returns only once the kernel has released the links (see
 /// [`release`]).
 pub fn detach_and_wait(pin_dir: &Path, iface: &str) -> Result<Vec<PathBuf>> {
-    release(&hook_paths(pin_dir, iface), iface)
+    release_hooks(pin_dir, &Attachment::ALL, iface)
 }
 
-/// The pin paths of both hooks of `iface`.
-fn hook_paths(pin_dir: &Path, iface: &str) -> Vec<PathBuf> {
+/// The pin paths of the link hooks of `iface` (not the netlink markers).
+fn link_paths(pin_dir: &Path, iface: &str) -> Vec<PathBuf> {
     Attachment::ALL
         .iter()
+        .filter(|hook| hook.netlink_side().is_none())
         .map(|hook| hook.pin(pin_dir, iface))
         .collect()
 }
@@ -337,10 +481,12 @@ fn unpin(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 /// Removes the pinned links of `iface`, which detaches its programs once no process
-/// holds the links open (the kernel does it shortly after, see [`detach_and_wait`]).
-/// Returns the pins removed.
+/// holds the links open (the kernel does it shortly after, see [`detach_and_wait`]), and
+/// its netlink filters. Returns the pins removed.
 pub fn detach(pin_dir: &Path, iface: &str) -> Result<Vec<PathBuf>> {
-    unpin(&hook_paths(pin_dir, iface))
+    let mut removed = unpin(&link_paths(pin_dir, iface))?;
+    removed.extend(detach_netlink(pin_dir, &Attachment::ALL, iface)?);
+    Ok(removed)
 }
 
 /// The interfaces that have pinned links under `pin_dir`, by their pin names.
@@ -369,4 +515,33 @@ pub fn pinned_interfaces(pin_dir: &Path) -> Result<Vec<String>> {
     }
     ifaces.sort();
     Ok(ifaces)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_old_kernel_is_told_what_it_lacks() {
+        let lacks = missing(KernelVersion::new(5, 15, 0));
+        assert_eq!(lacks.len(), 1, "{lacks:?}");
+        assert!(lacks[0].contains("bpf_xdp_load_bytes"), "{lacks:?}");
+        assert_eq!(
+            missing(KernelVersion::new(5, 4, 0)).len(),
+            4,
+            "5.4 lacks all four"
+        );
+        assert!(
+            missing(KernelVersion::new(6, 0, 0))[0].contains("no kernel before 6.1"),
+            "6.0"
+        );
+        assert!(
+            missing(KernelVersion::new(6, 1, 0)).is_empty(),
+            "6.1 is supported"
+        );
+        assert!(
+            missing(KernelVersion::new(6, 12, 0)).is_empty(),
+            "6.12 is supported"
+        );
+    }
 }

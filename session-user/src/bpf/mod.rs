@@ -11,3 +11,4 @@ pub mod netdev;
 pub mod pinned;
 mod presence;
 pub mod sets;
+mod tc_netlink;

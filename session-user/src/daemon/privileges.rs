@@ -6,6 +6,11 @@
 //! So the daemon needs no capability at all, and a compromised daemon keeps none of
 //! root's powers beyond its own files. The tests check that reloads, the reaper and
 //! interface removal work this way.
+//!
+//! Before Linux 6.5, `kernel.unprivileged_bpf_disabled` (on by default in Debian's and
+//! most distributions' kernels) refuses every `bpf()` command to a process without
+//! CAP_BPF, opening a pinned map included: there the daemon keeps CAP_BPF alone, which
+//! lets it use BPF objects but not reach anything else of root's.
 
 use anyhow::{Context as _, Result};
 use log::{debug, info};
@@ -19,11 +24,29 @@ fn last_capability() -> Result<u32> {
         .with_context(|| format!("/proc/sys/kernel/cap_last_cap holds {text:?}"))
 }
 
+/// The capabilities the daemon must keep on this kernel: CAP_BPF before Linux 6.5 while
+/// `kernel.unprivileged_bpf_disabled` is set, else none.
+fn kept_capabilities() -> Result<CapabilitySet> {
+    let version = aya::util::KernelVersion::current().context("reading the kernel version")?;
+    if version >= aya::util::KernelVersion::new(6, 5, 0) {
+        return Ok(CapabilitySet::empty());
+    }
+    let disabled = std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled")
+        .map(|text| text.trim() != "0")
+        .unwrap_or(true);
+    Ok(if disabled {
+        CapabilitySet::BPF
+    } else {
+        CapabilitySet::empty()
+    })
+}
+
 /// Empties the effective, permitted, inheritable, ambient and bounding capability sets
-/// and forbids gaining privileges through execve. Must run before the process starts
-/// other threads: capabilities belong to a thread, and new threads inherit the sets of
-/// the thread that creates them.
+/// (but for what [`kept_capabilities`] keeps) and forbids gaining privileges through
+/// execve. Must run before the process starts other threads: capabilities belong to a
+/// thread, and new threads inherit the sets of the thread that creates them.
 pub fn drop_all_capabilities() -> Result<()> {
+    let keep = kept_capabilities()?;
     thread::set_no_new_privs(true).context("setting no_new_privs")?;
     thread::clear_ambient_capability_set().context("clearing the ambient capabilities")?;
     // The bounding set needs CAP_SETPCAP, which a daemon started with only the
@@ -32,6 +55,9 @@ pub fn drop_all_capabilities() -> Result<()> {
     // version 3 set holds do not exist.
     for cap in 0..=last_capability()?.min(63) {
         let one = CapabilitySet::from_bits_retain(1 << cap);
+        if keep.contains(one) {
+            continue;
+        }
         if let Err(error) = thread::remove_capability_from_bounding_set(one) {
             debug!("bounding set left as is: {error}");
             break;
@@ -40,12 +66,18 @@ pub fn drop_all_capabilities() -> Result<()> {
     thread::set_capabilities(
         None,
         CapabilitySets {
-            effective: CapabilitySet::empty(),
-            permitted: CapabilitySet::empty(),
+            effective: keep,
+            permitted: keep,
             inheritable: CapabilitySet::empty(),
         },
     )
     .context("dropping capabilities (capset)")?;
-    info!("dropped all capabilities");
+    if keep.is_empty() {
+        info!("dropped all capabilities");
+    } else {
+        info!(
+            "dropped all capabilities but CAP_BPF: before Linux 6.5, kernel.unprivileged_bpf_disabled refuses every bpf() command without it"
+        );
+    }
     Ok(())
 }
