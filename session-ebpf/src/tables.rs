@@ -665,9 +665,10 @@ impl BitTables for BpfBitTables {
         );
         match SET_NETS.get(&key) {
             // The clock is read only for prefixes that expire (ban lists).
-            // SAFETY: a helper without arguments.
             Some(value) => {
-                value.expires_ns == 0 || value.live(unsafe { bpf_ktime_get_coarse_ns() })
+                value.expires_ns == 0
+                    // SAFETY: a helper without arguments.
+                    || value.live(unsafe { bpf_ktime_get_coarse_ns() })
             }
             None => false,
         }
