@@ -37,7 +37,7 @@ fn run_suite(root: &Path, extra: &[String]) -> Result<()> {
     setup::run().context("setup failed")?;
     build_session(root)?;
     cmd::run(
-        Command::new("cargo")
+        cargo()
             .args([
                 "test",
                 "--workspace",
@@ -60,7 +60,7 @@ const FUZZ_SMOKE_SECS: u64 = 15;
 /// Builds `target/debug/session`; its build script compiles the eBPF program.
 pub fn build_session(root: &Path) -> Result<()> {
     cmd::run(
-        Command::new("cargo")
+        cargo()
             .args(["build", "-p", "session-user"])
             .current_dir(root),
     )
@@ -77,12 +77,12 @@ pub fn lint(root: &Path) -> Result<()> {
     let ebpf_dir = root.join("session-ebpf");
     let passes: [(&str, Command); 3] = [
         ("cargo fmt --all --check (fix with `cargo fmt --all`)", {
-            let mut c = Command::new("cargo");
+            let mut c = cargo();
             c.args(["fmt", "--all", "--check"]).current_dir(root);
             c
         }),
         ("clippy on the host crates", {
-            let mut c = Command::new("cargo");
+            let mut c = cargo();
             c.args([
                 "clippy",
                 "--workspace",
@@ -95,7 +95,7 @@ pub fn lint(root: &Path) -> Result<()> {
             c
         }),
         ("clippy on session-ebpf for bpfel-unknown-none", {
-            let mut c = Command::new("cargo");
+            let mut c = cargo();
             c.args(["+nightly", "clippy", "-p", "session-ebpf"])
                 .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
                 .args(["--", "-D", "warnings"])
@@ -116,6 +116,15 @@ pub fn lint(root: &Path) -> Result<()> {
     }
     println!("lint: PASSED");
     Ok(())
+}
+
+/// A cargo command without incremental compilation: the suite and the lint build every
+/// crate once, so incremental caches only cost disk (over a GiB, which a fresh CI machine
+/// may not have).
+fn cargo() -> Command {
+    let mut command = Command::new("cargo");
+    command.env("CARGO_INCREMENTAL", "0");
+    command
 }
 
 /// A duration as "1m05s" for the summary lines.
