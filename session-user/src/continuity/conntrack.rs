@@ -313,9 +313,17 @@ fn flow_state(status: u32) -> u8 {
     }
 }
 
+/// Present in every network namespace while nf_conntrack is loaded.
+const CONNTRACK_COUNT: &str = "/proc/sys/net/netfilter/nf_conntrack_count";
+
 /// Every entry of this network namespace's conntrack table, both families; `Ok(None)`
-/// when the kernel has no ctnetlink (conntrack not loaded).
+/// when conntrack is not loaded, or the kernel has no ctnetlink. Conntrack not loaded is
+/// checked first: a ctnetlink request would make the kernel load the conntrack modules
+/// on a host that does not use them.
 pub fn dump() -> Result<Option<Vec<CtEntry>>> {
+    if !std::path::Path::new(CONNTRACK_COUNT).exists() {
+        return Ok(None);
+    }
     let socket = match Socket::open(Some(rustix::net::netlink::NETFILTER)) {
         Ok(socket) => socket,
         Err(_) => return Ok(None),
@@ -335,7 +343,15 @@ pub fn dump() -> Result<Option<Vec<CtEntry>>> {
                     .downcast_ref::<std::io::Error>()
                     .and_then(std::io::Error::raw_os_error)
                     .is_some_and(|errno| {
-                        [libc::EOPNOTSUPP, libc::ENOENT, libc::EPROTONOSUPPORT].contains(&errno)
+                        // EINVAL: nfnetlink has no ctnetlink subsystem to hand the
+                        // request to (nf_conntrack_netlink neither loaded nor loadable).
+                        [
+                            libc::EOPNOTSUPP,
+                            libc::ENOENT,
+                            libc::EPROTONOSUPPORT,
+                            libc::EINVAL,
+                        ]
+                        .contains(&errno)
                     })
             });
             if absent { Ok(None) } else { Err(error) }

@@ -221,7 +221,13 @@ pub fn take_over(
 
     let timeout = |slot: Timeout| settings.timeouts_ns[slot as usize];
     let mut candidates = Vec::new();
-    let (established, listening) = sock_diag::tcp()?;
+    let sockets = sock_diag::tcp().and_then(|tcp| Ok((tcp, sock_diag::udp()?)));
+    let ((established, listening), udp) = sockets.unwrap_or_else(|error| {
+        warn!(
+            "takeover: cannot read the host's sockets (sock_diag), so connections the host opened before the start are not taken over: {error:#}; load the inet_diag, tcp_diag and udp_diag modules for takeover"
+        );
+        Default::default()
+    });
     let ephemeral = sock_diag::ephemeral_ports();
     for socket in &established {
         let by_peer = sock_diag::accepted(socket, &listening, ephemeral);
@@ -234,7 +240,7 @@ pub fn take_over(
             candidates.extend(placed(&router, record, protected, &mut report.elsewhere));
         }
     }
-    for socket in &sock_diag::udp()? {
+    for socket in &udp {
         if let Some(record) =
             sock_diag::to_record(socket, proto::UDP, false, timeout(Timeout::UdpUnreplied))
         {

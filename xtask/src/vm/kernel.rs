@@ -52,9 +52,14 @@ pub fn spec(name: &str) -> Result<KernelSpec> {
 
 /// Modules the guest loads (with their dependencies) when the kernel has them as modules:
 /// veth pairs, the clsact qdisc and cls_bpf for TC attachment before TCX, and the
-/// nftables and conntrack pieces that the integration tests use as the reference.
+/// nftables and conntrack pieces that the integration tests use as the reference, and
+/// the netlink families takeover reads (a Debian host loads these on first use).
 pub const WANTED_MODULES: &[&str] = &[
     "veth",
+    "nf_conntrack_netlink",
+    "inet_diag",
+    "tcp_diag",
+    "udp_diag",
     "sch_ingress",
     "cls_bpf",
     "nf_tables",
