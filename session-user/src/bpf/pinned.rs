@@ -20,7 +20,7 @@ use session_common::{
 
 use crate::{
     bpf::{
-        batch::{insert_batch, sweep_tier},
+        batch::{self, sweep_tier},
         presence::PresenceFilter,
     },
     host_engine::ModelRules,
@@ -276,7 +276,7 @@ impl PinnedMaps {
             let path = self.dir.join(name);
             let data = MapData::from_pin(&path)
                 .with_context(|| format!("cannot open pinned map {}", path.display()))?;
-            insert_batch(&data, &tier)
+            batch::update(&data, &tier)
                 .with_context(|| format!("storing sessions in {name} (is the table full?)"))?;
             for (key, _) in &tier {
                 filter.set(0, key);

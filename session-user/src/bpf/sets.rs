@@ -7,7 +7,8 @@
 //! loads every set of the new policy into fresh storages before the bank flip and frees
 //! the storages nothing reads afterwards; a replace fills a fresh storage and then points
 //! both banks' references at it, so packets see the whole old or the whole new set.
-//! Add and delete write the set's storage directly: one trie update per prefix.
+//! Add and delete write the set's storage directly, one trie update per prefix; whole sets
+//! are written, read and deleted with the batch commands.
 //!
 //! Every change bumps the active policy's generation, so the verdicts that sessions cached
 //! are judged afresh against the changed set, as nftables judges each packet against its
@@ -30,7 +31,10 @@ use session_common::{
 };
 
 use crate::{
-    bpf::pinned::{PinnedMaps, is_not_found},
+    bpf::{
+        batch,
+        pinned::{PinnedMaps, is_not_found},
+    },
     policy::{compile::CompiledSets, config::Network, rule_bitmaps::HostSets, sets::HostSet},
 };
 
@@ -103,6 +107,26 @@ impl PinnedMaps {
         LpmTrie::try_from(self.map(map_names::SET_NETS)?).context("map SET_NETS is not an LPM trie")
     }
 
+    /// The set trie for the batch commands (`bpf::batch`), which whole sets use.
+    fn set_trie_data(&self) -> Result<MapData> {
+        MapData::from_pin(self.dir().join(map_names::SET_NETS)).context("opening SET_NETS")
+    }
+
+    /// Every prefix of every storage, with its value, in the trie's order.
+    fn all_set_prefixes(&self) -> Result<Vec<(LpmKey<SetKey>, SetValue)>> {
+        let mut out = Vec::new();
+        batch::for_each(&self.set_trie_data()?, |key, value| out.push((*key, *value)))
+            .context("reading SET_NETS")?;
+        Ok(out)
+    }
+
+    /// Deletes `keys` from the set trie; how many were there.
+    fn delete_set_prefixes(&self, keys: &[LpmKey<SetKey>]) -> Result<u32> {
+        let deleted =
+            batch::delete(&self.set_trie_data()?, keys).context("deleting set prefixes")?;
+        Ok(deleted as u32)
+    }
+
     fn set_info_map(&self) -> Result<Array<MapData, SetInfo>> {
         self.array::<SetInfo>(map_names::SET_INFO)
     }
@@ -143,35 +167,28 @@ impl PinnedMaps {
 
     /// Writes `nets` into `storage`; the number of new prefixes.
     fn fill_storage(&self, storage: u32, nets: &[Network], expires_ns: u64) -> Result<u32> {
-        let mut trie = self.set_trie()?;
         let value = SetValue { expires_ns };
-        for net in nets {
-            trie.insert(&key(storage, net), value, 0).map_err(|error| {
-                anyhow::anyhow!(
-                    "cannot store set prefix {}: {error} (the set trie holds at most {} prefixes over all sets, and a replace needs room for the old and the new set at once)",
-                    show_network(net),
-                    session_common::sets::SET_TRIE_ENTRIES
-                )
-            })?;
-        }
+        let entries: Vec<(LpmKey<SetKey>, SetValue)> =
+            nets.iter().map(|net| (key(storage, net), value)).collect();
+        batch::update(&self.set_trie_data()?, &entries).map_err(|error| {
+            anyhow::anyhow!(
+                "cannot store the set's {} prefixes: {error} (the set trie holds at most {} prefixes over all sets, and a replace needs room for the old and the new set at once)",
+                nets.len(),
+                session_common::sets::SET_TRIE_ENTRIES
+            )
+        })?;
         Ok(nets.len() as u32)
     }
 
     /// Deletes every prefix of `storage` and frees it.
     fn clear_storage(&self, storage: u32) -> Result<()> {
-        let mut trie = self.set_trie()?;
-        let keys: Vec<LpmKey<SetKey>> = trie
-            .keys()
-            .filter_map(|key| key.ok())
+        let keys: Vec<LpmKey<SetKey>> = self
+            .all_set_prefixes()?
+            .into_iter()
+            .map(|(key, _)| key)
             .filter(|key| key.data().storage == storage)
             .collect();
-        for key in keys {
-            match trie.remove(&key) {
-                Ok(()) => {}
-                Err(error) if is_not_found(&error) => {}
-                Err(error) => return Err(error).context("deleting a set prefix"),
-            }
-        }
+        self.delete_set_prefixes(&keys)?;
         self.write_info(storage, SetInfo::default())
     }
 
@@ -318,8 +335,7 @@ impl PinnedMaps {
             return Ok(HostSets::default());
         };
         let mut storages = vec![HostSet::default(); *highest as usize + 1];
-        for item in self.set_trie()?.iter() {
-            let (key, value) = item.context("reading SET_NETS")?;
+        for (key, value) in self.all_set_prefixes()? {
             let storage = key.data().storage as usize;
             let live = value.expires_ns == 0 || value.expires_ns > now_ns;
             if live && storage < storages.len() {
@@ -332,10 +348,8 @@ impl PinnedMaps {
     /// The prefixes of set `name`, in the trie's order.
     pub fn set_members(&self, name: &str) -> Result<Vec<SetMember>> {
         let (storage, _) = self.active_storage(name)?;
-        let trie = self.set_trie()?;
         let mut out = Vec::new();
-        for item in trie.iter() {
-            let (key, value) = item.context("reading SET_NETS")?;
+        for (key, value) in self.all_set_prefixes()? {
             if key.data().storage == storage {
                 out.push(SetMember {
                     network: network_of(&key),
@@ -478,10 +492,9 @@ impl PinnedMaps {
         if infos.iter().all(|info| info.expiring == 0) {
             return Ok(0);
         }
-        let mut trie = self.set_trie()?;
         let mut still_expiring = vec![0u32; infos.len()];
         let mut expired: Vec<LpmKey<SetKey>> = Vec::new();
-        for (key, value) in trie.iter().filter_map(|item| item.ok()) {
+        for (key, value) in self.all_set_prefixes()? {
             if !value.live(now_ns) {
                 expired.push(key);
             } else if value.expires_ns != 0
@@ -490,6 +503,8 @@ impl PinnedMaps {
                 *count += 1;
             }
         }
+        // Per key, to know each one's storage: expiring prefixes are bans, few at a time.
+        let mut trie = self.set_trie()?;
         let mut removed = 0;
         for key in expired {
             match trie.remove(&key) {
