@@ -139,3 +139,72 @@ fn sets_block_from_a_file_change_live_and_refuse_bad_files_with_file_and_line() 
     );
     assert_eq!(shown(&daemon), shown_before);
 }
+
+/// `count` (at most 65,536) distinct /32s of `prefix`.0.0/16, one a line.
+fn host_lines(prefix: &str, count: u32) -> String {
+    (0..count)
+        .map(|i| format!("{prefix}.{}.{}\n", i / 256, i % 256))
+        .collect()
+}
+
+#[test]
+fn a_set_replace_racing_a_reload_leaves_one_whole_set() {
+    let lab = Lab::new("setrace");
+    let configured = lab.scratch_path("configured.txt");
+    let replacement = lab.scratch_path("replacement.txt");
+    std::fs::write(&configured, host_lines("198.18", 65_000)).expect("writing the set file");
+    std::fs::write(&replacement, host_lines("198.19", 65_000)).expect("writing the replacement");
+    let daemon = lab.daemon(&policy(&configured));
+    let whole = |path: &Path| {
+        let mut lines: Vec<String> = std::fs::read_to_string(path)
+            .expect("reading a set file")
+            .lines()
+            .map(|line| format!("{line}/32"))
+            .collect();
+        lines.sort();
+        lines
+    };
+    let (configured_set, replacement_set) = (whole(&configured), whole(&replacement));
+    let bin = std::env::var_os("SESSION_BIN").expect("SESSION_BIN names the session binary");
+    for round in 0..6 {
+        // The replace runs beside the reload, started a little later each round so that
+        // its fill meets each step of the reload's apply in some round. The sets live in
+        // the pinned maps, so the command needs no namespace.
+        let delay = Duration::from_millis(50 * round);
+        let mut replace = std::process::Command::new(&bin);
+        replace
+            .args(["set", "replace", "block"])
+            .arg(&replacement)
+            .arg("--pin-dir")
+            .arg(daemon.pin_dir());
+        let replacing = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            replace.output()
+        });
+        daemon.cli(&["reload"]);
+        let replaced = replacing
+            .join()
+            .expect("the replace thread")
+            .expect("running set replace");
+        assert!(
+            replaced.status.success(),
+            "round {round}: {}",
+            describe(&replaced)
+        );
+        let now = shown(&daemon);
+        assert!(
+            now == configured_set || now == replacement_set,
+            "round {round}: the set holds {} prefixes that are neither the configured set nor the replacement (first: {:?})",
+            now.len(),
+            now.first()
+        );
+        let list: Value = serde_json::from_str(&daemon.cli(&["set", "list", "--json"]))
+            .expect("set list --json is JSON");
+        assert_eq!(
+            list.as_array().map(Vec::len),
+            Some(1),
+            "round {round}: one set in use: {list}"
+        );
+        assert_eq!(list[0]["entries"], 65_000, "round {round}: {list}");
+    }
+}

@@ -78,11 +78,7 @@ pub(crate) fn for_each<K: Pod, V: Pod>(
     let mut first = true;
     loop {
         let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                cursor_in.as_ptr() as u64
-            },
+            in_batch: if first { 0 } else { cursor_in.as_ptr() as u64 },
             out_batch: cursor_out.as_mut_ptr() as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,

@@ -23,6 +23,7 @@ use crate::{
         batch::{self, sweep_tier},
         presence::PresenceFilter,
     },
+    daemon::lock::SetsLock,
     host_engine::ModelRules,
     policy::{
         compile::{CompiledPolicy, decode_name},
@@ -425,6 +426,7 @@ impl PinnedMaps {
     /// Writes `policy` into the inactive bank and then switches banks, so packets see
     /// either the whole old policy or the whole new one. Returns the new generation.
     pub fn apply_policy(&self, policy: &CompiledPolicy) -> Result<u32> {
+        let _sets = SetsLock::acquire(self.dir())?;
         let (active, old) = self.active_policy()?;
         let next = active ^ 1;
         let mut rules = self.array::<Rule>(map_names::RULES)?;

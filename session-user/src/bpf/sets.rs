@@ -35,6 +35,7 @@ use crate::{
         batch,
         pinned::{PinnedMaps, is_not_found},
     },
+    daemon::lock::SetsLock,
     policy::{compile::CompiledSets, config::Network, rule_bitmaps::HostSets, sets::HostSet},
 };
 
@@ -115,8 +116,10 @@ impl PinnedMaps {
     /// Every prefix of every storage, with its value, in the trie's order.
     fn all_set_prefixes(&self) -> Result<Vec<(LpmKey<SetKey>, SetValue)>> {
         let mut out = Vec::new();
-        batch::for_each(&self.set_trie_data()?, |key, value| out.push((*key, *value)))
-            .context("reading SET_NETS")?;
+        batch::for_each(&self.set_trie_data()?, |key, value| {
+            out.push((*key, *value))
+        })
+        .context("reading SET_NETS")?;
         Ok(out)
     }
 
@@ -363,6 +366,7 @@ impl PinnedMaps {
     /// Adds `nets` to set `name`, each until `expires_ns` (CLOCK_MONOTONIC, 0 = never); a
     /// prefix already there takes the new expiry. The number of prefixes that were new.
     pub fn set_add(&self, name: &str, nets: &[Network], expires_ns: u64) -> Result<u32> {
+        let _sets = SetsLock::acquire(self.dir())?;
         let (storage, info) = self.active_storage(name)?;
         let mut trie = self.set_trie()?;
         let value = SetValue { expires_ns };
@@ -397,6 +401,7 @@ impl PinnedMaps {
 
     /// Deletes `nets` from set `name`; the number that were there.
     pub fn set_delete(&self, name: &str, nets: &[Network]) -> Result<u32> {
+        let _sets = SetsLock::acquire(self.dir())?;
         let (storage, info) = self.active_storage(name)?;
         let mut trie = self.set_trie()?;
         let mut removed = 0;
@@ -415,6 +420,7 @@ impl PinnedMaps {
     /// fresh storage, then every policy bank's reference moves to it at once, then the old
     /// prefixes are deleted.
     pub fn set_replace(&self, name: &str, nets: &[Network]) -> Result<()> {
+        let _sets = SetsLock::acquire(self.dir())?;
         let (old, info) = self.active_storage(name)?;
         let fresh = self.claim_storage(name)?;
         let loaded = self.fill_storage(fresh, nets, 0).and_then(|entries| {
@@ -488,10 +494,11 @@ impl PinnedMaps {
     /// Deletes the prefixes whose expiry has passed at `now_ns` (CLOCK_MONOTONIC); how
     /// many. The kernel already ignores them; this frees their memory.
     pub fn expire_set_members(&self, now_ns: u64) -> Result<u64> {
-        let mut infos = self.set_infos()?;
-        if infos.iter().all(|info| info.expiring == 0) {
+        if self.set_infos()?.iter().all(|info| info.expiring == 0) {
             return Ok(0);
         }
+        let _sets = SetsLock::acquire(self.dir())?;
+        let mut infos = self.set_infos()?;
         let mut still_expiring = vec![0u32; infos.len()];
         let mut expired: Vec<LpmKey<SetKey>> = Vec::new();
         for (key, value) in self.all_set_prefixes()? {

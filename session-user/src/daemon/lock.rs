@@ -122,6 +122,47 @@ impl InstanceLock {
     }
 }
 
+/// Held while the named sets of a pin directory change: a policy apply, `session set`,
+/// the reaper's expiry. Each reads which set storages are free, claims and frees storages
+/// and rewrites the banks' references to them; two at once (a `session set replace`
+/// during a reload) would free a storage the other is filling. Taking it waits for the
+/// holder; dropping it releases it and removes the file.
+pub struct SetsLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl Drop for SetsLock {
+    fn drop(&mut self) {
+        // As for `InstanceLock`: a waiter that locks the unlinked file sees that it is no
+        // longer at the path and takes the next one.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl SetsLock {
+    /// Waits for and takes the set lock of `pin_dir`.
+    pub fn acquire(pin_dir: &Path) -> Result<SetsLock> {
+        std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
+        let path = run_path(pin_dir, "sets.lock");
+        loop {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("opening lock file {}", path.display()))?;
+            file.lock()
+                .with_context(|| format!("locking {}", path.display()))?;
+            if is_at_path(&file, &path) {
+                return Ok(SetsLock { _file: file, path });
+            }
+        }
+    }
+}
+
 /// The daemon that holds a pin directory.
 #[derive(Debug)]
 pub struct Owner {
