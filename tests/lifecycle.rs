@@ -1,7 +1,7 @@
 //! The daemon's lifecycle under a live TCP stream: stopping (SIGTERM) or killing
 //! (SIGKILL) it and starting it again, reloading (SIGHUP and `session reload`), a reload
-//! of a broken file, `session down`, and a restart with another `max_sessions`, which is
-//! refused until `session down`. The firewall must keep enforcing while no daemon
+//! of a broken file, `session down`, a restart with another `max_sessions`, which is
+//! refused until `session down`, and one on counters an older version pinned. The firewall must keep enforcing while no daemon
 //! runs (the links are pinned), a restarted daemon must find the same sessions and
 //! counters, and not one byte of the stream may be lost.
 
@@ -269,6 +269,90 @@ fn a_changed_max_sessions_is_refused_until_down() {
         Some(4096),
         "the restarted daemon does not use the new size: {stats}"
     );
+}
+
+/// Replaces the pinned map at `path` with a new per-CPU array of `entries` u64 counters:
+/// what an older version of session, with fewer counters, would have pinned.
+fn pin_older_counter_array(path: &std::path::Path, entries: u32) {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    let mut create = [0u32; 16];
+    create[..4].copy_from_slice(&[BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, entries]);
+    // SAFETY: a `bpf_attr` for BPF_MAP_CREATE (type, key size, value size, entries, the
+    // rest zero), alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            create.as_mut_ptr(),
+            std::mem::size_of_val(&create),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "creating a counter array: {}",
+        std::io::Error::last_os_error()
+    );
+    std::fs::remove_file(path).unwrap_or_else(|e| panic!("unpinning {}: {e}", path.display()));
+    let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("a pin path");
+    let mut pin = [0u64; 2];
+    pin[0] = name.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: a `bpf_attr` for BPF_OBJ_PIN (the path's address, then the fd), both alive
+    // for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            pin.as_mut_ptr(),
+            std::mem::size_of_val(&pin),
+        )
+    };
+    assert!(
+        rc == 0,
+        "pinning {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `fd` is the map's descriptor, which this function owns; the pin keeps the map.
+    drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) });
+}
+
+/// An upgrade to a version with more counters (a new daemon on maps an older one pinned)
+/// keeps the sessions and the stream, and restarts the counters at zero, where refusing
+/// would leave `session down`, which loses every session, as the only way on.
+#[test]
+fn counters_pinned_by_an_older_version_are_recreated_and_the_sessions_kept() {
+    let lab = Lab::new("upgrade");
+    let mut first = lab.daemon(STREAM_POLICY);
+    let stream = lab.live_stream(Family::V4, STREAM_PORT);
+    stream.assert_flowing(PROGRESS, "before the upgrade");
+    let packets_before = stream_packets(&first.list_json());
+    first.signal(libc::SIGTERM);
+    assert!(first.wait_exit(Duration::from_secs(10)).success());
+    pin_older_counter_array(&lab.pin_dir().join("COUNTERS"), 4);
+
+    let second = lab.restart_daemon();
+    assert!(
+        second
+            .log()
+            .contains("recreated, its counters start again at zero"),
+        "the daemon did not say it recreated the counters:\n{}",
+        second.log()
+    );
+    stream.assert_flowing(PROGRESS, "after the upgrade");
+    let packets_after = stream_packets(&second.list_json());
+    assert!(
+        packets_after > packets_before,
+        "the session did not carry over the upgrade: {packets_before} -> {packets_after}"
+    );
+    assert!(
+        counter(&second.stats_json(), "packets_seen") > 0,
+        "the recreated counters do not count"
+    );
+    let carried = stream.finish();
+    assert!(carried > 2 * PROGRESS, "only {carried} bytes carried");
 }
 
 /// The kernel stamps sessions with the tick clock the daemon calibrated at start

@@ -75,6 +75,13 @@ pub fn load(
 ) -> Result<Ebpf> {
     create_pin_dir(pin_dir)?;
     let slot_bits = presence::slot_bits_for(max_sessions);
+    recreate_resized_counters(
+        pin_dir,
+        &[
+            (map_names::COUNTERS, Counter::COUNT),
+            (map_names::DAEMON_COUNTERS, DaemonCounter::COUNT),
+        ],
+    )?;
     check_pinned_sizes(
         pin_dir,
         &[
@@ -90,12 +97,6 @@ pub fn load(
                 size_of::<u64>(),
             ),
             (map_names::SETTINGS, 1, size_of::<Settings>()),
-            (map_names::COUNTERS, Counter::COUNT, size_of::<u64>()),
-            (
-                map_names::DAEMON_COUNTERS,
-                DaemonCounter::COUNT,
-                size_of::<u64>(),
-            ),
         ],
     )?;
     let mut ebpf = EbpfLoader::new()
@@ -133,6 +134,34 @@ pub fn load(
             .context("the kernel rejected the TC ingress program")?;
     }
     Ok(ebpf)
+}
+
+/// Unpins the counter arrays of `counters` (name, entries this version has) that another
+/// version of session pinned with another number of counters, so that the loader creates
+/// them afresh: an upgrade that adds counters keeps the sessions and restarts the counters
+/// at zero, where refusing would make the operator run `session down` and lose every
+/// session. The programs still attached keep counting into the old array until this
+/// daemon's programs replace them.
+fn recreate_resized_counters(pin_dir: &Path, counters: &[(&str, u32)]) -> Result<()> {
+    for &(name, entries) in counters {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let pinned = MapData::from_pin(&path)
+            .and_then(|map| map.info())
+            .with_context(|| format!("reading the size of the pinned map {}", path.display()))?
+            .max_entries();
+        if pinned != entries {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("unpinning {} to recreate it", path.display()))?;
+            log::info!(
+                "{} held {pinned} counters, pinned by another version of session; this one has {entries}: recreated, its counters start again at zero",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Refuses maps pinned under `pin_dir` with another size than `sizes` asks for (entries,
