@@ -108,7 +108,11 @@ fn checks(scope: Scope) -> Vec<Check> {
             name: "smoke-tracking",
             package: "session-tests",
             binary: "tracking",
-            args: tests(&["tcp_to_allowed_port_only_v6", "ping_both_ways_v6"]),
+            args: tests(&[
+                "tcp_to_allowed_port_only_v6",
+                "udp_port_unreachable_is_related_v6",
+                "ping_both_ways_v6",
+            ]),
             env: Vec::new(),
             timeout_secs: 1800,
         },
