@@ -127,6 +127,9 @@ pub mod set_state {
     pub const LOADING: u32 = 1;
     /// The current contents of its set.
     pub const ACTIVE: u32 = 2;
+    /// Replaced: no bank reads it any more, and the daemon's reaper frees it (so that
+    /// `session set replace` returns once the new contents are in force).
+    pub const RETIRED: u32 = 3;
 }
 
 /// The membership mask of an address in the first `count` of `storages`: bit `i` set when

@@ -3450,6 +3450,18 @@ fn an_atomic_replace_under_a_syn_flood_never_passes_a_member_nor_drops_a_non_mem
     println!(
         "sets: {checked} SYNs checked during {replaces} replaces of 16,000 prefixes, each taking {replaced_in:?}"
     );
+    // Each replace retired the storage it replaced, for the reaper to free: all four
+    // storages' prefixes go at its first run, and nothing at the next.
+    let retired = 2 * (old_set.len() + new_set.len());
+    let freed = k
+        .maps
+        .free_retired_sets()
+        .expect("freeing the retired storages");
+    assert_eq!(
+        freed as usize, retired,
+        "prefixes of the replaced storages freed"
+    );
+    assert_eq!(k.maps.free_retired_sets().expect("freeing again"), 0);
     // After an even number of replaces the old set is back.
     for line in gone.iter().take(50) {
         k.expect(

@@ -148,9 +148,14 @@ impl PinnedMaps {
             .context("writing SET_INFO")
     }
 
-    /// A free storage, marked as loading `name`.
+    /// A free storage, marked as loading `name`; retired ones are freed first when none
+    /// is free. The caller holds the [`SetsLock`].
     fn claim_storage(&self, name: &str) -> Result<u32> {
-        let infos = self.set_infos()?;
+        let mut infos = self.set_infos()?;
+        if !infos.iter().any(|info| info.state == set_state::FREE) {
+            self.free_retired()?;
+            infos = self.set_infos()?;
+        }
         let Some(storage) = infos.iter().position(|info| info.state == set_state::FREE) else {
             bail!(
                 "all {MAX_SET_STORAGE} set storages are in use (sets being replaced or loaded at once); wait for the other changes to finish and try again"
@@ -183,16 +188,17 @@ impl PinnedMaps {
         Ok(nets.len() as u32)
     }
 
-    /// Deletes every prefix of `storage` and frees it.
-    fn clear_storage(&self, storage: u32) -> Result<()> {
+    /// Deletes every prefix of `storage` and frees it; how many prefixes it deleted.
+    fn clear_storage(&self, storage: u32) -> Result<u32> {
         let keys: Vec<LpmKey<SetKey>> = self
             .all_set_prefixes()?
             .into_iter()
             .map(|(key, _)| key)
             .filter(|key| key.data().storage == storage)
             .collect();
-        self.delete_set_prefixes(&keys)?;
-        self.write_info(storage, SetInfo::default())
+        let deleted = self.delete_set_prefixes(&keys)?;
+        self.write_info(storage, SetInfo::default())?;
+        Ok(deleted)
     }
 
     /// Loads the sets of a policy about to be applied into fresh storages and writes
@@ -417,8 +423,8 @@ impl PinnedMaps {
     }
 
     /// Replaces the contents of set `name` with `nets` atomically: they are loaded into a
-    /// fresh storage, then every policy bank's reference moves to it at once, then the old
-    /// prefixes are deleted.
+    /// fresh storage, then every policy bank's reference moves to it at once; the old
+    /// storage is retired, for [`Self::free_retired_sets`].
     pub fn set_replace(&self, name: &str, nets: &[Network]) -> Result<()> {
         let _sets = SetsLock::acquire(self.dir())?;
         let (old, info) = self.active_storage(name)?;
@@ -456,13 +462,46 @@ impl PinnedMaps {
         self.write_info(
             old,
             SetInfo {
-                state: set_state::LOADING,
+                state: set_state::RETIRED,
                 ..info
             },
         )?;
-        self.changed(fresh, info, entries)?;
+        self.changed(fresh, info, entries)
+    }
+
+    /// Frees the storages that replaces retired; how many prefixes it deleted. The
+    /// daemon's reaper calls it, so that `session set replace` returns once the new
+    /// contents are in force rather than after deleting the old ones.
+    pub fn free_retired_sets(&self) -> Result<u32> {
+        if !self
+            .set_infos()?
+            .iter()
+            .any(|info| info.state == set_state::RETIRED)
+        {
+            return Ok(0);
+        }
+        let _sets = SetsLock::acquire(self.dir())?;
+        self.free_retired()
+    }
+
+    /// [`Self::free_retired_sets`] for a caller that holds the [`SetsLock`].
+    fn free_retired(&self) -> Result<u32> {
+        let retired: Vec<u32> = (0..)
+            .zip(self.set_infos()?)
+            .filter(|(_, info)| info.state == set_state::RETIRED)
+            .map(|(storage, _)| storage)
+            .collect();
+        if retired.is_empty() {
+            return Ok(0);
+        }
+        // A packet that read a retired storage's reference just before the switch may
+        // still be looking it up.
         std::thread::sleep(GRACE);
-        self.clear_storage(old)
+        let mut freed = 0;
+        for storage in retired {
+            freed += self.clear_storage(storage)?;
+        }
+        Ok(freed)
     }
 
     /// Records a change of the set in `storage` (now holding `entries` prefixes) and bumps

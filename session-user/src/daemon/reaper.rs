@@ -59,6 +59,11 @@ pub fn reap(maps: &PinnedMaps, events: &EventHub) -> Duration {
         Ok(freed) => log::debug!("reaper: freed {freed} expired set entries"),
         Err(error) => warn!("reaper: expiring set entries: {error:#}"),
     }
+    match maps.free_retired_sets() {
+        Ok(0) => {}
+        Ok(freed) => log::debug!("reaper: freed {freed} prefixes of replaced sets"),
+        Err(error) => warn!("reaper: freeing replaced sets: {error:#}"),
+    }
     started.elapsed()
 }
 
