@@ -8,7 +8,7 @@ use crate::{
         DatagramEntry, DatagramKey, Follow, FragmentTable, conflicts, datagram_key, decision_of,
         ends_datagram, fill_entry, follow, state_of, unjudged,
     },
-    packet::{IcmpKind, PacketBytes, PacketMeta, ParseError},
+    packet::{IcmpKind, OptionBytes, PacketBytes, PacketMeta, ParseError},
     track::{
         Invalid, Update, account, direction, embedded_key, flow_key, mark_seen, new_session,
         state_for, update,
@@ -111,6 +111,11 @@ pub struct Scratch {
     pub datagram: DatagramKey,
     /// The record a first fragment leaves for its datagram.
     pub entry: DatagramEntry,
+    /// A SYN's options, while they are read.
+    pub options: OptionBytes,
+    /// The packet's flow key: here rather than on the stack, which Linux 6.1 allows the
+    /// XDP program only 288 bytes of (see docs/ARCHITECTURE.md).
+    pub key: FlowKey,
 }
 
 /// Everything the pipeline concluded about one packet, for tests and the host model.
@@ -341,6 +346,8 @@ where
         session,
         datagram,
         entry,
+        options,
+        key,
     } = scratch;
     let parsed = pkt.parse_into(meta);
     if parsed == Err(ParseError::NotIp) {
@@ -386,17 +393,19 @@ where
             &judge,
             sessions,
             counters,
-            |_: &mut Session| Ok(()),
+            |_: &mut Session, _: &mut PacketMeta| Ok(()),
         );
         outcome.fragment = fragment;
         return Some(outcome);
     }
     counters.count(Counter::PacketsSeen);
-    let (key, src_is_lo) = flow_key(meta);
-    let tracked = track_packet(
+    let src_is_lo;
+    (*key, src_is_lo) = flow_key(meta);
+    let key: &FlowKey = key;
+    let mut tracked = track_packet(
         pkt,
         meta,
-        &key,
+        key,
         src_is_lo,
         now,
         settings,
@@ -405,16 +414,27 @@ where
         counters,
         expectations,
         session,
+        options,
     );
+    // A connection attempt the policy admits reads its SYN's options now, for the session
+    // its admission builds; one the policy drops never reads them.
+    if tracked.pending && !tracked.built && tracked.decision.is_none() {
+        let admitted = tracked.decide(&judge, meta).action == Action::Accept;
+        if admitted {
+            pkt.syn_options_into(meta, options);
+        }
+    }
     let mut outcome = finish(
         meta,
-        Some(&key),
-        tracked.pending.then_some((&key, session)),
+        Some(key),
+        tracked.pending.then_some((key, session)),
         tracked,
         &judge,
         sessions,
         counters,
-        |fresh: &mut Session| start_session::<S>(fresh, meta, src_is_lo, settings, now),
+        |fresh: &mut Session, meta: &mut PacketMeta| {
+            start_session::<S>(fresh, meta, src_is_lo, settings, now)
+        },
     );
     // Only an accepted UDP packet that tracking left NEW pays for setting up an
     // expectation (at ingress, only one without a session pays for the lookup: see
@@ -430,7 +450,7 @@ where
         fill_entry(
             entry,
             meta,
-            &key,
+            key,
             src_is_lo,
             outcome.state,
             &outcome.decision,
@@ -534,7 +554,7 @@ fn follow_fragment<S: SessionTable, F: FragmentTable, R: RuleSource, C: Counters
                 judge,
                 sessions,
                 counters,
-                |_: &mut Session| Ok(()),
+                |_: &mut Session, _: &mut PacketMeta| Ok(()),
             );
             outcome.fragment = true;
             outcome
@@ -671,6 +691,14 @@ struct Tracked {
 }
 
 impl Tracked {
+    /// Decides the packet's verdict now and keeps it for [`finish`].
+    #[inline(always)]
+    fn decide<R: RuleSource>(&mut self, judge: &Judge<'_, R>, meta: &PacketMeta) -> Decision {
+        let decision = judge.decide(meta, self.state);
+        self.decision = Some(decision);
+        decision
+    }
+
     #[inline(always)]
     fn of(state: CtState) -> Tracked {
         Tracked {
@@ -696,7 +724,7 @@ fn is_closing(state: u8) -> bool {
 #[allow(clippy::too_many_arguments)]
 fn track_packet<P, S, R, C, E>(
     pkt: &P,
-    meta: &PacketMeta,
+    meta: &mut PacketMeta,
     key: &FlowKey,
     src_is_lo: bool,
     now: u64,
@@ -706,6 +734,7 @@ fn track_packet<P, S, R, C, E>(
     counters: &mut C,
     expectations: &mut E,
     fresh: &mut Session,
+    options: &mut OptionBytes,
 ) -> Tracked
 where
     P: PacketBytes + ?Sized,
@@ -750,6 +779,7 @@ where
             let dir = direction(session, src_is_lo);
             let state = state_for(session, dir);
             let was_closing = is_closing(session.state);
+            pkt.syn_options_into(meta, options);
             match S::track(session, meta, dir, settings, now) {
                 Ok(Update::Tracked) => {
                     cache_for = cacheable(meta).then_some(dir);
@@ -831,6 +861,7 @@ where
     if attempt {
         return new_flow(false);
     }
+    pkt.syn_options_into(meta, options);
     match start_session::<S>(fresh, meta, src_is_lo, settings, now) {
         Ok(()) => new_flow(true),
         Err(reason) => {
@@ -845,14 +876,14 @@ where
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn finish<S: SessionTable, R: RuleSource, C: Counters>(
-    meta: &PacketMeta,
+    meta: &mut PacketMeta,
     key: Option<&FlowKey>,
     pending: Option<(&FlowKey, &mut Session)>,
     tracked: Tracked,
     judge: &Judge<'_, R>,
     sessions: &mut S,
     counters: &mut C,
-    build: impl FnOnce(&mut Session) -> Result<(), Invalid>,
+    build: impl FnOnce(&mut Session, &mut PacketMeta) -> Result<(), Invalid>,
 ) -> Outcome {
     let state = tracked.state;
     let mut outcome = Outcome {
@@ -893,7 +924,7 @@ fn finish<S: SessionTable, R: RuleSource, C: Counters>(
         && let Some((key, session)) = pending
     {
         if !tracked.built
-            && let Err(reason) = build(session)
+            && let Err(reason) = build(session, meta)
         {
             // Unreachable: a connection attempt always builds (see `track_packet`); were it
             // reached, the packet would be invalid and is dropped as such.

@@ -36,6 +36,12 @@ pub trait PacketBytes {
     /// the frame.
     fn load_options(&self, offset: usize, len: usize, buf: &mut [u8; MAX_TCP_OPTION_BYTES])
     -> bool;
+
+    /// Reads a SYN's options into `meta`: [`read_syn_options`], which the kernel side runs
+    /// as a BPF function of its own, as it does the parser.
+    fn syn_options_into(&self, meta: &mut PacketMeta, room: &mut OptionBytes) {
+        read_syn_options(self, meta, room)
+    }
 }
 
 impl PacketBytes for [u8] {
@@ -193,9 +199,10 @@ pub struct PacketMeta {
     pub tcp_flags: u8,
     /// TCP data offset in bytes.
     pub tcp_header_len: u8,
-    /// Window scale option on a SYN, 0xff when absent.
+    /// Window scale option on a SYN, 0xff when absent or not read yet
+    /// ([`read_syn_options`]).
     pub tcp_wscale: u8,
-    /// SACK-permitted option on a SYN.
+    /// SACK-permitted option on a SYN, once read ([`read_syn_options`]).
     pub tcp_sack_perm: bool,
     /// ICMP type.
     pub icmp_type: u8,
@@ -218,8 +225,12 @@ pub struct PacketMeta {
     /// IP identification of a fragment's datagram: 16 bits on IPv4, the fragment header's
     /// 32 on IPv6.
     pub frag_id: u32,
+    /// Frame offset of a SYN's TCP options, which [`read_syn_options`] reads into
+    /// `tcp_wscale` and `tcp_sack_perm` when the SYN builds or moves a session; 0 when
+    /// there are none or they have been read.
+    pub tcp_options_at: u16,
 }
-const _: () = assert!(core::mem::size_of::<PacketMeta>() == 112);
+const _: () = assert!(core::mem::size_of::<PacketMeta>() == 120);
 
 /// What [`PacketMeta::fragment`] says about a fragment. For a later fragment only the
 /// family, protocol, addresses, `ip_len`, `payload_len` (the fragment's data) and the
@@ -395,7 +406,7 @@ fn parse_common<P: PacketBytes + ?Sized>(
             };
             let l4_len = total_len - header_len;
             match meta.proto {
-                proto::TCP => read_tcp(pkt, meta, l4, ETH_HLEN + 20, l4_len).is_ok(),
+                proto::TCP => read_tcp(meta, l4, ETH_HLEN + 20, l4_len).is_ok(),
                 proto::UDP => sub::<8>(l4, 0)
                     .is_some_and(|udp| read_udp(meta, udp, ETH_HLEN + 20, l4_len).is_ok()),
                 _ => false,
@@ -419,7 +430,7 @@ fn parse_common<P: PacketBytes + ?Sized>(
             if next == proto::TCP {
                 pkt.head::<{ IPV6_L4 + 20 }>()
                     .and_then(|frame| sub::<20>(frame, IPV6_L4))
-                    .is_some_and(|tcp| read_tcp(pkt, meta, tcp, IPV6_L4, payload_len).is_ok())
+                    .is_some_and(|tcp| read_tcp(meta, tcp, IPV6_L4, payload_len).is_ok())
             } else {
                 pkt.head::<{ IPV6_L4 + 8 }>()
                     .and_then(|frame| sub::<8>(frame, IPV6_L4))
@@ -561,9 +572,13 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(
     offset: usize,
     frame_len: usize,
 ) -> Result<(), ParseError> {
-    let hdr = pkt.load::<40>(offset).ok_or(ParseError::Malformed)?;
-    let payload_len = read_ipv6(meta, &hdr, offset, frame_len)?;
-    let chain = skip_ipv6_extensions(pkt, offset + 40, hdr[6], payload_len)?;
+    // The header in a block of its own, so that its 40 bytes of stack are free again for
+    // what comes after (Linux 6.1 sums the stacks of the program and this function).
+    let (payload_len, next) = {
+        let hdr = pkt.load::<40>(offset).ok_or(ParseError::Malformed)?;
+        (read_ipv6(meta, &hdr, offset, frame_len)?, hdr[6])
+    };
+    let chain = skip_ipv6_extensions(pkt, offset + 40, next, payload_len)?;
     meta.family = FAMILY_IPV6;
     meta.proto = chain.next;
     meta.ip_len = (40 + payload_len) as u32;
@@ -781,14 +796,13 @@ fn parse_tcp<P: PacketBytes + ?Sized>(
     l4_len: usize,
 ) -> Result<(), ParseError> {
     let hdr = pkt.load::<20>(offset).ok_or(ParseError::Malformed)?;
-    read_tcp(pkt, meta, &hdr, offset, l4_len)
+    read_tcp(meta, &hdr, offset, l4_len)
 }
 
 /// Checks the TCP header `hdr` found at `offset` in a transport payload of `l4_len` bytes,
-/// fills `meta` from it and, on a SYN, from its options.
+/// fills `meta` from it and, on a SYN with options, notes where they are.
 #[inline(always)]
-fn read_tcp<P: PacketBytes + ?Sized>(
-    pkt: &P,
+fn read_tcp(
     meta: &mut PacketMeta,
     hdr: &[u8; 20],
     offset: usize,
@@ -807,24 +821,38 @@ fn read_tcp<P: PacketBytes + ?Sized>(
     meta.tcp_header_len = header_len as u8;
     meta.payload_len = (l4_len - header_len) as u32;
     if meta.tcp_flags & tcp_flags::SYN != 0 && header_len > 20 {
-        parse_tcp_options(pkt, meta, offset + 20, header_len - 20);
+        meta.tcp_options_at = (offset + 20) as u16;
     }
     Ok(())
 }
 
-/// Reads the window-scale and SACK-permitted options of a SYN, as `tcp_options()` does.
+/// Room for a SYN's options while [`read_syn_options`] reads them: words, so that it can
+/// live in the kernel's per-CPU scratch memory rather than on the 512-byte stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OptionBytes {
+    /// The option bytes, as words.
+    pub words: [u64; MAX_TCP_OPTION_BYTES / 8],
+}
+
+/// Reads the window-scale and SACK-permitted options of a SYN that [`parse`] found
+/// (`meta.tcp_options_at`), as `tcp_options()` does; nothing for other packets, or a
+/// second time. The parser leaves them unread: only a SYN that builds or moves a
+/// session needs them, so a SYN the policy drops never reads them.
 #[inline(always)]
-fn parse_tcp_options<P: PacketBytes + ?Sized>(
+pub fn read_syn_options<P: PacketBytes + ?Sized>(
     pkt: &P,
     meta: &mut PacketMeta,
-    offset: usize,
-    len: usize,
+    room: &mut OptionBytes,
 ) {
-    // Words of an opaque zero: five stores, where a zeroed byte array would be a call to
-    // aya-ebpf's byte-loop `memset` (see [`crate::zero_words`]).
-    let mut words = [crate::opaque(0u64); MAX_TCP_OPTION_BYTES / 8];
-    let options: &mut [u8; MAX_TCP_OPTION_BYTES] = bytemuck::cast_mut(&mut words);
-    if pkt.load_options(offset, len, options) {
+    let at = meta.tcp_options_at as usize;
+    if at == 0 {
+        return;
+    }
+    meta.tcp_options_at = 0;
+    let len = (meta.tcp_header_len as usize).saturating_sub(20);
+    let options: &mut [u8; MAX_TCP_OPTION_BYTES] = bytemuck::cast_mut(&mut room.words);
+    if pkt.load_options(at, len, options) {
         scan_tcp_options(options, len, meta);
     }
 }
@@ -1187,12 +1215,38 @@ mod tests {
         (result, meta)
     }
 
-    /// A whole packet, or a first fragment, which parses as fully.
+    /// A whole packet, or a first fragment, which parses as fully, with a SYN's options
+    /// read as the engine reads them for a SYN that builds a session.
     fn ok(frame: &[u8]) -> PacketMeta {
         match parse_any(frame) {
-            (Ok(()) | Err(ParseError::FirstFragment), meta) => meta,
+            (Ok(()) | Err(ParseError::FirstFragment), mut meta) => {
+                read_syn_options(frame, &mut meta, &mut OptionBytes::default());
+                meta
+            }
             (Err(error), _) => panic!("valid frame rejected with {error:?}: {frame:02x?}"),
         }
+    }
+
+    #[test]
+    fn a_syns_options_are_left_unread_by_the_parser_and_read_once_when_asked() {
+        let frame = v4_frame(
+            &Ipv4::new(V4_A, V4_B, proto::TCP),
+            &syn_with_options().bytes(),
+        );
+        let (result, mut meta) = parse_any(&frame);
+        assert_eq!(result, Ok(()));
+        assert_eq!(
+            meta.tcp_wscale, 0xff,
+            "the parser leaves the options unread"
+        );
+        assert!(!meta.tcp_sack_perm);
+        assert_eq!(meta.tcp_options_at as usize, ETH_HLEN + 20 + 20);
+        read_syn_options(&frame[..], &mut meta, &mut OptionBytes::default());
+        assert_eq!((meta.tcp_wscale, meta.tcp_sack_perm), (7, true));
+        assert_eq!(meta.tcp_options_at, 0, "read once");
+        meta.tcp_wscale = 0xff;
+        read_syn_options(&frame[..], &mut meta, &mut OptionBytes::default());
+        assert_eq!(meta.tcp_wscale, 0xff, "not read a second time");
     }
 
     const SYN: u8 = tcp_flags::SYN;

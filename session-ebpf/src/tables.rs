@@ -17,7 +17,8 @@ use session_common::{
     expect::{ExpectKey, Expectations},
     fragment::{DatagramEntry, DatagramKey, FragmentTable, MAX_FRAGMENT_DATAGRAMS},
     packet::{
-        MAX_TCP_OPTION_BYTES, PacketBytes, PacketMeta, ParseError, parse_common_case, parse_general,
+        MAX_TCP_OPTION_BYTES, OptionBytes, PacketBytes, PacketMeta, ParseError, parse_common_case,
+        parse_general, read_syn_options,
     },
     presence,
     rule_bitmaps::{
@@ -219,6 +220,13 @@ impl PacketBytes for XdpBytes<'_> {
     }
 
     #[inline(always)]
+    fn syn_options_into(&self, meta: &mut PacketMeta, room: &mut OptionBytes) {
+        if meta.tcp_options_at != 0 {
+            session_syn_options_xdp(self.0.ctx, meta, room);
+        }
+    }
+
+    #[inline(always)]
     fn load_options(
         &self,
         offset: usize,
@@ -263,6 +271,41 @@ pub extern "C" fn session_parse_xdp(ctx: *mut xdp_md, meta: *mut PacketMeta) -> 
 #[inline(never)]
 pub extern "C" fn session_parse_skb(skb: *mut __sk_buff, meta: *mut PacketMeta) -> i32 {
     parse_encoded(&SkbBytes(&TcContext::new(skb)), meta)
+}
+
+/// A SYN's options read into `meta` ([`read_syn_options`]), as a global BPF function for
+/// the reason [`session_parse_xdp`] is one: the tracker reaches the read on several paths.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn session_syn_options_xdp(
+    ctx: *mut xdp_md,
+    meta: *mut PacketMeta,
+    room: *mut OptionBytes,
+) -> i32 {
+    syn_options(&XdpBytes(&XdpContext::new(ctx)), meta, room)
+}
+
+/// [`session_syn_options_xdp`] for the TC programs' socket buffers.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn session_syn_options_skb(
+    skb: *mut __sk_buff,
+    meta: *mut PacketMeta,
+    room: *mut OptionBytes,
+) -> i32 {
+    syn_options(&SkbBytes(&TcContext::new(skb)), meta, room)
+}
+
+/// [`read_syn_options`] on what a global function is handed; 0 always (a global
+/// function returns a scalar).
+#[inline(always)]
+fn syn_options<P: PacketBytes>(pkt: &P, meta: *mut PacketMeta, room: *mut OptionBytes) -> i32 {
+    // SAFETY: the caller passes its packet metadata and its scratch room; the verifier
+    // only knows they may be null.
+    if let (Some(meta), Some(room)) = unsafe { (meta.as_mut(), room.as_mut()) } {
+        read_syn_options(pkt, meta, room);
+    }
+    0
 }
 
 /// Parses `pkt` into `meta` on the general path and answers as a global function can: 0
@@ -325,6 +368,13 @@ impl PacketBytes for SkbBytes<'_> {
             return Ok(());
         }
         decode_parse(session_parse_skb(self.0.skb.skb, meta))
+    }
+
+    #[inline(always)]
+    fn syn_options_into(&self, meta: &mut PacketMeta, room: &mut OptionBytes) {
+        if meta.tcp_options_at != 0 {
+            session_syn_options_skb(self.0.skb.skb, meta, room);
+        }
     }
 
     #[inline(always)]
