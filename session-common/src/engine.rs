@@ -393,7 +393,7 @@ where
             &judge,
             sessions,
             counters,
-            |_: &mut Session, _: &mut PacketMeta| Ok(()),
+            |_: &mut Session| Ok(()),
         );
         outcome.fragment = fragment;
         return Some(outcome);
@@ -432,9 +432,7 @@ where
         &judge,
         sessions,
         counters,
-        |fresh: &mut Session, meta: &mut PacketMeta| {
-            start_session::<S>(fresh, meta, src_is_lo, settings, now)
-        },
+        |fresh: &mut Session| start_session::<S>(fresh, meta, src_is_lo, settings, now),
     );
     // Only an accepted UDP packet that tracking left NEW pays for setting up an
     // expectation (at ingress, only one without a session pays for the lookup: see
@@ -554,7 +552,7 @@ fn follow_fragment<S: SessionTable, F: FragmentTable, R: RuleSource, C: Counters
                 judge,
                 sessions,
                 counters,
-                |_: &mut Session, _: &mut PacketMeta| Ok(()),
+                |_: &mut Session| Ok(()),
             );
             outcome.fragment = true;
             outcome
@@ -876,14 +874,14 @@ where
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn finish<S: SessionTable, R: RuleSource, C: Counters>(
-    meta: &mut PacketMeta,
+    meta: &PacketMeta,
     key: Option<&FlowKey>,
     pending: Option<(&FlowKey, &mut Session)>,
     tracked: Tracked,
     judge: &Judge<'_, R>,
     sessions: &mut S,
     counters: &mut C,
-    build: impl FnOnce(&mut Session, &mut PacketMeta) -> Result<(), Invalid>,
+    build: impl FnOnce(&mut Session) -> Result<(), Invalid>,
 ) -> Outcome {
     let state = tracked.state;
     let mut outcome = Outcome {
@@ -924,7 +922,7 @@ fn finish<S: SessionTable, R: RuleSource, C: Counters>(
         && let Some((key, session)) = pending
     {
         if !tracked.built
-            && let Err(reason) = build(session, meta)
+            && let Err(reason) = build(session)
         {
             // Unreachable: a connection attempt always builds (see `track_packet`); were it
             // reached, the packet would be invalid and is dropped as such.
