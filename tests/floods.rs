@@ -29,45 +29,28 @@ use session_tests::loadgen::{self, Blast};
 use session_tests::{CLIENT_V4, Daemon, FW_V4, Family, IO_TIMEOUT, Lab, Side, accept_within};
 use session_tests::{counter, delta};
 
-const POLICY: &str = r#"
+const POLICY: &str = concat!(
+    r#"
 interfaces = ["veth-fw2"]
 
 [limits]
 max_sessions = 4096
 
-[policy]
-inbound = "drop"
-outbound = "accept"
-
-[[rule]]
-name = "established"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "invalid"
-state = ["invalid"]
-action = "drop"
-
-[[rule]]
-name = "nd"
-state = ["untracked"]
-action = "accept"
-
-[[rule]]
-name = "web"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-
+"#,
+    session_testkit::drop_inbound!(),
+    session_testkit::accept_return_traffic!("established"),
+    session_testkit::drop_invalid!("invalid"),
+    session_testkit::accept_untracked!("nd"),
+    session_testkit::accept_new_tcp!("web", 8080),
+    r#"
 [[rule]]
 name = "dns"
 state = ["new"]
 proto = "udp"
 dport = [5353]
 action = "accept"
-"#;
+"#
+);
 
 /// Capacity of the assured tier, as configured above.
 const MAX_SESSIONS: u64 = 4096;

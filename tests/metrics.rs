@@ -14,33 +14,24 @@ use session_tests::{Family, IO_TIMEOUT, Lab, Side, counter, rule_hits, set_linge
 
 const METRICS_ADDR: &str = "127.0.0.1:9640";
 
-const POLICY: &str = r#"
+const POLICY: &str = concat!(
+    r#"
 [metrics]
 listen = "127.0.0.1:9640"
 
-[policy]
-inbound = "drop"
-outbound = "accept"
-
-[[rule]]
-name = "established"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "web"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-
+"#,
+    session_testkit::drop_inbound!(),
+    session_testkit::accept_return_traffic!("established"),
+    session_testkit::accept_new_tcp!("web", 8080),
+    r#"
 [[rule]]
 name = "no-telnet"
 state = ["new"]
 proto = "tcp"
 dport = [23]
 action = "drop"
-"#;
+"#
+);
 
 /// Sends `request` to the metrics address from inside fw and returns the whole response.
 fn http(lab: &Lab, request: &str) -> String {

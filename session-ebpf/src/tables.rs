@@ -233,15 +233,9 @@ impl PacketBytes for XdpBytes<'_> {
         len: usize,
         buf: &mut [u8; MAX_TCP_OPTION_BYTES],
     ) -> bool {
-        // The range check on an opaque `len - 1`, and the length made from it after: LLVM
-        // can prove the check from the header length's own checks and would drop it, and
-        // Linux 6.1's verifier then sees a length that may be negative or zero (later
-        // verifiers follow the proof themselves).
-        let below = session_common::opaque(len.wrapping_sub(1));
-        if below >= MAX_TCP_OPTION_BYTES {
+        let Some(len) = option_load_len(len) else {
             return false;
-        }
-        let len = below as u32 + 1;
+        };
         // SAFETY: the helper writes `len` bytes into `buf`, at most its size (checked above).
         let ret = unsafe {
             bpf_xdp_load_bytes(
@@ -253,6 +247,20 @@ impl PacketBytes for XdpBytes<'_> {
         };
         ret == 0
     }
+}
+
+/// `len` as the option loads pass it to their helper, when it is 1 to
+/// [`MAX_TCP_OPTION_BYTES`]. The range check is on an opaque `len - 1`, and the length is
+/// made from it after: LLVM can prove the check from the header length's own checks and
+/// would drop it, and Linux 6.1's verifier then sees a length that may be negative or
+/// zero (later verifiers follow the proof themselves).
+#[inline(always)]
+fn option_load_len(len: usize) -> Option<u32> {
+    let below = session_common::opaque(len.wrapping_sub(1));
+    if below >= MAX_TCP_OPTION_BYTES {
+        return None;
+    }
+    Some(below as u32 + 1)
 }
 
 /// The general parser of an XDP frame, for the frames the common case inlined in
@@ -401,15 +409,9 @@ impl PacketBytes for SkbBytes<'_> {
         len: usize,
         buf: &mut [u8; MAX_TCP_OPTION_BYTES],
     ) -> bool {
-        // The range check on an opaque `len - 1`, and the length made from it after: LLVM
-        // can prove the check from the header length's own checks and would drop it, and
-        // Linux 6.1's verifier then sees a length that may be negative or zero (later
-        // verifiers follow the proof themselves).
-        let below = session_common::opaque(len.wrapping_sub(1));
-        if below >= MAX_TCP_OPTION_BYTES {
+        let Some(len) = option_load_len(len) else {
             return false;
-        }
-        let len = below as u32 + 1;
+        };
         // SAFETY: the helper writes `len` bytes into `buf`, at most its size (checked above).
         let ret = unsafe {
             bpf_skb_load_bytes(

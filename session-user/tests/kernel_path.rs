@@ -350,30 +350,19 @@ impl Kernel {
 /// The restrictive policy (established/related accept; new TCP to 8080 accept; default
 /// inbound drop), plus narrow rules so UDP, ICMP echo, a generic protocol and an explicit
 /// drop rule each have a passing and a dropping case.
-const POLICY_TOML: &str = r#"
-[policy]
-inbound = "drop"
-outbound = "accept"
-
+const POLICY_TOML: &str = concat!(
+    session_testkit::drop_inbound!(),
+    r#"
 [[rule]]
 name = "no-telnet"
 proto = "tcp"
 dport = [23]
 action = "drop"
 log = true
-
-[[rule]]
-name = "return-traffic"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "web"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-
+"#,
+    session_testkit::accept_return_traffic!("return-traffic"),
+    session_testkit::accept_new_tcp!("web", 8080),
+    r#"
 [[rule]]
 name = "mdns"
 state = ["new"]
@@ -382,26 +371,16 @@ dport = [5353]
 action = "accept"
 log = true
 
-[[rule]]
-name = "ping"
-state = ["new"]
-proto = "icmp"
-icmp_type = ["echo-request"]
-action = "accept"
-
-[[rule]]
-name = "ping6"
-state = ["new"]
-proto = "icmpv6"
-icmp_type = ["echo-request"]
-action = "accept"
-
+"#,
+    session_testkit::accept_pings!(),
+    r#"
 [[rule]]
 name = "gre"
 state = ["new"]
 proto = 47
 action = "accept"
-"#;
+"#
+);
 
 /// Rule ids of the test policy, in file order.
 const RULE_NO_TELNET: u16 = 0;

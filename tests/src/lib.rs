@@ -23,6 +23,23 @@
 //! [`CtCounts`] reads per-state packet counts from both the daemon and the kernel's own
 //! conntrack (through nftables counters), for the differential tests.
 
+/// Two tests, one per address family, for a test body written once for a [`Family`]:
+/// `both_families!(body: name_v4, name_v6);` in a test file that imports `Family`.
+#[macro_export]
+macro_rules! both_families {
+    ($body:ident: $v4:ident, $v6:ident) => {
+        #[test]
+        fn $v4() {
+            $body(Family::V4);
+        }
+
+        #[test]
+        fn $v6() {
+            $body(Family::V6);
+        }
+    };
+}
+
 pub mod attacker;
 pub mod bare_xdp;
 pub mod bench_object;
@@ -62,23 +79,11 @@ pub const FW_IFACE: &str = "veth-fw";
 /// The policy of a host serving TCP 8080: return traffic and new connections to 8080
 /// accepted, everything else inbound dropped, everything outbound accepted. Tests add
 /// their own rules after it.
-pub const WEB_POLICY: &str = r#"
-[policy]
-inbound = "drop"
-outbound = "accept"
-
-[[rule]]
-name = "return-traffic"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "web"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-"#;
+pub const WEB_POLICY: &str = concat!(
+    session_testkit::drop_inbound!(),
+    session_testkit::accept_return_traffic!("return-traffic"),
+    session_testkit::accept_new_tcp!("web", 8080)
+);
 
 /// A rule opening UDP 5353 to new flows, to append to [`WEB_POLICY`].
 pub const DNS_RULE: &str = r#"

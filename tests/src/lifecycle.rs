@@ -23,28 +23,12 @@ pub const PROGRESS: u64 = 40_000;
 /// The policy of the lifecycle, fault and security tests and of the end-to-end
 /// benchmark: return traffic accepted, invalid packets dropped, new TCP only to
 /// [`STREAM_PORT`], everything else inbound dropped.
-pub const STREAM_POLICY: &str = r#"
-[policy]
-inbound = "drop"
-outbound = "accept"
-
-[[rule]]
-name = "return-traffic"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "invalid"
-state = ["invalid"]
-action = "drop"
-
-[[rule]]
-name = "stream"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-"#;
+pub const STREAM_POLICY: &str = concat!(
+    session_testkit::drop_inbound!(),
+    session_testkit::accept_return_traffic!("return-traffic"),
+    session_testkit::drop_invalid!("invalid"),
+    session_testkit::accept_new_tcp!("stream", 8080)
+);
 
 /// How long a live stream may run at most, whatever the test does.
 const STREAM_LIFETIME: Duration = Duration::from_secs(120);

@@ -175,28 +175,18 @@ interfaces = ["{WAN_IFACE}"]
 
 [forwarding]
 fast_path = {fast_path}
-
-[policy]
-inbound = "drop"
-outbound = "accept"
-
-[[rule]]
-name = "established"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "invalid"
-state = ["invalid"]
-action = "drop"
-
-[[rule]]
-name = "untracked"
-state = ["untracked"]
-action = "accept"
-{new_flows}"#
+{ROUTER_RULES}{new_flows}"#
     )
 }
+
+/// The rules every router policy starts with: inbound dropped, return traffic accepted,
+/// invalid packets dropped, untracked ones (neighbour discovery) accepted.
+const ROUTER_RULES: &str = concat!(
+    session_testkit::drop_inbound!(),
+    session_testkit::accept_return_traffic!("established"),
+    session_testkit::drop_invalid!("invalid"),
+    session_testkit::accept_untracked!("untracked")
+);
 
 impl Upstream<'_> {
     /// The namespace's name, for messages.

@@ -29,19 +29,36 @@ fn lock_path(pin_dir: &Path) -> PathBuf {
     run_path(pin_dir, "lock")
 }
 
-/// Held by the running daemon; released when it exits, however it exits. A daemon that
-/// exits normally also removes the lock file, so none pile up in /run/session.
-pub struct InstanceLock {
+/// A lock file, open and locked; removed when dropped, while still locked: whoever opens
+/// the path next gets a new file, and a lock taken on a file that is no longer at the path
+/// is taken again on the new one (see [`is_at_path`]), so none pile up in /run/session.
+struct HeldFile {
     _file: File,
     path: PathBuf,
 }
 
-impl Drop for InstanceLock {
+impl Drop for HeldFile {
     fn drop(&mut self) {
-        // Unlinked while still locked: whoever opens the path next gets a new file, and
-        // `acquire` rejects a lock taken on a file that is no longer at the path.
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Opens the lock file at `path` under /run/session, creating it readable by root only.
+fn open_lock_file(path: &Path) -> Result<File> {
+    std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("opening lock file {}", path.display()))
+}
+
+/// Held by the running daemon; released when it exits, however it exits.
+pub struct InstanceLock {
+    _held: HeldFile,
 }
 
 /// Whether `file` is still the file at `path` (not unlinked or replaced meanwhile).
@@ -84,17 +101,9 @@ fn already_running(mut file: File, pin_dir: &Path) -> anyhow::Error {
 impl InstanceLock {
     /// Takes the lock for `pin_dir`, or explains who holds it.
     pub fn acquire(pin_dir: &Path, config: &Path) -> Result<InstanceLock> {
-        std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
         let path = lock_path(pin_dir);
         let locked = loop {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&path)
-                .with_context(|| format!("opening lock file {}", path.display()))?;
+            let file = open_lock_file(&path)?;
             if !try_flock(&file) {
                 break Err(file);
             }
@@ -118,7 +127,9 @@ impl InstanceLock {
             .context("rewinding the lock file")?;
         writeln!(file, "{}\n{}", std::process::id(), config.display())
             .context("writing the lock file")?;
-        Ok(InstanceLock { _file: file, path })
+        Ok(InstanceLock {
+            _held: HeldFile { _file: file, path },
+        })
     }
 }
 
@@ -126,38 +137,23 @@ impl InstanceLock {
 /// the reaper's expiry. Each reads which set storages are free, claims and frees storages
 /// and rewrites the banks' references to them; two at once (a `session set replace`
 /// during a reload) would free a storage the other is filling. Taking it waits for the
-/// holder; dropping it releases it and removes the file.
+/// holder; dropping it releases it.
 pub struct SetsLock {
-    _file: File,
-    path: PathBuf,
-}
-
-impl Drop for SetsLock {
-    fn drop(&mut self) {
-        // As for `InstanceLock`: a waiter that locks the unlinked file sees that it is no
-        // longer at the path and takes the next one.
-        let _ = std::fs::remove_file(&self.path);
-    }
+    _held: HeldFile,
 }
 
 impl SetsLock {
     /// Waits for and takes the set lock of `pin_dir`.
     pub fn acquire(pin_dir: &Path) -> Result<SetsLock> {
-        std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
         let path = run_path(pin_dir, "sets.lock");
         loop {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&path)
-                .with_context(|| format!("opening lock file {}", path.display()))?;
+            let file = open_lock_file(&path)?;
             file.lock()
                 .with_context(|| format!("locking {}", path.display()))?;
             if is_at_path(&file, &path) {
-                return Ok(SetsLock { _file: file, path });
+                return Ok(SetsLock {
+                    _held: HeldFile { _file: file, path },
+                });
             }
         }
     }
