@@ -271,6 +271,20 @@ fn a_changed_max_sessions_is_refused_until_down() {
     );
 }
 
+/// The `bpf()` system call with `attr` as its `union bpf_attr`, which the caller fills
+/// for `cmd` (every pointer in it alive for the call).
+fn bpf<T>(cmd: libc::c_long, attr: &mut [T]) -> libc::c_long {
+    // SAFETY: `attr` is a live buffer of its own size; what it points to is the caller's.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    }
+}
+
 /// Replaces the pinned map at `path` with a new per-CPU array of `entries` u64 counters:
 /// what an older version of session, with fewer counters, would have pinned.
 fn pin_older_counter_array(path: &std::path::Path, entries: u32) {
@@ -279,16 +293,7 @@ fn pin_older_counter_array(path: &std::path::Path, entries: u32) {
     const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
     let mut create = [0u32; 16];
     create[..4].copy_from_slice(&[BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, entries]);
-    // SAFETY: a `bpf_attr` for BPF_MAP_CREATE (type, key size, value size, entries, the
-    // rest zero), alive for the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            create.as_mut_ptr(),
-            std::mem::size_of_val(&create),
-        )
-    };
+    let fd = bpf(BPF_MAP_CREATE, &mut create);
     assert!(
         fd >= 0,
         "creating a counter array: {}",
@@ -299,16 +304,7 @@ fn pin_older_counter_array(path: &std::path::Path, entries: u32) {
     let mut pin = [0u64; 2];
     pin[0] = name.as_ptr() as u64;
     pin[1] = fd as u64;
-    // SAFETY: a `bpf_attr` for BPF_OBJ_PIN (the path's address, then the fd), both alive
-    // for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            pin.as_mut_ptr(),
-            std::mem::size_of_val(&pin),
-        )
-    };
+    let rc = bpf(BPF_OBJ_PIN, &mut pin);
     assert!(
         rc == 0,
         "pinning {}: {}",
