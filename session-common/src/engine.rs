@@ -597,6 +597,12 @@ fn follow_fragment<S: SessionTable, F: FragmentTable, R: RuleSource, C: Counters
 fn count_verdict<C: Counters>(state: CtState, decision: &Decision, counters: &mut C) {
     counters.count(state_counter(state));
     counters.hit(decision.slot);
+    count_fate(decision, counters);
+}
+
+/// Counts what became of a judged packet: accepted, or dropped by a rule or the default.
+#[inline(always)]
+fn count_fate<C: Counters>(decision: &Decision, counters: &mut C) {
     match decision.action {
         Action::Accept => counters.count(Counter::PacketsAccepted),
         Action::Drop => {
@@ -909,13 +915,7 @@ fn finish<S: SessionTable, R: RuleSource, C: Counters>(
             &outcome.decision,
         );
     }
-    counters.count(match state {
-        CtState::New => Counter::StateNew,
-        CtState::Established => Counter::StateEstablished,
-        CtState::Related => Counter::StateRelated,
-        CtState::Invalid => Counter::StateInvalid,
-        CtState::Untracked => Counter::StateUntracked,
-    });
+    counters.count(state_counter(state));
     let decision = &mut outcome.decision;
     counters.hit(decision.slot);
     if decision.action == Action::Accept
@@ -959,16 +959,6 @@ fn finish<S: SessionTable, R: RuleSource, C: Counters>(
             return outcome;
         }
     }
-    match outcome.decision.action {
-        Action::Accept => counters.count(Counter::PacketsAccepted),
-        Action::Drop => {
-            counters.count(Counter::PacketsDropped);
-            counters.count(if outcome.decision.rule_id == RULE_ID_DEFAULT {
-                Counter::DropDefault
-            } else {
-                Counter::DropRule
-            });
-        }
-    }
+    count_fate(&outcome.decision, counters);
     outcome
 }
