@@ -465,7 +465,8 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(
         }
         Err(error) => return Err(error),
     };
-    parse_l4(pkt, meta, offset + header_len, total_len - header_len)
+    let l4_len = total_len - header_len;
+    parse_l4(pkt, meta, offset + header_len, l4_len, l4_len)
 }
 
 /// Checks the IPv4 header `hdr` found at `offset` and fills `meta` from it; returns its
@@ -528,7 +529,8 @@ fn holds_transport_header<P: PacketBytes + ?Sized>(
 
 /// Fills the fragment fields of `meta` and, for a later fragment, its data length; for a
 /// first fragment, checks it holds its transport header and parses that with
-/// [`parse_l4_first`]. Returns [`ParseError::Fragment`] or [`ParseError::FirstFragment`].
+/// [`parse_l4`], its UDP length bounded by the largest datagram. Returns
+/// [`ParseError::Fragment`] or [`ParseError::FirstFragment`].
 #[inline(always)]
 fn parse_fragment<P: PacketBytes + ?Sized>(
     pkt: &P,
@@ -550,7 +552,7 @@ fn parse_fragment<P: PacketBytes + ?Sized>(
     if !holds_transport_header(pkt, meta.proto, l4_offset, l4_len) {
         return Err(ParseError::TinyFragment);
     }
-    parse_l4_first(pkt, meta, l4_offset, l4_len)?;
+    parse_l4(pkt, meta, l4_offset, l4_len, u16::MAX as usize)?;
     Err(ParseError::FirstFragment)
 }
 
@@ -573,7 +575,7 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(
         Some(frag) if frag.offset != 0 || frag.more => {
             parse_fragment(pkt, meta, frag, l4_offset, l4_len)
         }
-        _ => parse_l4(pkt, meta, l4_offset, l4_len),
+        _ => parse_l4(pkt, meta, l4_offset, l4_len, l4_len),
     }
 }
 
@@ -703,43 +705,26 @@ fn skip_ipv6_extensions<P: PacketBytes + ?Sized>(
     }
 }
 
+/// Parses the transport header at `offset` of an `l4_len`-byte transport payload.
+/// `udp_len_max` bounds the UDP header's length field: `l4_len` for a whole packet; for a
+/// first fragment, whose UDP length is the whole datagram's, longer than this fragment,
+/// the most an IP datagram can carry, and that length gives the payload length. The rest
+/// holds only this fragment's part of the datagram, which is all the tracker sees of a
+/// fragmented TCP segment's data. Inlined with a constant or `l4_len` at each call, so
+/// the bound costs no work of its own.
 #[inline(always)]
 fn parse_l4<P: PacketBytes + ?Sized>(
     pkt: &P,
     meta: &mut PacketMeta,
     offset: usize,
     l4_len: usize,
+    udp_len_max: usize,
 ) -> Result<(), ParseError> {
     match meta.proto {
         proto::TCP => parse_tcp(pkt, meta, offset, l4_len),
         proto::UDP => {
             let hdr = pkt.load::<8>(offset).ok_or(ParseError::Malformed)?;
-            read_udp(meta, &hdr, offset, l4_len)
-        }
-        proto::ICMP | proto::ICMPV6 => parse_icmp(pkt, meta, offset, l4_len),
-        _ => {
-            meta.payload_len = l4_len as u32;
-            Ok(())
-        }
-    }
-}
-
-/// [`parse_l4`] for a first fragment, whose UDP length is the whole datagram's, longer
-/// than this fragment: the UDP length is checked against the most an IP datagram can
-/// carry instead, and gives the payload length. The rest holds only this fragment's part
-/// of the datagram, which is all the tracker sees of a fragmented TCP segment's data.
-#[inline(always)]
-fn parse_l4_first<P: PacketBytes + ?Sized>(
-    pkt: &P,
-    meta: &mut PacketMeta,
-    offset: usize,
-    l4_len: usize,
-) -> Result<(), ParseError> {
-    match meta.proto {
-        proto::TCP => parse_tcp(pkt, meta, offset, l4_len),
-        proto::UDP => {
-            let hdr = pkt.load::<8>(offset).ok_or(ParseError::Malformed)?;
-            read_udp(meta, &hdr, offset, u16::MAX as usize)
+            read_udp(meta, &hdr, offset, udp_len_max)
         }
         proto::ICMP | proto::ICMPV6 => parse_icmp(pkt, meta, offset, l4_len),
         _ => {
