@@ -20,7 +20,7 @@ use std::{
 
 use session_testkit::frames;
 use session_tests::{
-    CtCounts, Daemon, Family, IO_TIMEOUT, Lab, Side, accept_within,
+    CtCounts, Daemon, Family, IO_TIMEOUT, Lab, Side, accept_within, both_families,
     raw::{TcpSegment, flags},
     read_exact_len, read_to_eof, set_fast_keepalive, set_linger_zero,
 };
@@ -38,21 +38,6 @@ const QUIET: Duration = Duration::from_millis(400);
 const QUIET_TIMEOUT: Duration = Duration::from_secs(10);
 /// A port that a server listens on in the TCP scenarios.
 const PORT: u16 = 8080;
-
-/// One test per family for a body written once.
-macro_rules! both_families {
-    ($body:ident: $v4:ident, $v6:ident) => {
-        #[test]
-        fn $v4() {
-            $body(Family::V4);
-        }
-
-        #[test]
-        fn $v6() {
-            $body(Family::V6);
-        }
-    };
-}
 
 both_families!(tcp_exchange: tcp_exchange_and_close_v4, tcp_exchange_and_close_v6);
 both_families!(udp_both_directions: udp_query_answer_both_directions_v4, udp_query_answer_both_directions_v6);

@@ -10,8 +10,12 @@ use std::time::Duration;
 use serde_json::Value;
 use session_common::wire::proto;
 use session_testkit::frames;
-use session_tests::router::{UPSTREAM_V4, UPSTREAM_V6, Upstream, WAN_IFACE, router_policy};
-use session_tests::{Daemon, FW_IFACE, Family, IO_TIMEOUT, Lab, Side, counter, delta, rule_hits};
+use session_tests::router::{
+    UPSTREAM_V4, UPSTREAM_V6, Upstream, WAN_IFACE, lan_out_rule, router_policy,
+};
+use session_tests::{
+    Daemon, Family, IO_TIMEOUT, Lab, Side, both_families, counter, delta, rule_hits,
+};
 
 /// The policy a new user runs.
 const DEFAULT_POLICY: &str = include_str!("../config/default.toml");
@@ -20,21 +24,6 @@ const DEFAULT_POLICY: &str = include_str!("../config/default.toml");
 const SIZES: [usize; 2] = [3000, 9000];
 /// Later fragments of one answer of each of [`SIZES`], in both families: 2 + 6.
 const LATER_FRAGMENTS: u64 = 8;
-
-/// One test per family for a body written once.
-macro_rules! both_families {
-    ($body:ident: $v4:ident, $v6:ident) => {
-        #[test]
-        fn $v4() {
-            $body(Family::V4);
-        }
-
-        #[test]
-        fn $v6() {
-            $body(Family::V6);
-        }
-    };
-}
 
 both_families!(host_answers: udp_answers_reach_the_firewall_host_both_ways_v4, udp_answers_reach_the_firewall_host_both_ways_v6);
 both_families!(reordered: fragments_out_of_order_are_delivered_v4, fragments_out_of_order_are_delivered_v6);
@@ -163,26 +152,16 @@ fn upstream_udp(upstream: &Upstream<'_>, addr: SocketAddr) -> UdpSocket {
 fn udp_answers_cross_a_router_both_ways() {
     let lab = Lab::dual_stack("fragrt");
     let upstream = lab.upstream();
-    let policy = router_policy(
-        false,
-        &format!(
-            r#"
-[[rule]]
-name = "lan-out"
-state = ["new"]
-iface = ["{FW_IFACE}"]
-proto = "udp"
-action = "accept"
-
+    let new_flows = lan_out_rule(Some("udp"))
+        + r#"
 [[rule]]
 name = "published"
 state = ["new"]
 proto = "udp"
 dport = [5302]
 action = "accept"
-"#
-        ),
-    );
+"#;
+    let policy = router_policy(false, &new_flows);
     let daemon = lab.daemon(&policy);
     assert!(policy.contains(WAN_IFACE));
     let before = daemon.stats_json();

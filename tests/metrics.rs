@@ -10,37 +10,29 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use session_testkit::{accept_new_rule, inbound_drop_policy, return_traffic_rule};
 use session_tests::{Family, IO_TIMEOUT, Lab, Side, counter, rule_hits, set_linger_zero, wait_for};
 
 const METRICS_ADDR: &str = "127.0.0.1:9640";
 
-const POLICY: &str = r#"
+const POLICY: &str = concat!(
+    r#"
 [metrics]
 listen = "127.0.0.1:9640"
 
-[policy]
-inbound = "drop"
-outbound = "accept"
-
-[[rule]]
-name = "established"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "web"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-
+"#,
+    inbound_drop_policy!(),
+    return_traffic_rule!("established"),
+    accept_new_rule!("web", "tcp", 8080),
+    r#"
 [[rule]]
 name = "no-telnet"
 state = ["new"]
 proto = "tcp"
 dport = [23]
 action = "drop"
-"#;
+"#
+);
 
 /// Sends `request` to the metrics address from inside fw and returns the whole response.
 fn http(lab: &Lab, request: &str) -> String {

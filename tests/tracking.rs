@@ -11,66 +11,25 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
+use session_testkit::{
+    accept_new_rule, inbound_drop_policy, ping_rules, return_traffic_rule, untracked_accept_rule,
+};
 use session_tests::raw::{TcpSegment, flags};
 use session_tests::{
-    Daemon, Family, Lab, Side, counter, delta, find_session, read_exact_len, read_to_eof,
-    rule_hits, set_linger_zero,
+    Daemon, Family, Lab, Side, both_families, counter, delta, find_session, read_exact_len,
+    read_to_eof, rule_hits, set_linger_zero,
 };
 
-const POLICY: &str = r#"
-[policy]
-inbound = "drop"
-outbound = "accept"
-
-[[rule]]
-name = "return-traffic"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "nd"
-state = ["untracked"]
-action = "accept"
-
-[[rule]]
-name = "web"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-
-[[rule]]
-name = "ping"
-state = ["new"]
-proto = "icmp"
-icmp_type = ["echo-request"]
-action = "accept"
-
-[[rule]]
-name = "ping6"
-state = ["new"]
-proto = "icmpv6"
-icmp_type = ["echo-request"]
-action = "accept"
-"#;
+const POLICY: &str = concat!(
+    inbound_drop_policy!(),
+    return_traffic_rule!("return-traffic"),
+    untracked_accept_rule!("nd"),
+    accept_new_rule!("web", "tcp", 8080),
+    ping_rules!(),
+);
 
 /// The port the policy opens.
 const WEB: u16 = 8080;
-
-/// One test per family for a body written once.
-macro_rules! both_families {
-    ($body:ident: $v4:ident, $v6:ident) => {
-        #[test]
-        fn $v4() {
-            $body(Family::V4);
-        }
-
-        #[test]
-        fn $v6() {
-            $body(Family::V6);
-        }
-    };
-}
 
 both_families!(fin_teardown: fin_teardown_ends_in_time_wait_v4, fin_teardown_ends_in_time_wait_v6);
 both_families!(rst_teardown: rst_teardown_ends_in_close_v4, rst_teardown_ends_in_close_v6);

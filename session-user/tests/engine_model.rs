@@ -16,7 +16,10 @@ use session_common::{
         verdict_flags,
     },
 };
-use session_testkit::frames::{self, Tcp, tcp_flags};
+use session_testkit::{
+    accept_new_rule,
+    frames::{self, Tcp, tcp_flags},
+};
 use session_user::{
     host_engine::{Model, ModelRules},
     policy::{
@@ -84,7 +87,8 @@ fn permissive_with(extra: &str) -> Model {
 }
 
 /// A host that serves TCP 8080 and drops everything else that is not established/related.
-const RESTRICTIVE: &str = r#"
+const RESTRICTIVE: &str = concat!(
+    r#"
 [policy]
 inbound = "drop"
 outbound = "drop"
@@ -94,20 +98,16 @@ name = "return-traffic"
 state = ["established", "related"]
 direction = "any"
 action = "accept"
-
-[[rule]]
-name = "web"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-
+"#,
+    accept_new_rule!("web", "tcp", 8080),
+    r#"
 [[rule]]
 name = "client-out"
 state = ["new"]
 direction = "out"
 action = "accept"
-"#;
+"#
+);
 
 fn restrictive() -> Model {
     model_from(RESTRICTIVE)

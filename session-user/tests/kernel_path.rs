@@ -43,8 +43,11 @@ use session_common::{
     },
 };
 use session_testkit::{
+    accept_new_rule,
     frames::{self, Tcp, tcp_flags},
+    inbound_drop_policy,
     mutate::{Mutation, Rng},
+    ping_rules, return_traffic_rule,
 };
 use session_user::{
     bpf::{clock::monotonic_ns, kernel_log::KernelLogLevel, loader, pinned::PinnedMaps},
@@ -350,58 +353,29 @@ impl Kernel {
 /// The restrictive policy (established/related accept; new TCP to 8080 accept; default
 /// inbound drop), plus narrow rules so UDP, ICMP echo, a generic protocol and an explicit
 /// drop rule each have a passing and a dropping case.
-const POLICY_TOML: &str = r#"
-[policy]
-inbound = "drop"
-outbound = "accept"
-
+const POLICY_TOML: &str = concat!(
+    inbound_drop_policy!(),
+    r#"
 [[rule]]
 name = "no-telnet"
 proto = "tcp"
 dport = [23]
 action = "drop"
 log = true
-
-[[rule]]
-name = "return-traffic"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "web"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-
-[[rule]]
-name = "mdns"
-state = ["new"]
-proto = "udp"
-dport = [5353]
-action = "accept"
-log = true
-
-[[rule]]
-name = "ping"
-state = ["new"]
-proto = "icmp"
-icmp_type = ["echo-request"]
-action = "accept"
-
-[[rule]]
-name = "ping6"
-state = ["new"]
-proto = "icmpv6"
-icmp_type = ["echo-request"]
-action = "accept"
-
+"#,
+    return_traffic_rule!("return-traffic"),
+    accept_new_rule!("web", "tcp", 8080),
+    accept_new_rule!("mdns", "udp", 5353),
+    "log = true\n",
+    ping_rules!(),
+    r#"
 [[rule]]
 name = "gre"
 state = ["new"]
 proto = 47
 action = "accept"
-"#;
+"#
+);
 
 /// Rule ids of the test policy, in file order.
 const RULE_NO_TELNET: u16 = 0;

@@ -23,28 +23,12 @@ pub const PROGRESS: u64 = 40_000;
 /// The policy of the lifecycle, fault and security tests and of the end-to-end
 /// benchmark: return traffic accepted, invalid packets dropped, new TCP only to
 /// [`STREAM_PORT`], everything else inbound dropped.
-pub const STREAM_POLICY: &str = r#"
-[policy]
-inbound = "drop"
-outbound = "accept"
-
-[[rule]]
-name = "return-traffic"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "invalid"
-state = ["invalid"]
-action = "drop"
-
-[[rule]]
-name = "stream"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-"#;
+pub const STREAM_POLICY: &str = concat!(
+    session_testkit::inbound_drop_policy!(),
+    session_testkit::return_traffic_rule!("return-traffic"),
+    session_testkit::invalid_drop_rule!(),
+    session_testkit::accept_new_rule!("stream", "tcp", 8080),
+);
 
 /// How long a live stream may run at most, whatever the test does.
 const STREAM_LIFETIME: Duration = Duration::from_secs(120);

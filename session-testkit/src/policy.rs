@@ -1,0 +1,100 @@
+//! TOML pieces that the tests' policies are put together from with `concat!`, so that a
+//! table or rule many tests need is written once. Macros rather than constants because
+//! `concat!` and `format!`'s template take only literals, and the tests keep their
+//! policies as `const` strings. Each piece starts on a new line, so that pieces and a
+//! test's own TOML join in any order.
+
+/// The `[policy]` table of a host: inbound dropped unless a rule accepts it, outbound
+/// accepted.
+#[macro_export]
+macro_rules! inbound_drop_policy {
+    () => {
+        r#"
+[policy]
+inbound = "drop"
+outbound = "accept"
+"#
+    };
+}
+
+/// A rule named `$name` accepting established and related traffic: return traffic, and
+/// the ICMP errors about it.
+#[macro_export]
+macro_rules! return_traffic_rule {
+    ($name:literal) => {
+        concat!(
+            "\n[[rule]]\nname = ",
+            stringify!($name),
+            r#"
+state = ["established", "related"]
+action = "accept"
+"#
+        )
+    };
+}
+
+/// A rule named "invalid" dropping what the tracker finds invalid.
+#[macro_export]
+macro_rules! invalid_drop_rule {
+    () => {
+        r#"
+[[rule]]
+name = "invalid"
+state = ["invalid"]
+action = "drop"
+"#
+    };
+}
+
+/// A rule named `$name` accepting untracked packets (IPv6 neighbour discovery).
+#[macro_export]
+macro_rules! untracked_accept_rule {
+    ($name:literal) => {
+        concat!(
+            "\n[[rule]]\nname = ",
+            stringify!($name),
+            r#"
+state = ["untracked"]
+action = "accept"
+"#
+        )
+    };
+}
+
+/// A rule named `$name` accepting new flows of `$proto` ("tcp" or "udp") to port `$port`.
+#[macro_export]
+macro_rules! accept_new_rule {
+    ($name:literal, $proto:literal, $port:literal) => {
+        concat!(
+            "\n[[rule]]\nname = ",
+            stringify!($name),
+            "\nstate = [\"new\"]\nproto = ",
+            stringify!($proto),
+            "\ndport = [",
+            stringify!($port),
+            "]\naction = \"accept\"\n"
+        )
+    };
+}
+
+/// Rules "ping" and "ping6" accepting new ICMP and ICMPv6 echo requests.
+#[macro_export]
+macro_rules! ping_rules {
+    () => {
+        r#"
+[[rule]]
+name = "ping"
+state = ["new"]
+proto = "icmp"
+icmp_type = ["echo-request"]
+action = "accept"
+
+[[rule]]
+name = "ping6"
+state = ["new"]
+proto = "icmpv6"
+icmp_type = ["echo-request"]
+action = "accept"
+"#
+    };
+}
