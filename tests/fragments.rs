@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use session_common::wire::proto;
+use session_testkit::accept_new_rule;
 use session_testkit::frames;
 use session_tests::router::{
     UPSTREAM_V4, UPSTREAM_V6, Upstream, WAN_IFACE, lan_out_rule, router_policy,
@@ -152,15 +153,7 @@ fn upstream_udp(upstream: &Upstream<'_>, addr: SocketAddr) -> UdpSocket {
 fn udp_answers_cross_a_router_both_ways() {
     let lab = Lab::dual_stack("fragrt");
     let upstream = lab.upstream();
-    let new_flows = lan_out_rule(Some("udp"))
-        + r#"
-[[rule]]
-name = "published"
-state = ["new"]
-proto = "udp"
-dport = [5302]
-action = "accept"
-"#;
+    let new_flows = lan_out_rule(Some("udp")) + accept_new_rule!("published", "udp", 5302);
     let policy = router_policy(false, &new_flows);
     let daemon = lab.daemon(&policy);
     assert!(policy.contains(WAN_IFACE));

@@ -61,10 +61,11 @@ action = "accept"
     };
 }
 
-/// A rule named `$name` accepting new flows of `$proto` ("tcp" or "udp") to port `$port`.
+/// A rule named `$name` applying `$action` ("accept" or "drop") to new flows of `$proto`
+/// ("tcp" or "udp") to port `$port`.
 #[macro_export]
-macro_rules! accept_new_rule {
-    ($name:literal, $proto:literal, $port:literal) => {
+macro_rules! new_flow_rule {
+    ($name:literal, $proto:literal, $port:literal, $action:literal) => {
         concat!(
             "\n[[rule]]\nname = ",
             stringify!($name),
@@ -72,7 +73,31 @@ macro_rules! accept_new_rule {
             stringify!($proto),
             "\ndport = [",
             stringify!($port),
-            "]\naction = \"accept\"\n"
+            "]\naction = ",
+            stringify!($action),
+            "\n"
+        )
+    };
+}
+
+/// A rule named `$name` accepting new flows of `$proto` ("tcp" or "udp") to port `$port`.
+#[macro_export]
+macro_rules! accept_new_rule {
+    ($name:literal, $proto:literal, $port:literal) => {
+        $crate::new_flow_rule!($name, $proto, $port, "accept")
+    };
+}
+
+/// A rule named `$name` accepting new echo requests of `$proto` ("icmp" or "icmpv6").
+#[macro_export]
+macro_rules! echo_request_rule {
+    ($name:literal, $proto:literal) => {
+        concat!(
+            "\n[[rule]]\nname = ",
+            stringify!($name),
+            "\nstate = [\"new\"]\nproto = ",
+            stringify!($proto),
+            "\nicmp_type = [\"echo-request\"]\naction = \"accept\"\n"
         )
     };
 }
@@ -81,20 +106,9 @@ macro_rules! accept_new_rule {
 #[macro_export]
 macro_rules! ping_rules {
     () => {
-        r#"
-[[rule]]
-name = "ping"
-state = ["new"]
-proto = "icmp"
-icmp_type = ["echo-request"]
-action = "accept"
-
-[[rule]]
-name = "ping6"
-state = ["new"]
-proto = "icmpv6"
-icmp_type = ["echo-request"]
-action = "accept"
-"#
+        concat!(
+            $crate::echo_request_rule!("ping", "icmp"),
+            $crate::echo_request_rule!("ping6", "icmpv6")
+        )
     };
 }

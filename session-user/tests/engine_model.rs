@@ -2762,18 +2762,14 @@ fn rules_at(text: &str, generation: u32) -> ModelRules {
 }
 
 /// RESTRICTIVE without its return-traffic rule: established packets fall to the default.
-const RESTRICTIVE_NO_RETURN: &str = r#"
+const RESTRICTIVE_NO_RETURN: &str = concat!(
+    r#"
 [policy]
 inbound = "drop"
 outbound = "drop"
-
-[[rule]]
-name = "web"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-"#;
+"#,
+    accept_new_rule!("web", "tcp", 8080),
+);
 
 #[test]
 fn established_packets_reuse_the_cached_verdict_until_the_policy_generation_changes() {
