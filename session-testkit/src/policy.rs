@@ -62,28 +62,33 @@ action = "accept"
 }
 
 /// A rule named `$name` applying `$action` ("accept" or "drop") to new flows of `$proto`
-/// ("tcp" or "udp") to port `$port`.
+/// ("tcp" or "udp") to port `$port`, or to the ports and ranges of a TOML list
+/// (`[80, "8000-8080"]`).
 #[macro_export]
 macro_rules! new_flow_rule {
-    ($name:literal, $proto:literal, $port:literal, $action:literal) => {
+    ($name:literal, $proto:literal, [$($ports:tt)*], $action:literal) => {
         concat!(
             "\n[[rule]]\nname = ",
             stringify!($name),
             "\nstate = [\"new\"]\nproto = ",
             stringify!($proto),
-            "\ndport = [",
-            stringify!($port),
-            "]\naction = ",
+            "\ndport = ",
+            stringify!([$($ports)*]),
+            "\naction = ",
             stringify!($action),
             "\n"
         )
     };
+    ($name:literal, $proto:literal, $port:literal, $action:literal) => {
+        $crate::new_flow_rule!($name, $proto, [$port], $action)
+    };
 }
 
-/// A rule named `$name` accepting new flows of `$proto` ("tcp" or "udp") to port `$port`.
+/// A rule named `$name` accepting new flows of `$proto` ("tcp" or "udp") to `$port`, a
+/// port or a TOML list as [`new_flow_rule!`] takes.
 #[macro_export]
 macro_rules! accept_new_rule {
-    ($name:literal, $proto:literal, $port:literal) => {
+    ($name:literal, $proto:literal, $port:tt) => {
         $crate::new_flow_rule!($name, $proto, $port, "accept")
     };
 }

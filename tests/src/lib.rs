@@ -915,13 +915,9 @@ impl Daemon<'_> {
     /// Runs `session ARGS --pin-dir DIR` in fw, bounded in time, and returns its stdout;
     /// panics with the CLI's and the daemon's stderr if it fails.
     pub fn cli(&self, args: &[&str]) -> String {
-        let lab = self.proc.lab;
-        let bin = lab.bin.to_string_lossy();
-        let pin = self.pin_dir.to_string_lossy();
-        let mut argv = vec![&*bin];
-        argv.extend_from_slice(args);
-        argv.extend_from_slice(&["--pin-dir", &*pin]);
-        let out = lab.run(Side::Fw, CLI_TIMEOUT_SECS, &argv);
+        let argv = self.cli_argv(args);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let out = self.proc.lab.run(Side::Fw, CLI_TIMEOUT_SECS, &argv);
         assert!(
             out.status.success(),
             "{argv:?} failed: {}\n--- daemon stderr ---\n{}",
@@ -1408,13 +1404,18 @@ impl Daemon<'_> {
     /// Starts `session ARGS --pin-dir DIR` in fw in the background, for commands that run
     /// until stopped, such as `session events`.
     pub fn cli_background(&self, args: &[&str]) -> Background<'_> {
-        let lab = self.proc.lab;
-        let bin = lab.bin.to_string_lossy();
-        let pin = self.pin_dir.to_string_lossy();
-        let mut argv = vec![&*bin];
-        argv.extend_from_slice(args);
-        argv.extend_from_slice(&["--pin-dir", &*pin]);
-        lab.spawn(Side::Fw, &argv)
+        let argv = self.cli_argv(args);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        self.proc.lab.spawn(Side::Fw, &argv)
+    }
+
+    /// `session ARGS --pin-dir DIR`: the command line of a CLI call on this daemon's maps.
+    fn cli_argv(&self, args: &[&str]) -> Vec<String> {
+        let mut argv = vec![self.proc.lab.bin.to_string_lossy().into_owned()];
+        argv.extend(args.iter().map(|arg| arg.to_string()));
+        argv.push("--pin-dir".to_string());
+        argv.push(self.pin_dir.to_string_lossy().into_owned());
+        argv
     }
 }
 
