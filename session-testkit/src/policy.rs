@@ -17,19 +17,29 @@ outbound = "accept"
     };
 }
 
+/// A rule named `$name` applying `$action` ("accept" or "drop") to packets in the ct
+/// states of the TOML list `$states` (`["established", "related"]`).
+#[macro_export]
+macro_rules! state_rule {
+    ($name:literal, [$($states:tt)*], $action:literal) => {
+        concat!(
+            "\n[[rule]]\nname = ",
+            stringify!($name),
+            "\nstate = ",
+            stringify!([$($states)*]),
+            "\naction = ",
+            stringify!($action),
+            "\n"
+        )
+    };
+}
+
 /// A rule named `$name` accepting established and related traffic: return traffic, and
 /// the ICMP errors about it.
 #[macro_export]
 macro_rules! return_traffic_rule {
     ($name:literal) => {
-        concat!(
-            "\n[[rule]]\nname = ",
-            stringify!($name),
-            r#"
-state = ["established", "related"]
-action = "accept"
-"#
-        )
+        $crate::state_rule!($name, ["established", "related"], "accept")
     };
 }
 
@@ -37,12 +47,7 @@ action = "accept"
 #[macro_export]
 macro_rules! invalid_drop_rule {
     () => {
-        r#"
-[[rule]]
-name = "invalid"
-state = ["invalid"]
-action = "drop"
-"#
+        $crate::state_rule!("invalid", ["invalid"], "drop")
     };
 }
 
@@ -50,14 +55,7 @@ action = "drop"
 #[macro_export]
 macro_rules! untracked_accept_rule {
     ($name:literal) => {
-        concat!(
-            "\n[[rule]]\nname = ",
-            stringify!($name),
-            r#"
-state = ["untracked"]
-action = "accept"
-"#
-        )
+        $crate::state_rule!($name, ["untracked"], "accept")
     };
 }
 
