@@ -126,25 +126,21 @@ fn ssh_survives_the_first_start(tag: &str, family: Family, nftables: bool) {
     assert_eq!(counter(&daemon.stats_json(), "invalid_tcp_state"), 0);
 }
 
-#[test]
-fn ssh_opened_before_the_first_start_survives_it_v4_from_the_sockets() {
-    ssh_survives_the_first_start("ct-s4", Family::V4, false);
+/// A test of [`ssh_survives_the_first_start`] in a lab tagged `$tag`, in `$family`, taken
+/// over from conntrack or else from the sockets.
+macro_rules! ssh_survives {
+    ($test:ident: $tag:literal, $family:ident, $from_conntrack:literal) => {
+        #[test]
+        fn $test() {
+            ssh_survives_the_first_start($tag, Family::$family, $from_conntrack);
+        }
+    };
 }
 
-#[test]
-fn ssh_opened_before_the_first_start_survives_it_v6_from_the_sockets() {
-    ssh_survives_the_first_start("ct-s6", Family::V6, false);
-}
-
-#[test]
-fn ssh_opened_before_the_first_start_survives_it_v4_from_conntrack() {
-    ssh_survives_the_first_start("ct-c4", Family::V4, true);
-}
-
-#[test]
-fn ssh_opened_before_the_first_start_survives_it_v6_from_conntrack() {
-    ssh_survives_the_first_start("ct-c6", Family::V6, true);
-}
+ssh_survives!(ssh_opened_before_the_first_start_survives_it_v4_from_the_sockets: "ct-s4", V4, false);
+ssh_survives!(ssh_opened_before_the_first_start_survives_it_v6_from_the_sockets: "ct-s6", V6, false);
+ssh_survives!(ssh_opened_before_the_first_start_survives_it_v4_from_conntrack: "ct-c4", V4, true);
+ssh_survives!(ssh_opened_before_the_first_start_survives_it_v6_from_conntrack: "ct-c6", V6, true);
 
 /// A connected UDP socket of the host (fw talks to the client from port 5000) is taken
 /// over from the sockets: the client's datagrams to it, which the default policy would

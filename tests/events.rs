@@ -10,27 +10,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use session_tests::{
-    Background, DNS_RULE, Daemon, FW_IFACE, Family, Lab, Side, WEB_POLICY, counter, read_exact_len,
-    read_to_eof, wait_for,
+    BLOCKED_UDP_RULE, Background, DNS_RULE, Daemon, FW_IFACE, Family, Lab, Side, WEB_POLICY,
+    counter, read_exact_len, read_to_eof, wait_for,
 };
 
 /// The web host with UDP 5353 open, UDP 9999 dropped and logged, and a 1 s timeout for
 /// unanswered UDP so the reaper expires a session while the test watches.
 fn policy() -> String {
-    format!(
-        "{WEB_POLICY}{DNS_RULE}{}",
-        r#"
-[[rule]]
-name = "blocked-udp"
-proto = "udp"
-dport = [9999]
-action = "drop"
-log = true
-
-[timeouts]
-udp_unreplied = 1
-"#
-    )
+    format!("{WEB_POLICY}{DNS_RULE}{BLOCKED_UDP_RULE}\n[timeouts]\nudp_unreplied = 1\n")
 }
 
 const WEB: u16 = 8080;

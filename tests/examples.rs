@@ -414,33 +414,19 @@ fn ssh_bastion_example_does_what_its_comments_say() {
         let other = lab.tcp_listen(Side::Fw, family, 8080);
         assert_blocked(&lab, Side::Client, None, &at(8080), &other, "port 8080");
         // Out: SSH to the internal servers only.
-        let internal_ssh = listen(&lab, Side::Client, &remote(internal, 22));
-        assert_connects(
-            &lab,
-            Side::Fw,
-            None,
-            &remote(internal, 22),
-            &internal_ssh,
-            "ssh to an internal server",
-        );
-        let outside_ssh = listen(&lab, Side::Client, &remote(outside, 22));
-        assert_blocked(
-            &lab,
-            Side::Fw,
-            None,
-            &remote(outside, 22),
-            &outside_ssh,
-            "ssh to the outside world",
-        );
-        let internal_web = listen(&lab, Side::Client, &remote(internal, 80));
-        assert_blocked(
-            &lab,
-            Side::Fw,
-            None,
-            &remote(internal, 80),
-            &internal_web,
-            "web from the bastion",
-        );
+        for (addr, port, open, why) in [
+            (internal, 22, true, "ssh to an internal server"),
+            (outside, 22, false, "ssh to the outside world"),
+            (internal, 80, false, "web from the bastion"),
+        ] {
+            let to = remote(addr, port);
+            let listener = listen(&lab, Side::Client, &to);
+            if open {
+                assert_connects(&lab, Side::Fw, None, &to, &listener, why);
+            } else {
+                assert_blocked(&lab, Side::Fw, None, &to, &listener, why);
+            }
+        }
         // DNS only at the resolvers.
         let query = udp_bind(&lab, Side::Fw, &at(0));
         let good = udp_bind(&lab, Side::Client, &remote(resolver, 53));

@@ -9,8 +9,8 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use session_tests::router::{
-    UPSTREAM_IFACE, UPSTREAM_V4, UPSTREAM_V6, Upstream, WAN_IFACE, routed_lab, router_policy,
-    upstream_host,
+    UPSTREAM_IFACE, UPSTREAM_V4, UPSTREAM_V6, Upstream, WAN_IFACE, lan_out_rule, routed_lab,
+    router_policy, upstream_host,
 };
 use session_tests::{
     FW_IFACE, Family, IO_TIMEOUT, Lab, Side, accept_within, counter, delta, set_socket_option,
@@ -18,18 +18,7 @@ use session_tests::{
 
 /// A router's policy in which the LAN may open anything, upstream nothing.
 fn lan_out_policy(fast_path: bool) -> String {
-    router_policy(
-        fast_path,
-        &format!(
-            r#"
-[[rule]]
-name = "lan-out"
-state = ["new"]
-iface = ["{FW_IFACE}"]
-action = "accept"
-"#
-        ),
-    )
+    router_policy(fast_path, &lan_out_rule(None))
 }
 
 fn upstream_addr(family: Family, port: u16) -> SocketAddr {

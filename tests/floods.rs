@@ -24,6 +24,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use session_testkit::{
+    accept_new_rule, inbound_drop_policy, invalid_drop_rule, return_traffic_rule,
+    untracked_accept_rule,
+};
 use session_tests::attacker::{ATTACKER_IFACE, Attacker};
 use session_tests::loadgen::{self, Blast};
 use session_tests::{CLIENT_V4, Daemon, FW_V4, Family, IO_TIMEOUT, Lab, Side, accept_within};
@@ -37,19 +41,12 @@ interfaces = ["veth-fw2"]
 max_sessions = 4096
 
 "#,
-    session_testkit::drop_inbound!(),
-    session_testkit::accept_return_traffic!("established"),
-    session_testkit::drop_invalid!("invalid"),
-    session_testkit::accept_untracked!("nd"),
-    session_testkit::accept_new_tcp!("web", 8080),
-    r#"
-[[rule]]
-name = "dns"
-state = ["new"]
-proto = "udp"
-dport = [5353]
-action = "accept"
-"#
+    inbound_drop_policy!(),
+    return_traffic_rule!("established"),
+    invalid_drop_rule!(),
+    untracked_accept_rule!("nd"),
+    accept_new_rule!("web", "tcp", 8080),
+    accept_new_rule!("dns", "udp", 5353),
 );
 
 /// Capacity of the assured tier, as configured above.
@@ -340,7 +337,8 @@ fn flood_with_established_traffic(tag: &str, flood_kind: Flood) {
     let pid = daemon.pid();
     let stop = AtomicBool::new(false);
 
-    let outcome = thread::scope(|scope| {
+    // The checks run inside the scope, after the writers stopped and were joined.
+    thread::scope(|scope| {
         // Stops the writers however this closure ends, so that a failed check cannot
         // leave the scope waiting for them forever.
         let _stop_writers = StopOnDrop(&stop);
@@ -403,102 +401,74 @@ fn flood_with_established_traffic(tag: &str, flood_kind: Flood) {
                 (written, read)
             })
             .collect();
-        (
-            before,
-            sessions_after,
-            stats_before,
-            stats_after,
-            rss_before,
-            rss_after,
-            sent,
-            samples,
-            slowest_cli,
-            most_sessions,
-            most_unassured,
-            results,
-        )
-    });
-    let (
-        before,
-        sessions_after,
-        stats_before,
-        stats_after,
-        rss_before,
-        rss_after,
-        sent,
-        samples,
-        slowest_cli,
-        most_sessions,
-        most_unassured,
-        results,
-    ) = outcome;
 
-    let seen = delta(&stats_before, &stats_after, "packets_seen");
-    eprintln!(
-        "{name} flood: {} packets sent in {:.2?} = {:.0} pps; daemon saw {seen} packets \
+        let seen = delta(&stats_before, &stats_after, "packets_seen");
+        eprintln!(
+            "{name} flood: {} packets sent in {:.2?} = {:.0} pps; daemon saw {seen} packets \
          ({:.0} pps); drop_table_full +{}, sessions_created +{}; {samples} samples, \
          slowest list/stats {slowest_cli:.2?}, most sessions listed {most_sessions} \
          (unassured {most_unassured}); daemon RSS {rss_before} kB -> {rss_after} kB",
-        sent.packets,
-        sent.elapsed,
-        sent.pps(),
-        seen as f64 / sent.elapsed.as_secs_f64(),
-        delta(&stats_before, &stats_after, "drop_table_full"),
-        delta(&stats_before, &stats_after, "sessions_created"),
-    );
-    for (stream, (written, read)) in results.iter().enumerate() {
-        eprintln!(
-            "stream {stream}: {written} bytes sent, {} received, longest pause {:.2?}",
-            read.bytes, read.longest_gap
+            sent.packets,
+            sent.elapsed,
+            sent.pps(),
+            seen as f64 / sent.elapsed.as_secs_f64(),
+            delta(&stats_before, &stats_after, "drop_table_full"),
+            delta(&stats_before, &stats_after, "sessions_created"),
         );
-    }
+        for (stream, (written, read)) in results.iter().enumerate() {
+            eprintln!(
+                "stream {stream}: {written} bytes sent, {} received, longest pause {:.2?}",
+                read.bytes, read.longest_gap
+            );
+        }
 
-    assert!(
-        samples >= 3,
-        "only {samples} samples were taken during the flood; the flood ended too soon or \
+        assert!(
+            samples >= 3,
+            "only {samples} samples were taken during the flood; the flood ended too soon or \
          the CLI was too slow"
-    );
-    assert!(
-        slowest_cli <= MAX_CLI_LATENCY,
-        "list/stats took up to {slowest_cli:?} during the flood (bound {MAX_CLI_LATENCY:?})"
-    );
-    // At rest the walk is a snapshot: the tiers hold at most their capacities, and the
-    // flood filled the unassured one. The kernel's LRU hash evicts in batches and keeps a
-    // free list per CPU (up to 128 entries each), so a full one holds visibly fewer than
-    // its maximum: at least half of it is what "filled" can promise.
-    let at_rest = check_table_bounds(&stats_after, &sessions_after, 0, "after the flood");
-    assert!(
-        at_rest >= UNASSURED_CAPACITY / 2,
-        "the flood should have filled the unassured tier ({UNASSURED_CAPACITY}), but \
+        );
+        assert!(
+            slowest_cli <= MAX_CLI_LATENCY,
+            "list/stats took up to {slowest_cli:?} during the flood (bound {MAX_CLI_LATENCY:?})"
+        );
+        // At rest the walk is a snapshot: the tiers hold at most their capacities, and the
+        // flood filled the unassured one. The kernel's LRU hash evicts in batches and keeps a
+        // free list per CPU (up to 128 entries each), so a full one holds visibly fewer than
+        // its maximum: at least half of it is what "filled" can promise.
+        let at_rest = check_table_bounds(&stats_after, &sessions_after, 0, "after the flood");
+        assert!(
+            at_rest >= UNASSURED_CAPACITY / 2,
+            "the flood should have filled the unassured tier ({UNASSURED_CAPACITY}), but \
          {at_rest} unassured sessions are listed after it"
-    );
-    for (&port, session_before) in ports.iter().zip(&before) {
-        let after = established(&sessions_after, port, "after the flood");
-        assert!(
-            session_packets(after) > session_packets(session_before),
-            "the session of the connection from port {port} stopped counting: before \
+        );
+        for (&port, session_before) in ports.iter().zip(&before) {
+            let after = established(&sessions_after, port, "after the flood");
+            assert!(
+                session_packets(after) > session_packets(session_before),
+                "the session of the connection from port {port} stopped counting: before \
              {session_before}, after {after}"
-        );
-    }
-    for (stream, (written, read)) in results.iter().enumerate() {
-        assert_eq!(
-            read.bytes, *written,
-            "stream {stream}: not all data arrived"
+            );
+        }
+        for (stream, (written, read)) in results.iter().enumerate() {
+            assert_eq!(
+                read.bytes, *written,
+                "stream {stream}: not all data arrived"
+            );
+            assert!(
+                read.longest_gap <= MAX_STALL,
+                "stream {stream}: the data stalled for {:?} (bound {MAX_STALL:?})",
+                read.longest_gap
+            );
+        }
+        assert!(
+            rss_after <= rss_before + MAX_RSS_GROWTH_KB,
+            "the daemon's RSS grew from {rss_before} kB to {rss_after} kB during the flood"
         );
         assert!(
-            read.longest_gap <= MAX_STALL,
-            "stream {stream}: the data stalled for {:?} (bound {MAX_STALL:?})",
-            read.longest_gap
+            counter(&stats_after, "packets_seen") > counter(&stats_before, "packets_seen"),
+            "the daemon saw none of the flood"
         );
-    }
-    assert!(
-        rss_after <= rss_before + MAX_RSS_GROWTH_KB,
-        "the daemon's RSS grew from {rss_before} kB to {rss_after} kB during the flood"
-    );
-    assert!(
-        counter(&stats_after, "packets_seen") > counter(&stats_before, "packets_seen"),
-        "the daemon saw none of the flood"
-    );
+    });
 }
 
 /// Waits until every connection from `ports` has an assured ESTABLISHED session that has

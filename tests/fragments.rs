@@ -9,10 +9,13 @@ use std::time::Duration;
 
 use serde_json::Value;
 use session_common::wire::proto;
+use session_testkit::accept_new_rule;
 use session_testkit::frames;
-use session_tests::router::{UPSTREAM_V4, UPSTREAM_V6, Upstream, WAN_IFACE, router_policy};
+use session_tests::router::{
+    UPSTREAM_V4, UPSTREAM_V6, Upstream, WAN_IFACE, lan_out_rule, router_policy,
+};
 use session_tests::{
-    Daemon, FW_IFACE, Family, IO_TIMEOUT, Lab, Side, both_families, counter, delta, rule_hits,
+    Daemon, Family, IO_TIMEOUT, Lab, Side, both_families, counter, delta, rule_hits,
 };
 
 /// The policy a new user runs.
@@ -150,26 +153,8 @@ fn upstream_udp(upstream: &Upstream<'_>, addr: SocketAddr) -> UdpSocket {
 fn udp_answers_cross_a_router_both_ways() {
     let lab = Lab::dual_stack("fragrt");
     let upstream = lab.upstream();
-    let policy = router_policy(
-        false,
-        &format!(
-            r#"
-[[rule]]
-name = "lan-out"
-state = ["new"]
-iface = ["{FW_IFACE}"]
-proto = "udp"
-action = "accept"
-
-[[rule]]
-name = "published"
-state = ["new"]
-proto = "udp"
-dport = [5302]
-action = "accept"
-"#
-        ),
-    );
+    let new_flows = lan_out_rule(Some("udp")) + accept_new_rule!("published", "udp", 5302);
+    let policy = router_policy(false, &new_flows);
     let daemon = lab.daemon(&policy);
     assert!(policy.contains(WAN_IFACE));
     let before = daemon.stats_json();

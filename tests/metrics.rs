@@ -10,6 +10,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use session_testkit::{accept_new_rule, inbound_drop_policy, new_flow_rule, return_traffic_rule};
 use session_tests::{Family, IO_TIMEOUT, Lab, Side, counter, rule_hits, set_linger_zero, wait_for};
 
 const METRICS_ADDR: &str = "127.0.0.1:9640";
@@ -20,17 +21,10 @@ const POLICY: &str = concat!(
 listen = "127.0.0.1:9640"
 
 "#,
-    session_testkit::drop_inbound!(),
-    session_testkit::accept_return_traffic!("established"),
-    session_testkit::accept_new_tcp!("web", 8080),
-    r#"
-[[rule]]
-name = "no-telnet"
-state = ["new"]
-proto = "tcp"
-dport = [23]
-action = "drop"
-"#
+    inbound_drop_policy!(),
+    return_traffic_rule!("established"),
+    accept_new_rule!("web", "tcp", 8080),
+    new_flow_rule!("no-telnet", "tcp", 23, "drop"),
 );
 
 /// Sends `request` to the metrics address from inside fw and returns the whole response.

@@ -5,20 +5,15 @@
 use std::io::Write;
 use std::time::Duration;
 
+use session_testkit::{inbound_drop_policy, return_traffic_rule};
 use session_tests::{Family, Lab, Side, counter, read_exact_len};
 
 fn policy(ports: &str) -> String {
     format!(
-        r#"
-[policy]
-inbound = "drop"
-outbound = "accept"
-
-[[rule]]
-name = "return-traffic"
-state = ["established", "related"]
-action = "accept"
-
+        concat!(
+            inbound_drop_policy!(),
+            return_traffic_rule!("return-traffic"),
+            r#"
 [[rule]]
 name = "services"
 state = ["new"]
@@ -26,6 +21,8 @@ proto = "tcp"
 dport = [{ports}]
 action = "accept"
 "#
+        ),
+        ports = ports,
     )
 }
 

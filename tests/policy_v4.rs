@@ -7,23 +7,12 @@ use std::time::Duration;
 
 use session_tests::{
     CLIENT_V4, FW_V4, Lab, Listen, Side, WEB_POLICY, counter, delta, describe, find_session,
-    rule_hits,
+    router::ping_replies, rule_hits,
 };
 
 const TCP_ECHO: &[&str] = &["socat", "TCP-LISTEN:8080,fork,reuseaddr", "EXEC:cat"];
 const UDP_ECHO: &[&str] = &["socat", "UDP-RECVFROM:7,fork", "EXEC:cat"];
 const UDP_SINK: &[&str] = &["socat", "-u", "UDP-RECV:5353", "STDOUT"];
-
-/// The number of replies in ping's summary line ("3 packets transmitted, 3 received, ...").
-fn ping_received(out: &std::process::Output) -> u64 {
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|line| {
-            let (_, rest) = line.split_once(" packets transmitted, ")?;
-            rest.split_once(" received")?.0.parse().ok()
-        })
-        .unwrap_or_else(|| panic!("no ping summary in: {}", describe(out)))
-}
 
 /// Sends one UDP datagram from the client to fw:5353, which the policy drops.
 fn send_unsolicited_udp(lab: &Lab, payload: &str) {
@@ -189,7 +178,7 @@ fn outbound_ping_gets_reply_inbound_ping_dropped() {
     let before = daemon.stats_json();
     let inbound = ping3(&lab, Side::Client, FW_V4);
     assert_eq!(
-        ping_received(&inbound),
+        ping_replies(&inbound),
         0,
         "inbound ping answered: {}",
         describe(&inbound)
@@ -202,7 +191,7 @@ fn outbound_ping_gets_reply_inbound_ping_dropped() {
 
     let outbound = ping3(&lab, Side::Fw, CLIENT_V4);
     assert_eq!(
-        ping_received(&outbound),
+        ping_replies(&outbound),
         3,
         "outbound ping not answered: {}",
         describe(&outbound)
@@ -249,7 +238,7 @@ fn counters_match_traffic() {
     );
     assert_eq!(udp_query_from_fw(&lab), "hello\n", "no udp reply");
     let ping = ping3(&lab, Side::Fw, CLIENT_V4);
-    assert_eq!(ping_received(&ping), 3, "ping: {}", describe(&ping));
+    assert_eq!(ping_replies(&ping), 3, "ping: {}", describe(&ping));
     // No session: a dropped datagram and a dropped SYN.
     send_unsolicited_udp(&lab, "dropped\n");
     let refused = lab.run(

@@ -12,7 +12,9 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData};
 use session_common::wire::{DaemonCounter, FAMILY_IPV4, FlowKey, Session, map_names};
-use session_tests::{Family, Lab, Side, WEB_POLICY, lifecycle::PinGuard, wait_for};
+use session_tests::{
+    BLOCKED_UDP_RULE, Family, Lab, Side, WEB_POLICY, lifecycle::PinGuard, wait_for,
+};
 use session_user::bpf::{
     clock::monotonic_ns, kernel_log::KernelLogLevel, loader, pinned::PinnedMaps,
 };
@@ -74,17 +76,7 @@ fn events_are_delivered_while_the_reaper_sweeps_a_million_sessions() {
         "filled {EXPIRED} expired sessions in {:?}",
         filled.elapsed()
     );
-    let policy = format!(
-        "[limits]\nmax_sessions = {CAPACITY}\n{WEB_POLICY}{}",
-        r#"
-[[rule]]
-name = "blocked-udp"
-proto = "udp"
-dport = [9999]
-action = "drop"
-log = true
-"#
-    );
+    let policy = format!("[limits]\nmax_sessions = {CAPACITY}\n{WEB_POLICY}{BLOCKED_UDP_RULE}");
     let daemon = lab.daemon(&policy);
     let ready = Instant::now();
     let client = daemon.cli_background(&["events", "--json"]);

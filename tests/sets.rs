@@ -7,36 +7,27 @@
 use std::{path::Path, time::Duration};
 
 use serde_json::Value;
+use session_testkit::{accept_new_rule, inbound_drop_policy, return_traffic_rule};
 use session_tests::{Family, Lab, Side, counter, describe};
 
 fn policy(set_file: &Path) -> String {
     format!(
-        r#"
-[policy]
-inbound = "drop"
-outbound = "accept"
-
+        concat!(
+            inbound_drop_policy!(),
+            r#"
 [sets]
 block = {{ file = "{}" }}
-
-[[rule]]
-name = "return-traffic"
-state = ["established", "related"]
-action = "accept"
-
+"#,
+            return_traffic_rule!("return-traffic"),
+            r#"
 [[rule]]
 name = "blocklist"
 state = ["new"]
 src = ["@block"]
 action = "drop"
-
-[[rule]]
-name = "web"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
 "#,
+            accept_new_rule!("web", "tcp", 8080),
+        ),
         set_file.display()
     )
 }

@@ -11,6 +11,9 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
+use session_testkit::{
+    accept_new_rule, inbound_drop_policy, ping_rules, return_traffic_rule, untracked_accept_rule,
+};
 use session_tests::raw::{TcpSegment, flags};
 use session_tests::{
     Daemon, Family, Lab, Side, both_families, counter, delta, find_session, read_exact_len,
@@ -18,11 +21,11 @@ use session_tests::{
 };
 
 const POLICY: &str = concat!(
-    session_testkit::drop_inbound!(),
-    session_testkit::accept_return_traffic!("return-traffic"),
-    session_testkit::accept_untracked!("nd"),
-    session_testkit::accept_new_tcp!("web", 8080),
-    session_testkit::accept_pings!()
+    inbound_drop_policy!(),
+    return_traffic_rule!("return-traffic"),
+    untracked_accept_rule!("nd"),
+    accept_new_rule!("web", "tcp", 8080),
+    ping_rules!(),
 );
 
 /// The port the policy opens.

@@ -21,9 +21,9 @@ use std::{
 use serde_json::json;
 use session_common::{
     packet::PacketMeta,
-    track::flow_key,
-    wire::{FAMILY_IPV4, FlowKey, Session, Settings, TcpState, proto, session_flags},
+    wire::{FAMILY_IPV4, FlowKey, Session, Settings, TcpState, proto},
 };
+use session_testkit::bench;
 use session_user::{
     bpf::{clock::monotonic_ns, kernel_log::KernelLogLevel, loader, pinned::PinnedMaps},
     continuity::{
@@ -89,18 +89,8 @@ fn session(i: u32, now: u64, ifindex: u32) -> (FlowKey, Session) {
         dport: 22,
         ..PacketMeta::default()
     };
-    let (key, src_is_lo) = flow_key(&meta);
-    let mut session = Session {
-        created_ns: now,
-        expires_ns: now + 3_600_000_000_000,
-        state: TcpState::Established as u8,
-        flags: session_flags::SEEN_REPLY | session_flags::ASSURED | session_flags::PROTECTED,
-        origin_ifindex: ifindex.to_ne_bytes(),
-        ..Session::default()
-    };
-    if src_is_lo {
-        session.flags |= session_flags::ORIG_IS_LO;
-    }
+    let (key, mut session) = bench::established_session(&meta, now);
+    session.origin_ifindex = ifindex.to_ne_bytes();
     (key, session)
 }
 
@@ -168,7 +158,7 @@ fn fill_conntrack(count: u32) {
 }
 
 fn main() {
-    if std::env::args().any(|arg| arg == "--list") {
+    if bench::only_listing() {
         return;
     }
     // SAFETY: unshare has no memory preconditions; the process is single-threaded here.
@@ -190,9 +180,7 @@ fn main() {
         "/sys/fs/bpf/session-bench-continuity-{}",
         std::process::id()
     )));
-    let out_dir = std::env::var_os("SESSION_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"));
+    let out_dir = bench::out_dir();
     std::fs::create_dir_all(&out_dir).expect("creating the bench output directory");
     let file = out_dir.join("continuity-bench.table");
 

@@ -33,10 +33,12 @@ use aya::{
 use serde_json::{Value, json};
 use session_common::{
     packet::{PacketMeta, parse},
-    track::flow_key,
-    wire::{FlowKey, FlowState, Session, Settings, TcpState, map_names, session_flags},
+    wire::{FlowKey, FlowState, Session, Settings, map_names},
 };
-use session_testkit::frames::{self, Tcp, tcp_flags};
+use session_testkit::{
+    bench,
+    frames::{self, Tcp, tcp_flags},
+};
 use session_user::{
     bpf::{clock::monotonic_ns, kernel_log::KernelLogLevel, loader, pinned::PinnedMaps},
     policy::{compile::compile, config},
@@ -130,18 +132,7 @@ fn syn(client: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
 fn established(frame: &[u8], now: u64) -> (FlowKey, Session) {
     let mut meta = PacketMeta::default();
     parse(frame, &mut meta).expect("bench frames parse");
-    let (key, src_is_lo) = flow_key(&meta);
-    let mut session = Session {
-        created_ns: now,
-        expires_ns: now + 3_600_000_000_000,
-        state: TcpState::Established as u8,
-        flags: session_flags::SEEN_REPLY | session_flags::ASSURED | session_flags::PROTECTED,
-        ..Session::default()
-    };
-    if src_is_lo {
-        session.flags |= session_flags::ORIG_IS_LO;
-    }
-    (key, session)
+    bench::established_session(&meta, now)
 }
 
 /// The i-th preloaded established flow: 198.19.0.0/16 clients, 16 source ports each.
@@ -917,15 +908,8 @@ fn merge(row: &mut Value, extra: Value) {
     }
 }
 
-fn out_dir() -> PathBuf {
-    std::env::var_os("SESSION_BENCH_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench"),
-        PathBuf::from,
-    )
-}
-
 fn main() {
-    if std::env::args().any(|arg| arg == "--list") {
+    if bench::only_listing() {
         return;
     }
     let pin = PinDir(PathBuf::from(format!(
@@ -984,7 +968,7 @@ fn main() {
     bench.table_scale();
 
     print!("{}", bench.md);
-    let dir = out_dir();
+    let dir = bench::out_dir();
     std::fs::create_dir_all(&dir).expect("creating the bench output directory");
     std::fs::write(dir.join("kernel.md"), &bench.md).expect("writing kernel.md");
     std::fs::write(

@@ -16,7 +16,10 @@ use session_common::{
         verdict_flags,
     },
 };
-use session_testkit::frames::{self, Tcp, tcp_flags};
+use session_testkit::{
+    accept_new_rule,
+    frames::{self, Tcp, tcp_flags},
+};
 use session_user::{
     host_engine::{Model, ModelRules},
     policy::{
@@ -84,7 +87,8 @@ fn permissive_with(extra: &str) -> Model {
 }
 
 /// A host that serves TCP 8080 and drops everything else that is not established/related.
-const RESTRICTIVE: &str = r#"
+const RESTRICTIVE: &str = concat!(
+    r#"
 [policy]
 inbound = "drop"
 outbound = "drop"
@@ -94,20 +98,16 @@ name = "return-traffic"
 state = ["established", "related"]
 direction = "any"
 action = "accept"
-
-[[rule]]
-name = "web"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-
+"#,
+    accept_new_rule!("web", "tcp", 8080),
+    r#"
 [[rule]]
 name = "client-out"
 state = ["new"]
 direction = "out"
 action = "accept"
-"#;
+"#
+);
 
 fn restrictive() -> Model {
     model_from(RESTRICTIVE)
@@ -2762,18 +2762,14 @@ fn rules_at(text: &str, generation: u32) -> ModelRules {
 }
 
 /// RESTRICTIVE without its return-traffic rule: established packets fall to the default.
-const RESTRICTIVE_NO_RETURN: &str = r#"
+const RESTRICTIVE_NO_RETURN: &str = concat!(
+    r#"
 [policy]
 inbound = "drop"
 outbound = "drop"
-
-[[rule]]
-name = "web"
-state = ["new"]
-proto = "tcp"
-dport = [8080]
-action = "accept"
-"#;
+"#,
+    accept_new_rule!("web", "tcp", 8080),
+);
 
 #[test]
 fn established_packets_reuse_the_cached_verdict_until_the_policy_generation_changes() {

@@ -43,8 +43,11 @@ use session_common::{
     },
 };
 use session_testkit::{
+    accept_new_rule,
     frames::{self, Tcp, tcp_flags},
+    inbound_drop_policy,
     mutate::{Mutation, Rng},
+    ping_rules, return_traffic_rule,
 };
 use session_user::{
     bpf::{clock::monotonic_ns, kernel_log::KernelLogLevel, loader, pinned::PinnedMaps},
@@ -351,7 +354,7 @@ impl Kernel {
 /// inbound drop), plus narrow rules so UDP, ICMP echo, a generic protocol and an explicit
 /// drop rule each have a passing and a dropping case.
 const POLICY_TOML: &str = concat!(
-    session_testkit::drop_inbound!(),
+    inbound_drop_policy!(),
     r#"
 [[rule]]
 name = "no-telnet"
@@ -360,19 +363,11 @@ dport = [23]
 action = "drop"
 log = true
 "#,
-    session_testkit::accept_return_traffic!("return-traffic"),
-    session_testkit::accept_new_tcp!("web", 8080),
-    r#"
-[[rule]]
-name = "mdns"
-state = ["new"]
-proto = "udp"
-dport = [5353]
-action = "accept"
-log = true
-
-"#,
-    session_testkit::accept_pings!(),
+    return_traffic_rule!("return-traffic"),
+    accept_new_rule!("web", "tcp", 8080),
+    accept_new_rule!("mdns", "udp", 5353),
+    "log = true\n",
+    ping_rules!(),
     r#"
 [[rule]]
 name = "gre"

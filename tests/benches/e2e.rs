@@ -44,13 +44,15 @@ use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::{AsRawFd as _, RawFd},
-    path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use serde_json::{Value, json};
-use session_testkit::frames::{self, Tcp, tcp_flags};
+use session_testkit::{
+    bench,
+    frames::{self, Tcp, tcp_flags},
+};
 use session_tests::{
     CLIENT_V4, Daemon, FW_IFACE, FW_V4, Family, Lab, Side,
     bare_xdp::BareXdp,
@@ -1037,15 +1039,8 @@ fn median(mut samples: Vec<f64>) -> f64 {
     samples[samples.len() / 2]
 }
 
-fn out_dir() -> PathBuf {
-    std::env::var_os("SESSION_BENCH_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench"),
-        PathBuf::from,
-    )
-}
-
 fn main() {
-    if std::env::args().any(|arg| arg == "--list") {
+    if bench::only_listing() {
         return;
     }
     let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); Firewall::ALL.len()];
@@ -1384,7 +1379,7 @@ fn main() {
             "session_minus_noop_xdp": session_own_conn_us, "nftables_minus_none": nft_own_conn_us,
             "noop_xdp_minus_none": noop_conn_us, "direct_veth_noop_xdp_minus_none": direct_noop_conn_us},
     });
-    let dir = out_dir();
+    let dir = bench::out_dir();
     std::fs::create_dir_all(&dir).expect("creating the bench output directory");
     std::fs::write(dir.join("e2e.md"), &md).expect("writing e2e.md");
     std::fs::write(

@@ -23,23 +23,6 @@
 //! [`CtCounts`] reads per-state packet counts from both the daemon and the kernel's own
 //! conntrack (through nftables counters), for the differential tests.
 
-/// Two tests, one per address family, for a test body written once for a [`Family`]:
-/// `both_families!(body: name_v4, name_v6);` in a test file that imports `Family`.
-#[macro_export]
-macro_rules! both_families {
-    ($body:ident: $v4:ident, $v6:ident) => {
-        #[test]
-        fn $v4() {
-            $body(Family::V4);
-        }
-
-        #[test]
-        fn $v6() {
-            $body(Family::V6);
-        }
-    };
-}
-
 pub mod attacker;
 pub mod bare_xdp;
 pub mod bench_object;
@@ -80,20 +63,41 @@ pub const FW_IFACE: &str = "veth-fw";
 /// accepted, everything else inbound dropped, everything outbound accepted. Tests add
 /// their own rules after it.
 pub const WEB_POLICY: &str = concat!(
-    session_testkit::drop_inbound!(),
-    session_testkit::accept_return_traffic!("return-traffic"),
-    session_testkit::accept_new_tcp!("web", 8080)
+    session_testkit::inbound_drop_policy!(),
+    session_testkit::return_traffic_rule!("return-traffic"),
+    session_testkit::accept_new_rule!("web", "tcp", 8080),
 );
 
 /// A rule opening UDP 5353 to new flows, to append to [`WEB_POLICY`].
-pub const DNS_RULE: &str = r#"
+pub const DNS_RULE: &str = session_testkit::accept_new_rule!("dns", "udp", 5353);
+
+/// A rule dropping and logging UDP to 9999, to append to [`WEB_POLICY`]: a packet that
+/// makes an event.
+pub const BLOCKED_UDP_RULE: &str = r#"
 [[rule]]
-name = "dns"
-state = ["new"]
+name = "blocked-udp"
 proto = "udp"
-dport = [5353]
-action = "accept"
+dport = [9999]
+action = "drop"
+log = true
 "#;
+/// The sysctl that lets a namespace send every ICMP error: by default they are rate
+/// limited per destination, and the tests count them exactly.
+const ICMP_RATELIMIT_OFF: &str = "net.ipv4.icmp_ratelimit=0";
+
+/// The IPv6 sysctls of a dual-stack namespace: IPv6 on, no DAD, no router solicitations,
+/// no ICMPv6 rate limit, so that the only IPv6 control traffic is neighbour discovery and
+/// MLD. `default` applies to links created afterwards.
+const DUAL_STACK_SYSCTLS: [&str; 7] = [
+    "net.ipv6.conf.all.disable_ipv6=0",
+    "net.ipv6.conf.default.disable_ipv6=0",
+    "net.ipv6.conf.all.accept_dad=0",
+    "net.ipv6.conf.default.accept_dad=0",
+    "net.ipv6.conf.all.router_solicitations=0",
+    "net.ipv6.conf.default.router_solicitations=0",
+    "net.ipv6.icmp.ratelimit=0",
+];
+
 /// How long a daemon may take to print `session: ready`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -289,6 +293,23 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Opt
     }
 }
 
+/// Two tests, one per [`Family`], for a test body written once as `fn body(Family)`:
+/// `both_families!(body: name_v4, name_v6);`.
+#[macro_export]
+macro_rules! both_families {
+    ($body:ident: $v4:ident, $v6:ident) => {
+        #[test]
+        fn $v4() {
+            $body($crate::Family::V4);
+        }
+
+        #[test]
+        fn $v6() {
+            $body($crate::Family::V6);
+        }
+    };
+}
+
 /// An address family, so that one test body can run over IPv4 and IPv6.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
@@ -401,18 +422,10 @@ impl Lab {
         };
         // ICMP errors are rate limited per destination by default; the tests count them
         // exactly, so every error must be sent.
-        let mut keys = vec!["net.ipv4.icmp_ratelimit=0"];
+        let mut keys = vec![ICMP_RATELIMIT_OFF];
         if ipv6 {
             // `default` applies to the veth created below.
-            keys.extend([
-                "net.ipv6.conf.all.disable_ipv6=0",
-                "net.ipv6.conf.default.disable_ipv6=0",
-                "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0",
-                "net.ipv6.conf.all.router_solicitations=0",
-                "net.ipv6.conf.default.router_solicitations=0",
-                "net.ipv6.icmp.ratelimit=0",
-            ]);
+            keys.extend(DUAL_STACK_SYSCTLS);
         } else {
             keys.extend([
                 "net.ipv6.conf.all.disable_ipv6=1",
@@ -902,13 +915,9 @@ impl Daemon<'_> {
     /// Runs `session ARGS --pin-dir DIR` in fw, bounded in time, and returns its stdout;
     /// panics with the CLI's and the daemon's stderr if it fails.
     pub fn cli(&self, args: &[&str]) -> String {
-        let lab = self.proc.lab;
-        let bin = lab.bin.to_string_lossy();
-        let pin = self.pin_dir.to_string_lossy();
-        let mut argv = vec![&*bin];
-        argv.extend_from_slice(args);
-        argv.extend_from_slice(&["--pin-dir", &*pin]);
-        let out = lab.run(Side::Fw, CLI_TIMEOUT_SECS, &argv);
+        let argv = self.cli_argv(args);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let out = self.proc.lab.run(Side::Fw, CLI_TIMEOUT_SECS, &argv);
         assert!(
             out.status.success(),
             "{argv:?} failed: {}\n--- daemon stderr ---\n{}",
@@ -1107,24 +1116,12 @@ fn connect_from(from: SocketAddr, to: SocketAddr, timeout: Duration) -> io::Resu
             0,
         ))?);
         let one: libc::c_int = 1;
-        check(libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&raw const one).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        ))?;
+        try_set_socket_option(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, &one)?;
         let tv = libc::timeval {
             tv_sec: timeout.as_secs() as libc::time_t,
             tv_usec: timeout.subsec_micros() as libc::suseconds_t,
         };
-        check(libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            (&raw const tv).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        ))?;
+        try_set_socket_option(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDTIMEO, &tv)?;
         let (local, local_len) = sockaddr(from);
         check(libc::bind(
             fd.as_raw_fd(),
@@ -1141,9 +1138,14 @@ fn connect_from(from: SocketAddr, to: SocketAddr, timeout: Duration) -> io::Resu
     }
 }
 
-/// Sets the socket option `level`/`name` of `fd` to `value`; panics with the option's
-/// numbers and the OS error when the kernel refuses.
-pub fn set_socket_option<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) {
+/// Sets the socket option `level`/`name` of `fd` to `value`; the OS error when the kernel
+/// refuses.
+fn try_set_socket_option<T>(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
     // SAFETY: setsockopt reads `size_of::<T>()` bytes of the value we borrow, on an fd the
     // caller owns.
     let rc = unsafe {
@@ -1155,11 +1157,18 @@ pub fn set_socket_option<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, va
             std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
-    assert!(
-        rc == 0,
-        "setsockopt({level}, {name}) failed: {}",
-        io::Error::last_os_error()
-    );
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sets the socket option `level`/`name` of `fd` to `value`; panics with the option's
+/// numbers and the OS error when the kernel refuses.
+pub fn set_socket_option<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) {
+    try_set_socket_option(fd, level, name, value)
+        .unwrap_or_else(|error| panic!("setsockopt({level}, {name}) failed: {error}"));
 }
 
 /// Turns on TCP keepalive with one-second idle time and interval, so that a test sees
@@ -1395,13 +1404,18 @@ impl Daemon<'_> {
     /// Starts `session ARGS --pin-dir DIR` in fw in the background, for commands that run
     /// until stopped, such as `session events`.
     pub fn cli_background(&self, args: &[&str]) -> Background<'_> {
-        let lab = self.proc.lab;
-        let bin = lab.bin.to_string_lossy();
-        let pin = self.pin_dir.to_string_lossy();
-        let mut argv = vec![&*bin];
-        argv.extend_from_slice(args);
-        argv.extend_from_slice(&["--pin-dir", &*pin]);
-        lab.spawn(Side::Fw, &argv)
+        let argv = self.cli_argv(args);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        self.proc.lab.spawn(Side::Fw, &argv)
+    }
+
+    /// `session ARGS --pin-dir DIR`: the command line of a CLI call on this daemon's maps.
+    fn cli_argv(&self, args: &[&str]) -> Vec<String> {
+        let mut argv = vec![self.proc.lab.bin.to_string_lossy().into_owned()];
+        argv.extend(args.iter().map(|arg| arg.to_string()));
+        argv.push("--pin-dir".to_string());
+        argv.push(self.pin_dir.to_string_lossy().into_owned());
+        argv
     }
 }
 

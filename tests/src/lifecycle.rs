@@ -24,10 +24,10 @@ pub const PROGRESS: u64 = 40_000;
 /// benchmark: return traffic accepted, invalid packets dropped, new TCP only to
 /// [`STREAM_PORT`], everything else inbound dropped.
 pub const STREAM_POLICY: &str = concat!(
-    session_testkit::drop_inbound!(),
-    session_testkit::accept_return_traffic!("return-traffic"),
-    session_testkit::drop_invalid!("invalid"),
-    session_testkit::accept_new_tcp!("stream", 8080)
+    session_testkit::inbound_drop_policy!(),
+    session_testkit::return_traffic_rule!("return-traffic"),
+    session_testkit::invalid_drop_rule!(),
+    session_testkit::accept_new_rule!("stream", "tcp", 8080),
 );
 
 /// How long a live stream may run at most, whatever the test does.

@@ -21,8 +21,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use crate::{
-    CLIENT_IFACE, IO_TIMEOUT, Lab, NETNS_DIR, Side, connect_from, delete_netns, describe, host,
-    host_end, in_netns,
+    CLIENT_IFACE, FW_IFACE, IO_TIMEOUT, Lab, NETNS_DIR, Side, connect_from, delete_netns, describe,
+    host, host_end, in_netns,
 };
 
 /// Name of fw's interface towards upstream.
@@ -37,19 +37,6 @@ pub const FW_WAN_V4: &str = "198.19.0.2";
 pub const UPSTREAM_V6: &str = "2001:2:0:1::1";
 /// IPv6 address of fw on the WAN link.
 pub const FW_WAN_V6: &str = "2001:2:0:1::2";
-
-/// The same sysctls a dual-stack lab sets: no DAD, no router solicitations, no ICMP rate
-/// limits, so that the only IPv6 control traffic is neighbour discovery and MLD.
-const UPSTREAM_SYSCTLS: &[&str] = &[
-    "net.ipv4.icmp_ratelimit=0",
-    "net.ipv6.conf.all.disable_ipv6=0",
-    "net.ipv6.conf.default.disable_ipv6=0",
-    "net.ipv6.conf.all.accept_dad=0",
-    "net.ipv6.conf.default.accept_dad=0",
-    "net.ipv6.conf.all.router_solicitations=0",
-    "net.ipv6.conf.default.router_solicitations=0",
-    "net.ipv6.icmp.ratelimit=0",
-];
 
 /// The upstream namespace of a routed lab; deleting it on drop also removes the WAN link.
 /// It borrows the lab so that it is dropped, and its namespace deleted, before the lab's.
@@ -69,7 +56,8 @@ impl Lab {
             ns: format!("{}-u", self.base),
         };
         host(&["ip", "netns", "add", &upstream.ns]);
-        for key in UPSTREAM_SYSCTLS {
+        // The same sysctls a dual-stack lab sets.
+        for key in std::iter::once(crate::ICMP_RATELIMIT_OFF).chain(crate::DUAL_STACK_SYSCTLS) {
             upstream.ok(5, &["sysctl", "-qw", key]);
         }
         upstream.ok(5, &["ip", "link", "set", "lo", "up"]);
@@ -170,23 +158,40 @@ pub fn upstream_host(lab: &Lab) -> Upstream<'_> {
 /// `interfaces`.
 pub fn router_policy(fast_path: bool, new_flows: &str) -> String {
     format!(
-        r#"
+        concat!(
+            r#"
 interfaces = ["{WAN_IFACE}"]
 
 [forwarding]
 fast_path = {fast_path}
-{ROUTER_RULES}{new_flows}"#
+"#,
+            session_testkit::inbound_drop_policy!(),
+            session_testkit::return_traffic_rule!("established"),
+            session_testkit::invalid_drop_rule!(),
+            session_testkit::untracked_accept_rule!("untracked"),
+            "{new_flows}",
+        ),
+        WAN_IFACE = WAN_IFACE,
+        fast_path = fast_path,
+        new_flows = new_flows,
     )
 }
 
-/// The rules every router policy starts with: inbound dropped, return traffic accepted,
-/// invalid packets dropped, untracked ones (neighbour discovery) accepted.
-const ROUTER_RULES: &str = concat!(
-    session_testkit::drop_inbound!(),
-    session_testkit::accept_return_traffic!("established"),
-    session_testkit::drop_invalid!("invalid"),
-    session_testkit::accept_untracked!("untracked")
-);
+/// A rule named "lan-out" letting the LAN (fw's [`FW_IFACE`] side) open
+/// new flows of `proto` ("udp", "tcp"...), or of any protocol when `None`: the
+/// `new_flows` of a router whose LAN may reach out.
+pub fn lan_out_rule(proto: Option<&str>) -> String {
+    let proto = proto.map_or(String::new(), |proto| format!("proto = \"{proto}\"\n"));
+    format!(
+        r#"
+[[rule]]
+name = "lan-out"
+state = ["new"]
+iface = ["{FW_IFACE}"]
+{proto}action = "accept"
+"#
+    )
+}
 
 impl Upstream<'_> {
     /// The namespace's name, for messages.

@@ -7,31 +7,24 @@
 
 use libfuzzer_sys::fuzz_target;
 use session_common::wire::{Counter, Hook, NS_PER_SEC, Settings, settings_flags};
+use session_testkit::{accept_new_rule, inbound_drop_policy, return_traffic_rule};
 use session_user::{
     host_engine::Model,
     policy::{compile::compile, config},
 };
 
-const POLICY: &str = r#"
-[policy]
-inbound = "drop"
-outbound = "accept"
-[[rule]]
-name = "return"
-state = ["established", "related"]
-action = "accept"
-[[rule]]
-name = "web"
-state = ["new"]
-proto = "tcp"
-dport = [80, "8000-8080"]
-action = "accept"
+const POLICY: &str = concat!(
+    inbound_drop_policy!(),
+    return_traffic_rule!("return"),
+    accept_new_rule!("web", "tcp", [80, "8000-8080"]),
+    r#"
 [[rule]]
 name = "ping"
 proto = "icmp"
 icmp_type = ["echo-request"]
 action = "accept"
-"#;
+"#
+);
 
 fuzz_target!(|data: &[u8]| {
     let config = config::parse(std::path::Path::new("fuzz.toml"), POLICY).expect("policy parses");
