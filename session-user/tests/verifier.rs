@@ -7,6 +7,7 @@
 //! /sys/fs/bpf (`cargo xtask setup` mounts it).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use aya::programs::{SchedClassifier, Xdp};
 use session_user::bpf::{kernel_log::KernelLogLevel, loader};
@@ -25,9 +26,12 @@ const VERIFIER_LIMIT: u32 = 1_000_000;
 
 /// The verifier's walk and the size after verification of each program, loaded at `level`.
 fn walks(level: KernelLogLevel) -> Vec<(&'static str, u32, u32)> {
+    // Two tests walk the default level at once, so each call has a directory of its own.
+    static CALLS: AtomicU32 = AtomicU32::new(0);
     let pin = PinDir(PathBuf::from(format!(
-        "/sys/fs/bpf/session-verifier-{}-{level}",
-        std::process::id()
+        "/sys/fs/bpf/session-verifier-{}-{level}-{}",
+        std::process::id(),
+        CALLS.fetch_add(1, Ordering::Relaxed)
     )));
     let mut ebpf = loader::load(&pin.0, 65_536, true, level)
         .unwrap_or_else(|error| panic!("loading the programs at kernel_level {level}: {error:#}"));
