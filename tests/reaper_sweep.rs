@@ -45,8 +45,13 @@ fn key(index: u32) -> FlowKey {
 /// table with [`EXPIRED`] sessions that expired a moment ago.
 fn fill_expired(lab: &Lab) {
     let pin = lab.pin_dir();
-    let ebpf = loader::load(&pin, CAPACITY, false, KernelLogLevel::default())
-        .unwrap_or_else(|error| panic!("creating the maps under {}: {error:#}", pin.display()));
+    let ebpf = loader::load(
+        &pin,
+        loader::Sizes::sessions(CAPACITY),
+        false,
+        KernelLogLevel::default(),
+    )
+    .unwrap_or_else(|error| panic!("creating the maps under {}: {error:#}", pin.display()));
     let data = MapData::from_pin(pin.join(map_names::SESSIONS))
         .unwrap_or_else(|error| panic!("opening the pinned session table: {error}"));
     let mut table: HashMap<MapData, FlowKey, Session> =

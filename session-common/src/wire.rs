@@ -66,6 +66,8 @@ pub mod map_names {
     pub const PRESENCE_BANK: &str = "PRESENCE_BANK";
     /// The prefixes of every named set (`session_common::sets`).
     pub const SET_NETS: &str = "SET_NETS";
+    /// The single addresses of every named set, hashed (`session_common::sets`).
+    pub const SET_HOSTS: &str = "SET_HOSTS";
     /// Per policy bank, the storages its set references read.
     pub const SET_REFS: &str = "SET_REFS";
     /// Per storage, the set's name, state and size.

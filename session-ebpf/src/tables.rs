@@ -5,7 +5,8 @@ use core::{ffi::c_void, mem::MaybeUninit};
 use aya_ebpf::{
     Global,
     bindings::{
-        __sk_buff, BPF_F_MMAPABLE, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, xdp_md,
+        __sk_buff, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+        BPF_RB_NO_WAKEUP, xdp_md,
     },
     helpers::generated::{bpf_ktime_get_coarse_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::map,
@@ -93,6 +94,12 @@ const MAX_EXPECTATIONS: u32 = 1024;
 /// (`BPF_F_NO_PREALLOC`), so the bound costs nothing until used.
 #[map]
 static SET_NETS: LpmTrie<SetKey, SetValue> = LpmTrie::pinned(SET_TRIE_ENTRIES, 0);
+/// The sets' single addresses (/32, /128), by storage and address: at a million prefixes
+/// the trie's walk to a host is some twenty nodes deep, a hash lookup one step. The loader
+/// sizes it from `[limits] max_set_entries`; a host that finds it full goes to `SET_NETS`.
+/// Not preallocated: an entry costs memory only once stored (the buckets do at once).
+#[map]
+static SET_HOSTS: HashMap<SetKey, SetValue> = HashMap::pinned(1, BPF_F_NO_PREALLOC);
 #[map]
 static SET_REFS: Array<SetRefs> = Array::pinned(2, 0);
 /// Read only by user space; declared here so the loader creates and pins it.
@@ -708,22 +715,34 @@ impl BitTables for BpfBitTables {
 
     #[inline(always)]
     fn set_member(&self, storage: u32, addr: &[u8; 16]) -> bool {
-        let key = LpmKey::new(
-            SET_KEY_STORAGE_BITS + 128,
-            SetKey {
-                storage: storage & (MAX_SET_STORAGE - 1),
-                addr: *addr,
-            },
-        );
-        match SET_NETS.get(&key) {
-            // The clock is read only for prefixes that expire (ban lists).
-            Some(value) => {
-                value.expires_ns == 0
-                    // SAFETY: a helper without arguments.
-                    || value.live(unsafe { bpf_ktime_get_coarse_ns() })
-            }
-            None => false,
+        let key = SetKey {
+            storage: storage & (MAX_SET_STORAGE - 1),
+            addr: *addr,
+        };
+        // A live host entry settles it; an expired one leaves the prefixes covering it.
+        // SAFETY: the value is copied out at once, while the program holds the RCU read
+        // lock that keeps the entry alive.
+        let host = unsafe { SET_HOSTS.get(&key) }.copied();
+        live_set_value(host)
+            || live_set_value(
+                SET_NETS
+                    .get(&LpmKey::new(SET_KEY_STORAGE_BITS + 128, key))
+                    .copied(),
+            )
+    }
+}
+
+/// Whether a set prefix's value (if one was found) still counts; the clock is read only
+/// for prefixes that expire (ban lists).
+#[inline(always)]
+fn live_set_value(value: Option<SetValue>) -> bool {
+    match value {
+        Some(value) => {
+            value.expires_ns == 0
+                // SAFETY: a helper without arguments.
+                || value.live(unsafe { bpf_ktime_get_coarse_ns() })
         }
+        None => false,
     }
 }
 

@@ -97,10 +97,15 @@ fn session(i: u32, now: u64, ifindex: u32) -> (FlowKey, Session) {
 /// A fresh table with the policy applied.
 fn table(pin: &Path) -> PinnedMaps {
     let _ = std::fs::remove_dir_all(pin);
-    let ebpf =
-        loader::load(pin, CAPACITY, false, KernelLogLevel::default()).unwrap_or_else(|error| {
-            panic!("loading the program (run via `cargo xtask bench` as root): {error:#}")
-        });
+    let ebpf = loader::load(
+        pin,
+        loader::Sizes::sessions(CAPACITY),
+        false,
+        KernelLogLevel::default(),
+    )
+    .unwrap_or_else(|error| {
+        panic!("loading the program (run via `cargo xtask bench` as root): {error:#}")
+    });
     drop(ebpf);
     let maps = PinnedMaps::open(pin).expect("pinned maps");
     maps.write_settings(&Settings::default()).expect("settings");

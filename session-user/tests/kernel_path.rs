@@ -162,11 +162,26 @@ impl Kernel {
         max_sessions: u32,
         ingress: Ingress,
     ) -> Kernel {
+        Kernel::start_with(
+            settings,
+            policy,
+            loader::Sizes::sessions(max_sessions),
+            ingress,
+        )
+    }
+
+    /// [`Kernel::start_sized`] with every size the loader takes from a config.
+    fn start_with(
+        settings: &Settings,
+        policy: &CompiledPolicy,
+        sizes: loader::Sizes,
+        ingress: Ingress,
+    ) -> Kernel {
         require_root_and_bpffs();
         let pin = PinDir::unique();
         let started = Instant::now();
         let tc_ingress = ingress == Ingress::Tc;
-        let ebpf = loader::load(&pin.0, max_sessions, tc_ingress, KernelLogLevel::default())
+        let ebpf = loader::load(&pin.0, sizes, tc_ingress, KernelLogLevel::default())
             .unwrap_or_else(|error| {
                 panic!(
                     "loader::load({}) failed (verifier rejection or load error): {error:?}",
@@ -3333,6 +3348,97 @@ fn live_add_delete_and_expiry_change_the_verdict_of_the_next_new_flow() {
         .set_add("nosuch", &[parse("198.18.6.6")], 0)
         .expect_err("a set the policy does not use");
     assert!(error.to_string().contains("no set `nosuch`"), "{error}");
+}
+
+/// Entries of the pinned `SET_HOSTS` of `k` and its size.
+fn set_hosts_held(k: &Kernel) -> (usize, u32) {
+    let path = k.maps.dir().join(map_names::SET_HOSTS);
+    let data =
+        MapData::from_pin(&path).unwrap_or_else(|error| panic!("opening SET_HOSTS: {error}"));
+    let capacity = data
+        .info()
+        .unwrap_or_else(|error| panic!("SET_HOSTS info: {error}"))
+        .max_entries();
+    let hosts: aya::maps::HashMap<
+        MapData,
+        session_common::sets::SetKey,
+        session_common::sets::SetValue,
+    > = aya::maps::HashMap::try_from(Map::HashMap(data))
+        .unwrap_or_else(|error| panic!("SET_HOSTS: {error}"));
+    (hosts.keys().count(), capacity)
+}
+
+#[test]
+fn addresses_that_find_the_host_hash_full_live_in_the_trie_and_a_resize_carries_the_hash_over() {
+    // `[limits] max_set_entries = 8` gives the host hash room for 16 addresses; the set
+    // has 40, so 24 of them go to the trie, and every one must still drop.
+    let hosts: Vec<String> = (0..40).map(|i| format!("198.18.7.{}", i + 1)).collect();
+    let file = TempFile::new("spill", &format!("{}\n", hosts.join("\n")));
+    let policy = blocklist_policy(&format!("{{ file = \"{}\" }}", file.0.display()));
+    let sizes = |max_set_entries| loader::Sizes {
+        max_sessions: MAX_SESSIONS,
+        max_set_entries,
+    };
+    let mut k = Kernel::start_with(&test_settings(), &policy, sizes(8), Ingress::Xdp);
+    assert_eq!(
+        set_hosts_held(&k),
+        (16, 16),
+        "the hash holds what it has room for"
+    );
+    let verdicts = |k: &Kernel, what: &str| {
+        for (i, host) in hosts.iter().enumerate() {
+            k.expect(what, &syn_from(ip(host), 2000 + i as u16), Verdict::Drop);
+        }
+        k.expect(what, &syn_from(ip("198.18.7.200"), 1999), Verdict::Pass);
+    };
+    verdicts(&k, "a member, in the hash or spilled into the trie");
+    // A live add while the hash is full goes to the trie too; deletes find either map.
+    let parse = |text: &str| session_user::policy::sets::parse_prefix(text).expect("test prefix");
+    let added = k
+        .maps
+        .set_add("block", &[parse("198.18.7.100")], 0)
+        .unwrap_or_else(|error| panic!("set_add into a full hash: {error:?}"));
+    assert_eq!(added, 1);
+    k.expect(
+        "added while the hash is full",
+        &syn_from(ip("198.18.7.100"), 3000),
+        Verdict::Drop,
+    );
+    let members = k
+        .maps
+        .set_members("block")
+        .unwrap_or_else(|error| panic!("{error:?}"));
+    assert_eq!(members.len(), 41, "set show lists both maps' members");
+    // Restarting with room for more recreates the hash and carries its addresses over.
+    k.ebpf = loader::load(k.maps.dir(), sizes(64), false, KernelLogLevel::default())
+        .unwrap_or_else(|error| panic!("loading again with a larger set limit: {error:?}"));
+    assert_eq!(
+        set_hosts_held(&k),
+        (16, 128),
+        "the resized hash has the old one's addresses"
+    );
+    verdicts(&k, "a member after the resize");
+    let removed = k
+        .maps
+        .set_delete(
+            "block",
+            &[parse(&hosts[0]), parse(&hosts[39]), parse("198.18.7.100")],
+        )
+        .unwrap_or_else(|error| panic!("set_delete: {error:?}"));
+    assert_eq!(removed, 3, "deleted from the hash and from the trie");
+    for (what, host) in [
+        ("hashed", &hosts[0]),
+        ("spilled", &hosts[39]),
+        ("added", &"198.18.7.100".to_string()),
+    ] {
+        k.expect(
+            &format!("a deleted {what} member"),
+            &syn_from(ip(host), 4000),
+            Verdict::Pass,
+        );
+    }
+    let listed = k.maps.sets().unwrap_or_else(|error| panic!("{error:?}"));
+    assert_eq!(listed[0].entries, 38, "{listed:?}");
 }
 
 #[test]

@@ -60,8 +60,13 @@ fn reap_removes_exactly_the_expired_sessions_of_both_tiers_across_batches() {
         "/sys/fs/bpf/session-reaper-{}",
         std::process::id()
     )));
-    let _ebpf = loader::load(&pin.0, CAPACITY, false, KernelLogLevel::default())
-        .unwrap_or_else(|error| panic!("loading the program: {error:#}"));
+    let _ebpf = loader::load(
+        &pin.0,
+        loader::Sizes::sessions(CAPACITY),
+        false,
+        KernelLogLevel::default(),
+    )
+    .unwrap_or_else(|error| panic!("loading the program: {error:#}"));
     let maps = PinnedMaps::open(&pin.0).expect("pinned maps");
     let now = monotonic_ns();
     let mut expired = HashSet::new();

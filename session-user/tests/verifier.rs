@@ -33,7 +33,7 @@ fn walks(level: KernelLogLevel) -> Vec<(&'static str, u32, u32)> {
         std::process::id(),
         CALLS.fetch_add(1, Ordering::Relaxed)
     )));
-    let mut ebpf = loader::load(&pin.0, 65_536, true, level)
+    let mut ebpf = loader::load(&pin.0, loader::Sizes::sessions(65_536), true, level)
         .unwrap_or_else(|error| panic!("loading the programs at kernel_level {level}: {error:#}"));
     let mut out = Vec::new();
     for name in ["session_ingress", "session_ingress_tc", "session_egress"] {
@@ -94,8 +94,13 @@ fn the_daemons_object_holds_no_benchmark_program_or_map() {
         "/sys/fs/bpf/session-verifier-{}-contents",
         std::process::id()
     )));
-    let ebpf = loader::load(&pin.0, 65_536, false, KernelLogLevel::default())
-        .unwrap_or_else(|error| panic!("loading the programs: {error:#}"));
+    let ebpf = loader::load(
+        &pin.0,
+        loader::Sizes::sessions(65_536),
+        false,
+        KernelLogLevel::default(),
+    )
+    .unwrap_or_else(|error| panic!("loading the programs: {error:#}"));
     let programs: Vec<&str> = ebpf.programs().map(|(name, _)| name).collect();
     let maps: Vec<&str> = ebpf.maps().map(|(name, _)| name).collect();
     assert!(

@@ -115,6 +115,25 @@ pub(crate) fn for_each<K: Pod, V: Pod>(
 /// find present). Stops at the first error (`ENOSPC` when the map is full), leaving the
 /// entries stored before it in place.
 pub(crate) fn update<K: Pod, V: Pod>(data: &MapData, entries: &[(K, V)]) -> io::Result<()> {
+    let (_, result) = update_counted(data, entries);
+    result
+}
+
+/// [`update`] into a map that may fill up, as a hash map without preallocation does
+/// (`E2BIG`): how many of `entries`, from the first, it stored before the map was full.
+pub(crate) fn update_until_full<K: Pod, V: Pod>(
+    data: &MapData,
+    entries: &[(K, V)],
+) -> io::Result<usize> {
+    match update_counted(data, entries) {
+        (stored, Err(error)) if error.raw_os_error() == Some(libc::E2BIG) => Ok(stored),
+        (stored, result) => result.map(|()| stored),
+    }
+}
+
+/// [`update`]'s batches, with how many entries they stored, also when one failed.
+fn update_counted<K: Pod, V: Pod>(data: &MapData, entries: &[(K, V)]) -> (usize, io::Result<()>) {
+    let mut stored = 0;
     for chunk in entries.chunks(BATCH) {
         let keys: Vec<K> = chunk.iter().map(|(key, _)| *key).collect();
         let values: Vec<V> = chunk.iter().map(|(_, value)| *value).collect();
@@ -125,9 +144,13 @@ pub(crate) fn update<K: Pod, V: Pod>(data: &MapData, entries: &[(K, V)]) -> io::
             map_fd: fd_of(data),
             ..BatchAttr::default()
         };
-        batch_call(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+        let result = batch_call(BPF_MAP_UPDATE_BATCH, &mut attr);
+        stored += (attr.count as usize).min(chunk.len());
+        if result.is_err() {
+            return (stored, result);
+        }
     }
-    Ok(())
+    (stored, Ok(()))
 }
 
 /// Deletes `keys` from the map `data` with `BPF_MAP_DELETE_BATCH`; a key already gone

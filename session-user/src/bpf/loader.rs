@@ -5,17 +5,24 @@ use std::{os::unix::fs::DirBuilderExt as _, path::Path};
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapData,
+    maps::lpm_trie::Key as LpmKey,
     programs::{SchedClassifier, Xdp},
 };
 use session_common::{
     presence,
+    sets::{SET_KEY_STORAGE_BITS, SetKey, SetValue},
     wire::{Counter, DaemonCounter, Session, Settings, map_names},
 };
 
-use crate::bpf::{
-    kernel_log::{self, KernelLogLevel},
-    links,
+use crate::{
+    bpf::{
+        batch,
+        kernel_log::{self, KernelLogLevel},
+        links,
+        pinned::{PinnedMaps, pinned_map_info},
+    },
+    daemon::lock::SetsLock,
+    policy::sets::{DEFAULT_MAX_SET_ENTRIES, set_host_capacity},
 };
 
 /// The eBPF object built by build.rs.
@@ -62,6 +69,26 @@ pub fn unassured_capacity(max_sessions: u32) -> u32 {
     (max_sessions / 4).max(1024)
 }
 
+/// What the loader sizes from the config.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    /// `max_sessions`: the protected tier's entries.
+    pub max_sessions: u32,
+    /// `[limits] max_set_entries`: sizes the sets' host hash ([`set_host_capacity`]).
+    pub max_set_entries: u32,
+}
+
+impl Sizes {
+    /// A table of `max_sessions` with the default set limit, as a config that leaves
+    /// `[limits] max_set_entries` out gets.
+    pub fn sessions(max_sessions: u32) -> Self {
+        Sizes {
+            max_sessions,
+            max_set_entries: DEFAULT_MAX_SET_ENTRIES,
+        }
+    }
+}
+
 /// Loads the object, reusing maps already pinned under `pin_dir` (so sessions and
 /// counters survive a restart) and pinning new ones there with root-only access. The TC
 /// ingress program is loaded only when `tc_ingress` says some interface needs it: the
@@ -69,11 +96,20 @@ pub fn unassured_capacity(max_sessions: u32) -> u32 {
 /// (see [`kernel_log`]), fixed here so that the verifier prunes the sites below it.
 pub fn load(
     pin_dir: &Path,
-    max_sessions: u32,
+    sizes: Sizes,
     tc_ingress: bool,
     log_level: KernelLogLevel,
 ) -> Result<Ebpf> {
+    let Sizes {
+        max_sessions,
+        max_set_entries,
+    } = sizes;
     create_pin_dir(pin_dir)?;
+    // Held until the resized host hash has its entries back, so no `session set` change
+    // falls between the two maps.
+    let _sets = SetsLock::acquire(pin_dir)?;
+    let host_capacity = set_host_capacity(max_set_entries);
+    let carried_hosts = unpin_resized_set_hosts(pin_dir, host_capacity)?;
     let slot_bits = presence::slot_bits_for(max_sessions);
     recreate_resized_counters(
         pin_dir,
@@ -104,6 +140,7 @@ pub fn load(
         .map_max_entries(map_names::SESSIONS, max_sessions)
         .map_max_entries(map_names::UNASSURED, unassured_capacity(max_sessions))
         .map_max_entries(map_names::PRESENCE, presence::words(slot_bits))
+        .map_max_entries(map_names::SET_HOSTS, host_capacity)
         .override_global("PRESENCE_SLOT_BITS", &slot_bits, true)
         .override_global(kernel_log::LEVEL_GLOBAL, &(log_level as u8), true)
         .load(EBPF_OBJECT)
@@ -133,7 +170,43 @@ pub fn load(
             .load()
             .context("the kernel rejected the TC ingress program")?;
     }
+    if !carried_hosts.is_empty() {
+        PinnedMaps::open(pin_dir)?
+            .store_set_prefixes(&carried_hosts)
+            .context("moving the sets' addresses into the resized SET_HOSTS")?;
+    }
     Ok(ebpf)
+}
+
+/// Unpins the sets' host hash when it was pinned with another size than `capacity` (after
+/// a change of `[limits] max_set_entries`), so that the loader creates it afresh, and
+/// returns its entries for the new one: the programs still attached read the old map
+/// until this daemon's programs replace them, so no packet misses a set's member.
+fn unpin_resized_set_hosts(
+    pin_dir: &Path,
+    capacity: u32,
+) -> Result<Vec<(LpmKey<SetKey>, SetValue)>> {
+    let path = pin_dir.join(map_names::SET_HOSTS);
+    let Some((map, info)) = pinned_map_info(&path)? else {
+        return Ok(Vec::new());
+    };
+    let pinned = info.max_entries();
+    if pinned == capacity {
+        return Ok(Vec::new());
+    }
+    let mut entries = Vec::new();
+    batch::for_each(&map, |key: &SetKey, value: &SetValue| {
+        entries.push((LpmKey::new(SET_KEY_STORAGE_BITS + 128, *key), *value))
+    })
+    .with_context(|| format!("reading {}", path.display()))?;
+    std::fs::remove_file(&path)
+        .with_context(|| format!("unpinning {} to resize it", path.display()))?;
+    log::info!(
+        "{} held room for {pinned} set addresses; [limits] max_set_entries now asks for {capacity}: recreated, its {} addresses carried over",
+        path.display(),
+        entries.len()
+    );
+    Ok(entries)
 }
 
 /// Unpins the counter arrays of `counters` (name, entries this version has) that another
@@ -145,13 +218,10 @@ pub fn load(
 fn recreate_resized_counters(pin_dir: &Path, counters: &[(&str, u32)]) -> Result<()> {
     for &(name, entries) in counters {
         let path = pin_dir.join(name);
-        if !path.exists() {
+        let Some((_, info)) = pinned_map_info(&path)? else {
             continue;
-        }
-        let pinned = MapData::from_pin(&path)
-            .and_then(|map| map.info())
-            .with_context(|| format!("reading the size of the pinned map {}", path.display()))?
-            .max_entries();
+        };
+        let pinned = info.max_entries();
         if pinned != entries {
             std::fs::remove_file(&path)
                 .with_context(|| format!("unpinning {} to recreate it", path.display()))?;
@@ -176,12 +246,9 @@ fn check_pinned_sizes(pin_dir: &Path, sizes: &[(&str, u32, usize)]) -> Result<()
     );
     for &(name, entries, value_size) in sizes {
         let path = pin_dir.join(name);
-        if !path.exists() {
+        let Some((_, info)) = pinned_map_info(&path)? else {
             continue;
-        }
-        let info = MapData::from_pin(&path)
-            .and_then(|map| map.info())
-            .with_context(|| format!("reading the size of the pinned map {}", path.display()))?;
+        };
         if info.value_size() as usize != value_size {
             bail!(
                 "{} was pinned by another version of session ({} bytes a value, this one needs {value_size}). {down}",

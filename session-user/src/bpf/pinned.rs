@@ -34,6 +34,20 @@ use crate::{
 /// Default bpffs directory for the pinned maps.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/session";
 
+/// The map pinned at `path` with its kernel info (size, value size), or `None` when
+/// nothing is pinned there: what the loader checks before reusing a pinned map.
+pub(crate) fn pinned_map_info(path: &Path) -> Result<Option<(MapData, aya::maps::MapInfo)>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let map = MapData::from_pin(path)
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    let info = map
+        .info()
+        .with_context(|| format!("reading the size of the pinned map {}", path.display()))?;
+    Ok(Some((map, info)))
+}
+
 /// Whether a map operation failed only because the key was not there (aya reports a
 /// missing key on delete as the syscall's ENOENT).
 pub(crate) fn is_not_found(error: &aya::maps::MapError) -> bool {

@@ -2,8 +2,9 @@
 //! sets next to its bank, and the live changes of `session set` (add, delete, flush,
 //! replace) without a reload.
 //!
-//! Every set lives in a *storage* of the shared `SET_NETS` trie; `SET_INFO` says which
-//! storage holds which set, `SET_REFS` which storages each policy bank reads. An apply
+//! Every set lives in a *storage* of the shared `SET_NETS` trie, its single addresses in
+//! the `SET_HOSTS` hash while it has room ([`SetMaps`]); `SET_INFO` says which storage
+//! holds which set, `SET_REFS` which storages each policy bank reads. An apply
 //! loads every set of the new policy into fresh storages before the bank flip and frees
 //! the storages nothing reads afterwards; a replace fills a fresh storage and then points
 //! both banks' references at it, so packets see the whole old or the whole new set.
@@ -19,7 +20,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{
-    Array, MapData,
+    Array, HashMap, MapData, MapError,
     lpm_trie::{Key as LpmKey, LpmTrie},
 };
 use session_common::{
@@ -103,31 +104,153 @@ fn network_of(key: &LpmKey<SetKey>) -> Network {
     }
 }
 
+/// Whether `key` is a single address (/32, /128), which `SET_HOSTS` holds while it has room.
+fn is_host(key: &LpmKey<SetKey>) -> bool {
+    key.prefix_len() == SET_KEY_STORAGE_BITS + 128
+}
+
+/// Whether a map update failed because the map is full (a hash without preallocation).
+fn is_full(error: &MapError) -> bool {
+    matches!(error, MapError::SyscallError(call) if call.io_error.raw_os_error() == Some(libc::E2BIG))
+}
+
+/// A stored prefix, with the map it is in.
+#[derive(Clone, Copy)]
+struct Stored {
+    key: LpmKey<SetKey>,
+    value: SetValue,
+    /// In `SET_HOSTS` rather than `SET_NETS`.
+    hashed: bool,
+}
+
+/// The two maps of the sets' prefixes, for one prefix at a time: each prefix is in
+/// exactly one of them, a host in the hash unless the hash was full when it came.
+struct SetMaps {
+    trie: LpmTrie<MapData, SetKey, SetValue>,
+    hosts: HashMap<MapData, SetKey, SetValue>,
+}
+
+impl SetMaps {
+    /// Where `key` is stored, if it is.
+    fn find(&self, key: &LpmKey<SetKey>) -> Result<Option<bool>> {
+        if is_host(key) {
+            match self.hosts.get(&key.data(), 0) {
+                Ok(_) => return Ok(Some(true)),
+                Err(error) if is_not_found(&error) => {}
+                Err(error) => return Err(error).context("reading SET_HOSTS"),
+            }
+        }
+        match self.trie.get(key, 0) {
+            Ok(_) => Ok(Some(false)),
+            Err(error) if is_not_found(&error) => Ok(None),
+            Err(error) => Err(error).context("reading SET_NETS"),
+        }
+    }
+
+    /// Stores `key` with `value` where it is, or where a new prefix goes; whether it is new.
+    fn insert(&mut self, key: &LpmKey<SetKey>, value: SetValue) -> Result<bool> {
+        let found = self.find(key)?;
+        if found == Some(true) || (found.is_none() && is_host(key)) {
+            match self.hosts.insert(key.data(), value, 0) {
+                Ok(()) => return Ok(found.is_none()),
+                Err(error) if found.is_none() && is_full(&error) => {}
+                Err(error) => return Err(error).context("writing SET_HOSTS"),
+            }
+        }
+        self.trie
+            .insert(key, value, 0)
+            .context("writing SET_NETS")?;
+        Ok(found.is_none())
+    }
+
+    /// Deletes `key` from the map it is in (the hash when `hashed`); whether it was still
+    /// there.
+    fn remove(&mut self, key: &LpmKey<SetKey>, hashed: bool) -> Result<bool> {
+        let removed = if hashed {
+            self.hosts.remove(&key.data())
+        } else {
+            self.trie.remove(key)
+        };
+        match removed {
+            Ok(()) => Ok(true),
+            Err(error) if is_not_found(&error) => Ok(false),
+            Err(error) => Err(error).context("deleting a set prefix"),
+        }
+    }
+}
+
 impl PinnedMaps {
-    fn set_trie(&self) -> Result<LpmTrie<MapData, SetKey, SetValue>> {
-        LpmTrie::try_from(self.map(map_names::SET_NETS)?).context("map SET_NETS is not an LPM trie")
-    }
-
-    /// The set trie for the batch commands (`bpf::batch`), which whole sets use.
-    fn set_trie_data(&self) -> Result<MapData> {
-        MapData::from_pin(self.dir().join(map_names::SET_NETS)).context("opening SET_NETS")
-    }
-
-    /// Every prefix of every storage, with its value, in the trie's order.
-    fn all_set_prefixes(&self) -> Result<Vec<(LpmKey<SetKey>, SetValue)>> {
-        let mut out = Vec::new();
-        batch::for_each(&self.set_trie_data()?, |key, value| {
-            out.push((*key, *value))
+    fn set_maps(&self) -> Result<SetMaps> {
+        Ok(SetMaps {
+            trie: LpmTrie::try_from(self.map(map_names::SET_NETS)?)
+                .context("map SET_NETS is not an LPM trie")?,
+            hosts: HashMap::try_from(self.map(map_names::SET_HOSTS)?)
+                .context("map SET_HOSTS is not a hash map")?,
         })
+    }
+
+    /// A set map for the batch commands (`bpf::batch`), which whole sets use.
+    fn set_map_data(&self, name: &str) -> Result<MapData> {
+        MapData::from_pin(self.dir().join(name)).with_context(|| format!("opening {name}"))
+    }
+
+    /// Every prefix of every storage, with its value and its map.
+    fn all_set_prefixes(&self) -> Result<Vec<Stored>> {
+        let mut out = Vec::new();
+        batch::for_each(
+            &self.set_map_data(map_names::SET_NETS)?,
+            |key: &LpmKey<SetKey>, value| {
+                out.push(Stored {
+                    key: *key,
+                    value: *value,
+                    hashed: false,
+                })
+            },
+        )
         .context("reading SET_NETS")?;
+        batch::for_each(&self.set_map_data(map_names::SET_HOSTS)?, |key, value| {
+            out.push(Stored {
+                key: LpmKey::new(SET_KEY_STORAGE_BITS + 128, *key),
+                value: *value,
+                hashed: true,
+            })
+        })
+        .context("reading SET_HOSTS")?;
         Ok(out)
     }
 
-    /// Deletes `keys` from the set trie; how many were there.
-    fn delete_set_prefixes(&self, keys: &[LpmKey<SetKey>]) -> Result<u32> {
-        let deleted =
-            batch::delete(&self.set_trie_data()?, keys).context("deleting set prefixes")?;
+    /// Deletes `prefixes` from their maps; how many were there.
+    fn delete_set_prefixes(&self, prefixes: &[Stored]) -> Result<u32> {
+        let (hashed, trie): (Vec<&Stored>, Vec<&Stored>) =
+            prefixes.iter().partition(|stored| stored.hashed);
+        let hosts: Vec<SetKey> = hashed.iter().map(|stored| stored.key.data()).collect();
+        let nets: Vec<LpmKey<SetKey>> = trie.iter().map(|stored| stored.key).collect();
+        let deleted = batch::delete(&self.set_map_data(map_names::SET_HOSTS)?, &hosts)
+            .context("deleting set addresses")?
+            + batch::delete(&self.set_map_data(map_names::SET_NETS)?, &nets)
+                .context("deleting set prefixes")?;
         Ok(deleted as u32)
+    }
+
+    /// Stores new `prefixes` (none of them stored yet) with the batch commands: single
+    /// addresses in the hash as far as it has room, the rest in the trie.
+    pub(crate) fn store_set_prefixes(&self, prefixes: &[(LpmKey<SetKey>, SetValue)]) -> Result<()> {
+        let (hosts, mut nets): (Vec<_>, Vec<_>) =
+            prefixes.iter().copied().partition(|(key, _)| is_host(key));
+        let host_entries: Vec<(SetKey, SetValue)> = hosts
+            .iter()
+            .map(|(key, value)| (key.data(), *value))
+            .collect();
+        let hashed =
+            batch::update_until_full(&self.set_map_data(map_names::SET_HOSTS)?, &host_entries)
+                .context("storing set addresses in SET_HOSTS")?;
+        nets.extend_from_slice(&hosts[hashed..]);
+        batch::update(&self.set_map_data(map_names::SET_NETS)?, &nets).map_err(|error| {
+            anyhow::anyhow!(
+                "{error} (the set trie holds at most {} prefixes over all sets, and a replace needs room for the old and the new set at once)",
+                session_common::sets::SET_TRIE_ENTRIES
+            )
+        })
     }
 
     fn set_info_map(&self) -> Result<Array<MapData, SetInfo>> {
@@ -173,30 +296,24 @@ impl PinnedMaps {
         Ok(storage)
     }
 
-    /// Writes `nets` into `storage`; the number of new prefixes.
+    /// Writes `nets` into the empty `storage`; the number of new prefixes.
     fn fill_storage(&self, storage: u32, nets: &[Network], expires_ns: u64) -> Result<u32> {
         let value = SetValue { expires_ns };
         let entries: Vec<(LpmKey<SetKey>, SetValue)> =
             nets.iter().map(|net| (key(storage, net), value)).collect();
-        batch::update(&self.set_trie_data()?, &entries).map_err(|error| {
-            anyhow::anyhow!(
-                "cannot store the set's {} prefixes: {error} (the set trie holds at most {} prefixes over all sets, and a replace needs room for the old and the new set at once)",
-                nets.len(),
-                session_common::sets::SET_TRIE_ENTRIES
-            )
-        })?;
+        self.store_set_prefixes(&entries)
+            .with_context(|| format!("cannot store the set's {} prefixes", nets.len()))?;
         Ok(nets.len() as u32)
     }
 
     /// Deletes every prefix of `storage` and frees it; how many prefixes it deleted.
     fn clear_storage(&self, storage: u32) -> Result<u32> {
-        let keys: Vec<LpmKey<SetKey>> = self
+        let prefixes: Vec<Stored> = self
             .all_set_prefixes()?
             .into_iter()
-            .map(|(key, _)| key)
-            .filter(|key| key.data().storage == storage)
+            .filter(|stored| stored.key.data().storage == storage)
             .collect();
-        let deleted = self.delete_set_prefixes(&keys)?;
+        let deleted = self.delete_set_prefixes(&prefixes)?;
         self.write_info(storage, SetInfo::default())?;
         Ok(deleted)
     }
@@ -344,21 +461,20 @@ impl PinnedMaps {
             return Ok(HostSets::default());
         };
         let mut storages = vec![HostSet::default(); *highest as usize + 1];
-        for (key, value) in self.all_set_prefixes()? {
+        for Stored { key, value, .. } in self.all_set_prefixes()? {
             let storage = key.data().storage as usize;
-            let live = value.expires_ns == 0 || value.expires_ns > now_ns;
-            if live && storage < storages.len() {
+            if value.live(now_ns) && storage < storages.len() {
                 storages[storage].insert(&network_of(&key));
             }
         }
         Ok(HostSets { refs, storages })
     }
 
-    /// The prefixes of set `name`, in the trie's order.
+    /// The prefixes of set `name`: the trie's in its order, then the hashed addresses.
     pub fn set_members(&self, name: &str) -> Result<Vec<SetMember>> {
         let (storage, _) = self.active_storage(name)?;
         let mut out = Vec::new();
-        for (key, value) in self.all_set_prefixes()? {
+        for Stored { key, value, .. } in self.all_set_prefixes()? {
             if key.data().storage == storage {
                 out.push(SetMember {
                     network: network_of(&key),
@@ -374,19 +490,13 @@ impl PinnedMaps {
     pub fn set_add(&self, name: &str, nets: &[Network], expires_ns: u64) -> Result<u32> {
         let _sets = SetsLock::acquire(self.dir())?;
         let (storage, info) = self.active_storage(name)?;
-        let mut trie = self.set_trie()?;
+        let mut maps = self.set_maps()?;
         let value = SetValue { expires_ns };
         let mut added = 0;
         for net in nets {
-            let key = key(storage, net);
-            let new = match trie.get(&key, 0) {
-                Ok(_) => false,
-                Err(error) if is_not_found(&error) => true,
-                Err(error) => return Err(error).context("reading SET_NETS"),
-            };
-            trie.insert(&key, value, 0).map_err(|error| {
-                anyhow::anyhow!(
-                    "cannot add {} to set `{name}`: {error} (the set trie holds at most {} prefixes over all sets)",
+            let new = maps.insert(&key(storage, net), value).with_context(|| {
+                format!(
+                    "cannot add {} to set `{name}` (the set trie holds at most {} prefixes over all sets)",
                     show_network(net),
                     session_common::sets::SET_TRIE_ENTRIES
                 )
@@ -409,13 +519,12 @@ impl PinnedMaps {
     pub fn set_delete(&self, name: &str, nets: &[Network]) -> Result<u32> {
         let _sets = SetsLock::acquire(self.dir())?;
         let (storage, info) = self.active_storage(name)?;
-        let mut trie = self.set_trie()?;
+        let mut maps = self.set_maps()?;
         let mut removed = 0;
         for net in nets {
-            match trie.remove(&key(storage, net)) {
-                Ok(()) => removed += 1,
-                Err(error) if is_not_found(&error) => {}
-                Err(error) => return Err(error).context("deleting a set prefix"),
+            let key = key(storage, net);
+            if let Some(hashed) = maps.find(&key)? {
+                removed += u32::from(maps.remove(&key, hashed)?);
             }
         }
         self.changed(storage, info, info.entries.saturating_sub(removed))?;
@@ -539,29 +648,25 @@ impl PinnedMaps {
         let _sets = SetsLock::acquire(self.dir())?;
         let mut infos = self.set_infos()?;
         let mut still_expiring = vec![0u32; infos.len()];
-        let mut expired: Vec<LpmKey<SetKey>> = Vec::new();
-        for (key, value) in self.all_set_prefixes()? {
-            if !value.live(now_ns) {
-                expired.push(key);
-            } else if value.expires_ns != 0
-                && let Some(count) = still_expiring.get_mut(key.data().storage as usize)
+        let mut expired: Vec<Stored> = Vec::new();
+        for stored in self.all_set_prefixes()? {
+            if !stored.value.live(now_ns) {
+                expired.push(stored);
+            } else if stored.value.expires_ns != 0
+                && let Some(count) = still_expiring.get_mut(stored.key.data().storage as usize)
             {
                 *count += 1;
             }
         }
         // Per key, to know each one's storage: expiring prefixes are bans, few at a time.
-        let mut trie = self.set_trie()?;
+        let mut maps = self.set_maps()?;
         let mut removed = 0;
-        for key in expired {
-            match trie.remove(&key) {
-                Ok(()) => {
-                    removed += 1;
-                    if let Some(info) = infos.get_mut(key.data().storage as usize) {
-                        info.entries = info.entries.saturating_sub(1);
-                    }
+        for Stored { key, hashed, .. } in expired {
+            if maps.remove(&key, hashed)? {
+                removed += 1;
+                if let Some(info) = infos.get_mut(key.data().storage as usize) {
+                    info.entries = info.entries.saturating_sub(1);
                 }
-                Err(error) if is_not_found(&error) => {}
-                Err(error) => return Err(error).context("deleting an expired set prefix"),
             }
         }
         for (info, count) in infos.iter_mut().zip(still_expiring) {

@@ -18,7 +18,7 @@ use crate::{
     cli::args::PinDir,
     policy::{
         config::{Network, Policy},
-        sets::{BYTES_PER_PREFIX, parse_prefix, read_set_file},
+        sets::{BYTES_PER_HOST, BYTES_PER_NETWORK, host_hash_reserve, parse_prefix, read_set_file},
     },
 };
 
@@ -88,6 +88,7 @@ pub enum SetCommand {
 pub fn check_report(policy: &Policy) -> Vec<String> {
     let mut lines = Vec::new();
     let mut total = 0u64;
+    let mut bytes = 0u64;
     for (name, set) in &policy.sets {
         let from = match &set.file {
             Some(path) => format!("from {}", path.display()),
@@ -103,12 +104,25 @@ pub fn check_report(policy: &Policy) -> Vec<String> {
             if used { "" } else { ", used by no rule" }
         ));
         total += set.networks.len() as u64;
+        bytes += set
+            .networks
+            .iter()
+            .map(|net| {
+                if net.prefix == 128 {
+                    BYTES_PER_HOST
+                } else {
+                    BYTES_PER_NETWORK
+                }
+            })
+            .sum::<u64>();
     }
     if !policy.sets.is_empty() {
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
         lines.push(format!(
-            "sets: {total} of max_set_entries {} prefixes, about {:.1} MiB of kernel memory ({BYTES_PER_PREFIX} bytes per prefix, twice that while a set is replaced)",
+            "sets: {total} of max_set_entries {} prefixes, about {:.1} MiB of kernel memory ({BYTES_PER_HOST} bytes per single address, {BYTES_PER_NETWORK} per network, twice that while a set is replaced), besides the {:.1} MiB the hash of single addresses takes at start",
             policy.max_set_entries,
-            (total * BYTES_PER_PREFIX) as f64 / (1024.0 * 1024.0)
+            mib(bytes),
+            mib(host_hash_reserve(policy.max_set_entries))
         ));
     }
     lines

@@ -151,7 +151,10 @@ fn start(
     let new_table = !options.pin_dir.join(map_names::SESSIONS).exists();
     let mut ebpf = loader::load(
         &options.pin_dir,
-        config.max_sessions,
+        loader::Sizes {
+            max_sessions: config.max_sessions,
+            max_set_entries: config.policy.max_set_entries,
+        },
         !config.tc_ingress.is_empty(),
         config.kernel_log_level,
     )?;

@@ -18,12 +18,31 @@ use session_common::{
 use crate::policy::config::Network;
 
 /// Default `[limits] max_set_entries`: prefixes all sets of a policy may hold together.
-pub const DEFAULT_MAX_SET_ENTRIES: u32 = 1 << 21;
+/// The sets' host hash takes its buckets from the start ([`host_hash_reserve`], 8 MiB at
+/// this default), so the default is the order of pf's `table-entries` (200,000) rather
+/// than room for a million; a config asks for more.
+pub const DEFAULT_MAX_SET_ENTRIES: u32 = 1 << 18;
 
-/// Kernel memory one stored prefix takes, for the estimate `session check` prints: an LPM
-/// trie node with its 20-byte key and 8-byte value is a 96-byte allocation, and a trie of
-/// n prefixes holds up to n - 1 intermediate nodes of the same size besides.
-pub const BYTES_PER_PREFIX: u64 = 2 * 96;
+/// Kernel memory one stored network takes, for the estimate `session check` prints: an
+/// LPM trie node with its 20-byte key and 8-byte value is a 96-byte allocation, and a trie
+/// of n prefixes holds up to n - 1 intermediate nodes of the same size besides.
+pub const BYTES_PER_NETWORK: u64 = 2 * 96;
+
+/// Kernel memory one stored single address takes in the host hash: its element (header,
+/// 20-byte key, 8-byte value) is 88 bytes by the kernel's accounting, a 96-byte allocation.
+pub const BYTES_PER_HOST: u64 = 96;
+
+/// Entries of the sets' host hash (`SET_HOSTS`) for `[limits] max_set_entries`: room for
+/// every set's single addresses twice, as a replace holds the old and the new set at once.
+pub fn set_host_capacity(max_set_entries: u32) -> u32 {
+    max_set_entries.saturating_mul(2)
+}
+
+/// Bytes of buckets the kernel allocates for the host hash when it creates it, used or
+/// not: 16 a bucket, one bucket per entry rounded up to a power of two.
+pub fn host_hash_reserve(max_set_entries: u32) -> u64 {
+    16 * u64::from(set_host_capacity(max_set_entries)).next_power_of_two()
+}
 
 /// One named set of a policy.
 #[derive(Clone, Debug, PartialEq)]
