@@ -95,54 +95,32 @@ pub mod bits_slot {
 /// two interval starts (`lo` and `hi + 1`) besides port 0.
 pub const PORT_INTERVALS: u32 = 2 * MAX_RULES + 1;
 
-/// Slots in [`PortBounds::starts`]: a power of two at least [`PORT_INTERVALS`], so the
-/// binary search runs a fixed number of halving steps.
-pub const PORT_BOUND_SLOTS: usize = 4096;
-const _: () = assert!(PORT_BOUND_SLOTS >= PORT_INTERVALS as usize);
+/// Ports a [`PortIntervals`] table indexes: every one.
+pub const PORTS: usize = 1 << 16;
 
-/// Fills the unused slots of [`PortBounds::starts`]: above every port, so the search never
-/// lands on them.
-pub const PORT_BOUND_SENTINEL: u32 = 0x1_0000;
-
-/// The elementary intervals of one port dimension of one bank: interval `k` holds the
-/// ports from `starts[k]` to `starts[k + 1] - 1`. `starts[0]` is 0, the used starts
-/// increase strictly, and every other slot holds [`PORT_BOUND_SENTINEL`]. One map value
+/// The elementary intervals of one port dimension of one bank, by port: `of_port[p]` is
+/// the interval that holds port `p`. A table of every port costs 128 KiB per bank and
+/// dimension but one load per packet, where a binary search over the interval starts took
+/// twelve dependent steps, a third of a dropped SYN's cost (BENCHMARKS.md). One map value
 /// per bank and dimension, so an apply writes it with one update.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
-pub struct PortBounds {
-    /// Interval starts, then sentinels.
-    pub starts: [u32; PORT_BOUND_SLOTS],
+pub struct PortIntervals {
+    /// Interval of each port, below [`PORT_INTERVALS`].
+    pub of_port: [u16; PORTS],
 }
-const _: () = assert!(core::mem::size_of::<PortBounds>() == 4 * PORT_BOUND_SLOTS);
+const _: () = assert!(core::mem::size_of::<PortIntervals>() == 2 * PORTS);
+const _: () = assert!(PORT_INTERVALS <= u16::MAX as u32);
 
-impl PortBounds {
-    /// The interval that holds `port`: the last slot whose start is at most `port`, found
-    /// in 12 halving steps without a branch, so the verifier sees one path, not 4096. When
-    /// no rule names a port in this dimension (the usual case for source ports), there is
-    /// one interval and the search is skipped.
+impl PortIntervals {
+    /// The interval that holds `port`, bounded for the bitmap slot it selects.
     #[inline(always)]
     pub fn interval(&self, port: u16) -> u32 {
-        if self.starts[1] == PORT_BOUND_SENTINEL {
-            return 0;
-        }
-        let port = i64::from(port);
-        let mut at = 0usize;
-        let mut step = PORT_BOUND_SLOTS / 2;
-        while step > 0 {
-            // Opaque, so that the mask stays: LLVM proves it redundant and builds `at`
-            // with `|` (its bits are disjoint), which Linux 6.1's verifier does not bound.
-            let start = i64::from(self.starts[crate::opaque(at + step) & (PORT_BOUND_SLOTS - 1)]);
-            // 1 when start <= port: the sign of start - port - 1 (both fit in 17 bits).
-            let not_above = (crate::opaque(start - port - 1) as u64) >> 63;
-            at += not_above as usize * step;
-            step /= 2;
-        }
-        (at as u32).min(PORT_INTERVALS - 1)
+        u32::from(self.of_port[usize::from(port)]).min(PORT_INTERVALS - 1)
     }
 }
 
-/// Which port a [`PortBounds`] value splits; its index within a bank in `PORT_BOUNDS`
+/// Which port a [`PortIntervals`] value splits; its index within a bank in `PORT_INTERVALS`
 /// (`bank * 2 + dimension`).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,7 +180,7 @@ pub trait BitTables {
     /// The bitmap of the longest network of `bank` in dimension `dim` that holds `addr`.
     fn addr_bits(&self, dim: AddrDim, bank: u32, addr: &[u8; 16]) -> Option<&RuleBits>;
     /// The port intervals of `bank` in dimension `dim`.
-    fn port_bounds(&self, bank: u32, dim: PortDim) -> Option<&PortBounds>;
+    fn port_intervals(&self, bank: u32, dim: PortDim) -> Option<&PortIntervals>;
     /// Entry `index` of `bank`.
     fn entry(&self, bank: u32, index: u32) -> Option<&Rule>;
     /// The sets `bank` references (`crate::sets`).
@@ -243,11 +221,11 @@ pub fn first_match_index<T: BitTables>(
         bits_slot::FAMILY_PROTO + (family << 8) + u32::from(meta.proto),
     )?;
     let (sport, dport) = if meta.proto == proto::TCP || meta.proto == proto::UDP {
-        let sbounds = tables.port_bounds(bank, PortDim::Source)?;
-        let dbounds = tables.port_bounds(bank, PortDim::Destination)?;
+        let sports = tables.port_intervals(bank, PortDim::Source)?;
+        let dports = tables.port_intervals(bank, PortDim::Destination)?;
         (
-            tables.bits(bank, bits_slot::SPORT + sbounds.interval(meta.sport))?,
-            tables.bits(bank, bits_slot::DPORT + dbounds.interval(meta.dport))?,
+            tables.bits(bank, bits_slot::SPORT + sports.interval(meta.sport))?,
+            tables.bits(bank, bits_slot::DPORT + dports.interval(meta.dport))?,
         )
     } else {
         let none = tables.bits(bank, bits_slot::NO_PORTS)?;
@@ -343,14 +321,14 @@ pub fn lowest_bit(word: u64) -> u32 {
 
 #[cfg(feature = "user")]
 mod pod_impls {
-    use super::{AddrKey, IfaceKey, PortBounds, RuleBits};
+    use super::{AddrKey, IfaceKey, PortIntervals, RuleBits};
 
     // aya's Pod asks what bytemuck's does; the derive checks it at compile time
     // (`#[repr(C)]`, `Copy`, no implicit padding).
     // SAFETY: `RuleBits` derives `bytemuck::Pod`: any bytes are a valid value.
     unsafe impl aya::Pod for RuleBits {}
-    // SAFETY: `PortBounds` derives `bytemuck::Pod`: any bytes are a valid value.
-    unsafe impl aya::Pod for PortBounds {}
+    // SAFETY: `PortIntervals` derives `bytemuck::Pod`: any bytes are a valid value.
+    unsafe impl aya::Pod for PortIntervals {}
     // SAFETY: `AddrKey` derives `bytemuck::Pod`: any bytes are a valid value.
     unsafe impl aya::Pod for AddrKey {}
     // SAFETY: `IfaceKey` derives `bytemuck::Pod`: any bytes are a valid value.
@@ -380,39 +358,17 @@ mod tests {
         }
     }
 
-    fn bounds(starts: &[u32]) -> PortBounds {
-        let mut out = PortBounds {
-            starts: [PORT_BOUND_SENTINEL; PORT_BOUND_SLOTS],
-        };
-        out.starts[..starts.len()].copy_from_slice(starts);
-        out
-    }
-
     #[test]
-    fn the_interval_search_finds_the_last_start_not_above_the_port() {
-        let b = bounds(&[0, 22, 23, 1024, 65535]);
-        for (port, expected) in [
-            (0, 0),
-            (21, 0),
-            (22, 1),
-            (23, 2),
-            (1023, 2),
-            (1024, 3),
-            (65534, 3),
-            (65535, 4),
-        ] {
-            assert_eq!(b.interval(port), expected, "port {port}");
-        }
-        assert_eq!(bounds(&[0]).interval(65535), 0);
-        assert_eq!(bounds(&[0, 1]).interval(0), 0);
-        assert_eq!(bounds(&[0, 1]).interval(1), 1);
-        let mut b = bounds(&[]);
-        for (i, start) in b.starts[..PORT_INTERVALS as usize].iter_mut().enumerate() {
-            *start = i as u32 * 30;
-        }
-        for port in [0u16, 29, 30, 31, 61439, 61440, 65535] {
-            let expected = (u32::from(port) / 30).min(PORT_INTERVALS - 1);
-            assert_eq!(b.interval(port), expected, "port {port}");
-        }
+    fn a_port_finds_its_interval_and_a_bad_table_value_stays_in_bounds() {
+        let mut table = PortIntervals {
+            of_port: [0; PORTS],
+        };
+        table.of_port[22] = 1;
+        table.of_port[65535] = 7;
+        table.of_port[80] = u16::MAX;
+        assert_eq!(table.interval(0), 0);
+        assert_eq!(table.interval(22), 1);
+        assert_eq!(table.interval(65535), 7);
+        assert_eq!(table.interval(80), PORT_INTERVALS - 1);
     }
 }

@@ -52,8 +52,8 @@ pub mod map_names {
     pub const EVENTS: &str = "EVENTS";
     /// Direct-indexed rule bitmaps of both banks (see `rule_bitmaps::bits_slot`).
     pub const RULE_BITS: &str = "RULE_BITS";
-    /// Port interval starts per bank and port dimension (`rule_bitmaps::PortBounds`).
-    pub const PORT_BOUNDS: &str = "PORT_BOUNDS";
+    /// Each port's interval per bank and port dimension (`rule_bitmaps::PortIntervals`).
+    pub const PORT_INTERVALS: &str = "PORT_INTERVALS";
     /// Rule bitmaps of the interfaces the rules name, per bank.
     pub const IFACE_BITS: &str = "IFACE_BITS";
     /// LPM trie of the rules' source networks to rule bitmaps, per bank.

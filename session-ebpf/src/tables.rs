@@ -23,8 +23,8 @@ use session_common::{
     },
     presence,
     rule_bitmaps::{
-        ADDR_KEY_BANK_BITS, AddrDim, AddrKey, BitTables, IfaceKey, PortBounds, PortDim, RuleBits,
-        bits_slot, first_match_index,
+        ADDR_KEY_BANK_BITS, AddrDim, AddrKey, BitTables, IfaceKey, PortDim, PortIntervals,
+        RuleBits, bits_slot, first_match_index,
     },
     sets::{MAX_SET_STORAGE, SET_KEY_STORAGE_BITS, SET_TRIE_ENTRIES, SetKey, SetRefs, SetValue},
     track::{Invalid, Update, decode_update, encode_update, update},
@@ -68,7 +68,7 @@ static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
 #[map]
 static RULE_BITS: Array<RuleBits> = Array::pinned(2 * bits_slot::BANK_SLOTS, 0);
 #[map]
-static PORT_BOUNDS: Array<PortBounds> = Array::pinned(4, 0);
+static PORT_INTERVALS: Array<PortIntervals> = Array::pinned(4, 0);
 #[map]
 static IFACE_BITS: HashMap<IfaceKey, RuleBits> = HashMap::pinned(CLASSIFY_KEYED_ENTRIES, 0);
 #[map]
@@ -699,8 +699,8 @@ impl BitTables for BpfBitTables {
     }
 
     #[inline(always)]
-    fn port_bounds(&self, bank: u32, dim: PortDim) -> Option<&PortBounds> {
-        PORT_BOUNDS.get((bank & 1) * 2 + dim as u32)
+    fn port_intervals(&self, bank: u32, dim: PortDim) -> Option<&PortIntervals> {
+        PORT_INTERVALS.get((bank & 1) * 2 + dim as u32)
     }
 
     #[inline(always)]

@@ -105,6 +105,7 @@ pub fn load(
         max_set_entries,
     } = sizes;
     create_pin_dir(pin_dir)?;
+    unpin_retired_maps(pin_dir)?;
     // Held until the resized host hash has its entries back, so no `session set` change
     // falls between the two maps.
     let _sets = SetsLock::acquire(pin_dir)?;
@@ -176,6 +177,30 @@ pub fn load(
             .context("moving the sets' addresses into the resized SET_HOSTS")?;
     }
     Ok(ebpf)
+}
+
+/// Maps that earlier versions of session pinned and this one no longer has: their
+/// programs may still be attached and keep them alive, but nothing pinned should outlive
+/// the upgrade. `PORT_BOUNDS` held the sorted port interval starts that `PORT_INTERVALS`
+/// replaced.
+const RETIRED_MAPS: &[&str] = &["PORT_BOUNDS"];
+
+/// Unpins the [`RETIRED_MAPS`] an older version left under `pin_dir`.
+fn unpin_retired_maps(pin_dir: &Path) -> Result<()> {
+    for name in RETIRED_MAPS {
+        let path = pin_dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => log::info!(
+                "unpinned {}, which an older version of session used",
+                path.display()
+            ),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                return Err(error).with_context(|| format!("unpinning {}", path.display()));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Unpins the sets' host hash when it was pinned with another size than `capacity` (after

@@ -11,7 +11,7 @@ use aya::maps::{
 };
 use session_common::{
     clock::TickClock,
-    rule_bitmaps::{ADDR_KEY_BANK_BITS, AddrKey, IfaceKey, PortBounds, RuleBits, bits_slot},
+    rule_bitmaps::{ADDR_KEY_BANK_BITS, AddrKey, IfaceKey, PortIntervals, RuleBits, bits_slot},
     wire::{
         Counter, DaemonCounter, FlowKey, MAX_RULES, PolicyHeader, RULE_HIT_SLOTS, Rule, RuleName,
         Session, Settings, map_names, session_flags,
@@ -492,9 +492,9 @@ impl PinnedMaps {
             bits.set(bank * bits_slot::BANK_SLOTS + slot, value, 0)
                 .context("writing a classifier bitmap")?;
         }
-        let mut bounds = self.array::<PortBounds>(map_names::PORT_BOUNDS)?;
-        for (dim, value) in tables.port_bounds.iter().enumerate() {
-            bounds
+        let mut intervals = self.array::<PortIntervals>(map_names::PORT_INTERVALS)?;
+        for (dim, value) in tables.port_tables.iter().enumerate() {
+            intervals
                 .set(bank * 2 + dim as u32, value.as_ref(), 0)
                 .context("writing port intervals")?;
         }

@@ -5,10 +5,7 @@
 use std::collections::BTreeMap;
 
 use session_common::{
-    rule_bitmaps::{
-        AddrDim, BitTables, PORT_BOUND_SENTINEL, PORT_BOUND_SLOTS, PortBounds, PortDim, RuleBits,
-        bits_slot,
-    },
+    rule_bitmaps::{AddrDim, BitTables, PORTS, PortDim, PortIntervals, RuleBits, bits_slot},
     sets::{MAX_SETS_PER_DIM, SET_MASKS, SetRefs, mask_accepts},
     wire::{Rule, rule_flags},
 };
@@ -66,8 +63,8 @@ pub struct NetBits {
 pub struct RuleBitmaps {
     /// The bank's direct-indexed bitmaps, `bits_slot::BANK_SLOTS` of them.
     pub bits: Vec<RuleBits>,
-    /// Port intervals, indexed by [`PortDim`].
-    pub port_bounds: [Box<PortBounds>; 2],
+    /// Each port's interval, indexed by [`PortDim`].
+    pub port_tables: [Box<PortIntervals>; 2],
     /// Used port intervals per [`PortDim`]: only these slots of the port tables are read.
     pub port_intervals: [u32; 2],
     /// Interface index to entries matching it; index 0 = entries matching any interface.
@@ -142,7 +139,7 @@ fn port_table(
     entries: &[Rule],
     no_ports: &RuleBits,
     range: fn(&Rule) -> (u16, u16),
-) -> (Box<PortBounds>, Vec<RuleBits>) {
+) -> (Box<PortIntervals>, Vec<RuleBits>) {
     let mut starts = vec![0u32];
     for rule in entries
         .iter()
@@ -169,11 +166,16 @@ fn port_table(
             interval.set(entry);
         }
     }
-    let mut bounds = Box::new(PortBounds {
-        starts: [PORT_BOUND_SENTINEL; PORT_BOUND_SLOTS],
+    let mut intervals = Box::new(PortIntervals {
+        of_port: [0; PORTS],
     });
-    bounds.starts[..starts.len()].copy_from_slice(&starts);
-    (bounds, bits)
+    for (interval, start) in starts.iter().enumerate() {
+        let end = starts
+            .get(interval + 1)
+            .map_or(PORTS, |next| *next as usize);
+        intervals.of_port[*start as usize..end].fill(interval as u16);
+    }
+    (intervals, bits)
 }
 
 /// Builds the tables of a bank holding `entries` (at most `MAX_RULES`, which the compiler
@@ -242,8 +244,10 @@ pub fn build(entries: &[Rule]) -> Result<RuleBitmaps, RuleBitmapError> {
     for icmp_type in 0..256 {
         bits[slot(bits_slot::ICMP_TYPE, icmp_type)].union_with(&no_icmp);
     }
-    let (sport_bounds, sport_bits) = port_table(entries, &no_ports, |r| (r.sport_lo, r.sport_hi));
-    let (dport_bounds, dport_bits) = port_table(entries, &no_ports, |r| (r.dport_lo, r.dport_hi));
+    let (sport_intervals, sport_bits) =
+        port_table(entries, &no_ports, |r| (r.sport_lo, r.sport_hi));
+    let (dport_intervals, dport_bits) =
+        port_table(entries, &no_ports, |r| (r.dport_lo, r.dport_hi));
     let port_intervals = [sport_bits.len() as u32, dport_bits.len() as u32];
     for (offset, table) in [
         (bits_slot::SPORT, sport_bits),
@@ -260,7 +264,7 @@ pub fn build(entries: &[Rule]) -> Result<RuleBitmaps, RuleBitmapError> {
     }
     Ok(RuleBitmaps {
         bits,
-        port_bounds: [sport_bounds, dport_bounds],
+        port_tables: [sport_intervals, dport_intervals],
         port_intervals,
         ifaces,
         src: address_table(&src_nets),
@@ -378,8 +382,8 @@ impl BitTables for HostBank<'_> {
             .map(|net| &net.bits)
     }
 
-    fn port_bounds(&self, _bank: u32, dim: PortDim) -> Option<&PortBounds> {
-        Some(&self.tables.port_bounds[dim as usize])
+    fn port_intervals(&self, _bank: u32, dim: PortDim) -> Option<&PortIntervals> {
+        Some(&self.tables.port_tables[dim as usize])
     }
 
     fn entry(&self, _bank: u32, index: u32) -> Option<&Rule> {
