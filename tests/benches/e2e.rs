@@ -26,6 +26,13 @@
 //! (b) also runs into an XDP program that drops everything, the floor for dropping in
 //! XDP on this path.
 //!
+//! (b) blocklist, after the other sections: the SYN flood once more, now to the open
+//! port and from the members of a blocklist of 100,000 and of 1,000,000 IPv4 and IPv6
+//! prefixes, over IPv4 and over IPv6, so that only the blocklist stops it. nftables holds
+//! the list in interval sets, session in a set of its policy; the drop-everything program
+//! is the floor. Dropped packets/s and CPU per packet, with each firewall's own blocklist
+//! counter checked, and a connection from a non-member to the same port.
+//!
 //! Socket buffers into veth: (a) and (b) once more, sent by the `AF_PACKET` generator
 //! (`session_tests::loadgen`), so that fw's veth receives socket buffers, as the host side
 //! of a container's veth does from the container's sockets. There veth copies each buffer
@@ -42,8 +49,9 @@
 use std::{
     fmt::Write as _,
     io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::{AsRawFd as _, RawFd},
+    path::Path,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -264,6 +272,8 @@ fn cpu_now() -> Cpu {
 /// One blast's figures.
 #[derive(Clone, Copy, Default)]
 struct Blasted {
+    /// Packets the generator sent, for the checks that a firewall's own counter saw them.
+    packets: u64,
     sent_pps: f64,
     delivered_pps: f64,
     softirq_ns: f64,
@@ -320,6 +330,17 @@ fn port_counter_ruleset() -> String {
     )
 }
 
+/// The packet count in nftables' listing of a counter, or of a rule with one
+/// (`counter packets N bytes M`).
+fn nft_packets(listed: &str) -> u64 {
+    listed
+        .split_whitespace()
+        .skip_while(|word| *word != "packets")
+        .nth(1)
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no packet count in {listed}"))
+}
+
 impl Sink<'_> {
     fn ip(self) -> IpAddr {
         match self {
@@ -336,14 +357,9 @@ impl Sink<'_> {
             Sink::Fw => lab.ok(Side::Fw, 5, &snmp_argv),
             Sink::Upstream(upstream) => upstream.ok(5, &snmp_argv),
             Sink::UpstreamPort(upstream) => {
-                let listed =
-                    upstream.ok(5, &["nft", "list", "counter", "netdev", "port", "arrived"]);
-                return listed
-                    .split_whitespace()
-                    .skip_while(|word| *word != "packets")
-                    .nth(1)
-                    .and_then(|count| count.parse().ok())
-                    .unwrap_or_else(|| panic!("no packet count in {listed}"));
+                return nft_packets(
+                    &upstream.ok(5, &["nft", "list", "counter", "netdev", "port", "arrived"]),
+                );
             }
         };
         match layer {
@@ -425,6 +441,7 @@ fn blast(
     let after = cpu_now();
     let packets = sent.packets.max(1) as f64;
     Blasted {
+        packets: sent.packets,
         sent_pps: sent.pps(),
         delivered_pps: (delivered() - delivered_before) as f64 / sent.elapsed.as_secs_f64(),
         softirq_ns: (after.softirq - before.softirq) / packets,
@@ -1034,6 +1051,447 @@ fn socket_buffer_report(
     (md, section, ratios)
 }
 
+/// (b) blocklist: the blocklist's sizes, each measured in the same rounds.
+const BLOCKLIST_SIZES: [usize; 2] = [100_000, 1_000_000];
+/// Rounds of (b) blocklist, run after the socket-buffer section. Fewer than [`ROUNDS`],
+/// as for [`SKB_ROUNDS`]: five labs a round, two of them loading a million prefixes.
+const BLOCKLIST_ROUNDS: usize = 3;
+/// (b) blocklist: the most members per family the flood comes from, one SYN each.
+const BLOCKLIST_SOURCES: usize = loadgen::MAX_SOURCES;
+/// session's blocklist rule, whose hits show that it dropped the flood.
+const BLOCKLIST_RULE: &str = "blocklist";
+/// IPv4 /24 members: 198.19.1.0/24 to 198.19.255.0/24 (198.19.0.0/24 is a routed lab's
+/// upstream link).
+const V4_NETWORKS: usize = 255;
+/// IPv4 /32 members: 198.18.1.0 to 198.18.255.255 (198.18.0.0/24 is the lab link).
+const V4_HOSTS: usize = 255 * 256;
+/// IPv6 /64 members: 2001:2:0:1000::/64 to 2001:2:0:efff::/64, clear of the lab link
+/// (2001:2::/64), a routed lab's upstream link (2001:2:0:1::/64) and the spoofed sources
+/// of [`loadgen::spoofed_source`] (2001:2:0:ff00::/64). /128 members lie in
+/// 2001:2:0:f000::/64 to 2001:2:0:feff::/64.
+const V6_NETWORKS: usize = 0xe000;
+
+/// A blocklist for (b) blocklist: its prefixes, and the addresses of the members the
+/// flood comes from.
+struct Blocklist {
+    /// IPv4 and IPv6 prefixes, as a set file and nftables' set elements write them.
+    v4: Vec<String>,
+    v6: Vec<String>,
+    /// How many prefixes of each kind: IPv4 /32s and /24s, IPv6 /128s and /64s.
+    kinds: [usize; 4],
+    /// One address in each of up to [`BLOCKLIST_SOURCES`] members per family, spread
+    /// evenly over the list, so the flood's lookups touch the whole set.
+    v4_sources: Vec<IpAddr>,
+    v6_sources: Vec<IpAddr>,
+}
+
+impl Blocklist {
+    /// `count` disjoint prefixes (nftables refuses overlapping intervals), all inside
+    /// 198.18.0.0/15 and 2001:2::/48 and clear of the labs' own addresses: half of them
+    /// IPv4 as far as its room goes, of which half /24s (at most [`V4_NETWORKS`]) and the
+    /// rest /32s; the others IPv6, of which half /64s (at most [`V6_NETWORKS`]) and the
+    /// rest /128s. The IPv6 members' flood sources come from [`xdpgen::v6_source`], so
+    /// that the XDP generator can send SYNs from all of them; the /128 members are such
+    /// addresses themselves.
+    fn new(count: usize) -> Blocklist {
+        let v4_count = (count / 2).min(V4_NETWORKS + V4_HOSTS);
+        let v4_24 = (v4_count / 2).min(V4_NETWORKS);
+        let v6_count = count - v4_count;
+        let v6_64 = (v6_count / 2).min(V6_NETWORKS);
+        let kinds = [v4_count - v4_24, v4_24, v6_count - v6_64, v6_64];
+        let v4: Vec<(IpAddr, u8)> = (0..kinds[1])
+            .map(|i| (Ipv4Addr::new(198, 19, 1 + i as u8, 0).into(), 24))
+            .chain((0..kinds[0]).map(|i| {
+                let [_, _, hi, lo] = (256 + i as u32).to_be_bytes();
+                (Ipv4Addr::new(198, 18, hi, lo).into(), 32)
+            }))
+            .collect();
+        let network = |word: usize| Ipv6Addr::new(0x2001, 2, 0, word as u16, 0, 0, 0, 0);
+        let v6: Vec<(IpAddr, u8)> = (0..kinds[3])
+            .map(|i| (network(0x1000 + i).into(), 64))
+            .chain((0..kinds[2]).map(|i| {
+                let host = xdpgen::v6_source(network(0xf000 + i % 0xf00), i as u32);
+                (host.into(), 128)
+            }))
+            .collect();
+        let text = |prefixes: &[(IpAddr, u8)]| {
+            prefixes
+                .iter()
+                .map(|&(addr, len)| match (addr, len) {
+                    (IpAddr::V4(_), 32) | (IpAddr::V6(_), 128) => addr.to_string(),
+                    _ => format!("{addr}/{len}"),
+                })
+                .collect()
+        };
+        Blocklist {
+            v4: text(&v4),
+            v6: text(&v6),
+            kinds,
+            v4_sources: member_sources(&v4),
+            v6_sources: member_sources(&v6),
+        }
+    }
+
+    /// The list as a set file: one prefix a line.
+    fn set_file(&self) -> String {
+        let mut text = self.v4.join("\n");
+        text.push('\n');
+        text.push_str(&self.v6.join("\n"));
+        text.push('\n');
+        text
+    }
+}
+
+/// One address in each of up to [`BLOCKLIST_SOURCES`] of `members`, spread evenly over
+/// them: the member itself if it is one address, else a host inside it (for a /64, one
+/// from [`xdpgen::v6_source`]).
+fn member_sources(members: &[(IpAddr, u8)]) -> Vec<IpAddr> {
+    let count = members.len().min(BLOCKLIST_SOURCES);
+    (0..count)
+        .map(|k| match members[k * members.len() / count] {
+            (IpAddr::V4(network), 24) => {
+                let [a, b, c, _] = network.octets();
+                Ipv4Addr::new(a, b, c, 1 + (k % 254) as u8).into()
+            }
+            (IpAddr::V6(network), 64) => xdpgen::v6_source(network, k as u32).into(),
+            (addr, _) => addr,
+        })
+        .collect()
+}
+
+/// (b) blocklist under session: [`STREAM_POLICY`] with the blocklist as the set `block`,
+/// read from `file`, and before the rules that accept, a rule that drops its members'
+/// new flows.
+fn blocklist_policy(file: &Path) -> String {
+    let first_rule = STREAM_POLICY
+        .find("\n[[rule]]")
+        .expect("the stream policy has rules");
+    let (head, rules) = STREAM_POLICY.split_at(first_rule);
+    format!(
+        "{head}\n[sets]\nblock = {{ file = \"{}\" }}\n\n[[rule]]\nname = \"{BLOCKLIST_RULE}\"\n\
+         state = [\"new\"]\nsrc = [\"@block\"]\naction = \"drop\"\n{rules}",
+        file.display()
+    )
+}
+
+/// (b) blocklist under nftables: [`NFT_POLICY`] with the blocklist in two interval sets
+/// (a set holds one family), and first in its chain a rule per family that counts and
+/// drops the members' packets. The chain is NFT_POLICY's own, on the input hook, as in
+/// (b): the same policy with a blocklist added is what this compares, judged where
+/// nftables judges the rest of it, after conntrack has looked the packet up, as session
+/// judges its rules after its own session lookup. First in the chain is where the flood
+/// costs nftables least: no other rule runs before the set lookup. (nftables could drop
+/// earlier, at the netdev ingress hook before conntrack; that is another placement than
+/// the policy's, not measured here.)
+fn nft_blocklist_policy(list: &Blocklist) -> String {
+    let (table, chain) = NFT_POLICY
+        .split_once("  chain input {\n")
+        .expect("NFT_POLICY has an input chain");
+    let (hook, rules) = chain
+        .split_once("policy drop;\n")
+        .expect("NFT_POLICY's chain has a drop policy");
+    format!(
+        "{table}  set block {{ type ipv4_addr; flags interval; elements = {{ {} }} }}\n  \
+         set block6 {{ type ipv6_addr; flags interval; elements = {{ {} }} }}\n  \
+         chain input {{\n{hook}policy drop;\n    ip saddr @block counter drop\n    \
+         ip6 saddr @block6 counter drop\n{rules}",
+        list.v4.join(",\n"),
+        list.v6.join(",\n")
+    )
+}
+
+/// A fresh dual-stack lab for (b) blocklist: fw's veth with GRO on for the XDP
+/// generator's frames, as in [`bench_lab`]; a route from fw to 198.18.0.0/15 through the
+/// client, so that reverse-path filtering, where the host turns it on (namespaces inherit
+/// its IPv4 setting), passes the flood on to the firewall under test; and permanent
+/// neighbour entries on both ends, so that the non-member's check connections need no
+/// neighbour discovery, which both policies would drop.
+fn blocklist_lab() -> Lab {
+    let lab = Lab::dual_stack("bench");
+    lab.ok(Side::Fw, 5, &["ethtool", "-K", FW_IFACE, "gro", "on"]);
+    lab.ok(
+        Side::Fw,
+        5,
+        &["ip", "route", "add", "198.18.0.0/15", "via", CLIENT_V4],
+    );
+    for (side, peer) in [(Side::Client, Side::Fw), (Side::Fw, Side::Client)] {
+        let mac = lab.mac(peer).map(|byte| format!("{byte:02x}")).join(":");
+        lab.ok(
+            side,
+            5,
+            &[
+                "ip",
+                "-6",
+                "neigh",
+                "replace",
+                Family::V6.addr(peer),
+                "lladdr",
+                &mac,
+                "dev",
+                Lab::iface(side),
+                "nud",
+                "permanent",
+            ],
+        );
+    }
+    lab
+}
+
+/// The firewalls of (b) blocklist.
+#[derive(Clone, Copy, PartialEq)]
+enum Blocker {
+    /// `session_drop_all`: the floor for dropping in XDP, whatever the list.
+    DropAll,
+    Nftables,
+    Session,
+}
+
+impl Blocker {
+    /// The firewalls that hold the blocklist, measured at each of [`BLOCKLIST_SIZES`].
+    const WITH_SETS: [Blocker; 2] = [Blocker::Nftables, Blocker::Session];
+
+    fn name(self) -> &'static str {
+        match self {
+            Blocker::DropAll => "drop-everything XDP (the floor)",
+            Blocker::Nftables => "nftables (ct state), sets on input",
+            Blocker::Session => "session",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Blocker::DropAll => "drop_floor",
+            Blocker::Nftables => "nftables",
+            Blocker::Session => "session",
+        }
+    }
+}
+
+/// One firewall's figures in one round of (b) blocklist.
+#[derive(Clone, Copy)]
+struct Blocked {
+    v4: Blasted,
+    v6: Blasted,
+    /// Seconds from a fresh lab to the firewall in place: `nft -f`, or the daemon's
+    /// start to `ready` (loading the set included).
+    ready_s: f64,
+}
+
+/// (b) blocklist, one firewall in a fresh lab: a SYN flood to fw's open port 8080 from the
+/// list's members, over IPv4 and then over IPv6. Stops the bench unless the blocklist,
+/// and nothing else, stopped it: nothing of either flood may reach fw's TCP layer, the
+/// firewall's own blocklist counters must have counted nearly all of both, and the client,
+/// no member, must still connect to the same port over both families.
+fn blocklist_round(blocker: Blocker, list: &Blocklist) -> Blocked {
+    let lab = blocklist_lab();
+    let started = Instant::now();
+    let (daemon, program) = match blocker {
+        Blocker::DropAll => (None, Some(BareXdp::attach(&lab, "session_drop_all"))),
+        Blocker::Nftables => {
+            install_nft(&lab, &nft_blocklist_policy(list));
+            (None, None)
+        }
+        Blocker::Session => {
+            let file = lab.scratch_path("block.txt");
+            std::fs::write(&file, list.set_file()).expect("writing the blocklist");
+            (Some(lab.daemon(&blocklist_policy(&file))), None)
+        }
+    };
+    let ready_s = started.elapsed().as_secs_f64();
+    let listeners =
+        [Family::V4, Family::V6].map(|family| lab.tcp_listen(Side::Fw, family, TCP_PORT));
+    let flood = |family: Family, sources: &[IpAddr]| {
+        let frames = loadgen::syn_frames_from(
+            lab.mac(Side::Client),
+            lab.mac(Side::Fw),
+            family.sock(Side::Fw, TCP_PORT),
+            sources,
+        );
+        let flood = blast(&lab, xdpgen::xdp_blast, frames, || {
+            Sink::Fw.delivered(&lab, Layer::Tcp)
+        });
+        assert!(
+            flood.delivered_pps == 0.0,
+            "(b) blocklist under {}: {:.0} packets/s of the {family:?} SYN flood from the \
+             blocklist's members reached fw's TCP layer; the blocklist must drop them all",
+            blocker.name(),
+            flood.delivered_pps
+        );
+        flood
+    };
+    let blocked = Blocked {
+        v4: flood(Family::V4, &list.v4_sources),
+        v6: flood(Family::V6, &list.v6_sources),
+        ready_s,
+    };
+    if blocker != Blocker::DropAll {
+        for (family, listener) in [Family::V4, Family::V6].into_iter().zip(&listeners) {
+            let to = family.sock(Side::Fw, TCP_PORT);
+            let _client = lab
+                .tcp_connect(Side::Client, to, Duration::from_secs(2))
+                .unwrap_or_else(|error| {
+                    panic!(
+                        "(b) blocklist under {}: the client, no member of the blocklist, \
+                         cannot connect to the open port {to}: {error}",
+                        blocker.name()
+                    )
+                });
+            session_tests::accept_within(listener, session_tests::IO_TIMEOUT);
+        }
+        let sent = blocked.v4.packets + blocked.v6.packets;
+        let counted = match daemon.as_ref() {
+            Some(daemon) => session_tests::rule_hits(&daemon.stats_json(), BLOCKLIST_RULE),
+            None => {
+                // nft 1.0.6 fetches every element of a table's sets to list any of it, and
+                // the kernel dumps an interval set of a million prefixes in minutes (each
+                // message of the dump walks the tree from its start): empty the sets first,
+                // which leaves the rules' counters as they are.
+                lab.ok(
+                    Side::Fw,
+                    10,
+                    &[
+                        "nft",
+                        "flush set inet bench block; flush set inet bench block6",
+                    ],
+                );
+                let chain = lab.ok(
+                    Side::Fw,
+                    10,
+                    &["nft", "list", "chain", "inet", "bench", "input"],
+                );
+                chain
+                    .lines()
+                    .filter(|line| line.contains("saddr @block"))
+                    .map(nft_packets)
+                    .sum()
+            }
+        };
+        assert!(
+            counted * 10 >= sent * 9,
+            "(b) blocklist under {}: its blocklist counted {counted} drops of the {sent} SYNs \
+             sent from members; the figures must come from the blocklist dropping them",
+            blocker.name()
+        );
+    }
+    drop(listeners);
+    drop(daemon);
+    drop(lab);
+    drop(program);
+    blocked
+}
+
+/// Which of a (b) blocklist round's floods, IPv4 or IPv6, a figure comes from.
+type PickFlood = fn(&Blocked) -> Blasted;
+
+/// (b) blocklist's markdown, its figures for the JSON, and its ratios (keys
+/// `blocklist_*`) for the JSON's `ratios`. `rounds[size][firewall]` holds the rounds of
+/// [`Blocker::WITH_SETS`] at each of [`BLOCKLIST_SIZES`].
+fn blocklist_report(
+    lists: &[Blocklist],
+    floors: &[Blocked],
+    rounds: &[Vec<Vec<Blocked>>],
+) -> (String, Value, serde_json::Map<String, Value>) {
+    let families: [(&str, PickFlood); 2] = [("ipv4", |b| b.v4), ("ipv6", |b| b.v6)];
+    let figures = |samples: &[Blocked]| {
+        let median_of = |get: &dyn Fn(&Blocked) -> f64| median(samples.iter().map(get).collect());
+        let flood = families.map(|(_, pick)| {
+            [
+                median_of(&|b| pick(b).sent_pps),
+                median_of(&|b| pick(b).softirq_ns),
+                median_of(&|b| pick(b).busy_ns),
+            ]
+        });
+        (median_of(&|b| b.ready_s), flood)
+    };
+    let json_row = |(ready_s, flood): (f64, [[f64; 3]; 2])| {
+        let mut row = json!({"ready_seconds": ready_s});
+        for ((family, _), [pps, softirq, busy]) in families.iter().zip(flood) {
+            row[*family] = json!({"dropped_pps": pps, "softirq_ns_per_packet": softirq,
+                "busy_ns_per_packet": busy});
+        }
+        row
+    };
+    let md_row = |name: &str, prefixes: &str, (ready_s, flood): (f64, [[f64; 3]; 2])| {
+        let cells: Vec<String> = flood
+            .iter()
+            .flatten()
+            .map(|value| format!("{value:.0}"))
+            .collect();
+        format!(
+            "| {name} | {prefixes} | {ready_s:.1} | {} |\n",
+            cells.join(" | ")
+        )
+    };
+    let kinds = |list: &Blocklist| {
+        let [v4_32, v4_24, v6_128, v6_64] = list.kinds;
+        format!("{v4_32} IPv4 /32s, {v4_24} /24s, {v6_128} IPv6 /128s, {v6_64} /64s")
+    };
+    let mut md = format!(
+        "\n### Blocklist: a SYN flood from its members (XDP generator, {} s runs, median of \
+         {BLOCKLIST_ROUNDS} rounds)\n\n\
+         (b) once more, with the policy's port open: fw serves TCP {TCP_PORT} under (b)'s \
+         policy plus a blocklist, and the SYNs come from up to {BLOCKLIST_SOURCES} \
+         of its members per family to that port, so that only the blocklist stops them. \
+         session holds the list in a set of its policy, dropped by a rule for new flows \
+         before the rules that accept; nftables in two interval sets, dropped first in its \
+         input chain. Dropped pps = the generator's rate; the bench checks that none of it \
+         reached fw's TCP layer, that the firewall's blocklist counter counted 90% of it or \
+         more, and that \
+         the client, no member, still connects. Ready = seconds from a fresh lab to the \
+         firewall in place (`nft -f`; the daemon's start to ready, set loaded). Lists: {}.\n\n\
+         | firewall | prefixes | ready s | IPv4 dropped pps | softirq ns/pkt | busy ns/pkt | \
+         IPv6 dropped pps | softirq ns/pkt | busy ns/pkt |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        RUN.as_secs(),
+        lists.iter().map(kinds).collect::<Vec<_>>().join("; "),
+    );
+    let floor = figures(floors);
+    md.push_str(&md_row(Blocker::DropAll.name(), "-", floor));
+    let mut sizes = Vec::new();
+    let mut ratios = serde_json::Map::new();
+    let mut ratio_lines = Vec::new();
+    for ((list, size_rounds), size) in lists.iter().zip(rounds).zip(BLOCKLIST_SIZES) {
+        let [v4_32, v4_24, v6_128, v6_64] = list.kinds;
+        let mut entry = json!({"prefixes": size, "ipv4_32": v4_32, "ipv4_24": v4_24,
+            "ipv6_128": v6_128, "ipv6_64": v6_64,
+            "sources": {"ipv4": list.v4_sources.len(), "ipv6": list.v6_sources.len()}});
+        let [nft, session] = [0, 1].map(|index| figures(&size_rounds[index]));
+        for (blocker, row) in Blocker::WITH_SETS.into_iter().zip([nft, session]) {
+            md.push_str(&md_row(blocker.name(), &size.to_string(), row));
+            entry[blocker.key()] = json_row(row);
+        }
+        let pps = [0, 1].map(|family| session.1[family][0] / nft.1[family][0]);
+        let cpu = [0, 1].map(|family| nft.1[family][1] / session.1[family][1]);
+        let above_floor = [0, 1].map(|family| session.1[family][1] - floor.1[family][1]);
+        ratio_lines.push(format!(
+            "session vs nftables, {size} prefixes: dropped pps (session / nftables) IPv4 \
+             {:.2}×, IPv6 {:.2}×; CPU per dropped packet (nftables / session) IPv4 {:.2}×, \
+             IPv6 {:.2}×; session above the floor: IPv4 {:.0} ns, IPv6 {:.0} ns.",
+            pps[0], pps[1], cpu[0], cpu[1], above_floor[0], above_floor[1]
+        ));
+        for (index, (family, _)) in families.iter().enumerate() {
+            ratios.insert(
+                format!("blocklist_{size}_{family}_dropped_pps"),
+                json!({"value": pps[index]}),
+            );
+            ratios.insert(
+                format!("blocklist_{size}_{family}_cpu_per_packet"),
+                json!({"value": cpu[index]}),
+            );
+            entry["session_softirq_ns_above_floor"][*family] = json!(above_floor[index]);
+        }
+        sizes.push(entry);
+    }
+    let _ = writeln!(md, "\n{}", ratio_lines.join("\n\n"));
+    let section = json!({
+        "rounds": BLOCKLIST_ROUNDS,
+        "flood": format!("TCP SYNs to fw's open port {TCP_PORT}, one per member"),
+        "drop_floor": json_row(floor),
+        "sets": sizes,
+    });
+    (md, section, ratios)
+}
+
 fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
@@ -1073,6 +1531,30 @@ fn main() {
             skb_rounds[index].push(one_skb_round(firewall));
         }
     }
+    let lists = BLOCKLIST_SIZES.map(Blocklist::new);
+    let blocklist_started = Instant::now();
+    let mut blocklist_floors = Vec::new();
+    let mut blocklist_rounds = vec![vec![Vec::new(); Blocker::WITH_SETS.len()]; lists.len()];
+    for round in 0..BLOCKLIST_ROUNDS {
+        eprintln!(
+            "e2e: blocklist, round {} of {BLOCKLIST_ROUNDS}: {}",
+            round + 1,
+            Blocker::DropAll.name()
+        );
+        blocklist_floors.push(blocklist_round(Blocker::DropAll, &lists[0]));
+        for (list, size_rounds) in lists.iter().zip(&mut blocklist_rounds) {
+            for (blocker, samples) in Blocker::WITH_SETS.into_iter().zip(size_rounds.iter_mut()) {
+                eprintln!(
+                    "e2e: blocklist, round {} of {BLOCKLIST_ROUNDS}: {}, {} prefixes",
+                    round + 1,
+                    blocker.name(),
+                    list.v4.len() + list.v6.len()
+                );
+                samples.push(blocklist_round(blocker, list));
+            }
+        }
+    }
+    eprintln!("e2e: blocklist took {:.0?}", blocklist_started.elapsed());
     let floor = [
         median(floors.iter().map(|f| f.sent_pps).collect()),
         median(floors.iter().map(|f| f.softirq_ns).collect()),
@@ -1345,6 +1827,9 @@ fn main() {
     );
     let (skb_md, skb_rows, skb_ratios) = socket_buffer_report(&skb_rounds);
     md.push_str(&skb_md);
+    let (blocklist_md, blocklist_section, blocklist_ratios) =
+        blocklist_report(&lists, &blocklist_floors, &blocklist_rounds);
+    md.push_str(&blocklist_md);
     print!("{md}");
     let mut ratios = json!({
         "established_udp_delivered_pps": {"value": ratio_a, "target": 1.5, "meets_target": ratio_a >= 1.5},
@@ -1360,6 +1845,7 @@ fn main() {
     let ratio_map = ratios.as_object_mut().expect("the ratios are an object");
     ratio_map.extend(forwarded_ratios);
     ratio_map.extend(skb_ratios);
+    ratio_map.extend(blocklist_ratios);
     let doc = json!({
         "rounds": ROUNDS, "run_seconds": RUN.as_secs(), "generator": "xdp live frames, one thread",
         "udp_flows": UDP_FLOWS, "tcp_flows": TCP_FLOWS, "syn_sources": SYN_SOURCES,
@@ -1370,6 +1856,7 @@ fn main() {
         "socket_buffers": skb_rows,
         "socket_buffer_rounds": SKB_ROUNDS,
         "socket_buffer_generator": "AF_PACKET sendmmsg, one thread, GRO off on fw's veth",
+        "blocklist": blocklist_section,
         "drop_floor": {"sent_pps": floor[0], "softirq_ns_per_packet": floor[1],
             "busy_ns_per_packet": floor[2], "nftables_over_floor": floor_ratio,
             "session_ns_above_floor": session_above_floor},

@@ -10,7 +10,8 @@
 //! Every run is bounded both by a packet count and by a duration, whichever comes first,
 //! so no caller can start an endless flood. The frame builders ([`syn_frames`],
 //! [`udp_frames`]) spoof many sources from the benchmarking ranges only: 198.19.0.0/16
-//! (the half of 198.18.0.0/15 the lab links do not use) and 2001:2:0:ff00::/64.
+//! (the half of 198.18.0.0/15 the lab links do not use) and 2001:2:0:ff00::/64;
+//! [`syn_frames_from`] sends from the sources its caller chose.
 
 use std::{
     ffi::CString,
@@ -271,18 +272,56 @@ pub fn syn_frames(
     assert!(!ports.is_empty(), "a SYN flood needs at least one port");
     (0..sources)
         .map(|i| {
-            TcpSegment {
-                src: SocketAddr::new(spoofed_source(dst, i), spoofed_port(i)),
-                dst: SocketAddr::new(dst, ports[i % ports.len()]),
-                seq: (i as u32).wrapping_mul(2_654_435_761),
-                ack: 0,
-                flags: flags::SYN,
-                window: 64_240,
-                payload: Vec::new(),
-            }
-            .frame(src_mac, dst_mac)
+            syn_frame(
+                (src_mac, dst_mac),
+                SocketAddr::new(spoofed_source(dst, i), spoofed_port(i)),
+                SocketAddr::new(dst, ports[i % ports.len()]),
+                (i as u32).wrapping_mul(2_654_435_761),
+            )
         })
         .collect()
+}
+
+/// One TCP SYN from each of `sources` to `dst`, as Ethernet frames from `src_mac` to
+/// `dst_mac` with valid checksums: a SYN flood from chosen addresses (the members of a
+/// blocklist, say) rather than from [`spoofed_source`]'s range. Every SYN has the same
+/// source port and sequence number, so that the frames of one family differ only in their
+/// IP header and TCP checksum, as the XDP generator ([`crate::xdpgen::xdp_blast`]) needs:
+/// it writes the first 54 bytes of each frame, all of an IPv4 SYN but only up to the end
+/// of an IPv6 header, so IPv6 sources must leave the checksum alike, as those of
+/// [`crate::xdpgen::v6_source`] do.
+pub fn syn_frames_from(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    dst: SocketAddr,
+    sources: &[IpAddr],
+) -> Vec<Vec<u8>> {
+    sources
+        .iter()
+        .map(|&src| {
+            syn_frame(
+                (src_mac, dst_mac),
+                SocketAddr::new(src, spoofed_port(0)),
+                dst,
+                1,
+            )
+        })
+        .collect()
+}
+
+/// A TCP SYN from `src` to `dst` with sequence number `seq`, as an Ethernet frame between
+/// `macs` (source, destination): the one packet both SYN flood builders repeat.
+fn syn_frame(macs: ([u8; 6], [u8; 6]), src: SocketAddr, dst: SocketAddr, seq: u32) -> Vec<u8> {
+    TcpSegment {
+        src,
+        dst,
+        seq,
+        ack: 0,
+        flags: flags::SYN,
+        window: 64_240,
+        payload: Vec::new(),
+    }
+    .frame(macs.0, macs.1)
 }
 
 /// `sources` UDP datagrams of [`UDP_PAYLOAD_LEN`] bytes from distinct spoofed sources to

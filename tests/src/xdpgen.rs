@@ -18,6 +18,7 @@
 use std::{
     ffi::CString,
     io,
+    net::Ipv6Addr,
     time::{Duration, Instant},
 };
 
@@ -43,6 +44,9 @@ const RUN_TIME: Duration = Duration::from_millis(250);
 /// Frames the kernel generates before it flushes them to the peer, whose receive
 /// processing then runs: the kernel's default, which veth's 256-frame ring absorbs.
 const FLUSH_BATCH: u32 = 64;
+
+/// The ones' complement sum of the 16-bit words of every address [`v6_source`] returns.
+const V6_WORD_SUM: u16 = 0x5eed;
 
 /// The layout of the kernel's `struct xdp_md`, the test run's context, through which the
 /// frames' interface is chosen (the kernel wants `data_end` to be the frame's length).
@@ -182,4 +186,73 @@ fn send(b: &Blast, template: &[u8], count: u32) -> anyhow::Result<Sent> {
         packets: sent,
         elapsed: started.elapsed(),
     })
+}
+
+/// The `host`th address of the /64 `network` (its first four words) whose eight 16-bit
+/// words add up, in ones' complement, to the same sum as every other address this returns.
+/// The TCP and UDP checksums cover the source address, and in an IPv6 frame they lie
+/// beyond the [`BENCH_FRAME_PREFIX`] bytes [`xdp_blast`] writes: segments from these
+/// sources, alike in all else, carry the same checksum, so the generator can send them
+/// from many IPv6 sources. The last word makes up the sum, words 5 and 6 hold `host`.
+pub fn v6_source(network: Ipv6Addr, host: u32) -> Ipv6Addr {
+    let mut words = network.segments();
+    words[4] = 0;
+    words[5] = (host >> 16) as u16;
+    words[6] = host as u16;
+    words[7] = 0;
+    let sum = words.iter().fold(0, |sum, &word| ones_add(sum, word));
+    words[7] = ones_add(V6_WORD_SUM, !sum);
+    Ipv6Addr::from(words)
+}
+
+/// `a + b` in ones' complement (the end-around carry), the arithmetic of the Internet
+/// checksum.
+fn ones_add(a: u16, b: u16) -> u16 {
+    let (sum, carry) = a.overflowing_add(b);
+    sum + u16::from(carry)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, SocketAddr};
+
+    use super::*;
+    use crate::loadgen::syn_frames_from;
+
+    #[test]
+    fn syns_from_v6_sources_differ_only_where_the_generator_writes() {
+        let networks: [Ipv6Addr; 3] = [
+            "2001:2:0:1000::".parse().unwrap(),
+            "2001:2:0:f123::".parse().unwrap(),
+            "2001:2:0:ffff::".parse().unwrap(),
+        ];
+        let sources: Vec<IpAddr> = networks
+            .iter()
+            .flat_map(|&network| {
+                [0, 1, 0xffff, 65_537, u32::MAX].map(|host| v6_source(network, host))
+            })
+            .map(IpAddr::V6)
+            .collect();
+        for (source, network) in sources.iter().zip(networks.iter().flat_map(|n| [n; 5])) {
+            let IpAddr::V6(source) = source else {
+                unreachable!()
+            };
+            assert_eq!(
+                source.segments()[..4],
+                network.segments()[..4],
+                "{source} in {network}/64"
+            );
+        }
+        let unique: std::collections::HashSet<_> = sources.iter().collect();
+        assert_eq!(unique.len(), sources.len(), "distinct sources: {sources:?}");
+        let dst = SocketAddr::new("2001:2::2".parse().unwrap(), 8080);
+        let frames = syn_frames_from([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], dst, &sources);
+        for (frame, source) in frames.iter().zip(&sources) {
+            assert_eq!(
+                frame[BENCH_FRAME_PREFIX..],
+                frames[0][BENCH_FRAME_PREFIX..],
+                "the SYN from {source} differs from the first after the IPv6 header"
+            );
+        }
+    }
 }
