@@ -1056,6 +1056,10 @@ const BLOCKLIST_SIZES: [usize; 2] = [100_000, 1_000_000];
 /// Rounds of (b) blocklist, run after the socket-buffer section. Fewer than [`ROUNDS`],
 /// as for [`SKB_ROUNDS`]: five labs a round, two of them loading a million prefixes.
 const BLOCKLIST_ROUNDS: usize = 3;
+/// `[limits] max_set_entries` of (b) blocklist's session policy: room for the largest list
+/// (the default, 262,144, is pf's order, not a million).
+const BLOCKLIST_SET_LIMIT: usize = 1 << 20;
+const _: () = assert!(BLOCKLIST_SIZES[1] <= BLOCKLIST_SET_LIMIT);
 /// (b) blocklist: the most members per family the flood comes from, one SYN each.
 const BLOCKLIST_SOURCES: usize = loadgen::MAX_SOURCES;
 /// session's blocklist rule, whose hits show that it dropped the flood.
@@ -1168,7 +1172,7 @@ fn blocklist_policy(file: &Path) -> String {
         .expect("the stream policy has rules");
     let (head, rules) = STREAM_POLICY.split_at(first_rule);
     format!(
-        "{head}\n[sets]\nblock = {{ file = \"{}\" }}\n\n[[rule]]\nname = \"{BLOCKLIST_RULE}\"\n\
+        "{head}\n[limits]\nmax_set_entries = {BLOCKLIST_SET_LIMIT}\n\n[sets]\nblock = {{ file = \"{}\" }}\n\n[[rule]]\nname = \"{BLOCKLIST_RULE}\"\n\
          state = [\"new\"]\nsrc = [\"@block\"]\naction = \"drop\"\n{rules}",
         file.display()
     )
