@@ -722,11 +722,11 @@ impl BitTables for BpfBitTables {
         // A live host entry settles it; an expired one leaves the prefixes covering it.
         // SAFETY: the value is copied out at once, while the program holds the RCU read
         // lock that keeps the entry alive.
-        let host = unsafe { SET_HOSTS.get(&key) }.copied();
+        let host = unsafe { SET_HOSTS.get(key) }.copied();
         live_set_value(host)
             || live_set_value(
                 SET_NETS
-                    .get(&LpmKey::new(SET_KEY_STORAGE_BITS + 128, key))
+                    .get(LpmKey::new(SET_KEY_STORAGE_BITS + 128, key))
                     .copied(),
             )
     }
