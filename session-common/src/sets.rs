@@ -6,7 +6,7 @@
 //! a member is one map update whatever the set's size. Its single addresses (/32, /128:
 //! most of a ban list) live in a hash keyed the same way (`SET_HOSTS`), because a trie of
 //! a million hosts is some twenty nodes deep; a host that finds the hash full goes to the
-//! trie, and a lookup asks the hash first, then the trie. A rule that names a set compiles to
+//! trie, and a lookup asks the trie first (networks only, so shallow), then the hash. A rule that names a set compiles to
 //! one entry (not one per prefix) whose source or destination says "member of the bank's
 //! set `i` of that dimension" ([`crate::wire::Rule::src_set`]). Each policy bank says in a
 //! [`SetRefs`] which storage each of its set references reads, so an atomic replace fills

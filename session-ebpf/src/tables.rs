@@ -723,16 +723,18 @@ impl BitTables for BpfBitTables {
             storage: storage & (MAX_SET_STORAGE - 1),
             addr: *addr,
         };
-        // A live host entry settles it; an expired one leaves the prefixes covering it.
-        // SAFETY: the value is copied out at once, while the program holds the RCU read
-        // lock that keeps the entry alive.
-        let host = unsafe { SET_HOSTS.get(&key) }.copied();
-        live_set_value(host)
-            || live_set_value(
-                SET_NETS
-                    .get(&LpmKey::new(SET_KEY_STORAGE_BITS + 128, key))
-                    .copied(),
-            )
+        // The trie first: it holds the networks (and a few spilled hosts) and stays small
+        // and shallow, so a network's member costs no hash lookup, and a host's member
+        // one short walk more. Either map's live entry makes a member.
+        live_set_value(
+            SET_NETS
+                .get(&LpmKey::new(SET_KEY_STORAGE_BITS + 128, key))
+                .copied(),
+        ) || {
+            // SAFETY: the value is copied out at once, while the program holds the RCU
+            // read lock that keeps the entry alive.
+            live_set_value(unsafe { SET_HOSTS.get(&key) }.copied())
+        }
     }
 }
 
