@@ -716,7 +716,7 @@ impl BitTables for BpfBitTables {
     #[inline(always)]
     #[allow(
         clippy::needless_borrows_for_generic_args,
-        reason = "keys passed by value are copied, and the verifier then walked 10% more (423,945 against 385,921 for the XDP program on 6.18)"
+        reason = "keys passed by value are copied, and the verifier then walked more for the XDP program: 370,671 against 301,731 instructions on Linux 6.1, 399,918 against 390,898 on 6.18"
     )]
     fn set_member(&self, storage: u32, addr: &[u8; 16]) -> bool {
         let key = SetKey {
