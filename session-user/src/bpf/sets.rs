@@ -177,6 +177,15 @@ impl SetMaps {
             Err(error) => Err(error).context("deleting a set prefix"),
         }
     }
+
+    /// Deletes `key` wherever it is stored, asking the hash first for a single address;
+    /// whether it was there.
+    fn remove_any(&mut self, key: &LpmKey<SetKey>) -> Result<bool> {
+        if is_host(key) && self.remove(key, true)? {
+            return Ok(true);
+        }
+        self.remove(key, false)
+    }
 }
 
 impl PinnedMaps {
@@ -522,10 +531,7 @@ impl PinnedMaps {
         let mut maps = self.set_maps()?;
         let mut removed = 0;
         for net in nets {
-            let key = key(storage, net);
-            if let Some(hashed) = maps.find(&key)? {
-                removed += u32::from(maps.remove(&key, hashed)?);
-            }
+            removed += u32::from(maps.remove_any(&key(storage, net))?);
         }
         self.changed(storage, info, info.entries.saturating_sub(removed))?;
         Ok(removed)
