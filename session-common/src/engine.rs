@@ -8,6 +8,7 @@ use crate::{
         DatagramEntry, DatagramKey, Follow, FragmentTable, conflicts, datagram_key, decision_of,
         ends_datagram, fill_entry, follow, state_of, unjudged,
     },
+    limits::Admission,
     packet::{IcmpKind, OptionBytes, PacketBytes, PacketMeta, ParseError},
     track::{
         Invalid, Update, account, direction, embedded_key, flow_key, mark_seen, new_session,
@@ -16,7 +17,7 @@ use crate::{
     wire::{
         Action, Counter, CtState, Dir, FlowKey, HIT_DEFAULT_INBOUND, HIT_DEFAULT_OUTBOUND, Hook,
         MAX_RULES, PolicyHeader, RULE_ID_DEFAULT, Rule, Session, Settings, TcpState, event_kind,
-        proto, session_flags, verdict_flags,
+        proto, rule_flags, session_flags, verdict_flags,
     },
 };
 
@@ -76,6 +77,20 @@ pub trait RuleSource {
     ) -> Option<&Rule>;
 }
 
+/// The limits rules put on the sessions they admit ([`crate::limits`]): the kernel backs
+/// them with BPF maps in a separately verified function, the host model with collections.
+pub trait Limits {
+    /// Whether the limits of `rule_id` (in policy `bank`) admit a new session from the
+    /// packet's source, counting it when they do; a refusal may overload the source.
+    fn admit(&mut self, bank: u32, rule_id: u16, meta: &PacketMeta, now: u64) -> Admission;
+    /// Puts the packet's source into the overload set of `rule_id`, whose limits refused
+    /// it; false when the set has no room.
+    fn overload(&mut self, bank: u32, rule_id: u16, meta: &PacketMeta, now: u64) -> bool;
+    /// Uncounts a session of `rule_id` under `key` that [`Limits::admit`] counted; its
+    /// source is the lower endpoint of the key when `orig_is_lo`.
+    fn release(&mut self, bank: u32, rule_id: u16, key: &FlowKey, orig_is_lo: bool);
+}
+
 /// Where the pipeline counts what it did.
 pub trait Counters {
     /// Adds one to a global counter.
@@ -97,6 +112,8 @@ pub struct Decision {
     pub generation: u32,
     /// Whether the deciding rule asked for the packet to be reported (`log = true`).
     pub log: bool,
+    /// Whether the deciding rule has limits a new session must pass.
+    pub limited: bool,
 }
 
 /// Working memory for one packet. The kernel keeps it in a per-CPU map because the BPF
@@ -131,6 +148,8 @@ pub struct Outcome {
     pub closed: bool,
     /// The packet is an IP fragment, which the fast path leaves to the kernel.
     pub fragment: bool,
+    /// The rule's limits refused the packet's source and put it into its overload set.
+    pub overloaded: bool,
 }
 
 impl Outcome {
@@ -141,6 +160,11 @@ impl Outcome {
             | (if self.closed { event_kind::CLOSED } else { 0 })
             | (if self.decision.log {
                 event_kind::LOGGED
+            } else {
+                0
+            })
+            | (if self.overloaded {
+                event_kind::OVERLOADED
             } else {
                 0
             })
@@ -180,6 +204,7 @@ fn decide<R: RuleSource>(
             slot: default_slot,
             generation: 0,
             log: false,
+            limited: false,
         };
     };
     let generation = header.generation;
@@ -195,6 +220,7 @@ fn decide<R: RuleSource>(
             slot: rule.rule_id as u32,
             generation,
             log: rule.log != 0,
+            limited: rule.match_flags & rule_flags::LIMITED != 0,
         };
     }
     Decision {
@@ -203,6 +229,7 @@ fn decide<R: RuleSource>(
         slot: default_slot,
         generation,
         log: false,
+        limited: false,
     }
 }
 
@@ -267,6 +294,7 @@ fn cached_decision(
         },
         generation,
         log: flags & verdict_flags::LOG != 0,
+        limited: false,
     })
 }
 
@@ -320,7 +348,7 @@ fn invalid_counter(reason: Invalid) -> Counter {
 /// Fragments ([`crate::fragment`]) pay for the fragment table; whole packets never touch it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn process<P, S, F, R, C, E>(
+pub fn process<P, S, F, R, C, E, L>(
     pkt: &P,
     hook: Hook,
     ifindex: u32,
@@ -331,6 +359,7 @@ pub fn process<P, S, F, R, C, E>(
     rules: &R,
     counters: &mut C,
     expectations: &mut E,
+    limits: &mut L,
     scratch: &mut Scratch,
 ) -> Option<Outcome>
 where
@@ -340,6 +369,7 @@ where
     R: RuleSource,
     C: Counters,
     E: Expectations,
+    L: Limits,
 {
     let Scratch {
         meta,
@@ -393,6 +423,8 @@ where
             &judge,
             sessions,
             counters,
+            &mut NoLimits,
+            now,
             |_: &mut Session| Ok(()),
         );
         outcome.fragment = fragment;
@@ -413,6 +445,7 @@ where
         sessions,
         counters,
         expectations,
+        limits,
         session,
         options,
     );
@@ -432,6 +465,8 @@ where
         &judge,
         sessions,
         counters,
+        limits,
+        now,
         |fresh: &mut Session| start_session::<S>(fresh, meta, src_is_lo, settings, now),
     );
     // Only an accepted UDP packet that tracking left NEW pays for setting up an
@@ -539,6 +574,7 @@ fn follow_fragment<S: SessionTable, F: FragmentTable, R: RuleSource, C: Counters
                 created: false,
                 closed: false,
                 fragment: true,
+                overloaded: false,
             }
         }
         Follow::Overlap => {
@@ -552,6 +588,8 @@ fn follow_fragment<S: SessionTable, F: FragmentTable, R: RuleSource, C: Counters
                 judge,
                 sessions,
                 counters,
+                &mut NoLimits,
+                now,
                 |_: &mut Session| Ok(()),
             );
             outcome.fragment = true;
@@ -566,6 +604,7 @@ fn follow_fragment<S: SessionTable, F: FragmentTable, R: RuleSource, C: Counters
                     created: false,
                     closed: false,
                     fragment: true,
+                    overloaded: false,
                 };
             };
             let state = state_of(entry);
@@ -587,6 +626,7 @@ fn follow_fragment<S: SessionTable, F: FragmentTable, R: RuleSource, C: Counters
                 created: false,
                 closed: false,
                 fragment: true,
+                overloaded: false,
             }
         }
     }
@@ -644,6 +684,36 @@ fn start_session<S: SessionTable>(
     Ok(())
 }
 
+/// Uncounts `session` from its rule's limits, once: when it closes, is removed, or is
+/// refused a place in the table.
+#[inline(always)]
+fn uncount<L: Limits>(session: &mut Session, key: &FlowKey, bank: u32, limits: &mut L) {
+    if session.flags & session_flags::COUNTED == 0 {
+        return;
+    }
+    session.flags &= !session_flags::COUNTED;
+    let orig_is_lo = session.flags & session_flags::ORIG_IS_LO != 0;
+    limits.release(bank, session.rule_id, key, orig_is_lo);
+}
+
+/// The limits of a packet that can create no session (invalid packets, fragments).
+struct NoLimits;
+
+impl Limits for NoLimits {
+    #[inline(always)]
+    fn admit(&mut self, _: u32, _: u16, _: &PacketMeta, _: u64) -> Admission {
+        Admission::Unlimited
+    }
+
+    #[inline(always)]
+    fn overload(&mut self, _: u32, _: u16, _: &PacketMeta, _: u64) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn release(&mut self, _: u32, _: u16, _: &FlowKey, _: bool) {}
+}
+
 /// The policy as it stands for one packet: read once, so that a cached verdict and a
 /// fresh decision see the same generation.
 struct Judge<'a, R> {
@@ -665,6 +735,17 @@ impl<R: RuleSource> Judge<'_, R> {
             self.hook,
             self.ifindex,
         )
+    }
+
+    /// The active bank; 0 without a policy, whose rules then have no limits to release.
+    /// A plain number rather than an `Option`: the verifier refuses the copy of an unset
+    /// register that the compiler may make of a `None`'s payload.
+    #[inline(always)]
+    fn bank(&self) -> u32 {
+        match self.policy {
+            Some((bank, _)) => bank,
+            None => 0,
+        }
     }
 
     /// The verdict cached for a packet of `session` in direction `dir`, when one holds.
@@ -726,7 +807,7 @@ fn is_closing(state: u8) -> bool {
 /// session in `fresh` is to be inserted if the policy accepts it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn track_packet<P, S, R, C, E>(
+fn track_packet<P, S, R, C, E, L>(
     pkt: &P,
     meta: &mut PacketMeta,
     key: &FlowKey,
@@ -737,6 +818,7 @@ fn track_packet<P, S, R, C, E>(
     sessions: &mut S,
     counters: &mut C,
     expectations: &mut E,
+    limits: &mut L,
     fresh: &mut Session,
     options: &mut OptionBytes,
 ) -> Tracked
@@ -746,6 +828,7 @@ where
     R: RuleSource,
     C: Counters,
     E: Expectations,
+    L: Limits,
 {
     match meta.icmp_kind {
         IcmpKind::Untracked => return Tracked::of(CtState::Untracked),
@@ -821,6 +904,9 @@ where
             counters.count(Counter::SessionsExpiredInline);
             stale = true;
         }
+        if closed || kill || stale {
+            uncount(session, key, judge.bank(), limits);
+        }
     }
     if kill || stale {
         sessions.remove(key);
@@ -879,7 +965,7 @@ where
 /// admitted new session, counts the result.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn finish<S: SessionTable, R: RuleSource, C: Counters>(
+fn finish<S: SessionTable, R: RuleSource, C: Counters, L: Limits>(
     meta: &PacketMeta,
     key: Option<&FlowKey>,
     pending: Option<(&FlowKey, &mut Session)>,
@@ -887,6 +973,8 @@ fn finish<S: SessionTable, R: RuleSource, C: Counters>(
     judge: &Judge<'_, R>,
     sessions: &mut S,
     counters: &mut C,
+    limits: &mut L,
+    now: u64,
     build: impl FnOnce(&mut Session) -> Result<(), Invalid>,
 ) -> Outcome {
     let state = tracked.state;
@@ -899,6 +987,7 @@ fn finish<S: SessionTable, R: RuleSource, C: Counters>(
         created: false,
         closed: tracked.closed,
         fragment: false,
+        overloaded: false,
     };
     // The one place the policy decides, so the kernel program holds one copy of the
     // classifier; a live session's verdict is cached here, after a second lookup that
@@ -949,10 +1038,34 @@ fn finish<S: SessionTable, R: RuleSource, C: Counters>(
                 decision,
             );
         }
+        if decision.limited {
+            let bank = judge.bank();
+            match limits.admit(bank, decision.rule_id, meta, now) {
+                Admission::Unlimited => {}
+                Admission::Counted => session.flags |= session_flags::COUNTED,
+                Admission::Refused { overload } => {
+                    counters.count(Counter::LimitRefused);
+                    if overload {
+                        let overloaded = limits.overload(bank, decision.rule_id, meta, now);
+                        counters.count(if overloaded {
+                            Counter::SourcesOverloaded
+                        } else {
+                            Counter::OverloadSetFull
+                        });
+                        outcome.overloaded = overloaded;
+                    }
+                    decision.action = Action::Drop;
+                    counters.count(Counter::PacketsDropped);
+                    counters.count(Counter::DropRule);
+                    return outcome;
+                }
+            }
+        }
         if sessions.insert(key, session) {
             counters.count(Counter::SessionsCreated);
             outcome.created = true;
         } else {
+            uncount(session, key, judge.bank(), limits);
             counters.count(Counter::DropTableFull);
             decision.action = Action::Drop;
             counters.count(Counter::PacketsDropped);

@@ -137,10 +137,12 @@ mod tests {
                 slot: 0,
                 generation: 1,
                 log: false,
+                limited: false,
             },
             created: false,
             closed: false,
             fragment: false,
+            overloaded: false,
         };
         assert!(may_fast_forward(&established, proto::TCP));
         assert!(may_fast_forward(&established, proto::UDP));

@@ -216,6 +216,7 @@ pub fn decision_of(entry: &DatagramEntry) -> Decision {
         slot: entry.slot,
         generation: 0,
         log: entry.log != 0,
+        limited: false,
     }
 }
 
@@ -237,6 +238,7 @@ pub fn unjudged(slot: u32) -> Decision {
         slot,
         generation: 0,
         log: false,
+        limited: false,
     }
 }
 
@@ -277,6 +279,7 @@ mod tests {
             slot: 3,
             generation: 1,
             log: true,
+            limited: false,
         }
     }
 

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod expect;
 pub mod forward;
 pub mod fragment;
+pub mod limits;
 pub mod packet;
 pub mod policy;
 pub mod presence;

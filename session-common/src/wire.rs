@@ -83,6 +83,14 @@ pub mod map_names {
     pub const BENCH_CURSOR: &str = "BENCH_CURSOR";
     /// The benchmark wire's ports: each interface's index to the other's.
     pub const BENCH_WIRE: &str = "BENCH_WIRE";
+    /// Each rule's limits (`crate::limits::RuleLimit`), per bank.
+    pub const RULE_LIMITS: &str = "RULE_LIMITS";
+    /// What each limited rule knows of each source, bounded by an LRU.
+    pub const SRC_LIMITS: &str = "SRC_LIMITS";
+    /// Sessions each limited rule holds, by rule id.
+    pub const RULE_CONNS: &str = "RULE_CONNS";
+    /// Per-rule limit counters (`crate::limits::LimitHit`), per CPU.
+    pub const LIMIT_HITS: &str = "LIMIT_HITS";
 }
 
 /// The canonical identity of a flow: both directions of a connection map to one key.
@@ -260,6 +268,9 @@ pub mod session_flags {
     /// may acknowledge data of the other side the table never saw (sent before the
     /// takeover). It acts once per side, on this session only: never a global loose mode.
     pub const ADOPT_WINDOW: u8 = 64;
+    /// A rule's limits count the session (`crate::limits`); cleared when the session
+    /// closes, so that it is uncounted once.
+    pub const COUNTED: u8 = 128;
 }
 
 /// TCP connection states, numbered exactly as nf_conntrack's `enum tcp_conntrack`.
@@ -533,11 +544,18 @@ pub enum Counter {
     /// handed to the kernel, which reassembles them only with a first fragment session
     /// accepted.
     FragmentsUnknown,
+    /// New sessions a rule's limits refused (`[rule.limit]`; per rule in `LIMIT_HITS`).
+    LimitRefused,
+    /// Sources a rule's limits put into its overload set.
+    SourcesOverloaded,
+    /// Sources to overload that found their set's maps full: refused all the same, but
+    /// not banned beyond the refusal.
+    OverloadSetFull,
 }
 
 impl Counter {
     /// Number of counters; the size of the counter map.
-    pub const COUNT: u32 = Counter::FragmentsUnknown as u32 + 1;
+    pub const COUNT: u32 = Counter::OverloadSetFull as u32 + 1;
 
     /// Every counter in index order, with its stable name for `stats` and metrics.
     pub const ALL: [(Counter, &'static str); Counter::COUNT as usize] = [
@@ -571,6 +589,9 @@ impl Counter {
         (Counter::DropUnjudged, "drop_unjudged"),
         (Counter::FragmentsFollowed, "fragments_followed"),
         (Counter::FragmentsUnknown, "fragments_unknown"),
+        (Counter::LimitRefused, "limit_refused"),
+        (Counter::SourcesOverloaded, "sources_overloaded"),
+        (Counter::OverloadSetFull, "overload_set_full"),
     ];
 }
 
@@ -687,6 +708,9 @@ pub mod event_kind {
     pub const LOGGED: u8 = 4;
     /// A session was removed after its timeout (reported by the daemon's reaper).
     pub const EXPIRED: u8 = 8;
+    /// A rule's limits refused the packet's source and put it into the rule's overload
+    /// set; the daemon flushes the source's sessions when the rule asks.
+    pub const OVERLOADED: u8 = 16;
 }
 
 /// Size of the event ring buffer in bytes (a power of two): room for about 18,000 events,
@@ -762,6 +786,9 @@ pub mod rule_flags {
     pub const ICMP_TYPE: u8 = 1;
     /// The rule matches on ports (so only TCP/UDP packets can match).
     pub const PORTS: u8 = 4;
+    /// The rule has limits (`RULE_LIMITS`) that a new session it admits must pass. Not a
+    /// match condition: the classifier ignores it.
+    pub const LIMITED: u8 = 8;
 }
 
 /// Header of one policy bank.

@@ -7,6 +7,7 @@
 
 mod diagnostics;
 mod forward;
+mod limits;
 mod tables;
 
 use aya_ebpf::{
@@ -24,6 +25,7 @@ use session_common::{
 use crate::{
     diagnostics::{LoggedCounters, Unjudged},
     forward::fast_forward,
+    limits::BpfLimits,
     tables::{
         BpfCounters, BpfExpectations, BpfFragments, BpfRules, BpfSessions, SkbBytes, XdpBytes,
         is_managed, report, scratch, settings,
@@ -89,6 +91,7 @@ fn try_ingress(ctx: &XdpContext) -> Result<Ingress, Unjudged> {
             ifindex,
         },
         &mut BpfExpectations,
+        &mut BpfLimits,
         scratch,
     );
     let Some(outcome) = outcome else {
@@ -162,6 +165,7 @@ fn judge_skb(ctx: &TcContext, hook: Hook, ifindex: u32) -> Result<Action, Unjudg
         &BpfRules,
         &mut LoggedCounters { ctx, hook, ifindex },
         &mut BpfExpectations,
+        &mut BpfLimits,
         scratch,
     );
     Ok(outcome.map_or(Action::Accept, |outcome| {

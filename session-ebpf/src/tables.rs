@@ -93,18 +93,19 @@ const MAX_EXPECTATIONS: u32 = 1024;
 /// Every named set's prefixes (`session_common::sets`). LPM tries allocate per prefix
 /// (`BPF_F_NO_PREALLOC`), so the bound costs nothing until used.
 #[map]
-static SET_NETS: LpmTrie<SetKey, SetValue> = LpmTrie::pinned(SET_TRIE_ENTRIES, 0);
+pub(crate) static SET_NETS: LpmTrie<SetKey, SetValue> = LpmTrie::pinned(SET_TRIE_ENTRIES, 0);
 /// The sets' single addresses (/32, /128), by storage and address: at a million prefixes
 /// the trie's walk to a host is some twenty nodes deep, a hash lookup one step. The loader
 /// sizes it from `[limits] max_set_entries`; a host that finds it full goes to `SET_NETS`.
 /// Not preallocated: an entry costs memory only once stored (the buckets do at once).
 #[map]
-static SET_HOSTS: HashMap<SetKey, SetValue> = HashMap::pinned(1, BPF_F_NO_PREALLOC);
+pub(crate) static SET_HOSTS: HashMap<SetKey, SetValue> = HashMap::pinned(1, BPF_F_NO_PREALLOC);
 #[map]
-static SET_REFS: Array<SetRefs> = Array::pinned(2, 0);
+pub(crate) static SET_REFS: Array<SetRefs> = Array::pinned(2, 0);
 /// Read only by user space; declared here so the loader creates and pins it.
 #[map]
-static SET_INFO: Array<session_common::sets::SetInfo> = Array::pinned(MAX_SET_STORAGE, 0);
+pub(crate) static SET_INFO: Array<session_common::sets::SetInfo> =
+    Array::pinned(MAX_SET_STORAGE, 0);
 /// Datagrams in flight whose later fragments follow their first (`session_common::fragment`).
 /// Not pinned: a record lives for one datagram, and a restart that loses it sends the
 /// datagram's later fragments to the kernel unjudged, which reassembles them only with the

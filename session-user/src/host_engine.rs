@@ -5,9 +5,13 @@
 use std::collections::{HashMap, HashSet};
 
 use session_common::{
-    engine::{Counters, Outcome, RuleSource, Scratch, SessionTable, process},
+    engine::{Counters, Limits, Outcome, RuleSource, Scratch, SessionTable, process},
     expect::{ExpectKey, Expectations},
     fragment::{DatagramEntry, DatagramKey, FragmentTable, MAX_FRAGMENT_DATAGRAMS},
+    limits::{
+        Admission, LimitHit, LimitStore, RuleLimit, SourceKey, SourceState, admit_new,
+        overload_source, release_session,
+    },
     packet::PacketMeta,
     policy::rule_matches,
     sets::sets_match,
@@ -17,7 +21,7 @@ use session_common::{
     },
 };
 
-use crate::policy::{compile::CompiledPolicy, rule_bitmaps::HostSets};
+use crate::policy::{compile::CompiledPolicy, config::Network, rule_bitmaps::HostSets};
 
 /// Both session tiers in one hash map (the protected ones listed in `protected`), with
 /// optional capacities. The unassured tier evicts its least recently used entry when
@@ -249,6 +253,65 @@ impl Expectations for ModelExpectations {
     }
 }
 
+/// Limits in hash maps, without the kernel's LRU bound: tests that compare the two must
+/// not fill that. Overloaded sources wait in `overloads` until [`Model::packet`] puts them
+/// into the model's sets, which the pipeline only reads.
+#[derive(Clone, Debug, Default)]
+pub struct ModelLimits {
+    /// Each rule's limits, by rule id (the model has one bank).
+    pub rules: HashMap<u16, RuleLimit>,
+    /// What each rule knows of each source.
+    pub sources: HashMap<SourceKey, SourceState>,
+    /// Sessions each rule holds.
+    pub totals: HashMap<u16, u32>,
+    /// Per-rule counters by kind and rule id.
+    pub hits: HashMap<(u32, u16), u64>,
+    /// Sources overloaded by the last packet: the source set index and the prefix.
+    pub overloads: Vec<(u8, Network)>,
+}
+
+impl LimitStore for ModelLimits {
+    fn rule_limit(&self, _bank: u32, rule_id: u16) -> Option<RuleLimit> {
+        self.rules.get(&rule_id).copied().filter(RuleLimit::is_set)
+    }
+
+    fn source(&mut self, key: &SourceKey) -> Option<&mut SourceState> {
+        Some(self.sources.entry(*key).or_default())
+    }
+
+    fn total(&mut self, rule_id: u16) -> Option<&mut u32> {
+        Some(self.totals.entry(rule_id).or_default())
+    }
+
+    fn overload(&mut self, _bank: u32, limit: &RuleLimit, key: &SourceKey, _now: u64) -> bool {
+        let net = Network {
+            addr: key.addr,
+            prefix: key.mapped_prefix(),
+            family: key.family,
+        };
+        self.overloads.push((limit.overload_set, net));
+        true
+    }
+
+    fn hit(&mut self, kind: LimitHit, rule_id: u16) {
+        *self.hits.entry((kind as u32, rule_id)).or_default() += 1;
+    }
+}
+
+impl Limits for ModelLimits {
+    fn admit(&mut self, bank: u32, rule_id: u16, meta: &PacketMeta, now: u64) -> Admission {
+        admit_new(self, bank, rule_id, meta.family, &meta.src, now)
+    }
+
+    fn overload(&mut self, bank: u32, rule_id: u16, meta: &PacketMeta, now: u64) -> bool {
+        overload_source(self, bank, rule_id, meta.family, &meta.src, now)
+    }
+
+    fn release(&mut self, bank: u32, rule_id: u16, key: &FlowKey, orig_is_lo: bool) {
+        release_session(self, bank, rule_id, key, orig_is_lo);
+    }
+}
+
 /// A whole firewall on the host.
 #[derive(Clone, Debug, Default)]
 pub struct Model {
@@ -264,6 +327,8 @@ pub struct Model {
     pub counters: ModelCounters,
     /// Replies the host's broadcast and multicast requests wait for.
     pub expectations: ModelExpectations,
+    /// The rules' limits and what they count.
+    pub limits: ModelLimits,
 }
 
 impl Model {
@@ -272,6 +337,10 @@ impl Model {
         Model {
             settings,
             rules: ModelRules::new(policy),
+            limits: ModelLimits {
+                rules: policy.limits.iter().copied().collect(),
+                ..ModelLimits::default()
+            },
             ..Model::default()
         }
     }
@@ -279,7 +348,7 @@ impl Model {
     /// Runs one frame through the pipeline; `None` for non-IP frames (always passed).
     pub fn packet(&mut self, frame: &[u8], hook: Hook, ifindex: u32, now: u64) -> Option<Outcome> {
         let mut scratch = Scratch::default();
-        process(
+        let outcome = process(
             frame,
             hook,
             ifindex,
@@ -290,7 +359,15 @@ impl Model {
             &self.rules,
             &mut self.counters,
             &mut self.expectations,
+            &mut self.limits,
             &mut scratch,
-        )
+        );
+        for (set, net) in self.limits.overloads.drain(..) {
+            let storage = self.rules.sets.refs.src[usize::from(set.saturating_sub(1)) & 7];
+            if let Some(members) = self.rules.sets.storages.get_mut(storage as usize) {
+                members.insert(&net);
+            }
+        }
+        outcome
     }
 }

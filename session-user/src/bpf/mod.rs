@@ -5,6 +5,7 @@
 mod batch;
 pub mod clock;
 pub mod kernel_log;
+pub mod limits;
 pub mod links;
 pub mod loader;
 pub mod netdev;

@@ -121,7 +121,7 @@ impl PinnedMaps {
         Array::try_from(self.map(name)?).with_context(|| format!("map {name} is not an array"))
     }
 
-    fn per_cpu<V: aya::Pod>(&self, name: &str) -> Result<PerCpuArray<MapData, V>> {
+    pub(crate) fn per_cpu<V: aya::Pod>(&self, name: &str) -> Result<PerCpuArray<MapData, V>> {
         PerCpuArray::try_from(self.map(name)?)
             .with_context(|| format!("map {name} is not a per-CPU array"))
     }
@@ -451,6 +451,7 @@ impl PinnedMaps {
         }
         self.write_classifier(next, &policy.bitmaps)?;
         self.load_sets(next, &policy.sets)?;
+        self.write_limits(next, &policy.limits)?;
         let mut names = self.array::<RuleName>(map_names::RULE_NAMES)?;
         for id in 0..MAX_RULES {
             let name = policy.names.get(id as usize).copied().unwrap_or(RuleName {

@@ -116,11 +116,17 @@ pub enum Command {
     /// Example, the established TCP sessions to or from port 22:
     ///
     ///     session list --proto tcp --state established --port 22
+    ///
+    /// With --sources it lists instead the sources that rules with a `limit` table count
+    /// (like `pfctl -s Sources`): rule, source prefix, sessions held, sessions refused.
     #[command(verbatim_doc_comment)]
     List {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// List the sources the rules' limits count instead of the sessions.
+        #[arg(long)]
+        sources: bool,
         #[command(flatten)]
         filter: SessionFilter,
         #[command(flatten)]

@@ -18,7 +18,7 @@ use crate::{
         self,
         args::{Cli, Command},
         man::man_page,
-        views::{SessionView, Stats, sessions_table},
+        views::{SessionView, SourceView, Stats, sessions_table, sources_table},
     },
     daemon::{
         lock::Owner,
@@ -122,7 +122,29 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::Save { file, pin } => crate::continuity::commands::save(&pin.pin_dir, &file),
         Command::Restore { file, pin } => crate::continuity::commands::restore(&pin.pin_dir, &file),
-        Command::List { json, filter, pin } => {
+        Command::List {
+            json,
+            sources: true,
+            pin,
+            ..
+        } => {
+            let maps = PinnedMaps::open(&pin.pin_dir)?;
+            let names = maps.rule_names()?;
+            let views: Vec<SourceView> = maps
+                .limit_sources()?
+                .iter()
+                .map(|entry| SourceView::new(entry, &names))
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&views)?);
+            } else {
+                print!("{}", sources_table(&views));
+            }
+            Ok(())
+        }
+        Command::List {
+            json, filter, pin, ..
+        } => {
             let maps = PinnedMaps::open(&pin.pin_dir)?;
             let now = monotonic_ns();
             let names = maps.rule_names()?;
@@ -159,6 +181,7 @@ fn dispatch(command: Command) -> Result<()> {
                 maps.max_sessions()?,
                 &maps.rule_names()?,
                 &maps.rule_hits()?,
+                &maps.limit_stats()?,
             );
             if json {
                 println!("{}", serde_json::to_string_pretty(&stats)?);

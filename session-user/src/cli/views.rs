@@ -12,12 +12,15 @@ use serde::{
     de::{MapAccess, Visitor},
 };
 use session_common::{
+    limits::SourceKey,
     track::originator_endpoints,
     wire::{
         FAMILY_IPV4, FlowKey, FlowState, HIT_DEFAULT_INBOUND, HIT_DEFAULT_OUTBOUND,
         RULE_ID_DEFAULT, Session, TcpState, proto, session_flags,
     },
 };
+
+use crate::bpf::limits::{RuleLimitStats, SourceEntry};
 
 /// The address family of a session or event, as `"family"` names it in the JSON.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,6 +275,65 @@ impl<'de> Deserialize<'de> for Counters {
     }
 }
 
+/// One source a limited rule counts, an element of `session list --sources --json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceView {
+    /// The rule that counts it.
+    pub rule: String,
+    /// The source: an address, or the prefix the rule counts as one source.
+    pub source: String,
+    /// Sessions it holds through the rule.
+    pub sessions: u32,
+    /// New sessions the rule's limits refused it.
+    pub refused: u32,
+}
+
+impl SourceView {
+    /// The view of one counted source.
+    pub fn new(entry: &SourceEntry, rule_names: &[String]) -> SourceView {
+        let SourceKey {
+            addr,
+            rule_id,
+            family,
+            prefix,
+        } = entry.key;
+        let addr = address(family, addr);
+        let full = if family == FAMILY_IPV4 { 32 } else { 128 };
+        SourceView {
+            rule: rule_label(rule_id, rule_names),
+            source: if prefix >= full {
+                addr.to_string()
+            } else {
+                format!("{addr}/{prefix}")
+            },
+            sessions: entry.state.conns,
+            refused: entry.state.refused,
+        }
+    }
+}
+
+/// The human table of `session list --sources`.
+pub fn sources_table(views: &[SourceView]) -> String {
+    let width = views
+        .iter()
+        .map(|view| view.source.len())
+        .max()
+        .unwrap_or(0)
+        .max("SOURCE".len());
+    let mut out = format!(
+        "{:<width$}  {:>8}  {:>8}  RULE\n",
+        "SOURCE", "SESSIONS", "REFUSED"
+    );
+    for view in views {
+        out.push_str(&format!(
+            "{:<width$}  {:>8}  {:>8}  {}\n",
+            view.source, view.sessions, view.refused, view.rule
+        ));
+    }
+    out
+}
+
 /// The hits of one rule of the active policy, an element of `"rules"`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -280,6 +342,21 @@ pub struct RuleHits {
     pub name: String,
     /// Packets it decided since the policy was applied.
     pub hits: u64,
+    /// The rule's limits at work, for a rule with a `limit` table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<RuleLimitView>,
+}
+
+/// What a rule's limits did, in `"rules"` of `session stats --json`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleLimitView {
+    /// Sessions the rule holds now (as of the reaper's last recount, plus admissions).
+    pub sessions: u32,
+    /// New sessions its limits refused since the policy was applied.
+    pub refused: u64,
+    /// Sources it put into its overload set since the policy was applied.
+    pub overloaded: u64,
 }
 
 /// Everything `session stats` reports; serialised, the object of `session stats --json`
@@ -309,6 +386,7 @@ impl Stats {
         max_sessions: u64,
         names: &[String],
         hits: &[u64],
+        limits: &[(u16, RuleLimitStats)],
     ) -> Stats {
         let hit = |slot: u32| hits.get(slot as usize).copied().unwrap_or(0);
         Stats {
@@ -326,6 +404,14 @@ impl Stats {
                 .map(|(id, name)| RuleHits {
                     name: name.clone(),
                     hits: hit(id as u32),
+                    limit: limits
+                        .iter()
+                        .find(|(rule, _)| usize::from(*rule) == id)
+                        .map(|(_, stats)| RuleLimitView {
+                            sessions: stats.sessions,
+                            refused: stats.refused,
+                            overloaded: stats.overloaded,
+                        }),
                 })
                 .collect(),
             default_inbound_hits: hit(HIT_DEFAULT_INBOUND),
@@ -359,8 +445,15 @@ impl Stats {
             .max()
             .unwrap_or(0)
             .max("(default outbound)".len());
-        for RuleHits { name, hits } in &self.rules {
-            out.push_str(&format!("  {name:<width$}  {hits}\n"));
+        for RuleHits { name, hits, limit } in &self.rules {
+            out.push_str(&format!("  {name:<width$}  {hits}"));
+            if let Some(limit) = limit {
+                out.push_str(&format!(
+                    "  (limit: {} sessions, {} refused, {} overloaded)",
+                    limit.sessions, limit.refused, limit.overloaded
+                ));
+            }
+            out.push('\n');
         }
         out.push_str(&format!(
             "  {:<width$}  {}\n  {:<width$}  {}\n",
@@ -430,6 +523,7 @@ mod tests {
             1024,
             &["web".into()],
             &[7],
+            &[],
         );
         let text = serde_json::to_string(&stats).expect("JSON");
         assert!(

@@ -54,6 +54,9 @@ pub fn reap(maps: &PinnedMaps, events: &EventHub) -> Duration {
         }
         Err(error) => warn!("reaper: {error:#}"),
     }
+    if let Err(error) = maps.recount_limits(monotonic_ns()) {
+        warn!("reaper: recounting the rules' limits: {error:#}");
+    }
     match maps.expire_set_members(monotonic_ns()) {
         Ok(0) => {}
         Ok(freed) => log::debug!("reaper: freed {freed} expired set entries"),

@@ -7,6 +7,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use session_common::{
+    limits::RuleLimit,
     sets::MAX_SETS_PER_DIM,
     wire::{
         FAMILY_IPV4, FAMILY_IPV6, MAX_RULES, PolicyHeader, RULE_NAME_LEN, Rule, RuleName,
@@ -94,6 +95,8 @@ pub struct CompiledPolicy {
     pub bitmaps: RuleBitmaps,
     /// The sets the entries reference.
     pub sets: CompiledSets,
+    /// The limits of the rules that have any, by rule id.
+    pub limits: Vec<(u16, RuleLimit)>,
 }
 
 /// Compiles `policy`; `ifindex` resolves interface names.
@@ -104,6 +107,7 @@ pub fn compile(
     let mut entries = Vec::new();
     let mut names = Vec::new();
     let mut sets = CompiledSets::default();
+    let mut limits = Vec::new();
     for (id, spec) in policy.rules.iter().enumerate() {
         names.push(rule_name(&spec.name));
         let mut ifindexes = Vec::new();
@@ -127,12 +131,22 @@ pub fn compile(
         }
         let src_sets = set_indexes(spec, &spec.src_sets, &mut sets.src, "source")?;
         let dst_sets = set_indexes(spec, &spec.dst_sets, &mut sets.dst, "destination")?;
-        for name in spec.src_sets.iter().chain(&spec.dst_sets) {
+        // An overload set is a source set of the bank, so that the kernel finds the
+        // storage it writes to where the classifier reads it.
+        let overload = spec.limit.iter().flat_map(|limit| &limit.overload);
+        let overload_set = match overload.clone().next() {
+            Some(name) => {
+                set_indexes(spec, std::slice::from_ref(name), &mut sets.src, "source")?[0]
+            }
+            None => 0,
+        };
+        for name in spec.src_sets.iter().chain(&spec.dst_sets).chain(overload) {
             if let Some(set) = policy.sets.get(name) {
                 sets.contents
                     .insert(name.clone(), Arc::clone(&set.networks));
             }
         }
+        let first = entries.len();
         expand(
             spec,
             id as u16,
@@ -141,6 +155,12 @@ pub fn compile(
             &dst_sets,
             &mut entries,
         );
+        if let Some(limit) = &spec.limit {
+            limits.push((id as u16, limit.compile(overload_set)));
+            for entry in &mut entries[first..] {
+                entry.match_flags |= rule_flags::LIMITED;
+            }
+        }
     }
     let bitmaps = rule_bitmaps::build(&entries)?;
     Ok(CompiledPolicy {
@@ -155,6 +175,7 @@ pub fn compile(
         },
         entries,
         names,
+        limits,
     })
 }
 

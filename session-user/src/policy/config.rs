@@ -23,6 +23,7 @@ use crate::{
     bpf::kernel_log::KernelLogLevel,
     policy::{
         compile,
+        limits::{self, LimitSpec, RawLimit},
         sets::{self as named_sets, SetSpec},
     },
 };
@@ -143,6 +144,8 @@ pub struct RuleSpec {
     pub dport: Vec<(u16, u16)>,
     /// ICMP types (any when empty).
     pub icmp_types: Vec<u8>,
+    /// Caps on the sessions the rule admits (`limit`).
+    pub limit: Option<LimitSpec>,
     /// Line of the rule's `name`, for messages about the rule as a whole.
     pub line: usize,
     /// Column of the rule's `name`.
@@ -271,16 +274,18 @@ struct RawRule {
     sport: Option<Spanned<Vec<Spanned<NumberOrName>>>>,
     dport: Option<Spanned<Vec<Spanned<NumberOrName>>>>,
     icmp_type: Option<Spanned<Vec<Spanned<NumberOrName>>>>,
+    limit: Option<Spanned<RawLimit>>,
 }
 
 /// Resolves byte offsets to line and column for one file's text.
-struct Locator<'a> {
+pub(super) struct Locator<'a> {
     path: &'a Path,
     text: &'a str,
 }
 
 impl Locator<'_> {
-    fn error(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+    /// The error `message` at the start of `span`.
+    pub(super) fn error(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
         let start = span.start.min(self.text.len());
         let before = &self.text[..start];
         let line = before.matches('\n').count() + 1;
@@ -890,6 +895,10 @@ fn validate_rule(
     let sport = ports(loc, raw.sport.as_ref(), "sport", protocol)?;
     let dport = ports(loc, raw.dport.as_ref(), "dport", protocol)?;
     let icmp_types = icmp_types(loc, raw.icmp_type.as_ref(), protocol)?;
+    let limit = match &raw.limit {
+        None => None,
+        Some(limit) => Some(limits::validate(loc, limit, action, states, sets)?),
+    };
     Ok(RuleSpec {
         name,
         action,
@@ -906,6 +915,7 @@ fn validate_rule(
         sport,
         dport,
         icmp_types,
+        limit,
         line: name_at.line,
         column: name_at.column,
     })

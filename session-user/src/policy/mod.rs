@@ -4,5 +4,6 @@
 
 pub mod compile;
 pub mod config;
+pub mod limits;
 pub mod rule_bitmaps;
 pub mod sets;

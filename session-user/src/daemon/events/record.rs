@@ -28,15 +28,19 @@ pub enum EventKind {
     Expired,
     /// A `log = true` rule decided the packet.
     Logged,
+    /// The rule's limits refused the packet's source and put it into the rule's
+    /// overload set.
+    Overloaded,
 }
 
 impl EventKind {
     /// The kinds in the order they are listed, with their [`event_kind`] bits.
-    const ALL: [(u8, EventKind); 4] = [
+    const ALL: [(u8, EventKind); 5] = [
         (event_kind::NEW, EventKind::New),
         (event_kind::CLOSED, EventKind::Closed),
         (event_kind::EXPIRED, EventKind::Expired),
         (event_kind::LOGGED, EventKind::Logged),
+        (event_kind::OVERLOADED, EventKind::Overloaded),
     ];
 
     /// The kinds set in a kernel event's `kind` bits.
@@ -55,6 +59,7 @@ impl EventKind {
             EventKind::Closed => "[CLOSED]",
             EventKind::Expired => "[EXPIRED]",
             EventKind::Logged => "[LOGGED]",
+            EventKind::Overloaded => "[OVERLOADED]",
         }
     }
 }

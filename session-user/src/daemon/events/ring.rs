@@ -9,7 +9,7 @@ use session_common::wire::{DaemonCounter, Event, event_kind};
 use tokio::{io::unix::AsyncFd, sync::broadcast};
 
 use crate::{
-    bpf::pinned::PinnedMaps,
+    bpf::{clock::monotonic_ns, pinned::PinnedMaps},
     daemon::events::{
         log_limiter::{LOG_PER_SEC, LogLimiter, SUPPRESSED_REPORT},
         record::EventRecord,
@@ -72,6 +72,9 @@ impl RingReader {
                 continue;
             }
             let event: Event = bytemuck::pod_read_unaligned(&record[..size_of::<Event>()]);
+            if event.kind & event_kind::OVERLOADED != 0 {
+                self.overloaded(&event);
+            }
             // Formatting costs more than reading: only for a log line or a client.
             let log = event.kind & event_kind::LOGGED != 0 && self.limiter.admit();
             let stream = self.sender.receiver_count() > 0;
@@ -89,6 +92,23 @@ impl RingReader {
             if stream {
                 let _ = self.sender.send(record.to_json());
             }
+        }
+    }
+
+    /// Reports a source a rule's limits overloaded, and flushes its sessions when the
+    /// rule asks: pf flushes in the same step, here it follows within a drain interval.
+    fn overloaded(&mut self, event: &Event) {
+        refresh_names(&self.maps, &mut self.names);
+        let record = EventRecord::from_kernel(event, &self.names.1);
+        match self.maps.flush_overloaded(event, monotonic_ns()) {
+            Ok(flushed) => info!(
+                "source {} overloaded by rule {}: {flushed} of its sessions flushed",
+                record.src, record.rule
+            ),
+            Err(error) => warn!(
+                "source {} overloaded by rule {}; flushing its sessions failed: {error:#}",
+                record.src, record.rule
+            ),
         }
     }
 

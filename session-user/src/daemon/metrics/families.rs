@@ -13,7 +13,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::daemon::metrics::snapshot::Snapshot;
+use crate::{bpf::limits::RuleLimitStats, daemon::metrics::snapshot::Snapshot};
 
 /// The content type of the exposition: the Prometheus text format, version 0.0.4.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -133,6 +133,31 @@ fn families(snapshot: &Snapshot) -> Vec<Family> {
             .samples
             .push((vec![("rule", name.clone())], Value::Count(*hits)));
     }
+    for (family, kind, help, value) in [
+        (
+            "session_rule_limit_sessions",
+            MetricType::Gauge,
+            "Sessions each rule with a `limit` holds.",
+            (|stats: &RuleLimitStats| u64::from(stats.sessions)) as fn(&RuleLimitStats) -> u64,
+        ),
+        (
+            "session_rule_limit_refused",
+            MetricType::Counter,
+            "New sessions each rule's `limit` refused; starts from 0 when a policy is applied.",
+            |stats| stats.refused,
+        ),
+        (
+            "session_rule_limit_overloaded",
+            MetricType::Counter,
+            "Sources each rule's `limit` put into its overload set; starts from 0 when a policy is applied.",
+            |stats| stats.overloaded,
+        ),
+    ] {
+        let samples = &mut out.family(family, kind, help).samples;
+        for (name, stats) in &snapshot.limits {
+            samples.push((vec![("rule", name.clone())], Value::Count(value(stats))));
+        }
+    }
     let defaults = out.family(
         "session_default_action_hits",
         MetricType::Counter,
@@ -218,6 +243,11 @@ fn kernel_metric(
         }
         "fragments_unknown" => {
             "Later IP fragments whose first fragment was not seen, passed to the kernel unjudged."
+        }
+        "limit_refused" => "New sessions a rule's `limit` refused.",
+        "sources_overloaded" => "Sources a rule's `limit` put into its overload set.",
+        "overload_set_full" => {
+            "Sources to overload that found the overload set's maps full (refused, not banned)."
         }
         "fast_path_forwarded" => {
             "Packets of established sessions the fast path handed to their egress interface."

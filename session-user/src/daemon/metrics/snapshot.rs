@@ -6,8 +6,8 @@ use anyhow::Result;
 use session_common::wire::{HIT_DEFAULT_INBOUND, HIT_DEFAULT_OUTBOUND};
 
 use crate::{
-    bpf::{clock::monotonic_ns, pinned::PinnedMaps},
-    cli::views::{proto_name, state_name},
+    bpf::{clock::monotonic_ns, limits::RuleLimitStats, pinned::PinnedMaps},
+    cli::views::{proto_name, rule_label, state_name},
 };
 
 /// Everything one scrape reports.
@@ -29,6 +29,8 @@ pub struct Snapshot {
     pub default_outbound_hits: u64,
     /// Generation of the active policy.
     pub generation: u32,
+    /// The rules with a `limit`, by name, with what their limits did.
+    pub limits: Vec<(String, RuleLimitStats)>,
 }
 
 impl Snapshot {
@@ -40,9 +42,14 @@ impl Snapshot {
             *sessions.entry((proto_name(key.proto), state)).or_insert(0) += 1;
         }
         let hits = maps.rule_hits()?;
+        let names = maps.rule_names()?;
+        let limits = maps
+            .limit_stats()?
+            .into_iter()
+            .map(|(id, stats)| (rule_label(id, &names), stats))
+            .collect();
         let hit = |slot: u32| hits.get(slot as usize).copied().unwrap_or(0);
-        let rules = maps
-            .rule_names()?
+        let rules = names
             .into_iter()
             .enumerate()
             .map(|(id, name)| (name, hit(id as u32)))
@@ -56,6 +63,7 @@ impl Snapshot {
             default_inbound_hits: hit(HIT_DEFAULT_INBOUND),
             default_outbound_hits: hit(HIT_DEFAULT_OUTBOUND),
             generation: maps.active_policy()?.1.generation,
+            limits,
         })
     }
 }
