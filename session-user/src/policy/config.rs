@@ -407,11 +407,19 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         ),
     };
     let sets = validate_sets(loc, &raw.sets, max_set_entries)?;
+    let mut overload_sets = BTreeSet::new();
     let mut names = BTreeSet::new();
     let mut rules = Vec::new();
     let mut entries = 0u64;
     for rule in &raw.rule {
         let spec = validate_rule(loc, rule, &sets)?;
+        if let Some(overload) = spec
+            .limit
+            .as_ref()
+            .and_then(|limit| limit.overload.as_ref())
+        {
+            overload_sets.insert(overload.clone());
+        }
         if !names.insert(spec.name.clone()) {
             return Err(loc.error(
                 rule.name.span(),
@@ -432,6 +440,21 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             ));
         }
         rules.push(spec);
+    }
+    // An empty set matches nothing, most likely a mistake; a set that a rule's limit
+    // overloads sources into starts empty by design.
+    for (name, set) in &raw.sets {
+        if matches!(set.get_ref(), RawSet::List(members) if members.is_empty())
+            && !overload_sets.contains(name.get_ref())
+        {
+            return Err(loc.error(
+                set.span(),
+                format!(
+                    "set `{}` is empty: give it at least one address or network (only a set that a rule's `limit` overloads sources into may start empty)",
+                    name.get_ref()
+                ),
+            ));
+        }
     }
     let warnings = shadowed_rules(loc, &rules);
     let metrics = raw
@@ -618,15 +641,6 @@ fn validate_sets(
         }
         let spec = match set.get_ref() {
             RawSet::List(members) => {
-                if members.is_empty() {
-                    return Err(loc.error(
-                        set.span(),
-                        format!(
-                            "set `{}` is empty: give it at least one address or network",
-                            name.get_ref()
-                        ),
-                    ));
-                }
                 let mut networks = Vec::new();
                 for member in members {
                     if member.get_ref().starts_with('@') {
