@@ -27,10 +27,11 @@ const BLOCKED_WAIT: Duration = Duration::from_secs(1);
 /// How long an allowed connection may take.
 const ALLOWED_WAIT: Duration = Duration::from_secs(3);
 
-const EXAMPLES: [&str; 5] = [
+const EXAMPLES: [&str; 6] = [
     "web-server.toml",
     "blocklist.toml",
     "ssh-bastion.toml",
+    "ssh-bruteforce.toml",
     "outbound-only.toml",
     "router.toml",
 ];
@@ -290,6 +291,64 @@ fn blocklist_example_does_what_its_comments_say() {
     );
     daemon.cli(&["set", "delete", "bans", CLIENT_V4]);
     assert_connects(&lab, Side::Client, None, &at, &web, "pardoned");
+}
+
+#[test]
+fn ssh_bruteforce_example_does_what_its_comments_say() {
+    let lab = Lab::dual_stack("exbrute");
+    let daemon = lab.daemon(&example_for_lab(
+        "ssh-bruteforce.toml",
+        &[("eth0", FW_IFACE)],
+    ));
+    let ssh = lab.tcp_listen(Side::Fw, Family::V4, 22);
+    let ssh6 = lab.tcp_listen(Side::Fw, Family::V6, 22);
+    let at = Family::V4.sock(Side::Fw, 22).to_string();
+    let at6 = Family::V6.sock(Side::Fw, 22).to_string();
+    // One connection held open, then nine more opened and closed: ten in the minute.
+    let mut held = try_connect(&lab, Side::Client, None, &at, ALLOWED_WAIT)
+        .unwrap_or_else(|e| panic!("the first connection: {e}"));
+    let mut held_server = accept_within(&ssh, IO_TIMEOUT);
+    for i in 1..10 {
+        assert_connects(
+            &lab,
+            Side::Client,
+            None,
+            &at,
+            &ssh,
+            &format!("connection {i}"),
+        );
+    }
+    // The eleventh within the minute is over `max_src_conn_rate`: refused, and the
+    // source is banned, its held connection cut.
+    assert_blocked(&lab, Side::Client, None, &at, &ssh, "over the rate");
+    daemon.wait_log("overloaded by rule ssh", Duration::from_secs(5));
+    let banned = daemon.cli(&["set", "show", "abusers"]);
+    assert!(
+        banned.contains(&format!("{CLIENT_V4}/32 # expires in ")),
+        "the client is banned for an hour: {banned}"
+    );
+    held.write_all(b"more").expect("the write itself succeeds");
+    held_server
+        .set_read_timeout(Some(BLOCKED_WAIT))
+        .expect("read timeout");
+    let mut got = [0u8; 4];
+    assert!(
+        held_server.read_exact(&mut got).is_err(),
+        "the banned source's open connection is cut"
+    );
+    let stats = daemon.stats_json();
+    let ssh_rule = stats["rules"]
+        .as_array()
+        .and_then(|rules| rules.iter().find(|rule| rule["name"] == "ssh"))
+        .unwrap_or_else(|| panic!("no ssh rule in {stats}"));
+    assert_eq!(ssh_rule["limit"]["overloaded"], 1, "{stats}");
+    // Another source (the client's IPv6 address) is not affected.
+    assert_connects(&lab, Side::Client, None, &at6, &ssh6, "another source");
+    // A pardon lets the client in again, once its rate bucket has refilled by one
+    // connection (10 a minute: one every 6 s); an attempt before that would ban it anew.
+    daemon.cli(&["set", "delete", "abusers", CLIENT_V4]);
+    std::thread::sleep(Duration::from_millis(6500));
+    assert_connects(&lab, Side::Client, None, &at, &ssh, "pardoned");
 }
 
 #[test]
