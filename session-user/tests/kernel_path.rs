@@ -3834,3 +3834,123 @@ fn a_fragment_flood_is_bounded_and_harms_no_established_flow() {
          (bound {MAX_FRAGMENT_DATAGRAMS}), established flow's fragments followed"
     );
 }
+
+/// A policy whose `ssh` rule (id 2) admits new TCP to port 443 under `limit`, after a rule
+/// (id 0) that drops the sources in `abusers`, which the limit fills.
+fn limited_policy(limit: &str) -> CompiledPolicy {
+    reload_policy(&format!(
+        r#"
+[policy]
+inbound = "drop"
+
+[sets]
+abusers = []
+
+[[rule]]
+name = "banned"
+state = ["new"]
+src = ["@abusers"]
+action = "drop"
+
+[[rule]]
+name = "return-traffic"
+state = ["established", "related"]
+action = "accept"
+
+[[rule]]
+name = "ssh"
+state = ["new"]
+proto = "tcp"
+dport = [443]
+action = "accept"
+limit = {limit}
+"#
+    ))
+}
+
+#[test]
+fn limits_refuse_and_overload_as_the_host_model_says_and_a_flood_of_sources_frees_no_ban() {
+    let policy = limited_policy(r#"{ max_src_conn = 2, overload = "abusers" }"#);
+    let k = Kernel::start_sized(&test_settings(), &policy, 1 << 16, Ingress::Xdp);
+    let mut model = Model::new(test_settings(), &policy);
+    // Outside the range the flood below comes from.
+    let attacker = ip("198.19.200.9");
+    // The same SYNs through the kernel and the host model: two admitted, the third over
+    // the cap (and overloaded), the fourth dropped by the ban.
+    for (sport, expected, what) in [
+        (3001, Verdict::Pass, "first of two"),
+        (3002, Verdict::Pass, "second of two"),
+        (3003, Verdict::Drop, "over max_src_conn"),
+        (3004, Verdict::Drop, "banned"),
+    ] {
+        let frame = syn_from(attacker, sport);
+        let modelled =
+            model_verdict(model.packet(&frame, Hook::Ingress, TEST_RUN_IFINDEX, monotonic_ns()));
+        assert_eq!(modelled, expected, "the host model: {what}");
+        k.expect(what, &frame, expected);
+    }
+    let hits = k.rule_hits();
+    assert_eq!(hits[0], 1, "the ban decided the fourth SYN");
+    assert_eq!(k.counter(Counter::LimitRefused), 1);
+    assert_eq!(k.counter(Counter::SourcesOverloaded), 1);
+    let sources = k
+        .maps
+        .limit_sources()
+        .unwrap_or_else(|error| panic!("limit_sources: {error:?}"));
+    assert_eq!(sources.len(), 1, "one source counted: {sources:?}");
+    assert_eq!((sources[0].state.conns, sources[0].state.refused), (2, 1));
+
+    // A flood of distinct sources, each opening one session: more than the LRU holds.
+    // The LRU stays within its bound, and the ban, which lives in the set, holds.
+    let flood = 70_000u32;
+    for i in 0..flood {
+        let src = IpAddr::V4(Ipv4Addr::from(
+            u32::from(Ipv4Addr::new(198, 18, 0, 0)) + 256 + i,
+        ));
+        k.run(&syn_from(src, 4000));
+    }
+    let tracked = k
+        .maps
+        .limit_sources()
+        .unwrap_or_else(|error| panic!("limit_sources: {error:?}"))
+        .len();
+    assert!(
+        tracked <= session_common::limits::DEFAULT_MAX_TRACKED_SOURCES as usize,
+        "{tracked} sources tracked, more than the LRU's bound"
+    );
+    assert!(
+        tracked > 1000,
+        "the flood's sources were counted: {tracked}"
+    );
+    k.expect(
+        "the banned source after a flood of others",
+        &syn_from(attacker, 3005),
+        Verdict::Drop,
+    );
+    assert_eq!(k.rule_hits()[0], 2, "the ban, not the cap, dropped it");
+    // The reaper's recount makes every source's count what the table holds.
+    let counted = k
+        .maps
+        .recount_limits(monotonic_ns())
+        .unwrap_or_else(|error| panic!("recount_limits: {error:?}"));
+    let held: u64 = k
+        .sessions()
+        .values()
+        .filter(|s| s.flags & session_flags::COUNTED != 0)
+        .count() as u64;
+    assert_eq!(
+        counted, held,
+        "the recount counts the table's counted sessions"
+    );
+    let summed: u64 = k
+        .maps
+        .limit_sources()
+        .unwrap_or_else(|error| panic!("limit_sources: {error:?}"))
+        .iter()
+        .map(|s| u64::from(s.state.conns))
+        .sum();
+    assert_eq!(
+        summed, held,
+        "after the recount the sources hold what the table holds"
+    );
+}

@@ -539,6 +539,56 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_source_reads_into_the_record_and_back_unchanged() {
+        let documented = contract_example("## `session list --sources --json`");
+        let view: SourceView = serde_json::from_value(documented.clone())
+            .unwrap_or_else(|e| panic!("the documented source does not fit SourceView: {e}"));
+        assert_eq!(serde_json::to_value(&view).expect("JSON"), documented);
+    }
+
+    #[test]
+    fn a_counted_prefix_is_shown_with_its_length_and_an_address_without() {
+        use session_common::limits::{RuleLimit, SourceState};
+        let mut addr = [0u8; 16];
+        addr[10..12].copy_from_slice(&[0xff, 0xff]);
+        addr[12..].copy_from_slice(&[198, 18, 7, 9]);
+        let per_24 = RuleLimit {
+            src_prefix_v4: 24,
+            ..RuleLimit::default()
+        };
+        let entry = |limit: &RuleLimit| SourceEntry {
+            key: SourceKey::of(limit, 0, FAMILY_IPV4, &addr),
+            state: SourceState {
+                conns: 2,
+                refused: 5,
+                ..SourceState::default()
+            },
+        };
+        let names = ["ssh".to_string()];
+        let view = SourceView::new(&entry(&per_24), &names);
+        assert_eq!(
+            (
+                view.source.as_str(),
+                view.rule.as_str(),
+                view.sessions,
+                view.refused
+            ),
+            ("198.18.7.0/24", "ssh", 2, 5)
+        );
+        let per_address = RuleLimit {
+            src_prefix_v4: 32,
+            ..RuleLimit::default()
+        };
+        assert_eq!(
+            SourceView::new(&entry(&per_address), &names).source,
+            "198.18.7.9"
+        );
+        let table = sources_table(&[view]);
+        assert!(table.starts_with("SOURCE"), "{table}");
+        assert!(table.contains("198.18.7.0/24"), "{table}");
+    }
+
+    #[test]
     fn unknown_fields_are_refused() {
         let mut documented = contract_example("## `session list --json`");
         documented["extra"] = Value::Bool(true);

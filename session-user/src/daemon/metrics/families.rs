@@ -425,6 +425,14 @@ mod tests {
             default_inbound_hits: 5,
             default_outbound_hits: 2,
             generation: 4,
+            limits: vec![(
+                "ssh".into(),
+                RuleLimitStats {
+                    sessions: 6,
+                    refused: 9,
+                    overloaded: 2,
+                },
+            )],
         }
     }
 
@@ -462,6 +470,9 @@ mod tests {
             (r#"session_drops_total{reason="table_full"}"#, 1.0),
             (r#"session_invalid_total{reason="tcp_flags"}"#, 4.0),
             (r#"session_rule_hits_total{rule="web"}"#, 3.0),
+            (r#"session_rule_limit_sessions{rule="ssh"}"#, 6.0),
+            (r#"session_rule_limit_refused_total{rule="ssh"}"#, 9.0),
+            (r#"session_rule_limit_overloaded_total{rule="ssh"}"#, 2.0),
             (
                 r#"session_default_action_hits_total{direction="inbound"}"#,
                 5.0,
