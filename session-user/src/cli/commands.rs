@@ -234,6 +234,11 @@ fn dispatch(command: Command) -> Result<()> {
             for line in crate::cli::set::check_report(&config.policy) {
                 println!("{line}");
             }
+            for rule in &config.policy.rules {
+                if let Some(limit) = &rule.limit {
+                    println!("{}", limit.describe(&rule.name));
+                }
+            }
             Ok(())
         }
         Command::Completions { shell } => {

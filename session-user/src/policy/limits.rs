@@ -79,6 +79,45 @@ impl LimitSpec {
     }
 }
 
+impl LimitSpec {
+    /// One line for `session check`: what the rule's limits are, in words.
+    pub fn describe(&self, rule: &str) -> String {
+        let mut caps = Vec::new();
+        let per = format!(
+            "per source (/{} IPv4, /{} IPv6)",
+            self.src_prefix_v4, self.src_prefix_v6
+        );
+        if self.max_src_conn != 0 {
+            caps.push(format!("{} sessions at once {per}", self.max_src_conn));
+        }
+        if let Some((count, interval_ms)) = self.rate {
+            caps.push(format!(
+                "{count} new sessions per {} s {per}",
+                interval_ms / 1000
+            ));
+        }
+        if self.max_conn != 0 {
+            caps.push(format!("{} sessions at once in all", self.max_conn));
+        }
+        let mut line = format!("rule `{rule}`: limit {}", caps.join(", "));
+        if let Some(set) = &self.overload {
+            let until = match self.overload_timeout {
+                0 => "for ever".to_string(),
+                seconds => format!("for {seconds} s"),
+            };
+            let flush = match self.flush {
+                OverloadFlush::None => "",
+                OverloadFlush::Rule => ", flushing its sessions of this rule",
+                OverloadFlush::Global => ", flushing all its sessions",
+            };
+            line.push_str(&format!(
+                "; over it, a source goes into set `{set}` {until}{flush}"
+            ));
+        }
+        line
+    }
+}
+
 /// The `limit` table of a rule as written.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -293,6 +332,26 @@ mod tests {
         ] {
             assert!(parse_rate(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn session_check_describes_a_limit_in_words() {
+        let spec = LimitSpec {
+            max_src_conn: 5,
+            rate: Some((10, 60_000)),
+            src_prefix_v4: 32,
+            src_prefix_v6: 64,
+            overload: Some("abusers".into()),
+            overload_timeout: 3600,
+            flush: OverloadFlush::Global,
+            ..LimitSpec::default()
+        };
+        assert_eq!(
+            spec.describe("ssh"),
+            "rule `ssh`: limit 5 sessions at once per source (/32 IPv4, /64 IPv6), \
+             10 new sessions per 60 s per source (/32 IPv4, /64 IPv6); over it, a source \
+             goes into set `abusers` for 3600 s, flushing all its sessions"
+        );
     }
 
     #[test]
