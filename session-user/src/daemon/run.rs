@@ -178,6 +178,8 @@ fn start(
             &protected,
         );
     }
+    // Sessions kept from before a restart count against the limits from the start.
+    maps.recount_limits(monotonic_ns())?;
     remove_refused(&maps, policy)?;
     maps.rebuild_presence()?;
     maps.bump(DaemonCounter::PolicyApplies, 1)?;
@@ -288,6 +290,8 @@ fn reload(path: &Path, maps: &PinnedMaps, ifaces: &[(String, u32)], started: &Co
             maps.write_settings(&config.settings)?;
             let generation = maps.apply_policy(&policy)?;
             remove_refused(maps, &policy)?;
+            // The new policy's limits count the sessions that exist, from now on.
+            maps.recount_limits(monotonic_ns())?;
             // Last: `session reload` waits for this count to know the apply is complete.
             maps.bump(DaemonCounter::PolicyApplies, 1)?;
             Ok(generation)
