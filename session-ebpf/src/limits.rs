@@ -157,7 +157,7 @@ impl LimitStore for BpfLimitStore {
             return Some(unsafe { &mut *state });
         }
         // BPF_NOEXIST: another CPU's entry for the source, stored meanwhile, stays.
-        let _ = SRC_LIMITS.insert(key, &SourceState::default(), 1);
+        let _ = SRC_LIMITS.insert(key, SourceState::default(), 1);
         // SAFETY: as above.
         SRC_LIMITS
             .get_ptr_mut(key)

@@ -155,7 +155,7 @@ impl PinnedMaps {
                 Err(error) => return Err(error).context("reading SRC_LIMITS"),
             }
         }
-        out.sort_by(|a, b| (a.key.rule_id, a.key.addr).cmp(&(b.key.rule_id, b.key.addr)));
+        out.sort_by_key(|entry| (entry.key.rule_id, entry.key.addr));
         Ok(out)
     }
 
