@@ -11,10 +11,13 @@ use std::{
 
 use serde_json::Value;
 use session_testkit::{inbound_drop_policy, return_traffic_rule};
-use session_tests::{Daemon, Family, Lab, Side, accept_within, counter};
+use session_tests::{Daemon, Family, Lab, Side, accept_within, counter, wait_for};
 
 /// The server's port.
 const PORT: u16 = 2222;
+/// A UDP port whose datagrams a `log = true` rule drops: what shows that an events
+/// client is connected.
+const PROBE: u16 = 9;
 /// A second address of the client namespace: another source behind the same link.
 const OTHER_SOURCE: &str = "198.18.0.11";
 
@@ -42,6 +45,13 @@ action = "drop"
             return_traffic_rule!("return-traffic"),
             r#"{ban}
 [[rule]]
+name = "probe"
+proto = "udp"
+dport = [{probe}]
+action = "drop"
+log = true
+
+[[rule]]
 name = "ssh"
 state = ["new"]
 proto = "tcp"
@@ -51,6 +61,7 @@ limit = {limit}
 "#
         ),
         ban = ban,
+        probe = PROBE,
         port = PORT,
         limit = limit
     )
@@ -147,6 +158,21 @@ fn a_source_over_its_concurrent_cap_is_overloaded_flushed_and_let_in_when_the_ba
     let daemon = setup.lab.daemon(&policy(
         r#"{ max_src_conn = 3, overload = "abusers", overload_timeout = 4, overload_flush = "global" }"#,
     ));
+    let events = daemon.cli_background(&["events", "--json"]);
+    let probe = setup.lab.udp_socket(Side::Client, Family::V4, 0);
+    wait_for(
+        "the events client to see a logged probe",
+        Duration::from_secs(15),
+        || {
+            let to = Family::V4.sock(Side::Fw, PROBE);
+            setup
+                .lab
+                .in_ns(Side::Client, || probe.send_to(b"probe", to))
+                .unwrap_or_else(|e| panic!("sending the probe: {e}"));
+            std::thread::sleep(Duration::from_millis(200));
+            events.stdout().contains("\"logged\"").then_some(())
+        },
+    );
 
     let held: Vec<TcpStream> = (0..3)
         .map(|i| {
@@ -164,6 +190,23 @@ fn a_source_over_its_concurrent_cap_is_overloaded_flushed_and_let_in_when_the_ba
         "a fourth concurrent connection is over max_src_conn"
     );
     daemon.wait_log("overloaded by rule ssh", Duration::from_secs(5));
+    let line = wait_for("an overloaded event", Duration::from_secs(5), || {
+        events
+            .stdout()
+            .lines()
+            .find(|line| line.contains("\"overloaded\""))
+            .map(str::to_string)
+    });
+    let event: Value = serde_json::from_str(&line).expect("an event is JSON");
+    assert_eq!(
+        (&event["src"], &event["rule"], &event["action"]),
+        (
+            &Value::from(client),
+            &Value::from("ssh"),
+            &Value::from("drop")
+        ),
+        "{event}"
+    );
     let members = daemon.cli(&["set", "show", "abusers"]);
     assert!(
         members
