@@ -223,8 +223,11 @@ fn every_example_passes_session_check() {
             format!("{}: ok", path.display())
         );
         assert!(
-            stdout.lines().skip(1).all(|line| line.starts_with("set")),
-            "after `ok`, check reports only the sets: {stdout}"
+            stdout
+                .lines()
+                .skip(1)
+                .all(|line| line.starts_with("set") || line.starts_with("rule `")),
+            "after `ok`, check reports only the sets and the rules' limits: {stdout}"
         );
         assert!(
             out.stderr.is_empty(),

@@ -977,8 +977,8 @@ fn main() {
         std::process::id()
     )));
     let sizes = loader::Sizes {
-        max_sessions: CAPACITY,
         max_set_entries: BIG_SET_LIMIT,
+        ..loader::Sizes::sessions(CAPACITY)
     };
     let mut ebpf =
         loader::load(&pin.0, sizes, false, KernelLogLevel::default()).unwrap_or_else(|error| {

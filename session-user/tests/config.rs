@@ -923,3 +923,88 @@ fn bad_kernel_log_levels_are_located() {
     );
     expect_error("[logging]\nkernel = \"debug\"\n", "kernel", "unknown field");
 }
+
+#[test]
+fn limits_parse_into_the_rule_and_bad_ones_are_refused_where_they_are_written() {
+    let config = parse_ok(
+        r#"
+[limits]
+max_tracked_sources = 4096
+
+[sets]
+abusers = []
+
+[[rule]]
+name = "ssh"
+state = ["new"]
+proto = "tcp"
+dport = [22]
+action = "accept"
+limit = { max_src_conn = 3, max_src_conn_rate = "10/1m", src_prefix_v6 = 64, overload = "@abusers", overload_timeout = 60, overload_flush = "rule" }
+"#,
+    );
+    assert_eq!(config.max_tracked_sources, 4096);
+    let limit = config.policy.rules[0]
+        .limit
+        .as_ref()
+        .expect("the rule has limits");
+    assert_eq!(
+        (limit.max_src_conn, limit.rate, limit.max_conn),
+        (3, Some((10, 60_000)), 0)
+    );
+    assert_eq!((limit.src_prefix_v4, limit.src_prefix_v6), (32, 64));
+    assert_eq!(limit.overload.as_deref(), Some("abusers"));
+    assert_eq!(limit.overload_timeout, 60);
+    assert_eq!(
+        limit.flush,
+        session_user::policy::limits::OverloadFlush::Rule
+    );
+    assert_eq!(
+        parse_ok("").max_tracked_sources,
+        session_common::limits::DEFAULT_MAX_TRACKED_SOURCES
+    );
+    for (text, at, message) in [
+        (
+            "[limits]\nmax_tracked_sources = 10\n",
+            (2, 23),
+            "max_tracked_sources must be between 1024 and 16777216, got 10",
+        ),
+        (
+            "[[rule]]\nname = \"a\"\naction = \"accept\"\nlimit = { max_src_conn = 0 }\n",
+            (4, 26),
+            "max_src_conn must be between 1 and 16777216 sessions, got 0",
+        ),
+        (
+            "[[rule]]\nname = \"a\"\naction = \"accept\"\nlimit = { src_prefix_v4 = 33, max_conn = 5 }\n",
+            (4, 27),
+            "src_prefix_v4 must be a prefix length of 0 to 32, got 33",
+        ),
+        (
+            "[[rule]]\nname = \"a\"\naction = \"accept\"\nlimit = { max_conn = 5, overload_timeout = 60 }\n",
+            (4, 44),
+            "overload_timeout needs `overload = \"SET\"`",
+        ),
+        (
+            "[[rule]]\nname = \"a\"\naction = \"accept\"\nlimit = { }\n",
+            (4, 9),
+            "`limit` sets no cap",
+        ),
+        (
+            "[[rule]]\nname = \"a\"\naction = \"accept\"\nlimit = { max_src_conn = 2, overload_flush = \"all\" }\n",
+            (4, 46),
+            "overload_flush needs `overload = \"SET\"`",
+        ),
+    ] {
+        let error = parse_err(text);
+        assert_eq!(
+            (error.line, error.column),
+            at,
+            "{text}: error at the wrong place: {error}"
+        );
+        assert!(
+            error.message.starts_with(message),
+            "{text}: unexpected message: {}",
+            error.message
+        );
+    }
+}

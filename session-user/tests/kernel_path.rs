@@ -3376,8 +3376,8 @@ fn addresses_that_find_the_host_hash_full_live_in_the_trie_and_a_resize_carries_
     let file = TempFile::new("spill", &format!("{}\n", hosts.join("\n")));
     let policy = blocklist_policy(&format!("{{ file = \"{}\" }}", file.0.display()));
     let sizes = |max_set_entries| loader::Sizes {
-        max_sessions: MAX_SESSIONS,
         max_set_entries,
+        ..loader::Sizes::sessions(MAX_SESSIONS)
     };
     let mut k = Kernel::start_with(&test_settings(), &policy, sizes(8), Ingress::Xdp);
     assert_eq!(
@@ -3952,5 +3952,35 @@ fn limits_refuse_and_overload_as_the_host_model_says_and_a_flood_of_sources_free
     assert_eq!(
         summed, held,
         "after the recount the sources hold what the table holds"
+    );
+    // A restart with another `[limits] max_tracked_sources` recreates the LRU at that
+    // size; the recount refills it from the table.
+    let mut k = k;
+    let sizes = loader::Sizes {
+        max_tracked_sources: 2048,
+        ..loader::Sizes::sessions(1 << 16)
+    };
+    k.ebpf = loader::load(k.maps.dir(), sizes, false, KernelLogLevel::default())
+        .unwrap_or_else(|error| panic!("loading again with fewer tracked sources: {error:?}"));
+    let path = k.maps.dir().join(map_names::SRC_LIMITS);
+    let info = MapData::from_pin(&path)
+        .and_then(|map| map.info())
+        .unwrap_or_else(|error| panic!("{}: {error:?}", path.display()));
+    assert_eq!(
+        info.max_entries(),
+        2048,
+        "the LRU was recreated at the new size"
+    );
+    k.maps
+        .recount_limits(monotonic_ns())
+        .unwrap_or_else(|error| panic!("recount_limits: {error:?}"));
+    let refilled = k
+        .maps
+        .limit_sources()
+        .unwrap_or_else(|error| panic!("limit_sources: {error:?}"))
+        .len();
+    assert!(
+        (1..=2048).contains(&refilled),
+        "the recount refilled the new LRU within its bound: {refilled}"
     );
 }

@@ -9,6 +9,7 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use session_common::{
+    limits::DEFAULT_MAX_TRACKED_SOURCES,
     presence,
     sets::{SET_KEY_STORAGE_BITS, SetKey, SetValue},
     wire::{Counter, DaemonCounter, Session, Settings, map_names},
@@ -76,6 +77,8 @@ pub struct Sizes {
     pub max_sessions: u32,
     /// `[limits] max_set_entries`: sizes the sets' host hash ([`set_host_capacity`]).
     pub max_set_entries: u32,
+    /// `[limits] max_tracked_sources`: the rules' limits' LRU of sources.
+    pub max_tracked_sources: u32,
 }
 
 impl Sizes {
@@ -85,6 +88,7 @@ impl Sizes {
         Sizes {
             max_sessions,
             max_set_entries: DEFAULT_MAX_SET_ENTRIES,
+            max_tracked_sources: DEFAULT_MAX_TRACKED_SOURCES,
         }
     }
 }
@@ -103,6 +107,7 @@ pub fn load(
     let Sizes {
         max_sessions,
         max_set_entries,
+        max_tracked_sources,
     } = sizes;
     create_pin_dir(pin_dir)?;
     unpin_retired_maps(pin_dir)?;
@@ -112,6 +117,7 @@ pub fn load(
     let host_capacity = set_host_capacity(max_set_entries);
     let carried_hosts = unpin_resized_set_hosts(pin_dir, host_capacity)?;
     let slot_bits = presence::slot_bits_for(max_sessions);
+    unpin_resized_sources(pin_dir, max_tracked_sources)?;
     recreate_resized_counters(
         pin_dir,
         &[
@@ -142,6 +148,7 @@ pub fn load(
         .map_max_entries(map_names::UNASSURED, unassured_capacity(max_sessions))
         .map_max_entries(map_names::PRESENCE, presence::words(slot_bits))
         .map_max_entries(map_names::SET_HOSTS, host_capacity)
+        .map_max_entries(map_names::SRC_LIMITS, max_tracked_sources)
         .override_global("PRESENCE_SLOT_BITS", &slot_bits, true)
         .override_global(kernel_log::LEVEL_GLOBAL, &(log_level as u8), true)
         .load(EBPF_OBJECT)
@@ -232,6 +239,27 @@ fn unpin_resized_set_hosts(
         entries.len()
     );
     Ok(entries)
+}
+
+/// Unpins the limits' LRU of sources when it was pinned with another size than
+/// `[limits] max_tracked_sources` asks for, so that the loader creates it afresh. Nothing
+/// is carried over: the daemon recounts every source's sessions from the table once the
+/// policy is applied, and only the rate buckets start full again.
+fn unpin_resized_sources(pin_dir: &Path, capacity: u32) -> Result<()> {
+    let path = pin_dir.join(map_names::SRC_LIMITS);
+    let Some((_, info)) = pinned_map_info(&path)? else {
+        return Ok(());
+    };
+    let pinned = info.max_entries();
+    if pinned != capacity {
+        std::fs::remove_file(&path)
+            .with_context(|| format!("unpinning {} to resize it", path.display()))?;
+        log::info!(
+            "{} tracked {pinned} sources; [limits] max_tracked_sources now asks for {capacity}: recreated, its counts recounted from the table",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Unpins the counter arrays of `counters` (name, entries this version has) that another

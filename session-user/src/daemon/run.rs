@@ -154,6 +154,7 @@ fn start(
         loader::Sizes {
             max_sessions: config.max_sessions,
             max_set_entries: config.policy.max_set_entries,
+            max_tracked_sources: config.max_tracked_sources,
         },
         !config.tc_ingress.is_empty(),
         config.kernel_log_level,

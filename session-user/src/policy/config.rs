@@ -13,9 +13,12 @@ use std::{
 
 use ipnet::{IpNet, Ipv6Net};
 use serde::Deserialize;
-use session_common::wire::{
-    Action, CtState, FAMILY_IPV4, FAMILY_IPV6, Hook, MAX_RULES, NS_PER_SEC, RULE_NAME_LEN,
-    Settings, Timeout, proto, settings_flags,
+use session_common::{
+    limits::DEFAULT_MAX_TRACKED_SOURCES,
+    wire::{
+        Action, CtState, FAMILY_IPV4, FAMILY_IPV6, Hook, MAX_RULES, NS_PER_SEC, RULE_NAME_LEN,
+        Settings, Timeout, proto, settings_flags,
+    },
 };
 use toml::Spanned;
 
@@ -85,6 +88,9 @@ pub struct Config {
     pub tc_ingress: Vec<String>,
     /// Size of the session table.
     pub max_sessions: u32,
+    /// Sources the rules' limits track at once (`[limits] max_tracked_sources`): the
+    /// bound of their LRU map.
+    pub max_tracked_sources: u32,
     /// Timeouts and tracking switches, as the kernel reads them.
     pub settings: Settings,
     /// The policy.
@@ -221,6 +227,7 @@ struct RawMetrics {
 struct RawLimits {
     max_sessions: Option<Spanned<i64>>,
     max_set_entries: Option<Spanned<i64>>,
+    max_tracked_sources: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -337,6 +344,23 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         }
     }
     let max_set_entries = max_set_entries(loc, raw.limits.as_ref())?;
+    let max_tracked_sources = match raw
+        .limits
+        .as_ref()
+        .and_then(|limits| limits.max_tracked_sources.as_ref())
+    {
+        None => DEFAULT_MAX_TRACKED_SOURCES,
+        Some(value) => {
+            let n = *value.get_ref();
+            if !(1024..=16_777_216).contains(&n) {
+                return Err(loc.error(
+                    value.span(),
+                    format!("max_tracked_sources must be between 1024 and 16777216, got {n}"),
+                ));
+            }
+            n as u32
+        }
+    };
     let max_sessions = match raw.limits.and_then(|limits| limits.max_sessions) {
         None => DEFAULT_MAX_SESSIONS,
         Some(value) => {
@@ -472,6 +496,7 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         interfaces,
         tc_ingress,
         max_sessions,
+        max_tracked_sources,
         settings,
         policy: Policy {
             inbound,
