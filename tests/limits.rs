@@ -2,7 +2,7 @@
 //! concurrent cap is refused, lands in the overload set with its sessions flushed while
 //! another source goes on, and is let in again when the ban expires; a source over the
 //! rate cap is refused until its bucket refills; a rule's total cap counts every source
-//! and frees a place when a connection closes.
+//! and frees a place when a connection closes; restored sessions count at once.
 
 use std::{
     net::{SocketAddr, TcpStream},
@@ -302,4 +302,34 @@ fn a_rules_total_cap_counts_every_source_and_a_closed_connection_frees_its_place
     let again = admitted_within(Duration::from_secs(5), || setup.connect(REFUSED_WAIT));
     assert!(again.is_some(), "a closed connection frees its place");
     assert!(rule_limit(&daemon, "ssh")["refused"].as_u64() >= Some(2));
+}
+
+#[test]
+fn restored_sessions_count_against_their_rules_limits() {
+    let setup = Setup::new("limits-restore");
+    let daemon = setup.lab.daemon(&policy("{ max_src_conn = 2 }"));
+    let _held: Vec<TcpStream> = (0..2)
+        .map(|i| {
+            setup
+                .connect(ADMITTED_WAIT)
+                .unwrap_or_else(|e| panic!("connection {i} is within the cap: {e}"))
+        })
+        .collect();
+    let file = setup.lab.scratch_path("table");
+    let file = file.to_string_lossy();
+    daemon.cli(&["save", &file]);
+    daemon.cli(&["flush"]);
+    assert_eq!(
+        sessions_from(&daemon, Family::V4.addr(Side::Client)),
+        0,
+        "the flush emptied the table"
+    );
+    let out = daemon.cli(&["restore", &file]);
+    assert!(out.starts_with("restored 2 session(s)"), "{out}");
+    let entry = source_entry(&daemon, Family::V4.addr(Side::Client)).expect("counted");
+    assert_eq!(entry["sessions"], 2, "the restored sessions count: {entry}");
+    assert!(
+        setup.connect(REFUSED_WAIT).is_err(),
+        "a third connection is over the cap the restored sessions fill"
+    );
 }

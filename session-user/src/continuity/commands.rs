@@ -32,6 +32,8 @@ pub fn restore_into(maps: &PinnedMaps, file: &Path) -> Result<ImportReport> {
     let report = import::restore(maps, file, monotonic_ns(), unix_now_ns())?;
     maps.bump(DaemonCounter::SessionsRestored, report.imported)?;
     maps.bump(DaemonCounter::RestoreRefused, report.not_imported())?;
+    // The restored sessions count against their rules' limits at once.
+    maps.recount_limits(monotonic_ns())?;
     Ok(report)
 }
 

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use session_common::{
     record::{NO_NAME, SessionRecord},
-    wire::{FlowKey, RULE_ID_DEFAULT, Session, session_flags},
+    wire::{FlowKey, RULE_ID_DEFAULT, Session, TcpState, proto, rule_flags, session_flags},
 };
 
 use crate::{
@@ -77,6 +77,7 @@ pub fn import(
         match admitting_rule(rules, &record.key, &session) {
             Some(rule) => {
                 session.rule_id = rule;
+                count_under_limits(rules, &record.key, &mut session);
                 admitted.push((record.key, session));
             }
             None => report.refused += 1,
@@ -95,6 +96,22 @@ pub fn import(
     maps.insert_sessions(&admitted)?;
     report.imported = admitted.len() as u64;
     Ok(report)
+}
+
+/// Marks an imported session as counted by its rule's limits when the rule has any and
+/// the session is not closing, as the kernel counts the sessions it admits: the daemon's
+/// recount then counts it, and its close uncounts it. Whatever the saved record said.
+fn count_under_limits(rules: &ModelRules, key: &FlowKey, session: &mut Session) {
+    let limited = rules.entries.iter().any(|entry| {
+        entry.rule_id == session.rule_id && entry.match_flags & rule_flags::LIMITED != 0
+    });
+    let closing = key.proto == proto::TCP
+        && (session.state == TcpState::TimeWait as u8 || session.state == TcpState::Close as u8);
+    if limited && !closing {
+        session.flags |= session_flags::COUNTED;
+    } else {
+        session.flags &= !session_flags::COUNTED;
+    }
 }
 
 /// Writes every live session of the table to `path`; returns how many.
