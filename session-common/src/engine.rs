@@ -9,15 +9,16 @@ use crate::{
         ends_datagram, fill_entry, follow, state_of, unjudged,
     },
     limits::Admission,
-    packet::{IcmpKind, OptionBytes, PacketBytes, PacketMeta, ParseError},
+    packet::{IcmpKind, OptionBytes, PacketBytes, PacketMeta, ParseError, tcp_flags},
+    syn_defence::{self, DefendedPort, Socket},
     track::{
         Invalid, Update, account, direction, embedded_key, flow_key, mark_seen, new_session,
-        state_for, update,
+        new_session_with, state_for, update,
     },
     wire::{
         Action, Counter, CtState, Dir, FlowKey, HIT_DEFAULT_INBOUND, HIT_DEFAULT_OUTBOUND, Hook,
         MAX_RULES, PolicyHeader, RULE_ID_DEFAULT, Rule, Session, Settings, TcpState, event_kind,
-        proto, rule_flags, session_flags, verdict_flags,
+        proto, rule_flags, session_flags, settings_flags, verdict_flags,
     },
 };
 
@@ -89,6 +90,16 @@ pub trait Limits {
     /// Uncounts a session of `rule_id` under `key` that [`Limits::admit`] counted; its
     /// source is the lower endpoint of the key when `orig_is_lo`.
     fn release(&mut self, bank: u32, rule_id: u16, key: &FlowKey, orig_is_lo: bool);
+}
+
+/// What the host's TCP stack holds, for the SYN-flood defence ([`crate::syn_defence`]):
+/// the kernel asks the stack with socket lookups, the host model a table.
+pub trait Sockets {
+    /// The host's port `port` when `[syn_defence]` defends it.
+    fn defended(&mut self, port: u16) -> Option<&mut DefendedPort>;
+    /// What the host's stack holds for the TCP connection of `meta`, which arrives
+    /// (`inbound`) or leaves.
+    fn socket(&mut self, meta: &PacketMeta, inbound: bool) -> Socket;
 }
 
 /// Where the pipeline counts what it did.
@@ -348,7 +359,7 @@ fn invalid_counter(reason: Invalid) -> Counter {
 /// Fragments ([`crate::fragment`]) pay for the fragment table; whole packets never touch it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn process<P, S, F, R, C, E, L>(
+pub fn process<P, S, F, R, C, E, L, K>(
     pkt: &P,
     hook: Hook,
     ifindex: u32,
@@ -360,6 +371,7 @@ pub fn process<P, S, F, R, C, E, L>(
     counters: &mut C,
     expectations: &mut E,
     limits: &mut L,
+    sockets: &mut K,
     scratch: &mut Scratch,
 ) -> Option<Outcome>
 where
@@ -370,6 +382,7 @@ where
     C: Counters,
     E: Expectations,
     L: Limits,
+    K: Sockets,
 {
     let Scratch {
         meta,
@@ -446,6 +459,7 @@ where
         counters,
         expectations,
         limits,
+        sockets,
         session,
         options,
     );
@@ -684,6 +698,47 @@ fn start_session<S: SessionTable>(
     Ok(())
 }
 
+/// The SYN-flood defence's verdict for a TCP packet without a session at `hook`: only for
+/// a defended port of the host (the destination of what arrives, the source of what
+/// leaves); an arriving SYN counts towards the port's rate and is the defence's only
+/// while the rate engages it.
+#[inline(always)]
+fn defend<K: Sockets>(
+    meta: &PacketMeta,
+    hook: Hook,
+    now: u64,
+    sockets: &mut K,
+) -> syn_defence::Verdict {
+    let inbound = hook == Hook::Ingress;
+    let flags = meta.tcp_flags;
+    let syn = flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+    let syn_ack = flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN | tcp_flags::ACK;
+    let local_port = if inbound { meta.dport } else { meta.sport };
+    let Some(port) = sockets.defended(local_port) else {
+        return syn_defence::Verdict::Track;
+    };
+    if inbound && syn && !port.engaged(now) {
+        return syn_defence::Verdict::Track;
+    }
+    syn_defence::verdict(inbound, syn, syn_ack, sockets.socket(meta, inbound))
+}
+
+/// Builds the session of a connection the host's stack holds as established, picked up
+/// from the client's packet as `tcp_loose` would, and counts the packet in it.
+#[inline(always)]
+fn pick_up<S: SessionTable>(
+    fresh: &mut Session,
+    meta: &PacketMeta,
+    src_is_lo: bool,
+    settings: &Settings,
+    now: u64,
+) -> Result<(), Invalid> {
+    new_session_with(fresh, meta, src_is_lo, true, now)?;
+    S::track(fresh, meta, Dir::Original, settings, now)?;
+    account(fresh, meta, Dir::Original);
+    Ok(())
+}
+
 /// Uncounts `session` from its rule's limits, once: when it closes, is removed, or is
 /// refused a place in the table.
 #[inline(always)]
@@ -807,7 +862,7 @@ fn is_closing(state: u8) -> bool {
 /// session in `fresh` is to be inserted if the policy accepts it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn track_packet<P, S, R, C, E, L>(
+fn track_packet<P, S, R, C, E, L, K>(
     pkt: &P,
     meta: &mut PacketMeta,
     key: &FlowKey,
@@ -819,6 +874,7 @@ fn track_packet<P, S, R, C, E, L>(
     counters: &mut C,
     expectations: &mut E,
     limits: &mut L,
+    sockets: &mut K,
     fresh: &mut Session,
     options: &mut OptionBytes,
 ) -> Tracked
@@ -829,6 +885,7 @@ where
     C: Counters,
     E: Expectations,
     L: Limits,
+    K: Sockets,
 {
     match meta.icmp_kind {
         IcmpKind::Untracked => return Tracked::of(CtState::Untracked),
@@ -936,6 +993,34 @@ where
         decision: None,
         cache_for: None,
     };
+    // A TCP packet of no session on a port the SYN-flood defence holds: what the host's
+    // stack knows of its connection decides (only with `[syn_defence]` configured).
+    if meta.proto == proto::TCP && settings.has(settings_flags::SYN_DEFENCE) {
+        match defend(meta, judge.hook, now, sockets) {
+            syn_defence::Verdict::Track => {}
+            syn_defence::Verdict::Handshake => {
+                counters.count(Counter::SynDefenceHandshake);
+                return Tracked::of(if attempt {
+                    CtState::New
+                } else {
+                    CtState::Established
+                });
+            }
+            syn_defence::Verdict::PickUp => {
+                pkt.syn_options_into(meta, options);
+                return match pick_up::<S>(fresh, meta, src_is_lo, settings, now) {
+                    Ok(()) => {
+                        counters.count(Counter::SynDefencePickedUp);
+                        new_flow(true)
+                    }
+                    Err(reason) => {
+                        counters.count(invalid_counter(reason));
+                        Tracked::of(CtState::Invalid)
+                    }
+                };
+            }
+        }
+    }
     // A UDP packet of no session that answers a request the host sent to a group
     // address: the only packets that pay for the expectation lookup.
     if meta.proto == proto::UDP

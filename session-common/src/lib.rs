@@ -17,6 +17,7 @@ pub mod presence;
 pub mod record;
 pub mod rule_bitmaps;
 pub mod sets;
+pub mod syn_defence;
 pub mod track;
 pub mod wire;
 

@@ -390,6 +390,26 @@ pub fn new_session(
     settings: &Settings,
     now: u64,
 ) -> Result<(), Invalid> {
+    new_session_with(
+        session,
+        meta,
+        src_is_lo,
+        settings.has(settings_flags::TCP_LOOSE),
+        now,
+    )
+}
+
+/// [`new_session`] with `loose` in place of the `tcp_loose` setting: a TCP segment that
+/// is not a SYN may pick a connection up when it holds. The SYN-flood defence
+/// ([`crate::syn_defence`]) picks up, for one connection, one the host's stack vouches for.
+#[inline(always)]
+pub fn new_session_with(
+    session: &mut Session,
+    meta: &PacketMeta,
+    src_is_lo: bool,
+    loose: bool,
+    now: u64,
+) -> Result<(), Invalid> {
     session.reset();
     session.created_ns = now;
     session.flags = if src_is_lo {
@@ -416,7 +436,7 @@ pub fn new_session(
                 sender.maxwin = window;
                 sender.maxend = sender.end;
                 apply_syn_options(sender, meta);
-            } else if first < TCP_INVALID && settings.has(settings_flags::TCP_LOOSE) {
+            } else if first < TCP_INVALID && loose {
                 let sender = &mut session.tcp[0];
                 sender.end = segment_end(meta);
                 sender.maxwin = window;

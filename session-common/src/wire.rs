@@ -91,6 +91,8 @@ pub mod map_names {
     pub const RULE_CONNS: &str = "RULE_CONNS";
     /// Per-rule limit counters (`crate::limits::LimitHit`), per CPU.
     pub const LIMIT_HITS: &str = "LIMIT_HITS";
+    /// The ports `[syn_defence]` defends (`crate::syn_defence::DefendedPort`).
+    pub const SYN_DEFENCE: &str = "SYN_DEFENCE";
 }
 
 /// The canonical identity of a flow: both directions of a connection map to one key.
@@ -551,11 +553,17 @@ pub enum Counter {
     /// Sources to overload that found their set's maps full: refused all the same, but
     /// not banned beyond the refusal.
     OverloadSetFull,
+    /// Packets of a handshake on a defended port passed without a session
+    /// (`[syn_defence]`): the client's SYN, the host's SYN-ACK, the client's ACK.
+    SynDefenceHandshake,
+    /// Connections on a defended port given their session once the host's stack held
+    /// them established.
+    SynDefencePickedUp,
 }
 
 impl Counter {
     /// Number of counters; the size of the counter map.
-    pub const COUNT: u32 = Counter::OverloadSetFull as u32 + 1;
+    pub const COUNT: u32 = Counter::SynDefencePickedUp as u32 + 1;
 
     /// Every counter in index order, with its stable name for `stats` and metrics.
     pub const ALL: [(Counter, &'static str); Counter::COUNT as usize] = [
@@ -592,6 +600,8 @@ impl Counter {
         (Counter::LimitRefused, "limit_refused"),
         (Counter::SourcesOverloaded, "sources_overloaded"),
         (Counter::OverloadSetFull, "overload_set_full"),
+        (Counter::SynDefenceHandshake, "syn_defence_handshake"),
+        (Counter::SynDefencePickedUp, "syn_defence_picked_up"),
     ];
 }
 
@@ -900,6 +910,9 @@ pub mod settings_flags {
     /// Forward established TCP and UDP sessions between managed interfaces in XDP
     /// (`crate::forward`).
     pub const FAST_PATH: u32 = 8;
+    /// `[syn_defence]` defends some port (`crate::syn_defence`): TCP packets without a
+    /// session look their port up in `SYN_DEFENCE`.
+    pub const SYN_DEFENCE: u32 = 16;
 }
 
 /// Nanoseconds per second, for timeout conversion.

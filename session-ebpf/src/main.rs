@@ -8,6 +8,7 @@
 mod diagnostics;
 mod forward;
 mod limits;
+mod sockets;
 mod tables;
 
 use aya_ebpf::{
@@ -26,6 +27,7 @@ use crate::{
     diagnostics::{LoggedCounters, Unjudged},
     forward::fast_forward,
     limits::BpfLimits,
+    sockets::{SkbSockets, XdpSockets},
     tables::{
         BpfCounters, BpfExpectations, BpfFragments, BpfRules, BpfSessions, SkbBytes, XdpBytes,
         is_managed, report, scratch, settings,
@@ -92,6 +94,7 @@ fn try_ingress(ctx: &XdpContext) -> Result<Ingress, Unjudged> {
         },
         &mut BpfExpectations,
         &mut BpfLimits,
+        &mut XdpSockets(ctx),
         scratch,
     );
     let Some(outcome) = outcome else {
@@ -166,6 +169,7 @@ fn judge_skb(ctx: &TcContext, hook: Hook, ifindex: u32) -> Result<Action, Unjudg
         &mut LoggedCounters { ctx, hook, ifindex },
         &mut BpfExpectations,
         &mut BpfLimits,
+        &mut SkbSockets(ctx),
         scratch,
     );
     Ok(outcome.map_or(Action::Accept, |outcome| {

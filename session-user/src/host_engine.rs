@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use session_common::{
-    engine::{Counters, Limits, Outcome, RuleSource, Scratch, SessionTable, process},
+    engine::{Counters, Limits, Outcome, RuleSource, Scratch, SessionTable, Sockets, process},
     expect::{ExpectKey, Expectations},
     fragment::{DatagramEntry, DatagramKey, FragmentTable, MAX_FRAGMENT_DATAGRAMS},
     limits::{
@@ -15,6 +15,8 @@ use session_common::{
     packet::PacketMeta,
     policy::rule_matches,
     sets::sets_match,
+    syn_defence::{DefendedPort, Socket},
+    track::flow_key,
     wire::{
         Counter, CtState, FlowKey, Hook, PolicyHeader, RULE_HIT_SLOTS, Rule, Session, Settings,
         session_flags,
@@ -312,6 +314,36 @@ impl Limits for ModelLimits {
     }
 }
 
+/// The host's TCP stack as the SYN-flood defence asks it: the defended ports, and what
+/// the stack holds for each connection (by flow key; nothing when absent).
+#[derive(Clone, Debug, Default)]
+pub struct ModelSockets {
+    /// The defended ports.
+    pub defended: HashMap<u16, DefendedPort>,
+    /// What the stack holds for each connection.
+    pub sockets: HashMap<FlowKey, Socket>,
+    /// The ports something listens on.
+    pub listening: HashSet<u16>,
+}
+
+impl Sockets for ModelSockets {
+    fn defended(&mut self, port: u16) -> Option<&mut DefendedPort> {
+        self.defended.get_mut(&port)
+    }
+
+    fn socket(&mut self, meta: &PacketMeta, inbound: bool) -> Socket {
+        if let Some(socket) = self.sockets.get(&flow_key(meta).0) {
+            return *socket;
+        }
+        let local_port = if inbound { meta.dport } else { meta.sport };
+        if self.listening.contains(&local_port) {
+            Socket::Listening
+        } else {
+            Socket::Unknown
+        }
+    }
+}
+
 /// A whole firewall on the host.
 #[derive(Clone, Debug, Default)]
 pub struct Model {
@@ -329,6 +361,8 @@ pub struct Model {
     pub expectations: ModelExpectations,
     /// The rules' limits and what they count.
     pub limits: ModelLimits,
+    /// The host's TCP stack, for the SYN-flood defence.
+    pub sockets: ModelSockets,
 }
 
 impl Model {
@@ -360,6 +394,7 @@ impl Model {
             &mut self.counters,
             &mut self.expectations,
             &mut self.limits,
+            &mut self.sockets,
             &mut scratch,
         );
         for (set, net) in self.limits.overloads.drain(..) {

@@ -12,4 +12,5 @@ pub mod netdev;
 pub mod pinned;
 mod presence;
 pub mod sets;
+pub mod syn_defence;
 mod tc_netlink;

@@ -161,6 +161,7 @@ fn start(
     )?;
     kernel_log::forward(&mut ebpf)?;
     let maps = PinnedMaps::open(&options.pin_dir)?;
+    maps.write_syn_defence(&config.syn_defence)?;
     maps.write_settings(&config.settings)?;
     let clock = clock::calibrate(&mut ebpf).unwrap_or_else(|error| {
         warn!(
@@ -288,6 +289,7 @@ fn reload(path: &Path, maps: &PinnedMaps, ifaces: &[(String, u32)], started: &Co
                 );
             }
             let policy = compile_for_host(&config)?;
+            maps.write_syn_defence(&config.syn_defence)?;
             maps.write_settings(&config.settings)?;
             let generation = maps.apply_policy(&policy)?;
             remove_refused(maps, &policy)?;

@@ -100,6 +100,18 @@ pub struct Config {
     /// The most detailed records the kernel programs log (`[logging] kernel_level`),
     /// fixed when they are loaded.
     pub kernel_log_level: KernelLogLevel,
+    /// The host's ports the SYN-flood defence holds (`[syn_defence]`).
+    pub syn_defence: SynDefence,
+}
+
+/// `[syn_defence]`: the host's own TCP ports whose new connections get a session only
+/// once the host's stack holds them established (`session_common::syn_defence`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SynDefence {
+    /// The defended ports, sorted, without duplicates; empty when off.
+    pub ports: Vec<u16>,
+    /// SYNs a second to a port above which the defence engages for it; 0 for always.
+    pub above: u32,
 }
 
 /// The policy part of a configuration.
@@ -208,6 +220,15 @@ struct RawConfig {
     metrics: Option<RawMetrics>,
     #[serde(default)]
     logging: Option<RawLogging>,
+    #[serde(default)]
+    syn_defence: Option<Spanned<RawSynDefence>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSynDefence {
+    ports: Spanned<Vec<Spanned<i64>>>,
+    above: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -374,6 +395,7 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             n as u32
         }
     };
+    let syn_defence = syn_defence(loc, raw.syn_defence.as_ref())?;
     let mut settings = Settings::default();
     for (key, value) in &raw.timeouts {
         let Some(index) = Timeout::DEFAULTS
@@ -411,6 +433,9 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             tracking.tcp_liberal,
         );
         set_flag(&mut settings, settings_flags::TCP_LOOSE, tracking.tcp_loose);
+    }
+    if !syn_defence.ports.is_empty() {
+        settings.flags |= settings_flags::SYN_DEFENCE;
     }
     if let Some(forwarding) = raw.forwarding {
         set_flag(
@@ -507,7 +532,55 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         },
         metrics,
         kernel_log_level,
+        syn_defence,
     })
+}
+
+/// `[syn_defence]`, checked: ports 1 to 65535, at most
+/// `session_common::syn_defence::MAX_DEFENDED_PORTS`, `above` a positive rate.
+fn syn_defence(
+    loc: &Locator<'_>,
+    raw: Option<&Spanned<RawSynDefence>>,
+) -> Result<SynDefence, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(SynDefence::default());
+    };
+    let section = raw.get_ref();
+    let max = session_common::syn_defence::MAX_DEFENDED_PORTS as usize;
+    if section.ports.get_ref().is_empty() || section.ports.get_ref().len() > max {
+        return Err(loc.error(
+            section.ports.span(),
+            format!("[syn_defence] ports must list 1 to {max} TCP ports the host listens on"),
+        ));
+    }
+    let mut ports = Vec::new();
+    for port in section.ports.get_ref() {
+        match u16::try_from(*port.get_ref()) {
+            Ok(number) if number != 0 => ports.push(number),
+            _ => {
+                return Err(loc.error(
+                    port.span(),
+                    format!("port {} is out of range 1..65535", port.get_ref()),
+                ));
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    let above = match &section.above {
+        None => 0,
+        Some(value) if (1..=100_000_000).contains(value.get_ref()) => *value.get_ref() as u32,
+        Some(value) => {
+            return Err(loc.error(
+                value.span(),
+                format!(
+                    "above must be 1 to 100000000 SYNs a second (leave it out to defend always), got {}",
+                    value.get_ref()
+                ),
+            ));
+        }
+    };
+    Ok(SynDefence { ports, above })
 }
 
 /// Parses `[logging] kernel_level`, one of [`KernelLogLevel::ALL`]'s names.
