@@ -20,7 +20,9 @@ use session_testkit::{
 use session_tests::attacker::{ATTACKER_IFACE, Attacker};
 use session_tests::loadgen::{self, Blast};
 use session_tests::raw::{TcpSegment, flags};
-use session_tests::{CLIENT_V4, Daemon, Family, IO_TIMEOUT, Lab, Side, accept_within, delta};
+use session_tests::{
+    CLIENT_V4, CLIENT_V6, Daemon, Family, IO_TIMEOUT, Lab, Side, accept_within, delta,
+};
 
 /// The defended port.
 const PORT: u16 = 8080;
@@ -61,7 +63,9 @@ fn exchange(
     listener: &TcpListener,
     server_first: bool,
 ) -> Result<(TcpStream, TcpStream), String> {
-    let to = Family::V4.sock(Side::Fw, PORT);
+    let to = listener
+        .local_addr()
+        .map_err(|e| format!("listener: {e}"))?;
     let mut client = lab
         .tcp_connect(Side::Client, to, Duration::from_secs(3))
         .map_err(|e| format!("connect: {e}"))?;
@@ -143,17 +147,75 @@ fn defended_connections_work_both_ways_round_and_get_their_session_once_establis
 }
 
 #[test]
-fn below_its_rate_a_port_gets_sessions_from_the_syn_as_any_other() {
+fn a_handshake_the_host_answers_with_a_syn_cookie_passes_on_the_cookie() {
+    let lab = Lab::dual_stack("syncookie");
+    let _attacker = Attacker::new(&lab);
+    // Cookies for every SYN (what a listener under a flood sends once its queue is full):
+    // the client's ACK then finds no request in the host's stack, only the listener,
+    // and passes on the cookie check alone.
+    lab.ok(
+        Side::Fw,
+        5,
+        &["sysctl", "-q", "-w", "net.ipv4.tcp_syncookies=2"],
+    );
+    let daemon = lab.daemon(&policy(ALWAYS));
+    let mut open = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let listener = lab.tcp_listen(Side::Fw, family, PORT);
+        open.push(
+            exchange(&lab, &listener, false)
+                .unwrap_or_else(|e| panic!("a cookie handshake over {family:?}: {e}")),
+        );
+    }
+    let sessions = sessions_to_port(&daemon);
+    assert_eq!(sessions.len(), 2, "one session per family: {sessions:?}");
+    for session in &sessions {
+        assert_eq!(session["state"], "ESTABLISHED", "{session}");
+    }
+    // An ACK whose cookie is wrong finds the same listener and stays INVALID.
+    let before = daemon.stats_json();
+    let segment = TcpSegment {
+        src: Family::V4.sock(Side::Client, 41_000),
+        dst: Family::V4.sock(Side::Fw, PORT),
+        seq: 7_000_000,
+        ack: 9_000_001,
+        flags: flags::ACK,
+        window: 512,
+        payload: Vec::new(),
+    };
+    lab.packet_socket(Side::Client)
+        .send(&segment.frame(lab.mac(Side::Client), lab.mac(Side::Fw)));
+    let stats = daemon.stats_when("the forged cookie counted as invalid", |stats| {
+        delta(&before, stats, "state_invalid") >= 1
+    });
+    assert_eq!(delta(&before, &stats, "syn_defence_handshake"), 0);
+}
+
+#[test]
+fn a_port_is_defended_only_above_its_rate() {
     let lab = Lab::new("synrate");
     let _attacker = Attacker::new(&lab);
-    let daemon = lab.daemon(&policy("[syn_defence]\nports = [8080]\nabove = 1000\n"));
+    let daemon = lab.daemon(&policy("[syn_defence]\nports = [8080]\nabove = 1\n"));
     let listener = lab.tcp_listen(Side::Fw, Family::V4, PORT);
     let before = daemon.stats_json();
-    let _open = exchange(&lab, &listener, false).unwrap_or_else(|e| panic!("a quiet port: {e}"));
+    // Three connections within a second: the first SYN of a second is below the rate
+    // and gets its session at once; at least one of the others is above it and defended.
+    let started = Instant::now();
+    let open: Vec<_> = (0..3)
+        .map(|i| exchange(&lab, &listener, false).unwrap_or_else(|e| panic!("connection {i}: {e}")))
+        .collect();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the connections took {:?}, more than the second the rate counts in",
+        started.elapsed()
+    );
     let after = daemon.stats_json();
-    assert_eq!(delta(&before, &after, "syn_defence_handshake"), 0);
-    assert_eq!(delta(&before, &after, "syn_defence_picked_up"), 0);
-    assert_eq!(sessions_to_port(&daemon).len(), 1);
+    let picked_up = delta(&before, &after, "syn_defence_picked_up");
+    assert!(
+        (1..=2).contains(&picked_up),
+        "some SYNs above the rate were defended, the first of a second was not: {picked_up}"
+    );
+    assert_eq!(sessions_to_port(&daemon).len(), open.len());
 }
 
 /// Only one flood at a time: two would share the machine's CPUs and each measure less.
