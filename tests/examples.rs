@@ -223,11 +223,10 @@ fn every_example_passes_session_check() {
             format!("{}: ok", path.display())
         );
         assert!(
-            stdout
-                .lines()
-                .skip(1)
-                .all(|line| line.starts_with("set") || line.starts_with("rule `")),
-            "after `ok`, check reports only the sets and the rules' limits: {stdout}"
+            stdout.lines().skip(1).all(|line| line.starts_with("set")
+                || line.starts_with("rule `")
+                || line.starts_with("syn_defence: ")),
+            "after `ok`, check reports only the sets, the rules' limits and the SYN defence: {stdout}"
         );
         assert!(
             out.stderr.is_empty(),

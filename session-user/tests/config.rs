@@ -1008,3 +1008,59 @@ limit = { max_src_conn = 3, max_src_conn_rate = "10/1m", src_prefix_v6 = 64, ove
         );
     }
 }
+
+#[test]
+fn syn_defence_parses_its_ports_and_rate_and_refuses_bad_ones_where_they_are_written() {
+    let config = parse_ok("[syn_defence]\nports = [443, 80, 443]\nabove = 2000\n");
+    assert_eq!(
+        config.syn_defence.ports,
+        [80, 443],
+        "sorted, without duplicates"
+    );
+    assert_eq!(config.syn_defence.above, 2000);
+    assert!(
+        config.settings.flags & session_common::wire::settings_flags::SYN_DEFENCE != 0,
+        "the programs are told to look ports up"
+    );
+    let off = parse_ok("");
+    assert!(off.syn_defence.ports.is_empty());
+    assert_eq!(
+        off.settings.flags & session_common::wire::settings_flags::SYN_DEFENCE,
+        0,
+        "without the section nothing is looked up"
+    );
+    for (text, at, message) in [
+        (
+            "[syn_defence]\nports = []\n",
+            (2, 9),
+            "[syn_defence] ports must list 1 to 1024",
+        ),
+        (
+            "[syn_defence]\nports = [22, 70000]\n",
+            (2, 14),
+            "port 70000 is out of range",
+        ),
+        (
+            "[syn_defence]\nports = [22]\nabove = 0\n",
+            (3, 9),
+            "above must be 1 to 100000000",
+        ),
+        (
+            "[syn_defence]\nports = [22]\nbelow = 5\n",
+            (3, 1),
+            "unknown field `below`",
+        ),
+    ] {
+        let error = parse_err(text);
+        assert_eq!(
+            (error.line, error.column),
+            at,
+            "{text}: error at the wrong place: {error}"
+        );
+        assert!(
+            error.message.starts_with(message),
+            "{text}: unexpected message: {}",
+            error.message
+        );
+    }
+}

@@ -239,6 +239,9 @@ fn dispatch(command: Command) -> Result<()> {
                     println!("{}", limit.describe(&rule.name));
                 }
             }
+            if let Some(line) = config.syn_defence.describe() {
+                println!("{line}");
+            }
             Ok(())
         }
         Command::Completions { shell } => {

@@ -114,6 +114,24 @@ pub struct SynDefence {
     pub above: u32,
 }
 
+impl SynDefence {
+    /// One line for `session check`: the defended ports and when; `None` when off.
+    pub fn describe(&self) -> Option<String> {
+        if self.ports.is_empty() {
+            return None;
+        }
+        let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
+        let when = match self.above {
+            0 => "always".to_string(),
+            above => format!("above {above} SYNs a second to a port"),
+        };
+        Some(format!(
+            "syn_defence: TCP ports {} of this host get sessions only for handshakes its stack completed, {when}",
+            ports.join(", ")
+        ))
+    }
+}
+
 /// The policy part of a configuration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {

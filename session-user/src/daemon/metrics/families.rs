@@ -249,6 +249,12 @@ fn kernel_metric(
         "overload_set_full" => {
             "Sources to overload that found the overload set's maps full (refused, not banned)."
         }
+        "syn_defence_handshake" => {
+            "Packets of a handshake on a `[syn_defence]` port passed without a session."
+        }
+        "syn_defence_picked_up" => {
+            "Sessions made on a `[syn_defence]` port once the host's stack completed the handshake."
+        }
         "fast_path_forwarded" => {
             "Packets of established sessions the fast path handed to their egress interface."
         }
