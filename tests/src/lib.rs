@@ -30,6 +30,7 @@ pub mod lifecycle;
 pub mod loadgen;
 pub mod raw;
 pub mod router;
+pub mod syn_flood;
 pub mod xdpgen;
 
 use std::cell::Cell;
