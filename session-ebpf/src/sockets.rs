@@ -39,7 +39,7 @@ fn defended_port(port: u16) -> Option<&'static mut DefendedPort> {
     // SAFETY: the entry lives while the program holds the RCU read lock; another CPU may
     // count in it at once, which costs a count, never memory safety.
     SYN_DEFENCE
-        .get_ptr_mut(&port)
+        .get_ptr_mut(port)
         .map(|port| unsafe { &mut *port })
 }
 

@@ -143,11 +143,11 @@ pub fn flood_run(tag: &str, defence: &str, attempts: usize) -> FloodRun {
         while run.attempts < attempts && started.elapsed() < Duration::from_secs(60) {
             run.attempts += 1;
             let began = Instant::now();
-            if exchange(&lab, &listener, run.attempts % 2 == 0).is_ok() {
+            if exchange(&lab, &listener, run.attempts.is_multiple_of(2)).is_ok() {
                 run.succeeded += 1;
                 run.exchange_us.push(began.elapsed().as_secs_f64() * 1e6);
             }
-            if run.attempts % 50 == 0 {
+            if run.attempts.is_multiple_of(50) {
                 run.flood_sessions = run.flood_sessions.max(spoofed_sessions(&daemon));
             }
         }
