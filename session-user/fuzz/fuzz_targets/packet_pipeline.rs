@@ -1,7 +1,8 @@
 //! Feeds arbitrary frame sequences through the whole pipeline (parser, tracker, policy,
-//! fragment records) as the kernel runs it: it must never panic, every packet it judges
-//! must be counted exactly once as accepted or dropped, and fragments never create
-//! sessions. A record whose control byte has its top bit set is also sent as the first
+//! fragment records, rule limits, the SYN-flood defence) as the kernel runs it: it must
+//! never panic, every packet it judges must be counted exactly once as accepted or
+//! dropped, fragments never create sessions, and no source holds more sessions than its
+//! rule's limit. A record whose control byte has its top bit set is also sent as the first
 //! and a later fragment of one datagram, so the fuzzer reaches the follow paths at once.
 #![no_main]
 
@@ -18,6 +19,22 @@ const POLICY: &str = concat!(
     return_traffic_rule!("return"),
     accept_new_rule!("web", "tcp", [80, "8000-8080"]),
     r#"
+[sets]
+abusers = []
+
+[[rule]]
+name = "banned"
+state = ["new"]
+src = ["@abusers"]
+action = "drop"
+
+[[rule]]
+name = "limited"
+state = ["new"]
+proto = "udp"
+action = "accept"
+limit = { max_src_conn = 2, max_src_conn_rate = "3/2s", max_conn = 5, src_prefix_v6 = 64, overload = "abusers" }
+
 [[rule]]
 name = "ping"
 proto = "icmp"
@@ -33,7 +50,18 @@ fuzz_target!(|data: &[u8]| {
     if data.first().is_some_and(|b| b & 1 == 1) {
         settings.flags |= settings_flags::TCP_LOOSE;
     }
+    // The second bit defends the web ports, whose sockets the model says are listening.
+    if data.first().is_some_and(|b| b & 2 == 2) {
+        settings.flags |= settings_flags::SYN_DEFENCE;
+    }
     let mut model = Model::new(settings, &policy);
+    for port in [80, 8080] {
+        model
+            .sockets
+            .defended
+            .insert(port, session_common::syn_defence::DefendedPort::new(0));
+        model.sockets.listening.insert(port);
+    }
     let mut now = NS_PER_SEC;
     let mut judged = 0u64;
     // Each record: 1 control byte (hook, time step), 1 length byte, then the frame.
@@ -76,6 +104,10 @@ fuzz_target!(|data: &[u8]| {
         "the fragment records outgrew their bound"
     );
     assert_eq!(counters.get(Counter::PacketsSeen), judged);
+    assert!(
+        model.limits.sources.values().all(|source| source.conns <= 2),
+        "a source holds more sessions than max_src_conn"
+    );
     assert_eq!(
         counters.get(Counter::PacketsAccepted) + counters.get(Counter::PacketsDropped),
         judged
