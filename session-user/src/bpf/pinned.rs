@@ -301,6 +301,44 @@ impl PinnedMaps {
         Ok(())
     }
 
+    /// The session stored under `key` in either tier, if any.
+    pub fn session(&self, key: &FlowKey) -> Result<Option<Session>> {
+        for name in [map_names::SESSIONS, map_names::UNASSURED] {
+            match self.tier(name)?.get(key, 0) {
+                Ok(session) => return Ok(Some(session)),
+                Err(error) if is_not_found(&error) => {}
+                Err(error) => return Err(error).with_context(|| format!("reading {name}")),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stores `session` under `key`, replacing what either tier held: in the protected
+    /// tier when it is, otherwise the unassured one, and removed from the other, so the
+    /// key stays in one tier; sets its slots in the presence filter as the kernel path
+    /// does (what sync installs from a peer).
+    pub fn store_session(&self, key: &FlowKey, session: &Session) -> Result<()> {
+        let (into, out_of) = if session.flags & session_flags::PROTECTED != 0 {
+            (map_names::SESSIONS, map_names::UNASSURED)
+        } else {
+            (map_names::UNASSURED, map_names::SESSIONS)
+        };
+        self.tier(into)?
+            .insert(key, session, 0)
+            .with_context(|| format!("storing a session in {into} (is the table full?)"))?;
+        match self.tier(out_of)?.remove(key) {
+            Ok(()) => {}
+            Err(error) if is_not_found(&error) => {}
+            Err(error) => {
+                return Err(error).with_context(|| format!("removing a session from {out_of}"));
+            }
+        }
+        let filter = PresenceFilter::open(&self.dir)?;
+        filter.set(0, key);
+        filter.set(1, key);
+        Ok(())
+    }
+
     /// The active policy bank as the host engine reads rules, to judge sessions against
     /// the policy in force without its config file.
     pub fn active_rules(&self) -> Result<ModelRules> {

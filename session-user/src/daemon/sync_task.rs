@@ -1,0 +1,304 @@
+//! The daemon's side of state sync (`[sync]`, docs/SYNC.md): one thread that owns the
+//! sync socket, scans the table every interval for changes the peer has not seen, sends
+//! and retransmits them, and installs what the peer sends in the kernel table at once, so
+//! a standby promoted by keepalived already holds every session. The protocol itself is
+//! `crate::sync`; this file is its I/O.
+
+use std::{
+    collections::HashMap,
+    io::{ErrorKind, Read as _},
+    net::{SocketAddr, UdpSocket},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use log::{info, warn};
+use session_common::{
+    record::{NO_NAME, SessionRecord},
+    wire::{DaemonCounter, FlowKey, RULE_ID_DEFAULT, Session},
+};
+
+use crate::{
+    bpf::{clock::monotonic_ns, loader, netdev, pinned::PinnedMaps},
+    continuity::import::unix_now_ns,
+    daemon::readmission::admitting_rule,
+    policy::config::SyncConfig,
+    sync::{
+        changes::{Tracker, received_session},
+        key,
+        link::{Delivery, Link, PeerState, Timing},
+        wire::{Change, MAX_DATAGRAM, data_flags},
+    },
+};
+
+/// A sync link ready to run: key read, socket bound (done while the daemon still has its
+/// privileges).
+pub struct Prepared {
+    socket: UdpSocket,
+    peer: SocketAddr,
+    link: Link,
+    tracker: Tracker,
+    interval: Duration,
+    maps: PinnedMaps,
+}
+
+/// Counts the thread keeps beside the link's own.
+#[derive(Default)]
+struct Tally {
+    foreign: u64,
+    changes_sent: u64,
+    installed: u64,
+    deleted: u64,
+    policy_refused: u64,
+}
+
+/// Reads the key file and binds the sync socket; an unusable key or address stops the
+/// start with the reason.
+pub fn prepare(config: &SyncConfig, maps: &PinnedMaps) -> Result<Prepared> {
+    let key = key::load(&config.key_file)?;
+    let socket = UdpSocket::bind(config.local).with_context(|| {
+        format!(
+            "binding the sync socket to {} (`[sync] local`: an address of this host, a port nothing else uses)",
+            config.local
+        )
+    })?;
+    let timing = Timing {
+        retransmit_ns: (4 * config.interval.as_nanos() as u64).max(100_000_000),
+        ..Timing::default()
+    };
+    Ok(Prepared {
+        socket,
+        peer: config.peer,
+        link: Link::new(key, timing, boot_id()?),
+        tracker: Tracker::new(config.refresh.as_nanos() as u64),
+        interval: config.interval,
+        maps: maps.clone(),
+    })
+}
+
+/// A random id for this daemon's run, so the peer tells a restart from a delay.
+fn boot_id() -> Result<u64> {
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut bytes))
+        .context("reading /dev/urandom for the sync boot id")?;
+    Ok(u64::from_le_bytes(bytes).max(1))
+}
+
+impl Prepared {
+    /// Runs the link on its own thread for the daemon's life.
+    pub fn spawn(self) -> Result<JoinHandle<()>> {
+        info!(
+            "sync: {} <-> {}, scanning every {:?}",
+            self.socket
+                .local_addr()
+                .map_or_else(|_| "?".into(), |a| a.to_string()),
+            self.peer,
+            self.interval
+        );
+        std::thread::Builder::new()
+            .name("sync".into())
+            .spawn(move || self.run())
+            .context("starting the sync thread")
+    }
+
+    fn run(mut self) {
+        let mut tally = Tally::default();
+        let mut ifnames: HashMap<u32, String> = HashMap::new();
+        let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        let mut next_tick = Instant::now();
+        loop {
+            let now = Instant::now();
+            if now >= next_tick {
+                if let Err(error) = self.tick(&mut tally, &mut ifnames) {
+                    warn!("sync: {error:#}");
+                }
+                next_tick = now + self.interval;
+            }
+            let wait = next_tick
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            if let Err(error) = self.socket.set_read_timeout(Some(wait)) {
+                warn!("sync: setting the socket's timeout: {error}");
+            }
+            match self.socket.recv_from(&mut buf) {
+                Ok((len, from)) if from == self.peer => {
+                    if let Err(error) = self.receive(&buf[..len], &mut tally) {
+                        warn!("sync: {error:#}");
+                    }
+                }
+                Ok(_) => tally.foreign += 1,
+                Err(error)
+                    if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(error) => {
+                    warn!("sync: receiving: {error}");
+                    std::thread::sleep(self.interval);
+                }
+            }
+        }
+    }
+
+    /// Takes in one datagram from the peer's address and installs what it delivers.
+    fn receive(&mut self, bytes: &[u8], tally: &mut Tally) -> Result<()> {
+        let now = monotonic_ns();
+        let Ok(deliveries) = self.link.receive(bytes, now) else {
+            // Counted by the link; nothing changes.
+            return Ok(());
+        };
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let rules = self.maps.active_rules()?;
+        for delivery in deliveries {
+            self.apply(delivery, &rules, now, tally)?;
+        }
+        Ok(())
+    }
+
+    fn apply(
+        &mut self,
+        delivery: Delivery,
+        rules: &crate::host_engine::ModelRules,
+        now: u64,
+        tally: &mut Tally,
+    ) -> Result<()> {
+        if delivery.flags & data_flags::RESYNC_START != 0 {
+            self.tracker.resync_started();
+        }
+        for change in delivery.changes {
+            match change {
+                Change::Upsert(record, iface) => {
+                    let key = record.key;
+                    let ifindex = if iface.is_empty() {
+                        0
+                    } else {
+                        loader::ifindex(&iface).unwrap_or(0)
+                    };
+                    let local = self.maps.session(&key)?;
+                    let Some(mut session) =
+                        received_session(&record, ifindex, RULE_ID_DEFAULT, local.as_ref(), now)
+                    else {
+                        continue;
+                    };
+                    match admitting_rule(rules, &key, &session) {
+                        Some(rule) => {
+                            session.rule_id = rule;
+                            self.maps.store_session(&key, &session)?;
+                            self.tracker.installed(key, &session, now);
+                            tally.installed += 1;
+                        }
+                        None => tally.policy_refused += 1,
+                    }
+                }
+                Change::Delete(key) => {
+                    tally.deleted += self.maps.remove_sessions(&[key])?;
+                    self.tracker.deleted_by_peer(&key);
+                }
+            }
+        }
+        if delivery.flags & data_flags::RESYNC_END != 0 {
+            let stale = self.tracker.resync_ended();
+            tally.deleted += self.maps.remove_sessions(&stale)?;
+        }
+        Ok(())
+    }
+
+    /// One interval's work: begin a resync if one is due, else queue the table's changes;
+    /// send what is due; publish the counters.
+    fn tick(&mut self, tally: &mut Tally, ifnames: &mut HashMap<u32, String>) -> Result<()> {
+        let now = monotonic_ns();
+        if self.link.resync_wanted() {
+            self.link.begin_resync();
+            self.tracker.forget_sent();
+            let changes = self.local_changes(now, ifnames)?;
+            tally.changes_sent += changes.len() as u64;
+            info!(
+                "sync: full resync to {}: {} session(s)",
+                self.peer,
+                changes.len()
+            );
+            self.link.queue_resync(changes, now);
+        } else if self.link.accepts_changes(now) {
+            let changes = self.local_changes(now, ifnames)?;
+            tally.changes_sent += changes.len() as u64;
+            self.link.queue(changes, now);
+        }
+        for datagram in self.link.poll(now, unix_now_ns()) {
+            if let Err(error) = self.socket.send_to(&datagram, self.peer) {
+                // The link retransmits; an unreachable peer is its state, not an error.
+                log::debug!("sync: sending to {}: {error}", self.peer);
+            }
+        }
+        self.publish(tally, now)
+    }
+
+    /// The changes of the table since the last scan, as sync changes.
+    fn local_changes(
+        &mut self,
+        now: u64,
+        ifnames: &mut HashMap<u32, String>,
+    ) -> Result<Vec<Change>> {
+        let live: Vec<(FlowKey, Session)> = self
+            .maps
+            .snapshot_sessions()?
+            .into_iter()
+            .filter(|(_, session)| session.expires_ns > now)
+            .collect();
+        Ok(self
+            .tracker
+            .changes(&live, now)
+            .into_iter()
+            .filter_map(|(key, session)| match session {
+                None => Some(Change::Delete(key)),
+                Some(session) => {
+                    let record = SessionRecord::from_session(&key, &session, now, NO_NAME, NO_NAME)?;
+                    let ifindex = u32::from_ne_bytes(session.origin_ifindex);
+                    let name = ifnames
+                        .entry(ifindex)
+                        .or_insert_with(|| {
+                            (ifindex != 0)
+                                .then(|| netdev::index_to_name(ifindex))
+                                .flatten()
+                                .unwrap_or_default()
+                        })
+                        .clone();
+                    Some(Change::Upsert(record, name))
+                }
+            })
+            .collect())
+    }
+
+    fn publish(&self, tally: &Tally, now: u64) -> Result<()> {
+        let counters = self.link.counters();
+        let state = match self.link.peer_state(now) {
+            PeerState::Down => 0,
+            PeerState::Resyncing => 1,
+            PeerState::Up => 2,
+        };
+        for (counter, value) in [
+            (DaemonCounter::SyncPeerState, state),
+            (DaemonCounter::SyncLagNs, self.link.lag_ns(now)),
+            (
+                DaemonCounter::SyncUnacknowledged,
+                self.link.unacknowledged() as u64,
+            ),
+            (DaemonCounter::SyncSent, counters.sent),
+            (DaemonCounter::SyncReceived, counters.received),
+            (DaemonCounter::SyncRetransmitted, counters.retransmitted),
+            (DaemonCounter::SyncResyncs, counters.resyncs),
+            (
+                DaemonCounter::SyncAuthFailures,
+                counters.auth_failures + tally.foreign,
+            ),
+            (DaemonCounter::SyncRefused, counters.refused),
+            (DaemonCounter::SyncChangesSent, tally.changes_sent),
+            (DaemonCounter::SyncInstalled, tally.installed),
+            (DaemonCounter::SyncDeleted, tally.deleted),
+            (DaemonCounter::SyncPolicyRefused, tally.policy_refused),
+        ] {
+            self.maps.set_daemon_counter(counter, value)?;
+        }
+        Ok(())
+    }
+}
