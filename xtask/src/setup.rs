@@ -22,6 +22,8 @@ const PACKAGES: &[&str] = &[
     "conntrack",
     "socat",
     "iperf3",
+    // VRRP failover for the state sync tests (tests/ha.rs).
+    "keepalived",
     "tcpdump",
     "netcat-openbsd",
     "hping3",
