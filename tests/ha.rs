@@ -279,3 +279,183 @@ fn streams_survive_when_the_active_keepalived_stops() {
 fn streams_survive_when_the_active_loses_its_links() {
     streams_survive_failover("cut", |lab| lab.cut_links(Fw::One));
 }
+
+/// A UDP echo server on the server's port 6001 until dropped.
+struct Echo {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Echo {
+    fn start(lab: &HaLab) -> Echo {
+        let socket = lab.udp("s", SERVER, UDP_PORT);
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if let Ok((len, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(&buf[..len], from);
+                }
+            }
+        });
+        Echo {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Opens one UDP flow from each client port of `ports` to the echo server and waits
+/// for its echo (retrying a few times), so each is a REPLIED session on the active.
+fn udp_flows(lab: &HaLab, ports: std::ops::Range<u16>) {
+    for port in ports {
+        let socket = lab.udp("c", CLIENT, port);
+        socket.connect((SERVER, UDP_PORT)).expect("connect");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        let mut buf = [0u8; 8];
+        let echoed = (0..5).any(|_| {
+            socket.send(&port.to_le_bytes()).is_ok() && socket.recv(&mut buf).is_ok()
+        });
+        assert!(echoed, "UDP flow from port {port} echoed\n{}", lab.logs());
+    }
+}
+
+/// Opens `count` TCP connections from the client to the server and returns both ends.
+fn tcp_connections(lab: &HaLab, port: u16, count: usize) -> Vec<(TcpStream, TcpStream)> {
+    let listener = lab.server_listen(port);
+    (0..count)
+        .map(|_| {
+            let client = lab.client_connect(port);
+            let (server, _) = listener.accept().expect("accept");
+            (client, server)
+        })
+        .collect()
+}
+
+/// Waits at most `timeout` until both firewalls' TCP and UDP tables are equal and hold
+/// at least `at_least` sessions; returns how long it took.
+fn wait_equal_tables(lab: &HaLab, at_least: usize, timeout: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (one, two) = (lab.table(Fw::One), lab.table(Fw::Two));
+        if one == two && one.len() >= at_least {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "the tables differ {timeout:?} after the loss stopped: fw1 has {} sessions, fw2 {}; only in fw1: {:?}; only in fw2: {:?}",
+            one.len(),
+            two.len(),
+            one.iter().filter(|s| !two.contains(s)).take(5).collect::<Vec<_>>(),
+            two.iter().filter(|s| !one.contains(s)).take(5).collect::<Vec<_>>(),
+        );
+        sleep(Duration::from_millis(50));
+    }
+}
+
+fn status_counter(lab: &HaLab, fw: Fw, name: &str) -> u64 {
+    lab.sync_status(fw)[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {name} in sync status"))
+}
+
+#[test]
+fn a_lossy_sync_link_converges_once_the_loss_stops() {
+    let lab = active_standby("loss");
+    let _echo = Echo::start(&lab);
+    lab.lossy_sync(Fw::One);
+    // Flows come and change over 3 s of loss, so that many sync messages cross it.
+    for batch in 0..15u16 {
+        udp_flows(&lab, 20_000 + batch * 20..20_020 + batch * 20);
+        sleep(Duration::from_millis(200));
+    }
+    let mut connections = tcp_connections(&lab, 5002, 30);
+    // State changes under loss too: a third of the connections close.
+    for (client, server) in connections.drain(..10) {
+        client.shutdown(Shutdown::Both).expect("close client");
+        server.shutdown(Shutdown::Both).expect("close server");
+    }
+    sleep(Duration::from_secs(1));
+    let dropped = lab.clear_sync_loss(Fw::One);
+    let took = wait_equal_tables(&lab, 320, Duration::from_secs(1));
+    assert!(dropped >= 5, "the loss rule dropped sync datagrams ({dropped})");
+    assert!(
+        status_counter(&lab, Fw::One, "retransmitted") > 0,
+        "lost messages were sent again"
+    );
+    eprintln!("loss: {dropped} sync datagrams dropped; tables equal {took:?} after the loss stopped");
+    drop(connections);
+}
+
+#[test]
+fn a_restarted_standby_gets_a_full_resync() {
+    let mut lab = active_standby("restart");
+    let _echo = Echo::start(&lab);
+    udp_flows(&lab, 21_000..21_050);
+    wait_equal_tables(&lab, 50, Duration::from_secs(5));
+    let resyncs_before = status_counter(&lab, Fw::One, "resyncs");
+    // The standby goes, with its table; traffic goes on meanwhile.
+    lab.stop_session(Fw::Two, "-TERM");
+    lab.cli(Fw::Two, &["down"]);
+    udp_flows(&lab, 21_050..21_100);
+    lab.start_session(Fw::Two);
+    wait_equal_tables(&lab, 100, Duration::from_secs(10));
+    assert!(
+        status_counter(&lab, Fw::One, "resyncs") > resyncs_before,
+        "the active began a full resync to the restarted standby"
+    );
+    assert!(
+        status_counter(&lab, Fw::Two, "installed") >= 100,
+        "the new standby installed the whole table"
+    );
+}
+
+#[test]
+fn a_peer_with_a_wrong_key_is_refused_and_changes_nothing() {
+    let mut lab = HaLab::new("key");
+    lab.start_session(Fw::One);
+    let wrong = lab.write_key("wrong.key", &[0x33; 32]);
+    lab.start_session_with_key(Fw::Two, &wrong);
+    lab.start_keepalived(Fw::One);
+    lab.wait_master(Fw::One, Duration::from_secs(10));
+    let _echo = Echo::start(&lab);
+    udp_flows(&lab, 22_000..22_020);
+    wait_for(
+        "both sides to count the other's datagrams as authentication failures",
+        Duration::from_secs(5),
+        || {
+            (status_counter(&lab, Fw::One, "auth_failures") > 0
+                && status_counter(&lab, Fw::Two, "auth_failures") > 0)
+                .then_some(())
+        },
+    );
+    sleep(Duration::from_millis(500));
+    assert_eq!(lab.table(Fw::One).len(), 20, "the active holds the flows");
+    assert!(
+        lab.table(Fw::Two).is_empty(),
+        "nothing from the peer with the wrong key was installed: {:?}",
+        lab.table(Fw::Two)
+    );
+    for fw in [Fw::One, Fw::Two] {
+        let status = lab.sync_status(fw);
+        assert_ne!(status["peer"], "up", "{fw:?} never saw its peer: {status}");
+        assert_eq!(status["installed"], 0, "{fw:?}: {status}");
+        assert_eq!(status["received"], 0, "{fw:?}: {status}");
+    }
+}
