@@ -153,7 +153,6 @@ pub struct HaLab {
     daemons: [Option<Proc>; 2],
     /// keepalived, by [`Fw::index`].
     keepalived: [Option<Proc>; 2],
-    extra_config: String,
 }
 
 impl HaLab {
@@ -169,7 +168,6 @@ impl HaLab {
             bin,
             daemons: [None, None],
             keepalived: [None, None],
-            extra_config: String::new(),
         };
         for ns in ["c", "s", "lan", "wan", "fw1", "fw2"] {
             host(&["ip", "netns", "add", &lab.ns(ns)]);
@@ -260,57 +258,22 @@ impl HaLab {
         path
     }
 
-    /// Adds TOML to both firewalls' configs (e.g. `[sync] interval_ms`), before they start.
-    pub fn set_extra_config(&mut self, toml: &str) {
-        self.extra_config = toml.to_string();
-    }
-
-    /// The session config of `fw` with the key file `key`.
+    /// The session config of `fw` with the key file `key`: config/examples/ha-session.toml
+    /// as shipped, with fw2's addresses swapped and the lab's key file.
     pub fn session_config(&self, fw: Fw, key: &Path) -> String {
-        format!(
-            r#"
-interfaces = ["lan0", "wan0"]
-
-[tracking]
-tcp_loose = false
-
-[policy]
-inbound = "drop"
-outbound = "accept"
-
-[[rule]]
-name = "established"
-state = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "invalid"
-state = ["invalid"]
-action = "drop"
-
-[[rule]]
-name = "vrrp"
-proto = 112
-action = "accept"
-
-[[rule]]
-name = "lan-out"
-state = ["new"]
-iface = ["lan0"]
-action = "accept"
-
-[sync]
-local = "{local}:{SYNC_PORT}"
-peer = "{peer}:{SYNC_PORT}"
-key_file = "{key}"
-interval_ms = 50
-{extra}
-"#,
-            local = fw.sync_addr(),
-            peer = fw.other().sync_addr(),
-            key = key.display(),
-            extra = self.extra_config,
-        )
+        let example = read_example("ha-session.toml");
+        let text = example.replace(
+            "key_file = \"/etc/session/sync.key\"",
+            &format!("key_file = \"{}\"", key.display()),
+        );
+        assert_ne!(text, example, "ha-session.toml names its key file as expected");
+        match fw {
+            Fw::One => text,
+            Fw::Two => text
+                .replace("local = \"198.19.0.1:", "local = \"198.19.0.X:")
+                .replace("peer = \"198.19.0.2:", "peer = \"198.19.0.1:")
+                .replace("local = \"198.19.0.X:", "local = \"198.19.0.2:"),
+        }
     }
 
     fn pin_dir(&self, fw: Fw) -> PathBuf {
@@ -541,46 +504,21 @@ impl Drop for HaLab {
     }
 }
 
-/// keepalived's config for one firewall: the LAN and WAN instances in one sync group, so
-/// that both addresses move together; advertisements every 200 ms (VRRPv3).
+/// The text of config/examples/`name`.
+fn read_example(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples").join(name);
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// keepalived's config for one firewall: config/examples/ha-keepalived.conf as shipped
+/// (fw1's), with fw2's router id and priority for fw2.
 pub fn keepalived_conf(router: &str, priority: u32) -> String {
-    format!(
-        r#"global_defs {{
-    router_id {router}
-    vrrp_version 3
-    vrrp_garp_master_delay 0
-    vrrp_garp_master_repeat 3
-    script_user root
-}}
-
-vrrp_sync_group FW {{
-    group {{
-        LAN
-        WAN
-    }}
-}}
-
-vrrp_instance LAN {{
-    state BACKUP
-    interface lan0
-    virtual_router_id 51
-    priority {priority}
-    advert_int 0.2
-    virtual_ipaddress {{
-        {LAN_VIP}/24
-    }}
-}}
-
-vrrp_instance WAN {{
-    state BACKUP
-    interface wan0
-    virtual_router_id 52
-    priority {priority}
-    advert_int 0.2
-    virtual_ipaddress {{
-        {WAN_VIP}/24
-    }}
-}}
-"#
-    )
+    let example = read_example("ha-keepalived.conf");
+    assert!(
+        example.contains("router_id fw1") && example.contains("priority 200"),
+        "ha-keepalived.conf is fw1's"
+    );
+    example
+        .replace("router_id fw1", &format!("router_id {router}"))
+        .replace("priority 200", &format!("priority {priority}"))
 }
