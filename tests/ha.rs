@@ -206,7 +206,11 @@ fn wait_synced(lab: &HaLab, standby: Fw) {
         || {
             let table = lab.table(standby);
             let tcp = table.iter().any(|(proto, src, _, dst, dport, state)| {
-                proto == "tcp" && src == CLIENT && dst == SERVER && *dport == 5001 && state == "ESTABLISHED"
+                proto == "tcp"
+                    && src == CLIENT
+                    && dst == SERVER
+                    && *dport == 5001
+                    && state == "ESTABLISHED"
             });
             let udp = table.iter().any(|(proto, src, _, _, dport, state)| {
                 proto == "udp" && src == CLIENT && *dport == 6001 && state == "REPLIED"
@@ -239,7 +243,9 @@ fn streams_survive_failover(tag: &str, fail: impl FnOnce(&mut HaLab)) {
     sleep(Duration::from_secs(3));
     let started = streams.started;
     let outcome = streams.finish();
-    let sent = outcome.tcp_sent.unwrap_or_else(|e| panic!("TCP sender: {e}\n{}", lab.logs()));
+    let sent = outcome
+        .tcp_sent
+        .unwrap_or_else(|e| panic!("TCP sender: {e}\n{}", lab.logs()));
     let received = outcome
         .tcp_received
         .unwrap_or_else(|e| panic!("TCP receiver: {e}\n{}", lab.logs()));
@@ -329,9 +335,8 @@ fn udp_flows(lab: &HaLab, ports: std::ops::Range<u16>) {
             .set_read_timeout(Some(Duration::from_millis(300)))
             .expect("timeout");
         let mut buf = [0u8; 8];
-        let echoed = (0..5).any(|_| {
-            socket.send(&port.to_le_bytes()).is_ok() && socket.recv(&mut buf).is_ok()
-        });
+        let echoed = (0..5)
+            .any(|_| socket.send(&port.to_le_bytes()).is_ok() && socket.recv(&mut buf).is_ok());
         assert!(echoed, "UDP flow from port {port} echoed\n{}", lab.logs());
     }
 }
@@ -362,8 +367,14 @@ fn wait_equal_tables(lab: &HaLab, at_least: usize, timeout: Duration) -> Duratio
             "the tables differ {timeout:?} after the loss stopped: fw1 has {} sessions, fw2 {}; only in fw1: {:?}; only in fw2: {:?}",
             one.len(),
             two.len(),
-            one.iter().filter(|s| !two.contains(s)).take(5).collect::<Vec<_>>(),
-            two.iter().filter(|s| !one.contains(s)).take(5).collect::<Vec<_>>(),
+            one.iter()
+                .filter(|s| !two.contains(s))
+                .take(5)
+                .collect::<Vec<_>>(),
+            two.iter()
+                .filter(|s| !one.contains(s))
+                .take(5)
+                .collect::<Vec<_>>(),
         );
         sleep(Duration::from_millis(50));
     }
@@ -394,12 +405,17 @@ fn a_lossy_sync_link_converges_once_the_loss_stops() {
     sleep(Duration::from_secs(1));
     let dropped = lab.clear_sync_loss(Fw::One);
     let took = wait_equal_tables(&lab, 320, Duration::from_secs(1));
-    assert!(dropped >= 5, "the loss rule dropped sync datagrams ({dropped})");
+    assert!(
+        dropped >= 5,
+        "the loss rule dropped sync datagrams ({dropped})"
+    );
     assert!(
         status_counter(&lab, Fw::One, "retransmitted") > 0,
         "lost messages were sent again"
     );
-    eprintln!("loss: {dropped} sync datagrams dropped; tables equal {took:?} after the loss stopped");
+    eprintln!(
+        "loss: {dropped} sync datagrams dropped; tables equal {took:?} after the loss stopped"
+    );
     drop(connections);
 }
 

@@ -80,7 +80,8 @@ pub struct Proc {
 
 impl Proc {
     fn start(ns: &str, argv: &[&str], log: &Path) -> Proc {
-        let out = File::create(log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        let out =
+            File::create(log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         let err = out.try_clone().expect("clone log file");
         let child = Command::new("nsenter")
             .arg(format!("--net={NETNS_DIR}/{ns}"))
@@ -130,11 +131,9 @@ impl Proc {
     }
 
     fn wait_log(&self, needle: &str, timeout: Duration) {
-        wait_for(
-            &format!("`{needle}` from {}", self.label),
-            timeout,
-            || self.log().contains(needle).then_some(()),
-        );
+        wait_for(&format!("`{needle}` from {}", self.label), timeout, || {
+            self.log().contains(needle).then_some(())
+        });
     }
 }
 
@@ -177,25 +176,49 @@ impl HaLab {
             lab.ip(bridge_ns, &["link", "add", bridge, "type", "bridge"]);
             lab.ip(bridge_ns, &["link", "set", bridge, "up"]);
         }
-        let attach = |ns: &str, iface: &str, bridge_ns: &str, bridge: &str, port: &str, addr: &str| {
-            veth(&lab.ns(ns), iface, &lab.ns(bridge_ns), port);
-            lab.ip(bridge_ns, &["link", "set", port, "master", bridge, "up"]);
-            lab.ip(ns, &["addr", "add", addr, "dev", iface]);
-            lab.ip(ns, &["link", "set", iface, "up"]);
-        };
+        let attach =
+            |ns: &str, iface: &str, bridge_ns: &str, bridge: &str, port: &str, addr: &str| {
+                veth(&lab.ns(ns), iface, &lab.ns(bridge_ns), port);
+                lab.ip(bridge_ns, &["link", "set", port, "master", bridge, "up"]);
+                lab.ip(ns, &["addr", "add", addr, "dev", iface]);
+                lab.ip(ns, &["link", "set", iface, "up"]);
+            };
         attach("c", "eth0", "lan", "brl", "p-c", &format!("{CLIENT}/24"));
         attach("s", "eth0", "wan", "brw", "p-s", &format!("{SERVER}/24"));
         for fw in [Fw::One, Fw::Two] {
             let ns = lab.fw_ns_short(fw);
             let octet = fw.host_octet();
-            attach(ns, "lan0", "lan", "brl", &format!("p-{ns}l"), &format!("198.18.1.{octet}/24"));
-            attach(ns, "wan0", "wan", "brw", &format!("p-{ns}w"), &format!("198.18.2.{octet}/24"));
+            attach(
+                ns,
+                "lan0",
+                "lan",
+                "brl",
+                &format!("p-{ns}l"),
+                &format!("198.18.1.{octet}/24"),
+            );
+            attach(
+                ns,
+                "wan0",
+                "wan",
+                "brw",
+                &format!("p-{ns}w"),
+                &format!("198.18.2.{octet}/24"),
+            );
             lab.sysctl(ns, "net.ipv4.ip_forward=1");
         }
         veth(&lab.ns("fw1"), "sync0", &lab.ns("fw2"), "sync0");
         for fw in [Fw::One, Fw::Two] {
             let ns = lab.fw_ns_short(fw);
-            lab.ip(ns, &["addr", "add", &format!("{}/30", fw.sync_addr()), "dev", "sync0"]);
+            lab.ip(
+                ns,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/30", fw.sync_addr()),
+                    "dev",
+                    "sync0",
+                ],
+            );
             lab.ip(ns, &["link", "set", "sync0", "up"]);
         }
         lab.ip("c", &["route", "add", "default", "via", LAN_VIP]);
@@ -235,7 +258,11 @@ impl HaLab {
     /// Runs `argv` in namespace `short` (bounded to 20 s), panicking unless it succeeds.
     pub fn run(&self, short: &str, argv: &[&str]) -> String {
         let out = self.output(short, argv);
-        assert!(out.status.success(), "{argv:?} in {short} failed: {}", describe(&out));
+        assert!(
+            out.status.success(),
+            "{argv:?} in {short} failed: {}",
+            describe(&out)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -266,7 +293,10 @@ impl HaLab {
             "key_file = \"/etc/session/sync.key\"",
             &format!("key_file = \"{}\"", key.display()),
         );
-        assert_ne!(text, example, "ha-session.toml names its key file as expected");
+        assert_ne!(
+            text, example,
+            "ha-session.toml names its key file as expected"
+        );
         match fw {
             Fw::One => text,
             Fw::Two => text
@@ -323,7 +353,12 @@ impl HaLab {
         let priority = if fw == Fw::One { 200 } else { 100 };
         let conf = self.dir.join(format!("{short}-keepalived.conf"));
         fs::write(&conf, keepalived_conf(short, priority)).expect("write keepalived.conf");
-        let pid = |what: &str| self.dir.join(format!("{short}-{what}.pid")).to_string_lossy().into_owned();
+        let pid = |what: &str| {
+            self.dir
+                .join(format!("{short}-{what}.pid"))
+                .to_string_lossy()
+                .into_owned()
+        };
         let log = self.dir.join(format!("{short}-keepalived.log"));
         let proc = Proc::start(
             &self.ns(short),
@@ -359,12 +394,16 @@ impl HaLab {
 
     /// Waits until `fw` holds both virtual addresses.
     pub fn wait_master(&self, fw: Fw, timeout: Duration) {
-        wait_for(&format!("{fw:?} to hold the virtual addresses"), timeout, || {
-            let wan = self
-                .ip(self.fw_ns_short(fw), &["-4", "addr", "show", "dev", "wan0"])
-                .contains(&format!("{WAN_VIP}/"));
-            (self.holds_vip(fw) && wan).then_some(())
-        });
+        wait_for(
+            &format!("{fw:?} to hold the virtual addresses"),
+            timeout,
+            || {
+                let wan = self
+                    .ip(self.fw_ns_short(fw), &["-4", "addr", "show", "dev", "wan0"])
+                    .contains(&format!("{WAN_VIP}/"));
+                (self.holds_vip(fw) && wan).then_some(())
+            },
+        );
     }
 
     /// Cuts `fw`'s LAN and WAN links (its bridge ports go down), as a pulled cable would.
@@ -395,7 +434,8 @@ impl HaLab {
     /// sorted (VRRP's own sessions are each firewall's).
     pub fn table(&self, fw: Fw) -> Vec<(String, String, u64, String, u64, String)> {
         let text = self.cli(fw, &["list", "--json"]);
-        let sessions: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        let sessions: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
         let mut rows: Vec<_> = sessions
             .as_array()
             .expect("an array")
@@ -450,7 +490,9 @@ impl HaLab {
     /// A UDP socket bound in namespace `short` ("c" or "s") at `addr:port`.
     pub fn udp(&self, short: &str, addr: &str, port: u16) -> UdpSocket {
         let addr = format!("{addr}:{port}");
-        in_netns(&self.ns(short), move || UdpSocket::bind(&addr).expect("bind UDP"))
+        in_netns(&self.ns(short), move || {
+            UdpSocket::bind(&addr).expect("bind UDP")
+        })
     }
 
     /// Adds an nftables rule in `fw` that drops a tenth of the sync link's datagrams
@@ -506,7 +548,9 @@ impl Drop for HaLab {
 
 /// The text of config/examples/`name`.
 fn read_example(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../config/examples")
+        .join(name);
     fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 

@@ -252,7 +252,8 @@ impl Prepared {
             .filter_map(|(key, session)| match session {
                 None => Some(Change::Delete(key)),
                 Some(session) => {
-                    let record = SessionRecord::from_session(&key, &session, now, NO_NAME, NO_NAME)?;
+                    let record =
+                        SessionRecord::from_session(&key, &session, now, NO_NAME, NO_NAME)?;
                     let ifindex = u32::from_ne_bytes(session.origin_ifindex);
                     let name = ifnames
                         .entry(ifindex)

@@ -519,7 +519,11 @@ fn parse_sync(loc: &Locator<'_>, raw: &RawSync) -> Result<SyncConfig, ConfigErro
             "`key_file` is empty: name the shared key file, e.g. \"/etc/session/sync.key\"",
         ));
     }
-    let millis = |value: &Option<Spanned<i64>>, default: u64, range: std::ops::RangeInclusive<i64>, key: &str| -> Result<Duration, ConfigError> {
+    let millis = |value: &Option<Spanned<i64>>,
+                  default: u64,
+                  range: std::ops::RangeInclusive<i64>,
+                  key: &str|
+     -> Result<Duration, ConfigError> {
         match value {
             None => Ok(Duration::from_millis(default)),
             Some(value) if range.contains(value.get_ref()) => {

@@ -183,9 +183,7 @@ pub fn received_session(
     record.forget_edges();
     let mut session = record.to_session(now, 0, ifindex, rule)?;
     if let Some(local) = local.filter(|local| {
-        local.expires_ns > now
-            && local.flags & session_flags::ADOPT_WINDOW == 0
-            && local.state != 0
+        local.expires_ns > now && local.flags & session_flags::ADOPT_WINDOW == 0 && local.state != 0
     }) && record.key.proto == session_common::wire::proto::TCP
     {
         session.tcp = local.tcp;
@@ -260,7 +258,10 @@ mod tests {
                 .changes(&[(a, session(100 * S + now, step as u32))], now)
                 .len();
         }
-        assert_eq!(sent, 2, "20 scans over 2 s of a busy flow: one update a second");
+        assert_eq!(
+            sent, 2,
+            "20 scans over 2 s of a busy flow: one update a second"
+        );
     }
 
     #[test]
@@ -306,7 +307,11 @@ mod tests {
         let record = SessionRecord::from_session(&a, &session(10 * S, 500), S, NO_NAME, NO_NAME)
             .expect("live");
         let fresh = received_session(&record, 3, 7, None, 100 * S).expect("live");
-        assert_eq!(fresh.expires_ns, 109 * S, "time left carried, not the instant");
+        assert_eq!(
+            fresh.expires_ns,
+            109 * S,
+            "time left carried, not the instant"
+        );
         assert_eq!(fresh.tcp[0].end, 0);
         assert_ne!(fresh.flags & session_flags::ADOPT_WINDOW, 0);
         assert_eq!(fresh.rule_id, 7);

@@ -402,8 +402,8 @@ impl Link {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::wire::tests_support::key_v4;
     use crate::sync::wire::encode;
+    use crate::sync::wire::tests_support::key_v4;
 
     const MS: u64 = 1_000_000;
 
@@ -517,10 +517,7 @@ mod tests {
         let forged = encode(&wrong, &header, &deletes(0..2));
         let mut stranger = Link::new(wrong, Timing::default(), 33);
         for datagram in stranger.poll(5 * MS, u64::MAX / 2).iter().chain([&forged]) {
-            assert_eq!(
-                b.receive(datagram, 5 * MS),
-                Err(WireError::Authentication)
-            );
+            assert_eq!(b.receive(datagram, 5 * MS), Err(WireError::Authentication));
         }
         assert_eq!(b.counters().auth_failures, 2);
         assert!(!b.resync_wanted());
