@@ -409,9 +409,10 @@ fn a_lossy_sync_link_converges_once_the_loss_stops() {
         dropped >= 5,
         "the loss rule dropped sync datagrams ({dropped})"
     );
-    assert!(
-        status_counter(&lab, Fw::One, "retransmitted") > 0,
-        "lost messages were sent again"
+    wait_for(
+        "the active to count retransmissions",
+        Duration::from_secs(2),
+        || (status_counter(&lab, Fw::One, "retransmitted") > 0).then_some(()),
     );
     eprintln!(
         "loss: {dropped} sync datagrams dropped; tables equal {took:?} after the loss stopped"
@@ -432,13 +433,15 @@ fn a_restarted_standby_gets_a_full_resync() {
     udp_flows(&lab, 21_050..21_100);
     lab.start_session(Fw::Two);
     wait_equal_tables(&lab, 100, Duration::from_secs(10));
-    assert!(
-        status_counter(&lab, Fw::One, "resyncs") > resyncs_before,
-        "the active began a full resync to the restarted standby"
-    );
-    assert!(
-        status_counter(&lab, Fw::Two, "installed") >= 100,
-        "the new standby installed the whole table"
+    // The counters are published once per interval, after the work they count.
+    wait_for(
+        "the active to count a full resync to the restarted standby, and the standby to count the whole table installed",
+        Duration::from_secs(2),
+        || {
+            (status_counter(&lab, Fw::One, "resyncs") > resyncs_before
+                && status_counter(&lab, Fw::Two, "installed") >= 100)
+                .then_some(())
+        },
     );
 }
 

@@ -313,29 +313,33 @@ impl PinnedMaps {
         Ok(None)
     }
 
-    /// Stores `session` under `key`, replacing what either tier held: in the protected
-    /// tier when it is, otherwise the unassured one, and removed from the other, so the
-    /// key stays in one tier; sets its slots in the presence filter as the kernel path
-    /// does (what sync installs from a peer).
-    pub fn store_session(&self, key: &FlowKey, session: &Session) -> Result<()> {
-        let (into, out_of) = if session.flags & session_flags::PROTECTED != 0 {
-            (map_names::SESSIONS, map_names::UNASSURED)
-        } else {
-            (map_names::UNASSURED, map_names::SESSIONS)
-        };
-        self.tier(into)?
-            .insert(key, session, 0)
-            .with_context(|| format!("storing a session in {into} (is the table full?)"))?;
-        match self.tier(out_of)?.remove(key) {
-            Ok(()) => {}
-            Err(error) if is_not_found(&error) => {}
-            Err(error) => {
-                return Err(error).with_context(|| format!("removing a session from {out_of}"));
-            }
+    /// Stores each session under its key, replacing what either tier held: in the
+    /// protected tier when it is, otherwise the unassured one, and removed from the
+    /// other, so a key stays in one tier; sets its slots in the presence filter as the
+    /// kernel path does (what sync installs from a peer).
+    pub fn store_sessions(&self, sessions: &[(FlowKey, Session)]) -> Result<()> {
+        if sessions.is_empty() {
+            return Ok(());
         }
+        let mut protected = self.tier(map_names::SESSIONS)?;
+        let mut unassured = self.tier(map_names::UNASSURED)?;
         let filter = PresenceFilter::open(&self.dir)?;
-        filter.set(0, key);
-        filter.set(1, key);
+        for (key, session) in sessions {
+            let (into, out_of) = if session.flags & session_flags::PROTECTED != 0 {
+                (&mut protected, &mut unassured)
+            } else {
+                (&mut unassured, &mut protected)
+            };
+            into.insert(key, session, 0)
+                .context("storing a synced session (is the table full?)")?;
+            match out_of.remove(key) {
+                Ok(()) => {}
+                Err(error) if is_not_found(&error) => {}
+                Err(error) => return Err(error).context("moving a synced session between tiers"),
+            }
+            filter.set(0, key);
+            filter.set(1, key);
+        }
         Ok(())
     }
 

@@ -32,6 +32,9 @@ use crate::{
     },
 };
 
+/// The interval is at least this many times the last tick's duration.
+const SCAN_SHARE: u32 = 5;
+
 /// A sync link ready to run: key read, socket bound (done while the daemon still has its
 /// privileges).
 pub struct Prepared {
@@ -114,7 +117,9 @@ impl Prepared {
                 if let Err(error) = self.tick(&mut tally, &mut ifnames) {
                     warn!("sync: {error:#}");
                 }
-                next_tick = now + self.interval;
+                // A scan costs time in proportion to the table: on a large one the
+                // interval stretches so that scanning takes at most a fifth of a CPU.
+                next_tick = now + self.interval.max(now.elapsed() * SCAN_SHARE);
             }
             let wait = next_tick
                 .saturating_duration_since(Instant::now())
@@ -166,6 +171,7 @@ impl Prepared {
         if delivery.flags & data_flags::RESYNC_START != 0 {
             self.tracker.resync_started();
         }
+        let mut stores = Vec::new();
         for change in delivery.changes {
             match change {
                 Change::Upsert(record, iface) => {
@@ -184,22 +190,38 @@ impl Prepared {
                     match admitting_rule(rules, &key, &session) {
                         Some(rule) => {
                             session.rule_id = rule;
-                            self.maps.store_session(&key, &session)?;
-                            self.tracker.installed(key, &session, now);
-                            tally.installed += 1;
+                            stores.push((key, session));
                         }
                         None => tally.policy_refused += 1,
                     }
                 }
                 Change::Delete(key) => {
+                    // In order: an upsert of this key earlier in the message goes first.
+                    self.store(&mut stores, now, tally)?;
                     tally.deleted += self.maps.remove_sessions(&[key])?;
                     self.tracker.deleted_by_peer(&key);
                 }
             }
         }
+        self.store(&mut stores, now, tally)?;
         if delivery.flags & data_flags::RESYNC_END != 0 {
             let stale = self.tracker.resync_ended();
             tally.deleted += self.maps.remove_sessions(&stale)?;
+        }
+        Ok(())
+    }
+
+    /// Stores the sessions gathered in `stores` and empties it.
+    fn store(
+        &mut self,
+        stores: &mut Vec<(FlowKey, Session)>,
+        now: u64,
+        tally: &mut Tally,
+    ) -> Result<()> {
+        self.maps.store_sessions(stores)?;
+        for (key, session) in stores.drain(..) {
+            self.tracker.installed(key, &session, now);
+            tally.installed += 1;
         }
         Ok(())
     }
