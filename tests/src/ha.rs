@@ -306,7 +306,8 @@ impl HaLab {
         }
     }
 
-    fn pin_dir(&self, fw: Fw) -> PathBuf {
+    /// The pin directory of `fw`'s daemon, for benchmarks that read its maps.
+    pub fn pin_dir(&self, fw: Fw) -> PathBuf {
         Path::new("/sys/fs/bpf").join(format!("{}-{}", self.base, self.fw_ns_short(fw)))
     }
 
@@ -338,6 +339,36 @@ impl HaLab {
         );
         proc.wait_log("session: ready", Duration::from_secs(30));
         self.daemons[fw.index()] = Some(proc);
+    }
+
+    /// The process id of `fw`'s session daemon (the child of its `timeout` wrapper).
+    pub fn session_pid(&self, fw: Fw) -> u32 {
+        let wrapper = self.daemons[fw.index()]
+            .as_ref()
+            .expect("the daemon runs")
+            .child
+            .id();
+        fs::read_dir("/proc")
+            .expect("read /proc")
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .find(|pid| {
+                fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                    stat.rsplit(") ")
+                        .next()
+                        .and_then(|rest| rest.split_whitespace().nth(1))
+                        .is_some_and(|ppid| ppid == wrapper.to_string())
+                })
+            })
+            .expect("the session daemon's process")
+    }
+
+    /// The index of `iface` in `fw`'s namespace.
+    pub fn ifindex(&self, fw: Fw, iface: &str) -> u32 {
+        let out = self.ip(self.fw_ns_short(fw), &["-o", "link", "show", iface]);
+        out.split(':')
+            .next()
+            .and_then(|index| index.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no index in {out:?}"))
     }
 
     /// Stops the session daemon of `fw` with `signal`; its pinned programs stay.

@@ -21,10 +21,11 @@ use serde_json::{Value, json};
 use crate::{cmd, setup};
 
 /// The benchmarks: (name for `--only`, package, bench target, output stem).
-const BENCHES: [(&str, &str, &str, &str); 3] = [
+const BENCHES: [(&str, &str, &str, &str); 4] = [
     ("kernel", "session-user", "kernel_path", "kernel"),
     ("continuity", "session-user", "continuity", "continuity"),
     ("e2e", "session-tests", "e2e", "e2e"),
+    ("ha", "session-tests", "ha_sync", "ha"),
 ];
 
 /// Runs the benchmarks (all, or only the one named) and writes the combined report.

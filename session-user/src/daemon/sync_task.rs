@@ -20,7 +20,11 @@ use session_common::{
 };
 
 use crate::{
-    bpf::{clock::monotonic_ns, loader, netdev, pinned::PinnedMaps},
+    bpf::{
+        clock::monotonic_ns,
+        loader, netdev,
+        pinned::{PinnedMaps, SessionTiers},
+    },
     continuity::import::unix_now_ns,
     daemon::readmission::admitting_rule,
     policy::config::SyncConfig,
@@ -107,6 +111,14 @@ impl Prepared {
     }
 
     fn run(mut self) {
+        let mut table = match self.maps.session_tiers() {
+            Ok(table) => table,
+            Err(error) => {
+                log::error!("sync: cannot open the session table, the link is off: {error:#}");
+                return;
+            }
+        };
+        let mut rules = self.maps.active_rules().ok();
         let mut tally = Tally::default();
         let mut ifnames: HashMap<u32, String> = HashMap::new();
         let mut buf = vec![0u8; MAX_DATAGRAM + 1];
@@ -117,6 +129,8 @@ impl Prepared {
                 if let Err(error) = self.tick(&mut tally, &mut ifnames) {
                     warn!("sync: {error:#}");
                 }
+                // The policy in force, read once a tick rather than once a datagram.
+                rules = self.maps.active_rules().ok();
                 // A scan costs time in proportion to the table: on a large one the
                 // interval stretches so that scanning takes at most a fifth of a CPU.
                 next_tick = now + self.interval.max(now.elapsed() * SCAN_SHARE);
@@ -129,7 +143,9 @@ impl Prepared {
             }
             match self.socket.recv_from(&mut buf) {
                 Ok((len, from)) if from == self.peer => {
-                    if let Err(error) = self.receive(&buf[..len], &mut tally) {
+                    if let Err(error) =
+                        self.receive(&buf[..len], &mut table, rules.as_ref(), &mut tally)
+                    {
                         warn!("sync: {error:#}");
                     }
                 }
@@ -145,7 +161,13 @@ impl Prepared {
     }
 
     /// Takes in one datagram from the peer's address and installs what it delivers.
-    fn receive(&mut self, bytes: &[u8], tally: &mut Tally) -> Result<()> {
+    fn receive(
+        &mut self,
+        bytes: &[u8],
+        table: &mut SessionTiers,
+        rules: Option<&crate::host_engine::ModelRules>,
+        tally: &mut Tally,
+    ) -> Result<()> {
         let now = monotonic_ns();
         let Ok(deliveries) = self.link.receive(bytes, now) else {
             // Counted by the link; nothing changes.
@@ -154,9 +176,9 @@ impl Prepared {
         if deliveries.is_empty() {
             return Ok(());
         }
-        let rules = self.maps.active_rules()?;
+        let rules = rules.context("the policy in force could not be read")?;
         for delivery in deliveries {
-            self.apply(delivery, &rules, now, tally)?;
+            self.apply(delivery, table, rules, now, tally)?;
         }
         Ok(())
     }
@@ -164,6 +186,7 @@ impl Prepared {
     fn apply(
         &mut self,
         delivery: Delivery,
+        table: &mut SessionTiers,
         rules: &crate::host_engine::ModelRules,
         now: u64,
         tally: &mut Tally,
@@ -181,7 +204,7 @@ impl Prepared {
                     } else {
                         loader::ifindex(&iface).unwrap_or(0)
                     };
-                    let local = self.maps.session(&key)?;
+                    let local = table.get(&key)?;
                     let Some(mut session) =
                         received_session(&record, ifindex, RULE_ID_DEFAULT, local.as_ref(), now)
                     else {
@@ -197,16 +220,16 @@ impl Prepared {
                 }
                 Change::Delete(key) => {
                     // In order: an upsert of this key earlier in the message goes first.
-                    self.store(&mut stores, now, tally)?;
-                    tally.deleted += self.maps.remove_sessions(&[key])?;
+                    self.store(table, &mut stores, now, tally)?;
+                    tally.deleted += table.remove(&[key])?;
                     self.tracker.deleted_by_peer(&key);
                 }
             }
         }
-        self.store(&mut stores, now, tally)?;
+        self.store(table, &mut stores, now, tally)?;
         if delivery.flags & data_flags::RESYNC_END != 0 {
             let stale = self.tracker.resync_ended();
-            tally.deleted += self.maps.remove_sessions(&stale)?;
+            tally.deleted += table.remove(&stale)?;
         }
         Ok(())
     }
@@ -214,11 +237,12 @@ impl Prepared {
     /// Stores the sessions gathered in `stores` and empties it.
     fn store(
         &mut self,
+        table: &mut SessionTiers,
         stores: &mut Vec<(FlowKey, Session)>,
         now: u64,
         tally: &mut Tally,
     ) -> Result<()> {
-        self.maps.store_sessions(stores)?;
+        table.store(stores)?;
         for (key, session) in stores.drain(..) {
             self.tracker.installed(key, &session, now);
             tally.installed += 1;
