@@ -70,6 +70,7 @@ pub fn prepare(config: &SyncConfig, maps: &PinnedMaps) -> Result<Prepared> {
             config.local
         )
     })?;
+    grow_receive_buffer(&socket);
     let timing = Timing {
         retransmit_ns: (4 * config.interval.as_nanos() as u64).max(100_000_000),
         ..Timing::default()
@@ -82,6 +83,35 @@ pub fn prepare(config: &SyncConfig, maps: &PinnedMaps) -> Result<Prepared> {
         interval: config.interval,
         maps: maps.clone(),
     })
+}
+
+/// Bytes the sync socket may hold unread: a window of messages in flight (512 of up to
+/// 1,344 bytes) with room to spare, so that a full resync is not lost to a full buffer.
+const RECEIVE_BUFFER: libc::c_int = 4 << 20;
+
+/// Raises the socket's receive buffer to [`RECEIVE_BUFFER`], beyond `net.core.rmem_max`
+/// (the daemon still has CAP_NET_ADMIN here); a failure leaves the default, which only
+/// costs retransmissions.
+fn grow_receive_buffer(socket: &UdpSocket) {
+    use std::os::fd::AsRawFd as _;
+    let size = RECEIVE_BUFFER;
+    // SAFETY: the fd is the open socket's; the option value is a c_int that outlives
+    // the call, with its size given.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const size).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        warn!(
+            "sync: could not raise the socket's receive buffer: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// A random id for this daemon's run, so the peer tells a restart from a delay.
@@ -142,20 +172,69 @@ impl Prepared {
                 warn!("sync: setting the socket's timeout: {error}");
             }
             match self.socket.recv_from(&mut buf) {
-                Ok((len, from)) if from == self.peer => {
-                    if let Err(error) =
-                        self.receive(&buf[..len], &mut table, rules.as_ref(), &mut tally)
-                    {
-                        warn!("sync: {error:#}");
-                    }
+                Ok((len, from)) => {
+                    self.handle(&buf[..len], from, &mut table, rules.as_ref(), &mut tally);
+                    // Take in the rest of a burst without waiting, then answer at once:
+                    // acknowledgements and the next messages go out per burst, not per
+                    // interval, so a full resync runs at the link's pace.
+                    self.drain(&mut buf, &mut table, rules.as_ref(), &mut tally);
+                    self.flush();
                 }
-                Ok(_) => tally.foreign += 1,
                 Err(error)
                     if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                 Err(error) => {
                     warn!("sync: receiving: {error}");
                     std::thread::sleep(self.interval);
                 }
+            }
+        }
+    }
+
+    /// Takes in a datagram from `from`: the peer's is handed to the link, anyone else's
+    /// is counted and dropped.
+    fn handle(
+        &mut self,
+        bytes: &[u8],
+        from: SocketAddr,
+        table: &mut SessionTiers,
+        rules: Option<&crate::host_engine::ModelRules>,
+        tally: &mut Tally,
+    ) {
+        if from != self.peer {
+            tally.foreign += 1;
+            return;
+        }
+        if let Err(error) = self.receive(bytes, table, rules, tally) {
+            warn!("sync: {error:#}");
+        }
+    }
+
+    /// Handles the datagrams already queued on the socket, without waiting.
+    fn drain(
+        &mut self,
+        buf: &mut [u8],
+        table: &mut SessionTiers,
+        rules: Option<&crate::host_engine::ModelRules>,
+        tally: &mut Tally,
+    ) {
+        if let Err(error) = self.socket.set_nonblocking(true) {
+            warn!("sync: {error}");
+            return;
+        }
+        while let Ok((len, from)) = self.socket.recv_from(buf) {
+            self.handle(&buf[..len], from, table, rules, tally);
+        }
+        if let Err(error) = self.socket.set_nonblocking(false) {
+            warn!("sync: {error}");
+        }
+    }
+
+    /// Sends what the link has due now.
+    fn flush(&mut self) {
+        for datagram in self.link.poll(monotonic_ns(), unix_now_ns()) {
+            if let Err(error) = self.socket.send_to(&datagram, self.peer) {
+                // The link retransmits; an unreachable peer is its state, not an error.
+                log::debug!("sync: sending to {}: {error}", self.peer);
             }
         }
     }
@@ -270,12 +349,7 @@ impl Prepared {
             tally.changes_sent += changes.len() as u64;
             self.link.queue(changes, now);
         }
-        for datagram in self.link.poll(now, unix_now_ns()) {
-            if let Err(error) = self.socket.send_to(&datagram, self.peer) {
-                // The link retransmits; an unreachable peer is its state, not an error.
-                log::debug!("sync: sending to {}: {error}", self.peer);
-            }
-        }
+        self.flush();
         self.publish(tally, now)
     }
 
