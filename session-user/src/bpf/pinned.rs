@@ -616,38 +616,6 @@ impl PinnedMaps {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn session(expires_ns: u64) -> Session {
-        Session {
-            expires_ns,
-            ..Session::default()
-        }
-    }
-
-    #[test]
-    fn a_key_the_map_walk_returned_twice_is_listed_once_with_its_first_value() {
-        let key = |port: u16| FlowKey {
-            port_lo: port,
-            ..FlowKey::default()
-        };
-        let entries = vec![
-            (key(1), session(10)),
-            (key(2), session(20)),
-            (key(1), session(30)),
-            (key(3), session(40)),
-            (key(2), session(50)),
-        ];
-        let kept: Vec<(u16, u64)> = first_of_each_key(entries)
-            .iter()
-            .map(|(k, s)| (k.port_lo, s.expires_ns))
-            .collect();
-        assert_eq!(kept, [(1, 10), (2, 20), (3, 40)]);
-    }
-}
-
 /// Both session tiers and the presence filter of one table, kept open
 /// ([`PinnedMaps::session_tiers`]).
 pub struct SessionTiers {
@@ -706,5 +674,37 @@ impl SessionTiers {
             }
         }
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(expires_ns: u64) -> Session {
+        Session {
+            expires_ns,
+            ..Session::default()
+        }
+    }
+
+    #[test]
+    fn a_key_the_map_walk_returned_twice_is_listed_once_with_its_first_value() {
+        let key = |port: u16| FlowKey {
+            port_lo: port,
+            ..FlowKey::default()
+        };
+        let entries = vec![
+            (key(1), session(10)),
+            (key(2), session(20)),
+            (key(1), session(30)),
+            (key(3), session(40)),
+            (key(2), session(50)),
+        ];
+        let kept: Vec<(u16, u64)> = first_of_each_key(entries)
+            .iter()
+            .map(|(k, s)| (k.port_lo, s.expires_ns))
+            .collect();
+        assert_eq!(kept, [(1, 10), (2, 20), (3, 40)]);
     }
 }
