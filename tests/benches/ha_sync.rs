@@ -1,19 +1,21 @@
 //! State sync benchmark, run by `cargo xtask bench --only ha` (root, release `session`
-//! binary in `SESSION_BIN`): the HA lab of tests/ha.rs (two firewalls, keepalived, the
-//! shipped examples), measuring
+//! binary in `SESSION_BIN`): the HA lab of tests/ha.rs (two firewalls, keepalived),
+//! once with session (the shipped examples) and once with nftables + Debian's conntrackd
+//! in FTFW mode over UDP on the same sync link, storing received entries in the kernel at
+//! once (`DisableExternalCache`, as session does), measuring
 //!
 //! - sync lag: from a UDP flow's first reply on the client (the session exists on the
-//!   active) to its presence in the standby's kernel table, read from the standby's
-//!   pinned maps every 0.5 ms; median and p99 over 500 flows opened 5 ms apart;
-//! - sessions replicated per second: 20,000 sessions stored in the active's table at once,
-//!   until the standby holds them all;
-//! - the active daemon's CPU (user + system, from /proc) while 10,000 new sessions a
-//!   second arrive for 5 s, against the same 5 s without new sessions;
-//! - the failover gap the TCP stream sees (longest time without data at the receiver)
+//!   active) to its presence on the standby (session: its pinned maps read every 0.5 ms;
+//!   conntrack: `conntrack -E` on the standby); median and p99 over 500 flows 5 ms apart;
+//! - sessions replicated per second: a burst of 20,000 new UDP flows (hping3, one source
+//!   port each), from its start until the standby holds them all;
+//! - the sync daemon's CPU on the active (user + system, from /proc) while new flows
+//!   arrive at about 10,000 a second for 5 s, over the same time without them,
+//!   per 10,000 new sessions/s (the kernel's own conntrack work is not in it);
+//! - the failover gap a TCP stream sees (longest time without data at the receiver)
 //!   when the active's links are cut, next to keepalived's detection (until the standby
 //!   holds the virtual addresses).
 //!
-//! The comparison with nftables + conntrackd (FTFW) in the same lab is not written yet.
 //! Writes `$SESSION_BENCH_DIR/ha.json` and `ha.md` (default: target/bench).
 
 use std::{
@@ -31,12 +33,12 @@ use std::{
 };
 
 use serde_json::json;
-use session_common::wire::{FAMILY_IPV4, FlowKey, Session, proto, session_flags};
+use session_common::wire::{FAMILY_IPV4, FlowKey, proto};
 use session_tests::{
     ha::{CLIENT, Fw, HaLab, SERVER},
     wait_for,
 };
-use session_user::bpf::{clock::monotonic_ns, pinned::PinnedMaps};
+use session_user::bpf::pinned::PinnedMaps;
 
 const ECHO_PORT: u16 = 6001;
 
@@ -59,35 +61,6 @@ fn udp_key(client: Ipv4Addr, port: u16) -> FlowKey {
         family: FAMILY_IPV4,
         _pad: [0; 2],
     }
-}
-
-/// A replied UDP session opened on lan0 (`ifindex`) now.
-fn synthetic(ifindex: u32) -> Session {
-    let now = monotonic_ns();
-    Session {
-        created_ns: now,
-        expires_ns: now + 120_000_000_000,
-        state: 1,
-        flags: session_flags::ORIG_IS_LO
-            | session_flags::SEEN_REPLY
-            | session_flags::ASSURED
-            | session_flags::PROTECTED,
-        origin_ifindex: ifindex.to_ne_bytes(),
-        ..Session::default()
-    }
-}
-
-/// `count` synthetic sessions from client addresses 198.18.1.100 on, numbered from `first`.
-fn synthetic_batch(first: u32, count: u32, ifindex: u32) -> Vec<(FlowKey, Session)> {
-    (first..first + count)
-        .map(|i| {
-            let client = Ipv4Addr::new(198, 18, 1, 100 + (i / 60_000) as u8);
-            (
-                udp_key(client, 1024 + (i % 60_000) as u16),
-                synthetic(ifindex),
-            )
-        })
-        .collect()
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
@@ -125,8 +98,84 @@ fn active_standby() -> HaLab {
     lab
 }
 
+/// Which firewall the lab runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Session,
+    Conntrackd,
+}
+
+/// Sessions on the standby (every protocol).
+fn standby_count(lab: &HaLab, kind: Kind) -> u64 {
+    match kind {
+        Kind::Session => PinnedMaps::open(&lab.pin_dir(Fw::Two))
+            .and_then(|maps| maps.snapshot_sessions())
+            .map_or(0, |sessions| sessions.len() as u64),
+        Kind::Conntrackd => lab.conntrack_count(Fw::Two),
+    }
+}
+
+/// hping3 from the client: `count` UDP datagrams to the echo port, each from the next
+/// source port from `base`, `gap_us` apart.
+fn hping(lab: &HaLab, count: u32, base: u16, gap_us: u32) {
+    lab.run(
+        "c",
+        &[
+            "hping3",
+            "--udp",
+            "-q",
+            "-p",
+            &ECHO_PORT.to_string(),
+            "-s",
+            &base.to_string(),
+            "-i",
+            &format!("u{gap_us}"),
+            "-c",
+            &count.to_string(),
+            SERVER,
+        ],
+    );
+}
+
+/// Sessions a second the standby takes in when a burst of `count` new flows crosses the
+/// active.
+fn replication_rate(lab: &HaLab, kind: Kind, count: u32) -> f64 {
+    let before = standby_count(lab, kind);
+    let started = Instant::now();
+    hping(lab, count, 10_000, 20);
+    wait_for(
+        "the standby to hold the burst",
+        Duration::from_secs(60),
+        || (standby_count(lab, kind) >= before + u64::from(count) * 99 / 100).then_some(()),
+    );
+    f64::from(count) / started.elapsed().as_secs_f64()
+}
+
+/// The sync daemon's CPU share on the active (1.0 = one CPU) over 5 s, without new flows
+/// and with new flows at about 10,000 a second; and the rate reached.
+fn active_cpu(lab: &HaLab, kind: Kind) -> (f64, f64, f64) {
+    let pid = match kind {
+        Kind::Session => lab.session_pid(Fw::One),
+        Kind::Conntrackd => lab.conntrackd_pid(Fw::One),
+    };
+    let share = |work: &dyn Fn()| {
+        let before = cpu_ticks(pid);
+        let started = Instant::now();
+        work();
+        let took = started.elapsed().as_secs_f64();
+        (
+            (cpu_ticks(pid) - before) as f64 / ticks_per_second() / took,
+            took,
+        )
+    };
+    let (idle, _) = share(&|| sleep(Duration::from_secs(5)));
+    let flows = 50_000;
+    let (busy, took) = share(&|| hping(lab, flows, 12_000, 100));
+    (idle, busy, f64::from(flows) / took)
+}
+
 /// Lag from a flow's first echo to its presence on the standby, in ms, per flow.
-fn sync_lag(lab: &HaLab, flows: u16) -> Vec<f64> {
+fn sync_lag(lab: &HaLab, kind: Kind, flows: u16) -> Vec<f64> {
     let echo = lab.udp("s", SERVER, ECHO_PORT);
     echo.set_read_timeout(Some(Duration::from_millis(100)))
         .expect("timeout");
@@ -141,29 +190,63 @@ fn sync_lag(lab: &HaLab, flows: u16) -> Vec<f64> {
             }
         }
     });
-    let standby = PinnedMaps::open(&lab.pin_dir(Fw::Two)).expect("standby maps");
-    let (tx, rx) = std::sync::mpsc::channel::<(FlowKey, Instant)>();
+    // conntrack: the standby's events, line-buffered into a file read as it grows.
+    let events = (kind == Kind::Conntrackd).then(|| {
+        lab.spawn(
+            "fw2",
+            &["stdbuf", "-oL", "conntrack", "-E", "-e", "NEW", "-p", "udp"],
+            "fw2-conntrack-events.log",
+        )
+    });
+    sleep(Duration::from_millis(300));
+    let events_log = events
+        .as_ref()
+        .map(|_| lab.log_path("fw2-conntrack-events.log"));
+    let standby = (kind == Kind::Session)
+        .then(|| PinnedMaps::open(&lab.pin_dir(Fw::Two)).expect("standby maps"));
+    let client: Ipv4Addr = CLIENT.parse().expect("client");
+    let (tx, rx) = std::sync::mpsc::channel::<(u16, Instant)>();
     let flag = Arc::clone(&stop);
     let poller = thread::spawn(move || {
-        let mut pending: HashMap<FlowKey, Instant> = HashMap::new();
+        let mut pending: HashMap<u16, Instant> = HashMap::new();
+        let mut seen: std::collections::HashSet<u16> = std::collections::HashSet::new();
+        let mut read = 0usize;
         let mut lags = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline && !(flag.load(Ordering::Relaxed) && pending.is_empty()) {
-            while let Ok((key, at)) = rx.try_recv() {
-                pending.insert(key, at);
+            while let Ok((port, at)) = rx.try_recv() {
+                pending.insert(port, at);
             }
-            pending.retain(|key, at| match standby.session(key) {
-                Ok(Some(_)) => {
-                    lags.push(at.elapsed().as_secs_f64() * 1e3);
-                    false
+            if let Some(path) = &events_log {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                if let Some(new) = text.get(read..) {
+                    let complete = new.rfind('\n').map_or(0, |end| end + 1);
+                    for line in new[..complete].lines() {
+                        if let Some(port) = line
+                            .split_whitespace()
+                            .find_map(|field| field.strip_prefix("sport="))
+                            .and_then(|port| port.parse().ok())
+                        {
+                            seen.insert(port);
+                        }
+                    }
+                    read += complete;
                 }
-                _ => true,
+            }
+            pending.retain(|port, at| {
+                let present = match &standby {
+                    Some(maps) => matches!(maps.session(&udp_key(client, *port)), Ok(Some(_))),
+                    None => seen.contains(port),
+                };
+                if present {
+                    lags.push(at.elapsed().as_secs_f64() * 1e3);
+                }
+                !present
             });
             sleep(Duration::from_micros(500));
         }
         lags
     });
-    let client: Ipv4Addr = CLIENT.parse().expect("client");
     for port in 30_000..30_000 + flows {
         let socket = lab.udp("c", CLIENT, port);
         socket.connect((SERVER, ECHO_PORT)).expect("connect");
@@ -172,62 +255,16 @@ fn sync_lag(lab: &HaLab, flows: u16) -> Vec<f64> {
             .expect("timeout");
         let mut buf = [0u8; 2];
         if socket.send(&port.to_le_bytes()).is_ok() && socket.recv(&mut buf).is_ok() {
-            tx.send((udp_key(client, port), Instant::now()))
-                .expect("poller");
+            tx.send((port, Instant::now())).expect("poller");
         }
         sleep(Duration::from_millis(5));
     }
     stop.store(true, Ordering::Relaxed);
     let mut lags = poller.join().expect("poller");
     echoer.join().expect("echo");
+    drop(events);
     lags.sort_by(f64::total_cmp);
     lags
-}
-
-/// Sessions a second the standby installs when `count` appear on the active at once.
-fn replication_rate(lab: &HaLab, count: u32, ifindex: u32) -> f64 {
-    let active = PinnedMaps::open(&lab.pin_dir(Fw::One)).expect("active maps");
-    let standby = PinnedMaps::open(&lab.pin_dir(Fw::Two)).expect("standby maps");
-    let batch = synthetic_batch(0, count, ifindex);
-    let started = Instant::now();
-    active.insert_sessions(&batch).expect("insert");
-    let (last, _) = batch.last().expect("a batch");
-    let (first, _) = batch.first().expect("a batch");
-    wait_for(
-        "the standby to hold the batch",
-        Duration::from_secs(60),
-        || {
-            (standby.session(first).ok().flatten().is_some()
-                && standby.session(last).ok().flatten().is_some()
-                && standby.snapshot_sessions().ok()?.len() >= count as usize)
-                .then_some(())
-        },
-    );
-    count as f64 / started.elapsed().as_secs_f64()
-}
-
-/// The active daemon's CPU share (1.0 = one CPU) over `secs` with `rate` new sessions a
-/// second stored in batches every 100 ms, from session number `first`.
-fn active_cpu(lab: &HaLab, rate: u32, secs: u32, first: u32, ifindex: u32) -> f64 {
-    let active = PinnedMaps::open(&lab.pin_dir(Fw::One)).expect("active maps");
-    let pid = lab.session_pid(Fw::One);
-    let before = cpu_ticks(pid);
-    let started = Instant::now();
-    let per_batch = rate / 10;
-    for step in 0..secs * 10 {
-        if per_batch > 0 {
-            active
-                .insert_sessions(&synthetic_batch(
-                    first + step * per_batch,
-                    per_batch,
-                    ifindex,
-                ))
-                .expect("insert");
-        }
-        let next = Duration::from_millis(100 * (u64::from(step) + 1));
-        sleep(next.saturating_sub(started.elapsed()));
-    }
-    (cpu_ticks(pid) - before) as f64 / ticks_per_second() / started.elapsed().as_secs_f64()
 }
 
 /// Cuts the active's links under a TCP stream: (longest gap the receiver saw, time until
@@ -286,42 +323,121 @@ fn failover_gap(lab: &HaLab) -> (f64, f64, bool) {
     )
 }
 
+/// The figures of one firewall.
+fn measure(lab: &HaLab, kind: Kind) -> serde_json::Value {
+    let lags = sync_lag(lab, kind, 500);
+    sleep(Duration::from_secs(1));
+    let rate = replication_rate(lab, kind, 20_000);
+    sleep(Duration::from_secs(2));
+    let (idle, busy, new_per_second) = active_cpu(lab, kind);
+    sleep(Duration::from_secs(2));
+    let (gap, detection, intact) = failover_gap(lab);
+    json!({
+        "sync_lag_ms": { "median": percentile(&lags, 0.5), "p99": percentile(&lags, 0.99), "flows": lags.len() },
+        "replicated_per_second": rate,
+        "active_cpu": { "idle": idle, "busy": busy, "new_per_second": new_per_second,
+                        "extra_per_10000_new_per_second": (busy - idle) * 10_000.0 / new_per_second },
+        "failover": { "tcp_gap_ms": gap, "keepalived_detection_ms": detection, "every_byte": intact },
+    })
+}
+
+fn session_lab() -> HaLab {
+    active_standby()
+}
+
+fn conntrackd_lab() -> HaLab {
+    let mut lab = HaLab::new("bench-ct");
+    for fw in [Fw::One, Fw::Two] {
+        lab.start_nftables(fw);
+        lab.start_conntrackd(fw);
+    }
+    lab.start_keepalived(Fw::One);
+    lab.wait_master(Fw::One, Duration::from_secs(10));
+    lab.start_keepalived(Fw::Two);
+    sleep(Duration::from_secs(2));
+    lab
+}
+
 fn main() {
     let out_dir = std::env::var_os("SESSION_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench")));
     std::fs::create_dir_all(&out_dir).expect("bench dir");
-    let lab = active_standby();
-    let ifindex = lab.ifindex(Fw::One, "lan0");
-    let lags = sync_lag(&lab, 500);
-    let rate = replication_rate(&lab, 20_000, ifindex);
-    sleep(Duration::from_secs(2));
-    let idle = active_cpu(&lab, 0, 5, 0, ifindex);
-    let busy = active_cpu(&lab, 10_000, 5, 100_000, ifindex);
-    let (gap, detection, intact) = failover_gap(&lab);
-    let result = json!({
-        "sync_lag_ms": { "median": percentile(&lags, 0.5), "p99": percentile(&lags, 0.99), "flows": lags.len() },
-        "replicated_per_second": rate,
-        "active_cpu_share": { "idle": idle, "at_10000_new_per_second": busy, "extra": busy - idle },
-        "failover": { "tcp_gap_ms": gap, "keepalived_detection_ms": detection, "every_byte": intact },
-    });
+    let session = measure(&session_lab(), Kind::Session);
+    let conntrackd = measure(&conntrackd_lab(), Kind::Conntrackd);
     let mut md = String::new();
+    let row = |md: &mut String, what: &str, cell: &dyn Fn(&serde_json::Value) -> String| {
+        writeln!(
+            md,
+            "| {what} | {} | {} |",
+            cell(&session),
+            cell(&conntrackd)
+        )
+        .expect("fmt");
+    };
     writeln!(
         md,
-        "### State sync (session; conntrackd comparison not yet measured)\n"
+        "### State sync: session against nftables + conntrackd (FTFW)\n"
     )
     .expect("fmt");
-    writeln!(md, "| measure | session |\n| --- | --- |").expect("fmt");
-    writeln!(md, "| sync lag, creation to presence on the standby, median / p99 | {:.1} / {:.1} ms ({} flows) |", percentile(&lags, 0.5), percentile(&lags, 0.99), lags.len()).expect("fmt");
     writeln!(
         md,
-        "| sessions replicated per second (20,000 at once) | {rate:.0} |"
+        "| measure | session | conntrackd |\n| --- | --- | --- |"
     )
     .expect("fmt");
-    writeln!(md, "| active daemon CPU at 10,000 new sessions/s, extra over idle | {:.1} % of a CPU (idle {:.1} %) |", (busy - idle) * 100.0, idle * 100.0).expect("fmt");
-    writeln!(md, "| failover (links cut): longest gap in the TCP stream / keepalived's detection | {gap:.0} / {detection:.0} ms, every byte arrived: {intact} |").expect("fmt");
+    row(
+        &mut md,
+        "sync lag, creation to presence on the standby, median / p99 (ms)",
+        &|v| {
+            format!(
+                "{:.1} / {:.1}",
+                v["sync_lag_ms"]["median"].as_f64().unwrap_or(f64::NAN),
+                v["sync_lag_ms"]["p99"].as_f64().unwrap_or(f64::NAN)
+            )
+        },
+    );
+    row(
+        &mut md,
+        "sessions replicated per second (a burst of 20,000 new flows)",
+        &|v| {
+            format!(
+                "{:.0}",
+                v["replicated_per_second"].as_f64().unwrap_or(f64::NAN)
+            )
+        },
+    );
+    row(
+        &mut md,
+        "sync daemon CPU on the active per 10,000 new sessions/s (% of a CPU; idle)",
+        &|v| {
+            let cpu = &v["active_cpu"];
+            format!(
+                "{:.1} ({:.0}/s reached; idle {:.1})",
+                cpu["extra_per_10000_new_per_second"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN)
+                    * 100.0,
+                cpu["new_per_second"].as_f64().unwrap_or(f64::NAN),
+                cpu["idle"].as_f64().unwrap_or(f64::NAN) * 100.0
+            )
+        },
+    );
+    row(
+        &mut md,
+        "failover, links cut: TCP gap / keepalived detection (ms), every byte",
+        &|v| {
+            let f = &v["failover"];
+            format!(
+                "{:.0} / {:.0}, {}",
+                f["tcp_gap_ms"].as_f64().unwrap_or(f64::NAN),
+                f["keepalived_detection_ms"].as_f64().unwrap_or(f64::NAN),
+                f["every_byte"]
+            )
+        },
+    );
     print!("{md}");
     std::fs::write(out_dir.join("ha.md"), &md).expect("write ha.md");
+    let result = json!({ "session": session, "conntrackd": conntrackd });
     std::fs::write(
         out_dir.join("ha.json"),
         serde_json::to_string_pretty(&result).expect("json"),

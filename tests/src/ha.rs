@@ -100,6 +100,23 @@ impl Proc {
         }
     }
 
+    /// The process id of the program itself (the child of its `timeout` wrapper).
+    pub fn pid(&self) -> u32 {
+        let wrapper = self.child.id().to_string();
+        fs::read_dir("/proc")
+            .expect("read /proc")
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .find(|pid| {
+                fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                    stat.rsplit(") ")
+                        .next()
+                        .and_then(|rest| rest.split_whitespace().nth(1))
+                        .is_some_and(|ppid| ppid == wrapper)
+                })
+            })
+            .unwrap_or_else(|| panic!("no process under {}", self.label))
+    }
+
     /// What the process logged.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.stderr).unwrap_or_default()
@@ -152,6 +169,8 @@ pub struct HaLab {
     daemons: [Option<Proc>; 2],
     /// keepalived, by [`Fw::index`].
     keepalived: [Option<Proc>; 2],
+    /// conntrackd (the comparison), by [`Fw::index`].
+    conntrackd: [Option<Proc>; 2],
 }
 
 impl HaLab {
@@ -167,6 +186,7 @@ impl HaLab {
             bin,
             daemons: [None, None],
             keepalived: [None, None],
+            conntrackd: [None, None],
         };
         for ns in ["c", "s", "lan", "wan", "fw1", "fw2"] {
             host(&["ip", "netns", "add", &lab.ns(ns)]);
@@ -341,25 +361,89 @@ impl HaLab {
         self.daemons[fw.index()] = Some(proc);
     }
 
-    /// The process id of `fw`'s session daemon (the child of its `timeout` wrapper).
+    /// The process id of `fw`'s session daemon.
     pub fn session_pid(&self, fw: Fw) -> u32 {
-        let wrapper = self.daemons[fw.index()]
+        self.daemons[fw.index()]
             .as_ref()
             .expect("the daemon runs")
-            .child
-            .id();
-        fs::read_dir("/proc")
-            .expect("read /proc")
-            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .find(|pid| {
-                fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-                    stat.rsplit(") ")
-                        .next()
-                        .and_then(|rest| rest.split_whitespace().nth(1))
-                        .is_some_and(|ppid| ppid == wrapper.to_string())
-                })
-            })
-            .expect("the session daemon's process")
+            .pid()
+    }
+
+    /// The process id of `fw`'s conntrackd.
+    pub fn conntrackd_pid(&self, fw: Fw) -> u32 {
+        self.conntrackd[fw.index()]
+            .as_ref()
+            .expect("conntrackd runs")
+            .pid()
+    }
+
+    /// Makes `fw` the nftables equivalent of config/examples/ha-session.toml, for the
+    /// comparison with conntrackd: the same forwarding policy on conntrack's `ct state`,
+    /// with `nf_conntrack_tcp_loose` off.
+    pub fn start_nftables(&self, fw: Fw) {
+        let short = self.fw_ns_short(fw);
+        self.sysctl(short, "net.netfilter.nf_conntrack_tcp_loose=0");
+        let path = self.dir.join(format!("{short}-fw.nft"));
+        fs::write(
+            &path,
+            "table inet fw {\n chain forward { type filter hook forward priority 0; policy drop;\n  ct state established,related accept\n  ct state invalid drop\n  iifname \"lan0\" ct state new accept\n }\n}\n",
+        )
+        .expect("write the nftables ruleset");
+        self.run(short, &["nft", "-f", &path.to_string_lossy()]);
+    }
+
+    /// Starts Debian's conntrackd in `fw` in FTFW mode over UDP on the sync link, storing
+    /// what it receives in the kernel's table at once (`DisableExternalCache`), as session
+    /// does.
+    pub fn start_conntrackd(&mut self, fw: Fw) {
+        let short = self.fw_ns_short(fw);
+        let file = |what: &str| {
+            self.dir
+                .join(format!("{short}-conntrackd.{what}"))
+                .to_string_lossy()
+                .into_owned()
+        };
+        let conf = format!(
+            "Sync {{\n Mode FTFW {{\n  DisableExternalCache yes\n }}\n UDP {{\n  IPv4_address {local}\n  IPv4_Destination_Address {peer}\n  Port 3780\n  Interface sync0\n  SndSocketBuffer 1249280\n  RcvSocketBuffer 1249280\n  Checksum on\n }}\n}}\nGeneral {{\n HashSize 32768\n HashLimit 262144\n LogFile {log}\n LockFile {lock}\n UNIX {{\n  Path {ctl}\n }}\n NetlinkBufferSize 2097152\n NetlinkBufferSizeMaxGrowth 8388608\n Filter From Userspace {{\n  Protocol Accept {{\n   TCP\n   UDP\n  }}\n  Address Ignore {{\n   IPv4_address 127.0.0.1\n   IPv4_address 198.19.0.0/30\n  }}\n }}\n}}\n",
+            local = fw.sync_addr(),
+            peer = fw.other().sync_addr(),
+            log = file("log"),
+            lock = file("lock"),
+            ctl = file("ctl"),
+        );
+        let path = self.dir.join(format!("{short}-conntrackd.conf"));
+        fs::write(&path, conf).expect("write conntrackd.conf");
+        let out = self.dir.join(format!("{short}-conntrackd.out"));
+        let proc = Proc::start(
+            &self.ns(short),
+            &["conntrackd", "-C", &path.to_string_lossy()],
+            &out,
+        );
+        let ctl = file("ctl");
+        wait_for(
+            "conntrackd's control socket",
+            Duration::from_secs(10),
+            || Path::new(&ctl).exists().then_some(()),
+        );
+        self.conntrackd[fw.index()] = Some(proc);
+    }
+
+    /// Connections in `fw`'s kernel conntrack table.
+    pub fn conntrack_count(&self, fw: Fw) -> u64 {
+        self.run(self.fw_ns_short(fw), &["conntrack", "-C"])
+            .trim()
+            .parse()
+            .expect("conntrack -C prints a number")
+    }
+
+    /// The path of a log file [`HaLab::spawn`] wrote.
+    pub fn log_path(&self, log: &str) -> PathBuf {
+        self.dir.join(log)
+    }
+
+    /// Starts `argv` in namespace `short` as a process killed when the guard drops.
+    pub fn spawn(&self, short: &str, argv: &[&str], log: &str) -> Proc {
+        Proc::start(&self.ns(short), argv, &self.dir.join(log))
     }
 
     /// The index of `iface` in `fw`'s namespace.
@@ -556,7 +640,12 @@ impl Drop for HaLab {
         if std::thread::panicking() {
             eprintln!("{}", self.logs());
         }
-        for proc in self.keepalived.iter_mut().chain(self.daemons.iter_mut()) {
+        for proc in self
+            .keepalived
+            .iter_mut()
+            .chain(self.daemons.iter_mut())
+            .chain(self.conntrackd.iter_mut())
+        {
             drop(proc.take());
         }
         for fw in [Fw::One, Fw::Two] {
