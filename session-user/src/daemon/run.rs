@@ -122,12 +122,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
         Some(addr) => Some(metrics::start(addr, &options.pin_dir).await?),
         None => None,
     };
-    let events = Arc::new(EventHub::start(&maps)?);
     let sync = config
         .sync
         .as_ref()
         .map(|sync| sync_task::prepare(sync, &maps))
         .transpose()?;
+    let events = Arc::new(EventHub::start(
+        &maps,
+        sync.as_ref().map(sync_task::Prepared::nudge),
+    )?);
     privileges::drop_all_capabilities()?;
     let _sync = sync.map(sync_task::Prepared::spawn).transpose()?;
     {

@@ -19,6 +19,8 @@ use session_common::{
     wire::{DaemonCounter, FlowKey, RULE_ID_DEFAULT, Session},
 };
 
+use std::sync::mpsc::Receiver;
+
 use crate::{
     bpf::{
         clock::monotonic_ns,
@@ -26,7 +28,7 @@ use crate::{
         pinned::{PinnedMaps, SessionTiers},
     },
     continuity::import::unix_now_ns,
-    daemon::readmission::admitting_rule,
+    daemon::{events::ring::SyncNudge, readmission::admitting_rule},
     policy::config::SyncConfig,
     sync::{
         changes::{Tracker, received_session},
@@ -36,12 +38,22 @@ use crate::{
     },
 };
 
+/// Keys of new and closed sessions the event reader may hand over before the sync thread
+/// takes them (beyond, they wait for the next scan).
+const NUDGE_BACKLOG: usize = 16_384;
+
+/// How long the sync thread waits for a datagram at most before it looks at the keys the
+/// event reader handed over.
+const NUDGE_POLL: Duration = Duration::from_millis(5);
+
 /// The interval is at least this many times the last tick's duration.
 const SCAN_SHARE: u32 = 5;
 
 /// A sync link ready to run: key read, socket bound (done while the daemon still has its
 /// privileges).
 pub struct Prepared {
+    nudge: SyncNudge,
+    nudged: Receiver<FlowKey>,
     socket: UdpSocket,
     peer: SocketAddr,
     link: Link,
@@ -75,7 +87,10 @@ pub fn prepare(config: &SyncConfig, maps: &PinnedMaps) -> Result<Prepared> {
         retransmit_ns: (4 * config.interval.as_nanos() as u64).max(100_000_000),
         ..Timing::default()
     };
+    let (nudge, nudged) = std::sync::mpsc::sync_channel(NUDGE_BACKLOG);
     Ok(Prepared {
+        nudge,
+        nudged,
         socket,
         peer: config.peer,
         link: Link::new(key, timing, boot_id()?),
@@ -124,6 +139,12 @@ fn boot_id() -> Result<u64> {
 }
 
 impl Prepared {
+    /// Where the event reader hands over the keys of new and closed sessions, which are
+    /// then sent at once rather than at the next scan.
+    pub fn nudge(&self) -> SyncNudge {
+        self.nudge.clone()
+    }
+
     /// Runs the link on its own thread for the daemon's life.
     pub fn spawn(self) -> Result<JoinHandle<()>> {
         info!(
@@ -167,7 +188,7 @@ impl Prepared {
             }
             let wait = next_tick
                 .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1));
+                .clamp(Duration::from_millis(1), NUDGE_POLL);
             if let Err(error) = self.socket.set_read_timeout(Some(wait)) {
                 warn!("sync: setting the socket's timeout: {error}");
             }
@@ -187,7 +208,39 @@ impl Prepared {
                     std::thread::sleep(self.interval);
                 }
             }
+            if let Err(error) = self.nudged(&table, &mut ifnames, &mut tally) {
+                warn!("sync: {error:#}");
+            }
         }
+    }
+
+    /// Sends at once the sessions the kernel just reported new or closed.
+    fn nudged(
+        &mut self,
+        table: &SessionTiers,
+        ifnames: &mut HashMap<u32, String>,
+        tally: &mut Tally,
+    ) -> Result<()> {
+        let keys: std::collections::HashSet<FlowKey> = self.nudged.try_iter().collect();
+        let now = monotonic_ns();
+        if keys.is_empty() || !self.link.accepts_changes(now) {
+            return Ok(());
+        }
+        let mut sessions = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Some(session) = table.get(&key)?.filter(|s| s.expires_ns > now) {
+                sessions.push((key, session));
+            }
+        }
+        let outgoing = self.tracker.changes_of(&sessions, now);
+        let changes = to_changes(outgoing, now, ifnames);
+        if changes.is_empty() {
+            return Ok(());
+        }
+        tally.changes_sent += changes.len() as u64;
+        self.link.queue(changes, now);
+        self.flush();
+        Ok(())
     }
 
     /// Takes in a datagram from `from`: the peer's is handed to the link, anyone else's
@@ -365,29 +418,7 @@ impl Prepared {
             .into_iter()
             .filter(|(_, session)| session.expires_ns > now)
             .collect();
-        Ok(self
-            .tracker
-            .changes(&live, now)
-            .into_iter()
-            .filter_map(|(key, session)| match session {
-                None => Some(Change::Delete(key)),
-                Some(session) => {
-                    let record =
-                        SessionRecord::from_session(&key, &session, now, NO_NAME, NO_NAME)?;
-                    let ifindex = u32::from_ne_bytes(session.origin_ifindex);
-                    let name = ifnames
-                        .entry(ifindex)
-                        .or_insert_with(|| {
-                            (ifindex != 0)
-                                .then(|| netdev::index_to_name(ifindex))
-                                .flatten()
-                                .unwrap_or_default()
-                        })
-                        .clone();
-                    Some(Change::Upsert(record, name))
-                }
-            })
-            .collect())
+        Ok(to_changes(self.tracker.changes(&live, now), now, ifnames))
     }
 
     fn publish(&self, tally: &Tally, now: u64) -> Result<()> {
@@ -422,4 +453,33 @@ impl Prepared {
         }
         Ok(())
     }
+}
+
+/// Sync changes of what the tracker found to send: records (times relative to `now`)
+/// with their first interface's name, and deletions.
+fn to_changes(
+    outgoing: Vec<(FlowKey, Option<Session>)>,
+    now: u64,
+    ifnames: &mut HashMap<u32, String>,
+) -> Vec<Change> {
+    outgoing
+        .into_iter()
+        .filter_map(|(key, session)| match session {
+            None => Some(Change::Delete(key)),
+            Some(session) => {
+                let record = SessionRecord::from_session(&key, &session, now, NO_NAME, NO_NAME)?;
+                let ifindex = u32::from_ne_bytes(session.origin_ifindex);
+                let name = ifnames
+                    .entry(ifindex)
+                    .or_insert_with(|| {
+                        (ifindex != 0)
+                            .then(|| netdev::index_to_name(ifindex))
+                            .flatten()
+                            .unwrap_or_default()
+                    })
+                    .clone();
+                Some(Change::Upsert(record, name))
+            }
+        })
+        .collect()
 }

@@ -80,10 +80,24 @@ impl Tracker {
     /// The changes of `live` (the table's sessions that have not expired at `now`) that
     /// the peer has not seen; records them as sent.
     pub fn changes(&mut self, live: &[(FlowKey, Session)], now: u64) -> Vec<Outgoing> {
+        let mut out = self.changes_of(live, now);
+        let present: HashSet<FlowKey> = live.iter().map(|(key, _)| *key).collect();
+        self.known.retain(|key, known| {
+            let keep = present.contains(key);
+            if !keep && !known.from_peer {
+                out.push((*key, None));
+            }
+            keep
+        });
+        out
+    }
+
+    /// The changes of just these sessions (live at `now`) that the peer has not seen,
+    /// recorded as sent: what the kernel reported new or closed, sent before the next
+    /// scan. Sessions not given are left as they are.
+    pub fn changes_of(&mut self, sessions: &[(FlowKey, Session)], now: u64) -> Vec<Outgoing> {
         let mut out = Vec::new();
-        let mut present = HashSet::with_capacity(live.len());
-        for (key, session) in live {
-            present.insert(*key);
+        for (key, session) in sessions {
             let digest = Digest::of(session);
             let send = match self.known.get(key) {
                 None => true,
@@ -105,13 +119,6 @@ impl Tracker {
                 out.push((*key, Some(*session)));
             }
         }
-        self.known.retain(|key, known| {
-            let keep = present.contains(key);
-            if !keep && !known.from_peer {
-                out.push((*key, None));
-            }
-            keep
-        });
         out
     }
 
@@ -244,6 +251,18 @@ mod tests {
         let sent = tracker.changes(&[(a, closing)], S + 1);
         assert_eq!(sent, vec![(a, Some(closing)), (b, None)]);
         assert!(tracker.changes(&[(a, closing)], S + 2).is_empty());
+    }
+
+    #[test]
+    fn sessions_reported_by_the_kernel_go_at_once_and_not_again_at_the_scan() {
+        let mut tracker = Tracker::new(S);
+        let (a, b) = (key_v4(2, 1), key_v4(3, 1));
+        let live = [(a, session(100 * S, 1)), (b, session(100 * S, 1))];
+        assert_eq!(
+            tracker.changes_of(&live[..1], 1),
+            vec![(a, Some(live[0].1))]
+        );
+        assert_eq!(tracker.changes(&live, 2), vec![(b, Some(live[1].1))]);
     }
 
     #[test]
