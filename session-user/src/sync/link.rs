@@ -223,6 +223,20 @@ impl Link {
     /// [`Timing::backlog`] allows is given a full resync instead.
     pub fn queue(&mut self, changes: Vec<Change>, now: u64) {
         let mut changes = changes.into_iter().peekable();
+        // A message not sent yet takes more changes first, so that changes arriving a
+        // few at a time still travel eight to a datagram.
+        if let Some(last) = self
+            .outbox
+            .back_mut()
+            .filter(|last| last.sent_at.is_none() && last.flags == 0)
+        {
+            while last.changes.len() < MAX_ENTRIES {
+                match changes.next() {
+                    Some(change) => last.changes.push(change),
+                    None => break,
+                }
+            }
+        }
         while changes.peek().is_some() {
             let chunk: Vec<Change> = changes.by_ref().take(MAX_ENTRIES).collect();
             self.push(chunk, now);
@@ -479,6 +493,18 @@ mod tests {
         assert_eq!(a.unacknowledged(), 0);
         assert!(a.counters().retransmitted > 0);
         assert_eq!(a.lag_ns(now), 0);
+    }
+
+    #[test]
+    fn changes_queued_a_few_at_a_time_fill_a_waiting_message() {
+        let (mut a, mut b) = pair();
+        connect(&mut a, &mut b, 1);
+        for port in 0..10 {
+            a.queue(deletes(port..port + 1), 10 * MS);
+        }
+        assert_eq!(a.unacknowledged(), 2, "eight to a message");
+        let got = carry(&mut a, &mut b, 10 * MS, |_| false);
+        assert_eq!(got, deletes(0..10));
     }
 
     #[test]
