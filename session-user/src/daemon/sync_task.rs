@@ -44,10 +44,10 @@ const NUDGE_BACKLOG: usize = 16_384;
 
 /// How long the sync thread waits for a datagram at most before it looks at the keys the
 /// event reader handed over.
-const NUDGE_POLL: Duration = Duration::from_millis(5);
+const NUDGE_POLL: Duration = Duration::from_millis(2);
 
 /// The interval is at least this many times the last tick's duration.
-const SCAN_SHARE: u32 = 5;
+const SCAN_SHARE: u32 = 10;
 
 /// A sync link ready to run: key read, socket bound (done while the daemon still has its
 /// privileges).
@@ -183,7 +183,7 @@ impl Prepared {
                 // The policy in force, read once a tick rather than once a datagram.
                 rules = self.maps.active_rules().ok();
                 // A scan costs time in proportion to the table: on a large one the
-                // interval stretches so that scanning takes at most a fifth of a CPU.
+                // interval stretches so that scanning takes at most a tenth of a CPU.
                 next_tick = now + self.interval.max(now.elapsed() * SCAN_SHARE);
             }
             let wait = next_tick

@@ -25,7 +25,7 @@ const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
 /// How often it is drained when state sync listens: new sessions reach the peer this
 /// much later at most, rather than at the next scan of the table.
-const DRAIN_EVERY_FOR_SYNC: Duration = Duration::from_millis(5);
+const DRAIN_EVERY_FOR_SYNC: Duration = Duration::from_millis(2);
 
 /// Where the keys of new and closed TCP and UDP sessions go for state sync, which sends
 /// them at once instead of at its next scan; a full channel drops them (the scan finds
