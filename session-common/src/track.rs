@@ -45,8 +45,11 @@ fn key_ports(protocol: u8, sport: u16, dport: u16) -> (u16, u16) {
     }
 }
 
+/// The canonical key of the flow between two endpoints (ports as [`flow_key`] takes
+/// them) and whether `src` is its `lo` endpoint; the daemon keys the events it reads
+/// (addresses and ports) with it, exactly as the kernel path keyed the session.
 #[inline(always)]
-fn endpoints_key(
+pub fn endpoints_key(
     family: u8,
     protocol: u8,
     src: &[u8; 16],

@@ -637,14 +637,42 @@ pub enum DaemonCounter {
     RestoreRefused,
     /// Live changes to named sets (`session set add`, `delete`, `flush`, `replace`).
     SetChanges,
+    /// The sync peer's state, a gauge: 0 down, 1 resyncing, 2 up (`[sync]`).
+    SyncPeerState,
+    /// How long the oldest change not yet acknowledged by the peer has waited (ns), a
+    /// gauge: how far the standby is behind.
+    SyncLagNs,
+    /// Sync messages waiting for the peer's acknowledgement, a gauge.
+    SyncUnacknowledged,
+    /// Sync datagrams sent (retransmissions included).
+    SyncSent,
+    /// Authenticated sync datagrams received.
+    SyncReceived,
+    /// Sync data messages sent again for want of an acknowledgement.
+    SyncRetransmitted,
+    /// Full resyncs begun towards the peer.
+    SyncResyncs,
+    /// Datagrams on the sync port that failed authentication or came from elsewhere
+    /// than the peer; dropped.
+    SyncAuthFailures,
+    /// Authenticated sync datagrams refused (malformed, replayed, stale, out of window).
+    SyncRefused,
+    /// Session changes (creations, updates, deletions) sent to the peer.
+    SyncChangesSent,
+    /// Sessions installed or updated from the peer.
+    SyncInstalled,
+    /// Sessions deleted on the peer's word.
+    SyncDeleted,
+    /// Sessions from the peer that the policy in force would not admit; not installed.
+    SyncPolicyRefused,
 }
 
 impl DaemonCounter {
     /// Size of the daemon counter map.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 32;
 
     /// Every daemon counter with its stable name.
-    pub const ALL: [(DaemonCounter, &'static str); 13] = [
+    pub const ALL: [(DaemonCounter, &'static str); 26] = [
         (DaemonCounter::SessionsExpired, "sessions_expired"),
         (DaemonCounter::ReaperRuns, "reaper_runs"),
         (DaemonCounter::PolicyApplies, "policy_applies"),
@@ -661,6 +689,19 @@ impl DaemonCounter {
         (DaemonCounter::SessionsRestored, "sessions_restored"),
         (DaemonCounter::RestoreRefused, "restore_refused"),
         (DaemonCounter::SetChanges, "set_changes"),
+        (DaemonCounter::SyncPeerState, "sync_peer_state"),
+        (DaemonCounter::SyncLagNs, "sync_lag_ns"),
+        (DaemonCounter::SyncUnacknowledged, "sync_unacknowledged"),
+        (DaemonCounter::SyncSent, "sync_sent"),
+        (DaemonCounter::SyncReceived, "sync_received"),
+        (DaemonCounter::SyncRetransmitted, "sync_retransmitted"),
+        (DaemonCounter::SyncResyncs, "sync_resyncs"),
+        (DaemonCounter::SyncAuthFailures, "sync_auth_failures"),
+        (DaemonCounter::SyncRefused, "sync_refused"),
+        (DaemonCounter::SyncChangesSent, "sync_changes_sent"),
+        (DaemonCounter::SyncInstalled, "sync_installed"),
+        (DaemonCounter::SyncDeleted, "sync_deleted"),
+        (DaemonCounter::SyncPolicyRefused, "sync_policy_refused"),
     ];
 }
 

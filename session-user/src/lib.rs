@@ -19,3 +19,4 @@ pub mod continuity;
 pub mod daemon;
 pub mod host_engine;
 pub mod policy;
+pub mod sync;

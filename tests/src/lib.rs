@@ -26,6 +26,7 @@
 pub mod attacker;
 pub mod bare_xdp;
 pub mod bench_object;
+pub mod ha;
 pub mod lifecycle;
 pub mod loadgen;
 pub mod raw;

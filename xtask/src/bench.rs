@@ -21,11 +21,12 @@ use serde_json::{Value, json};
 use crate::{cmd, setup};
 
 /// The benchmarks: (name for `--only`, package, bench target, output stem).
-const BENCHES: [(&str, &str, &str, &str); 4] = [
+const BENCHES: [(&str, &str, &str, &str); 5] = [
     ("kernel", "session-user", "kernel_path", "kernel"),
     ("continuity", "session-user", "continuity", "continuity"),
     ("e2e", "session-tests", "e2e", "e2e"),
     ("synflood", "session-tests", "synflood", "synflood"),
+    ("ha", "session-tests", "ha_sync", "ha"),
 ];
 
 /// Runs the benchmarks (all, or only the one named) and writes the combined report.

@@ -22,6 +22,10 @@ const PACKAGES: &[&str] = &[
     "conntrack",
     "socat",
     "iperf3",
+    // VRRP failover for the state sync tests (tests/ha.rs), and conntrackd, which the
+    // state sync benchmark (tests/benches/ha_sync.rs) compares session with.
+    "keepalived",
+    "conntrackd",
     "tcpdump",
     "netcat-openbsd",
     "hping3",

@@ -301,6 +301,28 @@ impl PinnedMaps {
         Ok(())
     }
 
+    /// The session stored under `key` in either tier, if any.
+    pub fn session(&self, key: &FlowKey) -> Result<Option<Session>> {
+        for name in [map_names::SESSIONS, map_names::UNASSURED] {
+            match self.tier(name)?.get(key, 0) {
+                Ok(session) => return Ok(Some(session)),
+                Err(error) if is_not_found(&error) => {}
+                Err(error) => return Err(error).with_context(|| format!("reading {name}")),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Both session tiers and the presence filter, opened once, for a caller that looks
+    /// up, stores and removes sessions one by one at a high rate (state sync).
+    pub fn session_tiers(&self) -> Result<SessionTiers> {
+        Ok(SessionTiers {
+            protected: self.tier(map_names::SESSIONS)?,
+            unassured: self.tier(map_names::UNASSURED)?,
+            filter: PresenceFilter::open(&self.dir)?,
+        })
+    }
+
     /// The active policy bank as the host engine reads rules, to judge sessions against
     /// the policy in force without its config file.
     pub fn active_rules(&self) -> Result<ModelRules> {
@@ -592,6 +614,67 @@ impl PinnedMaps {
 
     fn fast_path_ports(&self) -> Result<DevMapHash<MapData>> {
         DevMapHash::try_from(self.map(map_names::FAST_PATH_PORTS)?).context("map FAST_PATH_PORTS")
+    }
+}
+
+/// Both session tiers and the presence filter of one table, kept open
+/// ([`PinnedMaps::session_tiers`]).
+pub struct SessionTiers {
+    protected: HashMap<MapData, FlowKey, Session>,
+    unassured: HashMap<MapData, FlowKey, Session>,
+    filter: PresenceFilter,
+}
+
+impl SessionTiers {
+    /// The session stored under `key` in either tier, if any.
+    pub fn get(&self, key: &FlowKey) -> Result<Option<Session>> {
+        for tier in [&self.protected, &self.unassured] {
+            match tier.get(key, 0) {
+                Ok(session) => return Ok(Some(session)),
+                Err(error) if is_not_found(&error) => {}
+                Err(error) => return Err(error).context("reading a session"),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stores each session under its key, replacing what either tier held: in the
+    /// protected tier when it is, otherwise the unassured one, and removed from the
+    /// other, so a key stays in one tier; sets its slots in the presence filter as the
+    /// kernel path does (what sync installs from a peer).
+    pub fn store(&mut self, sessions: &[(FlowKey, Session)]) -> Result<()> {
+        for (key, session) in sessions {
+            let (into, out_of) = if session.flags & session_flags::PROTECTED != 0 {
+                (&mut self.protected, &mut self.unassured)
+            } else {
+                (&mut self.unassured, &mut self.protected)
+            };
+            into.insert(key, session, 0)
+                .context("storing a synced session (is the table full?)")?;
+            match out_of.remove(key) {
+                Ok(()) => {}
+                Err(error) if is_not_found(&error) => {}
+                Err(error) => return Err(error).context("moving a synced session between tiers"),
+            }
+            self.filter.set(0, key);
+            self.filter.set(1, key);
+        }
+        Ok(())
+    }
+
+    /// Removes the sessions under `keys` from both tiers; returns how many were there.
+    pub fn remove(&mut self, keys: &[FlowKey]) -> Result<u64> {
+        let mut removed = 0;
+        for tier in [&mut self.protected, &mut self.unassured] {
+            for key in keys {
+                match tier.remove(key) {
+                    Ok(()) => removed += 1,
+                    Err(error) if is_not_found(&error) => {}
+                    Err(error) => return Err(error).context("removing a session"),
+                }
+            }
+        }
+        Ok(removed)
     }
 }
 

@@ -187,6 +187,21 @@ pub enum Command {
         #[command(subcommand)]
         action: crate::cli::set::SetCommand,
     },
+    /// Show the state sync link to the peer firewall (`[sync]`).
+    ///
+    /// Prints the peer's state (up, resyncing, down; off when this firewall has no sync
+    /// link), how long the oldest change the peer has not acknowledged has waited (lag),
+    /// and the link's counters: datagrams sent, retransmitted and received, full resyncs,
+    /// datagrams dropped for failing authentication, sessions installed from the peer.
+    ///
+    /// Example, as JSON for a monitoring script:
+    ///
+    ///     session sync status --json
+    #[command(verbatim_doc_comment)]
+    Sync {
+        #[command(subcommand)]
+        action: crate::cli::sync::SyncCommand,
+    },
     /// Stop the daemon and remove the firewall: links, attachments and maps.
     ///
     /// Stops the daemon that owns the pin directory, if one runs (SIGTERM, then SIGKILL

@@ -208,6 +208,7 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::Reload { pin } => reload(&pin.pin_dir),
         Command::Set { action } => crate::cli::set::run(action),
+        Command::Sync { action } => crate::cli::sync::run(action),
         Command::Events { json, pin } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -1,6 +1,7 @@
 //! The `session` command line: its arguments (`args`), what each command does
 //! (`commands`), what `list` and `stats` print (`views`), the `session events` client
-//! (`events`) and the man page (`man`).
+//! (`events`), `session set` (`set`), `session sync status` (`sync`) and the man page
+//! (`man`).
 
 pub mod args;
 pub mod commands;
@@ -9,4 +10,5 @@ pub(crate) mod contract_examples;
 pub mod events;
 pub mod man;
 pub mod set;
+pub mod sync;
 pub mod views;

@@ -10,4 +10,5 @@ pub mod readmission;
 pub mod reaper;
 pub mod run;
 pub mod set_events;
+pub mod sync_task;
 pub mod teardown;

@@ -28,6 +28,7 @@ use crate::{
         metrics, privileges, readmission,
         reaper::{self, REAP_INTERVAL, next_reap_delay},
         set_events::{SET_WATCH_INTERVAL, SetWatch},
+        sync_task,
     },
     policy::{
         compile::{CompiledPolicy, compile},
@@ -121,8 +122,17 @@ pub async fn run(options: RunOptions) -> Result<()> {
         Some(addr) => Some(metrics::start(addr, &options.pin_dir).await?),
         None => None,
     };
-    let events = Arc::new(EventHub::start(&maps)?);
+    let sync = config
+        .sync
+        .as_ref()
+        .map(|sync| sync_task::prepare(sync, &maps))
+        .transpose()?;
+    let events = Arc::new(EventHub::start(
+        &maps,
+        sync.as_ref().map(sync_task::Prepared::nudge),
+    )?);
     privileges::drop_all_capabilities()?;
+    let _sync = sync.map(sync_task::Prepared::spawn).transpose()?;
     {
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "session: ready").context("writing to stdout")?;
@@ -281,6 +291,9 @@ fn reload(path: &Path, maps: &PinnedMaps, ifaces: &[(String, u32)], started: &Co
                 warn!(
                     "reload: changes to `[attach] tc_ingress` need a restart; each interface keeps its ingress program"
                 );
+            }
+            if config.sync != started.sync {
+                warn!("reload: changes to `[sync]` need a restart; the sync link keeps its settings");
             }
             if config.kernel_log_level != started.kernel_log_level {
                 warn!(

@@ -9,6 +9,7 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     ops::Range,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use ipnet::{IpNet, Ipv6Net};
@@ -102,6 +103,8 @@ pub struct Config {
     pub kernel_log_level: KernelLogLevel,
     /// The host's ports the SYN-flood defence holds (`[syn_defence]`).
     pub syn_defence: SynDefence,
+    /// State sync to a standby peer (`[sync]`); off when `None`.
+    pub sync: Option<SyncConfig>,
 }
 
 /// `[syn_defence]`: the host's own TCP ports whose new connections get a session only
@@ -130,6 +133,22 @@ impl SynDefence {
             ports.join(", ")
         ))
     }
+}
+
+/// State sync to a peer firewall (`[sync]`, docs/SYNC.md).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncConfig {
+    /// The address and UDP port this firewall sends from and listens on, on the sync link.
+    pub local: SocketAddr,
+    /// The peer's address and port; datagrams from anywhere else are dropped and counted.
+    pub peer: SocketAddr,
+    /// The shared key (at least 32 bytes, not world-readable), the same file on both.
+    pub key_file: PathBuf,
+    /// How often the table is scanned for changes and the link is serviced.
+    pub interval: Duration,
+    /// A session's refreshed timeout and advanced window edges reach the peer at most
+    /// this often; state changes, creations and deletions go at the next scan.
+    pub refresh: Duration,
 }
 
 /// The policy part of a configuration.
@@ -240,6 +259,8 @@ struct RawConfig {
     logging: Option<RawLogging>,
     #[serde(default)]
     syn_defence: Option<Spanned<RawSynDefence>>,
+    #[serde(default)]
+    sync: Option<RawSync>,
 }
 
 #[derive(Deserialize)]
@@ -247,6 +268,16 @@ struct RawConfig {
 struct RawSynDefence {
     ports: Spanned<Vec<Spanned<i64>>>,
     above: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    local: Spanned<String>,
+    peer: Spanned<String>,
+    key_file: Spanned<String>,
+    interval_ms: Option<Spanned<i64>>,
+    refresh_ms: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -534,6 +565,7 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         .map_or(Ok(KernelLogLevel::default()), |value| {
             parse_kernel_level(loc, &value)
         })?;
+    let sync = raw.sync.map(|sync| parse_sync(loc, &sync)).transpose()?;
     Ok(Config {
         warnings,
         interfaces,
@@ -551,6 +583,66 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         metrics,
         kernel_log_level,
         syn_defence,
+        sync,
+    })
+}
+
+/// Validates `[sync]`: two addresses of one family with ports, a key file, and
+/// intervals within reason. The key file itself is read when the daemon starts.
+fn parse_sync(loc: &Locator<'_>, raw: &RawSync) -> Result<SyncConfig, ConfigError> {
+    let address = |value: &Spanned<String>, what: &str| -> Result<SocketAddr, ConfigError> {
+        match value.get_ref().parse::<SocketAddr>() {
+            Ok(addr) if addr.port() != 0 => Ok(addr),
+            _ => Err(loc.error(
+                value.span(),
+                format!(
+                    "`{}` is not a {what} address with a port: use IP:PORT, e.g. \"198.19.0.1:7946\"",
+                    value.get_ref()
+                ),
+            )),
+        }
+    };
+    let local = address(&raw.local, "local sync")?;
+    let peer = address(&raw.peer, "peer")?;
+    if local.is_ipv4() != peer.is_ipv4() {
+        return Err(loc.error(
+            raw.peer.span(),
+            "the peer's address is not of the local address's family: use IPv4 for both or IPv6 for both",
+        ));
+    }
+    if raw.key_file.get_ref().is_empty() {
+        return Err(loc.error(
+            raw.key_file.span(),
+            "`key_file` is empty: name the shared key file, e.g. \"/etc/session/sync.key\"",
+        ));
+    }
+    let millis = |value: &Option<Spanned<i64>>,
+                  default: u64,
+                  range: std::ops::RangeInclusive<i64>,
+                  key: &str|
+     -> Result<Duration, ConfigError> {
+        match value {
+            None => Ok(Duration::from_millis(default)),
+            Some(value) if range.contains(value.get_ref()) => {
+                Ok(Duration::from_millis(*value.get_ref() as u64))
+            }
+            Some(value) => Err(loc.error(
+                value.span(),
+                format!(
+                    "`{key}` = {} is out of range: use {} to {} (default {default})",
+                    value.get_ref(),
+                    range.start(),
+                    range.end()
+                ),
+            )),
+        }
+    };
+    Ok(SyncConfig {
+        local,
+        peer,
+        key_file: PathBuf::from(raw.key_file.get_ref()),
+        interval: millis(&raw.interval_ms, 50, 10..=1000, "interval_ms")?,
+        refresh: millis(&raw.refresh_ms, 1000, 100..=60_000, "refresh_ms")?,
     })
 }
 

@@ -45,7 +45,8 @@ pub struct EventHub {
 impl EventHub {
     /// Opens the pinned ring buffer, binds the clients' socket and starts the tasks that
     /// read the one and serve the other. Must be called inside the tokio runtime.
-    pub fn start(maps: &PinnedMaps) -> Result<EventHub> {
+    /// With `nudge`, the keys of new and closed sessions also go to state sync.
+    pub fn start(maps: &PinnedMaps, nudge: Option<super::ring::SyncNudge>) -> Result<EventHub> {
         let path = maps.dir().join(map_names::EVENTS);
         let data = MapData::from_pin(&path)
             .with_context(|| format!("opening the event ring buffer {}", path.display()))?;
@@ -76,6 +77,7 @@ impl EventHub {
             ring,
             PinnedMaps::open(maps.dir())?,
             sender.clone(),
+            nudge,
         ));
         tokio::spawn(serve_clients(listener, sender.clone()));
         Ok(EventHub { sender, socket })

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
 use log::{info, warn};
-use session_common::wire::{DaemonCounter, Event, event_kind};
+use session_common::{
+    track::endpoints_key,
+    wire::{DaemonCounter, Event, FlowKey, event_kind, proto},
+};
 use tokio::{io::unix::AsyncFd, sync::broadcast};
 
 use crate::{
@@ -20,20 +23,36 @@ use crate::{
 /// event, only when the ring is half full, so this is how late an event can be.
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
+/// How often it is drained when state sync listens: new sessions reach the peer this
+/// much later at most, rather than at the next scan of the table.
+const DRAIN_EVERY_FOR_SYNC: Duration = Duration::from_millis(2);
+
+/// Where the keys of new and closed TCP and UDP sessions go for state sync, which sends
+/// them at once instead of at its next scan; a full channel drops them (the scan finds
+/// them).
+pub type SyncNudge = std::sync::mpsc::SyncSender<FlowKey>;
+
 /// Reads the ring buffer until the daemon exits: logs logged packets (rate-limited) and
 /// forwards every event to the clients as a JSON line.
 pub async fn read_ring(
     mut ring: AsyncFd<RingBuf<MapData>>,
     maps: PinnedMaps,
     sender: broadcast::Sender<String>,
+    nudge: Option<SyncNudge>,
 ) {
+    let every = if nudge.is_some() {
+        DRAIN_EVERY_FOR_SYNC
+    } else {
+        DRAIN_EVERY
+    };
     let mut reader = RingReader {
         limiter: LogLimiter::new(),
         names: (u32::MAX, Vec::new()),
         maps,
         sender,
+        nudge,
     };
-    let mut drain = tokio::time::interval(DRAIN_EVERY);
+    let mut drain = tokio::time::interval(every);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut report = tokio::time::interval(SUPPRESSED_REPORT);
     loop {
@@ -61,6 +80,7 @@ struct RingReader {
     names: (u32, Vec<String>),
     maps: PinnedMaps,
     sender: broadcast::Sender<String>,
+    nudge: Option<SyncNudge>,
 }
 
 impl RingReader {
@@ -74,6 +94,20 @@ impl RingReader {
             let event: Event = bytemuck::pod_read_unaligned(&record[..size_of::<Event>()]);
             if event.kind & event_kind::OVERLOADED != 0 {
                 self.overloaded(&event);
+            }
+            if let Some(nudge) = &self.nudge
+                && event.kind & (event_kind::NEW | event_kind::CLOSED) != 0
+                && matches!(event.proto, proto::TCP | proto::UDP)
+            {
+                let (key, _) = endpoints_key(
+                    event.family,
+                    event.proto,
+                    &event.src,
+                    event.sport,
+                    &event.dst,
+                    event.dport,
+                );
+                let _ = nudge.try_send(key);
             }
             // Formatting costs more than reading: only for a log line or a client.
             let log = event.kind & event_kind::LOGGED != 0 && self.limiter.admit();

@@ -341,6 +341,24 @@ fn daemon_metric(name: &'static str, value: u64) -> (String, MetricType, &'stati
             "Time spent in reaper sweeps, in total.",
             seconds,
         ),
+        "sync_peer_state" => (
+            "session_sync_peer_state",
+            MetricType::Gauge,
+            "The sync peer's state: 0 down, 1 resyncing, 2 up.",
+            count,
+        ),
+        "sync_lag_ns" => (
+            "session_sync_lag_seconds",
+            MetricType::Gauge,
+            "How long the oldest change the sync peer has not acknowledged has waited.",
+            seconds,
+        ),
+        "sync_unacknowledged" => (
+            "session_sync_unacknowledged",
+            MetricType::Gauge,
+            "Sync messages waiting for the peer's acknowledgement.",
+            count,
+        ),
         "reaper_last_ns" => (
             "session_reaper_last_duration_seconds",
             MetricType::Gauge,
