@@ -553,8 +553,9 @@ pub enum Counter {
     /// Sources to overload that found their set's maps full: refused all the same, but
     /// not banned beyond the refusal.
     OverloadSetFull,
-    /// Packets of a handshake on a defended port passed without a session
-    /// (`[syn_defence]`): the client's SYN, the host's SYN-ACK, the client's ACK.
+    /// Packets of a handshake on a defended port judged without a session
+    /// (`[syn_defence]`): the client's SYN, the host's SYN-ACK, the client's ACK. The
+    /// policy still passes or drops them.
     SynDefenceHandshake,
     /// Connections on a defended port given their session once the host's stack held
     /// them established.

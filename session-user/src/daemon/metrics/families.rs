@@ -250,7 +250,7 @@ fn kernel_metric(
             "Sources to overload that found the overload set's maps full (refused, not banned)."
         }
         "syn_defence_handshake" => {
-            "Packets of a handshake on a `[syn_defence]` port passed without a session."
+            "Packets of a handshake on a `[syn_defence]` port judged without a session."
         }
         "syn_defence_picked_up" => {
             "Sessions made on a `[syn_defence]` port once the host's stack completed the handshake."
