@@ -8,6 +8,7 @@ use std::{
     collections::HashMap,
     io::{ErrorKind, Read as _},
     net::{SocketAddr, UdpSocket},
+    os::fd::{AsRawFd as _, FromRawFd as _},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -42,8 +43,8 @@ use crate::{
 /// takes them (beyond, they wait for the next scan).
 const NUDGE_BACKLOG: usize = 16_384;
 
-/// How long the sync thread waits for a datagram at most before it looks at the keys the
-/// event reader handed over.
+/// How long the sync thread waits at most for a datagram or the event reader's wake-up
+/// before it services the link (its scan, its retransmissions).
 const NUDGE_POLL: Duration = Duration::from_millis(2);
 
 /// The interval is at least this many times the last tick's duration.
@@ -87,7 +88,16 @@ pub fn prepare(config: &SyncConfig, maps: &PinnedMaps) -> Result<Prepared> {
         retransmit_ns: (4 * config.interval.as_nanos() as u64).max(100_000_000),
         ..Timing::default()
     };
-    let (nudge, nudged) = std::sync::mpsc::sync_channel(NUDGE_BACKLOG);
+    let (keys, nudged) = std::sync::mpsc::sync_channel(NUDGE_BACKLOG);
+    // SAFETY: a plain syscall; the fd it returns is owned below.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("creating the eventfd that wakes the sync thread");
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let wake = std::sync::Arc::new(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+    let nudge = SyncNudge { keys, wake };
     Ok(Prepared {
         nudge,
         nudged,
@@ -174,6 +184,11 @@ impl Prepared {
         let mut ifnames: HashMap<u32, String> = HashMap::new();
         let mut buf = vec![0u8; MAX_DATAGRAM + 1];
         let mut next_tick = Instant::now();
+        // The socket is read only once poll says a datagram waits; the timeout only
+        // bounds a read that another reader beat to it.
+        if let Err(error) = self.socket.set_read_timeout(Some(Duration::from_millis(1))) {
+            warn!("sync: setting the socket's timeout: {error}");
+        }
         loop {
             let now = Instant::now();
             if now >= next_tick {
@@ -189,8 +204,11 @@ impl Prepared {
             let wait = next_tick
                 .saturating_duration_since(Instant::now())
                 .clamp(Duration::from_millis(1), NUDGE_POLL);
-            if let Err(error) = self.socket.set_read_timeout(Some(wait)) {
-                warn!("sync: setting the socket's timeout: {error}");
+            if !self.wait_readable(wait) {
+                if let Err(error) = self.nudged(&table, &mut ifnames, &mut tally) {
+                    warn!("sync: {error:#}");
+                }
+                continue;
             }
             match self.socket.recv_from(&mut buf) {
                 Ok((len, from)) => {
@@ -212,6 +230,41 @@ impl Prepared {
                 warn!("sync: {error:#}");
             }
         }
+    }
+
+    /// Waits at most `wait` for a datagram or a wake-up from the event reader; true when
+    /// a datagram is waiting. A wake-up is consumed here.
+    fn wait_readable(&self, wait: Duration) -> bool {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.socket.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.nudge.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let timeout = wait.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+        // SAFETY: `fds` is an array of two initialised pollfds that outlives the call.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if ready <= 0 {
+            return false;
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            let mut count = 0u64;
+            // SAFETY: reads the eventfd's 8-byte counter into `count`, which resets it.
+            let _ = unsafe {
+                libc::read(
+                    self.nudge.wake.as_raw_fd(),
+                    (&raw mut count).cast(),
+                    size_of::<u64>(),
+                )
+            };
+        }
+        fds[0].revents & libc::POLLIN != 0
     }
 
     /// Sends at once the sessions the kernel just reported new or closed.

@@ -25,12 +25,35 @@ const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
 /// How often it is drained when state sync listens: new sessions reach the peer this
 /// much later at most, rather than at the next scan of the table.
-const DRAIN_EVERY_FOR_SYNC: Duration = Duration::from_millis(2);
+const DRAIN_EVERY_FOR_SYNC: Duration = Duration::from_millis(1);
 
 /// Where the keys of new and closed TCP and UDP sessions go for state sync, which sends
 /// them at once instead of at its next scan; a full channel drops them (the scan finds
-/// them).
-pub type SyncNudge = std::sync::mpsc::SyncSender<FlowKey>;
+/// them). An eventfd wakes the sync thread, which waits on it beside its socket.
+#[derive(Clone)]
+pub struct SyncNudge {
+    /// The keys, for the sync thread.
+    pub keys: std::sync::mpsc::SyncSender<FlowKey>,
+    /// Written once per drain that handed keys over.
+    pub wake: std::sync::Arc<std::os::fd::OwnedFd>,
+}
+
+impl SyncNudge {
+    /// Wakes the sync thread: adds one to the eventfd's counter.
+    pub fn wake(&self) {
+        use std::os::fd::AsRawFd as _;
+        let one: u64 = 1;
+        // SAFETY: writes the 8 bytes of `one` to the eventfd, which the Arc keeps open;
+        // a full counter (never, in practice) fails the write, which loses only a wake-up.
+        let _ = unsafe {
+            libc::write(
+                self.wake.as_raw_fd(),
+                (&raw const one).cast(),
+                size_of::<u64>(),
+            )
+        };
+    }
+}
 
 /// Reads the ring buffer until the daemon exits: logs logged packets (rate-limited) and
 /// forwards every event to the clients as a JSON line.
@@ -87,6 +110,7 @@ impl RingReader {
     /// Handles every event in the ring.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
         let mut refreshed = false;
+        let mut nudged = false;
         while let Some(record) = ring.next() {
             if record.len() < size_of::<Event>() {
                 continue;
@@ -107,7 +131,9 @@ impl RingReader {
                     &event.dst,
                     event.dport,
                 );
-                let _ = nudge.try_send(key);
+                if nudge.keys.try_send(key).is_ok() {
+                    nudged = true;
+                }
             }
             // Formatting costs more than reading: only for a log line or a client.
             let log = event.kind & event_kind::LOGGED != 0 && self.limiter.admit();
@@ -126,6 +152,9 @@ impl RingReader {
             if stream {
                 let _ = self.sender.send(record.to_json());
             }
+        }
+        if nudged && let Some(nudge) = &self.nudge {
+            nudge.wake();
         }
     }
 
