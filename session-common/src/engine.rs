@@ -12,8 +12,8 @@ use crate::{
     packet::{IcmpKind, OptionBytes, PacketBytes, PacketMeta, ParseError, tcp_flags},
     syn_defence::{self, DefendedPort, Socket},
     track::{
-        Invalid, Update, account, direction, embedded_key, flow_key, mark_seen, new_session,
-        new_session_with, state_for, update,
+        Invalid, Update, account, direction, embedded_key, flow_key, mark_seen, new_session_with,
+        state_for, update,
     },
     wire::{
         Action, Counter, CtState, Dir, FlowKey, HIT_DEFAULT_INBOUND, HIT_DEFAULT_OUTBOUND, Hook,
@@ -481,7 +481,7 @@ where
         counters,
         limits,
         now,
-        |fresh: &mut Session| start_session::<S>(fresh, meta, src_is_lo, settings, now),
+        |fresh: &mut Session| start_session::<S>(fresh, meta, src_is_lo, false, settings, now),
     );
     // Only an accepted UDP packet that tracking left NEW pays for setting up an
     // expectation (at ingress, only one without a session pays for the lookup: see
@@ -683,16 +683,20 @@ fn state_counter(state: CtState) -> Counter {
 }
 
 /// Builds the session a packet starts, as nf_conntrack runs `tcp_new()` then
-/// `tcp_packet()`, and counts the packet in it.
+/// `tcp_packet()`, and counts the packet in it. `pick_up` lets a TCP segment that is not
+/// a SYN start it, as `tcp_loose` does for every connection: the SYN-flood defence does
+/// so for a connection the host's stack holds as established.
 #[inline(always)]
 fn start_session<S: SessionTable>(
     fresh: &mut Session,
     meta: &PacketMeta,
     src_is_lo: bool,
+    pick_up: bool,
     settings: &Settings,
     now: u64,
 ) -> Result<(), Invalid> {
-    new_session(fresh, meta, src_is_lo, settings, now)?;
+    let loose = pick_up || settings.has(settings_flags::TCP_LOOSE);
+    new_session_with(fresh, meta, src_is_lo, loose, now)?;
     S::track(fresh, meta, Dir::Original, settings, now)?;
     account(fresh, meta, Dir::Original);
     Ok(())
@@ -721,22 +725,6 @@ fn defend<K: Sockets>(
         return syn_defence::Verdict::Track;
     }
     syn_defence::verdict(inbound, syn, syn_ack, sockets.socket(meta, inbound))
-}
-
-/// Builds the session of a connection the host's stack holds as established, picked up
-/// from the client's packet as `tcp_loose` would, and counts the packet in it.
-#[inline(always)]
-fn pick_up<S: SessionTable>(
-    fresh: &mut Session,
-    meta: &PacketMeta,
-    src_is_lo: bool,
-    settings: &Settings,
-    now: u64,
-) -> Result<(), Invalid> {
-    new_session_with(fresh, meta, src_is_lo, true, now)?;
-    S::track(fresh, meta, Dir::Original, settings, now)?;
-    account(fresh, meta, Dir::Original);
-    Ok(())
 }
 
 /// Uncounts `session` from its rule's limits, once: when it closes, is removed, or is
@@ -1008,7 +996,7 @@ where
             }
             syn_defence::Verdict::PickUp => {
                 pkt.syn_options_into(meta, options);
-                return match pick_up::<S>(fresh, meta, src_is_lo, settings, now) {
+                return match start_session::<S>(fresh, meta, src_is_lo, true, settings, now) {
                     Ok(()) => {
                         counters.count(Counter::SynDefencePickedUp);
                         new_flow(true)
@@ -1037,7 +1025,7 @@ where
         return new_flow(false);
     }
     pkt.syn_options_into(meta, options);
-    match start_session::<S>(fresh, meta, src_is_lo, settings, now) {
+    match start_session::<S>(fresh, meta, src_is_lo, false, settings, now) {
         Ok(()) => new_flow(true),
         Err(reason) => {
             counters.count(invalid_counter(reason));

@@ -305,6 +305,21 @@ pub trait LimitStore {
     fn overload(&mut self, bank: u32, limit: &RuleLimit, key: &SourceKey, now: u64) -> bool;
     /// Adds one to a per-rule limit counter.
     fn hit(&mut self, kind: LimitHit, rule_id: u16);
+
+    /// The limits of `rule_id` in `bank`, with the source that `src` (of `family`) is
+    /// under them; `None` when the rule has none.
+    #[inline(always)]
+    fn limited_source(
+        &self,
+        bank: u32,
+        rule_id: u16,
+        family: u8,
+        src: &[u8; 16],
+    ) -> Option<(RuleLimit, SourceKey)> {
+        let limit = self.rule_limit(bank, rule_id)?;
+        let key = SourceKey::of(&limit, rule_id, family, src);
+        Some((limit, key))
+    }
 }
 
 /// Judges a new session from `src` (of `family`) that rule `rule_id` of `bank` is about
@@ -318,10 +333,9 @@ pub fn admit_new<L: LimitStore>(
     src: &[u8; 16],
     now: u64,
 ) -> Admission {
-    let Some(limit) = store.rule_limit(bank, rule_id) else {
+    let Some((limit, key)) = store.limited_source(bank, rule_id, family, src) else {
         return Admission::Unlimited;
     };
-    let key = SourceKey::of(&limit, rule_id, family, src);
     let mut total = store.total(rule_id).map_or(0, |total| *total);
     // An LRU map always finds room; were it not to, the session would go uncounted.
     let Some(source) = store.source(&key) else {
@@ -354,13 +368,12 @@ pub fn overload_source<L: LimitStore>(
     src: &[u8; 16],
     now: u64,
 ) -> bool {
-    let Some(limit) = store.rule_limit(bank, rule_id) else {
+    let Some((limit, key)) = store.limited_source(bank, rule_id, family, src) else {
         return false;
     };
     if limit.overload_set == 0 {
         return false;
     }
-    let key = SourceKey::of(&limit, rule_id, family, src);
     let overloaded = store.overload(bank, &limit, &key, now);
     if overloaded {
         store.hit(LimitHit::Overloaded, rule_id);
@@ -378,15 +391,14 @@ pub fn release_session<L: LimitStore>(
     flow: &FlowKey,
     orig_is_lo: bool,
 ) {
-    let Some(limit) = store.rule_limit(bank, rule_id) else {
-        return;
-    };
     let src = if orig_is_lo {
         &flow.addr_lo
     } else {
         &flow.addr_hi
     };
-    let key = SourceKey::of(&limit, rule_id, flow.family, src);
+    let Some((_, key)) = store.limited_source(bank, rule_id, flow.family, src) else {
+        return;
+    };
     release(store.source(&key), None);
     release(None, store.total(rule_id));
 }
