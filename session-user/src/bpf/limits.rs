@@ -6,9 +6,9 @@
 use std::collections::HashMap as StdHashMap;
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, MapData, PerCpuValues};
+use aya::maps::{HashMap, MapData};
 use session_common::{
-    limits::{LimitHit, RuleLimit, SourceKey, SourceState, limit_flags},
+    limits::{LIMIT_HIT_SLOTS, LimitHit, RuleLimit, SourceKey, SourceState, limit_flags},
     wire::{Event, FlowKey, MAX_RULES, Session, map_names, session_flags},
 };
 
@@ -59,17 +59,8 @@ impl PinnedMaps {
                 .set(bank * MAX_RULES + id, limit, 0)
                 .context("writing a rule's limits")?;
         }
-        let mut hits = self.per_cpu::<u64>(map_names::LIMIT_HITS)?;
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(_, error)| error)
-            .context("counting possible CPUs")?;
-        for slot in 0..LimitHit::COUNT * MAX_RULES {
-            let zeros =
-                PerCpuValues::try_from(vec![0u64; cpus]).context("building zeroed counters")?;
-            hits.set(slot, zeros, 0)
-                .context("resetting the rules' limit counters")?;
-        }
-        Ok(())
+        self.zero_per_cpu(map_names::LIMIT_HITS, LIMIT_HIT_SLOTS)
+            .context("resetting the rules' limit counters")
     }
 
     /// The limits of the active policy's rules, by rule id (only rules that have any).

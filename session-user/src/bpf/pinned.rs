@@ -483,14 +483,8 @@ impl PinnedMaps {
                 .set(next * MAX_RULES + id, name, 0)
                 .context("writing a rule name")?;
         }
-        let mut hits = self.per_cpu::<u64>(map_names::RULE_HITS)?;
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(_, error)| error)
-            .context("counting possible CPUs")?;
-        for slot in 0..RULE_HIT_SLOTS {
-            let zeros = PerCpuValues::try_from(vec![0u64; cpus]).context("building zeroed hits")?;
-            hits.set(slot, zeros, 0).context("resetting rule hits")?;
-        }
+        self.zero_per_cpu(map_names::RULE_HITS, RULE_HIT_SLOTS)
+            .context("resetting rule hits")?;
         let generation = old.generation.wrapping_add(1);
         let header = PolicyHeader {
             generation,
@@ -504,6 +498,23 @@ impl PinnedMaps {
             .context("switching to the new policy")?;
         self.release_sets()?;
         Ok(generation)
+    }
+
+    /// Sets the first `slots` counters of the per-CPU array `name` to zero on every CPU:
+    /// per-rule counters start afresh with each policy, whose rule ids mean other rules.
+    pub(crate) fn zero_per_cpu(&self, name: &str, slots: u32) -> Result<()> {
+        let mut counters = self.per_cpu::<u64>(name)?;
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, error)| error)
+            .context("counting possible CPUs")?;
+        for slot in 0..slots {
+            let zeros =
+                PerCpuValues::try_from(vec![0u64; cpus]).context("building zeroed counters")?;
+            counters
+                .set(slot, zeros, 0)
+                .with_context(|| format!("zeroing {name}"))?;
+        }
+        Ok(())
     }
 
     /// Writes the classifier's bitmaps of the (inactive) `bank`, first removing the keyed
