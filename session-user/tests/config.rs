@@ -22,6 +22,22 @@ fn parse_ok(text: &str) -> Config {
         .unwrap_or_else(|error| panic!("valid config rejected: {error}\n---\n{text}"))
 }
 
+/// Requires `text` to be refused at `at` (line, column) with a message that starts with
+/// `message`.
+fn assert_refused_at(text: &str, at: (usize, usize), message: &str) {
+    let error = parse_err(text);
+    assert_eq!(
+        (error.line, error.column),
+        at,
+        "{text}: error at the wrong place: {error}"
+    );
+    assert!(
+        error.message.starts_with(message),
+        "{text}: unexpected message: {}",
+        error.message
+    );
+}
+
 fn parse_err(text: &str) -> ConfigError {
     match config::parse(Path::new(FILE), text) {
         Ok(_) => panic!("invalid config accepted:\n---\n{text}"),
@@ -995,17 +1011,7 @@ limit = { max_src_conn = 3, max_src_conn_rate = "10/1m", src_prefix_v6 = 64, ove
             "overload_flush needs `overload = \"SET\"`",
         ),
     ] {
-        let error = parse_err(text);
-        assert_eq!(
-            (error.line, error.column),
-            at,
-            "{text}: error at the wrong place: {error}"
-        );
-        assert!(
-            error.message.starts_with(message),
-            "{text}: unexpected message: {}",
-            error.message
-        );
+        assert_refused_at(text, at, message);
     }
 }
 
@@ -1051,16 +1057,6 @@ fn syn_defence_parses_its_ports_and_rate_and_refuses_bad_ones_where_they_are_wri
             "unknown field `below`",
         ),
     ] {
-        let error = parse_err(text);
-        assert_eq!(
-            (error.line, error.column),
-            at,
-            "{text}: error at the wrong place: {error}"
-        );
-        assert!(
-            error.message.starts_with(message),
-            "{text}: unexpected message: {}",
-            error.message
-        );
+        assert_refused_at(text, at, message);
     }
 }
