@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde_json::Value;
-use session_testkit::{inbound_drop_policy, return_traffic_rule};
+use session_testkit::{inbound_drop_policy, overload_ban_rules, return_traffic_rule};
 use session_tests::{Daemon, Family, Lab, Side, accept_within, counter, wait_for};
 
 /// The server's port.
@@ -26,16 +26,7 @@ const OTHER_SOURCE: &str = "198.18.0.11";
 /// sources in that set.
 fn policy(limit: &str) -> String {
     let ban = if limit.contains("abusers") {
-        r#"
-[sets]
-abusers = []
-
-[[rule]]
-name = "banned"
-state = ["new"]
-src = ["@abusers"]
-action = "drop"
-"#
+        overload_ban_rules!()
     } else {
         ""
     };

@@ -115,3 +115,22 @@ macro_rules! ping_rules {
         )
     };
 }
+
+/// An empty set `abusers`, which a rule's `limit` overloads sources into, and a rule named
+/// "banned" dropping its members' new flows: what an overload needs to stop anything.
+/// Goes before the limited rule, as a ban must.
+#[macro_export]
+macro_rules! overload_ban_rules {
+    () => {
+        r#"
+[sets]
+abusers = []
+
+[[rule]]
+name = "banned"
+state = ["new"]
+src = ["@abusers"]
+action = "drop"
+"#
+    };
+}

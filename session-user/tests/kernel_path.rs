@@ -47,7 +47,7 @@ use session_testkit::{
     frames::{self, Tcp, tcp_flags},
     inbound_drop_policy,
     mutate::{Mutation, Rng},
-    ping_rules, return_traffic_rule,
+    overload_ban_rules, ping_rules, return_traffic_rule,
 };
 use session_user::{
     bpf::{clock::monotonic_ns, kernel_log::KernelLogLevel, loader, pinned::PinnedMaps},
@@ -3839,24 +3839,11 @@ fn a_fragment_flood_is_bounded_and_harms_no_established_flow() {
 /// (id 0) that drops the sources in `abusers`, which the limit fills.
 fn limited_policy(limit: &str) -> CompiledPolicy {
     reload_policy(&format!(
-        r#"
-[policy]
-inbound = "drop"
-
-[sets]
-abusers = []
-
-[[rule]]
-name = "banned"
-state = ["new"]
-src = ["@abusers"]
-action = "drop"
-
-[[rule]]
-name = "return-traffic"
-state = ["established", "related"]
-action = "accept"
-
+        concat!(
+            "[policy]\ninbound = \"drop\"\n",
+            overload_ban_rules!(),
+            return_traffic_rule!("return-traffic"),
+            r#"
 [[rule]]
 name = "ssh"
 state = ["new"]
@@ -3865,6 +3852,8 @@ dport = [443]
 action = "accept"
 limit = {limit}
 "#
+        ),
+        limit = limit
     ))
 }
 

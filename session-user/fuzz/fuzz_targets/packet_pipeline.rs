@@ -8,7 +8,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use session_common::wire::{Counter, Hook, NS_PER_SEC, Settings, settings_flags};
-use session_testkit::{accept_new_rule, inbound_drop_policy, return_traffic_rule};
+use session_testkit::{
+    accept_new_rule, inbound_drop_policy, overload_ban_rules, return_traffic_rule,
+};
 use session_user::{
     host_engine::Model,
     policy::{compile::compile, config},
@@ -18,16 +20,8 @@ const POLICY: &str = concat!(
     inbound_drop_policy!(),
     return_traffic_rule!("return"),
     accept_new_rule!("web", "tcp", [80, "8000-8080"]),
+    overload_ban_rules!(),
     r#"
-[sets]
-abusers = []
-
-[[rule]]
-name = "banned"
-state = ["new"]
-src = ["@abusers"]
-action = "drop"
-
 [[rule]]
 name = "limited"
 state = ["new"]
