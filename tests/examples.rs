@@ -14,7 +14,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use session_tests::raw::{TcpSegment, flags};
 use session_tests::router::{FW_WAN_V4, UPSTREAM_V4, UPSTREAM_V6, WAN_IFACE};
 use session_tests::{
     CLIENT_V4, CLIENT_V6, Daemon, FW_IFACE, FW_V4, Family, IO_TIMEOUT, Lab, Side, accept_within,
@@ -178,21 +177,6 @@ fn udp_exchange(client: &UdpSocket, server: &UdpSocket) -> Option<bool> {
     let (_, from) = server.recv_from(&mut buf).ok()?;
     server.send_to(b"answer", from).expect("send answer");
     Some(client.recv_from(&mut buf).is_ok())
-}
-
-/// Injects a TCP ACK from the client to fw:`port` that belongs to no connection.
-fn stray_ack(lab: &Lab, port: u16) {
-    let segment = TcpSegment {
-        src: Family::V4.sock(Side::Client, 40_999),
-        dst: Family::V4.sock(Side::Fw, port),
-        seq: 1_000_000,
-        ack: 2_000_000,
-        flags: flags::ACK,
-        window: 512,
-        payload: Vec::new(),
-    };
-    lab.packet_socket(Side::Client)
-        .send(&segment.frame(lab.mac(Side::Client), lab.mac(Side::Fw)));
 }
 
 /// Fresh stats once the rule hits include at least `expected` for `rule`.
@@ -412,7 +396,7 @@ fn web_server_example_does_what_its_comments_say() {
         );
     }
     // Invalid: an ACK for a connection that never was.
-    stray_ack(&lab, 80);
+    lab.send_stray_ack(80, 1_000_000, 2_000_000);
 
     let stats = stats_with_hits(&daemon, "invalid", 1);
     assert_eq!(
@@ -572,7 +556,7 @@ fn outbound_only_example_does_what_its_comments_say() {
         assert_eq!(lab.ping(Side::Client, fw, 1), 0, "ping {fw}");
     }
     // A segment for a connection the host never opened.
-    stray_ack(&lab, 22);
+    lab.send_stray_ack(22, 1_000_000, 2_000_000);
 
     let after = stats_with_hits(&daemon, "invalid", 1);
     assert_eq!(rule_hits(&after, "invalid"), 1, "the stray ACK: {after}");

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use session_tests::attacker::Attacker;
-use session_tests::raw::{TcpSegment, flags};
 use session_tests::syn_flood::{ALWAYS, PORT, exchange, flood_run, policy};
 use session_tests::{CLIENT_V4, CLIENT_V6, Daemon, Family, Lab, Side, delta};
 
@@ -62,17 +61,7 @@ fn defended_connections_work_both_ways_round_and_get_their_session_once_establis
 
     // An ACK that no handshake explains is INVALID, defended port or not.
     let invalid_before = daemon.stats_json();
-    let segment = TcpSegment {
-        src: Family::V4.sock(Side::Client, 40_999),
-        dst: Family::V4.sock(Side::Fw, PORT),
-        seq: 1_000_000,
-        ack: 2_000_000,
-        flags: flags::ACK,
-        window: 512,
-        payload: Vec::new(),
-    };
-    lab.packet_socket(Side::Client)
-        .send(&segment.frame(lab.mac(Side::Client), lab.mac(Side::Fw)));
+    lab.send_stray_ack(PORT, 1_000_000, 2_000_000);
     let stats = daemon.stats_when("the stray ACK counted as invalid", |stats| {
         delta(&invalid_before, stats, "state_invalid") >= 1
     });
@@ -107,17 +96,7 @@ fn a_handshake_the_host_answers_with_a_syn_cookie_passes_on_the_cookie() {
     }
     // An ACK whose cookie is wrong finds the same listener and stays INVALID.
     let before = daemon.stats_json();
-    let segment = TcpSegment {
-        src: Family::V4.sock(Side::Client, 41_000),
-        dst: Family::V4.sock(Side::Fw, PORT),
-        seq: 7_000_000,
-        ack: 9_000_001,
-        flags: flags::ACK,
-        window: 512,
-        payload: Vec::new(),
-    };
-    lab.packet_socket(Side::Client)
-        .send(&segment.frame(lab.mac(Side::Client), lab.mac(Side::Fw)));
+    lab.send_stray_ack(PORT, 7_000_000, 9_000_001);
     let stats = daemon.stats_when("the forged cookie counted as invalid", |stats| {
         delta(&before, stats, "state_invalid") >= 1
     });

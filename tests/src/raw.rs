@@ -159,6 +159,22 @@ pub struct PacketSocket {
 }
 
 impl Lab {
+    /// Injects a TCP ACK from the client (IPv4, port 40999) to fw:`port` that belongs to
+    /// no connection, with `seq` and `ack` as given (a forged SYN cookie is one).
+    pub fn send_stray_ack(&self, port: u16, seq: u32, ack: u32) {
+        let segment = TcpSegment {
+            src: crate::Family::V4.sock(Side::Client, 40_999),
+            dst: crate::Family::V4.sock(Side::Fw, port),
+            seq,
+            ack,
+            flags: flags::ACK,
+            window: 512,
+            payload: Vec::new(),
+        };
+        self.packet_socket(Side::Client)
+            .send(&segment.frame(self.mac(Side::Client), self.mac(Side::Fw)));
+    }
+
     /// A packet socket on `side`'s veth end, for injecting hand-built frames and capturing
     /// the frames real stacks send there.
     pub fn packet_socket(&self, side: Side) -> PacketSocket {
