@@ -16,7 +16,7 @@ use std::{
 };
 
 use session_tests::{
-    ha::{CLIENT, Fw, HaLab, SERVER},
+    ha::{CLIENT, Echo, Fw, HaLab, SERVER},
     wait_for,
 };
 
@@ -286,45 +286,6 @@ fn streams_survive_when_the_active_loses_its_links() {
     streams_survive_failover("cut", |lab| lab.cut_links(Fw::One));
 }
 
-/// A UDP echo server on the server's port 6001 until dropped.
-struct Echo {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Echo {
-    fn start(lab: &HaLab) -> Echo {
-        let socket = lab.udp("s", SERVER, UDP_PORT);
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("timeout");
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let thread = thread::spawn(move || {
-            let mut buf = [0u8; 64];
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-                if let Ok((len, from)) = socket.recv_from(&mut buf) {
-                    let _ = socket.send_to(&buf[..len], from);
-                }
-            }
-        });
-        Echo {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// Opens one UDP flow from each client port of `ports` to the echo server and waits
 /// for its echo (retrying a few times), so each is a REPLIED session on the active.
 fn udp_flows(lab: &HaLab, ports: std::ops::Range<u16>) {
@@ -389,7 +350,7 @@ fn status_counter(lab: &HaLab, fw: Fw, name: &str) -> u64 {
 #[test]
 fn a_lossy_sync_link_converges_once_the_loss_stops() {
     let lab = active_standby("loss");
-    let _echo = Echo::start(&lab);
+    let _echo = Echo::start(&lab, UDP_PORT);
     lab.lossy_sync(Fw::One);
     // Flows come and change over 3 s of loss, so that many sync messages cross it.
     for batch in 0..15u16 {
@@ -423,7 +384,7 @@ fn a_lossy_sync_link_converges_once_the_loss_stops() {
 #[test]
 fn a_restarted_standby_gets_a_full_resync() {
     let mut lab = active_standby("restart");
-    let _echo = Echo::start(&lab);
+    let _echo = Echo::start(&lab, UDP_PORT);
     udp_flows(&lab, 21_000..21_050);
     wait_equal_tables(&lab, 50, Duration::from_secs(5));
     let resyncs_before = status_counter(&lab, Fw::One, "resyncs");
@@ -453,7 +414,7 @@ fn a_peer_with_a_wrong_key_is_refused_and_changes_nothing() {
     lab.start_session_with_key(Fw::Two, &wrong);
     lab.start_keepalived(Fw::One);
     lab.wait_master(Fw::One, Duration::from_secs(10));
-    let _echo = Echo::start(&lab);
+    let _echo = Echo::start(&lab, UDP_PORT);
     udp_flows(&lab, 22_000..22_020);
     wait_for(
         "both sides to count the other's datagrams as authentication failures",

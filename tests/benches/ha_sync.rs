@@ -35,7 +35,7 @@ use std::{
 use serde_json::json;
 use session_common::wire::{FAMILY_IPV4, FlowKey, proto};
 use session_tests::{
-    ha::{CLIENT, Fw, HaLab, SERVER},
+    ha::{CLIENT, Echo, Fw, HaLab, SERVER},
     wait_for,
 };
 use session_user::bpf::pinned::PinnedMaps;
@@ -176,20 +176,8 @@ fn active_cpu(lab: &HaLab, kind: Kind) -> (f64, f64, f64) {
 
 /// Lag from a flow's first echo to its presence on the standby, in ms, per flow.
 fn sync_lag(lab: &HaLab, kind: Kind, flows: u16) -> Vec<f64> {
-    let echo = lab.udp("s", SERVER, ECHO_PORT);
-    echo.set_read_timeout(Some(Duration::from_millis(100)))
-        .expect("timeout");
+    let echo = Echo::start(lab, ECHO_PORT);
     let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    let echoer = thread::spawn(move || {
-        let mut buf = [0u8; 16];
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-            if let Ok((len, from)) = echo.recv_from(&mut buf) {
-                let _ = echo.send_to(&buf[..len], from);
-            }
-        }
-    });
     // conntrack: the standby's events, line-buffered into a file read as it grows.
     let events = (kind == Kind::Conntrackd).then(|| {
         lab.spawn(
@@ -261,7 +249,7 @@ fn sync_lag(lab: &HaLab, kind: Kind, flows: u16) -> Vec<f64> {
     }
     stop.store(true, Ordering::Relaxed);
     let mut lags = poller.join().expect("poller");
-    echoer.join().expect("echo");
+    drop(echo);
     drop(events);
     lags.sort_by(f64::total_cmp);
     lags

@@ -21,6 +21,11 @@ use std::{
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
@@ -685,4 +690,46 @@ pub fn keepalived_conf(router: &str, priority: u32) -> String {
     example
         .replace("router_id fw1", &format!("router_id {router}"))
         .replace("priority 200", &format!("priority {priority}"))
+}
+
+/// A UDP echo server on the server's `port` until dropped: the traffic the HA tests and
+/// the sync benchmark replicate.
+pub struct Echo {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Echo {
+    /// Starts answering every datagram to `SERVER`:`port` with itself, for at most two
+    /// minutes.
+    pub fn start(lab: &HaLab, port: u16) -> Echo {
+        let socket = lab.udp("s", SERVER, port);
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if let Ok((len, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(&buf[..len], from);
+                }
+            }
+        });
+        Echo {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
