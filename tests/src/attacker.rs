@@ -7,7 +7,7 @@
 //! `interfaces`. No addresses are needed: the generator sends hand-built frames. The
 //! namespace (and with it both veth ends) is deleted on drop.
 
-use crate::{Lab, Side, delete_netns, host, mac_of};
+use crate::{Lab, Side, delete_netns, host, mac_of, wait_until_up};
 
 /// The attacker's end of the flood link.
 pub const ATTACKER_IFACE: &str = "veth-atk";
@@ -51,6 +51,8 @@ impl Attacker {
         ] {
             host(&["ip", "-n", ns, "link", "set", iface, "up"]);
         }
+        wait_until_up(&attacker.ns, ATTACKER_IFACE);
+        wait_until_up(&attacker.fw_ns, FW_FLOOD_IFACE);
         attacker
     }
 

@@ -31,7 +31,9 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{NETNS_DIR, delete_netns, describe, host, in_netns, prerequisites, veth, wait_for};
+use crate::{
+    NETNS_DIR, delete_netns, describe, host, in_netns, prerequisites, veth, wait_for, wait_until_up,
+};
 
 /// The UDP port of the sync link.
 pub const SYNC_PORT: u16 = 7946;
@@ -245,6 +247,18 @@ impl HaLab {
                 ],
             );
             lab.ip(ns, &["link", "set", "sync0", "up"]);
+        }
+        for (ns, iface) in [
+            ("c", "eth0"),
+            ("s", "eth0"),
+            ("fw1", "lan0"),
+            ("fw1", "wan0"),
+            ("fw1", "sync0"),
+            ("fw2", "lan0"),
+            ("fw2", "wan0"),
+            ("fw2", "sync0"),
+        ] {
+            wait_until_up(&lab.ns(ns), iface);
         }
         lab.ip("c", &["route", "add", "default", "via", LAN_VIP]);
         lab.ip("s", &["route", "add", "default", "via", WAN_VIP]);

@@ -197,6 +197,28 @@ fn veth(ns_a: &str, a: &str, ns_b: &str, b: &str) {
     ]);
 }
 
+/// Waits until `iface` in `ns` is operationally up with its addresses usable: the kernel
+/// reports a veth's carrier through linkwatch, up to a second late, and until then IPv6
+/// keeps the link's addresses tentative, so a neighbour solicitation sent in that second
+/// goes unanswered and the first packet of a test waits for its retry.
+pub(crate) fn wait_until_up(ns: &str, iface: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let link = host(&["ip", "-n", ns, "-o", "link", "show", "dev", iface]);
+        let addrs = host(&["ip", "-n", ns, "-6", "-o", "addr", "show", "dev", iface]);
+        let ipv6_ready = !addrs.contains("tentative")
+            && (!addrs.contains("inet6") || addrs.contains("scope link"));
+        if link.contains("state UP") && ipv6_ready {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{iface} in {ns} is not up with usable addresses after 5 s:\n{link}{addrs}"
+        );
+        sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs a command in the host namespace and panics with its output if it fails, for the
 /// setup steps that must not go wrong silently.
 fn host(argv: &[&str]) -> String {
@@ -478,6 +500,9 @@ impl Lab {
             for side in [Side::Client, Side::Fw] {
                 lab.ok(side, 5, &host_end(Lab::iface(side)));
             }
+        }
+        for side in [Side::Client, Side::Fw] {
+            wait_until_up(lab.ns(side), Lab::iface(side));
         }
         lab
     }

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use crate::{
     CLIENT_IFACE, FW_IFACE, IO_TIMEOUT, Lab, NETNS_DIR, Side, connect_from, delete_netns, describe,
-    host, host_end, in_netns,
+    host, host_end, in_netns, wait_until_up,
 };
 
 /// Name of fw's interface towards upstream.
@@ -132,6 +132,8 @@ impl Lab {
                 "2001:2::2",
             ],
         );
+        wait_until_up(&upstream.ns, UPSTREAM_IFACE);
+        wait_until_up(&self.fw_ns, WAN_IFACE);
         upstream
     }
 }
