@@ -955,6 +955,11 @@ pub mod settings_flags {
     /// `[syn_defence]` defends some port (`crate::syn_defence`): TCP packets without a
     /// session look their port up in `SYN_DEFENCE`.
     pub const SYN_DEFENCE: u32 = 16;
+    /// State sync listens (`[sync]`): wake the daemon when an event lands in a ring it had
+    /// emptied (the kernel's adaptive wake-up), so a new session reaches the peer within
+    /// a wake-up rather than a drain timer, and a busy ring still costs one wake-up per
+    /// burst.
+    pub const WAKE_ON_EVENT: u32 = 32;
 }
 
 /// Nanoseconds per second, for timeout conversion.

@@ -100,7 +100,7 @@ fn try_ingress(ctx: &XdpContext) -> Result<Ingress, Unjudged> {
     let Some(outcome) = outcome else {
         return Ok(Ingress::Judged(Action::Accept));
     };
-    report(&scratch.meta, &outcome, Hook::Ingress, ifindex, now);
+    report(&scratch.meta, &outcome, Hook::Ingress, ifindex, now, settings);
     if settings.flags & settings_flags::FAST_PATH != 0
         && may_fast_forward(&outcome, scratch.meta.proto)
         && let Some(redirect) = fast_forward(ctx, ifindex, &scratch.meta)
@@ -173,7 +173,7 @@ fn judge_skb(ctx: &TcContext, hook: Hook, ifindex: u32) -> Result<Action, Unjudg
         scratch,
     );
     Ok(outcome.map_or(Action::Accept, |outcome| {
-        report(&scratch.meta, &outcome, hook, ifindex, now);
+        report(&scratch.meta, &outcome, hook, ifindex, now, settings);
         outcome.decision.action
     }))
 }

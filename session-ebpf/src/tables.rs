@@ -31,6 +31,7 @@ use session_common::{
     wire::{
         Counter, CtState, DaemonCounter, Dir, EVENT_RING_BYTES, Event, FlowKey, Hook, MAX_RULES,
         PolicyHeader, RULE_HIT_SLOTS, Rule, RuleName, Session, Settings, session_flags,
+        settings_flags,
     },
 };
 
@@ -122,10 +123,17 @@ const CLASSIFY_KEYED_ENTRIES: u32 = 2 * (MAX_RULES + 1);
 /// created or closed, or a decision of a `log = true` rule. A full ring buffer loses the
 /// event (counted) and never delays the packet. The daemon is not woken for each event
 /// (at thousands of connections a second, that is thousands of wake-ups competing with
-/// the traffic): it drains the ring on a short timer, and is woken only when the ring is
-/// half full.
+/// the traffic): it drains the ring on a timer, and is woken when the ring is half full,
+/// or, while state sync waits for new sessions, when an event lands in an empty ring.
 #[inline(always)]
-pub fn report(meta: &PacketMeta, outcome: &Outcome, hook: Hook, ifindex: u32, now: u64) {
+pub fn report(
+    meta: &PacketMeta,
+    outcome: &Outcome,
+    hook: Hook,
+    ifindex: u32,
+    now: u64,
+    settings: &Settings,
+) {
     let kind = outcome.event_kind();
     if kind == 0 {
         return;
@@ -154,6 +162,9 @@ pub fn report(meta: &PacketMeta, outcome: &Outcome, hook: Hook, ifindex: u32, no
     }
     let wake = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > EVENT_RING_BYTES as u64 / 2 {
         BPF_RB_FORCE_WAKEUP
+    } else if settings.flags & settings_flags::WAKE_ON_EVENT != 0 {
+        // The kernel's adaptive wake-up: only if the daemon had read everything before.
+        0
     } else {
         BPF_RB_NO_WAKEUP
     };

@@ -43,10 +43,6 @@ use crate::{
 /// takes them (beyond, they wait for the next scan).
 const NUDGE_BACKLOG: usize = 16_384;
 
-/// How long the sync thread waits at most for a datagram or the event reader's wake-up
-/// before it services the link (its scan, its retransmissions).
-const NUDGE_POLL: Duration = Duration::from_millis(2);
-
 /// The interval is at least this many times the last tick's duration.
 const SCAN_SHARE: u32 = 10;
 
@@ -201,9 +197,10 @@ impl Prepared {
                 // interval stretches so that scanning takes at most a tenth of a CPU.
                 next_tick = now + self.interval.max(now.elapsed() * SCAN_SHARE);
             }
+            // Asleep until a datagram, the event reader's wake-up or the next scan.
             let wait = next_tick
                 .saturating_duration_since(Instant::now())
-                .clamp(Duration::from_millis(1), NUDGE_POLL);
+                .max(Duration::from_millis(1));
             if !self.wait_readable(wait) {
                 if let Err(error) = self.nudged(&table, &mut ifnames, &mut tally) {
                     warn!("sync: {error:#}");

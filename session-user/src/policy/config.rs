@@ -566,6 +566,9 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             parse_kernel_level(loc, &value)
         })?;
     let sync = raw.sync.map(|sync| parse_sync(loc, &sync)).transpose()?;
+    if sync.is_some() {
+        settings.flags |= settings_flags::WAKE_ON_EVENT;
+    }
     Ok(Config {
         warnings,
         interfaces,

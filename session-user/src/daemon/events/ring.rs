@@ -19,13 +19,11 @@ use crate::{
     },
 };
 
-/// How often the ring buffer is drained: the kernel does not wake the daemon for each
-/// event, only when the ring is half full, so this is how late an event can be.
+/// How often the ring buffer is drained: without state sync the kernel wakes the daemon
+/// only when the ring is half full, so this is how late an event can be. With it, the
+/// kernel also wakes the daemon when an event lands in a ring it had emptied
+/// (`settings_flags::WAKE_ON_EVENT`), and new sessions reach the sync thread at once.
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
-
-/// How often it is drained when state sync listens: new sessions reach the peer this
-/// much later at most, rather than at the next scan of the table.
-const DRAIN_EVERY_FOR_SYNC: Duration = Duration::from_millis(1);
 
 /// Where the keys of new and closed TCP and UDP sessions go for state sync, which sends
 /// them at once instead of at its next scan; a full channel drops them (the scan finds
@@ -63,11 +61,6 @@ pub async fn read_ring(
     sender: broadcast::Sender<String>,
     nudge: Option<SyncNudge>,
 ) {
-    let every = if nudge.is_some() {
-        DRAIN_EVERY_FOR_SYNC
-    } else {
-        DRAIN_EVERY
-    };
     let mut reader = RingReader {
         limiter: LogLimiter::new(),
         names: (u32::MAX, Vec::new()),
@@ -75,7 +68,7 @@ pub async fn read_ring(
         sender,
         nudge,
     };
-    let mut drain = tokio::time::interval(every);
+    let mut drain = tokio::time::interval(DRAIN_EVERY);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut report = tokio::time::interval(SUPPRESSED_REPORT);
     loop {
