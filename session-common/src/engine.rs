@@ -164,10 +164,15 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// The [`event_kind`] bits the kernel reports for this packet; 0 for none.
+    /// The [`event_kind`] bits the kernel reports for this packet (`meta`); 0 for none.
     #[inline(always)]
-    pub fn event_kind(&self) -> u8 {
+    pub fn event_kind(&self, meta: &PacketMeta) -> u8 {
         (if self.created { event_kind::NEW } else { 0 })
+            | (if meta.sync_changed != 0 {
+                event_kind::CHANGED
+            } else {
+                0
+            })
             | (if self.closed { event_kind::CLOSED } else { 0 })
             | (if self.decision.log {
                 event_kind::LOGGED
@@ -840,6 +845,14 @@ impl Tracked {
     }
 }
 
+/// What state sync sends a peer at once when it changes: the session's state and its
+/// seen-reply and assured flags (the rest, timeouts and window edges, waits for the scan).
+#[inline(always)]
+pub fn sync_marks(session: &Session) -> u16 {
+    ((session.state as u16) << 8)
+        | (session.flags & (session_flags::SEEN_REPLY | session_flags::ASSURED)) as u16
+}
+
 /// Whether a TCP state means the connection is over (both FINs acknowledged, or reset).
 #[inline(always)]
 fn is_closing(state: u8) -> bool {
@@ -911,6 +924,7 @@ where
             let dir = direction(session, src_is_lo);
             let state = state_for(session, dir);
             let was_closing = is_closing(session.state);
+            let marks = sync_marks(session);
             pkt.syn_options_into(meta, options);
             match S::track(session, meta, dir, settings, now) {
                 Ok(Update::Tracked) => {
@@ -918,6 +932,11 @@ where
                     closed = meta.proto == proto::TCP && !was_closing && is_closing(session.state);
                     account(session, meta, dir);
                     mark_seen(session, meta, dir);
+                    // Kept in the packet's metadata, which lives in map memory in the
+                    // kernel: the verifier does not split its paths on a stored flag.
+                    if settings.has(settings_flags::SYNC_EVENTS) && sync_marks(session) != marks {
+                        meta.sync_changed = 1;
+                    }
                     protect = session.flags & (session_flags::ASSURED | session_flags::PROTECTED)
                         == session_flags::ASSURED;
                     existing = Some(state);

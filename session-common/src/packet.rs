@@ -229,6 +229,10 @@ pub struct PacketMeta {
     /// `tcp_wscale` and `tcp_sack_perm` when the SYN builds or moves a session; 0 when
     /// there are none or they have been read.
     pub tcp_options_at: u16,
+    /// The packet changed its session's state or its seen-reply or assured flag
+    /// (`engine::sync_marks`) while state sync listens: reported as
+    /// [`crate::wire::event_kind::CHANGED`]. A byte of what was padding.
+    pub sync_changed: u8,
 }
 const _: () = assert!(core::mem::size_of::<PacketMeta>() == 120);
 

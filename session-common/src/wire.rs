@@ -763,6 +763,9 @@ pub mod event_kind {
     /// A rule's limits refused the packet's source and put it into the rule's overload
     /// set; the daemon flushes the source's sessions when the rule asks.
     pub const OVERLOADED: u8 = 16;
+    /// A session's TCP state or its seen-reply or assured flag changed; reported only
+    /// while state sync listens (`settings_flags::SYNC_EVENTS`), for the sync thread.
+    pub const CHANGED: u8 = 32;
 }
 
 /// Size of the event ring buffer in bytes (a power of two): room for about 18,000 events,
@@ -955,11 +958,12 @@ pub mod settings_flags {
     /// `[syn_defence]` defends some port (`crate::syn_defence`): TCP packets without a
     /// session look their port up in `SYN_DEFENCE`.
     pub const SYN_DEFENCE: u32 = 16;
-    /// State sync listens (`[sync]`): wake the daemon when an event lands in a ring it had
-    /// emptied (the kernel's adaptive wake-up), so a new session reaches the peer within
-    /// a wake-up rather than a drain timer, and a busy ring still costs one wake-up per
-    /// burst.
-    pub const WAKE_ON_EVENT: u32 = 32;
+    /// State sync listens (`[sync]`): report each change of a session's TCP state or of
+    /// its seen-reply and assured flags ([`event_kind::CHANGED`]), and wake the daemon
+    /// when an event lands in a ring it had emptied (the kernel's adaptive wake-up), so a
+    /// change reaches the peer within a wake-up rather than at the next scan of the
+    /// table, and a busy ring still costs one wake-up per burst.
+    pub const SYNC_EVENTS: u32 = 32;
 }
 
 /// Nanoseconds per second, for timeout conversion.

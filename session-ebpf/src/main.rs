@@ -100,7 +100,14 @@ fn try_ingress(ctx: &XdpContext) -> Result<Ingress, Unjudged> {
     let Some(outcome) = outcome else {
         return Ok(Ingress::Judged(Action::Accept));
     };
-    report(&scratch.meta, &outcome, Hook::Ingress, ifindex, now, settings);
+    report(
+        &scratch.meta,
+        &outcome,
+        Hook::Ingress,
+        ifindex,
+        now,
+        settings,
+    );
     if settings.flags & settings_flags::FAST_PATH != 0
         && may_fast_forward(&outcome, scratch.meta.proto)
         && let Some(redirect) = fast_forward(ctx, ifindex, &scratch.meta)

@@ -134,7 +134,7 @@ pub fn report(
     now: u64,
     settings: &Settings,
 ) {
-    let kind = outcome.event_kind();
+    let kind = outcome.event_kind(meta);
     if kind == 0 {
         return;
     }
@@ -162,7 +162,7 @@ pub fn report(
     }
     let wake = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > EVENT_RING_BYTES as u64 / 2 {
         BPF_RB_FORCE_WAKEUP
-    } else if settings.flags & settings_flags::WAKE_ON_EVENT != 0 {
+    } else if settings.flags & settings_flags::SYNC_EVENTS != 0 {
         // The kernel's adaptive wake-up: only if the daemon had read everything before.
         0
     } else {

@@ -363,6 +363,9 @@ pub struct Model {
     pub limits: ModelLimits,
     /// The host's TCP stack, for the SYN-flood defence.
     pub sockets: ModelSockets,
+    /// The metadata the last packet left in the scratch memory, as the kernel's does:
+    /// what [`Outcome::event_kind`] reads besides the outcome.
+    pub last_meta: PacketMeta,
 }
 
 impl Model {
@@ -397,6 +400,7 @@ impl Model {
             &mut self.sockets,
             &mut scratch,
         );
+        self.last_meta = scratch.meta;
         for (set, net) in self.limits.overloads.drain(..) {
             let storage = self.rules.sets.refs.src[usize::from(set.saturating_sub(1)) & 7];
             if let Some(members) = self.rules.sets.storages.get_mut(storage as usize) {

@@ -12,8 +12,8 @@ use session_common::{
     packet::{PacketMeta, parse},
     track::flow_key,
     wire::{
-        Action, Counter, CtState, FlowState, Hook, Session, Settings, TcpState, session_flags,
-        verdict_flags,
+        Action, Counter, CtState, FlowState, Hook, Session, Settings, TcpState, event_kind,
+        session_flags, settings_flags, verdict_flags,
     },
 };
 use session_testkit::{
@@ -2750,6 +2750,70 @@ fn outcomes_flag_created_closed_and_logged_packets_for_events() {
     );
     assert!(udp.decision.log && !udp.created, "{udp:?}");
     assert_eq!(udp.decision.action, Action::Drop);
+}
+
+/// While state sync listens, the packets that change what sync sends at once (the TCP
+/// state, the seen-reply and assured flags) are reported as changes, and no other;
+/// without sync no packet is.
+#[test]
+fn with_sync_the_packets_that_change_a_sessions_state_or_flags_are_reported() {
+    let changed_by = |sync: bool| {
+        let (mut settings, policy) =
+            compiled("[policy]\ninbound = \"accept\"\noutbound = \"accept\"\n");
+        if sync {
+            settings.flags |= settings_flags::SYNC_EVENTS;
+        }
+        let mut model = Model::new(settings, &policy);
+        let mut conn = Conn::new();
+        let mut changed = Vec::new();
+        let mut step = |model: &mut Model, frame: Vec<u8>, hook: Hook, what: &'static str| {
+            let now = changed.len() as u64 + 1;
+            let outcome = run(model, &frame, hook, now * 1_000, what);
+            let kind = outcome.event_kind(&model.last_meta);
+            changed.push((what, kind & event_kind::CHANGED != 0));
+        };
+        step(&mut model, conn.c(SYN), Hook::Ingress, "SYN");
+        conn.cseq += 1;
+        step(&mut model, conn.s(SYN | ACK), Hook::Egress, "SYN-ACK");
+        conn.sseq += 1;
+        step(&mut model, conn.c(ACK), Hook::Ingress, "ACK");
+        step(&mut model, conn.c_data(100), Hook::Ingress, "client data");
+        conn.cseq += 100;
+        step(&mut model, conn.s(ACK), Hook::Egress, "server ACK of data");
+        step(&mut model, conn.c(FIN | ACK), Hook::Ingress, "client FIN");
+        step(
+            &mut model,
+            udp_frame(client(), server(), 5000, 53, 10),
+            Hook::Ingress,
+            "UDP query",
+        );
+        step(
+            &mut model,
+            udp_frame(server(), client(), 53, 5000, 10),
+            Hook::Egress,
+            "UDP answer",
+        );
+        step(
+            &mut model,
+            udp_frame(server(), client(), 53, 5000, 10),
+            Hook::Egress,
+            "second UDP answer",
+        );
+        changed
+            .into_iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(what, _)| what)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        changed_by(true),
+        ["SYN-ACK", "ACK", "client FIN", "UDP answer"],
+        "a new session is reported as new, not changed; data in ESTABLISHED changes nothing"
+    );
+    assert!(
+        changed_by(false).is_empty(),
+        "without sync nothing is reported changed"
+    );
 }
 
 // ---------------------------------------------------------------- verdict cache

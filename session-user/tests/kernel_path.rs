@@ -38,8 +38,8 @@ use session_common::{
     packet::ipv4_mapped,
     wire::{
         Action, Counter, CtState, Event, FAMILY_IPV4, FAMILY_IPV6, FlowKey, FlowState, Hook,
-        NS_PER_SEC, RULE_HIT_SLOTS, Session, Settings, TcpState, Timeout, map_names, proto,
-        session_flags,
+        NS_PER_SEC, RULE_HIT_SLOTS, Session, Settings, TcpState, Timeout, event_kind, map_names,
+        proto, session_flags, settings_flags,
     },
 };
 use session_testkit::{
@@ -2252,9 +2252,9 @@ fn model_verdict(outcome: Option<Outcome>) -> Verdict {
 }
 
 /// The events the kernel must report for a frame the model judged as `outcome`.
-fn model_event_kinds(outcome: Option<Outcome>) -> Vec<u8> {
+fn model_event_kinds(outcome: Option<Outcome>, model: &Model) -> Vec<u8> {
     outcome
-        .map(|outcome| outcome.event_kind())
+        .map(|outcome| outcome.event_kind(&model.last_meta))
         .filter(|&kind| kind != 0)
         .into_iter()
         .collect()
@@ -2334,7 +2334,8 @@ fn agree_frame_by_frame(ingress: Ingress) {
             ),
         };
         let expected = model_verdict(outcome);
-        let (reported, expected_events) = (k.take_event_kinds(), model_event_kinds(outcome));
+        let (reported, expected_events) =
+            (k.take_event_kinds(), model_event_kinds(outcome, &model));
         if reported != expected_events {
             panic!(
                 "seed {seed:#x} frame #{index} ({what}): kernel reported events {reported:?}, \
@@ -2579,7 +2580,10 @@ fn counter_diff(k: &Kernel, model: &Model) -> Option<String> {
 fn kernel_and_model_agree_at_scale_with_mutated_frames() {
     let packets = env_number("SESSION_DIFF_PACKETS", false).unwrap_or(SCALE_DEFAULT_PACKETS);
     let seed = env_number("SESSION_DIFF_SEED", true).unwrap_or(SCALE_DEFAULT_SEED);
-    let settings = test_settings();
+    // As with `[sync]`: the kernel also reports each change of a session's state or
+    // flags, and must report exactly the model's.
+    let mut settings = test_settings();
+    settings.flags |= settings_flags::SYNC_EVENTS;
     let policy = differential_policy();
     let mut k = Kernel::start_sized(&settings, &policy, SCALE_MAX_SESSIONS, Ingress::Xdp);
     let mut model = Model::new(settings, &policy);
@@ -2589,6 +2593,7 @@ fn kernel_and_model_agree_at_scale_with_mutated_frames() {
     let mut flag_combinations = [false; 256];
     let mut mismatches: Vec<String> = Vec::new();
     let mut mismatch_count = 0u64;
+    let mut changes_reported = 0usize;
     let mut aborted = 0u64;
     let mut state_failure: Option<String> = None;
     let mut compared = 0u64;
@@ -2629,7 +2634,12 @@ fn kernel_and_model_agree_at_scale_with_mutated_frames() {
         if value == XDP_ABORTED {
             aborted += 1;
         }
-        let (reported, expected_events) = (k.take_event_kinds(), model_event_kinds(outcome));
+        let (reported, expected_events) =
+            (k.take_event_kinds(), model_event_kinds(outcome, &model));
+        changes_reported += reported
+            .iter()
+            .filter(|&&kind| kind & event_kind::CHANGED != 0)
+            .count();
         if kernel != Some(expected) || reported != expected_events {
             mismatch_count += 1;
             if mismatches.len() < SCALE_REPORTED {
@@ -2681,6 +2691,10 @@ fn kernel_and_model_agree_at_scale_with_mutated_frames() {
     assert!(hits_agree, "seed {seed:#x}: rule hit counters differ");
     require_classifier_rules_hit(&policy, &k.rule_hits());
     assert_eq!(compared, packets, "every packet was compared");
+    assert!(
+        changes_reported > 0,
+        "seed {seed:#x}: no packet changed a session's state: the change events went untested"
+    );
     assert_eq!(
         mutated.len(),
         Mutation::ALL.len(),

@@ -1,6 +1,7 @@
 //! The daemon's side of state sync (`[sync]`, docs/SYNC.md): one thread that owns the
-//! sync socket, scans the table every interval for changes the peer has not seen, sends
-//! and retransmits them, and installs what the peer sends in the kernel table at once, so
+//! sync socket, sends at once the sessions the kernel reports new, changed or closed,
+//! scans the table every `refresh_ms` for the rest the peer has not seen (timeouts, window
+//! edges, deletions), sends and retransmits them, and installs what the peer sends in the kernel table at once, so
 //! a standby promoted by keepalived already holds every session. The protocol itself is
 //! `crate::sync`; this file is its I/O.
 
@@ -43,7 +44,7 @@ use crate::{
 /// takes them (beyond, they wait for the next scan).
 const NUDGE_BACKLOG: usize = 16_384;
 
-/// The interval is at least this many times the last tick's duration.
+/// The time between scans is at least this many times the last scan's duration.
 const SCAN_SHARE: u32 = 10;
 
 /// A sync link ready to run: key read, socket bound (done while the daemon still has its
@@ -56,6 +57,7 @@ pub struct Prepared {
     link: Link,
     tracker: Tracker,
     interval: Duration,
+    scan_every: Duration,
     maps: PinnedMaps,
 }
 
@@ -102,6 +104,7 @@ pub fn prepare(config: &SyncConfig, maps: &PinnedMaps) -> Result<Prepared> {
         link: Link::new(key, timing, boot_id()?),
         tracker: Tracker::new(config.refresh.as_nanos() as u64),
         interval: config.interval,
+        scan_every: config.refresh,
         maps: maps.clone(),
     })
 }
@@ -154,12 +157,13 @@ impl Prepared {
     /// Runs the link on its own thread for the daemon's life.
     pub fn spawn(self) -> Result<JoinHandle<()>> {
         info!(
-            "sync: {} <-> {}, scanning every {:?}",
+            "sync: {} <-> {}, serviced every {:?}, table scanned every {:?}",
             self.socket
                 .local_addr()
                 .map_or_else(|_| "?".into(), |a| a.to_string()),
             self.peer,
-            self.interval
+            self.interval,
+            self.scan_every
         );
         std::thread::Builder::new()
             .name("sync".into())
@@ -180,22 +184,29 @@ impl Prepared {
         let mut ifnames: HashMap<u32, String> = HashMap::new();
         let mut buf = vec![0u8; MAX_DATAGRAM + 1];
         let mut next_tick = Instant::now();
-        // The socket is read only once poll says a datagram waits; the timeout only
-        // bounds a read that another reader beat to it.
-        if let Err(error) = self.socket.set_read_timeout(Some(Duration::from_millis(1))) {
-            warn!("sync: setting the socket's timeout: {error}");
+        let mut next_scan = next_tick;
+        // The socket is read only once poll says a datagram waits, and never blocks: a
+        // burst is read until it would.
+        if let Err(error) = self.socket.set_nonblocking(true) {
+            warn!("sync: making the socket non-blocking: {error}");
         }
         loop {
             let now = Instant::now();
             if now >= next_tick {
-                if let Err(error) = self.tick(&mut tally, &mut ifnames) {
-                    warn!("sync: {error:#}");
+                match self.tick(now >= next_scan, &mut tally, &mut ifnames) {
+                    // A scan costs time in proportion to the table: on a large one the
+                    // time between scans stretches so that they take at most a tenth of
+                    // a CPU.
+                    Ok(true) => next_scan = now + self.scan_every.max(now.elapsed() * SCAN_SHARE),
+                    Ok(false) => {}
+                    Err(error) => {
+                        warn!("sync: {error:#}");
+                        next_scan = now + self.scan_every;
+                    }
                 }
                 // The policy in force, read once a tick rather than once a datagram.
                 rules = self.maps.active_rules().ok();
-                // A scan costs time in proportion to the table: on a large one the
-                // interval stretches so that scanning takes at most a tenth of a CPU.
-                next_tick = now + self.interval.max(now.elapsed() * SCAN_SHARE);
+                next_tick = now + self.interval;
             }
             // Asleep until a datagram, the event reader's wake-up or the next scan.
             let wait = next_tick
@@ -264,7 +275,7 @@ impl Prepared {
         fds[0].revents & libc::POLLIN != 0
     }
 
-    /// Sends at once the sessions the kernel just reported new or closed.
+    /// Sends at once the sessions the kernel just reported new, changed or closed.
     fn nudged(
         &mut self,
         table: &SessionTiers,
@@ -320,15 +331,8 @@ impl Prepared {
         rules: Option<&crate::host_engine::ModelRules>,
         tally: &mut Tally,
     ) {
-        if let Err(error) = self.socket.set_nonblocking(true) {
-            warn!("sync: {error}");
-            return;
-        }
         while let Ok((len, from)) = self.socket.recv_from(buf) {
             self.handle(&buf[..len], from, table, rules, tally);
-        }
-        if let Err(error) = self.socket.set_nonblocking(false) {
-            warn!("sync: {error}");
         }
     }
 
@@ -432,10 +436,17 @@ impl Prepared {
         Ok(())
     }
 
-    /// One interval's work: begin a resync if one is due, else queue the table's changes;
-    /// send what is due; publish the counters.
-    fn tick(&mut self, tally: &mut Tally, ifnames: &mut HashMap<u32, String>) -> Result<()> {
+    /// One interval's work: begin a resync if one is due, else queue the table's changes
+    /// if a scan is due (`scan`); send what is due; publish the counters. True when it
+    /// scanned the table.
+    fn tick(
+        &mut self,
+        scan: bool,
+        tally: &mut Tally,
+        ifnames: &mut HashMap<u32, String>,
+    ) -> Result<bool> {
         let now = monotonic_ns();
+        let mut scanned = false;
         if self.link.resync_wanted() {
             self.link.begin_resync();
             self.tracker.forget_sent();
@@ -447,13 +458,16 @@ impl Prepared {
                 changes.len()
             );
             self.link.queue_resync(changes, now);
-        } else if self.link.accepts_changes(now) {
+            scanned = true;
+        } else if scan && self.link.accepts_changes(now) {
             let changes = self.local_changes(now, ifnames)?;
             tally.changes_sent += changes.len() as u64;
             self.link.queue(changes, now);
+            scanned = true;
         }
         self.flush();
-        self.publish(tally, now)
+        self.publish(tally, now)?;
+        Ok(scanned)
     }
 
     /// The changes of the table since the last scan, as sync changes.

@@ -144,10 +144,11 @@ pub struct SyncConfig {
     pub peer: SocketAddr,
     /// The shared key (at least 32 bytes, not world-readable), the same file on both.
     pub key_file: PathBuf,
-    /// How often the table is scanned for changes and the link is serviced.
+    /// How often the link is serviced: retransmissions, a due resync, the status.
     pub interval: Duration,
-    /// A session's refreshed timeout and advanced window edges reach the peer at most
-    /// this often; state changes, creations and deletions go at the next scan.
+    /// How often the table is scanned for what the kernel does not report: a session's
+    /// refreshed timeout and advanced window edges (sent at most this often), deletions
+    /// and expiries. Creations, state changes and closings go at once, as events.
     pub refresh: Duration,
 }
 
@@ -567,7 +568,7 @@ fn validate(loc: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         })?;
     let sync = raw.sync.map(|sync| parse_sync(loc, &sync)).transpose()?;
     if sync.is_some() {
-        settings.flags |= settings_flags::WAKE_ON_EVENT;
+        settings.flags |= settings_flags::SYNC_EVENTS;
     }
     Ok(Config {
         warnings,

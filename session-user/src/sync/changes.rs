@@ -93,7 +93,7 @@ impl Tracker {
     }
 
     /// The changes of just these sessions (live at `now`) that the peer has not seen,
-    /// recorded as sent: what the kernel reported new or closed, sent before the next
+    /// recorded as sent: what the kernel reported new, changed or closed, sent before the next
     /// scan. Sessions not given are left as they are.
     pub fn changes_of(&mut self, sessions: &[(FlowKey, Session)], now: u64) -> Vec<Outgoing> {
         let mut out = Vec::new();

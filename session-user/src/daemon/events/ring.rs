@@ -22,11 +22,17 @@ use crate::{
 /// How often the ring buffer is drained: without state sync the kernel wakes the daemon
 /// only when the ring is half full, so this is how late an event can be. With it, the
 /// kernel also wakes the daemon when an event lands in a ring it had emptied
-/// (`settings_flags::WAKE_ON_EVENT`), and new sessions reach the sync thread at once.
+/// (`settings_flags::SYNC_EVENTS`), and new sessions reach the sync thread at once.
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
-/// Where the keys of new and closed TCP and UDP sessions go for state sync, which sends
-/// them at once instead of at its next scan; a full channel drops them (the scan finds
+/// With state sync, how long the reader rests after a drain the kernel woke it for: an
+/// event on a quiet firewall is handed over at once, and under a stream of new sessions
+/// they go in batches of this interval (one wake-up, one sync datagram and one
+/// acknowledgement for many) rather than one by one.
+const SYNC_BATCH: Duration = Duration::from_millis(1);
+
+/// Where the keys of new, changed and closed TCP and UDP sessions go for state sync,
+/// which sends them at once instead of at its next scan; a full channel drops them (the scan finds
 /// them). An eventfd wakes the sync thread, which waits on it beside its socket.
 #[derive(Clone)]
 pub struct SyncNudge {
@@ -83,6 +89,9 @@ pub async fn read_ring(
                 };
                 reader.drain(guard.get_inner_mut());
                 guard.clear_ready();
+                if reader.nudge.is_some() {
+                    tokio::time::sleep(SYNC_BATCH).await;
+                }
             }
             _ = drain.tick() => reader.drain(ring.get_mut()),
             _ = report.tick() => reader.report_suppressed(),
@@ -113,7 +122,7 @@ impl RingReader {
                 self.overloaded(&event);
             }
             if let Some(nudge) = &self.nudge
-                && event.kind & (event_kind::NEW | event_kind::CLOSED) != 0
+                && event.kind & (event_kind::NEW | event_kind::CLOSED | event_kind::CHANGED) != 0
                 && matches!(event.proto, proto::TCP | proto::UDP)
             {
                 let (key, _) = endpoints_key(
@@ -127,6 +136,10 @@ impl RingReader {
                 if nudge.keys.try_send(key).is_ok() {
                     nudged = true;
                 }
+            }
+            // A change of state alone is for state sync, not for the operator.
+            if event.kind == event_kind::CHANGED {
+                continue;
             }
             // Formatting costs more than reading: only for a log line or a client.
             let log = event.kind & event_kind::LOGGED != 0 && self.limiter.admit();
