@@ -10,6 +10,7 @@ use std::{
     io::{ErrorKind, Read as _},
     net::{SocketAddr, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _},
+    sync::atomic::Ordering,
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -95,7 +96,11 @@ pub fn prepare(config: &SyncConfig, maps: &PinnedMaps) -> Result<Prepared> {
     }
     // SAFETY: `fd` is a fresh descriptor nothing else owns.
     let wake = std::sync::Arc::new(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
-    let nudge = SyncNudge { keys, wake };
+    let nudge = SyncNudge {
+        keys,
+        wake,
+        overflowed: Default::default(),
+    };
     Ok(Prepared {
         nudge,
         nudged,
@@ -185,6 +190,8 @@ impl Prepared {
         let mut buf = vec![0u8; MAX_DATAGRAM + 1];
         let mut next_tick = Instant::now();
         let mut next_scan = next_tick;
+        // The earliest a scan may run: a tenth of a CPU at most goes to scanning.
+        let mut scan_allowed = next_tick;
         // The socket is read only once poll says a datagram waits, and never blocks: a
         // burst is read until it would.
         if let Err(error) = self.socket.set_nonblocking(true) {
@@ -193,12 +200,24 @@ impl Prepared {
         loop {
             let now = Instant::now();
             if now >= next_tick {
-                match self.tick(now >= next_scan, &mut tally, &mut ifnames) {
+                // Changes that were not sent at once (a full channel, a full window) are
+                // found by a scan at this tick rather than at the next `refresh_ms`.
+                let missed = self.nudge.overflowed.swap(false, Ordering::Relaxed);
+                let scan = now >= next_scan || (missed && now >= scan_allowed);
+                match self.tick(scan, &mut tally, &mut ifnames) {
                     // A scan costs time in proportion to the table: on a large one the
                     // time between scans stretches so that they take at most a tenth of
                     // a CPU.
-                    Ok(true) => next_scan = now + self.scan_every.max(now.elapsed() * SCAN_SHARE),
-                    Ok(false) => {}
+                    Ok(true) => {
+                        let cost = now.elapsed() * SCAN_SHARE;
+                        scan_allowed = now + cost;
+                        next_scan = now + self.scan_every.max(cost);
+                    }
+                    Ok(false) => {
+                        if missed {
+                            self.nudge.overflowed.store(true, Ordering::Relaxed);
+                        }
+                    }
                     Err(error) => {
                         warn!("sync: {error:#}");
                         next_scan = now + self.scan_every;
@@ -284,7 +303,12 @@ impl Prepared {
     ) -> Result<()> {
         let keys: std::collections::HashSet<FlowKey> = self.nudged.try_iter().collect();
         let now = monotonic_ns();
-        if keys.is_empty() || !self.link.accepts_changes(now) {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        if !self.link.accepts_changes(now) {
+            // The link's window is full: the next tick's scan finds these.
+            self.nudge.overflowed.store(true, Ordering::Relaxed);
             return Ok(());
         }
         let mut sessions = Vec::with_capacity(keys.len());

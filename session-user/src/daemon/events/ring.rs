@@ -40,6 +40,10 @@ pub struct SyncNudge {
     pub keys: std::sync::mpsc::SyncSender<FlowKey>,
     /// Written once per drain that handed keys over.
     pub wake: std::sync::Arc<std::os::fd::OwnedFd>,
+    /// Set when a change could not go at once (the channel or the link's window was
+    /// full): the sync thread then scans the table at its next tick rather than at the
+    /// next `refresh_ms`.
+    pub overflowed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SyncNudge {
@@ -135,6 +139,10 @@ impl RingReader {
                 );
                 if nudge.keys.try_send(key).is_ok() {
                     nudged = true;
+                } else {
+                    nudge
+                        .overflowed
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                 }
             }
             // A change of state alone is for state sync, not for the operator.
