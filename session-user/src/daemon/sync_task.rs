@@ -1,8 +1,9 @@
 //! The daemon's side of state sync (`[sync]`, docs/SYNC.md): one thread that owns the
 //! sync socket, sends at once the sessions the kernel reports new, changed or closed,
-//! scans the table every `refresh_ms` for the rest the peer has not seen (timeouts, window
-//! edges, deletions), sends and retransmits them, and installs what the peer sends in the kernel table at once, so
-//! a standby promoted by keepalived already holds every session. The protocol itself is
+//! scans the table every `refresh_ms` for the rest the peer has not seen (timeouts,
+//! window edges, deletions), sends and retransmits them, and installs what the peer
+//! sends in the kernel table at once, so a standby promoted by keepalived already holds
+//! every session. The protocol itself is
 //! `crate::sync`; this file is its I/O.
 
 use std::{

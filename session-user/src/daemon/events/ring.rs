@@ -32,8 +32,9 @@ const DRAIN_EVERY: Duration = Duration::from_millis(50);
 const SYNC_BATCH: Duration = Duration::from_millis(1);
 
 /// Where the keys of new, changed and closed TCP and UDP sessions go for state sync,
-/// which sends them at once instead of at its next scan; a full channel drops them (the scan finds
-/// them). An eventfd wakes the sync thread, which waits on it beside its socket.
+/// which sends them at once instead of at its next scan; a full channel drops them (the
+/// scan finds them). An eventfd wakes the sync thread, which waits on it beside its
+/// socket.
 #[derive(Clone)]
 pub struct SyncNudge {
     /// The keys, for the sync thread.
