@@ -108,13 +108,13 @@ enum Kind {
     Conntrackd,
 }
 
-/// Sessions on the standby (every protocol).
-fn standby_count(lab: &HaLab, kind: Kind) -> u64 {
+/// Sessions on `fw` (every protocol).
+fn session_count(lab: &HaLab, kind: Kind, fw: Fw) -> u64 {
     match kind {
-        Kind::Session => PinnedMaps::open(&lab.pin_dir(Fw::Two))
+        Kind::Session => PinnedMaps::open(&lab.pin_dir(fw))
             .and_then(|maps| maps.snapshot_sessions())
             .map_or(0, |sessions| sessions.len() as u64),
-        Kind::Conntrackd => lab.conntrack_count(Fw::Two),
+        Kind::Conntrackd => lab.conntrack_count(fw),
     }
 }
 
@@ -141,22 +141,15 @@ fn hping(lab: &HaLab, count: u32, base: u16, gap_us: u32) {
     lab.run("c", &argv.iter().map(String::as_str).collect::<Vec<_>>());
 }
 
-/// Sessions on the active (every protocol).
-fn active_count(lab: &HaLab, kind: Kind) -> u64 {
-    match kind {
-        Kind::Session => PinnedMaps::open(&lab.pin_dir(Fw::One))
-            .and_then(|maps| maps.snapshot_sessions())
-            .map_or(0, |sessions| sessions.len() as u64),
-        Kind::Conntrackd => lab.conntrack_count(Fw::One),
-    }
-}
-
 /// When a burst of `count` new flows crosses the active: the sessions a second the standby
 /// took in (from the burst's start until it held them all), the sessions a second the
 /// active took in (the burst's own pace), and the ms the standby completed after the
 /// active.
 fn replication_rate(lab: &HaLab, kind: Kind, count: u32) -> (f64, f64, f64) {
-    let (active_before, standby_before) = (active_count(lab, kind), standby_count(lab, kind));
+    let (active_before, standby_before) = (
+        session_count(lab, kind, Fw::One),
+        session_count(lab, kind, Fw::Two),
+    );
     let wanted = u64::from(count) * 99 / 100;
     let started = Instant::now();
     let argv = hping_argv(count, 10_000, 20);
@@ -172,10 +165,10 @@ fn replication_rate(lab: &HaLab, kind: Kind, count: u32) -> (f64, f64, f64) {
             Instant::now() < deadline,
             "the standby did not take in the burst in 60 s"
         );
-        if active_done.is_none() && active_count(lab, kind) >= active_before + wanted {
+        if active_done.is_none() && session_count(lab, kind, Fw::One) >= active_before + wanted {
             active_done = Some(started.elapsed());
         }
-        if standby_count(lab, kind) >= standby_before + wanted {
+        if session_count(lab, kind, Fw::Two) >= standby_before + wanted {
             break started.elapsed();
         }
         sleep(Duration::from_millis(2));
