@@ -9,9 +9,9 @@
 //!   conntrack: `conntrack -E` on the standby); median and p99 over 500 flows 5 ms apart;
 //! - sessions replicated per second: a burst of 20,000 new UDP flows (hping3, one source
 //!   port each), from its start until the standby holds them all, both tables polled
-//!   while hping3 runs (it lingers a second after its last packet, which must not count);
-//!   next to it, when the active held them all (the pace of the burst itself, which
-//!   bounds the figure and varies run to run);
+//!   while hping3 runs (it lingers a second or two after its last packet, which must not
+//!   count); next to it, when the active held them all (the pace of the burst itself,
+//!   which bounds the figure and varies run to run);
 //! - the sync daemon's CPU on the active (user + system, from /proc) while new flows
 //!   arrive at about 10,000 a second for 5 s, over the same time without them,
 //!   per 10,000 new sessions/s (the kernel's own conntrack work is not in it);
