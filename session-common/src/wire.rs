@@ -666,6 +666,11 @@ pub enum DaemonCounter {
     SyncDeleted,
     /// Sessions from the peer that the policy in force would not admit; not installed.
     SyncPolicyRefused,
+    /// The process id of the daemon once its table may take the traffic over: at once
+    /// without `[sync]`, with it once the peer's full resync is in or no peer answered
+    /// (`session sync check`, keepalived's health check). A pid rather than a flag, so
+    /// that a value left by a daemon that died is not taken for its successor's.
+    SyncReadyPid,
 }
 
 impl DaemonCounter {
@@ -673,7 +678,7 @@ impl DaemonCounter {
     pub const COUNT: u32 = 32;
 
     /// Every daemon counter with its stable name.
-    pub const ALL: [(DaemonCounter, &'static str); 26] = [
+    pub const ALL: [(DaemonCounter, &'static str); 27] = [
         (DaemonCounter::SessionsExpired, "sessions_expired"),
         (DaemonCounter::ReaperRuns, "reaper_runs"),
         (DaemonCounter::PolicyApplies, "policy_applies"),
@@ -703,6 +708,7 @@ impl DaemonCounter {
         (DaemonCounter::SyncInstalled, "sync_installed"),
         (DaemonCounter::SyncDeleted, "sync_deleted"),
         (DaemonCounter::SyncPolicyRefused, "sync_policy_refused"),
+        (DaemonCounter::SyncReadyPid, "sync_ready_pid"),
     ];
 }
 

@@ -127,6 +127,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .as_ref()
         .map(|sync| sync_task::prepare(sync, &maps))
         .transpose()?;
+    // Without a peer to wait for, the table may take traffic as soon as it is in force;
+    // with one, the sync thread says when (`session sync check`).
+    let ready_pid = if sync.is_none() {
+        std::process::id().into()
+    } else {
+        0
+    };
+    maps.set_daemon_counter(DaemonCounter::SyncReadyPid, ready_pid)?;
     let events = Arc::new(EventHub::start(
         &maps,
         sync.as_ref().map(sync_task::Prepared::nudge),

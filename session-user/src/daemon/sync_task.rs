@@ -61,6 +61,10 @@ pub struct Prepared {
     interval: Duration,
     scan_every: Duration,
     maps: PinnedMaps,
+    /// When the link began (monotonic ns): a peer silent this long after is not waited
+    /// for before the table counts as ready.
+    started: u64,
+    announced_ready: bool,
 }
 
 /// Counts the thread keeps beside the link's own.
@@ -112,6 +116,8 @@ pub fn prepare(config: &SyncConfig, maps: &PinnedMaps) -> Result<Prepared> {
         interval: config.interval,
         scan_every: config.refresh,
         maps: maps.clone(),
+        started: monotonic_ns(),
+        announced_ready: false,
     })
 }
 
@@ -510,7 +516,12 @@ impl Prepared {
         Ok(to_changes(self.tracker.changes(&live, now), now, ifnames))
     }
 
-    fn publish(&self, tally: &Tally, now: u64) -> Result<()> {
+    fn publish(&mut self, tally: &Tally, now: u64) -> Result<()> {
+        let ready = self.link.ready(now, self.started);
+        if ready && !self.announced_ready {
+            self.announced_ready = true;
+            info!("sync: this firewall's table is ready to take the traffic over");
+        }
         let counters = self.link.counters();
         let state = match self.link.peer_state(now) {
             PeerState::Down => 0,
@@ -537,6 +548,10 @@ impl Prepared {
             (DaemonCounter::SyncInstalled, tally.installed),
             (DaemonCounter::SyncDeleted, tally.deleted),
             (DaemonCounter::SyncPolicyRefused, tally.policy_refused),
+            (
+                DaemonCounter::SyncReadyPid,
+                if ready { std::process::id().into() } else { 0 },
+            ),
         ] {
             self.maps.set_daemon_counter(counter, value)?;
         }

@@ -125,6 +125,7 @@ pub struct Link {
     ack_due: bool,
     resync_wanted: bool,
     resync_seq: Option<u64>,
+    holds_peer_table: bool,
     counters: LinkCounters,
 }
 
@@ -145,8 +146,24 @@ impl Link {
             ack_due: false,
             resync_wanted: false,
             resync_seq: None,
+            holds_peer_table: false,
             counters: LinkCounters::default(),
         }
+    }
+
+    /// Whether this side may take the traffic over (keepalived asks through `session
+    /// sync check`): a full resync from the peer has been delivered whole, or, at least
+    /// [`Timing::dead_ns`] after `started`, the peer is down: there is nobody to wait for.
+    /// Once true it stays true: a firewall serving traffic must not give it up because
+    /// its peer came back and is resyncing.
+    pub fn ready(&mut self, now: u64, started: u64) -> bool {
+        if !self.holds_peer_table
+            && self.peer_state(now) == PeerState::Down
+            && now.saturating_sub(started) >= self.timing.dead_ns
+        {
+            self.holds_peer_table = true;
+        }
+        self.holds_peer_table
     }
 
     /// The peer's state at `now`.
@@ -387,6 +404,7 @@ impl Link {
         let mut delivered = Vec::new();
         while let Some(next) = peer.pending.remove(&(peer.delivered + 1)) {
             peer.delivered += 1;
+            self.holds_peer_table |= next.header.flags & data_flags::RESYNC_END != 0;
             delivered.push(Delivery {
                 flags: next.header.flags,
                 changes: next.changes,
@@ -606,5 +624,44 @@ mod tests {
             flags,
             vec![data_flags::RESYNC_START, 0, data_flags::RESYNC_END]
         );
+    }
+
+    #[test]
+    fn a_side_is_ready_once_the_peers_whole_table_arrived_and_stays_so() {
+        let (mut a, mut b) = pair();
+        let started = 1;
+        assert!(!a.ready(MS, started), "nothing heard yet, just started");
+        carry(&mut a, &mut b, 1, |_| false);
+        carry(&mut b, &mut a, 1, |_| false);
+        b.begin_resync();
+        b.queue_resync(deletes(0..20), 2 * MS);
+        let sent = b.poll(2 * MS, 2 * MS);
+        let (last, first) = sent.split_last().expect("a resync in several messages");
+        for datagram in first {
+            a.receive(datagram, 2 * MS).expect("authentic");
+        }
+        assert!(!a.ready(3 * MS, started), "the resync is not complete");
+        assert!(
+            !a.ready(1_900 * MS, started),
+            "a peer heard and resyncing is waited for"
+        );
+        a.receive(last, 1_900 * MS).expect("authentic");
+        assert!(a.ready(1_900 * MS, started), "the peer's whole table is in");
+        b.begin_resync();
+        b.queue_resync(deletes(0..20), 2_700 * MS);
+        a.receive(&b.poll(2_700 * MS, 2_700 * MS)[0], 2_700 * MS)
+            .expect("authentic");
+        assert!(
+            a.ready(2_800 * MS, started),
+            "a later resync changes nothing"
+        );
+    }
+
+    #[test]
+    fn a_side_without_a_peer_is_ready_once_a_peer_would_have_been_heard() {
+        let (mut a, _) = pair();
+        let started = 100 * MS;
+        assert!(!a.ready(started + 1_999 * MS, started));
+        assert!(a.ready(started + 2_000 * MS, started), "nobody to wait for");
     }
 }

@@ -353,6 +353,13 @@ fn daemon_metric(name: &'static str, value: u64) -> (String, MetricType, &'stati
             "How long the oldest change the sync peer has not acknowledged has waited.",
             seconds,
         ),
+        "sync_ready_pid" => (
+            "session_sync_ready",
+            MetricType::Gauge,
+            "1 when this firewall's table may take the traffic over (session sync check), else 0.",
+            // The metrics are served by the daemon itself: ready is its own pid.
+            Value::Count(u64::from(value == u64::from(std::process::id()))),
+        ),
         "sync_unacknowledged" => (
             "session_sync_unacknowledged",
             MetricType::Gauge,
