@@ -238,8 +238,12 @@ fn streams_survive_failover(tag: &str, fail: impl FnOnce(&mut HaLab)) {
     let accepted_before = accepted(&lab, Fw::Two);
     let failed_at = Instant::now();
     fail(&mut lab);
-    lab.wait_master(Fw::Two, Duration::from_secs(10));
+    lab.wait_master(Fw::Two, Duration::from_secs(15));
     let promoted_after = failed_at.elapsed();
+    assert!(
+        lab.ever_master(Fw::Two),
+        "fw2's keepalived logged its promotion"
+    );
     sleep(Duration::from_secs(3));
     let started = streams.started;
     let outcome = streams.finish();
@@ -284,6 +288,70 @@ fn streams_survive_when_the_active_keepalived_stops() {
 #[test]
 fn streams_survive_when_the_active_loses_its_links() {
     streams_survive_failover("cut", |lab| lab.cut_links(Fw::One));
+}
+
+/// The active's session daemon is SIGKILLed and stays down: its pinned programs go on
+/// forwarding, but nothing is replicated any more, so keepalived's health check (`session
+/// sync check`, five failures a second apart) moves the addresses to the standby.
+#[test]
+fn streams_survive_when_the_active_daemon_is_killed() {
+    streams_survive_failover("kill", |lab| {
+        lab.stop_session(Fw::One, "-KILL");
+        let check = lab.cli_status(Fw::One, &["sync", "check"]);
+        assert!(
+            !check.status.success()
+                && String::from_utf8_lossy(&check.stderr).contains("no session daemon runs"),
+            "the check fails once the daemon is gone: {check:?}"
+        );
+    });
+}
+
+/// A daemon back within systemd's restart delay (2 s) keeps the addresses: the health
+/// check's five failures are not reached, fw2 never becomes master, and the streams go
+/// on through fw1 without a lost byte.
+#[test]
+fn a_daemon_restarted_within_seconds_keeps_the_addresses() {
+    let mut lab = active_standby("restart-active");
+    let streams = Streams::start(&lab);
+    sleep(Duration::from_secs(1));
+    wait_synced(&lab, Fw::Two);
+    lab.stop_session(Fw::One, "-KILL");
+    sleep(Duration::from_secs(2));
+    lab.start_session(Fw::One);
+    wait_for(
+        "the restarted active's `session sync check` to pass",
+        Duration::from_secs(5),
+        || {
+            let check = lab.cli_status(Fw::One, &["sync", "check"]);
+            check.status.success().then_some(())
+        },
+    );
+    // Past the point where five failed checks would have moved the addresses.
+    sleep(Duration::from_secs(4));
+    assert!(
+        lab.holds_vip(Fw::One),
+        "fw1 kept the addresses\n{}",
+        lab.logs()
+    );
+    assert!(
+        !lab.ever_master(Fw::Two),
+        "fw2 never took them\n{}",
+        lab.logs()
+    );
+    let outcome = streams.finish();
+    let sent = outcome
+        .tcp_sent
+        .unwrap_or_else(|e| panic!("TCP sender: {e}\n{}", lab.logs()));
+    let received = outcome
+        .tcp_received
+        .unwrap_or_else(|e| panic!("TCP receiver: {e}\n{}", lab.logs()));
+    assert_eq!(received, sent, "every byte sent arrived, in order");
+    assert!(
+        outcome.udp_echoes.len() as u64 + 5 >= outcome.udp_sent,
+        "UDP went on: {} of {} echoed",
+        outcome.udp_echoes.len(),
+        outcome.udp_sent
+    );
 }
 
 /// Opens one UDP flow from each client port of `ports` to the echo server and waits
@@ -351,7 +419,7 @@ fn status_counter(lab: &HaLab, fw: Fw, name: &str) -> u64 {
 fn a_lossy_sync_link_converges_once_the_loss_stops() {
     let lab = active_standby("loss");
     let _echo = Echo::start(&lab, UDP_PORT);
-    lab.lossy_sync(Fw::One);
+    lab.lossy_sync(Fw::One, 10);
     // Flows come and change over 3 s of loss, so that many sync messages cross it.
     for batch in 0..15u16 {
         udp_flows(&lab, 20_000 + batch * 20..20_020 + batch * 20);
@@ -392,7 +460,36 @@ fn a_restarted_standby_gets_a_full_resync() {
     lab.stop_session(Fw::Two, "-TERM");
     lab.cli(Fw::Two, &["down"]);
     udp_flows(&lab, 21_050..21_100);
+    // The restarted standby hears nothing from the active at first: keepalived's check
+    // must fail until the active's whole table is in the standby's.
+    lab.lossy_sync(Fw::Two, 1);
     lab.start_session(Fw::Two);
+    let check = lab.cli_status(Fw::Two, &["sync", "check"]);
+    assert!(
+        !check.status.success()
+            && String::from_utf8_lossy(&check.stderr)
+                .contains("waiting for its peer's full resync"),
+        "a restarted standby that has not heard its peer is not ready: {check:?}"
+    );
+    lab.clear_sync_loss(Fw::Two);
+    wait_for(
+        "the restarted standby's `session sync check` to pass",
+        Duration::from_secs(10),
+        || {
+            let check = lab.cli_status(Fw::Two, &["sync", "check"]);
+            check.status.success().then_some(())
+        },
+    );
+    let held = lab
+        .table(Fw::Two)
+        .iter()
+        .filter(|(proto, _, sport, _, _, _)| proto == "udp" && (21_000..21_100).contains(sport))
+        .count();
+    assert_eq!(
+        held, 100,
+        "the standby held every flow when its check first passed"
+    );
+    assert_eq!(lab.sync_status(Fw::Two)["ready"], true);
     wait_equal_tables(&lab, 100, Duration::from_secs(10));
     // The counters are published once per interval, after the work they count.
     wait_for(

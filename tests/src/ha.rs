@@ -481,12 +481,22 @@ impl HaLab {
         }
     }
 
-    /// Starts keepalived in `fw` and, for fw1, waits until it holds the virtual addresses.
+    /// Starts keepalived in `fw`. Where session runs, keepalived tracks its health check
+    /// (`session sync check` against `fw`'s pin directory), as the example does; beside
+    /// conntrackd it tracks nothing.
     pub fn start_keepalived(&mut self, fw: Fw) {
         let short = self.fw_ns_short(fw);
         let priority = if fw == Fw::One { 200 } else { 100 };
         let conf = self.dir.join(format!("{short}-keepalived.conf"));
-        fs::write(&conf, keepalived_conf(short, priority)).expect("write keepalived.conf");
+        let check = self.daemons[fw.index()].is_some().then(|| {
+            format!(
+                "{} sync check --pin-dir {}",
+                self.bin.display(),
+                self.pin_dir(fw).display()
+            )
+        });
+        fs::write(&conf, keepalived_conf(short, priority, check.as_deref()))
+            .expect("write keepalived.conf");
         let pid = |what: &str| {
             self.dir
                 .join(format!("{short}-{what}.pid"))
@@ -520,6 +530,13 @@ impl HaLab {
         }
     }
 
+    /// Whether `fw`'s keepalived has ever entered the MASTER state, by its log.
+    pub fn ever_master(&self, fw: Fw) -> bool {
+        self.keepalived[fw.index()]
+            .as_ref()
+            .is_some_and(|proc| proc.log().contains("Entering MASTER STATE"))
+    }
+
     /// Whether `fw` holds the LAN's virtual address.
     pub fn holds_vip(&self, fw: Fw) -> bool {
         self.ip(self.fw_ns_short(fw), &["-4", "addr", "show", "dev", "lan0"])
@@ -549,13 +566,25 @@ impl HaLab {
 
     /// Runs `session ARGS --pin-dir` against `fw`'s daemon and returns stdout.
     pub fn cli(&self, fw: Fw, args: &[&str]) -> String {
+        let out = self.cli_status(fw, args);
+        assert!(
+            out.status.success(),
+            "session {args:?} against {fw:?} failed: {}",
+            describe(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `session ARGS --pin-dir` against `fw`'s daemon and returns how it ended,
+    /// success or not.
+    pub fn cli_status(&self, fw: Fw, args: &[&str]) -> Output {
         let pin = self.pin_dir(fw);
         let bin = self.bin.to_string_lossy().into_owned();
         let mut argv = vec![bin.as_str()];
         argv.extend_from_slice(args);
         let pin = pin.to_string_lossy().into_owned();
         argv.extend_from_slice(&["--pin-dir", &pin]);
-        self.run(self.fw_ns_short(fw), &argv)
+        self.output(self.fw_ns_short(fw), &argv)
     }
 
     /// `session sync status --json` of `fw`.
@@ -629,12 +658,12 @@ impl HaLab {
         })
     }
 
-    /// Adds an nftables rule in `fw` that drops a tenth of the sync link's datagrams
-    /// (both ways); [`HaLab::clear_sync_loss`] removes it.
-    pub fn lossy_sync(&self, fw: Fw) {
+    /// Adds an nftables rule in `fw` that drops one in `one_in` of the sync link's
+    /// datagrams (both ways; 1 drops them all); [`HaLab::clear_sync_loss`] removes it.
+    pub fn lossy_sync(&self, fw: Fw, one_in: u32) {
         let short = self.fw_ns_short(fw);
         let script = format!(
-            "table inet synclossy {{\n chain in {{ type filter hook input priority 0; udp dport {SYNC_PORT} numgen random mod 10 0 counter drop; }}\n chain out {{ type filter hook output priority 0; udp dport {SYNC_PORT} numgen random mod 10 0 counter drop; }}\n}}\n"
+            "table inet synclossy {{\n chain in {{ type filter hook input priority 0; udp dport {SYNC_PORT} numgen random mod {one_in} 0 counter drop; }}\n chain out {{ type filter hook output priority 0; udp dport {SYNC_PORT} numgen random mod {one_in} 0 counter drop; }}\n}}\n"
         );
         let path = self.dir.join(format!("{short}-loss.nft"));
         fs::write(&path, script).expect("write nft script");
@@ -694,16 +723,26 @@ fn read_example(name: &str) -> String {
 }
 
 /// keepalived's config for one firewall: config/examples/ha-keepalived.conf as shipped
-/// (fw1's), with fw2's router id and priority for fw2.
-pub fn keepalived_conf(router: &str, priority: u32) -> String {
+/// (fw1's), with fw2's router id and priority for fw2, and the health check run as
+/// `check` (the lab's binary and pin directory), or tracked not at all without one.
+pub fn keepalived_conf(router: &str, priority: u32, check: Option<&str>) -> String {
+    const SHIPPED_CHECK: &str = "\"/usr/local/bin/session sync check\"";
+    const TRACKED: &str = "    track_script {\n        session_ready\n    }\n";
     let example = read_example("ha-keepalived.conf");
     assert!(
-        example.contains("router_id fw1") && example.contains("priority 200"),
-        "ha-keepalived.conf is fw1's"
+        example.contains("router_id fw1")
+            && example.contains("priority 200")
+            && example.contains(SHIPPED_CHECK)
+            && example.contains(TRACKED),
+        "ha-keepalived.conf is fw1's and tracks `session sync check`"
     );
-    example
+    let conf = example
         .replace("router_id fw1", &format!("router_id {router}"))
-        .replace("priority 200", &format!("priority {priority}"))
+        .replace("priority 200", &format!("priority {priority}"));
+    match check {
+        Some(check) => conf.replace(SHIPPED_CHECK, &format!("\"{check}\"")),
+        None => conf.replace(TRACKED, ""),
+    }
 }
 
 /// A UDP echo server on the server's `port` until dropped: the traffic the HA tests and
