@@ -61,9 +61,10 @@ pub struct Prepared {
     interval: Duration,
     scan_every: Duration,
     maps: PinnedMaps,
-    /// When the link began (monotonic ns): a peer silent this long after is not waited
-    /// for before the table counts as ready.
+    /// When the link began (monotonic ns): a peer not heard within the link's dead time
+    /// after it is not waited for before the table counts as ready.
     started: u64,
+    /// Whether the log has said that the table is ready (once per run).
     announced_ready: bool,
 }
 
