@@ -49,6 +49,22 @@ struct Outcome {
     udp_echoes: Vec<(u64, Instant)>,
 }
 
+impl Outcome {
+    /// The bytes the TCP stream carried, once checked that every one arrived, in order.
+    fn tcp_intact(&self, lab: &HaLab) -> u64 {
+        let sent = self
+            .tcp_sent
+            .as_ref()
+            .unwrap_or_else(|e| panic!("TCP sender: {e}\n{}", lab.logs()));
+        let received = self
+            .tcp_received
+            .as_ref()
+            .unwrap_or_else(|e| panic!("TCP receiver: {e}\n{}", lab.logs()));
+        assert_eq!(received, sent, "every byte sent arrived, in order");
+        *sent
+    }
+}
+
 impl Streams {
     fn start(lab: &HaLab) -> Streams {
         let stop = Arc::new(AtomicBool::new(false));
@@ -220,6 +236,18 @@ fn wait_synced(lab: &HaLab, standby: Fw) {
     );
 }
 
+/// Waits until `fw`'s `session sync check` (keepalived's health check) passes.
+fn wait_check_passes(lab: &HaLab, fw: Fw) {
+    wait_for(
+        &format!("{fw:?}'s `session sync check` to pass"),
+        Duration::from_secs(10),
+        || {
+            let check = lab.cli_status(fw, &["sync", "check"]);
+            check.status.success().then_some(())
+        },
+    );
+}
+
 /// Packets `fw` accepted so far.
 fn accepted(lab: &HaLab, fw: Fw) -> u64 {
     let stats: serde_json::Value =
@@ -247,13 +275,7 @@ fn streams_survive_failover(tag: &str, fail: impl FnOnce(&mut HaLab)) {
     sleep(Duration::from_secs(3));
     let started = streams.started;
     let outcome = streams.finish();
-    let sent = outcome
-        .tcp_sent
-        .unwrap_or_else(|e| panic!("TCP sender: {e}\n{}", lab.logs()));
-    let received = outcome
-        .tcp_received
-        .unwrap_or_else(|e| panic!("TCP receiver: {e}\n{}", lab.logs()));
-    assert_eq!(received, sent, "every byte sent arrived, in order");
+    let sent = outcome.tcp_intact(&lab);
     let through_fw2 = accepted(&lab, Fw::Two) - accepted_before;
     assert!(
         through_fw2 > 1000,
@@ -318,14 +340,7 @@ fn a_daemon_restarted_within_seconds_keeps_the_addresses() {
     lab.stop_session(Fw::One, "-KILL");
     sleep(Duration::from_secs(2));
     lab.start_session(Fw::One);
-    wait_for(
-        "the restarted active's `session sync check` to pass",
-        Duration::from_secs(5),
-        || {
-            let check = lab.cli_status(Fw::One, &["sync", "check"]);
-            check.status.success().then_some(())
-        },
-    );
+    wait_check_passes(&lab, Fw::One);
     // Past the point where five failed checks would have moved the addresses.
     sleep(Duration::from_secs(4));
     assert!(
@@ -339,13 +354,7 @@ fn a_daemon_restarted_within_seconds_keeps_the_addresses() {
         lab.logs()
     );
     let outcome = streams.finish();
-    let sent = outcome
-        .tcp_sent
-        .unwrap_or_else(|e| panic!("TCP sender: {e}\n{}", lab.logs()));
-    let received = outcome
-        .tcp_received
-        .unwrap_or_else(|e| panic!("TCP receiver: {e}\n{}", lab.logs()));
-    assert_eq!(received, sent, "every byte sent arrived, in order");
+    outcome.tcp_intact(&lab);
     assert!(
         outcome.udp_echoes.len() as u64 + 5 >= outcome.udp_sent,
         "UDP went on: {} of {} echoed",
@@ -472,14 +481,7 @@ fn a_restarted_standby_gets_a_full_resync() {
         "a restarted standby that has not heard its peer is not ready: {check:?}"
     );
     lab.clear_sync_loss(Fw::Two);
-    wait_for(
-        "the restarted standby's `session sync check` to pass",
-        Duration::from_secs(10),
-        || {
-            let check = lab.cli_status(Fw::Two, &["sync", "check"]);
-            check.status.success().then_some(())
-        },
-    );
+    wait_check_passes(&lab, Fw::Two);
     let held = lab
         .table(Fw::Two)
         .iter()

@@ -566,25 +566,26 @@ impl HaLab {
 
     /// Runs `session ARGS --pin-dir` against `fw`'s daemon and returns stdout.
     pub fn cli(&self, fw: Fw, args: &[&str]) -> String {
-        let out = self.cli_status(fw, args);
-        assert!(
-            out.status.success(),
-            "session {args:?} against {fw:?} failed: {}",
-            describe(&out)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let argv = self.cli_argv(fw, args);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        self.run(self.fw_ns_short(fw), &argv)
     }
 
     /// Runs `session ARGS --pin-dir` against `fw`'s daemon and returns how it ended,
     /// success or not.
     pub fn cli_status(&self, fw: Fw, args: &[&str]) -> Output {
-        let pin = self.pin_dir(fw);
-        let bin = self.bin.to_string_lossy().into_owned();
-        let mut argv = vec![bin.as_str()];
-        argv.extend_from_slice(args);
-        let pin = pin.to_string_lossy().into_owned();
-        argv.extend_from_slice(&["--pin-dir", &pin]);
+        let argv = self.cli_argv(fw, args);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         self.output(self.fw_ns_short(fw), &argv)
+    }
+
+    /// `session ARGS --pin-dir PIN` for `fw`.
+    fn cli_argv(&self, fw: Fw, args: &[&str]) -> Vec<String> {
+        let mut argv = vec![self.bin.to_string_lossy().into_owned()];
+        argv.extend(args.iter().map(|arg| arg.to_string()));
+        argv.push("--pin-dir".into());
+        argv.push(self.pin_dir(fw).to_string_lossy().into_owned());
+        argv
     }
 
     /// `session sync status --json` of `fw`.
