@@ -353,9 +353,9 @@ fn before(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) < 0
 }
 
-/// `after()` in the kernel.
+/// `after()` in the kernel: whether sequence number `a` comes after `b`, modulo 2^32.
 #[inline(always)]
-fn after(a: u32, b: u32) -> bool {
+pub fn after(a: u32, b: u32) -> bool {
     before(b, a)
 }
 

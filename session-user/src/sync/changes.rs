@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use session_common::{
     record::{RECORD_SESSION_FLAGS, SessionRecord},
+    track::after,
     wire::{FlowKey, Session, session_flags},
 };
 
@@ -178,7 +179,10 @@ impl Tracker {
 /// (`local`). The received window edges are forgotten (`ADOPT_WINDOW`): they are as old
 /// as the sync interval, and a standby that takes over would find a busy connection's
 /// segments beyond them; the first segment each way after a takeover sets them, as after
-/// a restore. A live local session that has learnt its own edges keeps them.
+/// a restore. A live local session that has learnt its own edges keeps them, unless the
+/// peer saw later segments than it did: then the peer carried the connection meanwhile
+/// (this firewall was the standby), and the local edges are too old to judge the
+/// segments that follow a failback.
 pub fn received_session(
     record: &SessionRecord,
     ifindex: u32,
@@ -186,11 +190,15 @@ pub fn received_session(
     local: Option<&Session>,
     now: u64,
 ) -> Option<Session> {
+    let received = *record;
     let mut record = *record;
     record.forget_edges();
     let mut session = record.to_session(now, 0, ifindex, rule)?;
     if let Some(local) = local.filter(|local| {
-        local.expires_ns > now && local.flags & session_flags::ADOPT_WINDOW == 0 && local.state != 0
+        local.expires_ns > now
+            && local.flags & session_flags::ADOPT_WINDOW == 0
+            && local.state != 0
+            && !peer_saw_later_segments(&received, local)
     }) && record.key.proto == session_common::wire::proto::TCP
     {
         session.tcp = local.tcp;
@@ -203,6 +211,18 @@ pub fn received_session(
         session.flags &= !session_flags::ADOPT_WINDOW;
     }
     Some(session)
+}
+
+/// Whether the peer's record carries a window edge it learnt itself (from the connection's
+/// segments: its largest window is known) beyond the local session's, in either direction.
+/// `ADOPT_WINDOW` says nothing here: it stays set on a session that was taken over and has
+/// learnt its edges since.
+fn peer_saw_later_segments(record: &SessionRecord, local: &Session) -> bool {
+    record
+        .tcp
+        .iter()
+        .zip(&local.tcp)
+        .any(|(peer, here)| peer.maxwin != 0 && after(peer.end, here.end))
 }
 
 #[cfg(test)]
@@ -338,6 +358,21 @@ mod tests {
         let merged = received_session(&record, 3, 7, Some(&local), 100 * S).expect("live");
         assert_eq!(merged.tcp, local.tcp);
         assert_eq!(merged.flags & session_flags::ADOPT_WINDOW, 0);
+        // The peer carried the connection beyond the local edges (a failover, then a
+        // failback): the local edges are stale, so the session adopts the window again.
+        // The peer took the connection over itself, so its session is marked
+        // ADOPT_WINDOW, and has learnt edges since.
+        let mut carried = session(10 * S, 20_000);
+        carried.flags |= session_flags::ADOPT_WINDOW;
+        let ahead = SessionRecord::from_session(&a, &carried, S, NO_NAME, NO_NAME).expect("live");
+        let adopted = received_session(&ahead, 3, 7, Some(&local), 100 * S).expect("live");
+        assert_eq!(adopted.tcp[0].end, 0);
+        assert_ne!(adopted.flags & session_flags::ADOPT_WINDOW, 0);
+        // A record the peer only received (it never saw a segment) says nothing of them.
+        let mut echoed = ahead;
+        echoed.forget_edges();
+        let kept = received_session(&echoed, 3, 7, Some(&local), 100 * S).expect("live");
+        assert_eq!(kept.tcp, local.tcp);
         let mut expired = record;
         expired.remaining_ns = 0;
         assert!(received_session(&expired, 3, 7, None, 100 * S).is_none());
