@@ -328,6 +328,46 @@ fn streams_survive_when_the_active_daemon_is_killed() {
     });
 }
 
+/// The active's keepalived stops, the standby carries the streams for a few seconds,
+/// then the active's keepalived starts again and takes the addresses back (it has the
+/// higher priority): the streams come back through fw1 without a reset or a lost byte,
+/// although their sequence numbers moved on while fw2 carried them.
+#[test]
+fn streams_survive_a_failover_and_the_failback() {
+    let mut lab = active_standby("failback");
+    let streams = Streams::start(&lab);
+    sleep(Duration::from_secs(1));
+    wait_synced(&lab, Fw::Two);
+    lab.stop_keepalived(Fw::One, "-TERM");
+    lab.wait_master(Fw::Two, Duration::from_secs(15));
+    sleep(Duration::from_secs(3));
+    let accepted_before = accepted(&lab, Fw::One);
+    let failed_back_at = Instant::now();
+    lab.start_keepalived(Fw::One);
+    lab.wait_master(Fw::One, Duration::from_secs(15));
+    let back_after = failed_back_at.elapsed();
+    sleep(Duration::from_secs(3));
+    let outcome = streams.finish();
+    let sent = outcome.tcp_intact(&lab);
+    let through_fw1 = accepted(&lab, Fw::One) - accepted_before;
+    assert!(
+        through_fw1 > 1000,
+        "the streams came back through fw1 ({through_fw1} packets accepted there)"
+    );
+    let after: usize = outcome
+        .udp_echoes
+        .iter()
+        .filter(|(_, at)| *at > failed_back_at + back_after + Duration::from_millis(500))
+        .count();
+    assert!(
+        after > 50,
+        "UDP echoes came back through fw1 after the failback: {after}"
+    );
+    eprintln!(
+        "failback: fw1 took the addresses back {back_after:?} after its keepalived started; TCP {sent} bytes intact"
+    );
+}
+
 /// A daemon back within systemd's restart delay (2 s) keeps the addresses: the health
 /// check's five failures are not reached, fw2 never becomes master, and the streams go
 /// on through fw1 without a lost byte.
