@@ -129,16 +129,22 @@ impl Tracker {
         self.known.retain(|_, known| known.from_peer);
     }
 
-    /// `session` was installed under `key` from the peer at `now`.
+    /// `session` was installed under `key` from the peer at `now`. A session this side has
+    /// sent (its own traffic made or changed it) stays this side's as well: when both
+    /// firewalls carried a connection (a failover and back, a partition) and resync at
+    /// once, each installs the other's copy, and were it then the peer's on both sides,
+    /// neither would send it again and a later resync from either would delete it on the
+    /// other.
     pub fn installed(&mut self, key: FlowKey, session: &Session, now: u64) {
         if let Some(stale) = &mut self.stale {
             stale.remove(&key);
         }
+        let from_peer = self.known.get(&key).is_none_or(|known| known.from_peer);
         self.known.insert(
             key,
             Known {
                 digest: Digest::of(session),
-                from_peer: true,
+                from_peer,
                 sent_at: now,
             },
         );
@@ -338,6 +344,37 @@ mod tests {
         tracker.installed(a, &session(100 * S, 0), 1);
         assert_eq!(tracker.resync_ended(), vec![b]);
         assert_eq!(tracker.len(), 2);
+    }
+
+    #[test]
+    fn a_connection_both_sides_carried_survives_their_resyncs() {
+        // Each side sent its own copy of `a` (both carried it), then both resync at once.
+        let (mut one, mut two) = (Tracker::new(S), Tracker::new(S));
+        let a = key_v4(2, 1);
+        let (copy_one, copy_two) = (session(100 * S, 500), session(100 * S, 900));
+        one.changes(&[(a, copy_one)], 0);
+        two.changes(&[(a, copy_two)], 0);
+        one.forget_sent();
+        two.forget_sent();
+        let to_two = one.changes(&[(a, copy_one)], S);
+        let to_one = two.changes(&[(a, copy_two)], S);
+        assert_eq!(
+            (to_two.len(), to_one.len()),
+            (1, 1),
+            "each resync carries it"
+        );
+        one.resync_started();
+        one.installed(a, &copy_two, S);
+        assert!(one.resync_ended().is_empty());
+        two.resync_started();
+        two.installed(a, &copy_one, S);
+        assert!(two.resync_ended().is_empty());
+        // Later resyncs carry it again, so neither side deletes it.
+        one.forget_sent();
+        assert_eq!(one.changes(&[(a, copy_two)], 2 * S).len(), 1);
+        two.resync_started();
+        two.installed(a, &copy_two, 2 * S);
+        assert!(two.resync_ended().is_empty(), "still carried, still held");
     }
 
     #[test]
