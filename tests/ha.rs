@@ -214,6 +214,15 @@ fn active_standby(tag: &str) -> HaLab {
     lab
 }
 
+/// A lab with fw1 the active, the streams running through it and synced to fw2.
+fn streams_through_the_active(tag: &str) -> (HaLab, Streams) {
+    let lab = active_standby(tag);
+    let streams = Streams::start(&lab);
+    sleep(Duration::from_secs(1));
+    wait_synced(&lab, Fw::Two);
+    (lab, streams)
+}
+
 /// Waits until the standby holds the streams' sessions as the active has them.
 fn wait_synced(lab: &HaLab, standby: Fw) {
     wait_for(
@@ -234,6 +243,21 @@ fn wait_synced(lab: &HaLab, standby: Fw) {
             (tcp && udp).then_some(())
         },
     );
+}
+
+/// Stops the streams and checks that every TCP byte arrived and that `fw` carried them at
+/// the end (over a thousand packets accepted since `accepted_before`); returns what they
+/// did and the TCP bytes sent.
+fn finish_through(lab: &HaLab, streams: Streams, fw: Fw, accepted_before: u64) -> (Outcome, u64) {
+    let outcome = streams.finish();
+    let sent = outcome.tcp_intact(lab);
+    let through = accepted(lab, fw) - accepted_before;
+    assert!(
+        through > 1000,
+        "the streams went on through {fw:?} ({through} packets accepted there)"
+    );
+    assert!(sent > 1_000_000, "the stream ran ({sent} bytes)");
+    (outcome, sent)
 }
 
 /// Waits until `fw`'s `session sync check` (keepalived's health check) passes.
@@ -259,10 +283,7 @@ fn accepted(lab: &HaLab, fw: Fw) -> u64 {
 /// went on through fw2: every TCP byte arrived in order with no reset, and UDP echoes
 /// came back through fw2 after the failover.
 fn streams_survive_failover(tag: &str, fail: impl FnOnce(&mut HaLab)) {
-    let mut lab = active_standby(tag);
-    let streams = Streams::start(&lab);
-    sleep(Duration::from_secs(1));
-    wait_synced(&lab, Fw::Two);
+    let (mut lab, streams) = streams_through_the_active(tag);
     let accepted_before = accepted(&lab, Fw::Two);
     let failed_at = Instant::now();
     fail(&mut lab);
@@ -274,14 +295,7 @@ fn streams_survive_failover(tag: &str, fail: impl FnOnce(&mut HaLab)) {
     );
     sleep(Duration::from_secs(3));
     let started = streams.started;
-    let outcome = streams.finish();
-    let sent = outcome.tcp_intact(&lab);
-    let through_fw2 = accepted(&lab, Fw::Two) - accepted_before;
-    assert!(
-        through_fw2 > 1000,
-        "the streams went on through fw2 ({through_fw2} packets accepted there)"
-    );
-    assert!(sent > 1_000_000, "the stream ran ({sent} bytes)");
+    let (outcome, sent) = finish_through(&lab, streams, Fw::Two, accepted_before);
     let after: Vec<u64> = outcome
         .udp_echoes
         .iter()
@@ -334,10 +348,7 @@ fn streams_survive_when_the_active_daemon_is_killed() {
 /// although their sequence numbers moved on while fw2 carried them.
 #[test]
 fn streams_survive_a_failover_and_the_failback() {
-    let mut lab = active_standby("failback");
-    let streams = Streams::start(&lab);
-    sleep(Duration::from_secs(1));
-    wait_synced(&lab, Fw::Two);
+    let (mut lab, streams) = streams_through_the_active("failback");
     lab.stop_keepalived(Fw::One, "-TERM");
     lab.wait_master(Fw::Two, Duration::from_secs(15));
     sleep(Duration::from_secs(3));
@@ -347,13 +358,7 @@ fn streams_survive_a_failover_and_the_failback() {
     lab.wait_master(Fw::One, Duration::from_secs(15));
     let back_after = failed_back_at.elapsed();
     sleep(Duration::from_secs(3));
-    let outcome = streams.finish();
-    let sent = outcome.tcp_intact(&lab);
-    let through_fw1 = accepted(&lab, Fw::One) - accepted_before;
-    assert!(
-        through_fw1 > 1000,
-        "the streams came back through fw1 ({through_fw1} packets accepted there)"
-    );
+    let (outcome, sent) = finish_through(&lab, streams, Fw::One, accepted_before);
     let after: usize = outcome
         .udp_echoes
         .iter()
@@ -368,15 +373,57 @@ fn streams_survive_a_failover_and_the_failback() {
     );
 }
 
+/// fw1 loses every link, the sync link too, for a few seconds: fw2 carries the streams
+/// and opens a connection fw1 never hears of. When the links come back, fw1 takes the
+/// addresses back at once (VRRP preemption), before the peers' resync has reached it; its
+/// first packets of those connections are INVALID and dropped, TCP sends them again,
+/// and once fw2's resync is in they pass: no reset, no lost byte, the new connection
+/// works through fw1.
+#[test]
+fn streams_survive_a_partition_and_the_return() {
+    let (lab, streams) = streams_through_the_active("partition");
+    lab.lossy_sync(Fw::One, 1);
+    lab.cut_links(Fw::One);
+    lab.wait_master(Fw::Two, Duration::from_secs(15));
+    let listener = lab.server_listen(TCP_PORT + 1);
+    let mut client = lab.client_connect(TCP_PORT + 1);
+    let (mut server, _) = listener.accept().expect("accept through fw2");
+    for stream in [&mut client, &mut server] {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+    }
+    let round_trip = |client: &mut TcpStream, server: &mut TcpStream, what: &str| {
+        let mut buf = [0u8; 5];
+        client.write_all(b"hello").expect("client writes");
+        server
+            .read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("{what}: the server reads: {e}"));
+        server.write_all(&buf).expect("server answers");
+        client
+            .read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("{what}: the client reads the answer: {e}"));
+        assert_eq!(&buf, b"hello", "{what}");
+    };
+    round_trip(&mut client, &mut server, "through fw2 during the partition");
+    // Long enough for each side to count the other down (2 s without a datagram).
+    sleep(Duration::from_secs(3));
+    let accepted_before = accepted(&lab, Fw::One);
+    lab.restore_links(Fw::One);
+    lab.clear_sync_loss(Fw::One);
+    lab.wait_master(Fw::One, Duration::from_secs(15));
+    round_trip(&mut client, &mut server, "through fw1 after its return");
+    sleep(Duration::from_secs(3));
+    let (_, sent) = finish_through(&lab, streams, Fw::One, accepted_before);
+    eprintln!("partition: TCP {sent} bytes intact; the connection opened on fw2 works through fw1");
+}
+
 /// A daemon back within systemd's restart delay (2 s) keeps the addresses: the health
 /// check's five failures are not reached, fw2 never becomes master, and the streams go
 /// on through fw1 without a lost byte.
 #[test]
 fn a_daemon_restarted_within_seconds_keeps_the_addresses() {
-    let mut lab = active_standby("restart-active");
-    let streams = Streams::start(&lab);
-    sleep(Duration::from_secs(1));
-    wait_synced(&lab, Fw::Two);
+    let (mut lab, streams) = streams_through_the_active("restart-active");
     lab.stop_session(Fw::One, "-KILL");
     sleep(Duration::from_secs(2));
     lab.start_session(Fw::One);

@@ -564,6 +564,13 @@ impl HaLab {
         self.ip("wan", &["link", "set", &format!("p-{short}w"), "down"]);
     }
 
+    /// Brings `fw`'s LAN and WAN links back after [`HaLab::cut_links`].
+    pub fn restore_links(&self, fw: Fw) {
+        let short = self.fw_ns_short(fw);
+        self.ip("lan", &["link", "set", &format!("p-{short}l"), "up"]);
+        self.ip("wan", &["link", "set", &format!("p-{short}w"), "up"]);
+    }
+
     /// Runs `session ARGS --pin-dir` against `fw`'s daemon and returns stdout.
     pub fn cli(&self, fw: Fw, args: &[&str]) -> String {
         let argv = self.cli_argv(fw, args);
