@@ -160,9 +160,10 @@ impl SyncStatus {
 fn read_status(pin: &PinDir) -> Result<SyncStatus> {
     let daemon_pid = Owner::running(&pin.pin_dir)?.and_then(|owner| u32::try_from(owner.pid).ok());
     let maps = PinnedMaps::open(&pin.pin_dir)?;
+    // One opening of the counter map for all of them: keepalived runs this every second.
     let mut values = [0u64; DaemonCounter::COUNT as usize];
-    for (counter, _) in DaemonCounter::ALL {
-        values[counter as usize] = maps.daemon_counter(counter)?;
+    for ((counter, _), (_, value)) in DaemonCounter::ALL.iter().zip(maps.daemon_counters()?) {
+        values[*counter as usize] = value;
     }
     Ok(SyncStatus::from_counters(daemon_pid, |counter| {
         values[counter as usize]
