@@ -274,9 +274,14 @@ fn wait_check_passes(lab: &HaLab, fw: Fw) {
 
 /// Packets `fw` accepted so far.
 fn accepted(lab: &HaLab, fw: Fw) -> u64 {
+    stat(lab, fw, "packets_accepted")
+}
+
+/// The counter `name` of `fw`'s `session stats`.
+fn stat(lab: &HaLab, fw: Fw, name: &str) -> u64 {
     let stats: serde_json::Value =
         serde_json::from_str(&lab.cli(fw, &["stats", "--json"])).expect("stats are JSON");
-    session_tests::counter(&stats, "packets_accepted")
+    session_tests::counter(&stats, name)
 }
 
 /// Runs the streams through fw1, fails it over with `fail`, and checks that both streams
@@ -375,10 +380,11 @@ fn streams_survive_a_failover_and_the_failback() {
 
 /// fw1 loses every link, the sync link too, for a few seconds: fw2 carries the streams
 /// and opens a connection fw1 never hears of. When the links come back, fw1 takes the
-/// addresses back at once (VRRP preemption), before the peers' resync has reached it; its
-/// first packets of those connections are INVALID and dropped, TCP sends them again,
-/// and once fw2's resync is in they pass: no reset, no lost byte, the new connection
-/// works through fw1.
+/// addresses back at once (VRRP preemption), without waiting for the peers' resync; a
+/// segment of those connections that reached fw1 before the resync would be INVALID and
+/// sent again by TCP. Either way: no reset, no lost byte, and the new connection works
+/// through fw1. The INVALID count on fw1 is printed, not asserted: it depends on which
+/// arrives first.
 #[test]
 fn streams_survive_a_partition_and_the_return() {
     let (lab, streams) = streams_through_the_active("partition");
@@ -415,7 +421,10 @@ fn streams_survive_a_partition_and_the_return() {
     round_trip(&mut client, &mut server, "through fw1 after its return");
     sleep(Duration::from_secs(3));
     let (_, sent) = finish_through(&lab, streams, Fw::One, accepted_before);
-    eprintln!("partition: TCP {sent} bytes intact; the connection opened on fw2 works through fw1");
+    let invalid = stat(&lab, Fw::One, "state_invalid");
+    eprintln!(
+        "partition: TCP {sent} bytes intact; the connection opened on fw2 works through fw1; fw1 judged {invalid} packet(s) INVALID"
+    );
 }
 
 /// A daemon back within systemd's restart delay (2 s) keeps the addresses: the health
