@@ -14,6 +14,15 @@ use session_common::{
 
 use crate::bpf::pinned::{PinnedMaps, is_not_found};
 
+/// The map update flag that only creates an entry, never replaces one.
+const BPF_NOEXIST: u64 = 1;
+
+/// Whether a map update failed because the key was there already (`BPF_NOEXIST`).
+fn is_exists(error: &aya::maps::MapError) -> bool {
+    matches!(error, aya::maps::MapError::SyscallError(call)
+        if call.io_error.raw_os_error() == Some(libc::EEXIST))
+}
+
 /// One source a limited rule counts, as `session list --sources` shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SourceEntry {
@@ -81,12 +90,25 @@ impl PinnedMaps {
 
     /// Sets each limited rule's and each source's session count to what the table holds
     /// at `now`: corrects the counts for sessions the unassured tier evicted (which no
-    /// packet uncounted) and for sources the LRU map forgot. Admissions racing the walk
-    /// may be undone by it, a few sessions at most. Returns the sessions counted.
+    /// packet uncounted) and for sources the LRU map forgot. The counts are read before
+    /// the table and written back only where the kernel left them as read meanwhile: a
+    /// packet that admits, closes or refuses a session of that source during the walk
+    /// (its count, refusals and rate bucket) wins, and the next recount corrects what is
+    /// still wrong. Before, the values read were written back whole, which could undo a
+    /// refusal and refill a rate bucket. Returns the sessions counted.
     pub fn recount_limits(&self, now: u64) -> Result<u64> {
         let limits = self.active_limits()?;
         if limits.is_empty() {
             return Ok(0);
+        }
+        let mut map = self.sources_map()?;
+        let stored: Vec<(SourceKey, SourceState)> = map.iter().filter_map(Result::ok).collect();
+        let mut rule_totals = self.array::<u32>(map_names::RULE_CONNS)?;
+        let mut totals_before = [0u32; MAX_RULES as usize];
+        for (id, before) in totals_before.iter_mut().enumerate() {
+            *before = rule_totals
+                .get(&(id as u32), 0)
+                .context("reading a rule's sessions")?;
         }
         let mut sources: StdHashMap<SourceKey, u32> = StdHashMap::new();
         let mut totals = [0u32; MAX_RULES as usize];
@@ -102,14 +124,18 @@ impl PinnedMaps {
             totals[session.rule_id as usize % MAX_RULES as usize] += 1;
         }
         let counted = totals.iter().map(|n| u64::from(*n)).sum();
-        let mut map = self.sources_map()?;
-        let stored: Vec<(SourceKey, SourceState)> = map.iter().filter_map(Result::ok).collect();
-        for (key, mut state) in stored {
+        for (key, state) in stored {
             let want = sources.remove(&key).unwrap_or(0);
-            if state.conns != want {
-                state.conns = want;
-                map.insert(key, state, 0)
-                    .context("correcting a source's session count")?;
+            if state.conns != want && map.get(&key, 0).ok() == Some(state) {
+                map.insert(
+                    key,
+                    SourceState {
+                        conns: want,
+                        ..state
+                    },
+                    0,
+                )
+                .context("correcting a source's session count")?;
             }
         }
         for (key, conns) in sources {
@@ -117,16 +143,22 @@ impl PinnedMaps {
                 conns,
                 ..SourceState::default()
             };
-            map.insert(key, state, 0)
-                .context("restoring a source's session count")?;
+            // BPF_NOEXIST: a source the kernel counted again meanwhile keeps its entry.
+            match map.insert(key, state, BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(error) if is_exists(&error) => {}
+                Err(error) => {
+                    return Err(error).context("restoring a source's session count");
+                }
+            }
         }
-        let mut rule_totals = self.array::<u32>(map_names::RULE_CONNS)?;
-        for (id, total) in totals.iter().enumerate() {
+        for (id, (total, before)) in totals.iter().zip(totals_before).enumerate() {
             let id = id as u32;
-            if rule_totals
-                .get(&id, 0)
-                .context("reading a rule's sessions")?
-                != *total
+            if *total != before
+                && rule_totals
+                    .get(&id, 0)
+                    .context("reading a rule's sessions")?
+                    == before
             {
                 rule_totals
                     .set(id, *total, 0)
